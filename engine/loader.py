@@ -1,0 +1,32 @@
+"""Load a local mlx-lm model directory (or an embedded model by name) with mlx-lm's loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.embedded import SHAPES, ensure_model
+
+
+def resolve_model_path(model: str | None, dtype: str = "float32") -> Path:
+    """``None`` -> the embedded tiny model; ``embedded:NAME`` -> an embedded shape;
+    anything else must be a local directory (no hub access at run time)."""
+    if model is None:
+        return ensure_model("tiny", dtype)
+    if model.startswith("embedded:"):
+        return ensure_model(model.split(":", 1)[1], dtype)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a local mlx-lm model directory (no config.json)")
+    return path
+
+
+def load(model: str | None, dtype: str = "float32"):
+    """(model, tokenizer wrapper, path) through ``mlx_lm.utils.load``."""
+    from mlx_lm.utils import load as mlx_load
+
+    path = resolve_model_path(model, dtype)
+    m, tok = mlx_load(str(path))
+    return m, tok, path
+
+
+__all__ = ["SHAPES", "load", "resolve_model_path"]

@@ -1,0 +1,72 @@
+"""mlx-lm's per-layer cache protocol over the slab pool, so model files stay unaware
+of paging.
+
+The model calls, per attention layer: ``rope(x, offset=cache.offset)``, then
+``cache.update_and_fetch(k, v)``, then ``scaled_dot_product_attention(q, k, v,
+cache=cache, ...)``.  ``update_and_fetch`` writes the new K/V into the pool and hands
+them back unchanged; the attention call is routed (engine/patch.py) to
+``PagedLayerCache.attend``, which reads the pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from attention import DecodeBatch, decode_attention, prefill_attention
+from kvcache.pool import SlabPool, WritePlan
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares.
+
+    ``offset`` is an int (one sequence, prefill) or an ``[B]`` int32 array of each
+    sequence's first new position (batched decode: per-sequence RoPE offsets).
+    ``decode`` is set for a decode forward; ``prefix`` for a prefill chunk that has
+    cached tokens before it (None when the chunk starts at position 0).
+    """
+
+    pool: SlabPool
+    writes: WritePlan
+    offset: int | mx.array
+    decode: DecodeBatch | None = None
+    prefix: DecodeBatch | None = None
+
+
+class PagedLayerCache:
+    """One layer's view of the pool for the current forward pass."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.ctx: ForwardContext | None = None
+
+    # --- mlx-lm cache protocol -------------------------------------------------
+    @property
+    def offset(self):
+        return self.ctx.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        b, h, n, d = keys.shape
+        k = keys.transpose(0, 2, 1, 3).reshape(b * n, h, d)
+        v = values.transpose(0, 2, 1, 3).reshape(b * n, h, d)
+        self.ctx.pool.write(self.layer, self.ctx.writes, k, v)
+        return keys, values
+
+    def make_mask(self, *args, **kwargs):
+        return None  # masks are built from lengths inside the attention paths
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self):
+        raise NotImplementedError("paged caches are not serialised")
+
+    # --- routed attention ----------------------------------------------------------
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
+        ctx = self.ctx
+        if ctx.decode is not None:
+            return decode_attention(queries, ctx.pool, self.layer, ctx.decode, scale)
+        return prefill_attention(queries, keys, values, ctx.pool, self.layer, ctx.prefix, scale)

@@ -1,0 +1,52 @@
+"""Route mlx-lm's attention call to the paged cache, without forking model files.
+
+mlx-lm model modules import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``
+by name.  ``install`` replaces that name in the modules a model is built from with a
+dispatcher that sends paged caches to ``PagedLayerCache.attend`` and everything else to
+the original function, so plain mlx-lm use in the same process is unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.nn as nn
+
+from engine.paged_cache import PagedLayerCache
+
+_ATTR = "scaled_dot_product_attention"
+
+
+def _dispatcher(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(cache, PagedLayerCache):
+            if sinks is not None:
+                raise NotImplementedError("attention sinks are not supported by paged attention")
+            return cache.attend(queries, keys, values, scale)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention.__slabserve_original__ = original
+    return scaled_dot_product_attention
+
+
+def install(model: nn.Module) -> list[str]:
+    """Patch every module the model's classes come from; return their names.
+
+    Raises ValueError when no module of the model calls mlx-lm's SDPA by name (the
+    architecture computes attention some other way and cannot be paged)."""
+    names = {type(m).__module__ for _, m in model.named_modules()} | {type(model).__module__}
+    patched = []
+    for name in sorted(names):
+        mod = sys.modules.get(name)
+        fn = getattr(mod, _ATTR, None)
+        if fn is None or not callable(fn):
+            continue
+        if not hasattr(fn, "__slabserve_original__"):
+            setattr(mod, _ATTR, _dispatcher(fn))
+        patched.append(name)
+    if not patched:
+        raise ValueError(
+            f"{type(model).__module__}: the model does not call mlx-lm's "
+            "scaled_dot_product_attention; paged attention cannot hook it"
+        )
+    return patched

@@ -1,0 +1,152 @@
+"""The paged model runner: chunked prefill and ragged batched decode of any mlx-lm model
+whose attention goes through mlx-lm's cache protocol and SDPA function.
+
+The runner owns the slab pool (MLX memory) and creates the block allocator that feeds
+it; who allocates blocks (the scheduler, or ``engine.generate`` in tests) passes plain
+block tables in.  ``forward`` evaluates the step: outputs and every slab written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from attention import DecodeBatch
+from engine import patch
+from engine.config import CacheConfig
+from engine.paged_cache import ForwardContext, PagedLayerCache
+from kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
+from kvcache.pool import WritePlan
+
+# Architectures whose forward is ``model.model(inputs, cache)`` then a head, so prefill
+# can skip the LM head for all but the last position.  Others run the full model.
+_HEAD_SPLIT = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"}
+
+
+@dataclass
+class SeqInput:
+    """One sequence's part of a forward pass: ``tokens`` at positions
+    ``[start, start + len(tokens))``, its block table (covering all those positions),
+    and whether the logits of its last token are wanted."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+    want_logits: bool = True
+
+
+class _Probe:
+    """A throwaway cache that records each layer's K shape and dtype."""
+
+    offset = 0
+
+    def __init__(self) -> None:
+        self.seen: tuple | None = None
+
+    def update_and_fetch(self, k, v):
+        self.seen = (k.shape[1], k.shape[3], v.shape[3], k.dtype)
+        return k, v
+
+    def make_mask(self, *args, **kwargs):
+        return None
+
+
+def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
+    """(kv_heads, head_dim, dtype) shared by every layer, from a one-token forward."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    kinds = {type(c) for c in make_prompt_cache(model)}
+    if kinds != {KVCache}:
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        raise ValueError(f"unsupported cache kinds for paging: {names} (need KVCache only)")
+    probes = [_Probe() for _ in make_prompt_cache(model)]
+    mx.eval(model(mx.array([[0]]), cache=probes))
+    seen = {p.seen for p in probes}
+    if len(seen) != 1 or None in seen:
+        raise ValueError(f"layers differ in K/V shape ({seen}); paging needs one geometry")
+    kvh, dk, dv, dtype = seen.pop()
+    if dk != dv:
+        raise ValueError(f"K head_dim {dk} != V head_dim {dv}; not supported")
+    return kvh, dk, dtype
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache_cfg: CacheConfig) -> None:
+        self.model = model
+        self.model_type = getattr(getattr(model, "args", None), "model_type", "")
+        patch.install(model)
+        kvh, head_dim, dtype = probe_geometry(model)
+        num_layers = len(model.layers)
+        if cache_cfg.dtype is not None:
+            dtype = getattr(mx, cache_cfg.dtype)
+        self.geom = PoolGeometry(
+            num_layers, kvh, head_dim, cache_cfg.block_size, cache_cfg.slab_blocks, dtype
+        )
+        max_slabs = self.geom.slabs_for_budget(cache_cfg.kv_budget_bytes)
+        self.pool = SlabPool(self.geom)
+        self.allocator = BlockAllocator(
+            cache_cfg.slab_blocks,
+            max_slabs * cache_cfg.slab_blocks,
+            initial_slabs=cache_cfg.initial_slabs,
+            on_grow=self.pool.grow,
+        )
+        self.caches = [PagedLayerCache(i) for i in range(num_layers)]
+
+    @property
+    def block_size(self) -> int:
+        return self.geom.block_size
+
+    # ---- one forward ---------------------------------------------------------------
+    def _run(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
+        for c in self.caches:
+            c.ctx = ctx
+        if head_rows is None or self.model_type not in _HEAD_SPLIT:
+            out = self.model(inputs, cache=self.caches)
+            return None if head_rows is None else out[:, head_rows, :]
+        hidden = self.model.model(inputs, cache=self.caches)[:, head_rows, :]
+        if getattr(self.model, "lm_head", None) is not None:
+            return self.model.lm_head(hidden)
+        return self.model.model.embed_tokens.as_linear(hidden)
+
+    def _slots(self, seq: SeqInput) -> list[tuple[int, int]]:
+        bs = self.geom.block_size
+        return [(seq.blocks[p // bs], p % bs) for p in range(seq.start, seq.start + len(seq.tokens))]
+
+    def _prefill(self, seq: SeqInput) -> mx.array | None:
+        n = seq.start + len(seq.tokens)
+        prefix = None
+        if seq.start > 0:
+            nblk = blocks_needed(n, self.geom.block_size)
+            prefix = DecodeBatch(self.geom, [seq.blocks[:nblk]], [n])
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, self._slots(seq)), seq.start, None, prefix)
+        logits = self._run(mx.array([seq.tokens]), ctx, slice(-1, None) if seq.want_logits else None)
+        return None if logits is None else logits[0, -1]
+
+    def _decode(self, seqs: list[SeqInput]) -> mx.array:
+        bs = self.geom.block_size
+        slots, tables, lengths = [], [], []
+        for s in seqs:
+            if len(s.tokens) != 1:
+                raise ValueError("decode takes exactly one new token per sequence")
+            slots += self._slots(s)
+            tables.append(s.blocks[: blocks_needed(s.start + 1, bs)])
+            lengths.append(s.start + 1)
+        batch = DecodeBatch(self.geom, tables, lengths)
+        offsets = mx.array([s.start for s in seqs], dtype=mx.int32)
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, batch, None)
+        inputs = mx.array([s.tokens for s in seqs], dtype=mx.int32)
+        return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
+
+    def forward(
+        self, prefills: list[SeqInput], decodes: list[SeqInput]
+    ) -> tuple[list[mx.array | None], mx.array | None]:
+        """Run prefill chunks (one forward each) and one batched decode forward, then
+        evaluate: returns (last-token logits per prefill or None, ``[B, vocab]`` decode
+        logits or None)."""
+        pre = [self._prefill(s) for s in prefills]
+        dec = self._decode(decodes) if decodes else None
+        outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
+        mx.eval(outs, self.pool.take_pending())
+        return pre, dec

@@ -1,0 +1,160 @@
+"""The slab pool: per layer and side (K, V), a list of slabs that only ever grows.
+
+Layout (docs/adr/0001-slab-layout.md): each slab is one contiguous mx.array viewed as
+``[slab_blocks, kv_heads, block_size, head_dim]`` and stored flat as
+``[slab_blocks * kv_heads * block_size, head_dim]`` so that new tokens are written with
+one row scatter per slab.  Global block id ``b`` lives in slab ``b // slab_blocks`` at
+local block ``b % slab_blocks``.  Growing appends slabs; old slabs are never copied.
+
+Writes cost O(new tokens): MLX's scatter donates the slab's buffer when the slab array
+is held by nothing but the pool, so the update happens in place (see
+``bench/kv_write.py`` and docs/benchmarks/kv-write.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Shape of one pool.  ``dtype`` is an MLX dtype."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    slab_blocks: int
+    dtype: mx.Dtype = mx.float32
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_heads", "head_dim", "block_size", "slab_blocks"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block, K and V, all layers."""
+        per_side = self.kv_heads * self.block_size * self.head_dim * self.dtype.size
+        return 2 * self.num_layers * per_side
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of one slab across all layers and both sides."""
+        return self.block_bytes * self.slab_blocks
+
+    def slabs_for_budget(self, budget_bytes: int) -> int:
+        return max(1, budget_bytes // self.slab_bytes)
+
+
+class WritePlan:
+    """Where each of ``T`` new tokens goes, grouped by slab; shared by all layers.
+
+    ``slots`` is a list of (global block id, row in block), one per token, in the order
+    of the token axis of the K/V passed to ``SlabPool.write``.
+    """
+
+    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
+        h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for t, (block, row) in enumerate(slots):
+            tok, base = groups.setdefault(block // sb, ([], []))
+            tok.append(t)
+            base.append(((block % sb) * h) * bs + row)
+        heads = mx.arange(h, dtype=mx.int32) * bs
+        self.num_tokens = len(slots)
+        self.groups: list[tuple[int, mx.array | None, mx.array]] = []
+        for slab, (tok, base) in sorted(groups.items()):
+            rows = (mx.array(base, dtype=mx.int32)[:, None] + heads[None, :]).reshape(-1)
+            idx = None if len(tok) == len(slots) else mx.array(tok, dtype=mx.int32)
+            self.groups.append((slab, idx, rows))
+
+
+class GatherPlan:
+    """Block ids of a ``[B, nblk]`` table grouped by slab, to gather without copying
+    the pool: one ``take`` per slab touched, then one permutation if several were."""
+
+    def __init__(self, geom: PoolGeometry, table: list[list[int]]) -> None:
+        sb = geom.slab_blocks
+        self.shape = (len(table), max((len(r) for r in table), default=0))
+        flat = [b for r in table for b in r + [r[0] if r else 0] * (self.shape[1] - len(r))]
+        by_slab: dict[int, list[int]] = {}
+        for i, b in enumerate(flat):
+            by_slab.setdefault(b // sb, []).append(i)
+        self.groups: list[tuple[int, mx.array]] = []
+        order: list[int] = []
+        for slab, positions in sorted(by_slab.items()):
+            self.groups.append((slab, mx.array([flat[i] % sb for i in positions], dtype=mx.int32)))
+            order.extend(positions)
+        self.inverse: mx.array | None = None
+        if len(self.groups) > 1:
+            inv = [0] * len(flat)
+            for j, i in enumerate(order):
+                inv[i] = j
+            self.inverse = mx.array(inv, dtype=mx.int32)
+
+
+class SlabPool:
+    """K and V slabs for every layer.  ``grow(n)`` makes the pool ``n`` slabs long."""
+
+    def __init__(self, geom: PoolGeometry, initial_slabs: int = 0) -> None:
+        self.geom = geom
+        self.k: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
+        self.v: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
+        self._dirty: dict[tuple[int, int, int], mx.array] = {}
+        self.grow(initial_slabs)
+
+    @property
+    def num_slabs(self) -> int:
+        return len(self.k[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_slabs * self.geom.slab_bytes
+
+    def grow(self, num_slabs: int) -> None:
+        g = self.geom
+        rows = g.slab_blocks * g.kv_heads * g.block_size
+        new: list[mx.array] = []
+        for layer in range(g.num_layers):
+            for side in (self.k[layer], self.v[layer]):
+                while len(side) < num_slabs:
+                    side.append(mx.zeros((rows, g.head_dim), dtype=g.dtype))
+                    new.append(side[-1])
+        if new:
+            mx.eval(new)
+
+    def slab(self, layer: int, side: int, s: int) -> mx.array:
+        """Slab ``s`` of ``layer`` (side 0 = K, 1 = V) as ``[slab_blocks, kv_heads, bs, D]``."""
+        g = self.geom
+        arr = (self.k if side == 0 else self.v)[layer][s]
+        return arr.reshape(g.slab_blocks, g.kv_heads, g.block_size, g.head_dim)
+
+    def slabs(self, layer: int, side: int) -> list[mx.array]:
+        return [self.slab(layer, side, s) for s in range(self.num_slabs)]
+
+    def write(self, layer: int, plan: WritePlan, k: mx.array, v: mx.array) -> None:
+        """Write new tokens' K and V, each ``[T, kv_heads, head_dim]``, in place."""
+        d = self.geom.head_dim
+        for i, (side, new) in enumerate(((self.k[layer], k), (self.v[layer], v))):
+            new = new.astype(self.geom.dtype)
+            for s, idx, rows in plan.groups:
+                part = new if idx is None else new[idx]
+                side[s][rows] = part.reshape(-1, d)
+                self._dirty[(layer, i, s)] = side[s]
+
+    def take_pending(self) -> list[mx.array]:
+        """Slabs written since the last call: evaluate them with the step's outputs so
+        writes nobody reads yet still land (and the graph does not grow)."""
+        out = list(self._dirty.values())
+        self._dirty.clear()
+        return out
+
+    def gather(self, layer: int, side: int, plan: GatherPlan) -> mx.array:
+        """Blocks of a table as ``[B, nblk, kv_heads, block_size, head_dim]``."""
+        g = self.geom
+        parts = [self.slab(layer, side, s)[ids] for s, ids in plan.groups]
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts)[plan.inverse]
+        return out.reshape(*plan.shape, g.kv_heads, g.block_size, g.head_dim)

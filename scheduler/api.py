@@ -1,0 +1,126 @@
+"""The contract between the HTTP server and the engine: plain data, no MLX, no HTTP.
+
+``server/`` submits a ``Request`` to an ``AsyncEngine`` and iterates ``Delta``s until one
+carries a ``finish_reason``.  Expected refusals are ``RequestError`` with a ``kind`` the
+server maps to a status code (queue_full -> 429, too_long/invalid -> 400,
+shutting_down -> 503).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+ErrorKind = Literal["queue_full", "too_long", "invalid", "shutting_down", "kv_capacity"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping.  ``logprobs``: None = none; k >= 0 = the chosen
+    token's logprob plus the top k alternatives.  ``seed`` makes sampling reproducible
+    whether the request runs alone or batched."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 required")
+        if not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("0 <= min_p <= 1 and repetition_penalty > 0 required")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta.  ``text`` is the detokenized increment with
+    stop strings removed; the last delta has ``finish_reason`` set."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    error: str | None = None
+
+
+class RequestError(Exception):
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    preemptions: int
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class AsyncEngine(ABC):
+    """What the server sees.  Implementations run model steps off the event loop."""
+
+    model_name: str
+    max_context: int
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    def generate(self, request: Request) -> AsyncIterator[Delta]:
+        """Admit ``request`` (raising ``RequestError`` when refused) and stream its deltas.
+        Breaking out of the iteration (or cancelling the consuming task) aborts it."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    async def shutdown(self, timeout: float) -> None:
+        """Stop admitting (``shutting_down``), let running requests finish within
+        ``timeout`` seconds, then abort the rest; their streams end with ``abort``."""
