@@ -112,7 +112,8 @@ class ModelRunner:
 
     def _slots(self, seq: SeqInput) -> list[tuple[int, int]]:
         bs = self.geom.block_size
-        return [(seq.blocks[p // bs], p % bs) for p in range(seq.start, seq.start + len(seq.tokens))]
+        end = seq.start + len(seq.tokens)
+        return [(seq.blocks[p // bs], p % bs) for p in range(seq.start, end)]
 
     def _prefill(self, seq: SeqInput) -> mx.array | None:
         n = seq.start + len(seq.tokens)
@@ -120,8 +121,10 @@ class ModelRunner:
         if seq.start > 0:
             nblk = blocks_needed(n, self.geom.block_size)
             prefix = DecodeBatch(self.geom, [seq.blocks[:nblk]], [n])
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, self._slots(seq)), seq.start, None, prefix)
-        logits = self._run(mx.array([seq.tokens]), ctx, slice(-1, None) if seq.want_logits else None)
+        writes = WritePlan(self.geom, self._slots(seq))
+        ctx = ForwardContext(self.pool, writes, seq.start, None, prefix)
+        rows = slice(-1, None) if seq.want_logits else None
+        logits = self._run(mx.array([seq.tokens]), ctx, rows)
         return None if logits is None else logits[0, -1]
 
     def _decode(self, seqs: list[SeqInput]) -> mx.array:

@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Embedded models and profiles go to a per-session folder unless one is set."""
+    if "SLABSERVE_CACHE_DIR" not in os.environ:
+        os.environ["SLABSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("sscache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")

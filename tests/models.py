@@ -1,0 +1,30 @@
+"""Tiny random-weight model configs for tests (written through engine.embedded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.embedded import TINY_GAIN, write_model_dir
+
+_COMMON = dict(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=259,
+    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+CONFIGS: dict[str, dict] = {
+    "llama-mha": dict(_COMMON, model_type="llama", num_attention_heads=4, num_key_value_heads=4),
+    "llama-gqa": dict(_COMMON, model_type="llama", num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False),
+    "qwen2-bias": dict(_COMMON, model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+    "qwen3-qknorm": dict(_COMMON, model_type="qwen3", num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32),
+    "phi3": dict(_COMMON, model_type="phi3", num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def make(root: Path, name: str) -> Path:
+    path = root / name
+    if not (path / "config.json").exists():
+        write_model_dir(path, CONFIGS[name], "float32", seed=1, gain=TINY_GAIN)
+    return path
