@@ -44,3 +44,40 @@ def attention_trace_path() -> Path | None:
     """SLABSERVE_ATTENTION_TRACE: write one JSONL line per decode step and layer there."""
     raw = os.environ.get("SLABSERVE_ATTENTION_TRACE")
     return Path(raw) if raw else None
+
+
+# ---- BLAS preload and MLX memory (issue 8) -----------------------------------------------
+BLAS_REEXEC_MARKER = "SLABSERVE_BLAS_REEXEC"
+"""Set by ``slabserve.blas`` to the pid that re-executed itself with LD_PRELOAD (exec keeps
+the pid, so a re-executed process knows it must not try again; children have other pids)."""
+
+
+def blas_reexec_marker() -> str | None:
+    """SLABSERVE_BLAS_REEXEC: internal loop guard of the OpenBLAS launcher (a pid)."""
+    return os.environ.get(BLAS_REEXEC_MARKER)
+
+
+def openblas_library() -> Path | None:
+    """SLABSERVE_OPENBLAS: path of the OpenBLAS library to preload (overrides the search)."""
+    raw = os.environ.get("SLABSERVE_OPENBLAS")
+    return Path(raw).expanduser() if raw else None
+
+
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def mlx_cache_limit() -> int | None:
+    """SLABSERVE_MLX_CACHE_LIMIT: MLX buffer cache limit in bytes (suffixes K/M/G/T, or
+    ``0`` to disable the cache); None = default (a fraction of memory, see slabserve.mlxmem)."""
+    raw = os.environ.get("SLABSERVE_MLX_CACHE_LIMIT")
+    if raw is None or not raw.strip():
+        return None
+    v = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = v[-1] if v and v[-1] in _SIZE_SUFFIX else ""
+    try:
+        n = float(v[: len(v) - len(suffix)])
+    except ValueError:
+        raise ValueError(f"SLABSERVE_MLX_CACHE_LIMIT={raw!r}: expected bytes like 8G") from None
+    if n < 0:
+        raise ValueError(f"SLABSERVE_MLX_CACHE_LIMIT={raw!r} must not be negative")
+    return int(n * _SIZE_SUFFIX[suffix])
