@@ -11,12 +11,14 @@ Invariants (checked by ``check_integrity``):
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from collections.abc import Callable, Iterable
 
 
 class BlockAllocator:
-    """Hands out global block ids in ``[0, capacity)``.
+    """Hands out global block ids in ``[0, capacity)``, lowest free ids first, so live
+    blocks stay packed in the fewest slabs (each slab a step writes to costs one scatter
+    per layer and side: docs/benchmarks/kv-write.md).
 
     ``allocate(n)`` returns ``n`` ids or ``None`` when they cannot be had even after
     growing; it never hands out part of a request.  When the free list is short, it
@@ -39,7 +41,7 @@ class BlockAllocator:
         self.max_slabs = max_blocks // slab_blocks
         self._on_grow = on_grow
         self._refcount: list[int] = []
-        self._free: deque[int] = deque()
+        self._free: list[int] = []  # a min-heap: lowest ids first
         self.num_slabs = 0
         self._grow_to(max(1, min(initial_slabs, self.max_slabs)))
 
@@ -88,7 +90,7 @@ class BlockAllocator:
         if n > len(self._free):
             short = n - len(self._free)
             self._grow_to(self.num_slabs + -(-short // self.slab_blocks))
-        out = [self._free.popleft() for _ in range(n)]
+        out = [heapq.heappop(self._free) for _ in range(n)]
         for b in out:
             self._refcount[b] = 1
         return out
@@ -108,7 +110,7 @@ class BlockAllocator:
                 raise ValueError(f"double free of block {b}")
             self._refcount[b] = rc - 1
             if rc == 1:
-                self._free.append(b)
+                heapq.heappush(self._free, b)
 
     def check_integrity(self) -> bool:
         """Raise AssertionError on any broken invariant; return True otherwise."""
@@ -133,4 +135,4 @@ class BlockAllocator:
         first = self.capacity
         self.num_slabs = slabs
         self._refcount.extend([0] * (self.capacity - first))
-        self._free.extend(range(first, self.capacity))
+        self._free.extend(range(first, self.capacity))  # larger than every id in the heap
