@@ -1,0 +1,87 @@
+"""Build the serving engine from one frozen config: load the model, make the paged
+runner, the executor, the scheduler and the asyncio front.
+
+The HTTP server calls ``build_engine(EngineConfig(...))`` then ``await engine.start()``;
+``engine.tokenizer`` (mlx-lm ``TokenizerWrapper``: chat template, encode, detokenizer),
+``engine.model_name`` and ``engine.max_context`` are what it needs besides
+``scheduler.api.AsyncEngine``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import CacheConfig, RunnerConfig
+from scheduler.config import SchedulerConfig
+from scheduler.engine import AsyncLLMEngine
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, built at the edge (CLI, tests).
+
+    ``model``: None = the embedded tiny model, ``embedded:NAME`` an embedded shape, else
+    a local mlx-lm model directory.  ``dtype`` applies to embedded models (a local
+    directory keeps its own).  ``cache_limit_bytes``: MLX buffer cache limit (None =
+    ``slabserve.mlxmem`` default).  ``served_name`` overrides the model name reported."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache_limit_bytes: int | None = None
+    served_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}")
+        if self.cache_limit_bytes is not None and self.cache_limit_bytes < 0:
+            raise ValueError("cache_limit_bytes must be >= 0")
+
+
+def model_name(cfg: EngineConfig) -> str:
+    if cfg.served_name:
+        return cfg.served_name
+    if cfg.model is None:
+        return "tiny"
+    if cfg.model.startswith("embedded:"):
+        return cfg.model.split(":", 1)[1]
+    return Path(cfg.model).expanduser().name
+
+
+def model_context(model, tokenizer) -> int:
+    """The model's context length: ``max_position_embeddings`` when the config has it,
+    else the tokenizer's ``model_max_length``, else 4096."""
+    args = getattr(model, "args", None)
+    n = getattr(args, "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 1 << 24 else 4096
+
+
+def build_engine(cfg: EngineConfig) -> AsyncLLMEngine:
+    """Load and assemble (not started: ``await engine.start()``)."""
+    from engine.executor import ModelExecutor
+    from engine.loader import load
+    from engine.runner import ModelRunner
+    from scheduler.scheduler import Scheduler
+    from slabserve.mlxmem import configure_memory
+
+    configure_memory(cfg.cache_limit_bytes)
+    model, tokenizer, _path = load(cfg.model, cfg.dtype)
+    runner = ModelRunner(model, cfg.cache)
+    max_context = model_context(model, tokenizer)
+    if cfg.scheduler.max_context is not None:
+        max_context = min(max_context, cfg.scheduler.max_context)
+    chunk = min(cfg.scheduler.prefill_chunk, cfg.runner.prefill_chunk)
+    sched_cfg = dataclasses.replace(cfg.scheduler, prefill_chunk=chunk)
+    executor = ModelExecutor(runner, max_context)
+    scheduler = Scheduler(sched_cfg, runner.allocator, runner.block_size, max_context,
+                          tokenizer.eos_token_ids)
+    return AsyncLLMEngine(scheduler, executor, tokenizer, model_name(cfg))

@@ -1,0 +1,209 @@
+"""The asyncio front: ``AsyncEngine`` over a ``Scheduler`` and an ``Executor``.
+
+Threads: the event loop only queues commands (add, abort) and reads deltas; one
+dedicated engine thread owns the scheduler and the executor and runs
+``schedule -> execute -> update`` back to back, posting each step's deltas to the loop
+in one ``call_soon_threadsafe``.  MLX releases the GIL inside ``mx.eval``, so the loop
+stays responsive while a step computes (see docs/adr/0005-scheduler.md for why the
+step is evaluated synchronously rather than overlapped with ``mx.async_eval``).
+
+Cancellation: closing a stream's iterator, cancelling its task, or ``abort(id)`` queues
+an abort; the engine thread applies it before planning the next step, freeing the
+request's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+from scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
+from scheduler.executor import Executor
+from scheduler.output import OutputStream
+from scheduler.plan import SeqUpdate
+from scheduler.scheduler import Scheduler
+
+log = logging.getLogger("slabserve.engine")
+_Queue = asyncio.Queue | None
+_Out = list[tuple[_Queue, Delta]]  # (consumer queue, delta) per delta of one step
+
+
+class _Live:
+    """A request the front knows about: its delta queue and output stream."""
+
+    __slots__ = ("queue", "out")
+
+    def __init__(self, queue: asyncio.Queue, out: OutputStream) -> None:
+        self.queue = queue
+        self.out = out
+
+
+class AsyncLLMEngine(AsyncEngine):
+    """See the module docstring.  ``tokenizer`` (mlx-lm ``TokenizerWrapper``) gives
+    streaming detokenization; without one, deltas carry token ids and empty text."""
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer=None,
+                 model_name: str = "", check_when_idle: bool = True) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_context = scheduler.max_context
+        self.check_when_idle = check_when_idle
+        self._live: dict[str, _Live] = {}
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = asyncio.Event()
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="slabserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float) -> None:
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            for rid in list(self._live):
+                self.abort(rid)
+            await asyncio.wait_for(self._idle.wait(), 30.0)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # ---- requests --------------------------------------------------------------------
+    def generate(self, request: Request) -> AsyncIterator[Delta]:
+        if self._thread is None:
+            raise RuntimeError("engine not started: await engine.start() first")
+        if not self._accepting:
+            raise RequestError("shutting_down", "the server is shutting down")
+        self.scheduler.validate(request)
+        rid = request.request_id
+        if rid in self._live:
+            raise RequestError("invalid", f"duplicate request id {rid!r}")
+        queued = self.scheduler.num_waiting + sum(1 for k, _ in list(self._inbox) if k == "add")
+        if queued >= self.scheduler.cfg.max_queued:
+            raise RequestError("queue_full", f"{queued} requests already queued")
+        detok = self.tokenizer.detokenizer if self.tokenizer is not None else None
+        live = _Live(asyncio.Queue(), OutputStream(request.params, len(request.prompt_tokens),
+                                                   detok))
+        self._live[rid] = live
+        self._idle.clear()
+        self._post("add", request)
+        return self._stream(rid, live.queue)
+
+    async def _stream(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[Delta]:
+        done = False
+        try:
+            while True:
+                delta = await queue.get()
+                done = delta.finish_reason is not None
+                yield delta
+                if done:
+                    return
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def stats(self) -> EngineStats:
+        s, a = self.scheduler, self.scheduler.allocator
+        return EngineStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
+                           s.preemptions, s.prompt_tokens, s.generated_tokens)
+
+    def _post(self, kind: str, item: object) -> None:
+        self._inbox.append((kind, item))
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        self.executor.bind_thread()
+        while not self._stopping:
+            out: _Out = []
+            self._drain(out)
+            if self.scheduler.has_work:
+                self._step(out)
+            if out:
+                self._deliver(out)
+            if not self.scheduler.has_work and not self._inbox:
+                if self.check_when_idle:
+                    self.scheduler.check_integrity()
+                self._wake.wait()
+                self._wake.clear()
+
+    def _drain(self, out: _Out) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                try:
+                    self.scheduler.add(item, enforce_queue_limit=False)
+                except RequestError as e:
+                    out.append(self._close(item.request_id, "error", e.message))
+            elif self.scheduler.finish(item, "abort") is not None or item in self._live:
+                self.executor.release(item)
+                out.append(self._close(item, "abort"))
+
+    def _step(self, out: _Out) -> None:
+        plan = self.scheduler.schedule()
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            log.exception("step %d failed", plan.step)
+            for c in plan.chunks():
+                if self.scheduler.finish(c.request_id, "error") is not None:
+                    out.append(self._close(c.request_id, "error", repr(e)))
+            return
+        self.steps += 1
+        for upd in self.scheduler.update(plan, result):
+            self._emit(upd, out)
+
+    def _emit(self, upd: SeqUpdate, out: _Out) -> None:
+        live = self._live.get(upd.request_id)
+        if live is None or upd.token is None:
+            return
+        delta, stop_hit = live.out.push(upd.token, upd.finish_reason)
+        if stop_hit and upd.finish_reason is None:
+            self.scheduler.finish(upd.request_id, "stop")
+        if delta.finish_reason is not None:
+            self._live.pop(upd.request_id, None)
+            self.executor.release(upd.request_id)
+        out.append((live.queue, delta))
+
+    def _close(self, rid: str, reason, error: str | None = None) -> tuple[_Queue, Delta]:
+        live = self._live.pop(rid, None)
+        if live is None:
+            return None, Delta((), "", None, reason, 0, 0, error)
+        return live.queue, live.out.close(reason, error)
+
+    def _deliver(self, out: _Out) -> None:
+        """Hand one step's deltas to the loop in one call (a consumer that left just
+        never reads its queue)."""
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, out)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    def _dispatch(self, items: _Out) -> None:
+        for q, d in items:
+            if q is not None:
+                q.put_nowait(d)
+        if not self._live:
+            self._idle.set()
