@@ -73,3 +73,33 @@ def test_exhaustion_is_reported_and_leaks_nothing(model_root):
         greedy_generate(runner, [list(range(10))], 20)
     assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
     assert runner.pool.num_slabs == 2
+
+
+def test_prefill_and_decode_in_one_forward(model_root):
+    """A step that decodes running sequences while prefilling a new one (what the
+    scheduler does) gives the same tokens as running them apart."""
+    from engine.runner import SeqInput
+
+    model, _ = load(str(make(model_root, "qwen2-bias")))
+    runner = runner_for(model, block_size=4, slab_tokens=8)
+    a, b = prompts(2, seed=5)
+    alloc = runner.allocator
+    ta = alloc.allocate(-(-(len(a) + 8) // 4))
+    tb = alloc.allocate(-(-(len(b) + 8) // 4))
+    pre, _ = runner.forward([SeqInput(a, 0, ta)], [])
+    out_a = [int(mx.argmax(pre[0]).item())]
+    out_b: list[int] = []
+    for i in range(6):
+        dec = [SeqInput([out_a[-1]], len(a) + i, ta)]
+        if i == 0:
+            pre, logits = runner.forward([SeqInput(b, 0, tb)], dec)
+            out_b.append(int(mx.argmax(pre[0]).item()))
+        else:
+            dec.append(SeqInput([out_b[-1]], len(b) + i - 1, tb))
+            _, logits = runner.forward([], dec)
+            out_b.append(int(mx.argmax(logits[1]).item()))
+        out_a.append(int(mx.argmax(logits[0]).item()))
+    assert out_a == reference(model, a, 7)
+    assert out_b == reference(model, b, 6)
+    alloc.free(ta + tb)
+    assert alloc.num_used == 0
