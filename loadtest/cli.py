@@ -1,0 +1,195 @@
+"""``slabserve loadtest``: load an OpenAI-compatible server, or ``--compare`` ours (auto,
+forced native, forced gather) with ``mlx_lm.server`` on the same model.
+
+Examples::
+
+    slabserve loadtest --url http://127.0.0.1:8000 --model DIR --contexts 1k,4k
+    slabserve loadtest --url http://127.0.0.1:8080 --model DIR --eos-mode logit_bias
+    slabserve loadtest --compare --embedded qwen2.5-0.5b:float16 --contexts 1k --out results/
+
+This package is an HTTP client: it never imports mlx, the engine or the scheduler; servers and
+the embedded-model writer run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from importlib import metadata
+from pathlib import Path
+
+from loadtest.client import Endpoint
+from loadtest.compare import comparison_markdown, goal_checks
+from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
+from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
+from loadtest.report import runs_markdown, write_csv, write_json, write_plots
+from loadtest.runner import RunResult
+from loadtest.servers import ROOT, STANDARD, mlx_lm_installed
+
+
+def parse_size(text: str) -> int:
+    """``1k`` -> 1024, ``16K`` -> 16384, ``300`` -> 300."""
+    t = text.strip().lower()
+    return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+
+
+def _ints(text: str, conv=int) -> tuple[int, ...]:
+    return tuple(conv(x) for x in text.split(",") if x.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slabserve loadtest", description=__doc__.split("\n")[0])
+    tgt = p.add_argument_group("target")
+    tgt.add_argument("--url", help="base URL of a running OpenAI-compatible server")
+    tgt.add_argument("--compare", action="store_true",
+                     help="start ours (auto/native/gather) and mlx_lm.server on loopback")
+    tgt.add_argument("--configs", default="auto,native,gather,mlx_lm",
+                     help="--compare configurations (default: all four)")
+    tgt.add_argument("--model", type=Path, help="model directory (tokenizer, EOS ids; served "
+                     "by --compare)")
+    tgt.add_argument("--embedded", help="embedded model NAME[:DTYPE] written via "
+                     "engine.embedded.ensure_model in a subprocess (e.g. qwen2.5-0.5b:float16)")
+    tgt.add_argument("--model-name", help="'model' field to send in --url mode (default none)")
+    tgt.add_argument("--eos-mode", default="ignore_eos",
+                     choices=("ignore_eos", "logit_bias", "none"),
+                     help="--url mode: how to force max_tokens outputs (mlx_lm.server: "
+                          "logit_bias)")
+    tgt.add_argument("--server-arg", action="append", default=[],
+                     help="extra argument for 'slabserve serve' (repeatable)")
+    tgt.add_argument("--ready-timeout", type=float, default=300.0)
+    load = p.add_argument_group("load")
+    load.add_argument("--contexts", default="1k,4k,16k", help="prompt + output tokens")
+    load.add_argument("--concurrency", default="1,4,8")
+    load.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    load.add_argument("--requests", type=int, default=None,
+                      help="measured requests per run (default max(4, 2 x concurrency))")
+    load.add_argument("--duration", type=float, default=120.0,
+                      help="seconds per run after which no new request starts")
+    load.add_argument("--warmup", type=int, default=1, help="warm-up requests per run")
+    load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    load.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default loadtest-results/UTC-TIMESTAMP)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_model(args: argparse.Namespace) -> Path | None:
+    """``--model`` as given, or the embedded model's directory (written on first use)."""
+    if args.model is not None:
+        return args.model
+    if args.embedded is None:
+        return None
+    name, _, dtype = args.embedded.partition(":")
+    code = ("import sys; from engine.embedded import ensure_model; "
+            "print(ensure_model(sys.argv[1], sys.argv[2]))")
+    out = subprocess.run([sys.executable, "-c", code, name, dtype or "float32"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("mlx", "mlx-lm", "httpx"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[str]) -> Path:
+    """results.{json,csv,md} and PNG plots in ``out``; returns the markdown file."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results, meta)
+    write_csv(out / "results.csv", results)
+    plots = write_plots(out, results)
+    md = [f"# Load test {meta['started_utc']}", "", f"Command: `{meta['command']}`", "",
+          f"Model: `{meta['model']}`; tokenizer: `{meta['tokenizer']}`; "
+          f"machine: {meta['machine']}; versions: {meta['versions']}", "",
+          "## Runs", "", runs_markdown(results)]
+    md += [f"Not run: {lab} ({why})" for lab, why in meta.get("skipped", {}).items()]
+    if len(labels) > 1:
+        md += ["## Comparison (ratios from this one invocation)", "",
+               comparison_markdown(results, labels), "## Goals", ""]
+        md += [f"- {line}" for line in goal_checks(results)] + [""]
+    md += [f"![{p.name}]({p.name})" for p in plots]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    return out / "results.md"
+
+
+def _grid(args: argparse.Namespace) -> GridSpec:
+    return GridSpec(_ints(args.contexts, parse_size), _ints(args.concurrency), args.max_tokens,
+                    args.requests, args.duration, args.warmup, args.timeout, args.seed)
+
+
+def _configs(args: argparse.Namespace) -> list:
+    labels = [x.strip() for x in args.configs.split(",") if x.strip()]
+    unknown = [lab for lab in labels if lab not in STANDARD]
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; choose from {sorted(STANDARD)}")
+    if "mlx_lm" in labels and not mlx_lm_installed():
+        print("mlx-lm is not installed: skipping mlx_lm", file=sys.stderr)
+        labels.remove("mlx_lm")
+    extra = tuple(args.server_arg)
+    return [STANDARD[lab] if STANDARD[lab].kind == "mlx_lm"
+            else replace(STANDARD[lab], extra_args=extra) for lab in labels]
+
+
+def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...]) -> str:
+    """Why the arguments cannot run ('' when they can)."""
+    if bool(args.url) == bool(args.compare):
+        return "give exactly one of --url and --compare"
+    if args.compare and model is None:
+        return "--compare needs --model DIR or --embedded NAME"
+    if args.url and args.eos_mode == "logit_bias" and not eos_ids:
+        return "--eos-mode logit_bias needs --model DIR (for the EOS ids)"
+    return ""
+
+
+def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict]:
+    """Run the load: (results, labels, skipped configurations)."""
+    progress = not args.no_progress
+    if args.compare:
+        configs = _configs(args)
+        results, skipped = run_compare(configs, model, grid, prompts, eos_ids, out,
+                                       args.ready_timeout, progress)
+        return results, [c.label for c in configs], skipped
+    label = args.model_name or "server"
+    ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)
+    return run_grid(ep, grid, prompts, label, progress), [label], {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``slabserve loadtest``; exit code 0 only when every configuration ran
+    and no request failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    model = resolve_model(args) if (args.model or args.embedded) else None
+    eos_ids = eos_token_ids(model) if model is not None else ()
+    problem = _check(args, model, eos_ids)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    tok = load_tokenizer(model) if model is not None else char_tokenizer()
+    grid = _grid(args)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = args.out or Path("loadtest-results") / started.replace(":", "")
+    t0 = time.perf_counter()
+    prompts = build_prompts(grid, tok)
+    print(f"prompts built in {time.perf_counter() - t0:.1f}s ({tok.name})", file=sys.stderr)
+    results, labels, skipped = _execute(args, model, grid, prompts, eos_ids, out)
+    meta = {"started_utc": started, "command": "slabserve loadtest " + shlex.join(argv),
+            "model": str(model), "tokenizer": tok.name, "labels": labels,
+            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+            "versions": _versions(), "skipped": skipped, "grid": asdict(grid)}
+    md = write_outputs(out, results, meta, labels)
+    print(md.read_text())
+    failed = sum(r.summary.requests_failed for r in results)
+    return 0 if results and not failed and not skipped else 1

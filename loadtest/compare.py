@@ -1,0 +1,85 @@
+"""The side-by-side table of ``--compare`` and the issue's goals checked against it.
+
+Reference labels: ``auto`` is ours as shipped, ``native`` / ``gather`` the forced paths,
+``mlx_lm`` the baseline.  Ratios come from one invocation (same machine, same prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from loadtest.report import fmt, row
+from loadtest.runner import RunResult
+
+OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
+AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%
+TPUT_GOAL = 1.5  # at concurrency 8, ours >= 1.5x mlx_lm.server's output tokens/s
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return math.nan
+    return a / b
+
+
+def cells(results: Sequence[RunResult]) -> dict[tuple[int, int], dict[str, dict]]:
+    """(context, concurrency) -> label -> row."""
+    out: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in results:
+        x = row(r)
+        out.setdefault((x["context"], x["concurrency"]), {})[x["label"]] = x
+    return dict(sorted(out.items()))
+
+
+def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
+    """Output tok/s, TTFT p50 and TPOT p50 per configuration, then the ratios."""
+    head = ["ctx", "conc"]
+    for lab in labels:
+        head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50"]
+    head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (ctx, conc), by in cells(results).items():
+        cols = [str(ctx), str(conc)]
+        for lab in labels:
+            x = by.get(lab, {})
+            cols += [fmt(x.get("output_tok_s"), 2), fmt(x.get("ttft_p50_ms"), 0),
+                     fmt(x.get("tpot_p50_ms"), 1)]
+        ours, base = by.get(OURS, {}), by.get(BASE, {})
+        best = _best_forced(by)
+        cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),
+                 fmt(_ratio(ours.get("ttft_p50_ms"), base.get("ttft_p50_ms")), 2),
+                 fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-")]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _best_forced(by: dict[str, dict]) -> float | None:
+    vals = [by[f]["output_tok_s"] for f in FORCED
+            if f in by and not math.isnan(by[f]["output_tok_s"])]
+    return max(vals) if vals else None
+
+
+def goal_checks(results: Sequence[RunResult]) -> list[str]:
+    """One line per goal and cell: PASS / FAIL / n/a with the numbers behind it."""
+    lines = []
+    for (ctx, conc), by in cells(results).items():
+        ours, base = by.get(OURS), by.get(BASE)
+        if ours and base and conc == 8:
+            r = _ratio(ours["output_tok_s"], base["output_tok_s"])
+            lines.append(f"ctx {ctx} conc 8: auto/mlx_lm output tok/s = {fmt(r, 2)} "
+                         f"(goal >= {TPUT_GOAL}) {_verdict(r >= TPUT_GOAL, r)}")
+        if ours and base and conc == 1:
+            r = _ratio(ours["ttft_p50_ms"], base["ttft_p50_ms"])
+            lines.append(f"ctx {ctx} conc 1: auto/mlx_lm TTFT p50 = {fmt(r, 2)} "
+                         f"(goal <= 1.00) {_verdict(r <= 1.0, r)}")
+        best = _best_forced(by)
+        if ours and best:
+            r = _ratio(ours["output_tok_s"], best)
+            lines.append(f"ctx {ctx} conc {conc}: auto/best forced tok/s = {fmt(r, 2)} "
+                         f"(goal >= {AUTO_TOLERANCE}) {_verdict(r >= AUTO_TOLERANCE, r)}")
+    return lines
+
+
+def _verdict(ok: bool, r: float) -> str:
+    return "n/a" if math.isnan(r) else ("PASS" if ok else "FAIL")

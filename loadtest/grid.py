@@ -1,0 +1,97 @@
+"""A grid of runs (contexts x concurrency levels) against one endpoint, and ``--compare``
+over several launched servers with the very same prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.client import Endpoint
+from loadtest.prompts import Tokenizer, make_prompt
+from loadtest.runner import RunResult, RunSpec, run_once
+from loadtest.servers import ManagedServer, ServerConfig
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Contexts x concurrency levels; ``requests`` per run (None: max(4, 2 x concurrency))."""
+
+    contexts: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    max_tokens: int
+    requests: int | None = None
+    duration_s: float = 120.0
+    warmup: int = 1
+    timeout_s: float = 600.0
+    seed: int = 0
+
+    def specs(self) -> list[RunSpec]:
+        return [RunSpec(ctx, c, self.max_tokens, self.requests or max(4, 2 * c),
+                        self.duration_s, self.warmup, self.timeout_s)
+                for ctx in self.contexts for c in self.concurrency]
+
+
+def build_prompts(grid: GridSpec, tok: Tokenizer) -> dict[tuple[int, int], list[str]]:
+    """(context, concurrency) -> warm-up + measured prompts.  Indices run on across the whole
+    grid, so no prompt repeats within one server's lifetime (no prompt-cache hits), and every
+    configuration gets the same prompts."""
+    out: dict[tuple[int, int], list[str]] = {}
+    index = 0
+    for spec in grid.specs():
+        n = spec.warmup + spec.requests
+        out[(spec.context, spec.concurrency)] = [
+            make_prompt(tok, spec.prompt_tokens, index + i, grid.seed) for i in range(n)]
+        index += n
+    return out
+
+
+def run_grid(ep: Endpoint, grid: GridSpec, prompts: dict[tuple[int, int], list[str]],
+             label: str, show_progress: bool = True) -> list[RunResult]:
+    """Every cell of ``grid`` against ``ep``, smallest context first."""
+    results = []
+    for spec in grid.specs():
+        res = asyncio.run(run_once(ep, spec, prompts[(spec.context, spec.concurrency)],
+                                   label, show_progress))
+        results.append(res)
+        s = res.summary
+        print(f"[{label}] ctx={spec.context} conc={spec.concurrency}: "
+              f"{s.requests_ok} ok, {s.requests_failed} failed, "
+              f"{s.output_tok_s:.2f} out tok/s, TTFT p50 {s.ttft.p50:.0f} ms, "
+              f"TPOT p50 {s.tpot.p50:.1f} ms, paths "
+              f"{res.trace.describe() if res.trace else 'n/a'}", file=sys.stderr)
+    return results
+
+
+def endpoint_for(srv: ManagedServer, eos_ids: tuple[int, ...]) -> Endpoint:
+    """Ours: ``ignore_eos`` and the served model id.  mlx_lm.server: EOS suppressed with
+    ``logit_bias`` (it has no ``ignore_eos``), no ``model`` field (it would load that path),
+    no ``/metrics``."""
+    if srv.cfg.kind == "mlx_lm":
+        mode = "logit_bias" if eos_ids else "none"
+        return Endpoint(srv.base_url, None, mode, eos_ids, metrics_path=None)
+    return Endpoint(srv.base_url, srv.model_id(), "ignore_eos", eos_ids)
+
+
+def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec,
+                prompts: dict[tuple[int, int], list[str]], eos_ids: tuple[int, ...],
+                log_dir: Path, ready_timeout_s: float = 300.0,
+                show_progress: bool = True) -> tuple[list[RunResult], dict[str, str]]:
+    """Start each configuration in turn on loopback, run the grid, stop it.  A server that
+    fails to start is skipped (label -> reason in the second value); the others still run."""
+    results: list[RunResult] = []
+    skipped: dict[str, str] = {}
+    for cfg in configs:
+        print(f"[{cfg.label}] starting {cfg.kind} ...", file=sys.stderr)
+        try:
+            with ManagedServer(cfg, model_dir, log_dir / f"server-{cfg.label}.log",
+                               ready_timeout_s) as srv:
+                ep = endpoint_for(srv, eos_ids)
+                results += run_grid(ep, grid, prompts, cfg.label, show_progress)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
+            skipped[cfg.label] = str(exc).splitlines()[0]
+    return results, skipped
+

@@ -1,0 +1,164 @@
+"""Servers started as subprocesses on loopback for ``--compare``: ours (``slabserve serve``)
+with the attention selector on auto / forced native / forced gather, and ``mlx_lm.server``.
+
+Each server gets its own random free port, its own process group (so stopping it ends its
+children too) and a log file; nothing here imports MLX or the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE_ENV = "SLABSERVE_PAGED_ATTENTION_NATIVE"
+# Environment variables the selector also reads; cleared so "auto" really is auto.
+SELECTOR_ENVS = (NATIVE_ENV, "MLXCEL_PAGED_ATTENTION_NATIVE")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One configuration to compare.  ``native``: None = auto, True/False = forced via
+    ``SLABSERVE_PAGED_ATTENTION_NATIVE`` (slabserve only)."""
+
+    label: str
+    kind: Literal["slabserve", "mlx_lm"]
+    native: bool | None = None
+    extra_args: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.kind == "mlx_lm" and self.native is not None:
+            raise ValueError("native applies to slabserve only")
+
+
+STANDARD: dict[str, ServerConfig] = {
+    "auto": ServerConfig("auto", "slabserve", None),
+    "native": ServerConfig("native", "slabserve", True),
+    "gather": ServerConfig("gather", "slabserve", False),
+    "mlx_lm": ServerConfig("mlx_lm", "mlx_lm"),
+}
+
+
+def mlx_lm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlx_lm") is not None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(cfg: ServerConfig, model_dir: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """argv and full environment for ``cfg`` serving ``model_dir`` on 127.0.0.1:``port``."""
+    env = {k: v for k, v in os.environ.items() if k not in SELECTOR_ENVS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    common = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    if cfg.kind == "slabserve":
+        argv = [sys.executable, "-m", "slabserve.cli", "serve", *common]
+        if cfg.native is not None:
+            env[NATIVE_ENV] = "1" if cfg.native else "0"
+    else:
+        argv = [sys.executable, "-m", "mlx_lm", "server", *common, "--log-level", "WARNING"]
+        env.update(_blas_env(env))
+    env.update(dict(cfg.extra_env))
+    return argv + list(cfg.extra_args), env
+
+
+def _blas_env(env: dict[str, str]) -> dict[str, str]:
+    """The same OpenBLAS preload ``slabserve`` gives itself (slabserve.blas), so both servers
+    run on the same BLAS: an empty dict when it does not apply."""
+    try:
+        from slabserve import blas
+    except ImportError:
+        return {}
+    fn = getattr(blas, "preload_env", None)
+    return dict(fn(env)) if fn is not None else {}
+
+
+class ManagedServer:
+    """A server subprocess: ``with ManagedServer(cfg, model, log) as srv: srv.base_url``."""
+
+    def __init__(self, cfg: ServerConfig, model_dir: Path, log_path: Path,
+                 ready_timeout_s: float = 300.0) -> None:
+        self.cfg = cfg
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.argv, self.env = command(cfg, model_dir, self.port)
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ManagedServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = log
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_ready(self) -> None:
+        """Poll ``/health`` (then ``/v1/models``) until 200; raise if the process dies or
+        the timeout passes, with the log's tail in the message."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.cfg.label} exited ({self.proc.returncode}):\n"
+                                   + self.log_tail())
+            for path in ("/health", "/v1/models"):
+                try:
+                    if httpx.get(self.base_url + path, timeout=2.0).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.cfg.label} not ready in {self.ready_timeout_s}s:\n"
+                           + self.log_tail())
+
+    def model_id(self) -> str | None:
+        """First id from ``/v1/models`` (None when unavailable)."""
+        try:
+            data = httpx.get(self.base_url + "/v1/models", timeout=5.0).json()
+            return data["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL after ``grace_s``."""
+        if self.proc is not None and self.proc.poll() is None:
+            pgid = os.getpgid(self.proc.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None

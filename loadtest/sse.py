@@ -1,0 +1,61 @@
+"""Parsing OpenAI-style server-sent-event lines (``/v1/completions`` and chat) into chunks.
+
+Pure functions; the client timestamps each returned chunk as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one ``data:`` line said.  ``text`` is the content increment ('' for none);
+    ``usage`` is the server's token accounting when the line carried it; ``done`` marks the
+    ``[DONE]`` sentinel; ``error`` a server error message sent inside the stream."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    done: bool = False
+    error: str | None = None
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.text)
+
+
+class ProtocolError(ValueError):
+    """A line that is not valid SSE JSON for this API."""
+
+
+def _choice_text(choice: dict) -> str:
+    if "text" in choice:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    return delta.get("content") or delta.get("reasoning_content") or ""
+
+
+def parse_line(line: str) -> Chunk | None:
+    """One line of the stream -> a Chunk, or None for blank lines, comments (``: keepalive``
+    from mlx_lm.server) and non-data fields.  Raises ProtocolError on undecodable data."""
+    line = line.strip()
+    if not line or line.startswith(":") or not line.startswith("data:"):
+        return None
+    payload = line[len("data:"):].strip()
+    if payload == "[DONE]":
+        return Chunk(done=True)
+    try:
+        obj = json.loads(payload)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"bad JSON in stream: {payload[:80]!r}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError("stream data is not an object")
+    if "error" in obj:
+        err = obj["error"]
+        return Chunk(error=err.get("message", str(err)) if isinstance(err, dict) else str(err))
+    choices = obj.get("choices") or []
+    text = "".join(_choice_text(c) for c in choices)
+    finish = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
+    return Chunk(text=text, finish_reason=finish, usage=obj.get("usage"))

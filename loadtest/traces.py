@@ -1,0 +1,91 @@
+"""Server traces from Prometheus ``/metrics``: attention-path decisions during a run.
+
+The run snapshots the counters before and after; the difference is what the server decided
+while serving this run's requests (warm-up excluded).  The counter is
+``slabserve:attention_path_total{path=...,reason=...}``; any counter whose name ends in
+``attention_path_total`` is accepted, so a renamed prefix still shows up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+PATH_COUNTER_SUFFIX = "attention_path_total"
+
+Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
+
+
+def parse_prometheus(text: str) -> dict[Key, float]:
+    """Every sample of a Prometheus text exposition, keyed by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[Key, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+@dataclass(frozen=True)
+class PathTrace:
+    """Decisions per path (and per (path, reason)) between two snapshots.
+
+    ``total == sum(by_path.values())``; shares are fractions of ``total``.
+    """
+
+    by_path: dict[str, float]
+    by_reason: dict[str, float]  # "path:reason" -> count
+
+    @property
+    def total(self) -> float:
+        return sum(self.by_path.values())
+
+    def shares(self) -> dict[str, float]:
+        t = self.total
+        return {p: (c / t if t else 0.0) for p, c in sorted(self.by_path.items())}
+
+    def describe(self) -> str:
+        """``native 83% / gather 17%`` (or ``-`` when nothing was decided)."""
+        if not self.total:
+            return "-"
+        return " / ".join(f"{p} {s:.0%}" for p, s in self.shares().items())
+
+
+def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathTrace:
+    """The attention-path counters' increase from ``before`` to ``after``.  A counter that
+    went down (server restarted) counts from zero."""
+    by_path: dict[str, float] = {}
+    by_reason: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if not name.endswith(PATH_COUNTER_SUFFIX):
+            continue
+        prev = before.get((name, labels), 0.0)
+        inc = value - prev if value >= prev else value
+        if inc <= 0:
+            continue
+        lab = dict(labels)
+        path = lab.get("path", "?")
+        by_path[path] = by_path.get(path, 0.0) + inc
+        reason = f"{path}:{lab.get('reason', '?')}"
+        by_reason[reason] = by_reason.get(reason, 0.0) + inc
+    return PathTrace(dict(sorted(by_path.items())), dict(sorted(by_reason.items())))
+
+
+async def snapshot(client: httpx.AsyncClient, base_url: str,
+                   metrics_path: str | None) -> dict[Key, float] | None:
+    """Current samples, or None when the server has no usable ``/metrics``."""
+    if metrics_path is None:
+        return None
+    try:
+        resp = await client.get(base_url.rstrip("/") + metrics_path, timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    try:
+        return parse_prometheus(resp.text)
+    except ValueError:
+        return None
