@@ -152,7 +152,8 @@ def find_openblas(
 
 
 @functools.lru_cache(maxsize=1)
-def _found() -> str | None:
+def openblas_path() -> str | None:
+    """The library the launcher would preload here (SLABSERVE_OPENBLAS or the search)."""
     override = env.openblas_library()
     found = find_openblas(override=override)
     if override is not None and found is None:
@@ -175,13 +176,16 @@ def mlx_package_dir() -> Path | None:
     return None
 
 
-def mlx_backend(platform_name: str | None = None, package_dir: Path | None = None) -> Backend:
+def mlx_backend(
+    platform_name: str | None = None,
+    find_package: Callable[[], Path | None] = mlx_package_dir,
+) -> Backend:
     """CUDA when an ``mlx_cuda*`` distribution sits beside the mlx package, else CPU on
     Linux (the ``mlx[cpu]`` wheel, or a source build: preloading is harmless there)."""
     plat = sys.platform if platform_name is None else platform_name
     if plat == "darwin":
         return Backend.METAL
-    pkg = mlx_package_dir() if package_dir is None else package_dir
+    pkg = find_package()
     if pkg is None:
         return Backend.NONE
     if any(pkg.parent.glob("mlx_cuda*.dist-info")):
@@ -282,7 +286,7 @@ def current_decision() -> Decision:
         disabled=env.openblas_disabled(),
         reexeced_here=env.blas_reexec_marker() == str(os.getpid()),
         provider=global_cblas_provider(),
-        library=_found(),
+        library=openblas_path(),
         launcher=is_launcher(),
     )
 
