@@ -81,3 +81,10 @@ def mlx_cache_limit() -> int | None:
     if n < 0:
         raise ValueError(f"SLABSERVE_MLX_CACHE_LIMIT={raw!r} must not be negative")
     return int(n * _SIZE_SUFFIX[suffix])
+
+
+def api_key() -> str | None:
+    """SLABSERVE_API_KEY: the Bearer key ``slabserve serve`` requires on ``/v1/*`` when
+    ``--api-key`` is not given (keeps the key out of the process list); unset = none."""
+    raw = os.environ.get("SLABSERVE_API_KEY")
+    return raw if raw else None
