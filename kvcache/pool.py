@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -74,26 +75,33 @@ class WritePlan:
 
 class GatherPlan:
     """Block ids of a ``[B, nblk]`` table grouped by slab, to gather without copying
-    the pool: one ``take`` per slab touched, then one permutation if several were."""
+    the pool: one ``take`` per slab touched, then one permutation if several were.
+    Rows shorter than ``nblk`` are padded with their first block (masked by lengths)."""
 
     def __init__(self, geom: PoolGeometry, table: list[list[int]]) -> None:
         sb = geom.slab_blocks
-        self.shape = (len(table), max((len(r) for r in table), default=0))
-        flat = [b for r in table for b in r + [r[0] if r else 0] * (self.shape[1] - len(r))]
-        by_slab: dict[int, list[int]] = {}
-        for i, b in enumerate(flat):
-            by_slab.setdefault(b // sb, []).append(i)
+        nblk = max((len(r) for r in table), default=0)
+        self.shape = (len(table), nblk)
+        flat = np.empty((len(table), nblk), dtype=np.int64)
+        for i, r in enumerate(table):
+            flat[i, : len(r)] = r
+            flat[i, len(r) :] = r[0] if r else 0
+        flat = flat.reshape(-1)
+        slab = flat // sb
         self.groups: list[tuple[int, mx.array]] = []
-        order: list[int] = []
-        for slab, positions in sorted(by_slab.items()):
-            self.groups.append((slab, mx.array([flat[i] % sb for i in positions], dtype=mx.int32)))
-            order.extend(positions)
         self.inverse: mx.array | None = None
-        if len(self.groups) > 1:
-            inv = [0] * len(flat)
-            for j, i in enumerate(order):
-                inv[i] = j
-            self.inverse = mx.array(inv, dtype=mx.int32)
+        if flat.size and slab.min() == slab.max():
+            self.groups.append((int(slab[0]), mx.array((flat % sb).astype(np.int32))))
+            return
+        order = np.argsort(slab, kind="stable")
+        bounds = np.flatnonzero(np.diff(slab[order])) + 1
+        for part in np.split(order, bounds):
+            if part.size:
+                local = (flat[part] % sb).astype(np.int32)
+                self.groups.append((int(slab[part[0]]), mx.array(local)))
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        self.inverse = mx.array(inv.astype(np.int32))
 
 
 class SlabPool:
