@@ -1,0 +1,163 @@
+"""``slabserve serve``: flags -> frozen configs (``ServerConfig``, ``EngineConfig``), build
+the engine, serve the app with uvicorn; SIGTERM/SIGINT drain gracefully and exit 0.
+
+Shutdown: the first signal stops admitting (new requests get 503 ``shutting_down``,
+``/ready`` turns 503) and gives in-flight requests ``--shutdown-timeout`` seconds; the
+engine then ends the rest (their streams get a last chunk with ``finish_reason: abort``
+and ``[DONE]``), uvicorn closes the connections and the process exits 0.  A second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+
+from server.config import ServerConfig
+
+_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def size(text: str) -> int:
+    """Bytes from ``123``, ``512M``, ``2G``, ``1.5GiB``."""
+    v = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _SUFFIX.get(v[-1:], 1)
+    try:
+        n = float(v[:-1] if v[-1:] in _SUFFIX else v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 512M") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    return int(n * mult)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slabserve serve",
+                                description="OpenAI-compatible server (see README).")
+    a = p.add_argument
+    a("--model", default=None, help="local mlx-lm model directory or embedded:NAME "
+      "(default: the embedded tiny model)")
+    a("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+      help="dtype of an embedded model")
+    a("--served-model-name", default=None, help="model name reported and accepted")
+    a("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    a("--port", type=int, default=8000)
+    a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+      "(or set SLABSERVE_API_KEY)")
+    a("--max-body-bytes", type=size, default=ServerConfig.max_body_bytes)
+    a("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
+      help="seconds in-flight requests may run after SIGTERM")
+    a("--max-n", type=int, default=ServerConfig.max_n, help="most choices per request")
+    a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--slab-tokens", type=int, default=4096)
+    g.add_argument("--kv-budget", type=size, default=1 << 30, help="bytes (e.g. 2G)")
+    g.add_argument("--initial-slabs", type=int, default=1)
+    g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--cache-limit", type=size, default=None, help="MLX buffer cache limit")
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--max-running", type=int, default=64)
+    g.add_argument("--max-queued", type=int, default=256)
+    g.add_argument("--max-step-tokens", type=int, default=512)
+    g.add_argument("--prefill-chunk", type=int, default=256)
+    g.add_argument("--max-context", type=int, default=None)
+    g.add_argument("--watermark-blocks", type=int, default=1)
+    return p
+
+
+def configs(args: argparse.Namespace):
+    """(ServerConfig, EngineConfig) from parsed flags; ValueError when invalid."""
+    from engine.build import EngineConfig
+    from engine.config import CacheConfig, RunnerConfig
+    from scheduler.config import SchedulerConfig
+    from slabserve import env
+
+    server = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or env.api_key(),
+        max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+        served_model_name=args.served_model_name, max_n=args.max_n, log_level=args.log_level)
+    cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
+                        kv_budget_bytes=args.kv_budget, initial_slabs=args.initial_slabs,
+                        dtype=args.kv_dtype)
+    sched = SchedulerConfig(max_running=args.max_running, max_queued=args.max_queued,
+                            max_step_tokens=args.max_step_tokens,
+                            prefill_chunk=args.prefill_chunk, max_context=args.max_context,
+                            watermark_blocks=args.watermark_blocks)
+    engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
+                          runner=RunnerConfig(prefill_chunk=args.prefill_chunk),
+                          scheduler=sched, cache_limit_bytes=args.cache_limit,
+                          served_name=args.served_model_name)
+    return server, engine
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with our signal handling: drain the app, then exit (uvicorn's own
+    handler would re-raise SIGTERM after shutdown, ending the process with -15)."""
+
+    def __init__(self, config: uvicorn.Config, ctx) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.signalled = False
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, self.on_signal) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_signal(self, sig: int, frame) -> None:
+        if self.signalled or self.loop is None or not self.started:
+            self.should_exit = True
+            self.force_exit = self.signalled
+            return
+        self.signalled = True
+        self.loop.call_soon_threadsafe(self._drain_then_exit)
+
+    def _drain_then_exit(self) -> None:
+        task = self.ctx.begin_drain()
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        server_cfg, engine_cfg = configs(args)
+    except ValueError as e:
+        print(f"slabserve serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from engine.build import build_engine
+    from server.app import create_app
+
+    app = create_app(build_engine(engine_cfg), server_cfg)
+    config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
+                            log_level=server_cfg.log_level, lifespan="on",
+                            timeout_graceful_shutdown=int(server_cfg.shutdown_timeout) + 10)
+    server = DrainingServer(config, app.state.ctx)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

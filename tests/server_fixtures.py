@@ -1,0 +1,64 @@
+"""Helpers for the server tests: a real uvicorn server on a loopback port, in a thread of
+this process, around an app built by ``server.app.create_app``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from engine.build import EngineConfig, build_engine
+from engine.config import CacheConfig
+from scheduler.config import SchedulerConfig
+from server.app import create_app
+from server.config import ServerConfig
+
+
+def tiny_engine(**scheduler: object):
+    """The embedded tiny model with a small KV budget (scheduler limits overridable)."""
+    cfg = EngineConfig(model=None, cache=CacheConfig(slab_tokens=1024, kv_budget_bytes=64 << 20),
+                       scheduler=SchedulerConfig(**scheduler))
+    return build_engine(cfg)
+
+
+class LiveServer:
+    """``with LiveServer(app) as srv:`` serves ``app`` on 127.0.0.1:``srv.port`` until the
+    block ends (then a graceful stop: lifespan shutdown drains the engine)."""
+
+    def __init__(self, app, startup_timeout: float = 60.0) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=30)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"uvicorn-{self.port}", daemon=True)
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
+
+    @property
+    def ctx(self):
+        return self.app.state.ctx
+
+
+def serve(engine, **server: object) -> LiveServer:
+    return LiveServer(create_app(engine, ServerConfig(**server)))
