@@ -1,0 +1,181 @@
+"""Native pooled decode on MLX's CPU backend: block-wise online softmax over the pages,
+split across context between two MLX CPU streams (split-K, as flash-decoding does).
+
+Why this shape (docs/benchmarks/attention-cpu.md, /work/shared/measurements):
+  * MLX runs every op of a stream on one worker thread, so two streams working on the
+    two halves of the context use both cores; the halves are merged at the end.
+  * each chunk of ``chunk_blocks`` pages is taken straight from its slab (one ``take``
+    per slab the chunk touches, never the whole table at once, never a slab copy), so
+    the gathered K/V are never materialised: at most one chunk per stream is live;
+  * one matmul per (sequence, kv head) with its group of query heads as rows beats
+    MLX's CPU SDPA fallback (one single-row matmul per query head) for f16/bf16.
+
+Invariants: any slab count, any block table order, ragged lengths (each sequence
+attends to exactly its first ``lengths[b]`` tokens); output has ``q``'s shape and dtype;
+softmax statistics are kept in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from attention.base import DecodeAttention, DecodeBatch
+from kvcache.pool import SlabPool
+
+# Masked positions get this (finite, so a chunk that is all padding for a sequence
+# gives weight exp(-1e30 - m) = 0 at the merge instead of NaN).
+_MASKED = -1e30
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Columns ``[c0, c1)`` of the padded ``[B, nblk]`` table, as page rows of the
+    slabs viewed ``[slab_blocks * kv_heads, block_size, D]``, in ``(b, h, c)`` order:
+    one ``(slab, rows)`` group per slab touched, and the permutation back to
+    ``(b, h, c)`` order when there are several."""
+
+    shape: tuple[int, int, int]  # (B, kv_heads, c1 - c0)
+    groups: tuple[tuple[int, mx.array], ...]
+    inverse: mx.array | None
+    bias: mx.array | None  # [B, 1, 1, (c1 - c0) * block_size] float32, or None
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """Per step, shared by every layer: chunks split between the streams."""
+
+    parts: tuple[tuple[_Chunk, ...], ...]
+
+
+def _groups(geom, rows: list[list[int]], c0: int, c1: int):
+    h, sb = geom.kv_heads, geom.slab_blocks
+    blocks = [blk for r in rows for blk in r[c0:c1]]
+    slabs = {blk // sb for blk in blocks}
+    ids = mx.array(blocks, dtype=mx.int32).reshape(len(rows), 1, c1 - c0)
+    heads = mx.arange(h, dtype=mx.int32)[None, :, None]
+    if len(slabs) == 1:
+        rows_ = ((ids % sb) * h + heads).reshape(-1)
+        return ((slabs.pop(), rows_),), None
+    flat = ((ids % sb) * h + heads).reshape(-1).tolist()
+    slab_of = (ids // sb + 0 * heads).reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=slab_of.__getitem__)
+    groups = []
+    for s in sorted(slabs):
+        sel = [i for i in order if slab_of[i] == s]
+        groups.append((s, mx.array([flat[i] for i in sel], dtype=mx.int32)))
+    inverse = [0] * len(order)
+    for j, i in enumerate(order):
+        inverse[i] = j
+    return tuple(groups), mx.array(inverse, dtype=mx.int32)
+
+
+def _chunk(batch: DecodeBatch, rows: list[list[int]], c0: int, c1: int) -> _Chunk:
+    bs = batch.geom.block_size
+    groups, inverse = _groups(batch.geom, rows, c0, c1)
+    shape = (len(rows), batch.geom.kv_heads, c1 - c0)
+    lo, hi = c0 * bs, c1 * bs
+    if all(n >= hi for n in batch.lengths):
+        return _Chunk(shape, groups, inverse, None)
+    pos = mx.arange(lo, hi, dtype=mx.int32)
+    valid = pos[None, :] < batch.lengths_array[:, None]
+    bias = mx.where(valid, 0.0, _MASKED).astype(mx.float32)[:, None, None, :]
+    return _Chunk(shape, groups, inverse, bias)
+
+
+def _pages(pool: SlabPool, layer: int, side: int, chunk: _Chunk) -> mx.array:
+    """The chunk's K or V as ``[B, kv_heads, C * block_size, D]``."""
+    g = pool.geom
+    src = pool.k[layer] if side == 0 else pool.v[layer]
+    parts = [src[s].reshape(-1, g.block_size, g.head_dim)[rows] for s, rows in chunk.groups]
+    x = parts[0] if chunk.inverse is None else mx.concatenate(parts)[chunk.inverse]
+    b, h, c = chunk.shape
+    return x.reshape(b, h, c * g.block_size, g.head_dim)
+
+
+def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int) -> CpuPlan:
+    """Split the padded table's columns into ``streams`` contiguous parts, each cut in
+    chunks of at most ``chunk_blocks`` columns."""
+    nblk = batch.num_blocks
+    rows = [t + [t[0]] * (nblk - len(t)) for t in batch.tables]
+    streams = max(1, min(streams, nblk))
+    bounds = [round(i * nblk / streams) for i in range(streams + 1)]
+    parts = []
+    for s in range(streams):
+        a, b = bounds[s], bounds[s + 1]
+        parts.append(tuple(_chunk(batch, rows, c, min(c + chunk_blocks, b))
+                           for c in range(a, b, chunk_blocks)))
+    return CpuPlan(tuple(p for p in parts if p))
+
+
+def _partial(qg, pool: SlabPool, layer: int, chunk: _Chunk):
+    """(max, sum, unnormalised out) of one chunk: ``[B,H,G,1]``, ``[B,H,G,1]``,
+    ``[B,H,G,D]``, all float32."""
+    k, v = _pages(pool, layer, 0, chunk), _pages(pool, layer, 1, chunk)
+    s = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
+    if chunk.bias is not None:
+        s = s + chunk.bias
+    m = s.max(axis=-1, keepdims=True)
+    p = mx.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    out = (p.astype(qg.dtype) @ v).astype(mx.float32)
+    return m, den, out
+
+
+def _merge(partials):
+    if len(partials) == 1:
+        m, den, out = partials[0]
+        return out / den
+    ms = mx.stack([p[0] for p in partials])
+    top = ms.max(axis=0)
+    w = mx.exp(ms - top)
+    den = (w * mx.stack([p[1] for p in partials])).sum(axis=0)
+    out = (w * mx.stack([p[2] for p in partials])).sum(axis=0)
+    return out / den
+
+
+class NativeCPU(DecodeAttention):
+    """Pooled decode for MLX's CPU backend (see the module docstring)."""
+
+    name = "native"
+
+    def __init__(self, streams: int = 2, chunk_blocks: int = 64) -> None:
+        self.num_streams = streams
+        self.chunk_blocks = chunk_blocks
+        self._streams: list | None = None
+
+    def streams(self) -> list:
+        if self._streams is None:
+            self._streams = [mx.new_stream(mx.cpu) for _ in range(self.num_streams)]
+        return self._streams
+
+    def decline(self, q, pool, batch) -> str | None:
+        g = pool.geom
+        if q.ndim != 4 or q.shape[2] != 1:
+            return "not_single_query"
+        if q.dtype not in _FLOATS or g.dtype not in _FLOATS:
+            return "dtype_unsupported"
+        if q.shape[1] % g.kv_heads or q.shape[-1] != g.head_dim:
+            return "head_geometry_mismatch"
+        if batch.batch == 0 or min(batch.lengths) < 1:
+            return "empty_sequence"
+        return None
+
+    def plan(self, batch: DecodeBatch) -> CpuPlan:
+        key = ("native_cpu", self.num_streams, self.chunk_blocks)
+        plan = batch._cache.get(key)
+        if plan is None:
+            plan = batch._cache[key] = build_plan(batch, self.num_streams, self.chunk_blocks)
+        return plan
+
+    def __call__(self, q, pool, layer, batch, scale):
+        b, hq, _, d = q.shape
+        h = pool.geom.kv_heads
+        qg = (q * scale).astype(pool.geom.dtype).reshape(b, h, hq // h, d)
+        partials = []
+        for part, stream in zip(self.plan(batch).parts, self.streams(), strict=False):
+            with mx.stream(stream):
+                partials.extend(_partial(qg, pool, layer, c) for c in part)
+        return _merge(partials).astype(q.dtype).reshape(b, hq, 1, d)

@@ -1,0 +1,332 @@
+"""The decode-path selector: native pooled kernel or gather-SDPA, per layer and step.
+
+Decision order (docs/adr/0002-selector-rules.md):
+  1. environment override (``slabserve.env.paged_attention_native``: True forces native,
+     False forces gather, None = auto), read when the selector is built (``from_env``);
+  2. the per-layer cache, keyed by (``SelectorKey``, pool slab count), so the
+     steady state costs one list index per layer;
+  3. the calibration profile of this device (``attention.profile``), if one was loaded;
+  4. built-in rules per backend (``RULES``).
+A native path that declines (``decline()`` returns a reason), is missing for the
+backend, or raises, falls back to gather with that reason.
+
+Every decision is a ``Decision`` (a ``Path`` and a ``Reason`` enum value plus a short
+detail), counted by (path, reason label) for /metrics and logged once per label.  With a
+trace path set, one JSONL line per step and layer records what was done.
+
+Contract for native paths: ``decline`` may depend only on what the cache key holds
+(backend, dtypes, head geometry, block size, buckets of batch, context and slabs
+touched, and the pool's slab count); the cache does not ask again inside a key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from pathlib import Path as FsPath
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from attention.base import DecodeAttention, DecodeBatch
+from attention.gather import GatherSDPA
+from attention.profile import Profile
+from kvcache.pool import SlabPool
+
+log = logging.getLogger("slabserve.attention")
+
+
+class Path(str, Enum):
+    NATIVE = "native"
+    GATHER = "gather"
+
+
+class Reason(str, Enum):
+    ENV_NATIVE = "env_native"  # forced native by the environment
+    ENV_GATHER = "env_gather"  # forced gather by the environment
+    PROFILE = "profile"  # the calibration profile's faster path
+    RULE = "rule"  # a built-in rule (detail: its name)
+    DECLINED = "declined"  # native chosen but declined (detail: the reason)
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: Path
+    reason: Reason
+    detail: str = ""
+
+    @cached_property
+    def label(self) -> tuple[str, str]:
+        """(path, reason) as counted for /metrics, e.g. ("gather", "declined:dtype")."""
+        why = self.reason.value if not self.detail else f"{self.reason.value}:{self.detail}"
+        return self.path.value, why
+
+
+class SelectorKey(NamedTuple):
+    backend: str  # "cpu", "cuda", "metal"
+    dtype: str  # K/V dtype, e.g. "float16"
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    block_size: int
+    batch_bucket: int  # next power of two >= batch size
+    ctx_bucket: int  # next power of two >= longest visible context (>= 256)
+    slabs_bucket: str  # "1" or "many": slabs the batch's tables touch
+
+
+def pow2_bucket(n: int, floor: int = 1) -> int:
+    """The next power of two >= ``n``, at least ``floor``."""
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def slabs_touched_bucket(pool: SlabPool, batch: DecodeBatch) -> str:
+    """"1" when every block of the batch lies in one slab, else "many" (two C-level
+    passes over the tables, skipped when the pool has one slab)."""
+    if pool.num_slabs == 1:
+        return "1"
+    sb = batch.geom.slab_blocks
+    lo = min(map(min, batch.tables))
+    hi = max(map(max, batch.tables))
+    return "1" if lo // sb == hi // sb else "many"
+
+
+def current_backend() -> str:
+    if mx.default_device().type == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+_STATIC: dict[tuple, tuple] = {}
+
+
+def make_key(q: mx.array, pool: SlabPool, batch: DecodeBatch, backend: str) -> SelectorKey:
+    g = pool.geom
+    hq = q.shape[1]
+    static = _STATIC.get((backend, g, hq))
+    if static is None:
+        dtype = str(g.dtype).rsplit(".", 1)[-1]
+        static = _STATIC[(backend, g, hq)] = (
+            backend, dtype, g.head_dim, hq, g.kv_heads, g.block_size)
+    return SelectorKey(*static, pow2_bucket(len(batch.lengths)),
+                       pow2_bucket(max(batch.lengths), 256), slabs_touched_bucket(pool, batch))
+
+
+# ---- built-in rules ---------------------------------------------------------------------
+def _rule_cpu(key: SelectorKey) -> tuple[Path, str]:
+    # docs/benchmarks/attention-cpu.md: the pooled path won every cell on this CPU
+    # (two streams plus better matmul shapes), fp16 and fp32, one and many slabs.
+    return Path.NATIVE, "cpu_native_all"
+
+
+def _rule_cuda(key: SelectorKey) -> tuple[Path, str]:
+    # Provisional, from the naive kernel on an H200 (/work/shared/gpu/README.md):
+    # native won at B >= 4 with short contexts and lost at B = 1 and at 16k.
+    if key.batch_bucket >= 4 and key.ctx_bucket <= 4096:
+        return Path.NATIVE, "cuda_batched_short"
+    return Path.GATHER, "cuda_gather_default"
+
+
+def _rule_metal(key: SelectorKey) -> tuple[Path, str]:
+    return Path.GATHER, "metal_unverified"
+
+
+RULES = {"cpu": _rule_cpu, "cuda": _rule_cuda, "metal": _rule_metal}
+
+NATIVE_IMPLS = {
+    "cpu": ("attention.native_cpu", "NativeCPU"),
+    "cuda": ("attention.native_cuda", "NativeCUDA"),
+    "metal": ("attention.native_metal", "NativeMetal"),
+}
+
+
+class _Missing(DecodeAttention):
+    """Stands in for a native path that could not be imported: always declines."""
+
+    name = "native"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def decline(self, q, pool, batch) -> str | None:
+        return self.reason
+
+    def __call__(self, q, pool, layer, batch, scale):  # pragma: no cover - never chosen
+        raise RuntimeError(self.reason)
+
+
+def load_native(backend: str) -> DecodeAttention:
+    """The native path for ``backend``, or a stand-in that declines with the reason."""
+    spec = NATIVE_IMPLS.get(backend)
+    if spec is None:
+        return _Missing("no_kernel_for_backend")
+    try:
+        return getattr(importlib.import_module(spec[0]), spec[1])()
+    except ImportError:
+        return _Missing("no_kernel_for_backend")
+    except Exception as exc:  # a kernel that fails to build must not take serving down
+        log.warning("native attention for %s failed to load: %r", backend, exc)
+        return _Missing("kernel_load_failed")
+
+
+@dataclass
+class _Step:
+    """What the selector keeps on a DecodeBatch (one step, every layer)."""
+
+    number: int
+    key: SelectorKey
+    slots: list  # per-layer Decision | None, shared by every step with this cache key
+    slabs: int | None = None  # exact slabs touched, computed only for the trace
+
+
+class Selector:
+    """Chooses and runs the decode path.  One per process (``attention.decode_attention``
+    uses a default one); tests and benchmarks build their own.
+
+    ``override``: True forces native, False forces gather, None = auto;
+    ``profile``: a loaded calibration profile or None; ``trace``: JSONL path or None;
+    ``natives``: backend -> native path, to replace the lazily imported ones."""
+
+    def __init__(self, override: bool | None = None, profile: Profile | None = None,
+                 trace: FsPath | None = None, natives: dict | None = None) -> None:
+        self.override = override
+        self.profile = profile
+        self.gather = GatherSDPA()
+        self._natives: dict[str, DecodeAttention] = dict(natives or {})
+        self._cache: dict[tuple, list] = {}
+        self.counts: Counter = Counter()
+        self.hits = 0
+        self.misses = 0
+        self._logged: set[tuple[str, str]] = set()
+        self._steps = 0
+        self._trace_path = trace
+        self._trace = None
+
+    @classmethod
+    def from_env(cls) -> Selector:
+        """Override and trace path from slabserve.env, profile from this device's file."""
+        from attention.profile import load_for_device
+        from slabserve import env
+
+        return cls(env.paged_attention_native(), load_for_device(env.cache_dir()),
+                   env.attention_trace_path())
+
+    # ---- configuration -------------------------------------------------------------
+    def set_profile(self, profile: Profile | None) -> None:
+        self.profile = profile
+        self._cache.clear()
+
+    def native(self, backend: str) -> DecodeAttention:
+        impl = self._natives.get(backend)
+        if impl is None:
+            impl = self._natives[backend] = load_native(backend)
+        return impl
+
+    # ---- deciding --------------------------------------------------------------------
+    def _step(self, q, pool: SlabPool, batch: DecodeBatch) -> _Step:
+        st = batch._cache.get(self)
+        if st is None:
+            key = make_key(q, pool, batch, current_backend())
+            slots = self._cache.get((key, pool.num_slabs))
+            if slots is None:
+                slots = self._cache[(key, pool.num_slabs)] = []
+            self._steps += 1
+            st = batch._cache[self] = _Step(self._steps, key, slots)
+        return st
+
+    def fresh(self, q, pool: SlabPool, batch: DecodeBatch, key: SelectorKey) -> Decision:
+        """Decide without the cache (also used by benchmarks to show the choice)."""
+        override = self.override
+        if override is False:
+            return Decision(Path.GATHER, Reason.ENV_GATHER)
+        if override is True:
+            want = Decision(Path.NATIVE, Reason.ENV_NATIVE)
+        else:
+            want = self._auto(key)
+        if want.path is Path.NATIVE:
+            why = self.native(key.backend).decline(q, pool, batch)
+            if why is not None:
+                return Decision(Path.GATHER, Reason.DECLINED, str(getattr(why, "value", why)))
+        return want
+
+    def _auto(self, key: SelectorKey) -> Decision:
+        if self.profile is not None:
+            path = self.profile.choose(key)
+            if path is not None:
+                return Decision(Path(path), Reason.PROFILE)
+        rule = RULES.get(key.backend)
+        if rule is None:
+            return Decision(Path.GATHER, Reason.RULE, "unknown_backend")
+        path, name = rule(key)
+        return Decision(path, Reason.RULE, name)
+
+    def decide(self, q, pool: SlabPool, layer: int, batch: DecodeBatch) -> Decision:
+        """The decision for ``layer`` this step: counted, logged once, traced."""
+        return self._decide(q, pool, layer, batch)[0]
+
+    def _decide(self, q, pool, layer, batch) -> tuple[Decision, _Step]:
+        st = self._step(q, pool, batch)
+        slots = st.slots
+        if layer < len(slots) and slots[layer] is not None:
+            d = slots[layer]
+            self.hits += 1
+        else:
+            d = self.fresh(q, pool, batch, st.key)
+            slots.extend([None] * (layer + 1 - len(slots)))
+            slots[layer] = d
+            self.misses += 1
+        label = d.label
+        self.counts[label] += 1
+        if label not in self._logged:
+            self._log_once(label, st.key)
+        if self._trace_path is not None:
+            self._write_trace(st, layer, batch, label)
+        return d, st
+
+    def run(self, q, pool: SlabPool, layer: int, batch: DecodeBatch, scale: float):
+        """Decide, then run the chosen path (a native failure falls back to gather)."""
+        d, st = self._decide(q, pool, layer, batch)
+        if d.path is Path.NATIVE:
+            try:
+                return self.native(st.key.backend)(q, pool, layer, batch, scale)
+            except Exception as exc:
+                self._native_failed(st.key.backend, exc)
+        return self.gather(q, pool, layer, batch, scale)
+
+    def _native_failed(self, backend: str, exc) -> None:
+        log.warning("native attention failed on %s, falling back to gather: %r", backend, exc)
+        self._natives[backend] = _Missing("native_failed")
+        self._cache.clear()
+        d = Decision(Path.GATHER, Reason.DECLINED, "native_failed")
+        self.counts[d.label] += 1
+
+    # ---- reporting -----------------------------------------------------------------
+    def path_counts(self) -> dict[tuple[str, str], int]:
+        return dict(self.counts)
+
+    def _log_once(self, label: tuple[str, str], key: SelectorKey) -> None:
+        self._logged.add(label)
+        level = logging.WARNING if label[1].startswith("declined") else logging.INFO
+        log.log(level, "decode attention: path=%s reason=%s (first seen at %s)",
+                label[0], label[1], dict(key._asdict()))
+
+    def _write_trace(self, st: _Step, layer: int, batch: DecodeBatch, label) -> None:
+        if self._trace is None:
+            self._trace_path.parent.mkdir(parents=True, exist_ok=True)
+            self._trace = open(self._trace_path, "a", buffering=1)  # noqa: SIM115
+        if st.slabs is None:
+            sb = batch.geom.slab_blocks
+            st.slabs = len({blk // sb for t in batch.tables for blk in t})
+        rec = {"step": st.number, "layer": layer, "batch": batch.batch,
+               "max_context": batch.max_len, "total_context": batch.total_len,
+               "slabs": st.slabs, "path": label[0], "reason": label[1]}
+        self._trace.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None

@@ -1,0 +1,342 @@
+"""``slabserve bench attention``: gather-SDPA vs the native pooled decode, per cell.
+
+Cells: geometry (q/kv/head_dim) x dtype x batch x context x slabs ("one": the whole
+pool is one slab; "many": the pool is 8 slabs), block tables shuffled across the pool,
+every sequence at the full context.  Each path is timed as ``--layers`` decode layers
+chained in one graph (cycling over as many distinct pool layers as fit ``--mem-gb``),
+one ``mx.eval`` per repetition, minimum of ``--reps``; reported per layer.
+
+Columns: gather ms, native ms (or its decline reason), MLX SDPA on K/V that are already
+contiguous (``--contiguous``, the attention cost without paging), the floor (K+V bytes
+read once / copy bandwidth measured in this run), the selector's choice (profile if
+this device has one, else rules) and its regret = time(choice) / time(faster path).
+
+Outputs under ``--out``: ``<backend>.json``, ``<backend>.md`` (tables), ``<backend>.png``
+(if matplotlib is installed).  Works on CPU and on CUDA/Metal GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from attention.base import DecodeBatch
+from attention.gather import GatherSDPA, length_mask
+from attention.profile import device_id, load_for_device
+from attention.selector import Selector, current_backend, make_key
+from kvcache.pool import PoolGeometry, SlabPool
+
+MANY_SLABS = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    batch: int
+    ctx: int
+    slabs: str  # "one" | "many"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.q_heads}/{self.kv_heads}/{self.head_dim} {self.dtype} "
+                f"B{self.batch} ctx{self.ctx} {self.slabs}")
+
+    def kv_bytes(self, block_size: int) -> int:
+        """K+V bytes one layer reads (whole blocks)."""
+        nblk = -(-self.ctx // block_size)
+        size = getattr(mx, self.dtype).size
+        return 2 * self.batch * nblk * block_size * self.kv_heads * self.head_dim * size
+
+
+@dataclass
+class Result:
+    cell: Cell
+    pool_layers: int
+    gather_ms: float
+    native_ms: float | None
+    native_decline: str | None
+    contiguous_ms: float | None
+    floor_ms: float
+    choice: str
+    reason: str
+    regret: float | None
+    max_abs_diff: float | None
+
+
+# ---- set-up ---------------------------------------------------------------------------
+def build(cell: Cell, block_size: int, pool_layers: int, seed: int = 0):
+    """(q, pool, batch) for a cell: random pages, shuffled tables."""
+    rng = random.Random(seed)
+    dtype = getattr(mx, cell.dtype)
+    nblk = -(-cell.ctx // block_size)
+    total = cell.batch * nblk
+    nslabs = 1 if cell.slabs == "one" else MANY_SLABS
+    sb = -(-total // nslabs)
+    geom = PoolGeometry(pool_layers, cell.kv_heads, cell.head_dim, block_size, sb, dtype)
+    pool = SlabPool(geom, 0)
+    mx.random.seed(seed)
+    for layer in range(pool_layers):
+        for side in (pool.k[layer], pool.v[layer]):
+            for _ in range(nslabs):
+                side.append(mx.random.normal((sb * cell.kv_heads * block_size,
+                                              cell.head_dim)).astype(dtype))
+            mx.eval(side)
+    ids = list(range(nslabs * sb))
+    rng.shuffle(ids)
+    tables = [ids[b * nblk:(b + 1) * nblk] for b in range(cell.batch)]
+    batch = DecodeBatch(geom, tables, [cell.ctx] * cell.batch)
+    q = mx.random.normal((cell.batch, cell.q_heads, 1, cell.head_dim)).astype(dtype)
+    mx.eval(q)
+    return q, pool, batch
+
+
+def chain(fn, q, layers: int, pool_layers: int):
+    x = q
+    for layer in range(layers):
+        x = x + fn(x, layer % pool_layers) * 0.01
+    return x
+
+
+def time_chain(fn, q, layers: int, pool_layers: int, reps: int) -> float:
+    """Minimum over ``reps`` of one eval of ``layers`` chained calls, ms per layer."""
+    mx.eval(chain(fn, q, layers, pool_layers))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(chain(fn, q, layers, pool_layers))
+        best = min(best, time.perf_counter() - t0)
+    return best / layers * 1e3
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Bytes per second of ``y = x + 1`` (read + written) on the default device."""
+    x = mx.zeros((nbytes // 4,), dtype=mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(x + 1)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def contiguous_fn(q, pool: SlabPool, batch: DecodeBatch, scale: float):
+    """SDPA over K/V gathered once beforehand (untimed): attention without paging."""
+    from attention.gather import gather_kv
+
+    kv = [gather_kv(pool, layer, batch) for layer in range(pool.geom.num_layers)]
+    mx.eval(kv)
+    mask = length_mask(batch, kv[0][0].shape[2])
+    return lambda x, layer: mx.fast.scaled_dot_product_attention(
+        x, kv[layer][0], kv[layer][1], scale=scale, mask=mask)
+
+
+# ---- one cell -------------------------------------------------------------------------
+def run_cell(cell: Cell, args, selector: Selector, bandwidth: float) -> Result:
+    per_layer = cell.kv_bytes(args.block_size) * (2 if args.contiguous else 1)
+    pool_layers = max(1, min(args.layers, int(args.mem_gb * 2**30) // max(per_layer, 1)))
+    q, pool, batch = build(cell, args.block_size, pool_layers)
+    scale = cell.head_dim ** -0.5
+    gather = GatherSDPA()
+    t_gather = time_chain(lambda x, layer: gather(x, pool, layer, batch, scale),
+                          q, args.layers, pool_layers, args.reps)
+    key = make_key(q, pool, batch, current_backend())
+    native = selector.native(key.backend)
+    why = native.decline(q, pool, batch)
+    t_native = diff = None
+    if why is None:
+        t_native = time_chain(lambda x, layer: native(x, pool, layer, batch, scale),
+                              q, args.layers, pool_layers, args.reps)
+        a = native(q, pool, 0, batch, scale).astype(mx.float32)
+        b = gather(q, pool, 0, batch, scale).astype(mx.float32)
+        diff = mx.abs(a - b).max().item()
+    t_contig = None
+    if args.contiguous:
+        fn = contiguous_fn(q, pool, batch, scale)
+        t_contig = time_chain(fn, q, args.layers, pool_layers, args.reps)
+    decision = selector.fresh(q, pool, batch, key)
+    times = {"gather": t_gather, "native": t_native}
+    best = min(t for t in times.values() if t is not None)
+    chosen = times[decision.path.value]
+    regret = None if chosen is None else chosen / best
+    floor = cell.kv_bytes(args.block_size) / bandwidth * 1e3
+    return Result(cell, pool_layers, t_gather, t_native, None if why is None else str(why),
+                  t_contig, floor, decision.path.value, decision.label[1], regret, diff)
+
+
+# ---- decision cost ----------------------------------------------------------------------
+def decision_cost(args, selector: Selector) -> dict:
+    """Steady-state selector cost per layer-step (a new DecodeBatch every step, as the
+    runner makes), against attention time at B=1, ctx 1k in the same run."""
+    g = args.geometries[0]
+    cell = Cell(*g, args.dtypes[0], 1, 1024, "one")
+    q, pool, batch = build(cell, args.block_size, 1)
+    layers, steps = 16, 2000
+    for layer in range(layers):  # warm the per-layer cache
+        selector.decide(q, pool, layer, batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+        for layer in range(layers):
+            selector.decide(q, pool, layer, b)
+    per = (time.perf_counter() - t0) / (steps * layers) * 1e6
+    scale = cell.head_dim ** -0.5
+    t_attn = time_chain(lambda x, layer: selector.run(x, pool, 0, batch, scale),
+                        q, args.layers, 1, args.reps)
+    return {"cell": cell.name, "decide_us_per_layer_step": per,
+            "attention_ms_per_layer": t_attn,
+            "fraction_of_attention": per * 1e-3 / t_attn}
+
+
+# ---- output ---------------------------------------------------------------------------
+def fmt(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: list[Result]) -> str:
+    head = ("| cell | pool layers | gather ms | native ms | contiguous SDPA ms | floor ms "
+            "| gather/native | choice | reason | regret | max abs diff |\n"
+            "|---|--:|--:|--:|--:|--:|--:|---|---|--:|--:|\n")
+    rows = []
+    for r in results:
+        native = (fmt(r.native_ms, ".3f") if r.native_decline is None
+                  else f"declined: {r.native_decline}")
+        speed = None if r.native_ms is None else r.gather_ms / r.native_ms
+        rows.append(f"| {r.cell.name} | {r.pool_layers} | {r.gather_ms:.3f} | {native} "
+                    f"| {fmt(r.contiguous_ms, '.3f')} | {r.floor_ms:.4f} | {fmt(speed)} "
+                    f"| {r.choice} | {r.reason} | {fmt(r.regret, '.3f')} "
+                    f"| {fmt(r.max_abs_diff, '.1e')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results: list[Result], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in results if r.native_ms is not None]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r.gather_ms / r.native_ms for r in rows],
+           color=["tab:green" if r.gather_ms > r.native_ms else "tab:red" for r in rows])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)), [r.cell.name for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("gather ms / native ms (>1: native faster)")
+    ax.set_title(f"decode attention per layer, {device_id()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(results: list[Result], cost: dict | None, meta: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / meta["backend"]
+    body = {"meta": meta, "decision_cost": cost,
+            "results": [dict(asdict(r), cell=asdict(r.cell), name=r.cell.name)
+                        for r in results]}
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps(body, indent=1))
+    md = [f"# decode attention, {meta['device']}\n", f"`{meta['command']}`\n",
+          f"mlx {meta['mlx']}, {meta['layers']} layers chained per eval, min of "
+          f"{meta['reps']}, block {meta['block_size']}, copy bandwidth "
+          f"{meta['copy_GBps']:.1f} GB/s, profile: {meta['profile']}\n", table(results)]
+    if meta.get("skipped"):
+        md.append("Skipped (over --max-tokens): " + ", ".join(meta["skipped"]) + "\n")
+    if cost:
+        md.append(f"Decision cost: {cost['decide_us_per_layer_step']:.2f} us per layer-step "
+                  f"= {100 * cost['fraction_of_attention']:.3f}% of attention "
+                  f"({cost['attention_ms_per_layer']:.3f} ms per layer, {cost['cell']}).\n")
+    paths[1].write_text("\n".join(md))
+    if plot(results, stem.with_suffix(".png")):
+        paths.append(stem.with_suffix(".png"))
+    return paths
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="slabserve bench attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--geometries", default="32/8/64,14/2/64",
+                   help="q_heads/kv_heads/head_dim, comma separated")
+    p.add_argument("--dtypes", default="float16,float32")
+    p.add_argument("--batches", type=ints, default=[1, 4, 8, 16])
+    p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384])
+    p.add_argument("--slabs", default="one,many")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers chained per eval (default 16 on GPU, 2 on CPU)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--mem-gb", type=float, default=None,
+                   help="pool memory per cell (default 24 on GPU, 3 on CPU)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="skip cells with batch x ctx above this (default: none on GPU, "
+                        "32768 on CPU)")
+    p.add_argument("--contiguous", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time SDPA on contiguous K/V (default on for GPU)")
+    p.add_argument("--decision-cost", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-profile", action="store_true",
+                   help="ignore this device's calibration profile (rules only)")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/attention"))
+    args = p.parse_args(argv)
+    gpu = current_backend() != "cpu"
+    args.geometries = [tuple(int(x) for x in g.split("/")) for g in args.geometries.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.slabs = args.slabs.split(",")
+    args.layers = args.layers or (16 if gpu else 2)
+    args.mem_gb = args.mem_gb or (24.0 if gpu else 3.0)
+    args.max_tokens = args.max_tokens or (1 << 62 if gpu else 32768)
+    args.contiguous = gpu if args.contiguous is None else args.contiguous
+    return args
+
+
+def cells(args) -> list[Cell]:
+    return [Cell(*g, dt, b, c, s) for g in args.geometries for dt in args.dtypes
+            for b in args.batches for c in args.contexts for s in args.slabs]
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    from slabserve import env
+
+    if current_backend() == "cpu":
+        mx.set_cache_limit(8 << 30)  # MLX's 32 MiB default re-faults big intermediates
+    profile = None if args.no_profile else load_for_device(env.cache_dir())
+    selector = Selector(override=None, profile=profile)
+    bandwidth = copy_bandwidth()
+    meta = {"device": device_id(), "backend": current_backend(), "mlx": mx.__version__,
+            "python": platform.python_version(), "layers": args.layers, "reps": args.reps,
+            "block_size": args.block_size, "copy_GBps": bandwidth / 1e9,
+            "profile": "none" if profile is None else profile.device,
+            "command": "slabserve bench attention " + " ".join(argv), "skipped": []}
+    results = []
+    for cell in cells(args):
+        if cell.batch * cell.ctx > args.max_tokens:
+            meta["skipped"].append(cell.name)
+            continue
+        r = run_cell(cell, args, selector, bandwidth)
+        results.append(r)
+        print(f"{cell.name:40s} gather {r.gather_ms:9.3f}  native {fmt(r.native_ms, '9.3f')}"
+              f"  contig {fmt(r.contiguous_ms, '8.3f')}  floor {r.floor_ms:8.4f}  "
+              f"{r.choice:6s} regret {fmt(r.regret, '.3f')}", flush=True)
+    cost = decision_cost(args, selector) if args.decision_cost else None
+    for path in write(results, cost, meta, args.out):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
