@@ -1,0 +1,215 @@
+"""Native pooled decode on CUDA: reads K/V pages in place through ``mx.fast.cuda_kernel``.
+
+Algorithm (attention/kernels/pooled_decode.cu, docs/adr/0004-cuda-kernel.md): one GPU block
+per (sequence, kv head, context chunk) covering all q heads of the kv group, 16-byte vector
+loads, fp32 accumulation with an exp2 online softmax, and a log-sum-exp merge pass when the
+host plan (attention/cuda_plan.py) splits the context into several chunks.
+
+Any slab count without copying: every slab of the layer is a kernel input (the count is
+rounded up to a power of two, padded with slab 0, one compiled variant per bucket); the
+kernel puts the slab pointers in a shared-memory table and resolves block ``b`` to slab
+``b // slab_blocks``.
+
+Invariants: ``decline`` answers ``None`` only when the case's shape and dtypes are
+supported and a probe of exactly the variants ``__call__`` will launch compiled, ran and
+returned the right values on this device; ``__call__`` never copies the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+
+from attention.base import DecodeAttention, DecodeBatch
+from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
+from kvcache.pool import PoolGeometry, SlabPool
+
+KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16, 32, 64)
+MAX_SLABS = 512
+THREADS = 128
+MAX_GROUP = 8
+LOG2E = 1.4426950408889634
+
+
+def slab_bucket(n: int) -> int:
+    """Slab-count bucket: the power of two at or above ``n``."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def group_block(g: int) -> int:
+    """q heads per GPU block: the largest divisor of the GQA ratio ``g`` up to 8."""
+    return max(d for d in range(1, min(g, MAX_GROUP) + 1) if g % d == 0)
+
+
+def unit_tokens(gb: int) -> int:
+    """Tokens a row group loads at once (registers: ``gb * unit`` scores)."""
+    return 8 if gb <= 4 else 4
+
+
+def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str | None:
+    """Why the kernel cannot take this shape or dtype, or ``None``.  Pure: no device use."""
+    if len(q_shape) != 4 or q_shape[2] != 1:
+        return f"q must be [B, q_heads, 1, head_dim], got {tuple(q_shape)}"
+    if q_shape[3] != geom.head_dim:
+        return f"q head_dim {q_shape[3]} != pool head_dim {geom.head_dim}"
+    if geom.head_dim not in HEAD_DIMS:
+        return f"head_dim {geom.head_dim} unsupported (only {HEAD_DIMS})"
+    if geom.block_size not in BLOCK_SIZES:
+        return f"block_size {geom.block_size} unsupported (only {BLOCK_SIZES})"
+    if geom.dtype not in DTYPES:
+        return f"pool dtype {geom.dtype} unsupported (float16, bfloat16, float32)"
+    if q_dtype not in DTYPES:
+        return f"q dtype {q_dtype} unsupported (float16, bfloat16, float32)"
+    if q_shape[1] % geom.kv_heads:
+        return f"q_heads {q_shape[1]} not a multiple of kv_heads {geom.kv_heads}"
+    if num_slabs < 1:
+        return "pool has no slabs"
+    if num_slabs > MAX_SLABS:
+        return f"{num_slabs} slabs exceed the kernel's {MAX_SLABS}-slab limit"
+    return None
+
+
+def kernel_body(ns: int, direct: bool) -> str:
+    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``."""
+    fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
+    outs = "out, nullptr, nullptr" if direct else "nullptr, opart, lse"
+    flag = "true" if direct else "false"
+    return f"""
+  __shared__ const T* ktab[NS];
+  __shared__ const T* vtab[NS];
+  if (threadIdx.x == 0) {{
+{fill}
+  }}
+  __syncthreads();
+  ::slabserve::pooled_decode<TQ, T, D, BS, HKV, G, GB, SB, NS, U, NT, {flag}>(
+      q, table, lengths, table_shape[1], qscale[0] * {LOG2E}f, ktab, vtab, {outs});
+"""
+
+
+MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);\n"
+
+
+class NativeCUDA(DecodeAttention):
+    """The native pooled decode path on MLX's CUDA backend."""
+
+    name = "native"
+
+    def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
+        self.params = params
+        self._kernels: dict[tuple[str, int], object] = {}
+        self._probes: dict[tuple, str | None] = {}
+        self._scales: dict[float, mx.array] = {}
+        self._header: str | None = None
+
+    # ---- decline ------------------------------------------------------------------------
+    def decline(self, q: mx.array, pool: SlabPool, batch: DecodeBatch) -> str | None:
+        reason = shape_decline(q.shape, q.dtype, pool.geom, pool.num_slabs)
+        if reason:
+            return reason
+        if not mx.cuda.is_available():
+            return "no CUDA device (mx.cuda.is_available() is False)"
+        if mx.default_device().type != mx.gpu:
+            return f"default device is {mx.default_device()}, not the GPU"
+        key = self._variant_key(q, pool)
+        if key not in self._probes:
+            self._probes[key] = self._probe(q, pool)
+        return self._probes[key]
+
+    def _variant_key(self, q: mx.array, pool: SlabPool) -> tuple:
+        g = pool.geom
+        return (q.dtype, q.shape[1], g, slab_bucket(pool.num_slabs))
+
+    def _probe(self, q: mx.array, pool: SlabPool) -> str | None:
+        """Run the direct and split variants on one token of the pool's first block;
+        the answer must be that token's V row for every head."""
+        g = pool.geom
+        probe = DecodeBatch(g, [[0]], [1])
+        q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim)).astype(q.dtype)
+        want = pool.slab(0, 1, 0)[0, :, 0, :].astype(mx.float32)  # [kv_heads, D]
+        want = mx.repeat(want, q.shape[1] // g.kv_heads, axis=0)
+        try:
+            for chunks in (1, 2):
+                got = self._run(q1, pool, 0, probe, 1.0, chunks)[0, :, 0, :]
+                err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
+                tol = 1e-2 * (1.0 + mx.max(mx.abs(want)).item())
+                if not err <= tol:
+                    return f"probe ({chunks} chunk(s)) wrong: max error {err:.3g}"
+        except Exception as e:  # compile or launch failure: fall back with the reason
+            return f"kernel failed: {type(e).__name__}: {str(e)[:300]}"
+        return None
+
+    # ---- run ----------------------------------------------------------------------------
+    def __call__(self, q, pool, layer, batch, scale):
+        chunks = plan_chunks(
+            batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
+            self.params,
+        )
+        return self._run(q, pool, layer, batch, scale, chunks)
+
+    @staticmethod
+    def _head_blocks(q: mx.array, g: PoolGeometry) -> int:
+        grp = q.shape[1] // g.kv_heads
+        return g.kv_heads * (grp // group_block(grp))
+
+    def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
+        g = pool.geom
+        b, hq, _, d = q.shape
+        grp = hq // g.kv_heads
+        gb = group_block(grp)
+        ns = slab_bucket(pool.num_slabs)
+        ks, vs = pool.k[layer], pool.v[layer]
+        pad = ns - len(ks)
+        slabs = [*ks, *([ks[0]] * pad), *vs, *([vs[0]] * pad)]
+        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array, self._scale(scale)]
+        tmpl = [
+            ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
+            ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("SB", g.slab_blocks), ("NS", ns),
+            ("U", unit_tokens(gb)), ("NT", THREADS),
+        ]
+        grid = (g.kv_heads * (grp // gb) * THREADS, chunks, b)
+        common = dict(template=tmpl, grid=grid, threadgroup=(THREADS, 1, 1))
+        if chunks == 1:
+            (out,) = self._kernel("direct", ns)(
+                inputs=inputs + slabs, output_shapes=[(b, hq, d)], output_dtypes=[q.dtype],
+                **common,
+            )
+        else:
+            opart, lse = self._kernel("split", ns)(
+                inputs=inputs + slabs, output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
+                output_dtypes=[mx.float32, mx.float32], **common,
+            )
+            (out,) = self._kernel("merge", 0)(
+                inputs=[opart, lse], template=[("TQ", q.dtype), ("D", d)],
+                grid=(b * hq * d, 1, 1), threadgroup=(d, 1, 1),
+                output_shapes=[(b, hq, d)], output_dtypes=[q.dtype],
+            )
+        return out.reshape(b, hq, 1, d)
+
+    def _scale(self, scale: float) -> mx.array:
+        arr = self._scales.get(scale)
+        if arr is None:
+            arr = self._scales[scale] = mx.array([scale], dtype=mx.float32)
+        return arr
+
+    def _kernel(self, kind: str, ns: int):
+        key = (kind, ns)
+        if key not in self._kernels:
+            if self._header is None:
+                self._header = KERNEL_FILE.read_text()
+            if kind == "merge":
+                names, outs, body = ["opart", "lse"], ["out"], MERGE_BODY
+            else:
+                slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
+                names = ["q", "table", "lengths", "qscale", *slabs]
+                outs = ["out"] if kind == "direct" else ["opart", "lse"]
+                body = kernel_body(ns, kind == "direct")
+            self._kernels[key] = mx.fast.cuda_kernel(
+                name=f"slabserve_pooled_{kind}_ns{ns}", input_names=names,
+                output_names=outs, source=body, header=self._header,
+            )
+        return self._kernels[key]

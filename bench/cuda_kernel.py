@@ -1,0 +1,263 @@
+"""GPU harness for the native pooled decode kernel (attention/native_cuda.py).
+
+``python -m bench.cuda_kernel [--check] [--sweep] [--table] [--layers N] [--out DIR]``
+
+* ``--check``: correctness against a float64 reference (ragged lengths, GQA ratios, head_dim
+  64/128, block sizes, one and several slabs, shuffled tables, forced chunk counts).
+* ``--sweep``: per-layer time of the native kernel for forced chunk counts (tunes the plan).
+* ``--table``: per-layer time, many layers chained in one graph (eval only, graph built
+  first), of native, gather-SDPA, MLX SDPA on contiguous K/V, and the floor = K+V bytes /
+  copy bandwidth measured in the same run; 32 q / 8 kv heads, head_dim 64, fp16, block 16.
+Results go to stdout (a short table last) and ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from attention.base import DecodeBatch
+from attention.gather import GatherSDPA
+from attention.native_cuda import NativeCUDA
+from kvcache.pool import PoolGeometry, SlabPool
+
+DT = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
+TOL = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+
+
+def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, seed=0):
+    """A pool filled with random (never zero) K/V, tables drawn from a random permutation
+    of every block of every slab (so tables are shuffled across slabs), and random q."""
+    rng = np.random.default_rng(seed)
+    need = sum(-(-n // bs) for n in lengths) + spare
+    slabs = max(1, -(-need // slab_blocks))
+    geom = PoolGeometry(layers, hkv, d, bs, slab_blocks, dtype)
+    pool = SlabPool(geom)
+    rows = slab_blocks * hkv * bs
+    for side in (pool.k, pool.v):
+        for layer in range(layers):
+            side[layer] = [mx.random.normal((rows, d)).astype(dtype) for _ in range(slabs)]
+    mx.eval([a for side in (pool.k, pool.v) for lay in side for a in lay])
+    perm = rng.permutation(slabs * slab_blocks).tolist()
+    tables, i = [], 0
+    for n in lengths:
+        k = -(-n // bs)
+        tables.append(perm[i : i + k])
+        i += k
+    batch = DecodeBatch(geom, tables, list(lengths))
+    q = mx.random.normal((len(lengths), hq, 1, d)).astype(dtype)
+    mx.eval(q, batch.table_array, batch.lengths_array)
+    return pool, batch, q
+
+
+def reference64(q, pool, layer, batch, scale):
+    """float64 attention of each sequence's query over its first ``length`` tokens."""
+    g = pool.geom
+    sl = [
+        [np.array(a.astype(mx.float32)).astype(np.float64).reshape(g.slab_blocks, g.kv_heads,
+                                                                     g.block_size, g.head_dim)
+         for a in side[layer]]
+        for side in (pool.k, pool.v)
+    ]
+    qn = np.array(q.astype(mx.float32)).astype(np.float64)[:, :, 0, :]
+    out = np.zeros_like(qn)
+    grp = q.shape[1] // g.kv_heads
+    for b, (tab, n) in enumerate(zip(batch.tables, batch.lengths, strict=True)):
+        k, v = ([sl[s][blk // g.slab_blocks][blk % g.slab_blocks] for blk in tab] for s in (0, 1))
+        kk = np.concatenate(list(k), axis=1)[:, :n]  # [H, n, D]
+        vv = np.concatenate(list(v), axis=1)[:, :n]
+        for h in range(q.shape[1]):
+            s = kk[h // grp] @ qn[b, h] * scale
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ vv[h // grp]
+    return out
+
+
+def rel_err(got, want):
+    g = np.array(got.astype(mx.float32)).astype(np.float64).reshape(want.shape)
+    if not np.all(np.isfinite(g)):
+        return float("inf")
+    return float(np.linalg.norm(g - want) / np.linalg.norm(want))
+
+
+CHECK_MATRIX = [
+    # (dtype, q dtype, head_dim, block, hq, hkv, slab_blocks, lengths)
+    (dt, dt, d, bs, hq, hkv, sb, lens)
+    for dt in ("f16", "bf16", "f32")
+    for d in (64, 128)
+    for bs in (16, 32)
+    for hq, hkv in ((8, 8), (32, 8), (14, 2))
+    for sb, lens in ((160, (1, 37, 700, 1500)), (24, (5, 300, 1029)))
+] + [
+    ("f16", "f32", 128, 64, 32, 8, 64, (3, 999, 4097)),
+    ("bf16", "bf16", 64, 64, 64, 4, 16, (2000, 17)),
+    ("f32", "f16", 64, 16, 16, 1, 40, (1, 2, 3)),
+]
+
+
+def check(out_rows: list, forced=(None, 1, 3, 64)) -> float:
+    """Run the matrix; every case with the plan's chunks and forced counts.  Returns the
+    worst error / tolerance (must be < 1)."""
+    nat, worst = NativeCUDA(), 0.0
+    for i, (dt, qdt, d, bs, hq, hkv, sb, lens) in enumerate(CHECK_MATRIX):
+        pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=i)
+        q = q.astype(DT[qdt])
+        scale = 1.0 / math.sqrt(d)
+        reason = nat.decline(q, pool, batch)
+        if reason:
+            raise AssertionError(f"declined {dt} d{d} bs{bs}: {reason}")
+        want = reference64(q, pool, 0, batch, scale)
+        errs = []
+        for c in forced:
+            got = nat(q, pool, 0, batch, scale) if c is None else nat._run(
+                q, pool, 0, batch, scale, c)
+            errs.append(rel_err(got, want))
+        ratio = max(errs) / TOL[DT[dt]]
+        worst = max(worst, ratio)
+        row = dict(dtype=dt, q_dtype=qdt, head_dim=d, block=bs, heads=f"{hq}/{hkv}",
+                   slabs=pool.num_slabs, lengths=list(lens), max_rel_err=max(errs),
+                   tol=TOL[DT[dt]], ok=ratio < 1)
+        out_rows.append(row)
+        print(f"{dt:>4} q{qdt:>4} d{d:<3} bs{bs:<2} {hq:>2}/{hkv:<2} slabs {pool.num_slabs:<3} "
+              f"lens {str(list(lens)):<22} err {max(errs):.2e} (tol {TOL[DT[dt]]:.0e}) "
+              f"{'ok' if ratio < 1 else 'FAIL'}", flush=True)
+    return worst
+
+
+def timed(fn, reps=10, warm=2) -> float:
+    """Median seconds of ``mx.eval`` on a graph built by ``fn`` (building not timed)."""
+    for _ in range(warm):
+        mx.eval(fn())
+    mx.synchronize()
+    ts = []
+    for _ in range(reps):
+        y = fn()
+        t0 = time.perf_counter()
+        mx.eval(y)
+        mx.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of ``x + 1`` over 1 GiB of fp16 (bytes read plus written)."""
+    x = mx.random.normal((1 << 29,)).astype(mx.float16)
+    mx.eval(x)
+    t = timed(lambda: x + 1, reps=10)
+    return 2 * x.nbytes / t
+
+
+def chain(attn, q, layers):
+    def fn():
+        x = q
+        for layer in range(layers):
+            x = attn(x, layer)
+        return x
+
+    return fn
+
+
+def cell(b, ctx, layers, bw, nat, gat, sweep=None, hq=32, hkv=8, d=64, bs=16):
+    """Per-layer microseconds of each method for one (batch, context) cell."""
+    pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, mx.float16, 4096, layers=layers)
+    scale = 1.0 / math.sqrt(d)
+    res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs)
+    floor_bytes = 2 * b * ctx * hkv * d * 2
+    res["floor_us"] = floor_bytes / bw * 1e6
+    assert nat.decline(q, pool, batch) is None
+    if sweep:
+        for c in sweep:
+            fn = chain(lambda x, i, c=c: nat._run(x, pool, i, batch, scale, c), q, layers)
+            res[f"native_c{c}_us"] = timed(fn) / layers * 1e6
+    res["native_us"] = timed(chain(lambda x, i: nat(x, pool, i, batch, scale), q, layers)) \
+        / layers * 1e6
+    if sweep:
+        return res
+    res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
+                             reps=5) / layers * 1e6
+    pool = None  # free the pool before the contiguous copies
+    kc = [mx.random.normal((b, hkv, ctx, d)).astype(mx.float16) for _ in range(2 * layers)]
+    mx.eval(kc)
+    sdpa = mx.fast.scaled_dot_product_attention
+    res["sdpa_contig_us"] = timed(chain(
+        lambda x, i: sdpa(x, kc[2 * i], kc[2 * i + 1], scale=scale), q, layers)) / layers * 1e6
+    return res
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def table(cells, layers, sweep=None) -> list:
+    bw = copy_bandwidth()
+    print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained",
+          flush=True)
+    nat, gat = NativeCUDA(), GatherSDPA()
+    rows = []
+    for b, ctx in cells:
+        r = cell(b, ctx, layers, bw, nat, gat, sweep=sweep)
+        r["bw_TBps"] = bw / 1e12
+        rows.append(r)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}),
+              flush=True)
+        mx.clear_cache()
+    return rows
+
+
+def print_table(rows):
+    print("| B | ctx | native us | gather us | MLX SDPA contig us | floor us | native/floor "
+          "| gather/native | native/SDPA |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        n, g, s, f = r["native_us"], r["gather_us"], r["sdpa_contig_us"], r["floor_us"]
+        print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {g:.1f} | {s:.1f} | {f:.1f} | "
+              f"{n / f:.2f} | {g / n:.1f} | {n / s:.2f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="slabserve bench cuda-kernel")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--ctxs", default="1024,4096,16384,32768")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not mx.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 1
+    out = Path(a.out) if a.out else None
+    result: dict = {"gpu": gpu_name()}
+    if a.check:
+        rows: list = []
+        result["check_worst_over_tol"] = check(rows)
+        result["check"] = rows
+        print(f"check: worst error / tolerance = {result['check_worst_over_tol']:.3f}")
+    cells = [(int(b), int(c)) for b in a.batches.split(",") for c in a.ctxs.split(",")]
+    if a.sweep:
+        sw = [1, 2, 4, 8, 16, 32, 64]
+        result["sweep"] = table(cells, a.layers, sweep=sw)
+    if a.table:
+        result["table"] = table(cells, a.layers)
+        print_table(result["table"])
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cuda_kernel.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Native pooled decode on CUDA: plan logic and decline reasons everywhere; the kernel
+against a float64 reference where a CUDA device is present (the lent GPU machine)."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import pytest
+
+from attention import cuda_plan
+from attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
+from attention.native_cuda import (
+    NativeCUDA,
+    group_block,
+    kernel_body,
+    shape_decline,
+    slab_bucket,
+    unit_tokens,
+)
+from kvcache.pool import PoolGeometry
+
+HAS_CUDA = mx.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
+
+
+# ---- plan (CPU) ------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize("max_len", [1, 15, 16, 300, 1024, 4097, 16384, 32768, 131072])
+@pytest.mark.parametrize("head_blocks", [1, 2, 8, 32])
+def test_plan_bounds(batch, max_len, head_blocks):
+    p = cuda_plan.DEFAULT_PARAMS
+    pages = -(-max_len // 16)
+    c = plan_chunks(batch, max_len, head_blocks, pages)
+    assert 1 <= c <= min(p.max_chunks, pages)
+    assert c <= max(1, max_len // p.min_chunk_tokens)
+    # never more blocks than needed to reach the target by more than one chunk's worth
+    assert (c - 1) * batch * head_blocks < p.sm_count * p.blocks_per_sm
+
+
+def test_plan_fills_gpu_when_context_allows():
+    # one sequence, 8 kv heads, 16k tokens: 8 blocks per chunk, so split into many chunks
+    c = plan_chunks(1, 16384, 8, 1024)
+    assert c * 8 >= 132 * cuda_plan.DEFAULT_PARAMS.blocks_per_sm / 2
+    # a large batch already fills the GPU: a single chunk
+    assert plan_chunks(128, 16384, 8, 1024) == 1
+
+
+def test_plan_cached_per_bucket():
+    params = PlanParams(sm_count=97)  # a fresh key, not shared with other tests
+    before = cuda_plan.cache_info()
+    a = plan_chunks(4, 5000, 8, 313, params)
+    mid = cuda_plan.cache_info()
+    b = plan_chunks(4, 7000, 8, 438, params)  # same bucket (8192): a cache hit
+    after = cuda_plan.cache_info()
+    assert mid.misses == before.misses + 1
+    assert after.hits == mid.hits + 1 and after.misses == mid.misses
+    assert a == b
+    assert ctx_bucket(5000) == ctx_bucket(7000) == 8192
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError):
+        plan_chunks(0, 10, 8, 1)
+    with pytest.raises(ValueError):
+        PlanParams(min_chunk_tokens=0)
+
+
+# ---- shapes, buckets, declines (CPU) ---------------------------------------------------
+def test_buckets_and_groups():
+    assert [slab_bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+    assert [group_block(g) for g in (1, 4, 7, 8, 12, 16, 9)] == [1, 4, 7, 8, 6, 8, 3]
+    assert unit_tokens(4) == 8 and unit_tokens(8) == 4
+
+
+def _geom(**kw):
+    base = dict(num_layers=1, kv_heads=8, head_dim=128, block_size=16, slab_blocks=64,
+                dtype=mx.float16)
+    base.update(kw)
+    return PoolGeometry(**base)
+
+
+@pytest.mark.parametrize(
+    "geom_kw, q_shape, q_dtype, slabs, word",
+    [
+        ({"head_dim": 96}, (2, 32, 1, 96), mx.float16, 1, "head_dim 96"),
+        ({"block_size": 8}, (2, 32, 1, 128), mx.float16, 1, "block_size 8"),
+        ({"dtype": mx.int8}, (2, 32, 1, 128), mx.float16, 1, "pool dtype"),
+        ({}, (2, 32, 1, 128), mx.int32, 1, "q dtype"),
+        ({}, (2, 12, 1, 128), mx.float16, 1, "multiple of kv_heads"),
+        ({}, (2, 32, 2, 128), mx.float16, 1, "q must be"),
+        ({}, (2, 32, 1, 64), mx.float16, 1, "!= pool head_dim"),
+        ({}, (2, 32, 1, 128), mx.float16, 10_000, "slab"),
+    ],
+)
+def test_shape_decline_reasons(geom_kw, q_shape, q_dtype, slabs, word):
+    reason = shape_decline(q_shape, q_dtype, _geom(**geom_kw), slabs)
+    assert reason is not None and word in reason
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("dt", [mx.float16, mx.bfloat16, mx.float32])
+def test_supported_shapes_pass_shape_checks(d, bs, dt):
+    g = _geom(kv_heads=4, head_dim=d, block_size=bs, dtype=dt)
+    assert shape_decline((3, 28, 1, d), dt, g, 5) is None
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA decline")
+def test_declines_without_cuda():
+    from bench.cuda_kernel import make_case
+
+    pool, batch, q = make_case((3, 40), 8, 2, 64, 16, mx.float32, 8)
+    reason = NativeCUDA().decline(q, pool, batch)
+    assert reason is not None and "CUDA" in reason
+
+
+def test_kernel_body_fills_every_slab():
+    body = kernel_body(3, direct=False)
+    for i in range(3):
+        assert f"ktab[{i}] = k{i}; vtab[{i}] = v{i};" in body
+    assert "ktab[3]" not in body and "opart, lse" in body
+    assert "out, nullptr, nullptr" in kernel_body(1, direct=True)
+
+
+# ---- kernel vs float64 (CUDA only) ----------------------------------------------------
+def _matrix():
+    from bench.cuda_kernel import CHECK_MATRIX
+
+    return CHECK_MATRIX
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", range(75))
+def test_native_matches_float64(case):
+    from bench.cuda_kernel import DT, TOL, make_case, reference64, rel_err
+
+    dt, qdt, d, bs, hq, hkv, sb, lens = _matrix()[case]
+    pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=100 + case)
+    q = q.astype(DT[qdt])
+    scale = 1.0 / math.sqrt(d)
+    nat = NativeCUDA()
+    assert nat.decline(q, pool, batch) is None
+    want = reference64(q, pool, 0, batch, scale)
+    for chunks in (None, 1, 2, 5, 64):
+        got = nat(q, pool, 0, batch, scale) if chunks is None else nat._run(
+            q, pool, 0, batch, scale, chunks)
+        assert got.shape == q.shape and got.dtype == q.dtype
+        err = rel_err(got, want)
+        print(f"{dt} q{qdt} d{d} bs{bs} {hq}/{hkv} slabs={pool.num_slabs} lens={lens} "
+              f"chunks={chunks}: rel err {err:.2e}")
+        assert err < TOL[DT[dt]]
