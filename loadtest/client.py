@@ -13,7 +13,7 @@ from loadtest.metrics import RequestRecord
 from loadtest.sse import ProtocolError, parse_line
 
 EosMode = Literal["ignore_eos", "logit_bias", "none"]
-EOS_BIAS = -1.0e4  # large enough to never sample, small enough for fp16 logits
+EOS_BIAS = -100.0  # the OpenAI API's floor; enough to keep EOS from greedy argmax
 
 
 @dataclass(frozen=True)

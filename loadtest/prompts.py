@@ -1,14 +1,17 @@
 """Prompts of an exact token length, measured with the model's own tokenizer.
 
-Every prompt starts with a distinct request number and random words, so no two prompts share
-a prefix beyond a few tokens: servers with prompt caches (mlx_lm.server keeps an LRU of KV
-caches) get no hits, and TTFT measures real prefill.
+Every prompt starts with a letter that cycles with the request index (so any 52 consecutive
+prompts differ in their first token), then random hex, the index and random words: servers
+with prompt caches (mlx_lm.server keeps an LRU of 10 KV caches and reuses even a one-token
+common prefix) get no hits, and TTFT measures real prefill.  A tokenizer that prepends BOS
+would share that one token; the embedded models' tokenizer has no BOS.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +74,7 @@ def make_prompt(tok: Tokenizer, n_tokens: int, index: int, seed: int = 0) -> str
     if n_tokens < 1:
         raise ValueError("n_tokens must be >= 1")
     rng = random.Random(seed * 1_000_003 + index)
-    text = f"{rng.getrandbits(32):08x} request {index}: "
+    text = f"{string.ascii_letters[index % 52]}{rng.getrandbits(32):08x} request {index}: "
     ids = tok.encode(text)
     while len(ids) < n_tokens + 8:
         need = n_tokens + 8 - len(ids)

@@ -99,14 +99,15 @@ async def _drive(client: httpx.AsyncClient, ep: Endpoint, prompts: Sequence[str]
 
 
 async def run_once(ep: Endpoint, spec: RunSpec, prompts: Sequence[str], label: str = "",
-                   show_progress: bool = True) -> RunResult:
+                   show_progress: bool = True,
+                   transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
     """Warm up with ``prompts[:spec.warmup]``, then measure over the rest (at most
-    ``spec.requests`` of them)."""
+    ``spec.requests`` of them).  ``transport`` replaces the network (tests)."""
     if len(prompts) < spec.warmup + 1:
         raise ValueError("need at least warmup + 1 prompts")
     limits = httpx.Limits(max_connections=spec.concurrency + 2)
     timeout = httpx.Timeout(spec.timeout_s, connect=10.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         warm = prompts[: spec.warmup]
         if warm:
             far = time.perf_counter() + spec.timeout_s

@@ -67,25 +67,32 @@ def command(cfg: ServerConfig, model_dir: Path, port: int) -> tuple[list[str], d
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     common = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
     if cfg.kind == "slabserve":
-        argv = [sys.executable, "-m", "slabserve.cli", "serve", *common]
+        argv = [sys.executable, "-m", "slabserve.cli", "serve", *common, "--log-level", "warning"]
         if cfg.native is not None:
             env[NATIVE_ENV] = "1" if cfg.native else "0"
     else:
         argv = [sys.executable, "-m", "mlx_lm", "server", *common, "--log-level", "WARNING"]
-        env.update(_blas_env(env))
+    env.update(_blas_env(env))
     env.update(dict(cfg.extra_env))
     return argv + list(cfg.extra_args), env
 
 
 def _blas_env(env: dict[str, str]) -> dict[str, str]:
-    """The same OpenBLAS preload ``slabserve`` gives itself (slabserve.blas), so both servers
-    run on the same BLAS: an empty dict when it does not apply."""
-    try:
-        from slabserve import blas
-    except ImportError:
+    """LD_PRELOAD of the OpenBLAS that the slabserve launcher would preload (slabserve.blas),
+    given to every server so ours and mlx_lm.server run on the same BLAS; empty when it does
+    not apply (not Linux CPU MLX, opted out, not found, already preloaded)."""
+    from slabserve import blas
+    from slabserve import env as ss_env
+
+    if sys.platform != "linux" or ss_env.openblas_disabled():
         return {}
-    fn = getattr(blas, "preload_env", None)
-    return dict(fn(env)) if fn is not None else {}
+    if blas.mlx_backend() is not blas.Backend.CPU:
+        return {}
+    library = blas.openblas_path()
+    if library is None or library in env.get("LD_PRELOAD", ""):
+        return {}
+    prior = env.get("LD_PRELOAD", "").strip()
+    return {"LD_PRELOAD": f"{library} {prior}".strip()}
 
 
 class ManagedServer:

@@ -1,0 +1,212 @@
+"""Load-test arithmetic on synthetic event streams: no server, no MLX."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from loadtest.client import _Stream
+from loadtest.compare import comparison_markdown, goal_checks
+from loadtest.metrics import Dist, RequestRecord, percentile, summarize
+from loadtest.report import row, runs_markdown
+from loadtest.runner import RunResult, RunSpec
+from loadtest.sse import ProtocolError, parse_line
+from loadtest.traces import parse_prometheus, path_delta
+
+
+def test_percentile_matches_numpy_linear():
+    rng = random.Random(3)
+    for n in (1, 2, 5, 17, 100):
+        xs = [rng.uniform(-5, 50) for _ in range(n)]
+        for q in (0, 1, 37.5, 50, 90, 99, 100):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_record_derived_latencies():
+    # sent at 10.0; chunks at 10.5, 10.6, 10.8, 11.1; stream closed at 11.2; 5 tokens
+    rec = RequestRecord(start=10.0, end=11.2, chunk_times=(10.5, 10.6, 10.8, 11.1),
+                        output_tokens=5)
+    assert rec.ttft == pytest.approx(0.5)
+    assert rec.itls == pytest.approx([0.1, 0.2, 0.3])
+    assert rec.tpot == pytest.approx((11.2 - 10.5) / 4)
+    assert rec.e2e == pytest.approx(1.2)
+    single = RequestRecord(start=0.0, end=1.0, chunk_times=(0.4,), output_tokens=1)
+    assert single.tpot is None and single.itls == []
+
+
+def test_record_rejects_out_of_order_times():
+    with pytest.raises(ValueError):
+        RequestRecord(start=1.0, end=2.0, chunk_times=(1.5, 1.2))
+    with pytest.raises(ValueError):
+        RequestRecord(start=1.0, end=1.4, chunk_times=(1.5,))
+
+
+def _synthetic(n: int, ttft: float, gap: float, tokens: int, stagger: float):
+    recs = []
+    for i in range(n):
+        s = i * stagger
+        chunks = tuple(s + ttft + k * gap for k in range(tokens))
+        recs.append(RequestRecord(s, chunks[-1] + 0.01, chunks, tokens, prompt_tokens=100))
+    return recs
+
+
+def test_summarize_rates_and_distributions():
+    recs = _synthetic(4, ttft=0.2, gap=0.05, tokens=11, stagger=0.1)
+    recs.append(RequestRecord(0.05, 0.07, error="http_429"))
+    recs.append(RequestRecord(0.06, 0.08, error="timeout"))
+    recs.append(RequestRecord(0.07, 0.09, error="http_429"))
+    s = summarize(recs, expected_output_tokens=11)
+    window = (0.3 + 0.2 + 0.5 + 0.01) - 0.0  # last end - first start
+    assert s.duration_s == pytest.approx(window)
+    assert s.requests_ok == 4 and s.requests_failed == 3
+    assert s.failures == {"http_429": 2, "timeout": 1}
+    assert s.output_tokens == 44 and s.short_outputs == 0
+    assert s.output_tok_s == pytest.approx(44 / window)
+    assert s.requests_s == pytest.approx(4 / window)
+    assert s.ttft.n == 4 and s.ttft.p50 == pytest.approx(200.0)
+    assert s.itl.n == 40 and s.itl.p99 == pytest.approx(50.0)
+    assert s.tpot.mean == pytest.approx((0.5 + 0.01) / 10 * 1e3)
+    assert s.prompt_tokens_mean == 100
+
+
+def test_summarize_counts_short_outputs_and_handles_empty():
+    recs = _synthetic(3, 0.1, 0.01, tokens=4, stagger=0.0)
+    assert summarize(recs, expected_output_tokens=8).short_outputs == 3
+    empty = summarize([], 8)
+    assert empty.requests_ok == 0 and math.isnan(empty.output_tok_s)
+    assert Dist.of_seconds([]).n == 0
+
+
+def test_sse_lines():
+    assert parse_line(": keepalive 10/11") is None and parse_line("") is None
+    assert parse_line("data: [DONE]").done
+    c = parse_line('data: {"choices":[{"index":0,"text":"ab","finish_reason":null}]}')
+    assert c.text == "ab" and c.has_content and c.finish_reason is None
+    chat = parse_line('data: {"choices":[{"delta":{"content":"x"},"finish_reason":"length"}]}')
+    assert chat.text == "x" and chat.finish_reason == "length"
+    usage = parse_line('data: {"choices":[],"usage":{"completion_tokens":7}}')
+    assert not usage.has_content and usage.usage["completion_tokens"] == 7
+    assert parse_line('data: {"error":{"message":"boom"}}').error == "boom"
+    with pytest.raises(ProtocolError):
+        parse_line("data: {not json")
+
+
+def _line(text: str, finish=None, usage=None) -> str:
+    obj = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    if usage is not None:
+        obj = {"choices": [], "usage": usage}
+    return "data: " + json.dumps(obj)
+
+
+def test_stream_record_uses_server_usage_and_detects_incomplete():
+    st = _Stream()
+    events = [(1.0, ": keepalive 1/2"), (1.2, _line("a")), (1.3, _line("")),
+              (1.5, _line("bc")), (1.6, _line("", "length")),
+              (1.6, _line("", usage={"prompt_tokens": 9, "completion_tokens": 4,
+                                     "prompt_tokens_details": {"cached_tokens": 2}})),
+              (1.7, "data: [DONE]")]
+    for t, line in events:
+        st.feed(line, t)
+    rec = st.record(start=0.9, end=1.7)
+    assert rec.ok and rec.chunk_times == (1.2, 1.5)
+    assert (rec.output_tokens, rec.prompt_tokens, rec.cached_tokens) == (4, 9, 2)
+    cut = _Stream()
+    cut.feed(_line("a"), 1.0)
+    assert cut.record(0.5, 1.1).error == "incomplete"
+    quiet = _Stream()  # every token decoded to '' until the final chunk
+    quiet.feed(_line("", "length"), 2.0)
+    quiet.feed("data: [DONE]", 2.0)
+    assert quiet.record(1.0, 2.1).ttft == pytest.approx(1.0)
+
+
+METRICS_BEFORE = """# TYPE slabserve:attention_path counter
+slabserve:attention_path_total{path="native",reason="calibrated"} 10.0
+slabserve:attention_path_total{path="gather",reason="short_context"} 5.0
+slabserve:generation_tokens_total{model_name="m"} 100.0
+"""
+METRICS_AFTER = """# TYPE slabserve:attention_path counter
+slabserve:attention_path_total{path="native",reason="calibrated"} 70.0
+slabserve:attention_path_total{path="gather",reason="short_context"} 25.0
+slabserve:attention_path_total{path="native",reason="forced"} 20.0
+slabserve:generation_tokens_total{model_name="m"} 900.0
+"""
+
+
+def test_path_trace_deltas_and_shares():
+    tr = path_delta(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
+    assert tr.by_path == {"gather": 20.0, "native": 80.0}
+    assert tr.by_reason == {"gather:short_context": 20.0, "native:calibrated": 60.0,
+                            "native:forced": 20.0}
+    assert tr.shares() == {"gather": pytest.approx(0.2), "native": pytest.approx(0.8)}
+    assert tr.describe() == "gather 20% / native 80%"
+    # a restarted server (counter went down) counts from zero
+    again = path_delta(parse_prometheus(METRICS_AFTER), parse_prometheus(METRICS_BEFORE))
+    assert again.by_path == {"gather": 5.0, "native": 10.0}
+    assert path_delta({}, {}).describe() == "-"
+
+
+def _result(label: str, conc: int, tok_s_scale: float, ttft: float) -> RunResult:
+    recs = _synthetic(4, ttft=ttft, gap=0.1 / tok_s_scale, tokens=8, stagger=0.0)
+    spec = RunSpec(context=64, concurrency=conc, max_tokens=8, requests=4)
+    return RunResult(label, spec, summarize(recs, 8), None, tuple(recs))
+
+
+def test_goal_checks_and_tables():
+    results = [_result("auto", 8, 2.0, 0.2), _result("native", 8, 1.9, 0.2),
+               _result("gather", 8, 2.2, 0.2), _result("mlx_lm", 8, 1.0, 0.2),
+               _result("auto", 1, 1.0, 0.1), _result("mlx_lm", 1, 1.0, 0.2)]
+    lines = goal_checks(results)
+    assert any("conc 8: auto/mlx_lm" in x and x.endswith("PASS") for x in lines)
+    assert any("conc 8: auto/best forced" in x and x.endswith("FAIL") for x in lines)
+    assert any("conc 1: auto/mlx_lm TTFT" in x and "0.50" in x and x.endswith("PASS")
+               for x in lines)
+    table = comparison_markdown(results, ["auto", "native", "gather", "mlx_lm"])
+    assert table.count("\n") == 4  # header, rule, two cells
+    assert runs_markdown(results).count("| auto |") == 2
+    assert row(results[0])["paths"] == "n/a"
+
+
+def test_loadtest_imports_no_mlx_engine_scheduler_attention():
+    code = ("import sys, loadtest.cli, loadtest.servers, loadtest.grid; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm', 'engine', 'scheduler', 'attention')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(__import__("conftest").ROOT)).stdout
+    assert out.strip() == "[]"
+
+
+def _bpe_tokenizer():
+    """A small BPE with real merges, trained on the prompt vocabulary (so cuts can merge)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from loadtest.prompts import WORDS, Tokenizer
+
+    t = HF(models.BPE(unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    return Tokenizer(lambda s: t.encode(s).ids, lambda ids: t.decode(ids), "bpe")
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 1000])
+def test_prompts_have_exact_length_and_distinct_first_tokens(n):
+    from loadtest.prompts import make_prompt
+
+    tok = _bpe_tokenizer()
+    prompts = [make_prompt(tok, n, i) for i in range(60)]
+    assert all(len(tok.encode(p)) == n for p in prompts)
+    firsts = [tok.encode(p)[0] for p in prompts]
+    assert all(len(set(firsts[i:i + 52])) == len(firsts[i:i + 52]) for i in range(8))
+    assert make_prompt(tok, n, 3) == prompts[3]  # deterministic
