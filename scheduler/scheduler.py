@@ -10,7 +10,8 @@ recompute after preemption).  A step feeds, within ``max_step_tokens``:
   2. a chunk (at most ``prefill_chunk`` tokens) of every prefilling running sequence;
   3. chunks of waiting sequences, admitted first-come first-served while
      ``max_running`` allows and the pool can hold their first chunk plus
-     ``watermark_blocks`` (head-of-line blocking: no overtaking).
+     ``watermark_blocks`` (head-of-line blocking: no overtaking); none in a step
+     that had to preempt.
 
 Blocks come from the ``BlockAllocator``; ``allocate`` returning None means "preempt":
 the newest running sequence (by arrival) gives all its blocks back and goes to the front
@@ -171,6 +172,8 @@ class Scheduler:
             st.add(self._chunk(seq, n))
 
     def _admit(self, st: _Planning) -> None:
+        if st.preempted:
+            return  # blocks are short this step: admitting would only thrash
         while self.waiting and st.budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting[0]
             n = min(seq.num_pending, st.budget, self.cfg.prefill_chunk)

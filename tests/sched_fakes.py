@@ -1,0 +1,69 @@
+"""A fake executor for scheduler tests: a shadow KV store of token ids.
+
+Each chunk writes its token ids into the (block, row) slots of its table; a sampled token
+is a hash of the tokens read back through the table for all positions so far.  So a
+wrong block table, a block shared by two sequences, or a recompute that feeds the wrong
+tokens changes the sampled tokens, and outputs must not depend on the schedule.
+"""
+
+from __future__ import annotations
+
+from kvcache import BlockAllocator
+from scheduler.api import Request, SamplingParams
+from scheduler.config import SchedulerConfig
+from scheduler.executor import Executor
+from scheduler.plan import SampledToken, StepOutput, StepPlan
+from scheduler.scheduler import Scheduler
+
+EOS = 0
+VOCAB = 50
+
+
+def next_token(context: list[int]) -> int:
+    h = 1469598103934665603
+    for t in context:
+        h = ((h ^ t) * 1099511628211) & ((1 << 64) - 1)
+    return 1 + h % (VOCAB - 1)  # never EOS: tests add EOS by stop ids when they want
+
+
+class ShadowExecutor(Executor):
+    def __init__(self, allocator: BlockAllocator, block_size: int) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.kv: dict[tuple[int, int], int] = {}
+        self.max_context = 1 << 20
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        bs = self.block_size
+        sampled = {}
+        for c in plan.chunks():
+            for i, t in enumerate(c.tokens):
+                p = c.start + i
+                self.kv[(c.blocks[p // bs], p % bs)] = t
+        for c in plan.chunks():
+            if c.sample:
+                end = c.start + len(c.tokens)
+                ctx = [self.kv[(c.blocks[p // bs], p % bs)] for p in range(end)]
+                sampled[c.request_id] = SampledToken(next_token(ctx))
+        return StepOutput(sampled)
+
+
+def reference(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    ctx, out = list(prompt), []
+    for _ in range(max_tokens):
+        t = next_token(ctx)
+        out.append(t)
+        ctx.append(t)
+    return out
+
+
+def make(num_blocks: int = 16, block_size: int = 4, max_context: int = 10_000,
+         slab_blocks: int | None = None, **cfg) -> tuple[Scheduler, ShadowExecutor]:
+    alloc = BlockAllocator(slab_blocks or num_blocks, num_blocks)
+    s = Scheduler(SchedulerConfig(**cfg), alloc, block_size, max_context, eos_token_ids={EOS})
+    return s, ShadowExecutor(alloc, block_size)
+
+
+def req(rid: str, n: int, max_tokens: int = 4, base: int = 1, **params) -> Request:
+    prompt = tuple(base + (i * 7) % (VOCAB - 1) for i in range(n))
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, **params))

@@ -1,0 +1,186 @@
+"""Scheduler unit tests: fake executor (tests/sched_fakes.py), tiny block budgets."""
+
+from __future__ import annotations
+
+import pytest
+from sched_fakes import EOS, make, reference, req
+
+from scheduler.api import RequestError
+from scheduler.plan import SampledToken, StepOutput
+
+
+def step(s, ex):
+    plan = s.schedule()
+    ups = s.update(plan, ex.execute(plan))
+    s.check_integrity()
+    return plan, ups
+
+
+def run_all(s, ex, max_steps=10_000):
+    outs: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for _ in range(max_steps):
+        if not s.has_work:
+            return outs, reasons
+        _, ups = step(s, ex)
+        for u in ups:
+            outs.setdefault(u.request_id, []).append(u.token.token_id)
+            if u.finish_reason:
+                reasons[u.request_id] = u.finish_reason
+    raise AssertionError("scheduler made no progress")
+
+
+def test_fcfs_admission_order_and_first_chunks():
+    s, ex = make(num_blocks=64, max_step_tokens=100, prefill_chunk=100)
+    for i, n in enumerate([5, 9, 3]):
+        s.add(req(f"r{i}", n))
+    plan, _ = step(s, ex)
+    assert [c.request_id for c in plan.prefills] == ["r0", "r1", "r2"]
+    assert [c.tokens for c in plan.prefills] == [req(f"r{i}", n).prompt_tokens
+                                                for i, n in enumerate([5, 9, 3])]
+    assert all(c.sample and c.start == 0 for c in plan.prefills)
+
+
+def test_chunked_prefill_splits_a_long_prompt():
+    s, ex = make(num_blocks=64, max_step_tokens=64, prefill_chunk=16)
+    r = req("long", 50, max_tokens=2)
+    s.add(r)
+    chunks = [step(s, ex)[0].chunks()[0] for _ in range(4)]
+    assert [(c.start, len(c.tokens), c.sample) for c in chunks] == [
+        (0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True)]
+    assert sum((c.tokens for c in chunks), ()) == r.prompt_tokens
+
+
+def test_budget_respected_and_decodes_go_first():
+    s, ex = make(num_blocks=64, max_step_tokens=8, prefill_chunk=32)
+    for i in range(3):
+        s.add(req(f"d{i}", 2, max_tokens=20))
+    step(s, ex)  # three 2-token prefills
+    s.add(req("long", 30, max_tokens=2))
+    plan, _ = step(s, ex)
+    assert [c.request_id for c in plan.decodes] == ["d0", "d1", "d2"]
+    assert [(c.request_id, len(c.tokens)) for c in plan.prefills] == [("long", 5)]
+    assert plan.num_tokens == 8
+    for _ in range(5):
+        plan, _ = step(s, ex)
+        assert plan.num_tokens <= 8 and len(plan.decodes) >= 3
+
+
+def test_outputs_match_reference_despite_chunking():
+    s, ex = make(num_blocks=64, max_step_tokens=7, prefill_chunk=5)
+    reqs = [req(f"r{i}", 3 + 4 * i, max_tokens=6, base=i + 1) for i in range(4)]
+    for r in reqs:
+        s.add(r)
+    outs, reasons = run_all(s, ex)
+    for r in reqs:
+        assert outs[r.request_id] == reference(r.prompt_tokens, 6)
+        assert reasons[r.request_id] == "length"
+    assert s.allocator.num_used == 0
+
+
+def test_preemption_newest_goes_first_then_resumes_exactly():
+    # 6 blocks of 4 tokens = 24 slots; two sequences of 8 + 10 tokens cannot both finish
+    s, ex = make(num_blocks=6, max_step_tokens=64, prefill_chunk=64, watermark_blocks=0)
+    a, b = req("a", 8, max_tokens=10, base=1), req("b", 8, max_tokens=10, base=2)
+    s.add(a)
+    s.add(b)
+    preempted: list[str] = []
+    resumed_chunk = None
+    outs: dict[str, list[int]] = {"a": [], "b": []}
+    while s.has_work:
+        plan, ups = step(s, ex)
+        preempted += plan.preempted
+        for c in plan.prefills:
+            if c.request_id == "b" and preempted and c.start == 0:
+                resumed_chunk = c
+        for u in ups:
+            outs[u.request_id].append(u.token.token_id)
+    assert preempted and set(preempted) == {"b"}, "the newest request is the victim"
+    assert s.preemptions == len(preempted)
+    assert resumed_chunk is not None
+    n_out = len(resumed_chunk.output)
+    assert resumed_chunk.tokens[: 8 + n_out] == b.prompt_tokens + tuple(outs["b"][:n_out])
+    assert outs["a"] == reference(a.prompt_tokens, 10)
+    assert outs["b"] == reference(b.prompt_tokens, 10)
+    assert s.allocator.num_used == 0
+
+
+def test_admission_waits_for_blocks_fcfs():
+    s, ex = make(num_blocks=4, max_step_tokens=64, prefill_chunk=64, watermark_blocks=0)
+    s.add(req("a", 12, max_tokens=3))   # 3 blocks
+    s.add(req("b", 8, max_tokens=2))    # 2 blocks: must wait for a
+    s.add(req("c", 1, max_tokens=2))    # would fit, but no overtaking
+    plan, _ = step(s, ex)
+    assert [c.request_id for c in plan.chunks()] == ["a"]
+    assert s.num_waiting == 2
+    outs, _ = run_all(s, ex)
+    assert set(outs) == {"a", "b", "c"}
+
+
+def test_limits_and_errors():
+    s, _ = make(num_blocks=8, block_size=4, max_context=40, max_queued=2)
+    with pytest.raises(RequestError) as e:
+        s.add(req("x", 0))
+    assert e.value.kind == "invalid"
+    with pytest.raises(RequestError) as e:
+        s.add(req("x", 40))
+    assert e.value.kind == "too_long" and e.value.param == "prompt"
+    with pytest.raises(RequestError) as e:
+        s.add(req("x", 30, max_tokens=11))
+    assert e.value.kind == "too_long" and e.value.param == "max_tokens"
+    with pytest.raises(RequestError) as e:  # 33 + 6 - 1 = 38 tokens > 8 blocks * 4
+        s.add(req("x", 33, max_tokens=6))
+    assert e.value.kind == "kv_capacity"
+    s.add(req("a", 4))
+    with pytest.raises(RequestError) as e:
+        s.add(req("a", 4))
+    assert e.value.kind == "invalid"
+    s.add(req("b", 4))
+    with pytest.raises(RequestError) as e:
+        s.add(req("c", 4))
+    assert e.value.kind == "queue_full"
+
+
+def test_max_running_caps_the_batch():
+    s, ex = make(num_blocks=64, max_running=2)
+    for i in range(5):
+        s.add(req(f"r{i}", 3, max_tokens=5))
+    for _ in range(3):
+        plan, _ = step(s, ex)
+        assert s.num_running <= 2 and len(plan.chunks()) <= 2
+    outs, _ = run_all(s, ex)
+    assert len(outs) == 5
+
+
+@pytest.mark.parametrize("params,reason,n", [
+    (dict(stop_token_ids=(7,)), "stop", None),
+    (dict(), "stop", None),                    # eos
+    (dict(ignore_eos=True), "length", 5),
+])
+def test_finish_on_stop_ids_eos_and_length(params, reason, n):
+    s, ex = make(num_blocks=64)
+    s.add(req("r", 3, max_tokens=5, **params))
+    stop_tok = 7 if params.get("stop_token_ids") else EOS
+    outs = []
+    for i in range(10):
+        plan = s.schedule()
+        tok = stop_tok if i == 2 else 11
+        ups = s.update(plan, StepOutput({"r": SampledToken(tok)}))
+        s.check_integrity()
+        outs += ups
+        if ups and ups[-1].finish_reason:
+            break
+    assert outs[-1].finish_reason == reason
+    assert len(outs) == (n or 3)
+    assert s.allocator.num_used == 0 and not s.has_work
+
+
+def test_abort_frees_blocks_running_and_waiting():
+    s, ex = make(num_blocks=8, max_running=1)
+    s.add(req("a", 9, max_tokens=10))
+    s.add(req("b", 5))
+    step(s, ex)
+    assert s.allocator.num_used == 3
+    assert s.abort("a") and s.abort("b") and not s.abort("b")
+    s.check_integrity()
+    assert s.allocator.num_used == 0 and not s.has_work
