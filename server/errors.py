@@ -82,24 +82,32 @@ def from_engine(err: RequestError, retry_after_s: int) -> APIError:
     return APIError(400, err.message, INVALID, err.param, "invalid_value")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _clean_loc(loc: tuple) -> str | None:
+    """Dotted field path without pydantic's ``body`` root and union-member tags."""
+    parts = [str(p) for p in loc if p != "body"]
+    parts = [p for p in parts if p not in _UNION_TAGS and "[" not in p
+             and not p.startswith("function-")]
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+    errors = list(exc.errors())
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
+    if any(e.get("type") == "json_invalid" for e in errors):
         return "request body is not valid JSON", None
+    # a union reports one error per member: prefer one that is not a plain type mismatch
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")),
+                 errors[0])
+    param = _clean_loc(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     named = _NAMED.match(msg)
     if param is None and named:
-        param = named.group(1)
-        return msg, param
-    text = f"{param}: {msg}" if param else msg
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more error(s))"
-    return text, param
+        return msg, named.group(1)
+    return (f"{param}: {msg}" if param else msg), param
 
 
 _NAMED = re.compile(r"^([a-z_]+): ")

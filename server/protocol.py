@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP = 4
 
@@ -68,9 +68,35 @@ class SamplingFields(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-Prompt = str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[
-    list[TokenIds], Field(min_length=1)]
+PROMPT_SHAPES = ("a string, a list of strings, a list of token ids or a list of lists of "
+                 "token ids")
+
+
+def _token_list(value: list) -> list[int] | None:
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if any(t < 0 for t in value):
+            raise ValueError("token ids must be >= 0")
+        return value
+    return None
+
+
+def check_prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    """The completions ``prompt`` in one of its four shapes, non-empty."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be {PROMPT_SHAPES} (non-empty)")
+    if all(isinstance(p, str) for p in value):
+        return value
+    ids = _token_list(value)
+    if ids is not None:
+        return ids
+    if all(isinstance(p, list) and p and _token_list(p) is not None for p in value):
+        return value
+    raise ValueError(f"must be {PROMPT_SHAPES} (non-empty)")
+
+
+Prompt = Annotated[Any, AfterValidator(check_prompt)]
 
 
 class CompletionRequest(SamplingFields):
