@@ -153,6 +153,9 @@ async def merge(engine: AsyncEngine, choices: list[Choice]) -> AsyncIterator[Cho
     finally:
         for t in tasks:
             t.cancel()
+        for c in choices:
+            if c.finish_reason is None:
+                c.timer.on_abandon()
         abort_all(engine, choices)
 
 

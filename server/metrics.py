@@ -130,3 +130,7 @@ class ChoiceTimer:
         if delta.finish_reason is not None:
             self.metrics.e2e.observe(now - self.t0)
             self.metrics.success.labels(self.metrics.model, delta.finish_reason).inc()
+
+    def on_abandon(self) -> None:
+        """The consumer left (client disconnect): counted as finished by ``abort``."""
+        self.metrics.success.labels(self.metrics.model, "abort").inc()
