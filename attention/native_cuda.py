@@ -86,8 +86,9 @@ def kernel_body(ns: int, direct: bool) -> str:
 {fill}
   }}
   __syncthreads();
-  ::slabserve::pooled_decode<TQ, T, D, BS, HKV, G, GB, SB, NS, U, NT, {flag}>(
-      q, table, lengths, table_shape[1], qscale[0] * {LOG2E}f, ktab, vtab, {outs});
+  ::slabserve::pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>(
+      q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), qscale[0] * {LOG2E}f,
+      ktab, vtab, {outs});
 """
 
 
@@ -168,7 +169,7 @@ class NativeCUDA(DecodeAttention):
         inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array, self._scale(scale)]
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
-            ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("SB", g.slab_blocks), ("NS", ns),
+            ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns),
             ("U", unit_tokens(gb)), ("NT", THREADS),
         ]
         grid = (g.kv_heads * (grp // gb) * THREADS, chunks, b)

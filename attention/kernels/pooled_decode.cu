@@ -12,7 +12,7 @@
 //
 // Invariants the host keeps (attention/native_cuda.py):
 //   * D in {64, 128}, BS in {16, 32, 64}, U divides BS, NT a multiple of 32, GB divides G;
-//   * slabs are row-contiguous [SB * HKV * BS, D]; table rows are [nblk] valid block ids;
+//   * slabs are row-contiguous [sb * HKV * BS, D] (sb = slab_blocks); table rows are [nblk] valid block ids;
 //   * 1 <= lengths[b] <= nblk * BS.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -62,10 +62,10 @@ __device__ __forceinline__ uint4 ld16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int SB, int NS,
-          int U, int NT, bool DIRECT>
+template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
+          bool DIRECT>
 __device__ __forceinline__ void pooled_decode(
-    const TQ* q, const int* table, const int* lengths, int nblk, float qscale,
+    const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int TPR = D / VEC;
@@ -110,9 +110,9 @@ __device__ __forceinline__ void pooled_decode(
     uint4 kr[U], vr[U];
     if (active) {
       const int blk = trow[u0 / BS];
-      const int s = NS == 1 ? 0 : blk / SB;
+      const int s = NS == 1 ? 0 : blk / sb;
       const size_t off =
-          ((size_t)((blk - s * SB) * HKV + kvh) * BS + (u0 % BS)) * D + lane * VEC;
+          ((size_t)((blk - s * sb) * HKV + kvh) * BS + (u0 % BS)) * D + lane * VEC;
       const T* kp = ktab[s] + off;
       const T* vp = vtab[s] + off;
 #pragma unroll
