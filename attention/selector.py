@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
@@ -62,9 +63,13 @@ class Decision:
 
     @cached_property
     def label(self) -> tuple[str, str]:
-        """(path, reason) as counted for /metrics, e.g. ("gather", "declined:dtype")."""
-        why = self.reason.value if not self.detail else f"{self.reason.value}:{self.detail}"
-        return self.path.value, why
+        """(path, reason) as counted for /metrics, e.g. ("gather", "declined:no_kernel").
+        A free-text detail becomes a short token (lower case, digits and punctuation
+        dropped, at most 48 characters) to keep label sets small."""
+        if not self.detail:
+            return self.path.value, self.reason.value
+        token = re.sub(r"[^a-z]+", "_", re.sub(r"\d+", "", self.detail.lower()))
+        return self.path.value, f"{self.reason.value}:{token.strip('_')[:48]}"
 
 
 class SelectorKey(NamedTuple):
@@ -124,11 +129,9 @@ def _rule_cpu(key: SelectorKey) -> tuple[Path, str]:
 
 
 def _rule_cuda(key: SelectorKey) -> tuple[Path, str]:
-    # Provisional, from the naive kernel on an H200 (/work/shared/gpu/README.md):
-    # native won at B >= 4 with short contexts and lost at B = 1 and at 16k.
-    if key.batch_bucket >= 4 and key.ctx_bucket <= 4096:
-        return Path.NATIVE, "cuda_batched_short"
-    return Path.GATHER, "cuda_gather_default"
+    # docs/benchmarks/attention/cuda-h200-*.md: the pooled kernel (issue 7) was faster
+    # than or equal to gather-SDPA (within 0.3%) in all 96 cells on an H200.
+    return Path.NATIVE, "cuda_native_all"
 
 
 def _rule_metal(key: SelectorKey) -> tuple[Path, str]:
@@ -173,13 +176,23 @@ def load_native(backend: str) -> DecodeAttention:
         return _Missing("kernel_load_failed")
 
 
+class _Slot:
+    """One layer's cached decision and how many layer-steps used it."""
+
+    __slots__ = ("decision", "count")
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self.count = 0
+
+
 @dataclass
 class _Step:
     """What the selector keeps on a DecodeBatch (one step, every layer)."""
 
     number: int
     key: SelectorKey
-    slots: list  # per-layer Decision | None, shared by every step with this cache key
+    slots: list  # per-layer _Slot | None, shared by every step with this cache key
     slabs: int | None = None  # exact slabs touched, computed only for the trace
 
 
@@ -198,8 +211,7 @@ class Selector:
         self.gather = GatherSDPA()
         self._natives: dict[str, DecodeAttention] = dict(natives or {})
         self._cache: dict[tuple, list] = {}
-        self.counts: Counter = Counter()
-        self.hits = 0
+        self._retired: Counter = Counter()  # counts of slots dropped from the cache
         self.misses = 0
         self._logged: set[tuple[str, str]] = set()
         self._steps = 0
@@ -218,7 +230,7 @@ class Selector:
     # ---- configuration -------------------------------------------------------------
     def set_profile(self, profile: Profile | None) -> None:
         self.profile = profile
-        self._cache.clear()
+        self._clear_cache()
 
     def native(self, backend: str) -> DecodeAttention:
         impl = self._natives.get(backend)
@@ -227,15 +239,13 @@ class Selector:
         return impl
 
     # ---- deciding --------------------------------------------------------------------
-    def _step(self, q, pool: SlabPool, batch: DecodeBatch) -> _Step:
-        st = batch._cache.get(self)
-        if st is None:
-            key = make_key(q, pool, batch, current_backend())
-            slots = self._cache.get((key, pool.num_slabs))
-            if slots is None:
-                slots = self._cache[(key, pool.num_slabs)] = []
-            self._steps += 1
-            st = batch._cache[self] = _Step(self._steps, key, slots)
+    def _new_step(self, q, pool: SlabPool, batch: DecodeBatch) -> _Step:
+        key = make_key(q, pool, batch, current_backend())
+        slots = self._cache.get((key, pool.num_slabs))
+        if slots is None:
+            slots = self._cache[(key, pool.num_slabs)] = []
+        self._steps += 1
+        st = batch._cache[self] = _Step(self._steps, key, slots)
         return st
 
     def fresh(self, q, pool: SlabPool, batch: DecodeBatch, key: SelectorKey) -> Decision:
@@ -266,47 +276,69 @@ class Selector:
 
     def decide(self, q, pool: SlabPool, layer: int, batch: DecodeBatch) -> Decision:
         """The decision for ``layer`` this step: counted, logged once, traced."""
-        return self._decide(q, pool, layer, batch)[0]
+        return self._decide(q, pool, layer, batch)[0].decision
 
-    def _decide(self, q, pool, layer, batch) -> tuple[Decision, _Step]:
-        st = self._step(q, pool, batch)
+    def _decide(self, q, pool, layer, batch) -> tuple[_Slot, _Step]:
+        st = batch._cache.get(self) or self._new_step(q, pool, batch)
         slots = st.slots
-        if layer < len(slots) and slots[layer] is not None:
-            d = slots[layer]
-            self.hits += 1
-        else:
-            d = self.fresh(q, pool, batch, st.key)
-            slots.extend([None] * (layer + 1 - len(slots)))
-            slots[layer] = d
-            self.misses += 1
-        label = d.label
-        self.counts[label] += 1
-        if label not in self._logged:
-            self._log_once(label, st.key)
+        slot = slots[layer] if layer < len(slots) else None
+        if slot is None:
+            slot = self._miss(q, pool, layer, batch, st)
+        slot.count += 1
         if self._trace_path is not None:
-            self._write_trace(st, layer, batch, label)
-        return d, st
+            self._write_trace(st, layer, batch, slot.decision.label)
+        return slot, st
+
+    def _miss(self, q, pool, layer, batch, st: _Step) -> _Slot:
+        slot = _Slot(self.fresh(q, pool, batch, st.key))
+        st.slots.extend([None] * (layer + 1 - len(st.slots)))
+        st.slots[layer] = slot
+        self.misses += 1
+        if slot.decision.label not in self._logged:
+            self._log_once(slot.decision.label, st.key)
+        return slot
 
     def run(self, q, pool: SlabPool, layer: int, batch: DecodeBatch, scale: float):
         """Decide, then run the chosen path (a native failure falls back to gather)."""
-        d, st = self._decide(q, pool, layer, batch)
-        if d.path is Path.NATIVE:
+        slot, st = self._decide(q, pool, layer, batch)
+        if slot.decision.path is Path.NATIVE:
             try:
                 return self.native(st.key.backend)(q, pool, layer, batch, scale)
             except Exception as exc:
+                slot.count -= 1
                 self._native_failed(st.key.backend, exc)
         return self.gather(q, pool, layer, batch, scale)
 
     def _native_failed(self, backend: str, exc) -> None:
         log.warning("native attention failed on %s, falling back to gather: %r", backend, exc)
         self._natives[backend] = _Missing("native_failed")
+        self._clear_cache()
+        self._retired[Decision(Path.GATHER, Reason.DECLINED, "native_failed").label] += 1
+
+    def _clear_cache(self) -> None:
+        self._retired.update(self._cached_counts())
         self._cache.clear()
-        d = Decision(Path.GATHER, Reason.DECLINED, "native_failed")
-        self.counts[d.label] += 1
+        # steps in flight keep their own slot lists; their counts are no longer seen
 
     # ---- reporting -----------------------------------------------------------------
     def path_counts(self) -> dict[tuple[str, str], int]:
-        return dict(self.counts)
+        """(path, reason label) -> layer-steps decided, since this selector was built."""
+        counts = self._cached_counts()
+        counts.update(self._retired)
+        return dict(counts)
+
+    def _cached_counts(self) -> Counter:
+        counts: Counter = Counter()
+        for slots in self._cache.values():
+            for slot in slots:
+                if slot is not None and slot.count:
+                    counts[slot.decision.label] += slot.count
+        return counts
+
+    @property
+    def hits(self) -> int:
+        """Layer-steps answered by the per-layer cache."""
+        return sum(self.path_counts().values()) - self.misses
 
     def _log_once(self, label: tuple[str, str], key: SelectorKey) -> None:
         self._logged.add(label)

@@ -1,0 +1,209 @@
+"""The decode-path selector: environment override (both names), per-layer cache, decline
+reasons and fallback, profile lookup, rules, counts, trace."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from attention_cases import make_case
+
+import attention
+from attention import selector as sel_mod
+from attention.base import DecodeAttention, DecodeBatch
+from attention.profile import Profile, ProfileEntry, device_id, load_for_device, profile_path
+from attention.reference import reference_decode
+from attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
+
+ENV_OURS = "SLABSERVE_PAGED_ATTENTION_NATIVE"
+ENV_MLXCEL = "MLXCEL_PAGED_ATTENTION_NATIVE"
+
+
+@pytest.fixture
+def case():
+    return make_case(8, 2, 64, 16, [40, 17, 65], 2, layers=3, seed=11)
+
+
+@pytest.fixture
+def fresh_default(monkeypatch):
+    """A default selector rebuilt from the (monkeypatched) environment, then restored."""
+    monkeypatch.delenv(ENV_OURS, raising=False)
+    monkeypatch.delenv(ENV_MLXCEL, raising=False)
+    monkeypatch.delenv("SLABSERVE_ATTENTION_TRACE", raising=False)
+    old = attention.set_selector(None)
+    yield monkeypatch
+    attention.set_selector(old)
+
+
+def run_step(q, pool, batch, layers=3):
+    """One decode step through the public entry: every layer, then evaluate."""
+    step = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+    outs = [attention.decode_attention(q, pool, layer, step, 0.125) for layer in range(layers)]
+    mx.eval(outs)
+    return outs
+
+
+@pytest.mark.parametrize("name,value,label", [
+    (ENV_OURS, "1", ("native", "env_native")),
+    (ENV_OURS, "on", ("native", "env_native")),
+    (ENV_OURS, "0", ("gather", "env_gather")),
+    (ENV_OURS, "no", ("gather", "env_gather")),
+    (ENV_MLXCEL, "true", ("native", "env_native")),
+    (ENV_MLXCEL, "off", ("gather", "env_gather")),
+    (ENV_OURS, "maybe", ("native", "rule:cpu_native_all")),  # anything else = auto
+])
+def test_env_forces_path_and_counts_show_it(fresh_default, case, name, value, label):
+    fresh_default.setenv(name, value)
+    q, pool, batch = case
+    outs = run_step(q, pool, batch)
+    assert attention.path_counts() == {label: 3}
+    ref = reference_decode(q, pool, 2, batch, 0.125)
+    assert np.abs(np.array(outs[2]) - ref).max() < 1e-5
+
+
+def test_our_variable_wins_over_mlxcel(fresh_default, case):
+    fresh_default.setenv(ENV_MLXCEL, "1")
+    fresh_default.setenv(ENV_OURS, "0")
+    run_step(*case)
+    assert attention.path_counts() == {("gather", "env_gather"): 3}
+
+
+def test_per_layer_cache_is_hit_after_first_step(case):
+    q, pool, batch = case
+    s = Selector()
+    attention.set_selector(s)
+    try:
+        run_step(q, pool, batch)
+        assert (s.misses, s.hits) == (3, 0)
+        for _ in range(4):
+            run_step(q, pool, batch)
+        assert (s.misses, s.hits) == (3, 12)
+        # a new bucket (batch of one) is a new key: misses once per layer, then hits
+        one = DecodeBatch(batch.geom, batch.tables[:1], batch.lengths[:1])
+        run_step(q[:1], pool, one)
+        run_step(q[:1], pool, one)
+        assert (s.misses, s.hits) == (6, 15)
+    finally:
+        attention.set_selector(None)
+
+
+class Declining(DecodeAttention):
+    name = "native"
+
+    def decline(self, q, pool, batch):
+        return "head_dim 96 unsupported (only (64, 128))"
+
+    def __call__(self, q, pool, layer, batch, scale):
+        raise AssertionError("a declined path must not run")
+
+
+class Exploding(DecodeAttention):
+    name = "native"
+
+    def decline(self, q, pool, batch):
+        return None
+
+    def __call__(self, q, pool, layer, batch, scale):
+        raise RuntimeError("kernel launch failed")
+
+
+def test_forced_native_declines_with_reason_and_falls_back(case):
+    q, pool, batch = case
+    s = Selector(override=True, natives={"cpu": Declining()})
+    out = s.run(q, pool, 0, batch, 0.125)
+    assert np.abs(np.array(out) - reference_decode(q, pool, 0, batch, 0.125)).max() < 1e-5
+    d = s.decide(q, pool, 0, batch)
+    assert (d.path, d.reason) == (Path.GATHER, Reason.DECLINED)
+    assert d.detail.startswith("head_dim 96")
+    assert s.path_counts() == {("gather", "declined:head_dim_unsupported_only"): 2}
+
+
+def test_missing_kernel_module_declines(monkeypatch, case):
+    monkeypatch.setitem(sel_mod.NATIVE_IMPLS, "cpu", ("attention.no_such_kernel", "X"))
+    s = Selector(override=True)
+    s.run(*case[:2], 0, case[2], 0.125)
+    assert s.path_counts() == {("gather", "declined:no_kernel_for_backend"): 1}
+    assert sel_mod.load_native("tpu").decline(*case) == "no_kernel_for_backend"
+
+
+def test_native_failure_at_run_falls_back_once_and_sticks(case):
+    q, pool, batch = case
+    s = Selector(override=True, natives={"cpu": Exploding()})
+    out = s.run(q, pool, 1, batch, 0.125)
+    assert np.abs(np.array(out) - reference_decode(q, pool, 1, batch, 0.125)).max() < 1e-5
+    step = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+    s.run(q, pool, 1, step, 0.125)
+    assert s.path_counts() == {("gather", "declined:native_failed"): 2}
+
+
+def entry(batch, ctx, slabs, gather_ms, native_ms, dtype="float32"):
+    return ProfileEntry("cpu", dtype, 64, 8, 2, 16, batch, ctx, slabs, gather_ms, native_ms)
+
+
+def test_profile_decides_by_nearest_entry_and_round_trips(tmp_path, case):
+    q, pool, batch = case  # B=3 -> bucket 4, ctx 65 -> bucket 256, "many" slabs
+    prof = Profile("dev", "0", [entry(4, 1024, "many", 1.0, 2.0),  # gather faster
+                                entry(16, 16384, "many", 2.0, 1.0),
+                                entry(4, 256, "1", 2.0, 1.0)])  # other slab bucket
+    path = prof.save(tmp_path / "p.json")
+    s = Selector(profile=Profile.load(path))
+    assert s.decide(q, pool, 0, batch) == Decision(Path.GATHER, Reason.PROFILE)
+    # a profile without this geometry leaves the choice to the rules
+    s2 = Selector(profile=Profile("dev", "0", [entry(4, 1024, "many", 1.0, 2.0, "float16")]))
+    assert s2.decide(q, pool, 0, batch) == Decision(Path.NATIVE, Reason.RULE, "cpu_native_all")
+    # a profile entry where native declined never picks native
+    assert entry(4, 1024, "1", 3.0, None).faster == "gather"
+
+
+def test_profile_is_found_per_device(tmp_path):
+    prof = Profile(device_id(), mx.__version__, [entry(1, 1024, "1", 1.0, 0.5)])
+    prof.save(profile_path(tmp_path))
+    assert load_for_device(tmp_path).entries == prof.entries
+    assert load_for_device(tmp_path / "elsewhere") is None
+    (profile_path(tmp_path)).write_text(json.dumps({"version": 99}))
+    assert load_for_device(tmp_path) is None
+
+
+def test_key_buckets(case):
+    q, pool, batch = case
+    key = make_key(q, pool, batch, "cpu")
+    assert key == ("cpu", "float32", 64, 8, 2, 16, 4, 256, "many")
+    assert [pow2_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+    one = DecodeBatch(batch.geom, [t[:1] for t in batch.tables], [5, 5, 5])
+    assert make_key(q, pool, one, "cpu").slabs_bucket in ("1", "many")
+    assert sel_mod.RULES["metal"](key)[0] is Path.GATHER  # unverified until measured
+
+
+def test_trace_writes_one_line_per_step_and_layer(tmp_path, case):
+    q, pool, batch = case
+    trace = tmp_path / "trace.jsonl"
+    s = Selector(override=False, trace=trace)
+    for _ in range(2):
+        step = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+        for layer in range(3):
+            s.run(q, pool, layer, step, 0.125)
+    s.close()
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert [(r["step"], r["layer"]) for r in lines] == [(i, j) for i in (1, 2) for j in range(3)]
+    assert lines[0] == {"step": 1, "layer": 0, "batch": 3, "max_context": 65,
+                        "total_context": 122, "slabs": 2, "path": "gather",
+                        "reason": "env_gather"}
+
+
+def test_trace_path_from_environment(fresh_default, tmp_path, case):
+    fresh_default.setenv("SLABSERVE_ATTENTION_TRACE", str(tmp_path / "t.jsonl"))
+    run_step(*case)
+    attention.default_selector().close()
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
+
+
+def test_first_decision_of_each_kind_is_logged_once(caplog, case):
+    q, pool, batch = case
+    s = Selector(override=True, natives={"cpu": Declining()})
+    with caplog.at_level("INFO", logger="slabserve.attention"):
+        for _ in range(3):
+            step = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+            for layer in range(3):
+                s.decide(q, pool, layer, step)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "declined:head_dim" in msgs[0]
