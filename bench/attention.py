@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,12 +28,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from attention.base import DecodeBatch
+from attention.calibrate import build_case, time_chain
 from attention.gather import GatherSDPA, length_mask
 from attention.profile import device_id, load_for_device
 from attention.selector import Selector, current_backend, make_key
-from kvcache.pool import PoolGeometry, SlabPool
-
-MANY_SLABS = 8
+from kvcache.pool import SlabPool
 
 
 @dataclass(frozen=True)
@@ -71,52 +69,16 @@ class Result:
     choice: str
     reason: str
     regret: float | None
+    rule_choice: str
+    rule_regret: float | None
     max_abs_diff: float | None
 
 
 # ---- set-up ---------------------------------------------------------------------------
 def build(cell: Cell, block_size: int, pool_layers: int, seed: int = 0):
     """(q, pool, batch) for a cell: random pages, shuffled tables."""
-    rng = random.Random(seed)
-    dtype = getattr(mx, cell.dtype)
-    nblk = -(-cell.ctx // block_size)
-    total = cell.batch * nblk
-    nslabs = 1 if cell.slabs == "one" else MANY_SLABS
-    sb = -(-total // nslabs)
-    geom = PoolGeometry(pool_layers, cell.kv_heads, cell.head_dim, block_size, sb, dtype)
-    pool = SlabPool(geom, 0)
-    mx.random.seed(seed)
-    for layer in range(pool_layers):
-        for side in (pool.k[layer], pool.v[layer]):
-            for _ in range(nslabs):
-                side.append(mx.random.normal((sb * cell.kv_heads * block_size,
-                                              cell.head_dim)).astype(dtype))
-            mx.eval(side)
-    ids = list(range(nslabs * sb))
-    rng.shuffle(ids)
-    tables = [ids[b * nblk:(b + 1) * nblk] for b in range(cell.batch)]
-    batch = DecodeBatch(geom, tables, [cell.ctx] * cell.batch)
-    q = mx.random.normal((cell.batch, cell.q_heads, 1, cell.head_dim)).astype(dtype)
-    mx.eval(q)
-    return q, pool, batch
-
-
-def chain(fn, q, layers: int, pool_layers: int):
-    x = q
-    for layer in range(layers):
-        x = x + fn(x, layer % pool_layers) * 0.01
-    return x
-
-
-def time_chain(fn, q, layers: int, pool_layers: int, reps: int) -> float:
-    """Minimum over ``reps`` of one eval of ``layers`` chained calls, ms per layer."""
-    mx.eval(chain(fn, q, layers, pool_layers))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(chain(fn, q, layers, pool_layers))
-        best = min(best, time.perf_counter() - t0)
-    return best / layers * 1e3
+    return build_case(cell.q_heads, cell.kv_heads, cell.head_dim, cell.dtype, cell.batch,
+                      cell.ctx, cell.slabs, block_size, pool_layers, seed)
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -165,14 +127,19 @@ def run_cell(cell: Cell, args, selector: Selector, bandwidth: float) -> Result:
     if args.contiguous:
         fn = contiguous_fn(q, pool, batch, scale)
         t_contig = time_chain(fn, q, args.layers, pool_layers, args.reps)
-    decision = selector.fresh(q, pool, batch, key)
     times = {"gather": t_gather, "native": t_native}
     best = min(t for t in times.values() if t is not None)
-    chosen = times[decision.path.value]
-    regret = None if chosen is None else chosen / best
+
+    def regret(d) -> float | None:
+        chosen = times[d.path.value]
+        return None if chosen is None else chosen / best
+
+    decision = selector.fresh(q, pool, batch, key)
+    rules = Selector(natives={key.backend: native}).fresh(q, pool, batch, key)
     floor = cell.kv_bytes(args.block_size) / bandwidth * 1e3
     return Result(cell, pool_layers, t_gather, t_native, None if why is None else str(why),
-                  t_contig, floor, decision.path.value, decision.label[1], regret, diff)
+                  t_contig, floor, decision.path.value, decision.label[1], regret(decision),
+                  rules.path.value, regret(rules), diff)
 
 
 # ---- decision cost ----------------------------------------------------------------------
@@ -206,8 +173,8 @@ def fmt(x, spec=".2f") -> str:
 
 def table(results: list[Result]) -> str:
     head = ("| cell | pool layers | gather ms | native ms | contiguous SDPA ms | floor ms "
-            "| gather/native | choice | reason | regret | max abs diff |\n"
-            "|---|--:|--:|--:|--:|--:|--:|---|---|--:|--:|\n")
+            "| gather/native | choice | reason | regret | rules' choice | rules' regret "
+            "| max abs diff |\n|---|--:|--:|--:|--:|--:|--:|---|---|--:|---|--:|--:|\n")
     rows = []
     for r in results:
         native = (fmt(r.native_ms, ".3f") if r.native_decline is None
@@ -215,8 +182,8 @@ def table(results: list[Result]) -> str:
         speed = None if r.native_ms is None else r.gather_ms / r.native_ms
         rows.append(f"| {r.cell.name} | {r.pool_layers} | {r.gather_ms:.3f} | {native} "
                     f"| {fmt(r.contiguous_ms, '.3f')} | {r.floor_ms:.4f} | {fmt(speed)} "
-                    f"| {r.choice} | {r.reason} | {fmt(r.regret, '.3f')} "
-                    f"| {fmt(r.max_abs_diff, '.1e')} |")
+                    f"| {r.choice} | {r.reason} | {fmt(r.regret, '.3f')} | {r.rule_choice} "
+                    f"| {fmt(r.rule_regret, '.3f')} | {fmt(r.max_abs_diff, '.1e')} |")
     return head + "\n".join(rows) + "\n"
 
 

@@ -1,0 +1,174 @@
+"""``slabserve calibrate``: time gather-SDPA and the native pooled path on this device over
+a grid of (batch, context, slabs) for a model's attention geometry, and write the
+profile (attention/profile.py) that the selector loads.
+
+    slabserve calibrate [--model embedded:llama-3.2-1b | DIR] [--dtype float16]
+                        [--batches 1,4,8,16] [--contexts 1024,4096,16384] [--short]
+
+Entries measured before for other geometries or points are kept; a point measured
+again is replaced.  ``calibrate_geometry(..., short=True)`` is what
+``slabserve serve --calibrate`` runs at start-up (a few seconds on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from attention.base import DecodeBatch
+from attention.gather import GatherSDPA
+from attention.profile import Profile, ProfileEntry, device_id, load_for_device, profile_path
+from attention.selector import Selector, current_backend, make_key
+from kvcache.pool import PoolGeometry, SlabPool
+
+MANY_SLABS = 8
+SHORT = {"batches": [1, 8], "contexts": [1024, 8192], "slabs": ["one", "many"]}
+
+
+def build_case(q_heads: int, kv_heads: int, head_dim: int, dtype: str, batch: int,
+               ctx: int, slabs: str, block_size: int = 16, pool_layers: int = 1,
+               seed: int = 0):
+    """(q, pool, batch) with random pages: ``slabs`` "one" (one slab holds everything)
+    or "many" (8 slabs), tables shuffled across the pool, every sequence at ``ctx``."""
+    rng = random.Random(seed)
+    dt = getattr(mx, dtype)
+    nblk = -(-ctx // block_size)
+    nslabs = 1 if slabs == "one" else MANY_SLABS
+    sb = -(-(batch * nblk) // nslabs)
+    geom = PoolGeometry(pool_layers, kv_heads, head_dim, block_size, sb, dt)
+    pool = SlabPool(geom, 0)
+    mx.random.seed(seed)
+    for layer in range(pool_layers):
+        for side in (pool.k[layer], pool.v[layer]):
+            for _ in range(nslabs):
+                side.append(mx.random.normal((sb * kv_heads * block_size, head_dim)).astype(dt))
+            mx.eval(side)
+    ids = list(range(nslabs * sb))
+    rng.shuffle(ids)
+    tables = [ids[b * nblk:(b + 1) * nblk] for b in range(batch)]
+    q = mx.random.normal((batch, q_heads, 1, head_dim)).astype(dt)
+    mx.eval(q)
+    return q, pool, DecodeBatch(geom, tables, [ctx] * batch)
+
+
+def chain(fn, q, layers: int, pool_layers: int):
+    """``layers`` calls of ``fn(x, layer)`` chained through their outputs (one graph)."""
+    x = q
+    for layer in range(layers):
+        x = x + fn(x, layer % pool_layers) * 0.01
+    return x
+
+
+def time_chain(fn, q, layers: int, pool_layers: int, reps: int) -> float:
+    """Minimum over ``reps`` of one eval of ``layers`` chained calls, ms per layer."""
+    mx.eval(chain(fn, q, layers, pool_layers))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(chain(fn, q, layers, pool_layers))
+        best = min(best, time.perf_counter() - t0)
+    return best / layers * 1e3
+
+
+def measure(q_heads, kv_heads, head_dim, dtype, batch, ctx, slabs, *, block_size=16,
+            layers=4, reps=3, selector: Selector | None = None) -> ProfileEntry:
+    """One profile entry: both paths timed side by side on the same pool."""
+    selector = selector or Selector()
+    q, pool, b = build_case(q_heads, kv_heads, head_dim, dtype, batch, ctx, slabs, block_size)
+    scale = head_dim ** -0.5
+    gather = GatherSDPA()
+    key = make_key(q, pool, b, current_backend())
+    native = selector.native(key.backend)
+    t_native = None
+    if native.decline(q, pool, b) is None:
+        t_native = time_chain(lambda x, i: native(x, pool, i, b, scale), q, layers, 1, reps)
+    t_gather = time_chain(lambda x, i: gather(x, pool, i, b, scale), q, layers, 1, reps)
+    return ProfileEntry(key.backend, dtype, head_dim, q_heads, kv_heads, block_size,
+                        batch, ctx, key.slabs_bucket, t_gather, t_native)
+
+
+def calibrate_geometry(q_heads: int, kv_heads: int, head_dim: int, dtype: str, *,
+                       block_size: int = 16, batches=(1, 4, 8, 16),
+                       contexts=(1024, 4096, 16384), slabs=("one", "many"),
+                       layers: int = 4, reps: int = 3, short: bool = False,
+                       max_tokens: int | None = None, log=print) -> list[ProfileEntry]:
+    """Entries for one geometry over the grid (``short``: the start-up grid)."""
+    if short:
+        batches, contexts, slabs = SHORT["batches"], SHORT["contexts"], SHORT["slabs"]
+    selector = Selector()
+    out = []
+    for b in batches:
+        for c in contexts:
+            if max_tokens is not None and b * c > max_tokens:
+                continue
+            for s in slabs:
+                e = measure(q_heads, kv_heads, head_dim, dtype, b, c, s,
+                            block_size=block_size, layers=layers, reps=reps,
+                            selector=selector)
+                log(f"B{b} ctx{c} {s}: gather {e.gather_ms:.3f} ms, native "
+                    f"{'declined' if e.native_ms is None else f'{e.native_ms:.3f} ms'}"
+                    f" -> {e.faster}")
+                out.append(e)
+    return out
+
+
+def merge_and_save(cache_dir: Path, entries: list[ProfileEntry]) -> Profile:
+    """Add ``entries`` to this device's profile (replacing the same points) and save."""
+    old = load_for_device(cache_dir)
+    point = lambda e: (e.backend, e.dtype, e.head_dim, e.q_heads, e.kv_heads,  # noqa: E731
+                       e.block_size, e.batch, e.ctx, e.slabs)
+    new = {point(e) for e in entries}
+    kept = [e for e in (old.entries if old else []) if point(e) not in new]
+    prof = Profile(device_id(), mx.__version__, kept + entries)
+    prof.save(profile_path(cache_dir))
+    return prof
+
+
+def model_geometry(model: str | None, dtype: str | None) -> tuple[int, int, int, str]:
+    """(q_heads, kv_heads, head_dim, dtype) from a model directory's config.json."""
+    from engine.loader import resolve_model_path
+
+    cfg = json.loads((resolve_model_path(model) / "config.json").read_text())
+    hq = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // hq
+    dt = dtype or cfg.get("torch_dtype") or "float16"
+    return hq, cfg.get("num_key_value_heads", hq), head_dim, str(dt)
+
+
+def main(argv: list[str]) -> int:
+    from slabserve import env
+
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(prog="slabserve calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded:NAME or a model dir (default tiny)")
+    p.add_argument("--geometry", default=None, help="q/kv/head_dim instead of --model")
+    p.add_argument("--dtype", default=None, help="K/V dtype (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--batches", type=ints, default=[1, 4, 8, 16])
+    p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384])
+    p.add_argument("--slabs", default="one,many")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=None, help="skip batch x ctx above")
+    p.add_argument("--short", action="store_true", help="the small start-up grid")
+    a = p.parse_args(argv)
+    if a.geometry:
+        hq, kv, hd = (int(x) for x in a.geometry.split("/"))
+        dtype = a.dtype or "float16"
+    else:
+        hq, kv, hd, dtype = model_geometry(a.model, a.dtype)
+    if current_backend() == "cpu":
+        mx.set_cache_limit(8 << 30)
+    entries = calibrate_geometry(hq, kv, hd, dtype, block_size=a.block_size,
+                                 batches=a.batches, contexts=a.contexts,
+                                 slabs=a.slabs.split(","), layers=a.layers, reps=a.reps,
+                                 short=a.short, max_tokens=a.max_tokens)
+    merge_and_save(env.cache_dir(), entries)
+    print("wrote", profile_path(env.cache_dir()))
+    return 0
