@@ -12,11 +12,15 @@ the launcher once with it set::
       os.execve(same interpreter, same command line)
     slabserve serve ...   (still pid P, OpenBLAS serves cblas_sgemm) -> PRELOADED
 
+A process that is not the slabserve launcher (pytest through a conftest, a library caller)
+is never re-executed: if mlx is not imported yet, OpenBLAS is loaded into it with
+``RTLD_GLOBAL`` instead, which puts it in the global scope ahead of libmlx's own
+dependencies just the same; if mlx is already imported, it is only told how.
+
 Invariants: at most one exec per process (the marker holds the pid, which exec keeps;
 children have other pids and simply inherit LD_PRELOAD); nothing is done off Linux, for a
-GPU build of MLX, when opted out (``SLABSERVE_NO_OPENBLAS=1``) or when the process is not
-the slabserve launcher (pytest, a library caller); a missing library never fails, it is
-logged once with how to install it.  What is *active* is read from the process
+GPU build of MLX, or when opted out (``SLABSERVE_NO_OPENBLAS=1``); a missing library never
+fails, it is logged once with how to install it.  What is *active* is read from the process
 (``dladdr`` of the global ``cblas_sgemm``, else ``/proc/self/maps``), never from the env.
 mlx is never imported here.
 """
@@ -58,10 +62,12 @@ class Backend(str, Enum):
 
 
 class Reason(str, Enum):
-    """Why the launcher did (REEXEC) or did not re-execute; each logged once."""
+    """What the launcher does (REEXEC, LOAD_GLOBAL) or why it does nothing; logged once."""
 
     REEXEC = "re-executing with OpenBLAS preloaded"
+    LOAD_GLOBAL = "loading OpenBLAS RTLD_GLOBAL before mlx (not the launcher)"
     PRELOADED = "preloaded by the slabserve launcher"
+    LOADED_GLOBAL = "loaded RTLD_GLOBAL before mlx was imported (not the launcher)"
     ALREADY_LOADED = "already in the process (LD_PRELOAD set outside slabserve)"
     OTHER_BLAS = "another BLAS already serves cblas_sgemm; left as is"
     NOT_LINUX = "not Linux: MLX uses Accelerate/Metal"
@@ -70,7 +76,7 @@ class Reason(str, Enum):
     DISABLED = "disabled by SLABSERVE_NO_OPENBLAS"
     PRELOAD_IGNORED = "LD_PRELOAD did not take effect (wrong architecture?)"
     NOT_FOUND = "OpenBLAS not found; MLX uses its bundled reference BLAS (slow)"
-    NOT_LAUNCHER = "process not started by the slabserve launcher; not re-executing"
+    NOT_LAUNCHER = "not the slabserve launcher and mlx already imported: not switched"
 
 
 _WARN = {Reason.PRELOAD_IGNORED, Reason.NOT_FOUND}
@@ -246,6 +252,7 @@ def classify(library: str | None) -> str:
 def decide(
     *, platform_name: str, backend: Backend, disabled: bool, reexeced_here: bool,
     provider: str | None, library: str | None, launcher: bool,
+    loaded_here: bool = False, mlx_imported: bool = False,
 ) -> Decision:
     """Pure decision; the order is the precedence (facts about the process first)."""
     if platform_name != "linux":
@@ -257,7 +264,9 @@ def decide(
     if provider is not None:
         if classify(provider) != "openblas":
             return Decision(Reason.OTHER_BLAS, provider)
-        return Decision(Reason.PRELOADED if reexeced_here else Reason.ALREADY_LOADED, provider)
+        how = (Reason.PRELOADED if reexeced_here else
+               Reason.LOADED_GLOBAL if loaded_here else Reason.ALREADY_LOADED)
+        return Decision(how, provider)
     if disabled:
         return Decision(Reason.DISABLED)
     if reexeced_here:
@@ -265,7 +274,7 @@ def decide(
     if library is None:
         return Decision(Reason.NOT_FOUND)
     if not launcher:
-        return Decision(Reason.NOT_LAUNCHER, library)
+        return Decision(Reason.NOT_LAUNCHER if mlx_imported else Reason.LOAD_GLOBAL, library)
     return Decision(Reason.REEXEC, library)
 
 
@@ -288,10 +297,20 @@ def current_decision() -> Decision:
         provider=global_cblas_provider(),
         library=openblas_path(),
         launcher=is_launcher(),
+        loaded_here=_loaded_here is not None,
+        mlx_imported="mlx.core" in sys.modules,
     )
 
 
 _logged: set[Reason] = set()
+_loaded_here: str | None = None  # the library this module dlopen'ed RTLD_GLOBAL, if any
+
+
+def load_global(library: str) -> None:
+    """dlopen ``library`` into the global symbol scope (before mlx is imported)."""
+    global _loaded_here
+    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    _loaded_here = library
 
 
 def _log_once(d: Decision) -> None:
@@ -316,11 +335,20 @@ def reexec_env(base: dict[str, str], library: str, pid: int) -> dict[str, str]:
     return out
 
 
-def prepare_process(execve: Callable[..., object] = os.execve) -> Decision:
+def prepare_process(
+    execve: Callable[..., object] = os.execve, load: Callable[[str], object] | None = None,
+) -> Decision:
     """Call before mlx is imported.  Re-executes this process (``execve`` does not
-    return) with OpenBLAS preloaded when ``current_decision()`` says so; otherwise logs
-    the reason once and returns the decision."""
+    return) with OpenBLAS preloaded, or loads it RTLD_GLOBAL (``load``) when this is not
+    the launcher, as ``current_decision()`` says; logs the outcome once and returns it."""
     d = current_decision()
+    if d.reason is Reason.LOAD_GLOBAL and d.library:
+        try:
+            (load or load_global)(d.library)
+        except OSError as e:
+            log.warning("BLAS: could not load %s (%s); reference BLAS in use", d.library, e)
+            return d
+        d = current_decision()
     _log_once(d)
     if d.reexec and d.library:
         argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]

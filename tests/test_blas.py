@@ -106,7 +106,9 @@ BASE = dict(platform_name="linux", backend=Backend.CPU, disabled=False, reexeced
     ({"backend": Backend.NONE}, Reason.NO_MLX),
     ({"library": None}, Reason.NOT_FOUND),
     ({"disabled": True}, Reason.DISABLED),
-    ({"launcher": False}, Reason.NOT_LAUNCHER),
+    ({"launcher": False}, Reason.LOAD_GLOBAL),
+    ({"launcher": False, "mlx_imported": True}, Reason.NOT_LAUNCHER),
+    ({"launcher": False, "provider": OB, "loaded_here": True}, Reason.LOADED_GLOBAL),
     ({"reexeced_here": True}, Reason.PRELOAD_IGNORED),  # loop guard: never a second exec
     ({"reexeced_here": True, "provider": OB}, Reason.PRELOADED),
     ({"provider": OB, "disabled": True}, Reason.ALREADY_LOADED),  # the process is the truth
@@ -116,7 +118,7 @@ def test_decide(change, reason):
     d = blas.decide(**{**BASE, **change})
     assert d.reason is reason
     assert d.reexec == (reason is Reason.REEXEC)
-    if d.reexec:
+    if reason in (Reason.REEXEC, Reason.LOAD_GLOBAL):
         assert d.library == OB
 
 
@@ -130,6 +132,7 @@ def fake_process(monkeypatch):
     monkeypatch.setattr(blas, "global_cblas_provider", lambda: state["provider"])
     monkeypatch.setattr(blas, "openblas_path", lambda: state["library"])
     monkeypatch.setattr(blas, "_logged", set())
+    monkeypatch.setattr(blas, "_loaded_here", None)
     for var in ("SLABSERVE_NO_OPENBLAS", env.BLAS_REEXEC_MARKER):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("LD_PRELOAD", "/other/libfoo.so")
@@ -182,12 +185,22 @@ def test_missing_library_logs_install_hint_once(fake_process, caplog):
 
 def test_opt_out_and_not_launcher_do_not_exec(fake_process, monkeypatch):
     calls: list = []
+    loads: list = []
+
+    def load(lib):  # what dlopen(RTLD_GLOBAL) does to the process
+        loads.append(lib)
+        fake_process["provider"] = lib
+        blas._loaded_here = lib
+
     monkeypatch.setenv("SLABSERVE_NO_OPENBLAS", "1")
-    assert blas.prepare_process(_recording_exec(calls)).reason is Reason.DISABLED
-    monkeypatch.delenv("SLABSERVE_NO_OPENBLAS")
     monkeypatch.setattr(blas, "is_launcher", lambda: False)
-    assert blas.prepare_process(_recording_exec(calls)).reason is Reason.NOT_LAUNCHER
-    assert calls == []
+    assert blas.prepare_process(_recording_exec(calls), load).reason is Reason.DISABLED
+    monkeypatch.delenv("SLABSERVE_NO_OPENBLAS")
+    monkeypatch.setitem(sys.modules, "mlx.core", sys.modules.get("mlx.core", object()))
+    assert blas.prepare_process(_recording_exec(calls), load).reason is Reason.NOT_LAUNCHER
+    monkeypatch.delitem(sys.modules, "mlx.core")
+    assert blas.prepare_process(_recording_exec(calls), load).reason is Reason.LOADED_GLOBAL
+    assert calls == [] and loads == [OB]
 
 
 def test_reexec_env_dedups_and_keeps_others():
@@ -341,6 +354,24 @@ def test_launcher_reexecs_into_openblas(tmp_path):
     st, _ = _cli_info(tmp_path)
     assert (st["blas"], st["code"]) == ("openblas", "PRELOADED")
     assert st["config"].startswith("OpenBLAS")
+
+
+IN_PROCESS = """
+    import json
+    from slabserve import blas
+    d = blas.prepare_process()
+    import mlx.core as mx
+    a = mx.random.normal((64, 64))
+    ok = bool(mx.allclose(a @ mx.eye(64), a).item())
+    print(json.dumps({"decision": d.reason.name, "status": blas.status(), "ok": ok}))
+"""
+
+
+@needs_openblas
+def test_not_launcher_loads_openblas_in_process_before_mlx(tmp_path):
+    out = _run_json(IN_PROCESS, _child_env(tmp_path, None))
+    assert out["decision"] == "LOADED_GLOBAL" and out["ok"]
+    assert (out["status"]["blas"], out["status"]["code"]) == ("openblas", "LOADED_GLOBAL")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher acts on Linux")
