@@ -1,0 +1,99 @@
+"""Overload: many simultaneous requests against a small admission queue.
+
+The excess must be refused at once with 429 and a ``Retry-After`` header while every
+admitted request is served to its end; a refused client that waits ``Retry-After`` and
+tries again is eventually served, so with retries nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from reliability.traffic import Outcome, Target, generate, words
+
+
+@dataclass
+class OverloadResult:
+    """First-attempt outcomes, and per request the attempts it took to be served."""
+
+    first: list[Outcome] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    final: list[Outcome] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def admitted(self) -> list[Outcome]:
+        return [o for o in self.first if o.status == 200]
+
+    @property
+    def refused(self) -> list[Outcome]:
+        return [o for o in self.first if o.status == 429]
+
+    def latency_quantiles(self) -> dict[str, float]:
+        """Latency of the admitted first attempts: p50, p90, p99, max (seconds)."""
+        xs = sorted(o.latency_s for o in self.admitted)
+        if not xs:
+            return {}
+        q = {f"p{p}": xs[min(len(xs) - 1, int(len(xs) * p / 100))] for p in (50, 90, 99)}
+        return {**{k: round(v, 3) for k, v in q.items()}, "max": round(xs[-1], 3)}
+
+    def summary(self) -> dict:
+        refused = self.refused
+        return {
+            "requests": len(self.first), "admitted": len(self.admitted),
+            "refused_429": len(refused),
+            "retry_after": sorted({o.retry_after for o in refused}, key=str),
+            "other": sorted(o.status for o in self.first if o.status not in (200, 429)
+                            and o.status is not None),
+            "admitted_latency_s": self.latency_quantiles(),
+            "max_attempts": max(self.attempts, default=0),
+            "served_in_the_end": sum(1 for o in self.final if o.result == "completed"),
+            "wall_s": round(self.wall_s, 1),
+        }
+
+
+def _body(t: Target, rng: random.Random, max_tokens: int) -> dict:
+    return {"model": t.model, "prompt": words(rng, rng.randint(2, 12)),
+            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": rng.random() < 0.5}
+
+
+async def _one(client: httpx.AsyncClient, t: Target, i: int, max_tokens: int,
+               retries: int, start: asyncio.Event, res: OverloadResult) -> None:
+    rng = random.Random(i)
+    body = _body(t, rng, max_tokens)
+    await start.wait()
+    out = await generate(client, t, "overload", "/v1/completions", body)
+    res.first[i] = out
+    attempts = 1
+    while out.status == 429 and attempts <= retries:
+        await asyncio.sleep(float(out.retry_after or 1) + rng.random() * 0.5)
+        out = await generate(client, t, "overload_retry", "/v1/completions", body)
+        attempts += 1
+    res.attempts[i] = attempts
+    res.final[i] = out
+
+
+async def overload(url: str, requests: int = 200, max_tokens: int = 16,
+                   retries: int = 0, timeout_s: float = 300.0) -> OverloadResult:
+    """Fire ``requests`` completions at once (half streaming); with ``retries`` > 0 a
+    refused one waits ``Retry-After`` (plus jitter) and tries again up to that often."""
+    limits = httpx.Limits(max_connections=requests + 8, max_keepalive_connections=requests)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        card = (await client.get(url + "/v1/models")).json()["data"][0]
+        t = Target(url, card["id"], int(card.get("max_model_len") or 2048))
+        res = OverloadResult([None] * requests, [0] * requests, [None] * requests)
+        start = asyncio.Event()
+        tasks = [asyncio.ensure_future(_one(client, t, i, max_tokens, retries, start, res))
+                 for i in range(requests)]
+        await asyncio.sleep(0.2)  # every task is waiting on the start line
+        t0 = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        res.wall_s = time.perf_counter() - t0
+    return res

@@ -1,0 +1,175 @@
+"""``slabserve serve`` as a subprocess on a random loopback port, observed from outside:
+readiness through ``/health``, resident memory through ``/proc/PID/status``, exit status
+after SIGTERM.
+
+The server runs in its own session (process group), so a stop that has to escalate to
+SIGKILL ends every process it started.  ``ServerOptions`` is the one place that knows the
+server's flag names.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What the reliability runs vary.  ``model`` None = the embedded tiny model.
+    ``kv_budget_bytes`` and ``slab_tokens`` small enough force preemption;
+    ``max_queued`` is the admission queue limit (429 beyond it)."""
+
+    model: str | None = None
+    max_context: int = 512
+    kv_budget_bytes: int = 2 << 20
+    slab_tokens: int = 512
+    max_running: int = 16
+    max_queued: int = 32
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "warning"
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_context < 32:
+            raise ValueError("max_context must be at least 32 for the traffic mix")
+        if self.kv_budget_bytes <= 0 or self.slab_tokens <= 0:
+            raise ValueError("kv_budget_bytes and slab_tokens must be positive")
+        if self.max_running < 1 or self.max_queued < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("max_running >= 1, max_queued >= 0, shutdown_timeout_s >= 0")
+
+    def argv(self) -> list[str]:
+        """The ``slabserve serve`` flags for these options (host and port excepted)."""
+        args = ["--max-context", str(self.max_context),
+                "--kv-budget", str(self.kv_budget_bytes),
+                "--slab-tokens", str(self.slab_tokens),
+                "--max-running", str(self.max_running),
+                "--max-queued", str(self.max_queued),
+                "--shutdown-timeout", str(self.shutdown_timeout_s),
+                "--log-level", self.log_level]
+        if self.model is not None:
+            args += ["--model", self.model]
+        return args + list(self.extra_args)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_rss_bytes(pid: int) -> int | None:
+    """VmRSS of ``pid`` in bytes (None when the process is gone or /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class ServerProcess:
+    """``with ServerProcess(opts, log_path) as srv:`` a ready server at ``srv.url``.
+
+    ``terminate()`` sends SIGTERM and waits for the exit status; leaving the block stops
+    the server if it still runs (SIGTERM, then SIGKILL of its group after ``kill_after_s``).
+    """
+
+    def __init__(self, opts: ServerOptions, log_path: Path, ready_timeout_s: float = 180.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.opts = opts
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.ready_timeout_s = ready_timeout_s
+        self.argv = [sys.executable, "-m", "slabserve.cli", "serve", "--host", "127.0.0.1",
+                     "--port", str(self.port), *opts.argv()]
+        self.env = dict(os.environ if env is None else env)
+        path = self.env.get("PYTHONPATH")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self) -> None:
+        """Poll ``/health`` until it says ready; raise with the log's tail if the process
+        exits or ``ready_timeout_s`` passes."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=2.0)
+                if r.status_code == 200 and r.json().get("ready", True):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {self.ready_timeout_s}s:\n{self.log_tail()}")
+
+    def rss_bytes(self) -> int | None:
+        return read_rss_bytes(self.pid)
+
+    def terminate(self, timeout_s: float) -> int | None:
+        """SIGTERM the server process; its exit status, or None if it is still running
+        after ``timeout_s`` (then it is left running for ``stop`` to kill)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, kill_after_s: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(kill_after_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
