@@ -17,7 +17,15 @@ from server.config import ServerConfig
 
 
 def tiny_engine(**scheduler: object):
-    """The embedded tiny model with a small KV budget (scheduler limits overridable)."""
+    """The embedded tiny model with a small KV budget (scheduler limits overridable).
+
+    Resets the process's attention selector first: its native CPU path keeps the MLX
+    streams of the first thread that used it, and MLX streams belong to one thread, so a
+    second engine thread in this process would fail ("There is no Stream(cpu, N) in
+    current thread").  Hence also: one live engine at a time in these tests."""
+    import attention
+
+    attention.set_selector(None)
     cfg = EngineConfig(model=None, cache=CacheConfig(slab_tokens=1024, kv_budget_bytes=64 << 20),
                        scheduler=SchedulerConfig(**scheduler))
     return build_engine(cfg)

@@ -14,13 +14,14 @@ from server_fixtures import serve, tiny_engine
 OK_BODY = {"prompt": "ok", "max_tokens": 2}
 
 
-@pytest.fixture(scope="module")
+# One live engine at a time (see server_fixtures.tiny_engine): servers per test.
+@pytest.fixture
 def srv():
     with serve(tiny_engine()) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def http(srv):
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         yield c
@@ -114,7 +115,7 @@ def test_404_unknown_model_and_route(http, srv):
     served(http)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def guarded():
     with serve(tiny_engine(), api_key="sekret", max_body_bytes=4096) as s:
         yield s
