@@ -213,7 +213,7 @@ def global_cblas_provider() -> str | None:
     try:
         proc = ctypes.CDLL(None)
         addr = ctypes.cast(proc.cblas_sgemm, ctypes.c_void_p)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) (Windows)
         return None
     try:
         dladdr = proc.dladdr
