@@ -114,7 +114,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: HTTPReque
     await ctx.admit(choices)
     if body.stream:
         return ctx.stream(stream_events(ctx.engine, choices, fmt, len(ids),
-                                        body.include_usage))
+                                        body.include_usage), choices)
     if not await ctx.collect(request, choices):
         return Response(status_code=499)
     return JSONResponse(fmt.response(choices, len(ids)))

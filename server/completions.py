@@ -139,7 +139,7 @@ async def create_completion(body: CompletionRequest, request: HTTPRequest) -> Re
     await ctx.admit(choices)
     if body.stream:
         return ctx.stream(stream_events(ctx.engine, choices, fmt, prompt_tokens,
-                                        body.include_usage))
+                                        body.include_usage), choices)
     if not await ctx.collect(request, choices):
         return Response(status_code=499)
     return JSONResponse(fmt.response(choices, prompt_tokens))

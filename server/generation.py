@@ -41,6 +41,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    aborted: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -106,9 +107,14 @@ async def admit(engine: AsyncEngine, choices: list[Choice]) -> None:
         raise (refusals or errors)[0]
 
 
-def abort_all(engine: AsyncEngine, choices: list[Choice]) -> None:
+def abort_all(engine: AsyncEngine, choices: list[Choice], abandoned: bool = False) -> None:
+    """Abort every unfinished choice (once each).  ``abandoned``: its consumer left, so
+    it is counted as finished by ``abort`` in the metrics."""
     for c in choices:
-        if c.finish_reason is None:
+        if c.finish_reason is None and not c.aborted:
+            c.aborted = True
+            if abandoned:
+                c.timer.on_abandon()
             try:
                 engine.abort(c.request.request_id)
             except Exception:  # noqa: BLE001 - unknown or finished ids are fine
@@ -153,10 +159,7 @@ async def merge(engine: AsyncEngine, choices: list[Choice]) -> AsyncIterator[Cho
     finally:
         for t in tasks:
             t.cancel()
-        for c in choices:
-            if c.finish_reason is None:
-                c.timer.on_abandon()
-        abort_all(engine, choices)
+        abort_all(engine, choices, abandoned=True)
 
 
 class Format(Protocol):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request as HTTPRequest
@@ -20,6 +21,23 @@ from server.errors import APIError, from_engine
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("slabserve.server")
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose ``on_close`` runs however the response ends, even when
+    the client leaves before the body iterator has started (then nothing else would
+    abort the admitted choices)."""
+
+    def __init__(self, events, on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 @dataclass(frozen=True)
@@ -78,11 +96,8 @@ class ServerContext:
             raise from_engine(e, self.config.retry_after_s) from None
 
     # ---- responses -------------------------------------------------------------------
-    @staticmethod
-    def stream(events) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+    def stream(self, events, choices: list[generation.Choice]) -> StreamingResponse:
+        return EventStream(events, lambda: generation.abort_all(self.engine, choices, True))
 
     async def collect(self, request: HTTPRequest, choices: list[generation.Choice]) -> bool:
         """Run the choices to their end; False if the client went away first (the

@@ -1,0 +1,133 @@
+"""Server paths the tiny model cannot trigger on demand, on a scripted engine: engine
+failures (mid-stream and not), refusals of every kind, bugs that must stay a bare 500."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from server_fixtures import LiveServer
+
+from scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
+from server.app import create_app
+from server.config import ServerConfig
+
+
+class ByteTokenizer:
+    """Bytes as tokens (256 = end of text)."""
+
+    def __len__(self) -> int:
+        return 257
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+
+
+class ScriptedEngine(AsyncEngine):
+    """Answers with the prompt's last byte repeated; prompts starting with a command
+    byte misbehave: ``!`` fails after two tokens, ``?`` is refused with the kind named by
+    the rest of the prompt, ``#`` raises a bug."""
+
+    model_name = "scripted"
+    max_context = 64
+
+    def __init__(self) -> None:
+        self.tokenizer = ByteTokenizer()
+        self.aborted: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self, timeout: float) -> None: ...
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0, 1, 0, 0, 0)
+
+    def generate(self, request: Request):
+        head = bytes(request.prompt_tokens[:1]).decode()
+        if head == "?":
+            raise RequestError(bytes(request.prompt_tokens[1:]).decode(), "refused")
+        if head == "#":
+            raise KeyError("a bug")
+        return self._stream(request, fail=head == "!")
+
+    async def _stream(self, request: Request, fail: bool):
+        tok = request.prompt_tokens[-1]
+        for i in range(request.params.max_tokens):
+            if fail and i == 2:
+                yield Delta((), "", finish_reason="error", error="step failed")
+                return
+            last = i == request.params.max_tokens - 1
+            yield Delta((tok,), chr(tok), finish_reason="length" if last else None)
+
+
+@pytest.fixture(scope="module")
+def http():
+    with LiveServer(create_app(ScriptedEngine(), ServerConfig())) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        yield client
+
+
+def served(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "bbb"
+
+
+def test_engine_failure_mid_stream_is_an_error_event(http):
+    r = http.post("/v1/completions", json={"prompt": "!x", "max_tokens": 5, "stream": True})
+    events = [e[len("data: "):] for e in r.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "step failed"
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-2]] == ["x", "x"]
+    served(http)
+
+
+def test_engine_failure_without_stream_is_a_500_with_message(http):
+    r = http.post("/v1/completions", json={"prompt": "!x", "max_tokens": 5})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "step failed", "type": "server_error",
+                                 "param": None, "code": "engine_error"}
+    served(http)
+
+
+@pytest.mark.parametrize("kind,status,type_", [
+    ("queue_full", 429, "rate_limit_error"), ("too_long", 400, "invalid_request_error"),
+    ("invalid", 400, "invalid_request_error"), ("kv_capacity", 400, "invalid_request_error"),
+    ("shutting_down", 503, "service_unavailable_error")])
+def test_engine_refusals_map_to_statuses(http, kind, status, type_):
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"prompt": "?" + kind, "stream": stream})
+        assert r.status_code == status and r.json()["error"]["type"] == type_
+    served(http)
+
+
+def test_a_bug_is_a_bare_500(http):
+    r = http.post("/v1/completions", json={"prompt": "#boom"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "KeyError" not in r.text and "Traceback" not in r.text
+    served(http)
+
+
+def test_n_choices_stream_and_finish_each(http):
+    r = http.post("/v1/completions", json={"prompt": ["ab", "cd"], "n": 2, "max_tokens": 3,
+                                           "stream": True})
+    chunks = [json.loads(e[len("data: "):]) for e in r.text.split("\n\n")
+              if e.startswith("data: {")]
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for c in chunks:
+        (choice,) = c["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: "bbb", 1: "bbb", 2: "ddd", 3: "ddd"}
+    assert finishes == dict.fromkeys(range(4), "length")
