@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from loadtest.client import Endpoint
-from loadtest.compare import comparison_markdown, goal_checks
+from loadtest.compare import comparison_markdown, goal_checks, path_checks
 from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
 from loadtest.report import runs_markdown, write_csv, write_json, write_plots
@@ -118,7 +118,7 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
     if len(labels) > 1:
         md += ["## Comparison (ratios from this one invocation)", "",
                comparison_markdown(results, labels), "## Goals", ""]
-        md += [f"- {line}" for line in goal_checks(results)] + [""]
+        md += [f"- {line}" for line in goal_checks(results) + path_checks(results)] + [""]
     md += [f"![{p.name}]({p.name})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return out / "results.md"

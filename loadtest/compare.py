@@ -81,5 +81,19 @@ def goal_checks(results: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+def path_checks(results: Sequence[RunResult]) -> list[str]:
+    """A forced configuration that did not run its path 100% of the time (declined, or the
+    override ignored) would make the comparison meaningless: one line per such run."""
+    lines = []
+    for r in results:
+        if r.label in FORCED and r.trace is not None and r.trace.total:
+            share = r.trace.shares().get(r.label, 0.0)
+            if share < 1.0:
+                lines.append(f"WARNING {r.label} ctx {r.spec.context} conc "
+                             f"{r.spec.concurrency}: forced path ran {share:.1%} of decisions "
+                             f"({r.trace.describe(reasons=True)})")
+    return lines
+
+
 def _verdict(ok: bool, r: float) -> str:
     return "n/a" if math.isnan(r) else ("PASS" if ok else "FAIL")

@@ -31,6 +31,7 @@ def row(res: RunResult) -> dict:
         for st in STATS:
             out[f"{d}_{st}_ms"] = getattr(dist, st)
     out["paths"] = res.trace.describe() if res.trace is not None else "n/a"
+    out["path_reasons"] = res.trace.describe(reasons=True) if res.trace is not None else "n/a"
     out["path_counts"] = json.dumps(res.trace.by_reason) if res.trace is not None else ""
     return out
 
@@ -85,7 +86,7 @@ def runs_markdown(results: Sequence[RunResult]) -> str:
             f"{fmt(x['ttft_p99_ms'], 0)} "
             f"| {fmt(x['itl_p50_ms'])} / {fmt(x['itl_p99_ms'])} "
             f"| {fmt(x['tpot_mean_ms'])} / {fmt(x['tpot_p50_ms'])} / {fmt(x['tpot_p90_ms'])} "
-            f"| {fmt(x['e2e_p50_ms'], 0)} / {fmt(x['e2e_p99_ms'], 0)} | {x['paths']} |")
+            f"| {fmt(x['e2e_p50_ms'], 0)} / {fmt(x['e2e_p99_ms'], 0)} | {x['path_reasons']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,11 +47,16 @@ class PathTrace:
         t = self.total
         return {p: (c / t if t else 0.0) for p, c in sorted(self.by_path.items())}
 
-    def describe(self) -> str:
-        """``native 83% / gather 17%`` (or ``-`` when nothing was decided)."""
+    def describe(self, reasons: bool = False) -> str:
+        """``native 83% / gather 17%``, with ``reasons`` e.g. ``native 83% (rule:x) / ...``;
+        ``-`` when nothing was decided."""
         if not self.total:
             return "-"
-        return " / ".join(f"{p} {s:.0%}" for p, s in self.shares().items())
+        parts = []
+        for p, share in self.shares().items():
+            why = [r.split(":", 1)[1] for r in self.by_reason if r.split(":", 1)[0] == p]
+            parts.append(f"{p} {share:.0%}" + (f" ({', '.join(why)})" if reasons else ""))
+        return " / ".join(parts)
 
 
 def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathTrace:

@@ -7,12 +7,13 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from loadtest.client import _Stream
-from loadtest.compare import comparison_markdown, goal_checks
+from loadtest.compare import comparison_markdown, goal_checks, path_checks
 from loadtest.metrics import Dist, RequestRecord, percentile, summarize
 from loadtest.report import row, runs_markdown
 from loadtest.runner import RunResult, RunSpec
@@ -148,6 +149,8 @@ def test_path_trace_deltas_and_shares():
                             "native:forced": 20.0}
     assert tr.shares() == {"gather": pytest.approx(0.2), "native": pytest.approx(0.8)}
     assert tr.describe() == "gather 20% / native 80%"
+    assert tr.describe(reasons=True) == ("gather 20% (short_context) / "
+                                         "native 80% (calibrated, forced)")
     # a restarted server (counter went down) counts from zero
     again = path_delta(parse_prometheus(METRICS_AFTER), parse_prometheus(METRICS_BEFORE))
     assert again.by_path == {"gather": 5.0, "native": 10.0}
@@ -210,3 +213,13 @@ def test_prompts_have_exact_length_and_distinct_first_tokens(n):
     firsts = [tok.encode(p)[0] for p in prompts]
     assert all(len(set(firsts[i:i + 52])) == len(firsts[i:i + 52]) for i in range(8))
     assert make_prompt(tok, n, 3) == prompts[3]  # deterministic
+
+
+def test_path_checks_flag_forced_configs_that_ran_another_path():
+    before = parse_prometheus(METRICS_BEFORE)
+    after = parse_prometheus(METRICS_AFTER)
+    mixed = replace(_result("native", 4, 1.0, 0.1), trace=path_delta(before, after))
+    pure = replace(_result("gather", 4, 1.0, 0.1), trace=path_delta({}, parse_prometheus(
+        'slabserve:attention_path_total{path="gather",reason="env_gather"} 9\n')))
+    lines = path_checks([mixed, pure])
+    assert len(lines) == 1 and "native ctx 64 conc 4" in lines[0] and "80.0%" in lines[0]
