@@ -30,7 +30,7 @@ from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
 from loadtest.report import runs_markdown, write_csv, write_json, write_plots
 from loadtest.runner import RunResult
-from loadtest.servers import ROOT, STANDARD, mlx_lm_installed
+from loadtest.servers import ROOT, STANDARD, kv_budget_args, mlx_lm_installed
 
 
 def parse_size(text: str) -> int:
@@ -129,7 +129,7 @@ def _grid(args: argparse.Namespace) -> GridSpec:
                     args.requests, args.duration, args.warmup, args.timeout, args.seed)
 
 
-def _configs(args: argparse.Namespace) -> list:
+def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:
     labels = [x.strip() for x in args.configs.split(",") if x.strip()]
     unknown = [lab for lab in labels if lab not in STANDARD]
     if unknown:
@@ -138,6 +138,7 @@ def _configs(args: argparse.Namespace) -> list:
         print("mlx-lm is not installed: skipping mlx_lm", file=sys.stderr)
         labels.remove("mlx_lm")
     extra = tuple(args.server_arg)
+    extra += kv_budget_args(model, max(grid.contexts) * max(grid.concurrency), extra)
     return [STANDARD[lab] if STANDARD[lab].kind == "mlx_lm"
             else replace(STANDARD[lab], extra_args=extra) for lab in labels]
 
@@ -157,7 +158,7 @@ def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict
     """Run the load: (results, labels, skipped configurations)."""
     progress = not args.no_progress
     if args.compare:
-        configs = _configs(args)
+        configs = _configs(args, model, grid)
         results, skipped = run_compare(configs, model, grid, prompts, eos_ids, out,
                                        args.ready_timeout, progress)
         return results, [c.label for c in configs], skipped

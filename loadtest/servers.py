@@ -49,6 +49,31 @@ STANDARD: dict[str, ServerConfig] = {
 }
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_bytes_per_token(model_dir: Path) -> int:
+    """K+V bytes one token takes over all layers, from the model's ``config.json``
+    (``torch_dtype``, default float32)."""
+    import json
+
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    width = _DTYPE_BYTES.get(str(c.get("torch_dtype", "float32")), 4)
+    return 2 * c["num_hidden_layers"] * kv_heads * head_dim * width
+
+
+def kv_budget_args(model_dir: Path, tokens: int, given: tuple[str, ...]) -> tuple[str, ...]:
+    """``--kv-budget`` for ``slabserve serve`` big enough for ``tokens`` resident tokens
+    (plus 25% and at least 1 GiB, the server's default), unless ``given`` sets one: mlx_lm's
+    server has no KV limit, so ours must not be starved into preemption by the default."""
+    if any(a.startswith("--kv-budget") for a in given):
+        return ()
+    need = int(kv_bytes_per_token(model_dir) * tokens * 1.25)
+    return ("--kv-budget", str(max(need, 1 << 30)))
+
+
 def mlx_lm_installed() -> bool:
     import importlib.util
 

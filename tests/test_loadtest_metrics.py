@@ -223,3 +223,16 @@ def test_path_checks_flag_forced_configs_that_ran_another_path():
         'slabserve:attention_path_total{path="gather",reason="env_gather"} 9\n')))
     lines = path_checks([mixed, pure])
     assert len(lines) == 1 and "native ctx 64 conc 4" in lines[0] and "80.0%" in lines[0]
+
+
+def test_kv_budget_for_launched_server(tmp_path):
+    from loadtest.servers import kv_budget_args, kv_bytes_per_token
+
+    cfg = {"num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "torch_dtype": "float16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert kv_bytes_per_token(tmp_path) == 2 * 24 * 2 * 64 * 2
+    assert kv_budget_args(tmp_path, 100, ()) == ("--kv-budget", str(1 << 30))
+    big = 16384 * 8
+    assert kv_budget_args(tmp_path, big, ()) == ("--kv-budget", str(int(12288 * big * 1.25)))
+    assert kv_budget_args(tmp_path, big, ("--kv-budget=2G",)) == ()
