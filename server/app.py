@@ -23,12 +23,11 @@ from server.state import ServerContext
 router = APIRouter()
 
 
-def _blas_status() -> Any:
-    """``slabserve.blas.status()`` when that module provides it."""
+def _blas_status() -> dict:
+    """What serves MLX's matrix products (``slabserve.blas.status``)."""
     from slabserve import blas
 
-    status = getattr(blas, "status", None)
-    return status() if callable(status) else None
+    return blas.status()
 
 
 def _model_card(ctx: ServerContext) -> dict:

@@ -25,8 +25,12 @@ log = logging.getLogger("slabserve.server")
 
 def chat_prompt(body: ChatCompletionRequest, codec: TextCodec) -> list[int]:
     """Token ids of the conversation; a template that rejects it is a 400."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    messages = []
+    for m in body.messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        messages.append(msg)
     try:
         return codec.chat_prompt(messages, body.add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - jinja raises many kinds; all mean bad input

@@ -35,12 +35,9 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 def _attention_path_counts() -> dict[tuple[str, str], int]:
-    """``attention.path_counts()`` when the attention package provides it (the path
-    selector adds it), else no counts."""
-    try:
-        from attention import path_counts
-    except ImportError:
-        return {}
+    """The process's decode-attention path counts (``attention.path_counts``)."""
+    from attention import path_counts
+
     return dict(path_counts())
 
 

@@ -65,6 +65,7 @@ def test_models_health_ready(http, srv):
     assert models["data"][0]["max_model_len"] == srv.ctx.max_context
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["ready"] is True
+    assert health["blas"]["backend"] and "blas" in health["blas"]
     assert http.get("/ready").status_code == 200
     assert http.get("/v1/models/tiny").json()["id"] == "tiny"
 
@@ -209,6 +210,11 @@ def test_metrics_after_traffic(http, client):
                  "slabserve:e2e_request_latency_seconds_bucket",
                  'slabserve:request_success_total{finished_reason="length"'):
         assert name in text, name
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
-                   if line.startswith("slabserve:generation_tokens_total"))
-    assert float(next(iter(samples.values()))) > 0
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{"))
+
+    assert total("slabserve:generation_tokens_total") > 0
+    paths = [line for line in text.splitlines() if line.startswith("slabserve:attention_path")]
+    assert paths and all('path="' in p and 'reason="' in p for p in paths)
+    assert total("slabserve:attention_path_total") > 0
