@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--contexts", default="1k,4k,16k", help="prompt + output tokens")
     load.add_argument("--concurrency", default="1,4,8")
     load.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
-    load.add_argument("--requests", type=int, default=None,
-                      help="measured requests per run (default max(4, 2 x concurrency))")
+    load.add_argument("--requests", default=None,
+                      help="measured requests per run: N, or one per concurrency level "
+                           "(e.g. 4,4,8); default max(4, 2 x concurrency)")
     load.add_argument("--duration", type=float, default=120.0,
                       help="seconds per run after which no new request starts")
     load.add_argument("--warmup", type=int, default=1, help="warm-up requests per run")
@@ -125,8 +126,9 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
 
 
 def _grid(args: argparse.Namespace) -> GridSpec:
+    requests = _ints(args.requests) if args.requests else None
     return GridSpec(_ints(args.contexts, parse_size), _ints(args.concurrency), args.max_tokens,
-                    args.requests, args.duration, args.warmup, args.timeout, args.seed)
+                    requests, args.duration, args.warmup, args.timeout, args.seed)
 
 
 def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:

@@ -17,21 +17,32 @@ from loadtest.servers import ManagedServer, ServerConfig
 
 @dataclass(frozen=True)
 class GridSpec:
-    """Contexts x concurrency levels; ``requests`` per run (None: max(4, 2 x concurrency))."""
+    """Contexts x concurrency levels.  ``requests``: measured requests per run, one number
+    for every run or one per concurrency level (None: max(4, 2 x concurrency))."""
 
     contexts: tuple[int, ...]
     concurrency: tuple[int, ...]
     max_tokens: int
-    requests: int | None = None
+    requests: tuple[int, ...] | None = None
     duration_s: float = 120.0
     warmup: int = 1
     timeout_s: float = 600.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.requests is not None and len(self.requests) not in (1, len(self.concurrency)):
+            raise ValueError("requests: one number, or one per concurrency level")
+
+    def requests_for(self, i: int) -> int:
+        """Measured requests at the ``i``-th concurrency level."""
+        if self.requests is None:
+            return max(4, 2 * self.concurrency[i])
+        return self.requests[i if len(self.requests) > 1 else 0]
+
     def specs(self) -> list[RunSpec]:
-        return [RunSpec(ctx, c, self.max_tokens, self.requests or max(4, 2 * c),
-                        self.duration_s, self.warmup, self.timeout_s)
-                for ctx in self.contexts for c in self.concurrency]
+        return [RunSpec(ctx, c, self.max_tokens, self.requests_for(i), self.duration_s,
+                        self.warmup, self.timeout_s)
+                for ctx in self.contexts for i, c in enumerate(self.concurrency)]
 
 
 def build_prompts(grid: GridSpec, tok: Tokenizer) -> dict[tuple[int, int], list[str]]:

@@ -51,10 +51,19 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
                      lambda ids: at.decode(ids), f"transformers:{model_dir}")
 
 
+def _chunk_ids(s: str) -> list[int]:
+    return [int.from_bytes(s[i:i + 4].encode("utf-32-le"), "little")
+            for i in range(0, len(s), 4)]
+
+
+def _chunk_text(ids: list[int]) -> str:
+    return "".join(i.to_bytes(16, "little").decode("utf-32-le").rstrip("\x00") for i in ids)
+
+
 def char_tokenizer() -> Tokenizer:
-    """Fallback when no tokenizer is known: ~4 characters per token (estimate only)."""
-    return Tokenizer(lambda s: list(range((len(s) + 3) // 4)),
-                     lambda ids: "x" * (4 * len(ids)), "estimate:4-chars-per-token")
+    """Fallback when no tokenizer is known: one "token" per 4 characters (an estimate of
+    real tokenizers; the server's reported usage gives the true count)."""
+    return Tokenizer(_chunk_ids, _chunk_text, "estimate:4-chars-per-token")
 
 
 def eos_token_ids(model_dir: Path) -> tuple[int, ...]:

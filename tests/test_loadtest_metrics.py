@@ -236,3 +236,18 @@ def test_kv_budget_for_launched_server(tmp_path):
     big = 16384 * 8
     assert kv_budget_args(tmp_path, big, ()) == ("--kv-budget", str(int(12288 * big * 1.25)))
     assert kv_budget_args(tmp_path, big, ("--kv-budget=2G",)) == ()
+
+
+def test_grid_requests_per_concurrency_and_distinct_prompts():
+    from loadtest.grid import GridSpec, build_prompts
+    from loadtest.prompts import char_tokenizer
+
+    g = GridSpec((64, 128), (1, 4, 8), max_tokens=8, requests=(4, 4, 8))
+    assert [(s.context, s.concurrency, s.requests) for s in g.specs()][:3] == [
+        (64, 1, 4), (64, 4, 4), (64, 8, 8)]
+    assert [s.requests for s in GridSpec((64,), (1, 8), 8).specs()] == [4, 16]
+    with pytest.raises(ValueError):
+        GridSpec((64,), (1, 4, 8), 8, requests=(4, 4))
+    prompts = build_prompts(g, char_tokenizer())
+    flat = [p for ps in prompts.values() for p in ps]
+    assert len(flat) == len(set(flat)) == 2 * (5 + 5 + 9)
