@@ -143,11 +143,21 @@ class ServerProcess:
     def rss_bytes(self) -> int | None:
         return read_rss_bytes(self.pid)
 
+    def send_sigterm(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The exit status, or None if still running after ``timeout_s``."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def terminate(self, timeout_s: float) -> int | None:
         """SIGTERM the server process; its exit status, or None if it is still running
         after ``timeout_s`` (then it is left running for ``stop`` to kill)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.send_sigterm()
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -43,6 +43,7 @@ class SoakReport:
     log_problems: list[str] = field(default_factory=list)
     allow_refused: bool = False
     server_counters: dict[str, float] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)  # scenarios left out of the mix
 
     # ---- figures --------------------------------------------------------------------
     def count(self, **where: object) -> int:
@@ -120,6 +121,7 @@ class SoakReport:
         return {
             "duration_s": round(self.duration_s, 1), "warmup_s": round(self.warmup_s, 1),
             "concurrency": self.concurrency, "server_args": self.server_args,
+            "excluded_scenarios": self.excluded,
             "requests": len(self.outcomes),
             "valid": self.count(valid=True), "invalid": self.count(valid=False),
             "by_result": self.by("result"), "by_status": self.by("status"),
@@ -143,9 +145,9 @@ class SoakReport:
     def to_markdown(self) -> str:
         s = self.summary()
         lines = ["| figure | value |", "|---|---|"]
-        for key in ("duration_s", "warmup_s", "concurrency", "requests", "valid", "invalid",
-                    "disconnects", "preemptions", "leaked_blocks", "kv_blocks_total",
-                    "integrity_ok", "client_5xx", "server_5xx", "rss_before_mib",
+        for key in ("duration_s", "warmup_s", "concurrency", "excluded_scenarios", "requests",
+                    "valid", "invalid", "disconnects", "preemptions", "leaked_blocks",
+                    "kv_blocks_total", "integrity_ok", "client_5xx", "server_5xx", "rss_before_mib",
                     "rss_after_mib", "rss_peak_mib", "exit_code"):
             lines.append(f"| {key} | {s[key]} |")
         lines.append(f"| RSS over time (s, MiB) | {s['rss_timeline_s_mib']} |")

@@ -33,6 +33,7 @@ class StreamEnd:
 @dataclass
 class ShutdownResult:
     ends: list[StreamEnd] = field(default_factory=list)
+    late_status: int | None = None  # a request sent after SIGTERM (None: not connected)
     exit_code: int | None = None
     exit_after_s: float = 0.0
 
@@ -90,6 +91,17 @@ async def _plain(client: httpx.AsyncClient, url: str, body: dict) -> StreamEnd:
     return StreamEnd("plain", "cut", None, r.status_code, r.text[:200])
 
 
+async def _late(client: httpx.AsyncClient, url: str, body: dict) -> int | None:
+    """A new request shortly after the signal: its status (503 while draining), or None
+    when the server no longer accepts connections."""
+    await asyncio.sleep(0.2)
+    try:
+        r = await client.post(url + "/v1/completions", json={**body, "max_tokens": 1})
+    except httpx.HTTPError:
+        return None
+    return r.status_code
+
+
 async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 2,
                              max_tokens: int = 400, exit_timeout_s: float = 60.0
                              ) -> ShutdownResult:
@@ -106,7 +118,9 @@ async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 
         await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 120.0)
         res = ShutdownResult()
         t0 = time.perf_counter()
-        res.exit_code = await asyncio.to_thread(srv.terminate, exit_timeout_s)
+        srv.send_sigterm()
+        res.late_status = await _late(client, srv.url, body)
+        res.exit_code = await asyncio.to_thread(srv.wait_exit, exit_timeout_s)
         res.exit_after_s = time.perf_counter() - t0
         res.ends = list(await asyncio.gather(*tasks))
     return res

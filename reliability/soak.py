@@ -50,10 +50,17 @@ class SoakConfig:
     idle_timeout_s: float = 30.0
     rss_growth_limit_bytes: int = 256 * MIB
     shutdown_wait_s: float = 60.0
+    exclude: tuple[str, ...] = ()  # scenario names left out of the mix
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.warmup_s < 0 or self.concurrency < 1:
             raise ValueError("duration_s > 0, warmup_s >= 0 and concurrency >= 1 required")
+        unknown = set(self.exclude) - {s.__name__ for s, _ in MIX}
+        if unknown:
+            raise ValueError(f"unknown scenarios {sorted(unknown)}")
+
+    def mix(self) -> tuple[tuple[Scenario, float], ...]:
+        return tuple((s, w) for s, w in MIX if s.__name__ not in self.exclude)
 
 
 async def discover(client: httpx.AsyncClient, url: str) -> Target:
@@ -62,8 +69,8 @@ async def discover(client: httpx.AsyncClient, url: str) -> Target:
     return Target(url, card["id"], int(card.get("max_model_len") or 2048))
 
 
-def pick(rng: random.Random) -> Scenario:
-    return rng.choices([s for s, _ in MIX], weights=[w for _, w in MIX])[0]
+def pick(rng: random.Random, mix: tuple[tuple[Scenario, float], ...] = MIX) -> Scenario:
+    return rng.choices([s for s, _ in mix], weights=[w for _, w in mix])[0]
 
 
 async def _guarded(scenario: Scenario, client: httpx.AsyncClient, t: Target,
@@ -81,11 +88,12 @@ async def drive(client: httpx.AsyncClient, t: Target, seconds: float, cfg: SoakC
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     out: list[Outcome] = []
+    mix = cfg.mix()
 
     async def worker(i: int) -> None:
         rng = random.Random(seed * 1_000_003 + i)
         while loop.time() < deadline:
-            out.append(await _guarded(pick(rng), client, t, rng, cfg.request_timeout_s))
+            out.append(await _guarded(pick(rng, mix), client, t, rng, cfg.request_timeout_s))
 
     await asyncio.gather(*(worker(i) for i in range(cfg.concurrency)))
     return out
@@ -136,7 +144,8 @@ async def run_traffic(srv: ServerProcess, cfg: SoakConfig, report: SoakReport) -
 def run(opts: ServerOptions, cfg: SoakConfig, log_path: Path) -> SoakReport:
     """Start the server, soak it, SIGTERM it; the report (check ``violations()``)."""
     report = SoakReport(cfg.duration_s, cfg.warmup_s, cfg.concurrency, opts.argv(),
-                        rss_growth_limit=cfg.rss_growth_limit_bytes)
+                        rss_growth_limit=cfg.rss_growth_limit_bytes,
+                        excluded=list(cfg.exclude))
     with ServerProcess(opts, log_path) as srv:
         try:
             asyncio.run(run_traffic(srv, cfg, report))
@@ -162,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-budget-mib", type=float, default=2.0)
     p.add_argument("--slab-tokens", type=int, default=512)
     p.add_argument("--rss-growth-mib", type=float, default=256.0)
+    p.add_argument("--exclude", action="append", default=[],
+                   help="leave a scenario out of the mix (repeatable): "
+                   + ", ".join(s.__name__ for s, _ in MIX))
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for slabserve serve (repeatable)")
     p.add_argument("--log", type=Path, default=None, help="server log file")
@@ -177,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                          kv_budget_bytes=int(a.kv_budget_mib * MIB), slab_tokens=a.slab_tokens,
                          extra_args=tuple(a.server_arg))
     cfg = SoakConfig(duration_s=seconds, warmup_s=a.warmup, concurrency=a.concurrency,
-                     seed=a.seed, rss_growth_limit_bytes=int(a.rss_growth_mib * MIB))
+                     seed=a.seed, rss_growth_limit_bytes=int(a.rss_growth_mib * MIB),
+                     exclude=tuple(a.exclude))
     log = a.log or Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
     report = run(opts, cfg, log)
     print(report.to_markdown() if a.markdown else report.to_json())
