@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Protocol, TypeVar
 from scheduler.api import AsyncEngine, Delta, Request, RequestError, TokenLogprob
 from server.metrics import ChoiceTimer
 
+log = logging.getLogger("slabserve.server")
 DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
 
@@ -129,8 +131,11 @@ async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
                 break
         else:
             await queue.put((choice, _ENDED))
-    except RequestError as e:
-        await queue.put((choice, Delta((), "", finish_reason="error", error=e.message)))
+    except Exception as e:  # noqa: BLE001 - the engine failed this choice, not the server
+        message = e.message if isinstance(e, RequestError) else "the engine failed"
+        if not isinstance(e, RequestError):
+            log.exception("engine stream of %s failed", choice.request.request_id)
+        await queue.put((choice, Delta((), "", finish_reason="error", error=message)))
     finally:
         await queue.put((choice, None))
 
@@ -233,10 +238,13 @@ async def while_connected(receive, work: Awaitable[T]) -> T | None:
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    except BaseException:
+        task.cancel()
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        return None
-    return task.result()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # let it abort its requests
+    return None

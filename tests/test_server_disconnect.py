@@ -82,3 +82,5 @@ def test_dropped_non_streaming_request_is_aborted(srv):
             client.post("/v1/completions", json={**LONG, "max_tokens": 4000})
     wait_idle(engine)
     assert engine.stats().generated_tokens - before < 4000
+    text = httpx.get(srv.url + "/metrics").text
+    assert metric(text, "slabserve:request_errors_total", status="500") == 0

@@ -32,8 +32,8 @@ class ByteTokenizer:
 
 class ScriptedEngine(AsyncEngine):
     """Answers with the prompt's last byte repeated; prompts starting with a command
-    byte misbehave: ``!`` fails after two tokens, ``?`` is refused with the kind named by
-    the rest of the prompt, ``#`` raises a bug."""
+    byte misbehave: ``!`` fails after two tokens, ``%`` raises after one, ``?`` is refused
+    with the kind named by the rest of the prompt, ``#`` raises a bug."""
 
     model_name = "scripted"
     max_context = 64
@@ -58,14 +58,16 @@ class ScriptedEngine(AsyncEngine):
             raise RequestError(bytes(request.prompt_tokens[1:]).decode(), "refused")
         if head == "#":
             raise KeyError("a bug")
-        return self._stream(request, fail=head == "!")
+        return self._stream(request, head)
 
-    async def _stream(self, request: Request, fail: bool):
+    async def _stream(self, request: Request, head: str):
         tok = request.prompt_tokens[-1]
         for i in range(request.params.max_tokens):
-            if fail and i == 2:
+            if head == "!" and i == 2:
                 yield Delta((), "", finish_reason="error", error="step failed")
                 return
+            if head == "%" and i == 1:
+                raise RuntimeError("broken iterator")
             last = i == request.params.max_tokens - 1
             yield Delta((tok,), chr(tok), finish_reason="length" if last else None)
 
@@ -96,6 +98,15 @@ def test_engine_failure_without_stream_is_a_500_with_message(http):
     assert r.status_code == 500
     assert r.json()["error"] == {"message": "step failed", "type": "server_error",
                                  "param": None, "code": "engine_error"}
+    served(http)
+
+
+def test_engine_iterator_raising_ends_its_choice_with_an_error(http):
+    r = http.post("/v1/completions", json={"prompt": "%y", "max_tokens": 5, "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    assert '"message":"the engine failed"' in r.text and "broken iterator" not in r.text
+    r = http.post("/v1/completions", json={"prompt": "%y", "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "the engine failed"
     served(http)
 
 
