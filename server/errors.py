@@ -4,14 +4,18 @@ or a stack trace.
 
 | status | type | code |
 |---|---|---|
-| 400 | invalid_request_error | invalid_value, context_length_exceeded, ... |
+| 400 | invalid_request_error | invalid_value, context_length_exceeded, kv_capacity |
 | 401 | invalid_request_error | invalid_api_key |
 | 404 | invalid_request_error | model_not_found, unknown_url |
 | 405 | invalid_request_error | method_not_allowed |
 | 413 | invalid_request_error | request_too_large |
 | 429 | rate_limit_error | queue_full (with ``Retry-After``) |
-| 503 | service_unavailable_error | shutting_down, kv_capacity, not_ready |
-| 500 | server_error | internal_error (a bug; logged with its traceback) |
+| 503 | service_unavailable_error | shutting_down, not_ready |
+| 500 | server_error | engine_error (the engine failed the request), internal_error (a bug,
+logged with its traceback, never shown) |
+
+``kv_capacity`` is a 400: the engine raises it only for a request that can never fit the
+KV budget, whatever the load (a busy server queues instead).
 """
 
 from __future__ import annotations
