@@ -149,7 +149,7 @@ def decision_cost(args, selector: Selector) -> dict:
     g = args.geometries[0]
     cell = Cell(*g, args.dtypes[0], 1, 1024, "one")
     q, pool, batch = build(cell, args.block_size, 1)
-    layers, steps = 16, 2000
+    layers, steps = 16, args.decision_steps
     for layer in range(layers):  # warm the per-layer cache
         selector.decide(q, pool, layer, batch)
     t0 = time.perf_counter()
@@ -255,6 +255,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--contiguous", action=argparse.BooleanOptionalAction, default=None,
                    help="also time SDPA on contiguous K/V (default on for GPU)")
     p.add_argument("--decision-cost", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--decision-steps", type=int, default=2000)
+    p.add_argument("--bandwidth-mb", type=int, default=256, help="copy-bandwidth buffer")
     p.add_argument("--no-profile", action="store_true",
                    help="ignore this device's calibration profile (rules only)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/attention"))
@@ -283,7 +285,7 @@ def main(argv: list[str]) -> int:
         mx.set_cache_limit(8 << 30)  # MLX's 32 MiB default re-faults big intermediates
     profile = None if args.no_profile else load_for_device(env.cache_dir())
     selector = Selector(override=None, profile=profile)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.bandwidth_mb << 20)
     meta = {"device": device_id(), "backend": current_backend(), "mlx": mx.__version__,
             "python": platform.python_version(), "layers": args.layers, "reps": args.reps,
             "block_size": args.block_size, "copy_GBps": bandwidth / 1e9,

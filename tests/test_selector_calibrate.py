@@ -1,0 +1,53 @@
+"""Calibration writes a per-device profile that the selector then follows; the
+attention benchmark runs end to end on a tiny grid and writes its three outputs."""
+
+import json
+
+from attention import calibrate
+from attention.profile import load_for_device, profile_path
+from attention.selector import Path, Reason, Selector
+from bench import attention as bench_attention
+
+
+def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLABSERVE_CACHE_DIR", str(tmp_path))
+    argv = ["--geometry", "8/2/64", "--dtype", "float32", "--batches", "1,2",
+            "--contexts", "48", "--layers", "1", "--reps", "1"]
+    assert calibrate.main(argv) == 0
+    prof = load_for_device(tmp_path)
+    assert {(e.batch, e.ctx, e.slabs) for e in prof.entries} == {
+        (1, 48, "1"), (1, 48, "many"), (2, 48, "1"), (2, 48, "many")}
+    assert all(e.gather_ms > 0 and e.native_ms > 0 for e in prof.entries)
+    # re-measuring one point replaces it and keeps the others
+    assert calibrate.main(argv[:4] + ["--batches", "1", "--contexts", "48", "--slabs", "one",
+                                      "--layers", "1", "--reps", "1"]) == 0
+    assert len(load_for_device(tmp_path).entries) == 4
+    for e in prof.entries:
+        q, pool, batch = calibrate.build_case(8, 2, 64, "float32", e.batch, e.ctx,
+                                              "one" if e.slabs == "1" else "many")
+        d = Selector(profile=prof).decide(q, pool, 0, batch)
+        assert (d.path, d.reason) == (Path(e.faster), Reason.PROFILE)
+
+
+def test_model_geometry_reads_config():
+    assert calibrate.model_geometry("embedded:tiny", None) == (4, 2, 32, "float32")
+
+
+def test_bench_attention_writes_markdown_json_png(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLABSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["--geometries", "8/2/64", "--dtypes", "float32", "--batches", "2",
+            "--contexts", "64", "--layers", "2", "--reps", "1", "--contiguous",
+            "--decision-steps", "20", "--bandwidth-mb", "8", "--out", str(out)]
+    assert bench_attention.main(argv) == 0
+    body = json.loads((out / "cpu.json").read_text())
+    rows = body["results"]
+    assert [(r["cell"]["slabs"], r["choice"]) for r in rows] == [("one", "native"),
+                                                                 ("many", "native")]
+    assert all(r["native_ms"] > 0 and r["contiguous_ms"] > 0 and r["regret"] >= 1.0
+               for r in rows)
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows)
+    assert body["decision_cost"]["decide_us_per_layer_step"] > 0
+    assert "| 8/2/64 float32 B2 ctx64 many |" in (out / "cpu.md").read_text()
+    assert (out / "cpu.png").stat().st_size > 0
+    assert not profile_path(tmp_path / "cache").exists()  # a benchmark writes no profile
