@@ -44,7 +44,10 @@ def _ints(text: str, conv=int) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slabserve loadtest", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="slabserve loadtest",
+        description="Load an OpenAI-compatible server (--url) or compare ours (auto, forced "
+                    "native, forced gather) with mlx_lm.server on one model (--compare).")
     tgt = p.add_argument_group("target")
     tgt.add_argument("--url", help="base URL of a running OpenAI-compatible server")
     tgt.add_argument("--compare", action="store_true",
@@ -61,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--url mode: how to force max_tokens outputs (mlx_lm.server: "
                           "logit_bias)")
     tgt.add_argument("--server-arg", action="append", default=[],
-                     help="extra argument for 'slabserve serve' (repeatable)")
-    tgt.add_argument("--ready-timeout", type=float, default=300.0)
+                     help="extra argument for 'slabserve serve' (repeatable; write "
+                     "--server-arg=--max-running=16)")
+    tgt.add_argument("--ready-timeout", type=float, default=300.0,
+                     help="seconds a launched server may take to answer /health")
     load = p.add_argument_group("load")
     load.add_argument("--contexts", default="1k,4k,16k", help="prompt + output tokens")
     load.add_argument("--concurrency", default="1,4,8")
