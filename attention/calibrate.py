@@ -129,6 +129,20 @@ def merge_and_save(cache_dir: Path, entries: list[ProfileEntry]) -> Profile:
     return prof
 
 
+def calibrate_startup(q_heads: int, geom: PoolGeometry, cache_dir: Path,
+                      log=print) -> Profile:
+    """``slabserve serve --calibrate``: the short grid for the served model's geometry,
+    merged into this device's profile, saved, and installed in the process's selector."""
+    import attention
+
+    dtype = str(geom.dtype).rsplit(".", 1)[-1]
+    entries = calibrate_geometry(q_heads, geom.kv_heads, geom.head_dim, dtype,
+                                 block_size=geom.block_size, short=True, log=log)
+    prof = merge_and_save(cache_dir, entries)
+    attention.default_selector().set_profile(prof)
+    return prof
+
+
 def model_geometry(model: str | None, dtype: str | None) -> tuple[int, int, int, str]:
     """(q_heads, kv_heads, head_dim, dtype) from a model directory's config.json."""
     from engine.loader import resolve_model_path

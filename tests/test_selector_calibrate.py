@@ -29,6 +29,22 @@ def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_pat
         assert (d.path, d.reason) == (Path(e.faster), Reason.PROFILE)
 
 
+def test_startup_calibration_installs_profile(monkeypatch, tmp_path):
+    import attention
+    from kvcache.pool import PoolGeometry
+
+    monkeypatch.setitem(calibrate.SHORT, "contexts", [40])
+    monkeypatch.setitem(calibrate.SHORT, "batches", [1])
+    old = attention.set_selector(Selector())
+    try:
+        geom = PoolGeometry(2, 2, 64, 16, 8)
+        prof = calibrate.calibrate_startup(4, geom, tmp_path, log=lambda *_: None)
+        assert attention.default_selector().profile is prof
+        assert load_for_device(tmp_path).entries == prof.entries and len(prof.entries) == 2
+    finally:
+        attention.set_selector(old)
+
+
 def test_model_geometry_reads_config():
     assert calibrate.model_geometry("embedded:tiny", None) == (4, 2, 32, "float32")
 
