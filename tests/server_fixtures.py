@@ -3,6 +3,7 @@ this process, around an app built by ``server.app.create_app``."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -45,9 +46,18 @@ class LiveServer:
         config = uvicorn.Config(app, log_level="warning", lifespan="on",
                                 timeout_graceful_shutdown=30)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
                                        name=f"uvicorn-{self.port}", daemon=True)
         self.startup_timeout = startup_timeout
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self.sock])
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run ``coro`` on the server's event loop (where the engine lives); its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()

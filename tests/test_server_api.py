@@ -13,6 +13,8 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server_fixtures import serve, tiny_engine
 
+from scheduler.api import Request, SamplingParams
+
 PROMPT = "The slab allocator"
 
 
@@ -70,7 +72,19 @@ def test_models_health_ready(http, srv):
     assert http.get("/v1/models/tiny").json()["id"] == "tiny"
 
 
-def test_greedy_completion_equals_mlx_lm(client, tok):
+def engine_direct(srv, ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    """(token ids, text) of the engine itself, bypassing HTTP, on the server's loop."""
+    async def run() -> tuple[list[int], str]:
+        out, text = [], []
+        async for d in srv.ctx.engine.generate(Request("direct", tuple(ids), params)):
+            out.extend(d.token_ids)
+            text.append(d.text)
+        return out, "".join(text)
+
+    return srv.call(run())
+
+
+def test_greedy_completion_equals_engine_and_mlx_lm(client, tok, srv):
     ids = tok.encode(PROMPT)
     resp = client.completions.create(
         model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
@@ -78,6 +92,10 @@ def test_greedy_completion_equals_mlx_lm(client, tok):
     assert isinstance(resp, Completion)
     choice = resp.choices[0]
     ref = mlx_lm_greedy(ids, 12)
+    direct_ids, direct_text = engine_direct(
+        srv, ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert direct_ids == ref
+    assert choice.text == direct_text
     assert choice.model_extra["token_ids"] == ref
     assert choice.model_extra["prompt_token_ids"] == ids
     assert choice.text == tok.decode(ref)

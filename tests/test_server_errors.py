@@ -154,7 +154,7 @@ def test_413_body_too_large(guarded):
         served(http, auth)
 
 
-LONG = {"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+LONG = {"prompt": "long", "max_tokens": 4000, "ignore_eos": True, "stream": True}
 
 
 def wait_for(cond, timeout: float = 30.0) -> None:

@@ -46,7 +46,7 @@ def test_sigterm_drains_and_exits_zero():
                             stderr=subprocess.PIPE)
     try:
         wait_healthy(proc, url)
-        body = {"prompt": "Once", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=60) as http, \
                 http.stream("POST", "/v1/completions", json=body) as stream:
             lines = stream.iter_lines()
