@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from attention.base import DecodeAttention, DecodeBatch
 from kvcache.pool import SlabPool
@@ -50,32 +51,31 @@ class CpuPlan:
     parts: tuple[tuple[_Chunk, ...], ...]
 
 
-def _groups(geom, rows: list[list[int]], c0: int, c1: int):
+def _groups(geom, rows: np.ndarray):
+    """Page rows of a ``[B, C]`` block-id table in ``(b, h, c)`` order, grouped by slab,
+    and the permutation back from slab order (None when one slab holds them all)."""
     h, sb = geom.kv_heads, geom.slab_blocks
-    blocks = [blk for r in rows for blk in r[c0:c1]]
-    slabs = {blk // sb for blk in blocks}
-    ids = mx.array(blocks, dtype=mx.int32).reshape(len(rows), 1, c1 - c0)
-    heads = mx.arange(h, dtype=mx.int32)[None, :, None]
+    page = (rows % sb)[:, None, :] * h + np.arange(h)[None, :, None]  # [B, H, C]
+    slab = np.broadcast_to((rows // sb)[:, None, :], page.shape).reshape(-1)
+    page = page.reshape(-1).astype(np.int32)
+    slabs = np.unique(slab)
     if len(slabs) == 1:
-        rows_ = ((ids % sb) * h + heads).reshape(-1)
-        return ((slabs.pop(), rows_),), None
-    flat = ((ids % sb) * h + heads).reshape(-1).tolist()
-    slab_of = (ids // sb + 0 * heads).reshape(-1).tolist()
-    order = sorted(range(len(flat)), key=slab_of.__getitem__)
-    groups = []
-    for s in sorted(slabs):
-        sel = [i for i in order if slab_of[i] == s]
-        groups.append((s, mx.array([flat[i] for i in sel], dtype=mx.int32)))
-    inverse = [0] * len(order)
-    for j, i in enumerate(order):
-        inverse[i] = j
-    return tuple(groups), mx.array(inverse, dtype=mx.int32)
+        return ((int(slabs[0]), mx.array(page)),), None
+    order = np.argsort(slab, kind="stable")
+    cuts = np.searchsorted(slab[order], slabs, side="right")
+    groups, start = [], 0
+    for s, end in zip(slabs.tolist(), cuts.tolist(), strict=True):
+        groups.append((s, mx.array(page[order[start:end]])))
+        start = end
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return tuple(groups), mx.array(inverse.astype(np.int32))
 
 
-def _chunk(batch: DecodeBatch, rows: list[list[int]], c0: int, c1: int) -> _Chunk:
+def _chunk(batch: DecodeBatch, rows: np.ndarray, c0: int, c1: int) -> _Chunk:
     bs = batch.geom.block_size
-    groups, inverse = _groups(batch.geom, rows, c0, c1)
-    shape = (len(rows), batch.geom.kv_heads, c1 - c0)
+    groups, inverse = _groups(batch.geom, rows[:, c0:c1])
+    shape = (rows.shape[0], batch.geom.kv_heads, c1 - c0)
     lo, hi = c0 * bs, c1 * bs
     if all(n >= hi for n in batch.lengths):
         return _Chunk(shape, groups, inverse, None)
@@ -98,8 +98,8 @@ def _pages(pool: SlabPool, layer: int, side: int, chunk: _Chunk) -> mx.array:
 def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int) -> CpuPlan:
     """Split the padded table's columns into ``streams`` contiguous parts, each cut in
     chunks of at most ``chunk_blocks`` columns."""
-    nblk = batch.num_blocks
-    rows = [t + [t[0]] * (nblk - len(t)) for t in batch.tables]
+    nblk = max(len(t) for t in batch.tables)
+    rows = np.array([t + [t[0]] * (nblk - len(t)) for t in batch.tables], dtype=np.int64)
     streams = max(1, min(streams, nblk))
     bounds = [round(i * nblk / streams) for i in range(streams + 1)]
     parts = []

@@ -95,8 +95,11 @@ def slabs_touched_bucket(pool: SlabPool, batch: DecodeBatch) -> str:
     if pool.num_slabs == 1:
         return "1"
     sb = batch.geom.slab_blocks
-    lo = min(map(min, batch.tables))
-    hi = max(map(max, batch.tables))
+    try:
+        lo = min(map(min, batch.tables))
+        hi = max(map(max, batch.tables))
+    except ValueError:  # an empty table: the path's decline will say so
+        return "1"
     return "1" if lo // sb == hi // sb else "many"
 
 
