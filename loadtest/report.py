@@ -33,6 +33,8 @@ def row(res: RunResult) -> dict:
     out["paths"] = res.trace.describe() if res.trace is not None else "n/a"
     out["path_reasons"] = res.trace.describe(reasons=True) if res.trace is not None else "n/a"
     out["path_counts"] = json.dumps(res.trace.by_reason) if res.trace is not None else ""
+    for key in ("num_preemptions", "prompt_tokens", "generation_tokens"):
+        out[f"server_{key}"] = res.server_counters.get(key)
     return out
 
 

@@ -12,13 +12,13 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from loadtest.client import Endpoint, send_one
 from loadtest.metrics import RequestRecord, RunSummary, summarize
-from loadtest.traces import PathTrace, path_delta, snapshot
+from loadtest.traces import PathTrace, counter_deltas, path_delta, snapshot
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RunResult:
     summary: RunSummary
     trace: PathTrace | None
     records: tuple[RequestRecord, ...]
+    server_counters: dict[str, float] = field(default_factory=dict)
 
 
 class _Progress:
@@ -122,6 +123,8 @@ async def run_once(ep: Endpoint, spec: RunSpec, prompts: Sequence[str], label: s
         finally:
             bar.close()
         after = await snapshot(client, ep.base_url, ep.metrics_path)
-    trace = path_delta(before, after) if before is not None and after is not None else None
+    both = before is not None and after is not None
+    trace = path_delta(before, after) if both else None
+    counters = counter_deltas(before, after) if both else {}
     summary = summarize(records, expected_output_tokens=spec.max_tokens)
-    return RunResult(label, spec, summary, trace, tuple(records))
+    return RunResult(label, spec, summary, trace, tuple(records), counters)

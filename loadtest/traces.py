@@ -79,6 +79,23 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
     return PathTrace(dict(sorted(by_path.items())), dict(sorted(by_reason.items())))
 
 
+SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total")
+
+
+def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],
+                   suffixes: tuple[str, ...] = SERVER_COUNTERS) -> dict[str, float]:
+    """Increase of each counter named ``...<suffix>`` (summed over labels), keyed by the
+    suffix without ``_total``; counters absent from ``after`` are left out."""
+    out: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        for suf in suffixes:
+            if name.endswith(":" + suf) or name == suf:
+                prev = before.get((name, labels), 0.0)
+                key = suf.removesuffix("_total")
+                out[key] = out.get(key, 0.0) + (value - prev if value >= prev else value)
+    return out
+
+
 async def snapshot(client: httpx.AsyncClient, base_url: str,
                    metrics_path: str | None) -> dict[Key, float] | None:
     """Current samples, or None when the server has no usable ``/metrics``."""

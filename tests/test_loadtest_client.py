@@ -26,7 +26,9 @@ class FakeServer:
     def metrics(self) -> httpx.Response:
         text = ("# TYPE slabserve:attention_path counter\n"
                 f'slabserve:attention_path_total{{path="native",reason="auto"}} '
-                f"{float(self.native_calls)}\n")
+                f"{float(self.native_calls)}\n"
+                "# TYPE slabserve:generation_tokens counter\n"
+                f"slabserve:generation_tokens_total {float(self.native_calls)}\n")
         return httpx.Response(200, text=text)
 
     async def stream(self, n: int):
@@ -82,6 +84,7 @@ def test_run_once_bounds_concurrency_excludes_warmup_and_counts_failures():
     assert s.ttft.n == 8 and s.ttft.p50 > 0 and s.itl.n == 8 * 5
     # the warm-up's 6 decisions happened before the first snapshot
     assert res.trace is not None and res.trace.by_path == {"native": 48.0}
+    assert res.server_counters == {"generation_tokens": 48.0}
 
 
 def test_run_once_stops_starting_requests_after_duration():

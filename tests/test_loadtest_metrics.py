@@ -18,7 +18,7 @@ from loadtest.metrics import Dist, RequestRecord, percentile, summarize
 from loadtest.report import row, runs_markdown
 from loadtest.runner import RunResult, RunSpec
 from loadtest.sse import ProtocolError, parse_line
-from loadtest.traces import parse_prometheus, path_delta
+from loadtest.traces import counter_deltas, parse_prometheus, path_delta
 
 
 def test_percentile_matches_numpy_linear():
@@ -155,6 +155,8 @@ def test_path_trace_deltas_and_shares():
     again = path_delta(parse_prometheus(METRICS_AFTER), parse_prometheus(METRICS_BEFORE))
     assert again.by_path == {"gather": 5.0, "native": 10.0}
     assert path_delta({}, {}).describe() == "-"
+    deltas = counter_deltas(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
+    assert deltas == {"generation_tokens": 800.0}
 
 
 def _result(label: str, conc: int, tok_s_scale: float, ttft: float) -> RunResult:

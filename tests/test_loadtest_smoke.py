@@ -35,8 +35,10 @@ def test_compare_smoke_ours_and_mlx_lm(tmp_path):
         assert [rec["output_tokens"] for rec in run["records"]] == [MAX_TOKENS] * 4
         assert all(rec["prompt_tokens"] == 96 - MAX_TOKENS for rec in run["records"])
         assert all(rec["cached_tokens"] == 0 for rec in run["records"])
-        if row["label"] == "auto":  # our /metrics was read before and after
-            assert run["trace"] is not None
+        if row["label"] == "auto":  # our /metrics, read before and after, agrees
+            assert run["trace"] is not None and sum(run["trace"]["by_path"].values()) > 0
+            assert row["server_generation_tokens"] == 4 * MAX_TOKENS
+            assert row["server_prompt_tokens"] == 4 * (96 - MAX_TOKENS)
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(cells)
     md = (out / "results.md").read_text()
