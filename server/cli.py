@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if server_cfg.host not in ("127.0.0.1", "localhost", "::1") and not server_cfg.api_key:
+        logging.getLogger("slabserve.server").warning(
+            "binding %s without an API key: anyone who can reach it can use it "
+            "(set --api-key or SLABSERVE_API_KEY)", server_cfg.host)
     from engine.build import build_engine
     from server.app import create_app
 
