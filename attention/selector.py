@@ -184,12 +184,15 @@ def load_native(backend: str) -> DecodeAttention:
 
 
 class _Slot:
-    """One layer's cached decision and how many layer-steps used it."""
+    """One layer's cached decision, the path object that runs it, its backend, and how
+    many layer-steps used it."""
 
-    __slots__ = ("decision", "count")
+    __slots__ = ("decision", "impl", "backend", "count")
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, impl: DecodeAttention, backend: str) -> None:
         self.decision = decision
+        self.impl = impl
+        self.backend = backend
         self.count = 0
 
 
@@ -283,9 +286,9 @@ class Selector:
 
     def decide(self, q, pool: SlabPool, layer: int, batch: DecodeBatch) -> Decision:
         """The decision for ``layer`` this step: counted, logged once, traced."""
-        return self._decide(q, pool, layer, batch)[0].decision
+        return self._slot(q, pool, layer, batch).decision
 
-    def _decide(self, q, pool, layer, batch) -> tuple[_Slot, _Step]:
+    def _slot(self, q, pool, layer, batch) -> _Slot:
         st = batch._cache.get(self) or self._new_step(q, pool, batch)
         slots = st.slots
         slot = slots[layer] if layer < len(slots) else None
@@ -294,26 +297,29 @@ class Selector:
         slot.count += 1
         if self._trace_path is not None:
             self._write_trace(st, layer, batch, slot.decision.label)
-        return slot, st
+        return slot
 
     def _miss(self, q, pool, layer, batch, st: _Step) -> _Slot:
-        slot = _Slot(self.fresh(q, pool, batch, st.key))
+        d = self.fresh(q, pool, batch, st.key)
+        impl = self.native(st.key.backend) if d.path is Path.NATIVE else self.gather
+        slot = _Slot(d, impl, st.key.backend)
         st.slots.extend([None] * (layer + 1 - len(st.slots)))
         st.slots[layer] = slot
         self.misses += 1
-        if slot.decision.label not in self._logged:
-            self._log_once(slot.decision.label, st.key)
+        if d.label not in self._logged:
+            self._log_once(d.label, st.key)
         return slot
 
     def run(self, q, pool: SlabPool, layer: int, batch: DecodeBatch, scale: float):
         """Decide, then run the chosen path (a native failure falls back to gather)."""
-        slot, st = self._decide(q, pool, layer, batch)
-        if slot.decision.path is Path.NATIVE:
-            try:
-                return self.native(st.key.backend)(q, pool, layer, batch, scale)
-            except Exception as exc:
-                slot.count -= 1
-                self._native_failed(st.key.backend, exc)
+        slot = self._slot(q, pool, layer, batch)
+        if slot.impl is self.gather:
+            return self.gather(q, pool, layer, batch, scale)
+        try:
+            return slot.impl(q, pool, layer, batch, scale)
+        except Exception as exc:
+            slot.count -= 1
+            self._native_failed(slot.backend, exc)
         return self.gather(q, pool, layer, batch, scale)
 
     def _native_failed(self, backend: str, exc) -> None:
