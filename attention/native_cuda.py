@@ -17,6 +17,7 @@ returned the right values on this device; ``__call__`` never copies the pool.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -46,8 +47,11 @@ def group_block(g: int) -> int:
     return max(d for d in range(1, min(g, MAX_GROUP) + 1) if g % d == 0)
 
 
-def unit_tokens(gb: int) -> int:
-    """Tokens a row group loads at once (registers: ``gb * unit`` scores)."""
+def unit_tokens(gb: int, variant: str = "sync") -> int:
+    """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
+    variant keeps several units in flight through shared memory instead)."""
+    if variant == "async":
+        return 4
     return 8 if gb <= 4 else 4
 
 
@@ -74,22 +78,37 @@ def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str |
     return None
 
 
-def kernel_body(ns: int, direct: bool) -> str:
-    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``."""
+def kernel_body(ns: int, direct: bool, variant: str = "async") -> str:
+    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``variant``
+    "async" (cp.async pipeline, dynamic shared memory) or "sync" (register loads)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     outs = "out, nullptr, nullptr" if direct else "nullptr, opart, lse"
     flag = "true" if direct else "false"
-    return f"""
+    if variant == "async":
+        head = "  extern __shared__ uint4 slabserve_smem[];\n"
+        call = f"pooled_decode_async<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
+        tail = ", slabserve_smem"
+    else:
+        head, call, tail = "", f"pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>", ""
+    return f"""{head}
   __shared__ const T* ktab[NS];
   __shared__ const T* vtab[NS];
   if (threadIdx.x == 0) {{
 {fill}
   }}
   __syncthreads();
-  ::slabserve::pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>(
+  ::slabserve::{call}(
       q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), qscale[0] * {LOG2E}f,
-      ktab, vtab, {outs});
+      ktab, vtab, {outs}{tail});
 """
+
+
+def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int) -> int:
+    """Dynamic shared memory of the async variant: the stage ring, reused by the merge."""
+    if variant != "async":
+        return 0
+    rows = THREADS // (d * dtype_size // 16)
+    return max(stages * 2 * unit * THREADS * 16, (rows * gb * d + 2 * rows * gb) * 4)
 
 
 MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);\n"
@@ -100,11 +119,17 @@ class NativeCUDA(DecodeAttention):
 
     name = "native"
 
-    def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
+    def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
+                 stages: int = 3) -> None:
+        if variant not in ("async", "sync") or stages < 2:
+            raise ValueError("variant is 'async' or 'sync'; stages >= 2")
         self.params = params
-        self._kernels: dict[tuple[str, int], object] = {}
+        self.variant = variant
+        self.stages = stages
+        self._kernels: dict[tuple[str, int, int], object] = {}
         self._probes: dict[tuple, str | None] = {}
         self._scales: dict[float, mx.array] = {}
+        self._launches: dict[tuple, tuple] = {}
         self._header: str | None = None
 
     # ---- decline ------------------------------------------------------------------------
@@ -158,38 +183,49 @@ class NativeCUDA(DecodeAttention):
         return g.kv_heads * (grp // group_block(grp))
 
     def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
-        g = pool.geom
+        b, hq, _, d = q.shape
+        ns = slab_bucket(pool.num_slabs)
+        key = (q.shape, q.dtype, pool.geom, ns, chunks)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._launch(q, pool.geom, ns, chunks)
+        ks, vs = pool.k[layer], pool.v[layer]
+        pad = ns - len(ks)
+        if pad:
+            ks, vs = [*ks, *([ks[0]] * pad)], [*vs, *([vs[0]] * pad)]
+        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
+                  self._scale(scale), *ks, *vs]
+        main, merge = launch
+        outs = main[0](inputs=inputs, **main[1])
+        if merge is None:
+            return outs[0].reshape(b, hq, 1, d)
+        return merge[0](inputs=outs, **merge[1])[0].reshape(b, hq, 1, d)
+
+    def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int):
+        """(kernel, kwargs) of the main launch and of the merge (None with one chunk)."""
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         gb = group_block(grp)
-        ns = slab_bucket(pool.num_slabs)
-        ks, vs = pool.k[layer], pool.v[layer]
-        pad = ns - len(ks)
-        slabs = [*ks, *([ks[0]] * pad), *vs, *([vs[0]] * pad)]
-        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array, self._scale(scale)]
+        unit = unit_tokens(gb, self.variant)
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
-            ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns),
-            ("U", unit_tokens(gb)), ("NT", THREADS),
+            ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),
+            ("NT", THREADS), ("ST", self.stages),
         ]
-        grid = (g.kv_heads * (grp // gb) * THREADS, chunks, b)
-        common = dict(template=tmpl, grid=grid, threadgroup=(THREADS, 1, 1))
+        smem = smem_bytes(self.variant, g.dtype.size, d, gb, unit, self.stages)
+        common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * THREADS, chunks, b),
+                      threadgroup=(THREADS, 1, 1))
         if chunks == 1:
-            (out,) = self._kernel("direct", ns)(
-                inputs=inputs + slabs, output_shapes=[(b, hq, d)], output_dtypes=[q.dtype],
-                **common,
-            )
-        else:
-            opart, lse = self._kernel("split", ns)(
-                inputs=inputs + slabs, output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
-                output_dtypes=[mx.float32, mx.float32], **common,
-            )
-            (out,) = self._kernel("merge", 0)(
-                inputs=[opart, lse], template=[("TQ", q.dtype), ("D", d)],
-                grid=(b * hq * d, 1, 1), threadgroup=(d, 1, 1),
-                output_shapes=[(b, hq, d)], output_dtypes=[q.dtype],
-            )
-        return out.reshape(b, hq, 1, d)
+            return (self._kernel("direct", ns, smem),
+                    dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
+        main = (self._kernel("split", ns, smem),
+                dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
+                     output_dtypes=[mx.float32, mx.float32], **common))
+        merge = (self._kernel("merge", 0, 0),
+                 dict(template=[("TQ", q.dtype), ("D", d)], grid=(b * hq * d, 1, 1),
+                      threadgroup=(d, 1, 1), output_shapes=[(b, hq, d)],
+                      output_dtypes=[q.dtype]))
+        return main, merge
 
     def _scale(self, scale: float) -> mx.array:
         arr = self._scales.get(scale)
@@ -197,8 +233,8 @@ class NativeCUDA(DecodeAttention):
             arr = self._scales[scale] = mx.array([scale], dtype=mx.float32)
         return arr
 
-    def _kernel(self, kind: str, ns: int):
-        key = (kind, ns)
+    def _kernel(self, kind: str, ns: int, smem: int):
+        key = (kind, ns, smem)
         if key not in self._kernels:
             if self._header is None:
                 self._header = KERNEL_FILE.read_text()
@@ -208,9 +244,11 @@ class NativeCUDA(DecodeAttention):
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
                 names = ["q", "table", "lengths", "qscale", *slabs]
                 outs = ["out"] if kind == "direct" else ["opart", "lse"]
-                body = kernel_body(ns, kind == "direct")
+                body = kernel_body(ns, kind == "direct", self.variant)
+            # MLX caches compiled PTX on disk by kernel name: name the source's hash too.
+            tag = hashlib.sha1((self._header + body).encode()).hexdigest()[:10]
             self._kernels[key] = mx.fast.cuda_kernel(
-                name=f"slabserve_pooled_{kind}_ns{ns}", input_names=names,
-                output_names=outs, source=body, header=self._header,
+                name=f"slabserve_pooled_{kind}_ns{ns}_{tag}", input_names=names,
+                output_names=outs, source=body, header=self._header, shared_memory=smem,
             )
         return self._kernels[key]

@@ -109,10 +109,15 @@ def _check_matrix():
 CHECK_MATRIX = _check_matrix()
 
 
-def check(out_rows: list, forced=(None, 1, 3, 64)) -> float:
+def tol_for(dt: str, qdt: str) -> float:
+    """The coarser tolerance of the pool's and the query's (= output's) dtype."""
+    return max(TOL[DT[dt]], TOL[DT[qdt]])
+
+
+def check(out_rows: list, nat: NativeCUDA, forced=(None, 1, 3, 64)) -> float:
     """Run the matrix; every case with the plan's chunks and forced counts.  Returns the
     worst error / tolerance (must be < 1)."""
-    nat, worst = NativeCUDA(), 0.0
+    worst = 0.0
     for i, (dt, qdt, d, bs, hq, hkv, sb, lens) in enumerate(CHECK_MATRIX):
         pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=i)
         q = q.astype(DT[qdt])
@@ -128,14 +133,14 @@ def check(out_rows: list, forced=(None, 1, 3, 64)) -> float:
             got = nat(q, pool, 0, batch, scale) if c is None else nat._run(
                 q, pool, 0, batch, scale, c)
             errs.append(rel_err(got, want))
-        ratio = max(errs) / TOL[DT[dt]]
+        ratio = max(errs) / tol_for(dt, qdt)
         worst = max(worst, ratio)
         row = dict(dtype=dt, q_dtype=qdt, head_dim=d, block=bs, heads=f"{hq}/{hkv}",
                    slabs=pool.num_slabs, lengths=list(lens), max_rel_err=max(errs),
-                   tol=TOL[DT[dt]], ok=ratio < 1)
+                   tol=tol_for(dt, qdt), variant=nat.variant, ok=ratio < 1)
         out_rows.append(row)
         print(f"{dt:>4} q{qdt:>4} d{d:<3} bs{bs:<2} {hq:>2}/{hkv:<2} slabs {pool.num_slabs:<3} "
-              f"lens {str(list(lens)):<22} err {max(errs):.2e} (tol {TOL[DT[dt]]:.0e}) "
+              f"lens {str(list(lens)):<22} err {max(errs):.2e} (tol {tol_for(dt, qdt):.0e}) "
               f"{'ok' if ratio < 1 else 'FAIL'}", flush=True)
     return worst
 
@@ -173,20 +178,21 @@ def chain(attn, q, layers):
     return fn
 
 
-def cell(b, ctx, layers, bw, nat, gat, sweep=None, hq=32, hkv=8, d=64, bs=16):
+def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16):
     """Per-layer microseconds of each method for one (batch, context) cell."""
     pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, mx.float16, 4096, layers=layers)
     scale = 1.0 / math.sqrt(d)
     res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs)
     floor_bytes = 2 * b * ctx * hkv * d * 2
     res["floor_us"] = floor_bytes / bw * 1e6
-    assert nat.decline(q, pool, batch) is None
-    if sweep:
-        for c in sweep:
-            fn = chain(lambda x, i, c=c: nat._run(x, pool, i, batch, scale, c), q, layers)
-            res[f"native_c{c}_us"] = timed(fn) / layers * 1e6
-    res["native_us"] = timed(chain(lambda x, i: nat(x, pool, i, batch, scale), q, layers)) \
-        / layers * 1e6
+    for name, nat in natives.items():
+        assert nat.decline(q, pool, batch) is None
+        for c in sweep or ():
+            fn = chain(lambda x, i, c=c, nat=nat: nat._run(x, pool, i, batch, scale, c), q,
+                       layers)
+            res[f"{name}_c{c}_us"] = timed(fn) / layers * 1e6
+        fn = chain(lambda x, i, nat=nat: nat(x, pool, i, batch, scale), q, layers)
+        res[f"{name}_us"] = timed(fn) / layers * 1e6
     if sweep:
         return res
     res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
@@ -200,6 +206,13 @@ def cell(b, ctx, layers, bw, nat, gat, sweep=None, hq=32, hkv=8, d=64, bs=16):
     return res
 
 
+def op_overhead(layers: int) -> float:
+    """Per-op microseconds of a chain of tiny elementwise ops (the framework's floor)."""
+    x = mx.random.normal((1, 32, 1, 64)).astype(mx.float16)
+    mx.eval(x)
+    return timed(chain(lambda y, i: y * 1.0001, x, layers)) / layers * 1e6
+
+
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -208,15 +221,28 @@ def gpu_name() -> str:
         return "unknown"
 
 
-def table(cells, layers, sweep=None) -> list:
-    bw = copy_bandwidth()
-    print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained",
-          flush=True)
-    nat, gat = NativeCUDA(), GatherSDPA()
+def make_natives(spec: str) -> dict:
+    """``sync,async3,async4`` -> {name: NativeCUDA}."""
+    out = {}
+    for name in spec.split(","):
+        if name == "sync":
+            out[name] = NativeCUDA(variant="sync")
+        else:
+            out[name] = NativeCUDA(variant="async", stages=int(name[5:] or 3))
+    return out
+
+
+def table(cells, layers, natives, sweep=None) -> list:
+    bw = max(copy_bandwidth(), torch_copy_bandwidth())
+    ovh = op_overhead(layers)
+    print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained; "
+          f"tiny-op overhead {ovh:.1f} us", flush=True)
+    gat = GatherSDPA()
     rows = []
     for b, ctx in cells:
-        r = cell(b, ctx, layers, bw, nat, gat, sweep=sweep)
+        r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep)
         r["bw_TBps"] = bw / 1e12
+        r["op_overhead_us"] = ovh
         rows.append(r)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}),
               flush=True)
@@ -224,12 +250,34 @@ def table(cells, layers, sweep=None) -> list:
     return rows
 
 
-def print_table(rows):
-    print("| B | ctx | native us | gather us | MLX SDPA contig us | floor us | native/floor "
-          "| gather/native | native/SDPA |")
+def torch_copy_bandwidth() -> float:
+    """Device-to-device copy through PyTorch (bytes read plus written), 0 without it."""
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / statistics.median(ts)
+
+
+def print_table(rows, name):
+    print(f"| B | ctx | native ({name}) us | gather us | MLX SDPA contig us | floor us "
+          "| native/floor | gather/native | native/SDPA |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        n, g, s, f = r["native_us"], r["gather_us"], r["sdpa_contig_us"], r["floor_us"]
+        n, g, s, f = r[f"{name}_us"], r["gather_us"], r["sdpa_contig_us"], r["floor_us"]
         print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {g:.1f} | {s:.1f} | {f:.1f} | "
               f"{n / f:.2f} | {g / n:.1f} | {n / s:.2f} |")
 
@@ -242,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
+    ap.add_argument("--natives", default="async3")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
@@ -251,16 +300,19 @@ def main(argv=None) -> int:
     result: dict = {"gpu": gpu_name()}
     if a.check:
         rows: list = []
-        result["check_worst_over_tol"] = check(rows)
+        result["check_worst_over_tol"] = max(
+            check(rows, nat) for nat in make_natives(a.natives).values())
         result["check"] = rows
         print(f"check: worst error / tolerance = {result['check_worst_over_tol']:.3f}")
     cells = [(int(b), int(c)) for b in a.batches.split(",") for c in a.ctxs.split(",")]
     if a.sweep:
         sw = [1, 2, 4, 8, 16, 32, 64]
-        result["sweep"] = table(cells, a.layers, sweep=sw)
+        result["sweep"] = table(cells, a.layers, make_natives(a.natives), sweep=sw)
     if a.table:
-        result["table"] = table(cells, a.layers)
-        print_table(result["table"])
+        natives = make_natives(a.natives)
+        result["table"] = table(cells, a.layers, natives)
+        for name in natives:
+            print_table(result["table"], name)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cuda_kernel.json").write_text(json.dumps(result, indent=1))

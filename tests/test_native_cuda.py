@@ -132,15 +132,16 @@ def _matrix():
 
 @needs_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["async", "sync"])
 @pytest.mark.parametrize("case", range(39))
-def test_native_matches_float64(case):
-    from bench.cuda_kernel import DT, TOL, make_case, reference64, rel_err
+def test_native_matches_float64(case, variant):
+    from bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
 
     dt, qdt, d, bs, hq, hkv, sb, lens = _matrix()[case]
     pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=100 + case)
     q = q.astype(DT[qdt])
     scale = 1.0 / math.sqrt(d)
-    nat = NativeCUDA()
+    nat = NativeCUDA(variant=variant)
     assert nat.decline(q, pool, batch) is None
     want = reference64(q, pool, 0, batch, scale)
     for chunks in (None, 1, 2, 5, 64):
@@ -148,6 +149,44 @@ def test_native_matches_float64(case):
             q, pool, 0, batch, scale, chunks)
         assert got.shape == q.shape and got.dtype == q.dtype
         err = rel_err(got, want)
-        print(f"{dt} q{qdt} d{d} bs{bs} {hq}/{hkv} slabs={pool.num_slabs} lens={lens} "
+        print(f"{variant} {dt} q{qdt} d{d} bs{bs} {hq}/{hkv} slabs={pool.num_slabs} lens={lens} "
               f"chunks={chunks}: rel err {err:.2e}")
-        assert err < TOL[DT[dt]]
+        assert err < tol_for(dt, qdt)
+
+
+class _FakeKernel:
+    """Records launches instead of compiling (mx.fast.cuda_kernel runs only on CUDA)."""
+
+    def __init__(self, log, **spec):
+        self.log, self.spec = log, spec
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
+        self.log.append(dict(spec=self.spec, inputs=inputs, grid=grid, tg=threadgroup,
+                             template=dict(template), shapes=output_shapes))
+        return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_launch_plumbing(monkeypatch, chunks):
+    from bench.cuda_kernel import make_case
+
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    pool, batch, q = make_case((5, 300, 1029), 14, 2, 64, 16, mx.float16, 24, layers=2)
+    nat = NativeCUDA()
+    out = nat._run(q, pool, 0, batch, 0.125, chunks)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    main = log[0]
+    ns = slab_bucket(pool.num_slabs)
+    assert pool.num_slabs == 4 and len(main["inputs"]) == 4 + 2 * ns
+    assert main["spec"]["input_names"][4:] == [f"k{i}" for i in range(ns)] + [
+        f"v{i}" for i in range(ns)]
+    assert main["grid"] == (2 * 1 * 128, chunks, 3) and main["tg"] == (128, 1, 1)
+    assert main["template"]["G"] == 7 and main["template"]["GB"] == 7
+    assert main["spec"]["shared_memory"] > 0
+    assert len(log) == (1 if chunks == 1 else 2)
+    if chunks > 1:
+        assert main["shapes"] == [(3 * 14 * chunks, 64), (3 * 14, chunks)]
+        assert log[1]["grid"] == (3 * 14 * 64, 1, 1) and log[1]["tg"] == (64, 1, 1)
+    nat._run(q, pool, 1, batch, 0.125, chunks)  # same shape: launch spec reused
+    assert len(nat._launches) == 1
