@@ -66,13 +66,21 @@ def chain(fn, q, layers: int, pool_layers: int):
 
 def time_chain(fn, q, layers: int, pool_layers: int, reps: int) -> float:
     """Minimum over ``reps`` of one eval of ``layers`` chained calls, ms per layer."""
-    mx.eval(chain(fn, q, layers, pool_layers))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    return time_paths({"x": fn}, q, layers, pool_layers, reps)["x"]
+
+
+def time_paths(fns: dict, q, layers: int, pool_layers: int, reps: int) -> dict:
+    """``time_chain`` for several paths, interleaved rep by rep so that a load change
+    on a shared machine hits every path alike: name -> ms per layer (minimum)."""
+    for fn in fns.values():
         mx.eval(chain(fn, q, layers, pool_layers))
-        best = min(best, time.perf_counter() - t0)
-    return best / layers * 1e3
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            mx.eval(chain(fn, q, layers, pool_layers))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t / layers * 1e3 for name, t in best.items()}
 
 
 def measure(q_heads, kv_heads, head_dim, dtype, batch, ctx, slabs, *, block_size=16,
@@ -84,12 +92,12 @@ def measure(q_heads, kv_heads, head_dim, dtype, batch, ctx, slabs, *, block_size
     gather = GatherSDPA()
     key = make_key(q, pool, b, current_backend())
     native = selector.native(key.backend)
-    t_native = None
+    fns = {"gather": lambda x, i: gather(x, pool, i, b, scale)}
     if native.decline(q, pool, b) is None:
-        t_native = time_chain(lambda x, i: native(x, pool, i, b, scale), q, layers, 1, reps)
-    t_gather = time_chain(lambda x, i: gather(x, pool, i, b, scale), q, layers, 1, reps)
+        fns["native"] = lambda x, i: native(x, pool, i, b, scale)
+    t = time_paths(fns, q, layers, 1, reps)
     return ProfileEntry(key.backend, dtype, head_dim, q_heads, kv_heads, block_size,
-                        batch, ctx, key.slabs_bucket, t_gather, t_native)
+                        batch, ctx, key.slabs_bucket, t["gather"], t.get("native"))
 
 
 def calibrate_geometry(q_heads: int, kv_heads: int, head_dim: int, dtype: str, *,

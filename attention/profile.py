@@ -10,7 +10,8 @@ File format (version 1)::
 
 ``native_ms`` is null where native declined.  ``batch`` and ``ctx`` are the measured
 points; a lookup takes the entry of the same geometry nearest in (log2 batch, log2 ctx),
-preferring the same slab bucket.
+preferring the same slab bucket, and answers only when one path beat the other by more
+than ``TIE`` there (otherwise the built-in rules decide).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+TIE = 1.05  # paths closer than this are a tie: measurement noise, left to the rules
 GEOMETRY = ("backend", "dtype", "head_dim", "q_heads", "kv_heads", "block_size")
 
 
@@ -44,6 +46,13 @@ class ProfileEntry:
         if self.native_ms is not None and self.native_ms <= self.gather_ms:
             return "native"
         return "gather"
+
+    @property
+    def margin(self) -> float:
+        """slower / faster time (inf when native declined)."""
+        if self.native_ms is None:
+            return float("inf")
+        return max(self.native_ms, self.gather_ms) / min(self.native_ms, self.gather_ms)
 
 
 def device_id() -> str:
@@ -71,9 +80,10 @@ class Profile:
     mlx: str
     entries: list[ProfileEntry]
 
-    def choose(self, key) -> str | None:
-        """"native"/"gather" for a ``SelectorKey``, or None when no entry has its
-        geometry."""
+    def choose(self, key, tie: float = TIE) -> str | None:
+        """"native"/"gather" for a ``SelectorKey``; None when no entry has its geometry
+        or the nearest entry is a tie (paths within ``tie``): the rules decide then, and
+        following them there costs at most that much."""
         want = tuple(getattr(key, f) for f in GEOMETRY)
         same = [e for e in self.entries if tuple(getattr(e, f) for f in GEOMETRY) == want]
         if not same:
@@ -84,7 +94,8 @@ class Profile:
             d += abs(math.log2(e.ctx) - math.log2(key.ctx_bucket))
             return (e.slabs != key.slabs_bucket, d)
 
-        return min(same, key=distance).faster
+        best = min(same, key=distance)
+        return best.faster if best.margin > tie else None
 
     def to_json(self) -> str:
         body = {"version": 1, "device": self.device, "mlx": self.mlx,

@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from attention.base import DecodeBatch
-from attention.calibrate import build_case, time_chain
+from attention.calibrate import build_case, time_chain, time_paths
 from attention.gather import GatherSDPA, length_mask
 from attention.profile import device_id, load_for_device
 from attention.selector import Selector, current_backend, make_key
@@ -111,22 +111,21 @@ def run_cell(cell: Cell, args, selector: Selector, bandwidth: float) -> Result:
     q, pool, batch = build(cell, args.block_size, pool_layers)
     scale = cell.head_dim ** -0.5
     gather = GatherSDPA()
-    t_gather = time_chain(lambda x, layer: gather(x, pool, layer, batch, scale),
-                          q, args.layers, pool_layers, args.reps)
     key = make_key(q, pool, batch, current_backend())
     native = selector.native(key.backend)
     why = native.decline(q, pool, batch)
-    t_native = diff = None
+    fns = {"gather": lambda x, layer: gather(x, pool, layer, batch, scale)}
     if why is None:
-        t_native = time_chain(lambda x, layer: native(x, pool, layer, batch, scale),
-                              q, args.layers, pool_layers, args.reps)
+        fns["native"] = lambda x, layer: native(x, pool, layer, batch, scale)
+    if args.contiguous:
+        fns["contiguous"] = contiguous_fn(q, pool, batch, scale)
+    t = time_paths(fns, q, args.layers, pool_layers, args.reps)
+    t_gather, t_native, t_contig = t["gather"], t.get("native"), t.get("contiguous")
+    diff = None
+    if why is None:
         a = native(q, pool, 0, batch, scale).astype(mx.float32)
         b = gather(q, pool, 0, batch, scale).astype(mx.float32)
         diff = mx.abs(a - b).max().item()
-    t_contig = None
-    if args.contiguous:
-        fn = contiguous_fn(q, pool, batch, scale)
-        t_contig = time_chain(fn, q, args.layers, pool_layers, args.reps)
     times = {"gather": t_gather, "native": t_native}
     best = min(t for t in times.values() if t is not None)
 

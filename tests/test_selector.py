@@ -153,6 +153,9 @@ def test_profile_decides_by_nearest_entry_and_round_trips(tmp_path, case):
     assert s2.decide(q, pool, 0, batch) == Decision(Path.NATIVE, Reason.RULE, "cpu_native_all")
     # a profile entry where native declined never picks native
     assert entry(4, 1024, "1", 3.0, None).faster == "gather"
+    # a near tie (within 5%) is left to the rules
+    tie = Selector(profile=Profile("dev", "0", [entry(4, 256, "many", 1.0, 1.04)]))
+    assert tie.decide(q, pool, 0, batch) == Decision(Path.NATIVE, Reason.RULE, "cpu_native_all")
 
 
 def test_profile_is_found_per_device(tmp_path):

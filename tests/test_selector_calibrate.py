@@ -4,7 +4,7 @@ attention benchmark runs end to end on a tiny grid and writes its three outputs.
 import json
 
 from attention import calibrate
-from attention.profile import load_for_device, profile_path
+from attention.profile import TIE, load_for_device, profile_path
 from attention.selector import Path, Reason, Selector
 from bench import attention as bench_attention
 
@@ -26,7 +26,10 @@ def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_pat
         q, pool, batch = calibrate.build_case(8, 2, 64, "float32", e.batch, e.ctx,
                                               "one" if e.slabs == "1" else "many")
         d = Selector(profile=prof).decide(q, pool, 0, batch)
-        assert (d.path, d.reason) == (Path(e.faster), Reason.PROFILE)
+        if e.margin > TIE:
+            assert (d.path, d.reason) == (Path(e.faster), Reason.PROFILE)
+        else:  # a tie within measurement noise is left to the rules
+            assert d.reason is Reason.RULE
 
 
 def test_startup_calibration_installs_profile(monkeypatch, tmp_path):
