@@ -11,7 +11,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from scheduler.api import Request, TokenLogprob
-from server.codec import TextCodec
+from server.codec import TextCodec, finite_logprob
 from server.errors import bad_request
 from server.generation import Choice, stream_events, usage
 from server.metrics import ChoiceTimer
@@ -41,7 +41,8 @@ def chat_prompt(body: ChatCompletionRequest, codec: TextCodec) -> list[int]:
 
 def _entry(codec: TextCodec, token_id: int, logprob: float) -> dict:
     text = codec.token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": finite_logprob(logprob),
+            "bytes": list(text.encode("utf-8"))}
 
 
 def chat_logprobs(codec: TextCodec, lps: list[TokenLogprob]) -> dict:

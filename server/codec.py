@@ -7,8 +7,19 @@ Wraps an mlx-lm ``TokenizerWrapper`` or any Hugging Face-like tokenizer with ``e
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
+
+MIN_LOGPROB = -9999.0  # what OpenAI reports for a token of (practically) zero probability
+
+
+def finite_logprob(value: float) -> float:
+    """A logprob JSON can carry, in [MIN_LOGPROB, 0]: -inf and NaN (a degenerate
+    distribution, e.g. from extreme penalties) become ``MIN_LOGPROB``."""
+    if not math.isfinite(value):
+        return MIN_LOGPROB
+    return min(max(value, MIN_LOGPROB), 0.0)
 
 
 class TextCodec:

@@ -10,7 +10,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from scheduler.api import Request, TokenLogprob
-from server.codec import TextCodec
+from server.codec import TextCodec, finite_logprob
 from server.generation import Choice, stream_events, usage
 from server.metrics import ChoiceTimer
 from server.protocol import CompletionRequest
@@ -44,8 +44,8 @@ def legacy_logprobs(codec: TextCodec, lps: list[TokenLogprob], offset: int) -> d
     for lp in lps:
         text = codec.token_text(lp.token_id)
         tokens.append(text)
-        values.append(lp.logprob)
-        tops.append({codec.token_text(t): v for t, v in lp.top})
+        values.append(finite_logprob(lp.logprob))
+        tops.append({codec.token_text(t): finite_logprob(v) for t, v in lp.top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,

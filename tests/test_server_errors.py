@@ -77,6 +77,7 @@ BAD_BODIES = [
     ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias.1"),
     ({"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
     ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "repetition_penalty": 1e-300, "logprobs": 0}, "repetition_penalty"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
 ]
 BAD_CHATS = [

@@ -161,3 +161,20 @@ def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
         server.port = 1  # frozen
     assert cli.main(["--block-size", "3"]) == 2  # invalid: refused before loading anything
     assert "block_size" in capsys.readouterr().err
+
+
+def test_logprobs_stay_valid_json_when_the_distribution_degenerates():
+    from scheduler.api import TokenLogprob
+    from server.chat import chat_logprobs
+    from server.codec import MIN_LOGPROB, TextCodec
+    from server.completions import legacy_logprobs
+
+    codec = TextCodec(ByteTokenizer())
+    lps = [TokenLogprob(97, float("-inf"), ((97, float("nan")), (98, 1e-9)))]
+    legacy = legacy_logprobs(codec, lps, 0)
+    assert legacy["token_logprobs"] == [MIN_LOGPROB]
+    assert legacy["top_logprobs"] == [{"a": MIN_LOGPROB, "b": 0.0}]
+    chat = chat_logprobs(codec, lps)["content"][0]
+    assert chat["logprob"] == MIN_LOGPROB
+    assert [t["logprob"] for t in chat["top_logprobs"]] == [MIN_LOGPROB, 0.0]
+    json.dumps([legacy, chat], allow_nan=False)  # strict JSON: raises on inf/nan
