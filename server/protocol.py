@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 MAX_STOP = 4
 
@@ -96,7 +103,11 @@ def check_prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
     raise ValueError(f"must be {PROMPT_SHAPES} (non-empty)")
 
 
-Prompt = Annotated[Any, AfterValidator(check_prompt)]
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"}, _TOKEN_IDS, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
+Prompt = Annotated[Any, AfterValidator(check_prompt), WithJsonSchema(PROMPT_SCHEMA)]
 
 
 class CompletionRequest(SamplingFields):
