@@ -67,21 +67,28 @@ def model_context(model, tokenizer) -> int:
 
 def build_engine(cfg: EngineConfig) -> AsyncLLMEngine:
     """Load and assemble (not started: ``await engine.start()``)."""
-    from engine.executor import ModelExecutor
     from engine.loader import load
     from engine.runner import ModelRunner
-    from scheduler.scheduler import Scheduler
     from slabserve.mlxmem import configure_memory
 
     configure_memory(cfg.cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype)
     runner = ModelRunner(model, cfg.cache)
-    max_context = model_context(model, tokenizer)
-    if cfg.scheduler.max_context is not None:
-        max_context = min(max_context, cfg.scheduler.max_context)
     chunk = min(cfg.scheduler.prefill_chunk, cfg.runner.prefill_chunk)
     sched_cfg = dataclasses.replace(cfg.scheduler, prefill_chunk=chunk)
+    return assemble(runner, tokenizer, sched_cfg, model_name(cfg))
+
+
+def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str) -> AsyncLLMEngine:
+    """Scheduler + executor + front around an existing ``ModelRunner`` (whose blocks must
+    all be free); benchmarks use it to try scheduler settings on one loaded model."""
+    from engine.executor import ModelExecutor
+    from scheduler.scheduler import Scheduler
+
+    max_context = model_context(runner.model, tokenizer)
+    if sched_cfg.max_context is not None:
+        max_context = min(max_context, sched_cfg.max_context)
     executor = ModelExecutor(runner, max_context)
     scheduler = Scheduler(sched_cfg, runner.allocator, runner.block_size, max_context,
                           tokenizer.eos_token_ids)
-    return AsyncLLMEngine(scheduler, executor, tokenizer, model_name(cfg))
+    return AsyncLLMEngine(scheduler, executor, tokenizer, name)

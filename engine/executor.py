@@ -41,7 +41,8 @@ class ModelExecutor(Executor):
         t0 = time.perf_counter()
         pre, dec = self.runner.forward(
             [_seq_input(c) for c in plan.prefills], [_seq_input(c) for c in plan.decodes])
-        self.forward_seconds += time.perf_counter() - t0
+        self.last_forward_s = time.perf_counter() - t0
+        self.forward_seconds += self.last_forward_s
         self.steps += 1
         rows: list[mx.array] = []
         chunks: list[ScheduledChunk] = []

@@ -2,9 +2,12 @@
 sampled with its own request's parameters.
 
 Per row, in mlx-lm's order: logits processors (logit_bias, then repetition, presence and
-frequency penalties: mlx-lm's own ``make_*`` factories), log-softmax, then for
-temperature > 0 mlx-lm's filters (``apply_top_p``, ``apply_min_p``, ``apply_top_k``) and a
-categorical draw at ``1 / temperature``; temperature 0 is argmax.
+frequency penalties: mlx-lm's own ``make_*`` factories, applied only to rows that set
+them), log-softmax, then for temperature > 0 mlx-lm's filters (top_p, min_p, top_k: the
+formulas of ``apply_top_p``/``apply_min_p``/``apply_top_k``, vectorised over rows because
+mlx-lm's take one scalar parameter for the whole batch) and a categorical draw at
+``1 / temperature`` (Gumbel-max, as ``mx.random.categorical``); temperature 0 is argmax.
+The whole batch is one graph and one ``mx.eval``.
 
 Semantics: the repetition penalty looks at prompt + output, presence and frequency
 penalties at the output only (as OpenAI defines them).  Reported logprobs are those of
@@ -17,13 +20,12 @@ the request was preempted and recomputed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
     make_frequency_penalty,
     make_logits_processors,
     make_presence_penalty,
@@ -80,48 +82,81 @@ def _needs_processing(p: SamplingParams) -> bool:
         p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
 
 
-def _draw(logprobs: mx.array, spec: RowSpec, vocab: int) -> mx.array:
-    """One categorical draw for a ``[1, vocab]`` row of logprobs, with filters."""
-    p = spec.params
-    if 0 < p.top_p < 1.0:
-        logprobs = apply_top_p(logprobs, p.top_p)
-    if p.min_p > 0.0:
-        logprobs = apply_min_p(logprobs, p.min_p)
-    if 0 < p.top_k < vocab:
-        logprobs = apply_top_k(logprobs, p.top_k)
-    key = mx.random.key(mix(spec.seed, spec.index))
-    return mx.random.categorical(logprobs * (1.0 / p.temperature), key=key)
+def _column(values: list[float]) -> mx.array:
+    return mx.array(values, dtype=mx.float32)[:, None]
+
+
+def _filter(lp: mx.array, params: list[SamplingParams]) -> mx.array:
+    """mlx-lm's top_p, min_p and top_k (same formulas, same order) with a parameter per
+    row.  All three keep a top set by value, so thresholds from one sort of the
+    unfiltered row give the same result as applying them one after another."""
+    vocab = lp.shape[-1]
+    neg = mx.array(-mx.inf, dtype=lp.dtype)
+    use_p = any(0 < p.top_p < 1 for p in params)
+    use_k = any(0 < p.top_k < vocab for p in params)
+    if use_p or use_k:
+        srt = mx.sort(lp, axis=-1)
+        if use_p:  # apply_top_p; rows at 1.0 get 2.0: nothing reaches that mass
+            top_p = _column([p.top_p if p.top_p < 1 else 2.0 for p in params])
+            probs = mx.exp(srt)
+            above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+            drop = (above >= top_p * (above[:, :1] + probs[:, :1])).sum(-1, keepdims=True)
+            lp = mx.where(lp < mx.take_along_axis(srt, drop, axis=-1), neg, lp)
+        if use_k:  # apply_top_k (ties at the k-th value are kept)
+            kth = mx.array([vocab - p.top_k if 0 < p.top_k < vocab else 0 for p in params])
+            lp = mx.where(lp < mx.take_along_axis(srt, kth[:, None], axis=-1), neg, lp)
+    if any(p.min_p > 0 for p in params):  # apply_min_p
+        floor = _column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params])
+        lp = mx.where(lp < lp.max(axis=-1, keepdims=True) + floor, neg, lp)
+    return lp
+
+
+_gumbel_rows = mx.vmap(lambda key, like: mx.random.gumbel(like.shape, key=key), in_axes=(0, 0))
+
+
+def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
+    """Categorical draws, one per row, at each row's temperature, with Gumbel noise from
+    the row's own key ``mix(seed, token index)``."""
+    params = [s.params for s in specs]
+    lp = _filter(lp, params)
+    seeds = [mix(s.seed, s.index) for s in specs]
+    keys = mx.array(np.array([[k >> 32, k & 0xFFFFFFFF] for k in seeds], dtype=np.uint32))
+    noise = _gumbel_rows(keys, lp)
+    return mx.argmax(lp * _column([1.0 / p.temperature for p in params]) + noise, axis=-1)
 
 
 def sample(logits: mx.array, specs: Sequence[RowSpec]) -> list[tuple[int, TokenLogprob | None]]:
     """Sample one token per row; returns (token id, logprob or None) per row.
     ``logits`` is ``[len(specs), vocab]``."""
-    vocab = logits.shape[-1]
     logits = logits.astype(mx.float32)
     if any(_needs_processing(s.params) for s in specs):
+        vocab = logits.shape[-1]
         logits = mx.concatenate([
             _process(logits[i : i + 1], s, vocab) if _needs_processing(s.params)
             else logits[i : i + 1] for i, s in enumerate(specs)])
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    tokens = mx.argmax(logprobs, axis=-1)
-    drawn = [(i, _draw(logprobs[i : i + 1], s, vocab)) for i, s in enumerate(specs)
-             if not s.params.greedy]
-    if drawn:
-        idx = mx.array([i for i, _ in drawn])
-        tokens[idx] = mx.concatenate([t for _, t in drawn])
+    rand = [i for i, s in enumerate(specs) if not s.params.greedy]
+    if len(rand) == len(specs):
+        tokens = _draw(logprobs, list(specs))
+    else:
+        tokens = mx.argmax(logprobs, axis=-1)
+        if rand:
+            idx = mx.array(rand)
+            tokens[idx] = _draw(logprobs[idx], [specs[i] for i in rand])
     wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
-    chosen = top_ids = None
-    if wanted:
-        lp = logprobs[mx.array(wanted)]
-        chosen = mx.take_along_axis(lp, tokens[mx.array(wanted)][:, None], axis=-1)[:, 0]
-        k = max(specs[i].params.logprobs for i in wanted)
-        if k > 0:
-            top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
-            top_lp = mx.take_along_axis(lp, top_ids, axis=-1)
-    mx.eval(tokens, *([chosen] if wanted else []),
-            *([top_ids, top_lp] if top_ids is not None else []))
-    return _assemble(tokens.tolist(), specs, wanted, chosen, top_ids,
-                     top_lp if top_ids is not None else None)
+    if not wanted:
+        mx.eval(tokens)
+        return [(t, None) for t in tokens.tolist()]
+    rows = mx.array(wanted)
+    lp = logprobs[rows]
+    chosen = mx.take_along_axis(lp, tokens[rows][:, None], axis=-1)[:, 0]
+    k = max(specs[i].params.logprobs for i in wanted)
+    top_ids = top_lp = None
+    if k > 0:
+        top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+        top_lp = mx.take_along_axis(lp, top_ids, axis=-1)
+    mx.eval(tokens, chosen, *([top_ids, top_lp] if k > 0 else []))
+    return _assemble(tokens.tolist(), specs, wanted, chosen, top_ids, top_lp)
 
 
 def _assemble(tokens, specs, wanted, chosen, top_ids, top_lp):

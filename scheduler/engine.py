@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
 from scheduler.executor import Executor
@@ -29,6 +31,25 @@ from scheduler.scheduler import Scheduler
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None
 _Out = list[tuple[_Queue, Delta]]  # (consumer queue, delta) per delta of one step
+
+
+@dataclass
+class StepRecord:
+    """Where one engine step's time went (seconds): planning, the model forward, the
+    rest of execute (sampling, host glue), update + detokenize + stop strings, and handing
+    deltas to the loop.  ``step_log`` keeps the latest ones (bench/step_overhead.py)."""
+
+    decodes: int
+    prefill_tokens: int
+    schedule_s: float
+    forward_s: float
+    sample_s: float
+    update_s: float
+    deliver_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.schedule_s + self.forward_s + self.sample_s + self.update_s + self.deliver_s
 
 
 class _Live:
@@ -46,7 +67,8 @@ class AsyncLLMEngine(AsyncEngine):
     streaming detokenization; without one, deltas carry token ids and empty text."""
 
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer=None,
-                 model_name: str = "", check_when_idle: bool = True) -> None:
+                 model_name: str = "", check_when_idle: bool = True,
+                 step_log_size: int = 4096) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
@@ -62,6 +84,7 @@ class AsyncLLMEngine(AsyncEngine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self.steps = 0
+        self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,7 +107,8 @@ class AsyncLLMEngine(AsyncEngine):
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            while self._thread.is_alive():  # no executor thread: MLX objects stay put
+                await asyncio.sleep(0.005)
             self._thread = None
 
     # ---- requests --------------------------------------------------------------------
@@ -142,7 +166,10 @@ class AsyncLLMEngine(AsyncEngine):
             if self.scheduler.has_work:
                 self._step(out)
             if out:
+                t = time.perf_counter()
                 self._deliver(out)
+                if self.step_log:
+                    self.step_log[-1].deliver_s = time.perf_counter() - t
             if not self.scheduler.has_work and not self._inbox:
                 if self.check_when_idle:
                     self.scheduler.check_integrity()
@@ -162,7 +189,9 @@ class AsyncLLMEngine(AsyncEngine):
                 out.append(self._close(item, "abort"))
 
     def _step(self, out: _Out) -> None:
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        t1 = time.perf_counter()
         try:
             result = self.executor.execute(plan)
         except Exception as e:  # a failed step fails its requests, not the engine
@@ -171,9 +200,14 @@ class AsyncLLMEngine(AsyncEngine):
                 if self.scheduler.finish(c.request_id, "error") is not None:
                     out.append(self._close(c.request_id, "error", repr(e)))
             return
+        t2 = time.perf_counter()
         self.steps += 1
         for upd in self.scheduler.update(plan, result):
             self._emit(upd, out)
+        t3 = time.perf_counter()
+        self.step_log.append(StepRecord(
+            len(plan.decodes), plan.num_tokens - len(plan.decodes), t1 - t0,
+            self.executor.last_forward_s, t2 - t1 - self.executor.last_forward_s, t3 - t2))
 
     def _emit(self, upd: SeqUpdate, out: _Out) -> None:
         live = self._live.get(upd.request_id)

@@ -20,6 +20,7 @@ class Executor(ABC):
     block_size: int
     allocator: BlockAllocator
     max_context: int
+    last_forward_s: float = 0.0  # seconds of the last step inside the model forward
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> StepOutput: ...

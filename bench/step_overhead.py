@@ -1,0 +1,182 @@
+"""Engine step overhead and inter-token latency under chunked prefill.
+
+``python -m bench.step_overhead`` (or ``slabserve bench step-overhead``):
+
+1. **Overhead**: B streams decode together (B = 1, 8, 32); for steady decode steps
+   (exactly B decodes, no prefill) the engine's own step log splits each step into
+   planning, model forward (inside ``ModelRunner.forward``), sampling + glue, update +
+   detokenize + stop strings, and handing deltas to the event loop.  Overhead = the share
+   of the step outside the forward.  Greedy and sampled (temperature + top_p) rows.
+2. **ITL** (``--itl``): S streams decode while one long prompt is admitted; the gaps
+   between the streams' tokens (seen by the asyncio consumer) before and during that
+   prompt's prefill, for several ``prefill_chunk`` values, all on one loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+
+from engine.build import EngineConfig, assemble, model_name
+from engine.config import CacheConfig
+from scheduler.api import Request, SamplingParams
+from scheduler.config import SchedulerConfig
+
+GREEDY = dict(temperature=0.0)
+SAMPLED = dict(temperature=0.8, top_p=0.95)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    return [tuple(rng.randrange(vocab) for _ in range(length)) for _ in range(n)]
+
+
+async def _drain(eng, req: Request, stamps: list[float] | None = None) -> int:
+    n = 0
+    async for d in eng.generate(req):
+        if d.finish_reason == "error":
+            raise RuntimeError(f"{req.request_id}: {d.error}")
+        n += len(d.token_ids)
+        if stamps is not None and d.token_ids:
+            stamps.append(time.perf_counter())
+    return n
+
+
+async def overhead_row(eng, batch: int, steps: int, warmup: int, kind: str, vocab: int):
+    params = SamplingParams(max_tokens=steps + warmup + 2, ignore_eos=True, seed=1,
+                            **(GREEDY if kind == "greedy" else SAMPLED))
+    eng.step_log.clear()
+    ps = _prompts(batch, 16, vocab, seed=batch)
+    await asyncio.gather(*[_drain(eng, Request(f"{kind}{batch}-{i}", p, params))
+                           for i, p in enumerate(ps)])
+    recs = [r for r in eng.step_log if r.decodes == batch and r.prefill_tokens == 0]
+    recs = recs[warmup:][:steps]
+    tot = sum(r.total_s for r in recs)
+    fwd = sum(r.forward_s for r in recs)
+    part = {k: 1e3 * sum(getattr(r, k) for r in recs) / len(recs)
+            for k in ("schedule_s", "sample_s", "update_s", "deliver_s")}
+    return dict(batch=batch, kind=kind, steps=len(recs), step_ms=1e3 * tot / len(recs),
+                forward_ms=1e3 * fwd / len(recs), overhead=(tot - fwd) / tot, **part)
+
+
+async def itl_row(runner, tok, name, chunk: int, streams: int, prompt_len: int, vocab: int):
+    cfg = SchedulerConfig(max_step_tokens=chunk + streams, prefill_chunk=chunk)
+    eng = assemble(runner, tok, cfg, name)
+    _fresh_selector()
+    await eng.start()
+    try:
+        params = SamplingParams(max_tokens=eng.max_context - 16, temperature=0.0,
+                                ignore_eos=True)
+        stamps: list[list[float]] = [[] for _ in range(streams)]
+        tasks = [asyncio.create_task(_drain(eng, Request(f"s{i}", p, params), stamps[i]))
+                 for i, p in enumerate(_prompts(streams, 16, vocab, seed=7))]
+        while min(len(s) for s in stamps) < 8:
+            await asyncio.sleep(0.005)
+            for t in tasks:
+                if t.done():
+                    t.result()  # raise what ended a stream early
+        t_sub = time.perf_counter()
+        long_stamps: list[float] = []
+        long = Request("long", _prompts(1, prompt_len, vocab, seed=8)[0],
+                       SamplingParams(max_tokens=1, temperature=0.0))
+        await _drain(eng, long, long_stamps)
+        t_first = long_stamps[0]
+        await asyncio.sleep(0.0)
+        for i in range(streams):
+            eng.abort(f"s{i}")
+        await asyncio.gather(*tasks)
+    finally:
+        await eng.shutdown(10)
+    before, during = [], []
+    for s in stamps:  # "during": gaps that overlap [submit, first token of the long prompt]
+        for a, b in zip(s, s[1:], strict=False):
+            (before if b <= t_sub else during if a < t_first else []).append(b - a)
+    before = before[-20:]
+    return dict(chunk=chunk, ttft_s=t_first - t_sub,
+                before_ms=1e3 * statistics.median(before),
+                during_p50_ms=1e3 * statistics.median(during) if during else float("nan"),
+                during_max_ms=1e3 * max(during) if during else float("nan"),
+                tokens_during=len(during))
+
+
+def _fresh_selector() -> None:
+    """MLX 0.32 streams belong to the thread that made them and the CPU native decode
+    path keeps its streams in the process-wide selector: each engine thread gets a fresh
+    selector until those streams are thread-local."""
+    import attention
+
+    attention.set_selector(attention.Selector.from_env())
+
+
+def _load(args):
+    from engine.loader import load
+    from engine.runner import ModelRunner
+    from slabserve.mlxmem import configure_memory
+
+    configure_memory(None)
+    model, tok, _ = load(args.model, args.dtype)
+    cache = CacheConfig(block_size=16, slab_tokens=4096, kv_budget_bytes=args.kv_gib << 30)
+    runner = ModelRunner(model, cache)
+    return runner, tok, model_name(EngineConfig(model=args.model, dtype=args.dtype))
+
+
+async def _main(args) -> None:
+    runner, tok, name = _load(args)
+    vocab = min(len(tok), 30_000)
+    print(f"model {name} {args.dtype}, {runner.geom.num_layers} layers")
+    if not args.skip_overhead:
+        eng = assemble(runner, tok, SchedulerConfig(max_step_tokens=4096, prefill_chunk=512),
+                       name)
+        _fresh_selector()
+        await eng.start()
+        print("| batch | sampling | steps | step ms | forward ms | schedule ms | "
+              "sample+glue ms | update+detok ms | deliver ms | outside forward |")
+        print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        try:
+            for kind in args.kinds.split(","):
+                for b in [int(x) for x in args.batches.split(",")]:
+                    r = await overhead_row(eng, b, args.steps, args.warmup, kind, vocab)
+                    print(f"| {b} | {kind} | {r['steps']} | {r['step_ms']:.1f} | "
+                          f"{r['forward_ms']:.1f} | {r['schedule_s']:.2f} | "
+                          f"{r['sample_s']:.2f} | {r['update_s']:.2f} | "
+                          f"{r['deliver_s']:.2f} | {100 * r['overhead']:.1f}% |", flush=True)
+        finally:
+            await eng.shutdown(10)
+    if args.itl:
+        print(f"\nITL of {args.streams} running streams while a {args.prompt_len}-token "
+              "prompt is admitted")
+        print("| prefill_chunk | ITL before ms (p50) | ITL during p50 ms | ITL during max ms "
+              "| stream tokens during | long prompt TTFT s |")
+        print("|--:|--:|--:|--:|--:|--:|")
+        await itl_row(runner, tok, name, args.prompt_len, 1, args.prompt_len, vocab)  # warm-up
+        for c in [int(x) for x in args.chunks.split(",")]:
+            r = await itl_row(runner, tok, name, c, args.streams, args.prompt_len, vocab)
+            print(f"| {c} | {r['before_ms']:.1f} | {r['during_p50_ms']:.1f} | "
+                  f"{r['during_max_ms']:.1f} | {r['tokens_during']} | {r['ttft_s']:.2f} |",
+                  flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slabserve bench step-overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--kinds", default="greedy,sampled")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--kv-gib", type=int, default=2)
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--itl", action="store_true")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--chunks", default="1024,256,64")
+    asyncio.run(_main(ap.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
