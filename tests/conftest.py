@@ -2,11 +2,17 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# OpenBLAS for MLX's CPU backend in the test process too (loaded before mlx is imported;
+# a no-op where it is absent or another backend is in use).
+from slabserve import blas  # noqa: E402
+
+blas.prepare_process()
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
