@@ -41,7 +41,8 @@ def size(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slabserve serve",
-                                description="OpenAI-compatible server (see README).")
+                                description="OpenAI-compatible server (see README).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="local mlx-lm model directory or embedded:NAME "
       "(default: the embedded tiny model)")
@@ -52,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=8000)
     a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
       "(or set SLABSERVE_API_KEY)")
-    a("--max-body-bytes", type=size, default=ServerConfig.max_body_bytes)
+    a("--max-body-bytes", type=size, default=ServerConfig.max_body_bytes,
+      help="largest request body (e.g. 8M); 413 beyond")
     a("--shutdown-timeout", type=float, default=ServerConfig.shutdown_timeout,
       help="seconds in-flight requests may run after SIGTERM")
     a("--max-n", type=int, default=ServerConfig.max_n, help="most choices per request")
