@@ -44,13 +44,13 @@ def parser() -> argparse.ArgumentParser:
                                 description="OpenAI-compatible server (see README).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model", default=None, help="local mlx-lm model directory or embedded:NAME "
-      "(default: the embedded tiny model)")
+    a("--model", default=None, help="local mlx-lm model directory or embedded:NAME; "
+      "none = the embedded tiny model")
     a("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
       help="dtype of an embedded model")
     a("--served-model-name", default=None, help="model name reported and accepted")
-    a("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    a("--port", type=int, default=8000)
+    a("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    a("--port", type=int, default=8000, help="TCP port")
     a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
       "(or set SLABSERVE_API_KEY)")
     a("--max-body-bytes", type=size, default=ServerConfig.max_body_bytes,
