@@ -134,7 +134,13 @@ def sample(logits: mx.array, specs: Sequence[RowSpec]) -> list[tuple[int, TokenL
         logits = mx.concatenate([
             _process(logits[i : i + 1], s, vocab) if _needs_processing(s.params)
             else logits[i : i + 1] for i, s in enumerate(specs)])
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
+    # argmax, Gumbel-max, min_p and top_k are shift-invariant: normalise only for
+    # top_p and reported logprobs
+    if wanted or any(0 < s.params.top_p < 1 and not s.params.greedy for s in specs):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    else:
+        logprobs = logits
     rand = [i for i, s in enumerate(specs) if not s.params.greedy]
     if len(rand) == len(specs):
         tokens = _draw(logprobs, list(specs))
@@ -143,7 +149,6 @@ def sample(logits: mx.array, specs: Sequence[RowSpec]) -> list[tuple[int, TokenL
         if rand:
             idx = mx.array(rand)
             tokens[idx] = _draw(logprobs[idx], [specs[i] for i in rand])
-    wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
     if not wanted:
         mx.eval(tokens)
         return [(t, None) for t in tokens.tolist()]
