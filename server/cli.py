@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
       help="seconds in-flight requests may run after SIGTERM")
     a("--max-n", type=int, default=ServerConfig.max_n, help="most choices per request")
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    a("--calibrate", action="store_true", help="time the decode-attention paths for this "
+      "model at start-up (short grid), save and use the device profile")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--slab-tokens", type=int, default=4096)
@@ -141,6 +143,18 @@ class DrainingServer(uvicorn.Server):
         task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
+def calibrate(engine_cfg, engine) -> None:
+    """``--calibrate``: the short attention grid for the served model's geometry, merged
+    into this device's profile and installed in the process's selector."""
+    from attention.calibrate import calibrate_startup, model_geometry
+    from slabserve import env
+
+    q_heads = model_geometry(engine_cfg.model, engine_cfg.dtype)[0]
+    log = logging.getLogger("slabserve.calibrate")
+    log.info("calibrating decode attention (short grid)...")
+    calibrate_startup(q_heads, engine.executor.runner.geom, env.cache_dir(), log=log.info)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -156,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.build import build_engine
     from server.app import create_app
 
-    app = create_app(build_engine(engine_cfg), server_cfg)
+    engine = build_engine(engine_cfg)
+    if args.calibrate:
+        calibrate(engine_cfg, engine)
+    app = create_app(engine, server_cfg)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
                             log_level=server_cfg.log_level, lifespan="on",
                             timeout_graceful_shutdown=int(server_cfg.shutdown_timeout) + 10)
