@@ -1,11 +1,13 @@
 """Invalid requests the soak mixes in.  Each must be answered with a 4xx (never a 5xx, a
 2xx or a hang): malformed and non-object JSON, wrong types, out-of-range sampling values,
 unknown fields, prompts over the context limit, token ids outside the vocabulary, empty
-or malformed chat messages, an unknown model, route or method, invalid UTF-8 and deeply
-nested JSON."""
+or malformed chat messages, an unknown model, route or method, invalid UTF-8, deeply
+nested JSON and a body over the size limit.  ``partial_body`` is a client that sends the
+headers and part of the body, then hangs up."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -67,6 +69,8 @@ def cases(t: Target, rng: random.Random) -> list[BadRequest]:
         BadRequest("deep_nesting", "POST", c, content=b'{"prompt": ' + b"[" * 100_000),
         BadRequest("stream_options_without_stream", "POST", c,
                    json=_completion(t, stream_options={"include_usage": True})),
+        BadRequest("body_too_large", "POST", c, content=b'{"prompt": "'
+                   + b"a" * (t.max_body_bytes + 1024) + b'"}'),
     ]
 
 
@@ -89,3 +93,22 @@ async def send(client: httpx.AsyncClient, t: Target, bad: BadRequest) -> Outcome
 async def invalid(client: httpx.AsyncClient, t: Target, rng: random.Random) -> Outcome:
     """One invalid request of a random kind."""
     return await send(client, t, rng.choice(cases(t, rng)))
+
+
+async def partial_body(client: httpx.AsyncClient, t: Target, rng: random.Random) -> Outcome:
+    """Declare a body, send only part of it, wait a little, close the socket."""
+    url = httpx.URL(t.url)
+    body = b'{"prompt": "cut short", "max_tokens": 4}'
+    cut = rng.randrange(len(body))
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    try:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(head.encode() + body[:cut])
+        await writer.drain()
+        await asyncio.sleep(rng.uniform(0.0, 0.2))
+        writer.close()
+        await writer.wait_closed()
+    except OSError as e:
+        return Outcome("partial_body", False, "failed", None, f"{type(e).__name__}: {e}")
+    return Outcome("partial_body", False, "dropped", None, f"after {cut}/{len(body)} bytes")

@@ -3,8 +3,10 @@
 
 ``ServerState`` is what the checks need: requests running and waiting, KV blocks used,
 preemptions, 5xx counted by the server itself, and the KV integrity verdict when the
-server publishes one (``slabserve:kv_integrity_ok`` gauge or an ``integrity`` field in
-``/health``; None when it publishes neither).
+server publishes one: the counters ``slabserve:kv_integrity_checks_total`` and
+``slabserve:kv_integrity_failures_total`` (the engine's idle-time ``check_integrity()``),
+a ``slabserve:kv_integrity_ok`` gauge, or an ``integrity`` boolean in ``/health``; None
+when it publishes none of these.
 """
 
 from __future__ import annotations
@@ -59,11 +61,6 @@ def _get(m: dict[str, float], name: str) -> float:
 def state_from(metrics: dict[str, float], health: dict) -> ServerState:
     errors_5xx = sum(v for k, v in metrics.items()
                      if k.startswith(P + "request_errors") and "{status=5" in k)
-    integrity = None
-    if P + "kv_integrity_ok" in metrics:
-        integrity = metrics[P + "kv_integrity_ok"] == 1.0
-    elif isinstance(health.get("integrity"), bool):
-        integrity = health["integrity"]
     return ServerState(
         running=int(_get(metrics, "num_requests_running")),
         waiting=int(_get(metrics, "num_requests_waiting")),
@@ -71,8 +68,22 @@ def state_from(metrics: dict[str, float], health: dict) -> ServerState:
         kv_blocks_total=int(_get(metrics, "kv_blocks_total")),
         preemptions=int(_get(metrics, "num_preemptions")),
         server_5xx=int(errors_5xx),
-        integrity_ok=integrity,
+        integrity_ok=integrity_verdict(metrics, health),
     )
+
+
+def integrity_verdict(metrics: dict[str, float], health: dict) -> bool | None:
+    failures = metrics.get(P + "kv_integrity_failures_total")
+    checks = metrics.get(P + "kv_integrity_checks_total")
+    if failures is not None and failures > 0:
+        return False
+    if checks is not None and checks > 0:
+        return True
+    if P + "kv_integrity_ok" in metrics:
+        return metrics[P + "kv_integrity_ok"] == 1.0
+    if isinstance(health.get("integrity"), bool):
+        return health["integrity"]
+    return None
 
 
 async def read_state(client: httpx.AsyncClient, url: str) -> ServerState:

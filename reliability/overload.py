@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from reliability.traffic import Outcome, Target, generate, words
+from reliability.traffic import Outcome, Target, generate, limits, words
 
 
 @dataclass
@@ -53,6 +53,8 @@ class OverloadResult:
             "admitted_latency_s": self.latency_quantiles(),
             "max_attempts": max(self.attempts, default=0),
             "served_in_the_end": sum(1 for o in self.final if o.result == "completed"),
+            "final_failures": [f"{o.status}: {o.detail}"[:160] for o in self.final
+                               if o.result != "completed"][:5],
             "wall_s": round(self.wall_s, 1),
         }
 
@@ -83,8 +85,7 @@ async def overload(url: str, requests: int = 200, max_tokens: int = 16,
                    retries: int = 0, timeout_s: float = 300.0) -> OverloadResult:
     """Fire ``requests`` completions at once (half streaming); with ``retries`` > 0 a
     refused one waits ``Retry-After`` (plus jitter) and tries again up to that often."""
-    limits = httpx.Limits(max_connections=requests + 8, max_keepalive_connections=requests)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits(requests + 8)) as client:
         card = (await client.get(url + "/v1/models")).json()["data"][0]
         t = Target(url, card["id"], int(card.get("max_model_len") or 2048))
         res = OverloadResult([None] * requests, [0] * requests, [None] * requests)

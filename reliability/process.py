@@ -36,6 +36,7 @@ class ServerOptions:
     max_running: int = 16
     max_queued: int = 32
     shutdown_timeout_s: float = 10.0
+    max_body_bytes: int = 256 << 10
     log_level: str = "warning"
     extra_args: tuple[str, ...] = ()
 
@@ -55,6 +56,7 @@ class ServerOptions:
                 "--max-running", str(self.max_running),
                 "--max-queued", str(self.max_queued),
                 "--shutdown-timeout", str(self.shutdown_timeout_s),
+                "--max-body-bytes", str(self.max_body_bytes),
                 "--log-level", self.log_level]
         if self.model is not None:
             args += ["--model", self.model]

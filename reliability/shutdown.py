@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from reliability.process import ServerProcess
+from reliability.traffic import limits
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 
                              ) -> ShutdownResult:
     """Run the scenario against ``srv`` (which it terminates).  ``max_tokens`` should be
     long enough that the requests are still running when the signal arrives."""
-    async with httpx.AsyncClient(timeout=exit_timeout_s + 30) as client:
+    async with httpx.AsyncClient(timeout=exit_timeout_s + 30,
+                                 limits=limits(streams + plain + 4)) as client:
         model = (await client.get(srv.url + "/v1/models")).json()["data"][0]["id"]
         body = {"model": model, "prompt": "shutdown " * 4, "max_tokens": max_tokens,
                 "temperature": 0.0, "ignore_eos": True}

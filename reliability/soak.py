@@ -32,6 +32,7 @@ from reliability.traffic import Outcome, Scenario, Target
 MIX: tuple[tuple[Scenario, float], ...] = (
     (traffic.chat, 25), (traffic.completion, 25), (traffic.near_limit, 10),
     (traffic.disconnect_stream, 10), (traffic.disconnect_wait, 5), (badinput.invalid, 25),
+    (badinput.partial_body, 3),
 )
 LOG_PROBLEMS = re.compile(r"Traceback|internal error|step \d+ failed|Exception in ASGI")
 
@@ -63,10 +64,10 @@ class SoakConfig:
         return tuple((s, w) for s, w in MIX if s.__name__ not in self.exclude)
 
 
-async def discover(client: httpx.AsyncClient, url: str) -> Target:
+async def discover(client: httpx.AsyncClient, url: str, max_body_bytes: int) -> Target:
     """Model id and context limit from ``/v1/models``."""
     card = (await client.get(url + "/v1/models")).json()["data"][0]
-    return Target(url, card["id"], int(card.get("max_model_len") or 2048))
+    return Target(url, card["id"], int(card.get("max_model_len") or 2048), max_body_bytes)
 
 
 def pick(rng: random.Random, mix: tuple[tuple[Scenario, float], ...] = MIX) -> Scenario:
@@ -121,9 +122,9 @@ async def canary(client: httpx.AsyncClient, t: Target) -> Outcome:
 
 async def run_traffic(srv: ServerProcess, cfg: SoakConfig, report: SoakReport) -> None:
     """Warm-up, measured traffic, then the after-run state, canary and memory."""
-    limits = httpx.Limits(max_connections=cfg.concurrency * 2 + 4)
-    async with httpx.AsyncClient(timeout=cfg.request_timeout_s, limits=limits) as client:
-        t = await discover(client, srv.url)
+    pool = traffic.limits(cfg.concurrency * 2 + 4)
+    async with httpx.AsyncClient(timeout=cfg.request_timeout_s, limits=pool) as client:
+        t = await discover(client, srv.url, srv.opts.max_body_bytes)
         report.outcomes += await drive(client, t, cfg.warmup_s, cfg, cfg.seed + 1)
         await wait_idle(client, srv.url, cfg.idle_timeout_s)
         report.rss_before = report.rss_peak = srv.rss_bytes()

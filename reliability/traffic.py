@@ -28,11 +28,13 @@ WORDS = ("slab", "page", "block", "token", "cache", "batch", "queue", "model", "
 
 @dataclass(frozen=True)
 class Target:
-    """The server under test: base URL, served model id, context limit (tokens)."""
+    """The server under test: base URL, served model id, context limit (tokens) and
+    request body limit (bytes)."""
 
     url: str
     model: str
     max_context: int
+    max_body_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,16 @@ class Outcome:
     detail: str = ""
     latency_s: float = 0.0
     retry_after: str | None = None
+
+
+# uvicorn closes a keep-alive connection after 5 s idle; a client that keeps it longer may
+# send on a socket the server is closing (ReadError, not the server's fault): expire first.
+KEEPALIVE_EXPIRY_S = 2.0
+
+
+def limits(connections: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                        keepalive_expiry=KEEPALIVE_EXPIRY_S)
 
 
 Scenario = Callable[[httpx.AsyncClient, Target, random.Random], Awaitable[Outcome]]
