@@ -20,8 +20,9 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class PlanParams:
-    """Knobs of the chunk plan.  ``blocks_per_sm``: GPU blocks wanted per multiprocessor
-    (resident blocks times waves); ``sm_count``: multiprocessors (132 on H100 and H200)."""
+    """Knobs of the chunk plan.  ``blocks_per_sm``: blocks resident per multiprocessor
+    (4 for the async kernel at 128 registers and 48 KB of shared memory; one wave is the
+    target); ``sm_count``: multiprocessors (132 on H100 and H200)."""
 
     sm_count: int = 132
     blocks_per_sm: float = 4.0
@@ -46,7 +47,8 @@ def ctx_bucket(n: int) -> int:
 @lru_cache(maxsize=4096)
 def _chunks_for_bucket(batch: int, bucket: int, head_blocks: int, params: PlanParams) -> int:
     per_chunk = max(1, batch * head_blocks)
-    want = math.ceil(params.sm_count * params.blocks_per_sm / per_chunk)
+    # at most one wave of resident blocks: a partial second wave would idle most SMs
+    want = math.floor(params.sm_count * params.blocks_per_sm / per_chunk)
     by_len = max(1, bucket // params.min_chunk_tokens)
     return max(1, min(want, by_len, params.max_chunks))
 

@@ -114,11 +114,13 @@ def tol_for(dt: str, qdt: str) -> float:
     return max(TOL[DT[dt]], TOL[DT[qdt]])
 
 
-def check(out_rows: list, nat: NativeCUDA, forced=(None, 1, 3, 64)) -> float:
-    """Run the matrix; every case with the plan's chunks and forced counts.  Returns the
-    worst error / tolerance (must be < 1)."""
+def check(out_rows: list, nat: NativeCUDA, forced=(None, 1, 3, 64), shard=(0, 1)) -> float:
+    """Run the matrix (cases ``i`` with ``i % n == k`` for ``shard=(k, n)``); every case
+    with the plan's chunks and forced counts.  Returns the worst error / tolerance (< 1)."""
     worst = 0.0
     for i, (dt, qdt, d, bs, hq, hkv, sb, lens) in enumerate(CHECK_MATRIX):
+        if i % shard[1] != shard[0]:
+            continue
         pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=i)
         q = q.astype(DT[qdt])
         scale = 1.0 / math.sqrt(d)
@@ -291,6 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
     ap.add_argument("--natives", default="async3")
+    ap.add_argument("--shard", default="0/1", help="k/n: run check cases i % n == k")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
@@ -301,7 +304,8 @@ def main(argv=None) -> int:
     if a.check:
         rows: list = []
         result["check_worst_over_tol"] = max(
-            check(rows, nat) for nat in make_natives(a.natives).values())
+            check(rows, nat, shard=tuple(int(x) for x in a.shard.split("/")))
+            for nat in make_natives(a.natives).values())
         result["check"] = rows
         print(f"check: worst error / tolerance = {result['check_worst_over_tol']:.3f}")
     cells = [(int(b), int(c)) for b in a.batches.split(",") for c in a.ctxs.split(",")]

@@ -63,9 +63,10 @@ __device__ __forceinline__ uint4 ld16(const void* p) {
 }
 
 // Scores of U tokens for GB heads from this lane's K vectors, reduced over the row group,
-// then the online-softmax update and the V accumulation.  Rows j >= nvalid are masked.
-template <typename T, int GB, int U, int VEC, int TPR>
-__device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], const uint4 (&vr)[U],
+// then the online-softmax update and the V accumulation (V row j read through vrow(j) only
+// when needed, to keep registers low).  Rows j >= nvalid are masked.
+template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
+__device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
                                              int nvalid, const float (&qv)[GB][VEC],
                                              float (&m)[GB], float (&l)[GB],
                                              float (&acc)[GB][VEC]) {
@@ -95,24 +96,27 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], const uint4 (
     float mx = m[g];
 #pragma unroll
     for (int j = 0; j < U; ++j) mx = j < nvalid ? fmaxf(mx, sc[g][j]) : mx;
-    const float ms = mx == -INFINITY ? 0.f : mx;
-    const float alpha = exp2f(m[g] - ms);
+    if (mx > m[g]) {  // rescale only when the running max grows (exp2(-inf) = 0 at first)
+      const float alpha = exp2f(m[g] - mx);
+      l[g] *= alpha;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
+      m[g] = mx;
+    }
+    const float ms = mx == -INFINITY ? 0.f : mx;  // no valid row yet: every p is 0
     float psum = 0.f;
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       sc[g][j] = j < nvalid ? exp2f(sc[g][j] - ms) : 0.f;
       psum += sc[g][j];
     }
-    l[g] = l[g] * alpha + psum;
-    m[g] = mx;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
+    l[g] += psum;
   }
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (j < nvalid) {  // masked rows may hold stale data: never multiply them
       float vf[VEC];
-      unpack(vr[j], vf, (const T*)nullptr);
+      unpack(vrow(j), vf, (const T*)nullptr);
 #pragma unroll
       for (int g = 0; g < GB; ++g) {
 #pragma unroll
@@ -253,7 +257,8 @@ __device__ __forceinline__ void pooled_decode(
       for (int j = 0; j < U; ++j) kr[j] = vr[j] = make_uint4(0u, 0u, 0u, 0u);
     }
     const int nvalid = active ? min(U, st.tok_end - u0) : 0;
-    consume_unit<T, GB, U, VEC, S::TPR>(kr, vr, nvalid, qv, m, l, acc);
+    consume_unit<T, GB, U, VEC, S::TPR>(kr, [&](int j) { return vr[j]; }, nvalid, qv, m, l,
+                                        acc);
   }
   __shared__ float sm_acc[R * GB * D];
   __shared__ float sm_ml[2 * R * GB];
@@ -326,15 +331,13 @@ __device__ __forceinline__ void pooled_decode_async(
     issue(it + ST - 1, blk_cur);
     cp_wait<ST - 1>();
     const uint4* src = smem + (it % ST) * 2 * U * NT + tid;
-    uint4 kr[U], vr[U];
+    uint4 kr[U];
 #pragma unroll
-    for (int j = 0; j < U; ++j) {
-      kr[j] = src[j * NT];
-      vr[j] = src[(U + j) * NT];
-    }
+    for (int j = 0; j < U; ++j) kr[j] = src[j * NT];
     const int u0 = first + it * span;
     const int nvalid = u0 < st.tok_end ? min(U, st.tok_end - u0) : 0;
-    consume_unit<T, GB, U, VEC, S::TPR>(kr, vr, nvalid, qv, m, l, acc);
+    consume_unit<T, GB, U, VEC, S::TPR>(kr, [&](int j) { return src[(U + j) * NT]; }, nvalid,
+                                        qv, m, l, acc);
   }
   cp_wait<0>();
   __syncthreads();  // the stage buffers are reused by the merge
