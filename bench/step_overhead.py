@@ -10,6 +10,7 @@
 2. **ITL** (``--itl``): S streams decode while one long prompt is admitted; the gaps
    between the streams' tokens (seen by the asyncio consumer) before and during that
    prompt's prefill, for several ``prefill_chunk`` values, all on one loaded model.
+3. **GIL** (``--gil``): does a thread waiting on MLX work let the event loop run?
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ async def itl_row(runner, tok, name, chunk: int, streams: int, prompt_len: int, 
                 tokens_during=len(during))
 
 
+def gil_probe(n: int = 1536, chain: int = 6, reps: int = 3) -> list[tuple[str, float, float]]:
+    """Longest pause of a 1 ms ticker on the main thread while a worker thread evaluates a
+    matmul chain: with ``mx.eval``, and with ``mx.async_eval`` then waiting on it."""
+    import threading
+
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+
+    def work(mode: str) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        for _ in range(reps):
+            b = a
+            for _ in range(chain):
+                b = b @ a
+            if mode == "eval":
+                mx.eval(b)
+            else:
+                mx.async_eval(b)
+                mx.eval(b)
+
+    rows = []
+    for mode in ("eval", "async_eval+eval"):
+        t = threading.Thread(target=work, args=(mode,))
+        t0 = time.perf_counter()
+        t.start()
+        last, gap = time.perf_counter(), 0.0
+        while t.is_alive():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gap, last = max(gap, now - last), now
+        rows.append((mode, time.perf_counter() - t0, gap))
+    return rows
+
+
 def _fresh_selector() -> None:
     """MLX 0.32 streams belong to the thread that made them and the CPU native decode
     path keeps its streams in the process-wide selector: each engine thread gets a fresh
@@ -124,6 +161,12 @@ def _load(args):
 
 
 async def _main(args) -> None:
+    if args.gil:
+        print("| worker waits with | worker total s | longest main-thread pause ms |")
+        print("|---|--:|--:|")
+        for mode, total, gap in gil_probe():
+            print(f"| {mode} | {total:.2f} | {1e3 * gap:.1f} |")
+        return
     runner, tok, name = _load(args)
     vocab = min(len(tok), 30_000)
     print(f"model {name} {args.dtype}, {runner.geom.num_layers} layers")
@@ -174,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--chunks", default="1024,256,64")
+    ap.add_argument("--gil", action="store_true",
+                    help="only probe whether waiting on MLX work releases the GIL")
     asyncio.run(_main(ap.parse_args(argv)))
     return 0
 

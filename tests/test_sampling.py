@@ -100,3 +100,30 @@ def test_logprobs_per_row_only_where_asked(k):
         assert math.isclose(lp.logprob, ref[row, tok], abs_tol=1e-4)
         want = specs[row].params.logprobs
         assert [t for t, _ in lp.top] == [int(i) for i in np.argsort(-ref[row])[:want]]
+
+
+@pytest.mark.parametrize("vocab", [64, 3000])
+def test_batched_filters_equal_mlx_lm_applied_row_by_row(vocab):
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    from engine.sampling import _filter
+
+    rng = np.random.default_rng(vocab)
+    scales = [0.05, 0.3, 3.0, 8.0, 0.1, 5.0]  # flat rows send top_p past the candidates
+    x = np.stack([rng.normal(0, s, vocab) for s in scales]).astype(np.float32)
+    lp = mx.array(x) - mx.logsumexp(mx.array(x), axis=-1, keepdims=True)
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, top_k=20),
+              SamplingParams(min_p=0.1), SamplingParams(top_k=5, min_p=0.05),
+              SamplingParams(top_p=0.95, min_p=0.01, top_k=2000), SamplingParams()]
+    got = np.array(_filter(lp, params))
+    for i, p in enumerate(params):
+        row = lp[i : i + 1]
+        if p.top_p < 1:
+            row = apply_top_p(row, p.top_p)
+        if p.min_p > 0:
+            row = apply_min_p(row, p.min_p)
+        if 0 < p.top_k < vocab:
+            row = apply_top_k(row, p.top_k)
+        want = np.array(row)[0]
+        assert (np.isinf(got[i]) == np.isinf(want)).all(), (i, p)
+        assert np.allclose(got[i][~np.isinf(want)], want[~np.isinf(want)])
