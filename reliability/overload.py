@@ -81,6 +81,26 @@ async def _one(client: httpx.AsyncClient, t: Target, i: int, max_tokens: int,
     res.final[i] = out
 
 
+BURST = 48  # more than the soak server's queue limit (32) can hold at once
+
+
+async def burst(client: httpx.AsyncClient, t: Target, rng: random.Random) -> Outcome:
+    """A load spike inside the soak: ``BURST`` short completions at once.  Fine when each
+    is served or refused with 429 + ``Retry-After``; the outcome sums them up."""
+    bodies = [_body(t, rng, rng.randint(1, 8)) for _ in range(BURST)]
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(generate(client, t, "burst", "/v1/completions", b)
+                                  for b in bodies))
+    served = sum(1 for o in outs if o.result == "completed")
+    refused = sum(1 for o in outs if o.result == "refused" and o.retry_after is not None)
+    bad = [o for o in outs if o.result not in ("completed", "refused")
+           or (o.result == "refused" and o.retry_after is None)]
+    detail = f"{served} served, {refused} refused with Retry-After"
+    if bad:
+        return Outcome("burst", True, "failed", bad[0].status, f"{detail}; {bad[0].detail}")
+    return Outcome("burst", True, "completed", 200, detail, time.perf_counter() - t0)
+
+
 async def overload(url: str, requests: int = 200, max_tokens: int = 16,
                    retries: int = 0, timeout_s: float = 300.0) -> OverloadResult:
     """Fire ``requests`` completions at once (half streaming); with ``retries`` > 0 a

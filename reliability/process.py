@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServerOptions:
     """What the reliability runs vary.  ``model`` None = the embedded tiny model.
     ``kv_budget_bytes`` and ``slab_tokens`` small enough force preemption;
-    ``max_queued`` is the admission queue limit (429 beyond it)."""
+    ``max_queued`` is the admission queue limit (429 beyond it).  ``cache_limit_bytes``
+    bounds MLX's buffer cache, which otherwise keeps freed buffers up to a quarter of RAM
+    and so makes resident memory grow by design (see docs/reliability.md)."""
 
     model: str | None = None
     max_context: int = 512
@@ -37,6 +39,7 @@ class ServerOptions:
     max_queued: int = 32
     shutdown_timeout_s: float = 10.0
     max_body_bytes: int = 256 << 10
+    cache_limit_bytes: int | None = 64 << 20  # MLX buffer cache; None = server default
     log_level: str = "warning"
     extra_args: tuple[str, ...] = ()
 
@@ -60,6 +63,8 @@ class ServerOptions:
                 "--log-level", self.log_level]
         if self.model is not None:
             args += ["--model", self.model]
+        if self.cache_limit_bytes is not None:
+            args += ["--cache-limit", str(self.cache_limit_bytes)]
         return args + list(self.extra_args)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from reliability import badinput, traffic
+from reliability import badinput, overload, traffic
 from reliability.observe import parse_metrics, wait_idle
 from reliability.process import ServerOptions, ServerProcess
 from reliability.report import MIB, SoakReport
@@ -32,7 +32,7 @@ from reliability.traffic import Outcome, Scenario, Target
 MIX: tuple[tuple[Scenario, float], ...] = (
     (traffic.chat, 25), (traffic.completion, 25), (traffic.near_limit, 10),
     (traffic.disconnect_stream, 10), (traffic.disconnect_wait, 5), (badinput.invalid, 25),
-    (badinput.partial_body, 3),
+    (badinput.partial_body, 3), (overload.burst, 1),
 )
 LOG_PROBLEMS = re.compile(r"Traceback|internal error|step \d+ failed|Exception in ASGI")
 
@@ -49,7 +49,7 @@ class SoakConfig:
     seed: int = 0
     request_timeout_s: float = 120.0
     idle_timeout_s: float = 30.0
-    rss_growth_limit_bytes: int = 256 * MIB
+    rss_growth_limit_bytes: int = 128 * MIB
     shutdown_wait_s: float = 60.0
     exclude: tuple[str, ...] = ()  # scenario names left out of the mix
 
@@ -122,7 +122,7 @@ async def canary(client: httpx.AsyncClient, t: Target) -> Outcome:
 
 async def run_traffic(srv: ServerProcess, cfg: SoakConfig, report: SoakReport) -> None:
     """Warm-up, measured traffic, then the after-run state, canary and memory."""
-    pool = traffic.limits(cfg.concurrency * 2 + 4)
+    pool = traffic.limits(cfg.concurrency * (overload.BURST + 2))
     async with httpx.AsyncClient(timeout=cfg.request_timeout_s, limits=pool) as client:
         t = await discover(client, srv.url, srv.opts.max_body_bytes)
         report.outcomes += await drive(client, t, cfg.warmup_s, cfg, cfg.seed + 1)
@@ -171,7 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--kv-budget-mib", type=float, default=2.0)
     p.add_argument("--slab-tokens", type=int, default=512)
-    p.add_argument("--rss-growth-mib", type=float, default=256.0)
+    p.add_argument("--cache-limit-mib", type=float, default=64.0,
+                   help="server --cache-limit (MLX buffer cache); negative = server default")
+    p.add_argument("--rss-growth-mib", type=float, default=128.0,
+                   help="allowed RSS growth after warm-up")
     p.add_argument("--exclude", action="append", default=[],
                    help="leave a scenario out of the mix (repeatable): "
                    + ", ".join(s.__name__ for s, _ in MIX))
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = a.minutes * 60 if a.minutes is not None else a.seconds
     opts = ServerOptions(model=a.model, max_context=a.max_context,
                          kv_budget_bytes=int(a.kv_budget_mib * MIB), slab_tokens=a.slab_tokens,
+                         cache_limit_bytes=None if a.cache_limit_mib < 0
+                         else int(a.cache_limit_mib * MIB),
                          extra_args=tuple(a.server_arg))
     cfg = SoakConfig(duration_s=seconds, warmup_s=a.warmup, concurrency=a.concurrency,
                      seed=a.seed, rss_growth_limit_bytes=int(a.rss_growth_mib * MIB),

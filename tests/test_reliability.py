@@ -27,7 +27,7 @@ def test_short_soak(tmp_path):
     """~30 s of mixed traffic: every check of ``SoakReport.violations`` holds, and the
     run really exercised preemption, disconnects and invalid input."""
     cfg = soak.SoakConfig(duration_s=25.0, warmup_s=4.0, concurrency=5, seed=1,
-                          request_timeout_s=60.0, rss_growth_limit_bytes=256 * MIB)
+                          request_timeout_s=60.0, rss_growth_limit_bytes=128 * MIB)
     report = soak.run(ServerOptions(), cfg, tmp_path / "server.log")
     print(report.to_markdown())
     assert report.violations() == []

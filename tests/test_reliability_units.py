@@ -113,7 +113,8 @@ def test_report_violations():
     cases = {
         "failed": lambda r: r.outcomes.append(Outcome("chat", True, "failed", None, "hang")),
         "5xx": lambda r: r.outcomes.append(Outcome("bad", False, "failed", 502)),
-        "refused": lambda r: r.outcomes.append(Outcome("chat", True, "refused", 429)),
+        "429 without Retry-After": lambda r: r.outcomes.append(
+            Outcome("chat", True, "refused", 429)),
         "leak": lambda r: setattr(r, "state_after", ServerState(0, 0, 3, 64, 0, 0, None)),
         "server 5xx": lambda r: setattr(r, "state_after", ServerState(0, 0, 0, 64, 0, 1, None)),
         "integrity": lambda r: setattr(r, "state_after", ServerState(0, 0, 0, 64, 0, 0, False)),
@@ -127,6 +128,7 @@ def test_report_violations():
         spoil(r)
         assert r.violations(), name
     r = _clean_report()
-    r.allow_refused = True
     r.outcomes.append(Outcome("chat", True, "refused", 429, retry_after="1"))
-    assert r.violations() == []
+    assert r.violations() == []  # a spike's 429 with Retry-After is not a loss
+    r.allow_refused = False
+    assert r.violations()
