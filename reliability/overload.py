@@ -118,3 +118,38 @@ async def overload(url: str, requests: int = 200, max_tokens: int = 16,
         await asyncio.gather(*tasks)
         res.wall_s = time.perf_counter() - t0
     return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reliability.overload``: start a server (queue limit 32), fire 200
+    requests at once, print the summary; exit 1 if the overload contract broke."""
+    import argparse
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from reliability.process import ServerOptions, ServerProcess
+
+    p = argparse.ArgumentParser(prog="python -m reliability.overload")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--max-queued", type=int, default=32)
+    p.add_argument("--max-running", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--retries", type=int, default=30)
+    a = p.parse_args(argv)
+    opts = ServerOptions(max_context=256, kv_budget_bytes=8 << 20, max_running=a.max_running,
+                         max_queued=a.max_queued)
+    log = Path(tempfile.mkdtemp(prefix="overload-")) / "server.log"
+    with ServerProcess(opts, log) as srv:
+        res = asyncio.run(overload(srv.url, a.requests, a.max_tokens, a.retries))
+    s = res.summary()
+    print(json.dumps(s, indent=1))
+    ok = (s["refused_429"] > 0 and not s["other"] and not s["final_failures"]
+          and all(o.retry_after is not None for o in res.refused))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -126,3 +126,36 @@ async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 
         res.exit_after_s = time.perf_counter() - t0
         res.ends = list(await asyncio.gather(*tasks))
     return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reliability.shutdown``: SIGTERM a server with long streams in flight and
+    print how each request ended; exit 1 if one was cut or the exit status was not 0."""
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    from reliability.process import ServerOptions
+
+    p = argparse.ArgumentParser(prog="python -m reliability.shutdown")
+    p.add_argument("--shutdown-timeout", type=float, default=2.0)
+    p.add_argument("--streams", type=int, default=6)
+    p.add_argument("--plain", type=int, default=2)
+    a = p.parse_args(argv)
+    opts = ServerOptions(max_context=512, kv_budget_bytes=8 << 20,
+                         shutdown_timeout_s=a.shutdown_timeout)
+    log = Path(tempfile.mkdtemp(prefix="shutdown-")) / "server.log"
+    with ServerProcess(opts, log) as srv:
+        res = asyncio.run(sigterm_under_load(srv, a.streams, a.plain, max_tokens=400,
+                                             exit_timeout_s=a.shutdown_timeout + 20))
+    for e in res.ends:
+        print(f"{e.kind:6} {e.how:12} finish_reason={e.finish_reason} status={e.status}")
+    print(f"request after SIGTERM: {res.late_status}; exit status {res.exit_code} "
+          f"after {res.exit_after_s:.1f} s")
+    return 0 if res.exit_code == 0 and not res.cut else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
