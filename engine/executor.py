@@ -57,7 +57,8 @@ class ModelExecutor(Executor):
         if not chunks:
             return StepOutput()
         logits = rows[0] if len(rows) == 1 else mx.concatenate(rows)
-        specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output) for c in chunks]
+        specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output, c.output_index)
+                 for c in chunks]
         picked = sampling.sample(logits, specs)
         pairs = zip(chunks, picked, strict=True)
         return StepOutput({c.request_id: SampledToken(tok, lp) for c, (tok, lp) in pairs})

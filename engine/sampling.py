@@ -51,10 +51,10 @@ class RowSpec:
     __slots__ = ("params", "seed", "index", "prompt", "output")
 
     def __init__(self, params: SamplingParams, seed: int, prompt: Sequence[int],
-                 output: Sequence[int]) -> None:
+                 output: Sequence[int], index: int | None = None) -> None:
         self.params = params
         self.seed = seed
-        self.index = len(output)
+        self.index = len(output) if index is None else index
         self.prompt = prompt
         self.output = output
 

@@ -18,9 +18,10 @@ class ScheduledChunk:
     when the chunk ends at the sequence's last known token: the step then samples the
     sequence's next token, its ``output_index``-th generated one (0-based).
 
-    ``prompt``/``output`` are the prompt and generated tokens so far (penalties need
-    them); ``params`` the request's sampling parameters; ``seed`` its sampling seed
-    (``params.seed``, or one drawn once when the request was added).
+    ``params`` are the request's sampling parameters; ``seed`` its sampling seed
+    (``params.seed``, or one drawn once when the request was added); ``output_index``
+    the number of tokens generated so far.  ``prompt``/``output`` (the token history)
+    are filled only when a penalty needs them, and only on chunks that sample.
     """
 
     request_id: str
@@ -32,10 +33,7 @@ class ScheduledChunk:
     prompt: tuple[int, ...] = ()
     output: tuple[int, ...] = ()
     seed: int = 0
-
-    @property
-    def output_index(self) -> int:
-        return len(self.output)
+    output_index: int = 0
 
 
 @dataclass(frozen=True)

@@ -200,9 +200,14 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed
+        sample = start + n == seq.num_tokens
+        p = seq.params
+        history = sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                              or p.frequency_penalty != 0.0)
         return ScheduledChunk(
             seq.request_id, seq.token_slice(start, start + n), start, tuple(seq.blocks),
-            start + n == seq.num_tokens, seq.params, seq.prompt, tuple(seq.output), seq.seed)
+            sample, p, seq.prompt if history else (), tuple(seq.output) if history else (),
+            seq.seed, len(seq.output))
 
     def _preempt(self, seq: Sequence) -> str:
         self.running.remove(seq)

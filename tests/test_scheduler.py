@@ -98,7 +98,8 @@ def test_preemption_newest_goes_first_then_resumes_exactly():
     assert preempted and set(preempted) == {"b"}, "the newest request is the victim"
     assert s.preemptions == len(preempted)
     assert resumed_chunk is not None
-    n_out = len(resumed_chunk.output)
+    n_out = resumed_chunk.output_index
+    assert n_out > 0
     assert resumed_chunk.tokens[: 8 + n_out] == b.prompt_tokens + tuple(outs["b"][:n_out])
     assert outs["a"] == reference(a.prompt_tokens, 10)
     assert outs["b"] == reference(b.prompt_tokens, 10)
@@ -184,3 +185,21 @@ def test_abort_frees_blocks_running_and_waiting():
     assert s.abort("a") and s.abort("b") and not s.abort("b")
     s.check_integrity()
     assert s.allocator.num_used == 0 and not s.has_work
+
+
+def test_token_history_is_passed_only_when_a_penalty_needs_it():
+    s, ex = make(num_blocks=64)
+    s.add(req("pen", 3, max_tokens=6, presence_penalty=0.5))
+    s.add(req("plain", 3, max_tokens=6))
+    outs: dict[str, list[int]] = {"pen": [], "plain": []}
+    for _ in range(4):
+        plan, ups = step(s, ex)
+        for c in plan.chunks():
+            assert c.output_index == len(outs[c.request_id])
+            if c.request_id == "pen":
+                assert c.prompt == req("pen", 3).prompt_tokens
+                assert c.output == tuple(outs["pen"])
+            else:
+                assert c.prompt == () and c.output == ()
+        for u in ups:
+            outs[u.request_id].append(u.token.token_id)
