@@ -3,10 +3,12 @@ split across context between two MLX CPU streams (split-K, as flash-decoding doe
 
 Why this shape (docs/benchmarks/attention-cpu.md, /work/shared/measurements):
   * MLX runs every op of a stream on one worker thread, so two streams working on the
-    two halves of the context use both cores; the halves are merged at the end.
+    two halves of the context use both cores; the halves are merged at the end.  A step
+    with under ``min_stream_tokens`` padded tokens per stream runs on fewer streams (the
+    merge and the cross-stream wait cost more than they give).
   * each chunk of ``chunk_blocks`` pages is taken straight from its slab (one ``take``
-    per slab the chunk touches, never the whole table at once, never a slab copy), so
-    the gathered K/V are never materialised: at most one chunk per stream is live;
+    per slab the chunk touches, never the whole table at once, never a slab copy) and
+    consumed by its two matmuls: the gathered K/V of a sequence never exist as a whole;
   * one matmul per (sequence, kv head) with its group of query heads as rows beats
     MLX's CPU SDPA fallback (one single-row matmul per query head) for f16/bf16.
 
@@ -95,12 +97,16 @@ def _pages(pool: SlabPool, layer: int, side: int, chunk: _Chunk) -> mx.array:
     return x.reshape(b, h, c * g.block_size, g.head_dim)
 
 
-def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int) -> CpuPlan:
-    """Split the padded table's columns into ``streams`` contiguous parts, each cut in
-    chunks of at most ``chunk_blocks`` columns."""
+def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int,
+               min_stream_tokens: int = 0) -> CpuPlan:
+    """Split the padded table's columns into at most ``streams`` contiguous parts (fewer
+    when a part would cover under ``min_stream_tokens`` padded tokens of the batch: a
+    second stream costs a merge and a cross-stream wait), each cut in chunks of at most
+    ``chunk_blocks`` columns."""
     nblk = max(len(t) for t in batch.tables)
     rows = np.array([t + [t[0]] * (nblk - len(t)) for t in batch.tables], dtype=np.int64)
-    streams = max(1, min(streams, nblk))
+    work = len(batch.tables) * nblk * batch.geom.block_size
+    streams = max(1, min(streams, nblk, work // max(min_stream_tokens, 1)))
     bounds = [round(i * nblk / streams) for i in range(streams + 1)]
     parts = []
     for s in range(streams):
@@ -141,9 +147,11 @@ class NativeCPU(DecodeAttention):
 
     name = "native"
 
-    def __init__(self, streams: int = 2, chunk_blocks: int = 64) -> None:
+    def __init__(self, streams: int = 2, chunk_blocks: int = 64,
+                 min_stream_tokens: int = 1024) -> None:
         self.num_streams = streams
         self.chunk_blocks = chunk_blocks
+        self.min_stream_tokens = min_stream_tokens
         self._streams: list | None = None
 
     def streams(self) -> list:
@@ -164,10 +172,11 @@ class NativeCPU(DecodeAttention):
         return None
 
     def plan(self, batch: DecodeBatch) -> CpuPlan:
-        key = ("native_cpu", self.num_streams, self.chunk_blocks)
+        key = ("native_cpu", self.num_streams, self.chunk_blocks, self.min_stream_tokens)
         plan = batch._cache.get(key)
         if plan is None:
-            plan = batch._cache[key] = build_plan(batch, self.num_streams, self.chunk_blocks)
+            plan = batch._cache[key] = build_plan(batch, self.num_streams, self.chunk_blocks,
+                                                  self.min_stream_tokens)
         return plan
 
     def __call__(self, q, pool, layer, batch, scale):

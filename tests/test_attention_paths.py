@@ -21,7 +21,8 @@ TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}  # relative to max
 PATHS = {
     "gather": GatherSDPA(),
     "native": NativeCPU(),  # defaults: 2 streams, 64-block chunks
-    "native-small-chunks": NativeCPU(streams=2, chunk_blocks=2),  # many chunks to merge
+    # many chunks to merge, on two streams even for small cases
+    "native-small-chunks": NativeCPU(streams=2, chunk_blocks=2, min_stream_tokens=0),
     "native-1-stream": NativeCPU(streams=1, chunk_blocks=3),
 }
 
@@ -63,8 +64,16 @@ def test_paths_match_reference_half(dtype, heads, block_size, slabs):
 def test_long_context_many_chunks_and_slabs():
     """Contexts over several default chunks and both streams, pages over 5 slabs."""
     q, pool, batch = make_case(8, 2, 64, 16, [2500, 1100, 17], 5, seed=7)
-    for p in (PATHS["gather"], PATHS["native"]):
+    native = PATHS["native"]
+    assert len(native.plan(batch).parts) == 2 and len(native.plan(batch).parts[0]) == 2
+    for p in (PATHS["gather"], native):
         check(p, q, pool, batch, mx.float32)
+
+
+def test_small_steps_use_one_stream():
+    _, _, batch = make_case(8, 2, 64, 16, [300, 200], 1)
+    assert len(PATHS["native"].plan(batch).parts) == 1
+    assert len(PATHS["native-small-chunks"].plan(batch).parts) == 2
 
 
 def test_native_never_copies_a_slab():
