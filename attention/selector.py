@@ -344,8 +344,9 @@ class Selector:
 
     def _cached_counts(self) -> Counter:
         counts: Counter = Counter()
-        for slots in self._cache.values():
-            for slot in slots:
+        # snapshots: /metrics reads from another thread while steps add keys and slots
+        for slots in list(self._cache.values()):
+            for slot in list(slots):
                 if slot is not None and slot.count:
                     counts[slot.decision.label] += slot.count
         return counts
