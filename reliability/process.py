@@ -33,7 +33,7 @@ class ServerOptions:
 
     model: str | None = None
     max_context: int = 512
-    kv_budget_bytes: int = 2 << 20
+    kv_budget_bytes: int = 1 << 20
     slab_tokens: int = 512
     max_running: int = 16
     max_queued: int = 32

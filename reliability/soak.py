@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="server --model (default: embedded tiny)")
     p.add_argument("--max-context", type=int, default=512)
-    p.add_argument("--kv-budget-mib", type=float, default=2.0)
+    p.add_argument("--kv-budget-mib", type=float, default=1.0)
     p.add_argument("--slab-tokens", type=int, default=512)
     p.add_argument("--cache-limit-mib", type=float, default=64.0,
                    help="server --cache-limit (MLX buffer cache); negative = server default")
