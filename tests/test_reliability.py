@@ -109,3 +109,17 @@ def test_dropped_non_streaming_request_is_not_a_500(queue32):
     st = asyncio.run(drop_one())
     assert st.idle, st
     assert st.server_5xx == 0, "a dropped request was counted as a 5xx"
+
+
+def test_sigterm_lets_in_flight_requests_finish_within_the_timeout(tmp_path):
+    """With a shutdown timeout longer than the work left, SIGTERM drains: in-flight
+    streams and plain requests finish normally (``length``), then the process exits 0."""
+    opts = ServerOptions(max_context=256, kv_budget_bytes=8 << 20, shutdown_timeout_s=60.0)
+    with ServerProcess(opts, tmp_path / "server.log") as srv:
+        res = asyncio.run(sigterm_under_load(srv, streams=4, plain=2, max_tokens=48,
+                                             exit_timeout_s=90.0))
+        log = srv.log_text()
+    assert res.exit_code == 0, log[-3000:]
+    assert [(e.how, e.finish_reason) for e in res.ends] == \
+        [("final", "length")] * 4 + [("complete", "length")] * 2, res.ends
+    assert res.late_status in (503, None), res.late_status
