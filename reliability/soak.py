@@ -115,9 +115,13 @@ async def sample_rss(srv: ServerProcess, report: SoakReport, stop: asyncio.Event
 
 
 async def canary(client: httpx.AsyncClient, t: Target) -> Outcome:
+    """One request after the run: completes only if the engine loop is still alive."""
     body = {"model": t.model, "prompt": "after the soak", "max_tokens": 4, "temperature": 0}
-    return await asyncio.wait_for(
-        traffic.generate(client, t, "canary", "/v1/completions", body), 60.0)
+    try:
+        return await asyncio.wait_for(
+            traffic.generate(client, t, "canary", "/v1/completions", body), 60.0)
+    except asyncio.TimeoutError:
+        return Outcome("canary", True, "failed", None, "no answer in 60 s: engine dead?")
 
 
 async def run_traffic(srv: ServerProcess, cfg: SoakConfig, report: SoakReport) -> None:
