@@ -103,21 +103,28 @@ def kernel_body(ns: int, direct: bool, variant: str = "async") -> str:
 """
 
 
-def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int) -> int:
+def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int,
+               threads: int = THREADS) -> int:
     """Dynamic shared memory of the async variant: the stage ring, reused by the merge."""
     if variant != "async":
         return 0
-    rows = THREADS // (d * dtype_size // 16)
-    return max(stages * 2 * unit * THREADS * 16, (rows * gb * d + 2 * rows * gb) * 4)
+    rows = threads // (d * dtype_size // 16)
+    return max(stages * 2 * unit * threads * 16, (rows * gb * d + 2 * rows * gb) * 4)
 
 
 MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);\n"
 
 
 class NativeCUDA(DecodeAttention):
-    """The native pooled decode path on MLX's CUDA backend."""
+    """The native pooled decode path on MLX's CUDA backend.
+
+    ``variant``: "async" (default; cp.async stage ring) or "sync" (register loads);
+    ``stages``: depth of the async ring.  Subclasses for other backends override
+    ``threads``, ``kernel_file``, ``_device_reason``, ``_body`` and ``_compile``."""
 
     name = "native"
+    threads = THREADS
+    kernel_file = KERNEL_FILE
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
                  stages: int = 3) -> None:
@@ -137,14 +144,20 @@ class NativeCUDA(DecodeAttention):
         reason = shape_decline(q.shape, q.dtype, pool.geom, pool.num_slabs)
         if reason:
             return reason
-        if not mx.cuda.is_available():
-            return "no CUDA device (mx.cuda.is_available() is False)"
-        if mx.default_device().type != mx.gpu:
-            return f"default device is {mx.default_device()}, not the GPU"
+        reason = self._device_reason()
+        if reason:
+            return reason
         key = self._variant_key(q, pool)
         if key not in self._probes:
             self._probes[key] = self._probe(q, pool)
         return self._probes[key]
+
+    def _device_reason(self) -> str | None:
+        if not mx.cuda.is_available():
+            return "no CUDA device (mx.cuda.is_available() is False)"
+        if mx.default_device().type != mx.gpu:
+            return f"default device is {mx.default_device()}, not the GPU"
+        return None
 
     def _variant_key(self, q: mx.array, pool: SlabPool) -> tuple:
         g = pool.geom
@@ -210,11 +223,12 @@ class NativeCUDA(DecodeAttention):
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
             ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),
-            ("NT", THREADS), ("ST", self.stages),
+            ("NT", self.threads), ("ST", self.stages),
         ]
-        smem = smem_bytes(self.variant, g.dtype.size, d, gb, unit, self.stages)
-        common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * THREADS, chunks, b),
-                      threadgroup=(THREADS, 1, 1))
+        smem = smem_bytes(self.variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
+        nt = self.threads
+        common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * nt, chunks, b),
+                      threadgroup=(nt, 1, 1))
         if chunks == 1:
             return (self._kernel("direct", ns, smem),
                     dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
@@ -237,18 +251,25 @@ class NativeCUDA(DecodeAttention):
         key = (kind, ns, smem)
         if key not in self._kernels:
             if self._header is None:
-                self._header = KERNEL_FILE.read_text()
+                self._header = self.kernel_file.read_text()
             if kind == "merge":
-                names, outs, body = ["opart", "lse"], ["out"], MERGE_BODY
+                names, outs = ["opart", "lse"], ["out"]
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
                 names = ["q", "table", "lengths", "qscale", *slabs]
                 outs = ["out"] if kind == "direct" else ["opart", "lse"]
-                body = kernel_body(ns, kind == "direct", self.variant)
-            # MLX caches compiled PTX on disk by kernel name: name the source's hash too.
+            body = self._body(kind, ns)
+            # MLX caches compiled kernels on disk by name: name the source's hash too.
             tag = hashlib.sha1((self._header + body).encode()).hexdigest()[:10]
-            self._kernels[key] = mx.fast.cuda_kernel(
-                name=f"slabserve_pooled_{kind}_ns{ns}_{tag}", input_names=names,
-                output_names=outs, source=body, header=self._header, shared_memory=smem,
-            )
+            self._kernels[key] = self._compile(
+                f"slabserve_pooled_{kind}_ns{ns}_{tag}", names, outs, body, smem)
         return self._kernels[key]
+
+    def _body(self, kind: str, ns: int) -> str:
+        if kind == "merge":
+            return MERGE_BODY
+        return kernel_body(ns, kind == "direct", self.variant)
+
+    def _compile(self, name: str, names: list, outs: list, body: str, smem: int):
+        return mx.fast.cuda_kernel(name=name, input_names=names, output_names=outs,
+                                   source=body, header=self._header, shared_memory=smem)
