@@ -94,10 +94,12 @@ def _filter(lp: mx.array, params: list[SamplingParams]) -> mx.array:
     row.  All three keep a top set by value, so per-row thresholds computed on the
     unfiltered row give the same result as applying them one after another.
 
-    top_p/top_k thresholds come from the best ``CANDIDATES`` tokens (``mx.topk``: a
-    full-vocab sort costs ~30x more on CPU); a top_p row whose candidates all fall inside
-    its nucleus needs more, and then the batch's top_p comes from a full sort (exact
-    either way).
+    On the CPU, top_p/top_k thresholds come from the best ``CANDIDATES`` tokens
+    (``mx.topk``: a full-vocab sort of 8 x 152k rows took 940 ms against 29 ms); a top_p
+    row whose candidates all fall inside its nucleus needs more, and then the batch's
+    top_p comes from a full sort (exact either way).  On a GPU the full sort is used
+    directly: it measured faster there than top-k plus the fallback check's sync
+    (docs/benchmarks/step-overhead.md).
     """
     vocab = lp.shape[-1]
     neg = mx.array(-mx.inf, dtype=lp.dtype)
@@ -105,8 +107,10 @@ def _filter(lp: mx.array, params: list[SamplingParams]) -> mx.array:
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if not use_p and not any(ks):
         return _min_p(lp, params, neg)
-    m = min(vocab, max([CANDIDATES, *ks]))
-    top = mx.sort(mx.topk(lp, m, axis=-1), axis=-1)[:, ::-1]  # best first
+    on_cpu = mx.default_device().type == mx.cpu
+    m = min(vocab, max([CANDIDATES if on_cpu else vocab, *ks]))
+    best = mx.topk(lp, m, axis=-1) if m < vocab else lp
+    top = mx.sort(best, axis=-1)[:, ::-1]  # best first
     drop = mx.zeros(lp.shape, dtype=mx.bool_)
     if any(ks):  # apply_top_k (ties at the k-th value are kept)
         kth = mx.take_along_axis(top, mx.array([max(k, 1) - 1 for k in ks])[:, None], -1)
