@@ -102,11 +102,15 @@ def test_logprobs_per_row_only_where_asked(k):
         assert [t for t, _ in lp.top] == [int(i) for i in np.argsort(-ref[row])[:want]]
 
 
-@pytest.mark.parametrize("vocab", [64, 3000])
-def test_batched_filters_equal_mlx_lm_applied_row_by_row(vocab):
+@pytest.mark.parametrize("vocab,candidates", [(64, 1024), (3000, 1024), (3000, 10**9)])
+def test_batched_filters_equal_mlx_lm_applied_row_by_row(vocab, candidates, monkeypatch):
+    """Candidates path, its full-sort fallback (flat rows), and the full sort alone (GPU)."""
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+    from engine import sampling
     from engine.sampling import _filter
+
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
 
     rng = np.random.default_rng(vocab)
     scales = [0.05, 0.3, 3.0, 8.0, 0.1, 5.0]  # flat rows send top_p past the candidates
