@@ -184,11 +184,16 @@ class NativeCUDA(DecodeAttention):
 
     # ---- run ----------------------------------------------------------------------------
     def __call__(self, q, pool, layer, batch, scale):
-        chunks = plan_chunks(
-            batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
-            self.params,
-        )
-        return self._run(q, pool, layer, batch, scale, chunks)
+        # the plan and launch arguments are shared by every layer of a step
+        key = (self, q.shape, q.dtype, pool.num_slabs)
+        launch = batch._cache.get(key)
+        if launch is None:
+            chunks = plan_chunks(
+                batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
+                self.params,
+            )
+            launch = batch._cache[key] = self._launch_for(q, pool, chunks)
+        return self._execute(launch, q, pool, layer, batch, scale)
 
     @staticmethod
     def _head_blocks(q: mx.array, g: PoolGeometry) -> int:
@@ -196,19 +201,26 @@ class NativeCUDA(DecodeAttention):
         return g.kv_heads * (grp // group_block(grp))
 
     def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
-        b, hq, _, d = q.shape
+        """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps)."""
+        return self._execute(self._launch_for(q, pool, chunks), q, pool, layer, batch, scale)
+
+    def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int) -> tuple:
         ns = slab_bucket(pool.num_slabs)
         key = (q.shape, q.dtype, pool.geom, ns, chunks)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = self._launch(q, pool.geom, ns, chunks)
+            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks))
+        return launch
+
+    def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
+        b, hq, _, d = q.shape
+        ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         pad = ns - len(ks)
         if pad:
             ks, vs = [*ks, *([ks[0]] * pad)], [*vs, *([vs[0]] * pad)]
         inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
                   self._scale(scale), *ks, *vs]
-        main, merge = launch
         outs = main[0](inputs=inputs, **main[1])
         if merge is None:
             return outs[0].reshape(b, hq, 1, d)

@@ -192,3 +192,20 @@ def test_launch_plumbing(monkeypatch, chunks):
         assert log[1]["grid"] == (3 * 14 * 64, 1, 1) and log[1]["tg"] == (64, 1, 1)
     nat._run(q, pool, 1, batch, 0.125, chunks)  # same shape: launch spec reused
     assert len(nat._launches) == 1
+
+
+def test_plan_shared_by_layers_of_a_step(monkeypatch):
+    from bench.cuda_kernel import make_case
+
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64, layers=3)
+    nat = NativeCUDA()
+    for layer in range(3):
+        assert nat(q, pool, layer, batch, 0.125).shape == q.shape
+    mine = [k for k in batch._cache if isinstance(k, tuple) and k[0] is nat]
+    assert len(mine) == 1
+    want = plan_chunks(2, 3000, 8, 188)
+    assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
+    assert len(log) == 3 * 2  # split + merge per layer
+    assert {id(c["inputs"][4]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
