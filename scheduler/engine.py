@@ -162,19 +162,28 @@ class AsyncLLMEngine(AsyncEngine):
         self.executor.bind_thread()
         while not self._stopping:
             out: _Out = []
-            self._drain(out)
-            if self.scheduler.has_work:
-                self._step(out)
+            try:
+                self._iteration(out)
+            except Exception as e:  # a bug must not leave streams hanging: fail them all
+                log.exception("engine iteration failed; failing every live request")
+                for rid in list(self._live):
+                    self.scheduler.finish(rid, "error")
+                    out.append(self._close(rid, "error", f"engine failure: {e!r}"))
             if out:
                 t = time.perf_counter()
                 self._deliver(out)
                 if self.step_log:
                     self.step_log[-1].deliver_s = time.perf_counter() - t
             if not self.scheduler.has_work and not self._inbox:
-                if self.check_when_idle:
-                    self.scheduler.check_integrity()
                 self._wake.wait()
                 self._wake.clear()
+
+    def _iteration(self, out: _Out) -> None:
+        self._drain(out)
+        if self.scheduler.has_work:
+            self._step(out)
+        elif self.check_when_idle and not self._inbox:
+            self.scheduler.check_integrity()
 
     def _drain(self, out: _Out) -> None:
         while self._inbox:

@@ -1,0 +1,80 @@
+"""The asyncio front over the fake executor (no MLX): failures, shutdown, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sched_fakes import ShadowExecutor, make, reference, req
+
+from scheduler.api import RequestError
+from scheduler.engine import AsyncLLMEngine
+
+
+class Flaky(ShadowExecutor):
+    """Raises on step ``fail_at``; sleeps ``delay`` seconds per step."""
+
+    def __init__(self, base: ShadowExecutor, fail_at: int = -1, delay: float = 0.0) -> None:
+        super().__init__(base.allocator, base.block_size)
+        self.fail_at, self.delay, self.calls = fail_at, delay, 0
+
+    def execute(self, plan):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        return super().execute(plan)
+
+
+async def engine(fail_at=-1, delay=0.0, **cfg):
+    s, ex = make(num_blocks=32, **cfg)
+    eng = AsyncLLMEngine(s, Flaky(ex, fail_at, delay))
+    await eng.start()
+    return eng
+
+
+async def run(eng, r):
+    return [d async for d in eng.generate(r)]
+
+
+async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on():
+    eng = await engine(fail_at=3)
+    try:
+        got = await asyncio.gather(*[run(eng, req(f"r{i}", 3, max_tokens=8)) for i in range(3)])
+        for deltas in got:
+            assert deltas[-1].finish_reason == "error" and "boom" in deltas[-1].error
+        assert eng.stats().kv_blocks_used == 0
+        r = req("after", 5, max_tokens=4)
+        deltas = await run(eng, r)
+        assert [t for d in deltas for t in d.token_ids] == reference(r.prompt_tokens, 4)
+        assert deltas[-1].finish_reason == "length"
+    finally:
+        await eng.shutdown(1)
+
+
+async def test_shutdown_refuses_new_work_and_aborts_after_timeout():
+    eng = await engine(delay=0.01)
+    stream = eng.generate(req("long", 3, max_tokens=120))  # >= 1.2 s of steps
+    first = await stream.__anext__()
+    assert first.token_ids
+    stop = asyncio.create_task(eng.shutdown(0.05))
+    await asyncio.sleep(0)
+    with pytest.raises(RequestError) as e:
+        eng.generate(req("late", 3))
+    assert e.value.kind == "shutting_down"
+    rest = [d async for d in stream]
+    await stop
+    assert rest[-1].finish_reason == "abort"
+    assert eng.scheduler.allocator.num_used == 0 and eng._thread is None
+
+
+async def test_stats_count_tokens_and_requests():
+    eng = await engine()
+    try:
+        await asyncio.gather(*[run(eng, req(f"r{i}", 4, max_tokens=3)) for i in range(4)])
+        st = eng.stats()
+        assert (st.prompt_tokens, st.generated_tokens, st.running, st.waiting) == (16, 12, 0, 0)
+        assert st.kv_blocks_total == 32 and st.kv_blocks_used == 0
+    finally:
+        await eng.shutdown(1)
