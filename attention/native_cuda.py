@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from attention.base import DecodeAttention, DecodeBatch
 from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
+from attention.gather import gather_kv
 from kvcache.pool import PoolGeometry, SlabPool
 
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
@@ -164,18 +165,30 @@ class NativeCUDA(DecodeAttention):
         return (q.dtype, q.shape[1], g, slab_bucket(pool.num_slabs))
 
     def _probe(self, q: mx.array, pool: SlabPool) -> str | None:
-        """Run the direct and split variants on one token of the pool's first block;
-        the answer must be that token's V row for every head."""
+        """Run the direct and split variants that ``pool`` needs on a private two-block
+        pool of random pages (the live pool may still be zeros): one sequence of
+        ``block_size + 3`` tokens over the last slab and slab 0, against SDPA in float32 on
+        the gathered pages.  Fixed random keys: the global random state is not touched."""
         g = pool.geom
-        probe = DecodeBatch(g, [[0]], [1])
-        q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim)).astype(q.dtype)
-        want = pool.slab(0, 1, 0)[0, :, 0, :].astype(mx.float32)  # [kv_heads, D]
-        want = mx.repeat(want, q.shape[1] // g.kv_heads, axis=0)
+        ns = slab_bucket(pool.num_slabs)
+        geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
+        probe_pool = SlabPool(geom)
+        rows = 2 * g.kv_heads * g.block_size
+        kv = mx.random.normal((2, ns, rows, g.head_dim), key=mx.random.key(7)).astype(g.dtype)
+        probe_pool.k[0] = [kv[0, i] for i in range(ns)]
+        probe_pool.v[0] = [kv[1, i] for i in range(ns)]
+        n = g.block_size + 3
+        batch = DecodeBatch(geom, [[2 * ns - 1, 0]], [n])
+        q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim), key=mx.random.key(8))
+        scale = 1.0 / math.sqrt(g.head_dim)
+        k, v = (x[:, :, :n].astype(mx.float32) for x in gather_kv(probe_pool, 0, batch))
+        want = mx.fast.scaled_dot_product_attention(
+            q1.astype(q.dtype).astype(mx.float32), k, v, scale=scale)
+        tol = 2e-2 * (1.0 + mx.max(mx.abs(want)).item())
         try:
             for chunks in (1, 2):
-                got = self._run(q1, pool, 0, probe, 1.0, chunks)[0, :, 0, :]
+                got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks)
                 err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
-                tol = 1e-2 * (1.0 + mx.max(mx.abs(want)).item())
                 if not err <= tol:
                     return f"probe ({chunks} chunk(s)) wrong: max error {err:.3g}"
         except Exception as e:  # compile or launch failure: fall back with the reason

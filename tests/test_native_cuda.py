@@ -209,3 +209,32 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
     assert len(log) == 3 * 2  # split + merge per layer
     assert {id(c["inputs"][4]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
+
+
+@pytest.mark.parametrize("slabs_needed", [1, 3])
+def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed):
+    """The probe's reference and tolerance, with the kernel replaced by gather-SDPA
+    (right) or by zeros (wrong): the probe must pass the first and reject the second."""
+    from attention.gather import GatherSDPA
+    from bench.cuda_kernel import make_case
+
+    lens = (40,) if slabs_needed == 1 else (40, 30, 50)
+    pool, batch, q = make_case(lens, 12, 4, 64, 16, mx.bfloat16, 3)
+    assert pool.num_slabs == slabs_needed
+    nat, seen = NativeCUDA(), []
+
+    def right(q1, ppool, layer, b, scale, chunks):
+        seen.append((ppool.num_slabs, b.tables, b.lengths, chunks))
+        return GatherSDPA()(q1, ppool, layer, b, scale)
+
+    monkeypatch.setattr(nat, "_run", right)
+    mx.random.seed(3)
+    first = mx.random.normal((4,))
+    mx.random.seed(3)
+    assert nat._probe(q, pool) is None
+    assert mx.array_equal(first, mx.random.normal((4,)))  # global random state untouched
+    ns = slab_bucket(slabs_needed)
+    assert seen == [(ns, [[2 * ns - 1, 0]], [19], 1), (ns, [[2 * ns - 1, 0]], [19], 2)]
+    monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
+    reason = nat._probe(q, pool)
+    assert reason is not None and "wrong" in reason
