@@ -126,8 +126,9 @@ def make_key(q: mx.array, pool: SlabPool, batch: DecodeBatch, backend: str) -> S
 
 # ---- built-in rules ---------------------------------------------------------------------
 def _rule_cpu(key: SelectorKey) -> tuple[Path, str]:
-    # docs/benchmarks/attention-cpu.md: the pooled path won every cell on this CPU
-    # (two streams plus better matmul shapes), fp16 and fp32, one and many slabs.
+    # docs/benchmarks/attention-cpu.md: native won 94 of 96 cells (median 1.77x; the two
+    # others flip between runs) for structural reasons: a matmul per kv head with the
+    # q-head group as rows, and a second stream on the second core for long steps.
     return Path.NATIVE, "cpu_native_all"
 
 
