@@ -20,6 +20,7 @@ softmax statistics are kept in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +32,15 @@ from kvcache.pool import SlabPool
 # gives weight exp(-1e30 - m) = 0 at the merge instead of NaN).
 _MASKED = -1e30
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+class Decline(str, Enum):
+    """Why NativeCPU cannot take a case (the selector then runs gather)."""
+
+    NOT_SINGLE_QUERY = "not_single_query"
+    DTYPE_UNSUPPORTED = "dtype_unsupported"
+    HEAD_GEOMETRY_MISMATCH = "head_geometry_mismatch"
+    EMPTY_SEQUENCE = "empty_sequence"
 
 
 @dataclass(frozen=True)
@@ -159,16 +169,16 @@ class NativeCPU(DecodeAttention):
             self._streams = [mx.new_stream(mx.cpu) for _ in range(self.num_streams)]
         return self._streams
 
-    def decline(self, q, pool, batch) -> str | None:
+    def decline(self, q, pool, batch) -> Decline | None:
         g = pool.geom
         if q.ndim != 4 or q.shape[2] != 1:
-            return "not_single_query"
+            return Decline.NOT_SINGLE_QUERY
         if q.dtype not in _FLOATS or g.dtype not in _FLOATS:
-            return "dtype_unsupported"
+            return Decline.DTYPE_UNSUPPORTED
         if q.shape[1] % g.kv_heads or q.shape[-1] != g.head_dim:
-            return "head_geometry_mismatch"
+            return Decline.HEAD_GEOMETRY_MISMATCH
         if batch.batch == 0 or min(batch.lengths) < 1:
-            return "empty_sequence"
+            return Decline.EMPTY_SEQUENCE
         return None
 
     def plan(self, batch: DecodeBatch) -> CpuPlan:

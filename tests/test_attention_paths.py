@@ -76,6 +76,12 @@ def test_small_steps_use_one_stream():
     assert len(PATHS["native-small-chunks"].plan(batch).parts) == 2
 
 
+def test_single_kv_head_group_of_seven():
+    q, pool, batch = make_case(7, 1, 128, 32, [70, 5, 33], 2, seed=9)
+    for p in PATHS.values():
+        check(p, q, pool, batch, mx.float32)
+
+
 def test_native_never_copies_a_slab():
     """The pool's slab arrays are the same objects, unchanged, after a native call."""
     q, pool, batch = make_case(4, 2, 64, 16, [70, 33], 2, seed=3)

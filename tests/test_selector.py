@@ -118,6 +118,14 @@ def test_forced_native_declines_with_reason_and_falls_back(case):
     assert s.path_counts() == {("gather", "declined:head_dim_unsupported_only"): 2}
 
 
+def test_native_cpu_decline_is_counted_with_its_reason(case):
+    q, pool, batch = case
+    s = Selector(override=True)
+    out = s.run(q.astype(mx.int32), pool, 0, batch, 0.125)  # integer q: native declines
+    assert out.shape == q.shape
+    assert s.path_counts() == {("gather", "declined:dtype_unsupported"): 1}
+
+
 def test_missing_kernel_module_declines(monkeypatch, case):
     monkeypatch.setitem(sel_mod.NATIVE_IMPLS, "cpu", ("attention.no_such_kernel", "X"))
     s = Selector(override=True)
