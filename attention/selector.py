@@ -15,8 +15,9 @@ detail), counted by (path, reason label) for /metrics and logged once per label.
 trace path set, one JSONL line per step and layer records what was done.
 
 Contract for native paths: ``decline`` may depend only on what the cache key holds
-(backend, dtypes, head geometry, block size, buckets of batch, context and slabs
-touched, and the pool's slab count); the cache does not ask again inside a key.
+(backend, K/V dtype (q's is constant per model), head geometry, block size, buckets of batch,
+context and slabs touched, and the pool's slab count); the cache does not ask again
+inside a key.
 """
 
 from __future__ import annotations
