@@ -19,6 +19,7 @@ softmax statistics are kept in float32.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from enum import Enum
 
@@ -162,12 +163,15 @@ class NativeCPU(DecodeAttention):
         self.num_streams = streams
         self.chunk_blocks = chunk_blocks
         self.min_stream_tokens = min_stream_tokens
-        self._streams: list | None = None
+        # MLX streams belong to the thread that made them: one set per thread
+        self._local = threading.local()
 
     def streams(self) -> list:
-        if self._streams is None:
-            self._streams = [mx.new_stream(mx.cpu) for _ in range(self.num_streams)]
-        return self._streams
+        streams = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = [
+                mx.new_stream(mx.cpu) for _ in range(self.num_streams)]
+        return streams
 
     def decline(self, q, pool, batch) -> Decline | None:
         g = pool.geom
