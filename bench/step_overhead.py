@@ -66,7 +66,6 @@ async def overhead_row(eng, batch: int, steps: int, warmup: int, kind: str, voca
 async def itl_row(runner, tok, name, chunk: int, streams: int, prompt_len: int, vocab: int):
     cfg = SchedulerConfig(max_step_tokens=chunk + streams, prefill_chunk=chunk)
     eng = assemble(runner, tok, cfg, name)
-    _fresh_selector()
     await eng.start()
     try:
         params = SamplingParams(max_tokens=eng.max_context - 16, temperature=0.0,
@@ -139,15 +138,6 @@ def gil_probe(n: int = 1536, chain: int = 6, reps: int = 3) -> list[tuple[str, f
     return rows
 
 
-def _fresh_selector() -> None:
-    """MLX 0.32 streams belong to the thread that made them and the CPU native decode
-    path keeps its streams in the process-wide selector: each engine thread gets a fresh
-    selector until those streams are thread-local."""
-    import attention
-
-    attention.set_selector(attention.Selector.from_env())
-
-
 def _load(args):
     from engine.loader import load
     from engine.runner import ModelRunner
@@ -173,7 +163,6 @@ async def _main(args) -> None:
     if not args.skip_overhead:
         eng = assemble(runner, tok, SchedulerConfig(max_step_tokens=4096, prefill_chunk=512),
                        name)
-        _fresh_selector()
         await eng.start()
         print("| batch | sampling | steps | step ms | forward ms | schedule ms | "
               "sample+glue ms | update+detok ms | deliver ms | outside forward |")

@@ -10,7 +10,6 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-import attention
 from engine.build import EngineConfig, build_engine
 from engine.config import CacheConfig
 from scheduler.api import Request, RequestError, SamplingParams
@@ -26,18 +25,7 @@ def prompts(count: int, seed: int = 0) -> list[tuple[int, ...]]:
     return [tuple(rng.randrange(256) for _ in range(rng.randint(2, 60))) for _ in range(count)]
 
 
-@pytest.fixture(autouse=True)
-def _own_selector():
-    """MLX 0.32 streams belong to the thread that made them, and the CPU native decode
-    path caches its streams in the process-wide selector: give each engine thread a
-    fresh selector (restored afterwards) until those streams are thread-local."""
-    old = attention.set_selector(None)
-    yield
-    attention.set_selector(old)
-
-
 async def started(**kw):
-    attention.set_selector(attention.Selector.from_env())
     cache = kw.pop("cache", CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22))
     sched = kw.pop("scheduler", SchedulerConfig(max_step_tokens=96, prefill_chunk=32))
     eng = build_engine(EngineConfig(cache=cache, scheduler=sched, cache_limit_bytes=1 << 28))
