@@ -46,13 +46,24 @@ async def _drain(eng, req: Request, stamps: list[float] | None = None) -> int:
     return n
 
 
+async def _tick(lag: list[float], period: float = 0.001) -> None:
+    """Longest extra delay of a 1 ms sleep on the event loop (is the loop responsive?)."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(period)
+        lag[0] = max(lag[0], time.perf_counter() - t - period)
+
+
 async def overhead_row(eng, batch: int, steps: int, warmup: int, kind: str, vocab: int):
     params = SamplingParams(max_tokens=steps + warmup + 2, ignore_eos=True, seed=1,
                             **(GREEDY if kind == "greedy" else SAMPLED))
     eng.step_log.clear()
     ps = _prompts(batch, 16, vocab, seed=batch)
+    lag = [0.0]
+    ticker = asyncio.create_task(_tick(lag))
     await asyncio.gather(*[_drain(eng, Request(f"{kind}{batch}-{i}", p, params))
                            for i, p in enumerate(ps)])
+    ticker.cancel()
     recs = [r for r in eng.step_log if r.decodes == batch and r.prefill_tokens == 0]
     recs = recs[warmup:][:steps]
     tot = sum(r.total_s for r in recs)
@@ -60,6 +71,7 @@ async def overhead_row(eng, batch: int, steps: int, warmup: int, kind: str, voca
     part = {k: 1e3 * sum(getattr(r, k) for r in recs) / len(recs)
             for k in ("schedule_s", "sample_s", "update_s", "deliver_s")}
     return dict(batch=batch, kind=kind, steps=len(recs), step_ms=1e3 * tot / len(recs),
+                loop_lag_ms=1e3 * lag[0],
                 forward_ms=1e3 * fwd / len(recs), overhead=(tot - fwd) / tot, **part)
 
 
@@ -165,8 +177,9 @@ async def _main(args) -> None:
                        name)
         await eng.start()
         print("| batch | sampling | steps | step ms | forward ms | schedule ms | "
-              "sample+glue ms | update+detok ms | deliver ms | outside forward |")
-        print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+              "sample+glue ms | update+detok ms | deliver ms | outside forward | "
+              "loop lag max ms |")
+        print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         try:
             for kind in args.kinds.split(","):
                 for b in [int(x) for x in args.batches.split(",")]:
@@ -174,7 +187,8 @@ async def _main(args) -> None:
                     print(f"| {b} | {kind} | {r['steps']} | {r['step_ms']:.1f} | "
                           f"{r['forward_ms']:.1f} | {r['schedule_s']:.2f} | "
                           f"{r['sample_s']:.2f} | {r['update_s']:.2f} | "
-                          f"{r['deliver_s']:.2f} | {100 * r['overhead']:.1f}% |", flush=True)
+                          f"{r['deliver_s']:.2f} | {100 * r['overhead']:.1f}% | "
+                          f"{r['loop_lag_ms']:.1f} |", flush=True)
         finally:
             await eng.shutdown(10)
     if args.itl:
