@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from reliability.process import ServerProcess
-from reliability.traffic import limits
+from reliability.traffic import limits, sse_lines
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict,
                 first.set()
                 await r.aread()
                 return StreamEnd("stream", "error_status", None, r.status_code, r.text[:200])
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data:"):
                     continue
                 first.set()

@@ -16,7 +16,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -85,12 +85,26 @@ def finished_choices(choices: list[dict], n: int) -> str | None:
     return f"finish_reason {bad[0]!r}" if bad else None
 
 
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """Lines of an event stream split the SSE way (LF, CRLF; CR alone is not used by the
+    server).  Not ``aiter_lines``: it splits like ``str.splitlines``, also on U+0085,
+    U+2028 and U+2029, which JSON leaves unescaped inside strings."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8")
+    if buf:
+        yield buf.removesuffix(b"\r").decode("utf-8")
+
+
 async def read_stream(resp: httpx.Response, n: int) -> str | None:
     """Read an SSE body to its end; None when it ended properly ([DONE] after every
     choice finished with stop/length), else what was wrong."""
     reasons: dict[int, str] = {}
     done = False
-    async for line in resp.aiter_lines():
+    async for line in sse_lines(resp):
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()
@@ -187,7 +201,7 @@ async def disconnect_stream(client: httpx.AsyncClient, t: Target,
                 await r.aread()
                 return classify_valid(name, r.status_code, r.text[:200], t0, r.headers)
             seen = 0
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if line.startswith("data:"):
                     if '"error"' in line:
                         return Outcome(name, True, "failed", 200, line[:200])

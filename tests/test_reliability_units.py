@@ -79,6 +79,17 @@ def test_stream_classification():
     assert _classify(200, _sse(aborted, "[DONE]"), True).result == "failed"
 
 
+def test_stream_text_with_unicode_line_separators():
+    """U+2028/U+2029/U+0085 stay raw in JSON strings; they are not SSE line ends (a 10-min
+    soak once failed a valid stream when lines were split with ``aiter_lines``)."""
+    text = "a\u2028b\u2029c\u0085d\x1ce"
+    chunk = {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+    last = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    raw = "".join(f"data: {json.dumps(o, ensure_ascii=False)}\r\n\r\n" for o in (chunk, last))
+    out = _classify(200, raw.encode() + b"data: [DONE]\n\n", True)
+    assert out.result == "completed", out
+
+
 def test_plain_classification():
     ok = {"choices": [{"index": 0, "finish_reason": "stop"}, {"index": 1,
                                                               "finish_reason": "length"}]}
