@@ -116,7 +116,8 @@ def _filter(lp: mx.array, params: list[SamplingParams]) -> mx.array:
         kth = mx.take_along_axis(top, mx.array([max(k, 1) - 1 for k in ks])[:, None], -1)
         drop = (lp < kth) & mx.array([k > 0 for k in ks])[:, None]
     if use_p:  # apply_top_p
-        top_p = _column([p.top_p if p.top_p < 1 else 2.0 for p in params])
+        # a top_p that is 0 in float32 would keep every token: floor it (keeps the best)
+        top_p = _column([max(p.top_p, 1e-30) if p.top_p < 1 else 2.0 for p in params])
         probs = mx.exp(top)
         above = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         kept = (above < top_p).sum(-1, keepdims=True)

@@ -98,6 +98,8 @@ class EngineStats:
     preemptions: int
     prompt_tokens: int
     generated_tokens: int
+    integrity_checks: int = 0
+    integrity_failures: int = 0
 
 
 class AsyncEngine(ABC):

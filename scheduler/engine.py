@@ -75,6 +75,8 @@ class AsyncLLMEngine(AsyncEngine):
         self.model_name = model_name
         self.max_context = scheduler.max_context
         self.check_when_idle = check_when_idle
+        self.integrity_checks = 0
+        self.integrity_failures = 0
         self._live: dict[str, _Live] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Event()
@@ -151,7 +153,8 @@ class AsyncLLMEngine(AsyncEngine):
     def stats(self) -> EngineStats:
         s, a = self.scheduler, self.scheduler.allocator
         return EngineStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
-                           s.preemptions, s.prompt_tokens, s.generated_tokens)
+                           s.preemptions, s.prompt_tokens, s.generated_tokens,
+                           self.integrity_checks, self.integrity_failures)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))
@@ -175,6 +178,8 @@ class AsyncLLMEngine(AsyncEngine):
                 if self.step_log:
                     self.step_log[-1].deliver_s = time.perf_counter() - t
             if not self.scheduler.has_work and not self._inbox:
+                if self.check_when_idle:
+                    self._check_integrity()  # once per idle spell, before sleeping
                 self._wake.wait()
                 self._wake.clear()
 
@@ -182,8 +187,16 @@ class AsyncLLMEngine(AsyncEngine):
         self._drain(out)
         if self.scheduler.has_work:
             self._step(out)
-        elif self.check_when_idle and not self._inbox:
+
+    def _check_integrity(self) -> None:
+        """Idle-time ``check_integrity()``: counted (for /metrics), a failure logged, never
+        fatal to the engine thread."""
+        self.integrity_checks += 1
+        try:
             self.scheduler.check_integrity()
+        except AssertionError as e:
+            self.integrity_failures += 1
+            log.error("KV cache integrity check failed: %s", e)
 
     def _drain(self, out: _Out) -> None:
         while self._inbox:

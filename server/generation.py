@@ -24,8 +24,14 @@ DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
 
 
+# Line separators that some SSE clients (httpx's aiter_lines) split on: escape them so one
+# event stays one line; the rest of the text stays raw UTF-8.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(obj: object) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 @dataclass

@@ -70,6 +70,10 @@ class _EngineCollector(Collector):
         yield self._counter("prompt_tokens", "Prefilled prompt tokens.", s.prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", s.generated_tokens)
         yield self._counter("num_preemptions", "Preempted requests.", s.preemptions)
+        yield self._counter("kv_integrity_checks", "Idle-time KV cache integrity checks.",
+                            s.integrity_checks)
+        yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",
+                            s.integrity_failures)
         paths = CounterMetricFamily(P + "attention_path", "Decode attention calls by path "
                                     "and the reason it was chosen.", labels=["path", "reason"])
         for (path, reason), n in sorted(self.path_counts().items()):
