@@ -10,7 +10,7 @@ from typing import Literal
 import httpx
 
 from loadtest.metrics import RequestRecord
-from loadtest.sse import ProtocolError, parse_line
+from loadtest.sse import ProtocolError, parse_line, sse_lines
 
 EosMode = Literal["ignore_eos", "logit_bias", "none"]
 EOS_BIAS = -100.0  # the OpenAI API's floor; enough to keep EOS from greedy argmax
@@ -124,7 +124,7 @@ async def send_one(client: httpx.AsyncClient, ep: Endpoint, prompt: str, max_tok
             if resp.status_code != 200:
                 await resp.aread()
                 return RequestRecord(start=start, end=clock(), error=f"http_{resp.status_code}")
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 stream.feed(line, clock())
     except (httpx.HTTPError, ProtocolError) as exc:
         return RequestRecord(start=start, end=clock(), error=_failure_kind(exc))

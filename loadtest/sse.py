@@ -6,7 +6,10 @@ Pure functions; the client timestamps each returned chunk as it arrives.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import httpx
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,17 @@ def parse_line(line: str) -> Chunk | None:
     text = "".join(_choice_text(c) for c in choices)
     finish = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
     return Chunk(text=text, finish_reason=finish, usage=obj.get("usage"))
+
+
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """Lines of an event stream split the SSE way (LF, CRLF).  Not ``aiter_lines``: it
+    splits like ``str.splitlines``, also on U+0085, U+2028 and U+2029, which JSON may leave
+    unescaped inside strings, cutting one event in two."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8")
+    if buf:
+        yield buf.removesuffix(b"\r").decode("utf-8")

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from loadtest.sse import sse_lines
 from reliability.process import ServerProcess
-from reliability.traffic import limits, sse_lines
+from reliability.traffic import limits
 
 
 @dataclass(frozen=True)

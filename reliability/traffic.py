@@ -16,10 +16,12 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
+
+from loadtest.sse import sse_lines
 
 FINISHED = ("stop", "length")
 WORDS = ("slab", "page", "block", "token", "cache", "batch", "queue", "model", "serve",
@@ -83,20 +85,6 @@ def finished_choices(choices: list[dict], n: int) -> str | None:
         return f"expected {n} choices, got {len(reasons)}"
     bad = [r for r in reasons.values() if r not in FINISHED]
     return f"finish_reason {bad[0]!r}" if bad else None
-
-
-async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
-    """Lines of an event stream split the SSE way (LF, CRLF; CR alone is not used by the
-    server).  Not ``aiter_lines``: it splits like ``str.splitlines``, also on U+0085,
-    U+2028 and U+2029, which JSON leaves unescaped inside strings."""
-    buf = b""
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode("utf-8")
-    if buf:
-        yield buf.removesuffix(b"\r").decode("utf-8")
 
 
 async def read_stream(resp: httpx.Response, n: int) -> str | None:

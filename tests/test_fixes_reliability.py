@@ -50,3 +50,17 @@ async def test_idle_integrity_checks_are_counted_and_a_failure_is_not_fatal():
         assert eng.stats().integrity_failures >= 1
     finally:
         await eng.shutdown(5)
+
+
+async def test_clients_split_sse_on_newlines_only():
+    """loadtest and reliability read streams through one reader that does not split an
+    event on U+2028 / U+2029 / U+0085 (httpx's aiter_lines does)."""
+    import httpx
+
+    from loadtest.sse import sse_lines
+
+    raw = 'data: {"t":"a\u2028b\u2029c\x85d"}\r\n\r\ndata: [DONE]\n\n'.encode()
+    resp = httpx.Response(200, content=raw)
+    lines = [line async for line in sse_lines(resp)]
+    assert lines == ['data: {"t":"a\u2028b\u2029c\x85d"}', "", "data: [DONE]", ""]
+    assert json.loads(lines[0][6:])["t"] == "a\u2028b\u2029c\x85d"
