@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from loadtest.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,12 +67,6 @@ class ServerOptions:
         if self.cache_limit_bytes is not None:
             args += ["--cache-limit", str(self.cache_limit_bytes)]
         return args + list(self.extra_args)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_rss_bytes(pid: int) -> int | None:
