@@ -57,10 +57,6 @@ class DecodeBatch:
         return self.gather_plan.shape[1]
 
     @cached_property
-    def slabs_touched(self) -> int:
-        return len(self.gather_plan.groups)
-
-    @cached_property
     def table_array(self) -> mx.array:
         """``[B, nblk]`` int32 block ids, padded with the sequence's first block."""
         nblk = self.num_blocks
