@@ -1,13 +1,79 @@
 """Prefill attention for one sequence: a chunk of new queries over the cached prefix and
-the chunk itself, causal.  The chunk's K/V are already written to the pool."""
+the chunk itself, causal.  The chunk's K/V are already written to the pool.
+
+Shape bucketing (opt-in, ``SLABSERVE_PREFILL_KV_BUCKET`` tokens, 0 = off).  MLX's CUDA
+backend builds (and caches, keyed by the exact q/k/v/mask shapes and strides) one cuDNN
+SDPA graph per shape, and building one is slow.  Exact shapes make every chunk whose
+prefix length was not seen before pay that build: a request resuming after a cached
+prefix, or every last chunk of a new prompt length.  With a bucket ``G`` the kernel sees
+
+  * K/V of ``roundup(n, G)`` tokens (the table padded with the sequence's first block,
+    so the gather shape is fixed too), and
+  * ``q_bucket(L)`` queries (zero rows appended; their outputs are dropped),
+
+so the set of shapes is bounded (``max_context / G`` kv lengths times a few q lengths)
+and can be warmed once.  Padding at the end breaks MLX's ``mask="causal"`` (aligned
+bottom-right: the last query with the last key), so the prefix path uses an explicit
+additive mask: query ``i`` (absolute position ``start + i``) sees key ``j`` iff
+``j <= start + i``; padded keys sit at ``j >= n > start + i`` and are never seen.
+A chunk without prefix pads q, k and v to the same length and keeps ``"causal"``
+(equal lengths: top-left = bottom-right; real rows never reach padded keys).
+A multiple of ``G`` (not the next power of two) bounds the waste to ``G`` tokens per
+chunk; powers of two would waste up to half of the attention work of a long prefix.
+"""
 
 from __future__ import annotations
+
+from functools import cache
 
 import mlx.core as mx
 
 from attention.base import DecodeBatch
 from attention.gather import gather_kv
 from kvcache.pool import SlabPool
+
+_OVERRIDE: int | None = None
+_Q_STEP = 128  # q lengths above this round up to a multiple of it
+
+
+@cache
+def _env_bucket() -> int:
+    from slabserve import env
+
+    return env.prefill_kv_bucket()
+
+
+def kv_bucket() -> int:
+    """The process's prefill bucket in tokens (0 = exact shapes): ``set_kv_bucket``'s
+    value if one was set, else ``SLABSERVE_PREFILL_KV_BUCKET`` (read once)."""
+    return _env_bucket() if _OVERRIDE is None else _OVERRIDE
+
+
+def set_kv_bucket(tokens: int | None) -> int | None:
+    """Override the bucket (None: back to the environment); returns the previous override.
+    For benchmarks and tests; the engine passes its configuration explicitly."""
+    global _OVERRIDE
+    if tokens is not None and tokens < 0:
+        raise ValueError("bucket must be >= 0")
+    old, _OVERRIDE = _OVERRIDE, tokens
+    return old
+
+
+def _roundup(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+def q_bucket(length: int) -> int:
+    """Padded query count: the next power of two (at least 16) up to ``_Q_STEP``, then
+    a multiple of ``_Q_STEP``.  Always ``>= length``."""
+    if length > _Q_STEP:
+        return _roundup(length, _Q_STEP)
+    return max(16, 1 << (length - 1).bit_length())
+
+
+def kv_bucket_len(n: int, bucket: int, block_size: int) -> int:
+    """Padded kv length: ``n`` rounded up to the bucket, then to whole blocks."""
+    return _roundup(_roundup(n, bucket), block_size)
 
 
 def prefill_attention(
@@ -18,13 +84,72 @@ def prefill_attention(
     layer: int,
     prefix: DecodeBatch | None,
     scale: float,
+    bucket: int | None = None,
 ) -> mx.array:
     """``q``, ``k_new``, ``v_new``: ``[1, heads, L, head_dim]`` for positions
     ``[start, start + L)``.  ``prefix`` describes the sequence's table with length
-    ``start + L`` (None when ``start == 0``: the chunk attends to itself only)."""
+    ``start + L`` (None when ``start == 0``: the chunk attends to itself only).
+    ``bucket``: tokens to round shapes to (0 = exact; None = ``kv_bucket()``).
+    Returns ``[1, q_heads, L, head_dim]`` in ``q``'s dtype; the result does not depend
+    on the bucket beyond floating-point rounding."""
+    if bucket is None:
+        bucket = kv_bucket()
+    if bucket > 0:
+        return _bucketed(q, k_new, v_new, pool, layer, prefix, scale, bucket)
     if prefix is None:
         return mx.fast.scaled_dot_product_attention(q, k_new, v_new, scale=scale, mask="causal")
     k, v = gather_kv(pool, layer, prefix)
     n = prefix.lengths[0]
     k, v = k[:, :, :n], v[:, :, :n]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+
+def _pad_rows(x: mx.array, rows: int) -> mx.array:
+    """``x`` (``[1, H, L, D]``) with ``rows - L`` zero rows appended on axis 2."""
+    extra = rows - x.shape[2]
+    if extra == 0:
+        return x
+    return mx.concatenate([x, mx.zeros((*x.shape[:2], extra, x.shape[3]), x.dtype)], axis=2)
+
+
+def _bucketed(q, k_new, v_new, pool, layer, prefix, scale, bucket) -> mx.array:
+    length = q.shape[2]
+    lq = q_bucket(length)
+    if prefix is None:
+        out = mx.fast.scaled_dot_product_attention(
+            _pad_rows(q, lq), _pad_rows(k_new, lq), _pad_rows(v_new, lq),
+            scale=scale, mask="causal")
+        return out[:, :, :length]
+    same = q.dtype == prefix.geom.dtype  # else a boolean mask: MLX promotes the types
+    padded, mask = _bucket_plan(prefix, length, lq, bucket, q.dtype if same else None)
+    k, v = gather_kv(pool, layer, padded)
+    out = mx.fast.scaled_dot_product_attention(_pad_rows(q, lq), k, v, scale=scale, mask=mask)
+    return out[:, :, :length]
+
+
+def _bucket_plan(
+    prefix: DecodeBatch, length: int, lq: int, bucket: int, dtype: mx.Dtype | None
+) -> tuple[DecodeBatch, mx.array]:
+    """(the prefix with its table padded to the bucket, ``[1, 1, lq, nb]`` mask: additive
+    in ``dtype``, boolean if None), built once per forward and shared by every layer
+    through ``prefix._cache``."""
+    key = ("prefill_bucket", length, lq, bucket, dtype)
+    hit = prefix._cache.get(key)
+    if hit is not None:
+        return hit
+    if prefix.batch != 1:
+        raise ValueError("prefill attention takes one sequence")
+    geom = prefix.geom
+    n = prefix.lengths[0]
+    nb = kv_bucket_len(n, bucket, geom.block_size)
+    table = prefix.tables[0]
+    table = table + [table[0]] * (nb // geom.block_size - len(table))
+    padded = DecodeBatch(geom, [table], [n])
+    start = n - length
+    rows = start + mx.arange(lq, dtype=mx.int32)[:, None]
+    visible = mx.arange(nb, dtype=mx.int32)[None, :] <= rows
+    mask = visible if dtype is None else mx.where(
+        visible, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+    mask = mask[None, None]
+    prefix._cache[key] = (padded, mask)
+    return padded, mask

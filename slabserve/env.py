@@ -88,3 +88,21 @@ def api_key() -> str | None:
     ``--api-key`` is not given (keeps the key out of the process list); unset = none."""
     raw = os.environ.get("SLABSERVE_API_KEY")
     return raw if raw else None
+
+
+# ---- prefill shape buckets (prefill-chunk latency on CUDA) --------------------------------
+def prefill_kv_bucket() -> int:
+    """SLABSERVE_PREFILL_KV_BUCKET: round prefill attention's kv length up to a multiple of
+    this many tokens (and q to a few fixed lengths) so MLX's CUDA SDPA sees a bounded set
+    of shapes (attention/prefill.py); 0 or unset = exact shapes."""
+    raw = os.environ.get("SLABSERVE_PREFILL_KV_BUCKET")
+    if raw is None or not raw.strip():
+        return 0
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        msg = f"SLABSERVE_PREFILL_KV_BUCKET={raw!r}: expected tokens, e.g. 1024"
+        raise ValueError(msg) from None
+    if n < 0:
+        raise ValueError(f"SLABSERVE_PREFILL_KV_BUCKET={raw!r} must not be negative")
+    return n
