@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,12 +30,17 @@ from attention.gather import gather_kv
 from kvcache.pool import PoolGeometry, SlabPool
 
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
+MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
+VARIANTS = ("mma", "async", "sync")
+MMA_DTYPES = (mx.float16, mx.bfloat16)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32, 64)
 MAX_SLABS = 512
 THREADS = 128
 MAX_GROUP = 8
+MMA_MAX_GROUP = 16  # the M rows of one m16n8k16 tile
+SM_SMEM = 232448  # bytes of shared memory per multiprocessor on H100/H200 (227 KiB)
 LOG2E = 1.4426950408889634
 
 
@@ -43,9 +49,18 @@ def slab_bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def group_block(g: int) -> int:
-    """q heads per GPU block: the largest divisor of the GQA ratio ``g`` up to 8."""
-    return max(d for d in range(1, min(g, MAX_GROUP) + 1) if g % d == 0)
+def group_block(g: int, cap: int = MAX_GROUP) -> int:
+    """q heads per GPU block: the largest divisor of the GQA ratio ``g`` up to ``cap``
+    (8 for the FMA variants, 16 for the tensor-core variant)."""
+    return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
+
+
+def case_variant(variant: str, q_dtype, pool_dtype) -> str:
+    """The variant that runs a case: "mma" needs a float16/bfloat16 pool and a query of the
+    same dtype, else the "async" FMA variant takes it."""
+    if variant == "mma" and not (pool_dtype in MMA_DTYPES and q_dtype == pool_dtype):
+        return "async"
+    return variant
 
 
 def unit_tokens(gb: int, variant: str = "sync") -> int:
@@ -81,11 +96,16 @@ def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str |
 
 def kernel_body(ns: int, direct: bool, variant: str = "async") -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``variant``
-    "async" (cp.async pipeline, dynamic shared memory) or "sync" (register loads)."""
+    "mma" (tensor cores, cp.async), "async" (cp.async pipeline, dynamic shared memory) or
+    "sync" (register loads)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     outs = "out, nullptr, nullptr" if direct else "nullptr, opart, lse"
     flag = "true" if direct else "false"
-    if variant == "async":
+    if variant == "mma":
+        head = "  extern __shared__ uint4 slabserve_smem[];\n"
+        call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
+        tail = ", slabserve_smem"
+    elif variant == "async":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_async<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
         tail = ", slabserve_smem"
@@ -106,7 +126,11 @@ def kernel_body(ns: int, direct: bool, variant: str = "async") -> str:
 
 def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int,
                threads: int = THREADS) -> int:
-    """Dynamic shared memory of the async variant: the stage ring, reused by the merge."""
+    """Dynamic shared memory of the async and mma variants: the stage ring, reused by the
+    merge."""
+    if variant == "mma":
+        warps = threads // 32
+        return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
     if variant != "async":
         return 0
     rows = threads // (d * dtype_size // 16)
@@ -119,8 +143,9 @@ MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);
 class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
 
-    ``variant``: "async" (default; cp.async stage ring) or "sync" (register loads);
-    ``stages``: depth of the async ring.  Subclasses for other backends override
+    ``variant``: "mma" (tensor-core products for float16/bfloat16; other dtypes go to
+    "async"), "async" (default; FMA products, cp.async stage ring) or "sync" (register
+    loads); ``stages``: depth of the cp.async ring.  Subclasses for other backends override
     ``threads``, ``kernel_file``, ``_device_reason``, ``_body`` and ``_compile``."""
 
     name = "native"
@@ -129,16 +154,16 @@ class NativeCUDA(DecodeAttention):
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
                  stages: int = 3) -> None:
-        if variant not in ("async", "sync") or stages < 2:
-            raise ValueError("variant is 'async' or 'sync'; stages >= 2")
+        if variant not in VARIANTS or stages < 2:
+            raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         self.params = params
         self.variant = variant
         self.stages = stages
-        self._kernels: dict[tuple[str, int, int], object] = {}
+        self._kernels: dict[tuple[str, int, int, str], object] = {}
         self._probes: dict[tuple, str | None] = {}
         self._scales: dict[float, mx.array] = {}
         self._launches: dict[tuple, tuple] = {}
-        self._header: str | None = None
+        self._headers: dict[str, str] = {}
 
     # ---- decline ------------------------------------------------------------------------
     def decline(self, q: mx.array, pool: SlabPool, batch: DecodeBatch) -> str | None:
@@ -203,15 +228,29 @@ class NativeCUDA(DecodeAttention):
         if launch is None:
             chunks = plan_chunks(
                 batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
-                self.params,
+                self._plan_params(q, pool.geom),
             )
             launch = batch._cache[key] = self._launch_for(q, pool, chunks)
         return self._execute(launch, q, pool, layer, batch, scale)
 
-    @staticmethod
-    def _head_blocks(q: mx.array, g: PoolGeometry) -> int:
+    def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
+        """(variant, q heads per GPU block) for a case."""
+        variant = case_variant(self.variant, q.dtype, g.dtype)
         grp = q.shape[1] // g.kv_heads
-        return g.kv_heads * (grp // group_block(grp))
+        return variant, group_block(grp, MMA_MAX_GROUP if variant == "mma" else MAX_GROUP)
+
+    def _head_blocks(self, q: mx.array, g: PoolGeometry) -> int:
+        grp = q.shape[1] // g.kv_heads
+        return g.kv_heads * (grp // self._case(q, g)[1])
+
+    def _plan_params(self, q: mx.array, g: PoolGeometry) -> PlanParams:
+        """The tensor-core variant's residency follows from its shared memory."""
+        variant, gb = self._case(q, g)
+        if variant != "mma":
+            return self.params
+        smem = smem_bytes("mma", g.dtype.size, g.head_dim, gb, 0, self.stages, self.threads)
+        per_sm = max(1, min(4, SM_SMEM // (smem + 1024)))
+        return replace(self.params, blocks_per_sm=float(per_sm))
 
     def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps)."""
@@ -243,24 +282,24 @@ class NativeCUDA(DecodeAttention):
         """(kernel, kwargs) of the main launch and of the merge (None with one chunk)."""
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
-        gb = group_block(grp)
-        unit = unit_tokens(gb, self.variant)
+        variant, gb = self._case(q, g)
+        unit = unit_tokens(gb, variant)
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
             ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),
             ("NT", self.threads), ("ST", self.stages),
         ]
-        smem = smem_bytes(self.variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
+        smem = smem_bytes(variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
         nt = self.threads
         common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * nt, chunks, b),
                       threadgroup=(nt, 1, 1))
         if chunks == 1:
-            return (self._kernel("direct", ns, smem),
+            return (self._kernel("direct", ns, smem, variant),
                     dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
-        main = (self._kernel("split", ns, smem),
+        main = (self._kernel("split", ns, smem, variant),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
-        merge = (self._kernel("merge", 0, 0),
+        merge = (self._kernel("merge", 0, 0, variant),
                  dict(template=[("TQ", q.dtype), ("D", d)], grid=(b * hq * d, 1, 1),
                       threadgroup=(d, 1, 1), output_shapes=[(b, hq, d)],
                       output_dtypes=[q.dtype]))
@@ -272,29 +311,35 @@ class NativeCUDA(DecodeAttention):
             arr = self._scales[scale] = mx.array([scale], dtype=mx.float32)
         return arr
 
-    def _kernel(self, kind: str, ns: int, smem: int):
-        key = (kind, ns, smem)
+    def _header(self, variant: str) -> str:
+        if variant not in self._headers:
+            files = [self.kernel_file] + ([MMA_FILE] if variant == "mma" else [])
+            self._headers[variant] = "\n".join(f.read_text() for f in files)
+        return self._headers[variant]
+
+    def _kernel(self, kind: str, ns: int, smem: int, variant: str):
+        key = (kind, ns, smem, variant)
         if key not in self._kernels:
-            if self._header is None:
-                self._header = self.kernel_file.read_text()
+            header = self._header(variant)
             if kind == "merge":
                 names, outs = ["opart", "lse"], ["out"]
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
                 names = ["q", "table", "lengths", "qscale", *slabs]
                 outs = ["out"] if kind == "direct" else ["opart", "lse"]
-            body = self._body(kind, ns)
+            body = self._body(kind, ns, variant)
             # MLX caches compiled kernels on disk by name: name the source's hash too.
-            tag = hashlib.sha1((self._header + body).encode()).hexdigest()[:10]
+            tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
             self._kernels[key] = self._compile(
-                f"slabserve_pooled_{kind}_ns{ns}_{tag}", names, outs, body, smem)
+                f"slabserve_pooled_{kind}_ns{ns}_{tag}", names, outs, body, smem, header)
         return self._kernels[key]
 
-    def _body(self, kind: str, ns: int) -> str:
+    def _body(self, kind: str, ns: int, variant: str) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind == "direct", self.variant)
+        return kernel_body(ns, kind == "direct", variant)
 
-    def _compile(self, name: str, names: list, outs: list, body: str, smem: int):
+    def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
+                 header: str):
         return mx.fast.cuda_kernel(name=name, input_names=names, output_names=outs,
-                                   source=body, header=self._header, shared_memory=smem)
+                                   source=body, header=header, shared_memory=smem)

@@ -74,12 +74,13 @@ class NativeMetal(NativeCUDA):
             self._parts = _sections(self.kernel_file.read_text())
         return self._parts
 
-    def _body(self, kind: str, ns: int) -> str:
+    def _body(self, kind: str, ns: int, variant: str) -> str:
         parts = self._parts_of_source()
         if kind == "merge":
             return parts["MERGE"]
         return metal_body(parts["BODY"], kind, ns)
 
-    def _compile(self, name: str, names: list, outs: list, body: str, smem: int):
+    def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
+                 header: str):
         return mx.fast.metal_kernel(name=name, input_names=names, output_names=outs,
                                     source=body, header=self._parts_of_source()["HEADER"])

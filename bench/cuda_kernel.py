@@ -180,12 +180,14 @@ def chain(attn, q, layers):
     return fn
 
 
-def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16):
+def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16,
+         dt=mx.float16):
     """Per-layer microseconds of each method for one (batch, context) cell."""
-    pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, mx.float16, 4096, layers=layers)
+    pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, dt, 4096, layers=layers)
     scale = 1.0 / math.sqrt(d)
-    res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs)
-    floor_bytes = 2 * b * ctx * hkv * d * 2
+    res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs, shape=f"{hq}/{hkv}/{d}",
+               dtype=str(dt).split(".")[-1])
+    floor_bytes = 2 * b * ctx * hkv * d * dt.size
     res["floor_us"] = floor_bytes / bw * 1e6
     for name, nat in natives.items():
         assert nat.decline(q, pool, batch) is None
@@ -200,7 +202,7 @@ def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16
     res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
                              reps=5) / layers * 1e6
     pool = None  # free the pool before the contiguous copies
-    kc = [mx.random.normal((b, hkv, ctx, d)).astype(mx.float16) for _ in range(2 * layers)]
+    kc = [mx.random.normal((b, hkv, ctx, d)).astype(dt) for _ in range(2 * layers)]
     mx.eval(kc)
     sdpa = mx.fast.scaled_dot_product_attention
     res["sdpa_contig_us"] = timed(chain(
@@ -224,17 +226,24 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,async4`` -> {name: NativeCUDA}."""
+    """``sync,async3,mma3`` -> {name: NativeCUDA} (the digit: cp.async stages)."""
     out = {}
     for name in spec.split(","):
         if name == "sync":
             out[name] = NativeCUDA(variant="sync")
         else:
-            out[name] = NativeCUDA(variant="async", stages=int(name[5:] or 3))
+            variant = name.rstrip("0123456789")
+            out[name] = NativeCUDA(variant=variant, stages=int(name[len(variant):] or 3))
     return out
 
 
-def table(cells, layers, natives, sweep=None) -> list:
+def parse_shape(spec: str) -> dict:
+    """``32/8/64/f16`` -> cell keyword arguments (q heads, kv heads, head_dim, dtype)."""
+    hq, hkv, d, dt = spec.split("/")
+    return dict(hq=int(hq), hkv=int(hkv), d=int(d), dt=DT[dt])
+
+
+def table(cells, layers, natives, sweep=None, shape="32/8/64/f16") -> list:
     bw = max(copy_bandwidth(), torch_copy_bandwidth())
     ovh = op_overhead(layers)
     print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained; "
@@ -242,7 +251,7 @@ def table(cells, layers, natives, sweep=None) -> list:
     gat = GatherSDPA()
     rows = []
     for b, ctx in cells:
-        r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep)
+        r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep, **parse_shape(shape))
         r["bw_TBps"] = bw / 1e12
         r["op_overhead_us"] = ovh
         rows.append(r)
@@ -275,6 +284,7 @@ def torch_copy_bandwidth() -> float:
 
 
 def print_table(rows, name):
+    print(f"\n{rows[0]['shape']} {rows[0]['dtype']}")
     print(f"| B | ctx | native ({name}) us | gather us | MLX SDPA contig us | floor us "
           "| native/floor | gather/native | native/SDPA |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
@@ -293,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
     ap.add_argument("--natives", default="async3")
+    ap.add_argument("--shapes", default="32/8/64/f16",
+                    help="table shapes q/kv/head_dim/dtype, comma-separated")
     ap.add_argument("--shard", default="0/1", help="k/n: run check cases i % n == k")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -314,9 +326,12 @@ def main(argv=None) -> int:
         result["sweep"] = table(cells, a.layers, make_natives(a.natives), sweep=sw)
     if a.table:
         natives = make_natives(a.natives)
-        result["table"] = table(cells, a.layers, natives)
-        for name in natives:
-            print_table(result["table"], name)
+        result["table"] = {}
+        for shape in a.shapes.split(","):
+            result["table"][shape] = table(cells, a.layers, natives, shape=shape)
+        for rows in result["table"].values():
+            for name in natives:
+                print_table(rows, name)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cuda_kernel.json").write_text(json.dumps(result, indent=1))

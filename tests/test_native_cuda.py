@@ -72,6 +72,7 @@ def test_plan_rejects_bad_input():
 def test_buckets_and_groups():
     assert [slab_bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
     assert [group_block(g) for g in (1, 4, 7, 8, 12, 16, 9)] == [1, 4, 7, 8, 6, 8, 3]
+    assert [group_block(g, 16) for g in (4, 7, 12, 16, 32, 9)] == [4, 7, 12, 16, 16, 9]
     assert unit_tokens(4) == 8 and unit_tokens(8) == 4
 
 
@@ -134,7 +135,7 @@ def _matrix():
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["async", "sync"])
+@pytest.mark.parametrize("variant", ["mma", "async", "sync"])
 @pytest.mark.parametrize("case", range(39))
 def test_native_matches_float64(case, variant):
     from bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
@@ -192,6 +193,35 @@ def test_launch_plumbing(monkeypatch, chunks):
         assert log[1]["grid"] == (3 * 14 * 64, 1, 1) and log[1]["tg"] == (64, 1, 1)
     nat._run(q, pool, 1, batch, 0.125, chunks)  # same shape: launch spec reused
     assert len(nat._launches) == 1
+
+
+@pytest.mark.parametrize(
+    "dt, qdt, hq, hkv, want_variant, want_gb",
+    [
+        (mx.float16, mx.float16, 64, 4, "mma", 16),
+        (mx.bfloat16, mx.bfloat16, 14, 2, "mma", 7),
+        (mx.float16, mx.float32, 64, 4, "async", 8),  # mixed dtypes: the FMA kernel
+        (mx.float32, mx.float32, 32, 8, "async", 4),
+    ],
+)
+def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_gb):
+    from bench.cuda_kernel import make_case
+
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    pool, batch, q = make_case((5, 300), hq, hkv, 64, 16, dt, 24)
+    q = q.astype(qdt)
+    nat = NativeCUDA(variant="mma", stages=3)
+    nat._run(q, pool, 0, batch, 0.125, 2)
+    main = log[0]
+    assert main["template"]["GB"] == want_gb
+    assert main["grid"] == (hkv * (hq // hkv // want_gb) * 128, 2, 2)
+    header = main["spec"]["header"]
+    assert ("pooled_decode_mma" in header) == (want_variant == "mma")
+    assert f"pooled_decode_{'mma' if want_variant == 'mma' else 'async'}<" in main["spec"][
+        "source"]
+    # the plan's residency follows the variant's shared memory (48 KiB: 4 blocks per SM)
+    assert nat._plan_params(q, pool.geom).blocks_per_sm == 4.0
 
 
 def test_plan_shared_by_layers_of_a_step(monkeypatch):

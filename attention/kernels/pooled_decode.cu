@@ -126,6 +126,35 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
   }
 }
 
+// Combine R partial results of a block held in shared memory (sm_acc: R*GB*D floats,
+// sm_ml: R*GB maxima then R*GB sums, all log2-domain) and write the output (DIRECT) or this
+// chunk's partial output and log2-sum-exp.  Callers __syncthreads() before.
+template <typename TQ, int D, int GB, int R, int NT, bool DIRECT>
+__device__ __forceinline__ void combine_groups(const float* sm_acc, const float* sm_ml, int b,
+                                               int hq, int h0, int c, int nchunk, TQ* out,
+                                               float* opart, float* lse) {
+  for (int idx = threadIdx.x; idx < GB * D; idx += NT) {
+    const int g = idx / D, d = idx % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < R; ++r) mx = fmaxf(mx, sm_ml[r * GB + g]);
+    float lsum = 0.f, a = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float w = exp2f(sm_ml[r * GB + g] - mx);  // 0 for a group with no token
+      lsum = fmaf(sm_ml[(R + r) * GB + g], w, lsum);
+      a = fmaf(sm_acc[(r * GB + g) * D + d], w, a);
+    }
+    const int h = h0 + g;
+    if (DIRECT) {
+      out[(size_t)(b * hq + h) * D + d] = from_f<TQ>(a / lsum);
+    } else {
+      opart[((size_t)(b * hq + h) * nchunk + c) * D + d] = a / lsum;
+      if (d == 0) lse[(b * hq + h) * nchunk + c] = mx + log2f(lsum);
+    }
+  }
+}
+
 // Merge the R row groups of a block (sm_acc: R*GB*D floats, sm_ml: 2*R*GB floats) and
 // write the output (DIRECT) or this chunk's partial output and log2-sum-exp.
 template <typename TQ, int D, int GB, int R, int NT, int VEC, bool DIRECT>
@@ -144,26 +173,8 @@ __device__ __forceinline__ void merge_rows(const float (&m)[GB], const float (&l
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < GB * D; idx += NT) {
-    const int g = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < R; ++r) mx = fmaxf(mx, sm_ml[r * GB + g]);
-    float lsum = 0.f, a = 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float w = exp2f(sm_ml[r * GB + g] - mx);  // 0 for a row group with no token
-      lsum = fmaf(sm_ml[(R + r) * GB + g], w, lsum);
-      a = fmaf(sm_acc[(r * GB + g) * D + d], w, a);
-    }
-    const int h = h0 + g;
-    if (DIRECT) {
-      out[(size_t)(b * hq + h) * D + d] = from_f<TQ>(a / lsum);
-    } else {
-      opart[((size_t)(b * hq + h) * nchunk + c) * D + d] = a / lsum;
-      if (d == 0) lse[(b * hq + h) * nchunk + c] = mx + log2f(lsum);
-    }
-  }
+  combine_groups<TQ, D, GB, R, NT, DIRECT>(sm_acc, sm_ml, b, hq, h0, c, nchunk, out, opart,
+                                           lse);
 }
 
 // What every variant computes before its loop.

@@ -1,0 +1,141 @@
+"""Compile the native pooled decode kernels offline with ``nvcc`` (no GPU needed).
+
+``python -m bench.cuda_compile [--arch sm_90] [--variants mma,async,sync]``
+
+MLX compiles ``mx.fast.cuda_kernel`` sources with NVRTC on the GPU machine, where a compile
+error costs device time.  This wraps each kernel body the way MLX does (the header, then a
+``__global__`` function whose inputs are typed from their dtypes, the template arguments as
+``constexpr`` / ``using`` lines, then the body), with a minimal stand-in for MLX's ``Shape``,
+and runs ``nvcc -cubin`` for the target architecture.  It prints registers, spills and
+shared memory per kernel from ``ptxas -v``.  Compiling is not running: correctness is
+checked on the GPU (bench.cuda_kernel --check, tests/test_native_cuda.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from attention.native_cuda import (
+    KERNEL_FILE,
+    MERGE_BODY,
+    MMA_FILE,
+    THREADS,
+    case_variant,
+    group_block,
+    kernel_body,
+    unit_tokens,
+)
+
+CTYPE = {"f16": "__half", "bf16": "__nv_bfloat16", "f32": "float"}
+PRELUDE = """#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <math_constants.h>
+#ifndef INFINITY
+#define INFINITY CUDART_INF_F
+#endif
+namespace mlx::core::cu { struct Shape { int v[8];
+  __device__ int operator[](int i) const { return v[i]; } }; }
+"""
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc")
+
+
+def wrap(name: str, header: str, body: str, inputs: list[tuple[str, str, bool]],
+         outputs: list[tuple[str, str]], consts: list[tuple[str, str]]) -> str:
+    """MLX-style source: inputs ``(name, ctype, with_shape)``, outputs ``(name, ctype)``."""
+    args = []
+    for n, t, shape in inputs:
+        args.append(f"const {t}* {n}")
+        if shape:
+            args.append(f"const __grid_constant__ Shape {n}_shape")
+    args += [f"{t}* {n}" for n, t in outputs]
+    lines = [f"  using {n} = {v};" if not v.lstrip("-").isdigit() else
+             f"  constexpr int {n} = {v};" for n, v in consts]
+    return (PRELUDE + header + "\nnamespace mlx::core::cu {\n__global__ void " + name + "("
+            + ", ".join(args) + ") {\n" + "\n".join(lines) + "\n" + body + "\n}\n}\n")
+
+
+def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, stages: int):
+    """(name, source) of the direct and split kernels and the merge for one case."""
+    import mlx.core as mx
+
+    mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
+    v = case_variant(variant, mdt, mdt)
+    header = KERNEL_FILE.read_text() + ("\n" + MMA_FILE.read_text() if v == "mma" else "")
+    grp = hq // hkv
+    gb = group_block(grp, 16 if v == "mma" else 8)
+    t = CTYPE[dt]
+    consts = [("TQ", t), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
+              ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
+              ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
+    slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
+    ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False),
+           ("qscale", "float", False), *slabs]
+    out = []
+    for kind in ("direct", "split"):
+        outs = [("out", t)] if kind == "direct" else [("opart", "float"), ("lse", "float")]
+        name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
+        out.append((name, wrap(name, header, kernel_body(ns, kind == "direct", v), ins, outs,
+                               consts)))
+    mname = f"k_merge_{dt}_d{d}"
+    out.append((mname, wrap(mname, header, MERGE_BODY,
+                            [("opart", "float", False), ("lse", "float", True)],
+                            [("out", t)], [("TQ", t), ("D", str(d))])))
+    return out
+
+
+def compile_one(name: str, src: str, arch: str) -> tuple[bool, str]:
+    """nvcc -cubin; (ok, the compiler's output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / f"{name}.cu"
+        f.write_text(src)
+        r = subprocess.run([nvcc_path() or "nvcc", "-std=c++17", f"-arch={arch}", "-cubin",
+                            "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"), str(f)],
+                           capture_output=True, text=True, timeout=300)
+        return r.returncode == 0, r.stdout + r.stderr
+
+
+def resources(log: str) -> str:
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill stores", log)
+    smem = re.findall(r"(\d+) bytes smem", log)
+    return f"regs {','.join(regs)} spill {','.join(spill)} static smem {','.join(smem)}"
+
+
+CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
+    ("f16", 64, 16, 32, 8, 1), ("bf16", 64, 16, 14, 2, 4), ("f16", 128, 32, 32, 8, 2),
+    ("bf16", 128, 16, 8, 8, 1), ("f16", 64, 64, 64, 4, 8), ("f16", 64, 16, 16, 1, 1),
+    ("f32", 64, 16, 32, 8, 1),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="slabserve bench cuda-compile")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--variants", default="mma,async")
+    ap.add_argument("--stages", type=int, default=3)
+    a = ap.parse_args(argv)
+    if not nvcc_path():
+        print("nvcc not found: nothing to compile")
+        return 1
+    bad = 0
+    for variant in a.variants.split(","):
+        for dt, d, bs, hq, hkv, ns in CASES:
+            for name, src in sources(variant, dt, d, bs, hq, hkv, ns, a.stages):
+                ok, log = compile_one(name, src, a.arch)
+                bad += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {name}: {resources(log)}", flush=True)
+                if not ok:
+                    print(log[-3000:])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

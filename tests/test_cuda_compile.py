@@ -1,0 +1,30 @@
+"""The CUDA kernel sources compile offline with nvcc (sm_90) where nvcc is installed, so a
+syntax or template error is caught without a GPU.  Running them is checked on the GPU
+(tests/test_native_cuda.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cuda_compile import compile_one, nvcc_path, resources, sources
+
+needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA toolkit)")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("variant, dt, d, hq, hkv", [("mma", "bf16", 64, 14, 2),
+                                                      ("async", "f16", 128, 32, 8)])
+def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
+    name, src = sources(variant, dt, d, 16, hq, hkv, 2, 3)[1]  # the split kernel, 2 slabs
+    ok, log = compile_one(name, src, "sm_90")
+    assert ok, log[-2000:]
+    info = resources(log)
+    assert "regs" in info and "spill 0" in info, info
+
+
+@needs_nvcc
+def test_compile_error_is_reported():
+    name, src = sources("mma", "f16", 64, 16, 32, 8, 1, 3)[0]
+    ok, log = compile_one(name, src.replace("pooled_decode_mma<", "pooled_decode_mmma<"),
+                          "sm_90")
+    assert not ok and "pooled_decode_mmma" in log
