@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 7 on the lent GPU machine (after ../shared/gpu/README.md's two set-up runs, carrying
+# .gpu-extra too: prometheus-client and tqdm for the server):
+#   bash bench/gpu/kernel.sh [check] [table] [shapes] [smoke]
+# Writes logs and JSON under $OUT; prints short tables last.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu-extra/site
+export SLABSERVE_CACHE_DIR=/tmp/sscache
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python -c "import mlx.core as mx, mlx_lm, fastapi, uvicorn, httpx, prometheus_client; print('mlx', mx.__version__, mx.default_device())"
+NAT=${NATIVES:-async3,mma3}
+for step in "$@"; do
+  case $step in
+    check)  # the float64 matrix, 8 shards in parallel
+      for k in 0 1 2 3 4 5 6 7; do
+        timeout 400 python -m bench.cuda_kernel --check --natives mma3 --shard $k/8 \
+          --out "$OUT/check$k" > "$OUT/check$k.log" 2>&1 &
+      done
+      wait
+      cat "$OUT"/check*.log | grep -v "^#" | sort | uniq > "$OUT/check.txt"
+      grep -c " ok$" "$OUT/check.txt"; grep -v " ok$" "$OUT/check.txt" | head -20 ;;
+    table)
+      timeout 420 python -m bench.cuda_kernel --table --natives "$NAT" --out "$OUT/table" \
+        > "$OUT/table.log" 2>&1
+      grep -v "^{" "$OUT/table.log" | tail -45 ;;
+    shapes)  # other shapes and dtypes, fewer cells and layers
+      timeout 420 python -m bench.cuda_kernel --table --natives "$NAT" --layers 8 \
+        --batches 1,8,16 --ctxs 4096,16384 \
+        --shapes 32/8/128/bf16,14/2/64/bf16,32/8/64/f32 --out "$OUT/shapes" \
+        > "$OUT/shapes.log" 2>&1
+      grep -v "^{" "$OUT/shapes.log" | tail -45 ;;
+    smoke)  # our server and mlx_lm.server on a realistic shape, two cells
+      timeout 400 python -m slabserve.cli loadtest --compare --configs auto,mlx_lm \
+        --embedded qwen2.5-0.5b:bfloat16 --contexts 1k,4k --concurrency 1,8 --max-tokens 64 \
+        --requests 3,8 --warmup 1 --duration 40 --out "$OUT/smoke" --no-progress \
+        > "$OUT/smoke.log" 2>&1
+      tail -30 "$OUT/smoke.log" ;;
+  esac
+done
