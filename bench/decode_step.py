@@ -243,9 +243,14 @@ def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ct
     runner.allocator.check_integrity()
     paths = {p: _summary(batch, times[p], selectors[p].path_counts(), before[p], first[p])
              for p in cfg.paths}
+    for p, r in paths.items():  # a forced native that declined ran gather: say so
+        r["as_forced"] = p == "auto" or all(k.startswith(p + ":") for k in r["used"])
+    ratio = _ratio(paths, "gather", "native")
+    if not paths.get("native", {}).get("as_forced", True):
+        ratio = None
     return dict(batch=batch, ctx=ctx, skipped=None, paths=paths,
                 free_blocks_before=free0, free_blocks_after=runner.allocator.num_free,
-                gather_over_native=_ratio(paths, "gather", "native"))
+                gather_over_native=ratio)
 
 
 def _summary(batch: int, times, after: dict, before: dict, first: list[int]) -> dict:
@@ -314,12 +319,17 @@ def tables(cells: list[dict], paths: tuple[str, ...]) -> tuple[str, str]:
             full.append(f"| {c['batch']} | {c['ctx']} | {p} | {used_label(r)} | "
                         f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                         f"{r['forward_median_ms']:.2f} | {r['tok_s']:.1f} |")
-        ms = " | ".join(f"{c['paths'][p]['median_ms']:.2f}" for p in paths)
+        ms = " | ".join(_short_ms(c["paths"][p]) for p in paths)
         auto = used_label(c["paths"]["auto"]) if "auto" in c["paths"] else "-"
         ratio = c["gather_over_native"]
         short.append(f"| {c['batch']} | {c['ctx']} | {ms} | {auto} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(full), "\n".join(short)
+
+
+def _short_ms(r: dict) -> str:
+    ms = f"{r['median_ms']:.2f}"
+    return ms if r["as_forced"] else f"{ms} (ran {used_label(r).split(':')[0]})"
 
 
 def machine() -> dict:
