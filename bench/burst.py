@@ -1,0 +1,102 @@
+"""Where a burst of concurrent requests spends the engine's steps.
+
+``python -m bench.burst --model embedded:qwen2.5-0.5b --dtype bfloat16 --requests 8
+--prompt 1000 --max-tokens 32 --rounds 2``
+
+The in-process engine (scheduler + executor + runner, no HTTP) gets ``--requests`` prompts
+of ``--prompt`` random tokens at once, ``--rounds`` times with fresh prompts (round 1 pays
+first-use costs such as kernel compiles and graph builds; later rounds show the steady
+state).  Per round: time to first token (median, max), steps, and the engine's step log
+split into steps that carry prefill tokens and decode-only steps (model forward and
+sampling medians, max).  The first steps of the last round are listed.  Diagnoses slow
+TTFT / TPOT under load (load tests show the symptom, this shows the step that causes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+
+from bench.step_overhead import _load
+from engine.build import assemble
+from scheduler.api import Request, SamplingParams
+from scheduler.config import SchedulerConfig
+
+
+async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    first: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        req = Request(f"r{seed}-{i}", tuple(rng.randrange(vocab) for _ in range(prompt)), params)
+        async for d in eng.generate(req):
+            if d.finish_reason == "error":
+                raise RuntimeError(d.error)
+            if d.token_ids and req.request_id not in first:
+                first[req.request_id] = time.perf_counter() - t0
+
+    eng.step_log.clear()
+    await asyncio.gather(*[one(i) for i in range(n)])
+    wall = time.perf_counter() - t0
+    recs = list(eng.step_log)
+    pre = [r for r in recs if r.prefill_tokens]
+    dec = [r for r in recs if not r.prefill_tokens]
+
+    def med(rs, k):
+        return 1e3 * statistics.median(getattr(r, k) for r in rs) if rs else float("nan")
+
+    return dict(wall_s=wall, ttft_p50_ms=1e3 * statistics.median(first.values()),
+                ttft_max_ms=1e3 * max(first.values()), steps=len(recs),
+                prefill_steps=len(pre), prefill_fwd_p50_ms=med(pre, "forward_s"),
+                prefill_fwd_max_ms=1e3 * max((r.forward_s for r in pre), default=0.0),
+                prefill_sample_p50_ms=med(pre, "sample_s"),
+                decode_steps=len(dec), decode_fwd_p50_ms=med(dec, "forward_s"),
+                decode_total_p50_ms=1e3 * statistics.median(r.total_s for r in dec)
+                if dec else float("nan"), records=recs)
+
+
+async def _main(args) -> None:
+    runner, tok, name = _load(args)
+    cfg = SchedulerConfig(max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk)
+    eng = assemble(runner, tok, cfg, name)
+    await eng.start()
+    vocab = min(len(tok), 30_000)
+    try:
+        for rnd in range(args.rounds):
+            r = await burst(eng, args.requests, args.prompt, args.max_tokens, vocab, seed=rnd)
+            recs = r.pop("records")
+            print(f"round {rnd}: " + ", ".join(
+                f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+                flush=True)
+        print("last round, first steps: decodes prefill_tokens schedule/forward/sample/update ms")
+        for x in recs[: args.show]:
+            print(f"  {x.decodes:3d} {x.prefill_tokens:5d}  {1e3 * x.schedule_s:7.1f} "
+                  f"{1e3 * x.forward_s:7.1f} {1e3 * x.sample_s:7.1f} {1e3 * x.update_s:7.1f}")
+    finally:
+        await eng.shutdown(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slabserve bench burst", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-gib", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-step-tokens", type=int, default=SchedulerConfig.max_step_tokens)
+    ap.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk)
+    ap.add_argument("--show", type=int, default=24)
+    asyncio.run(_main(ap.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
