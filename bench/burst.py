@@ -62,7 +62,14 @@ async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int
 
 async def _main(args) -> None:
     runner, tok, name = _load(args)
-    cfg = SchedulerConfig(max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk)
+    import mlx.core as mx
+
+    cfg = SchedulerConfig.for_device(mx.default_device().type == mx.gpu,
+                                     max_step_tokens=args.max_step_tokens,
+                                     prefill_chunk=args.prefill_chunk,
+                                     prefill_align=args.prefill_align)
+    print(f"scheduler: max_step_tokens {cfg.max_step_tokens}, prefill_chunk "
+          f"{cfg.prefill_chunk}, prefill_align {cfg.prefill_align}")
     eng = assemble(runner, tok, cfg, name)
     await eng.start()
     vocab = min(len(tok), 30_000)
@@ -91,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-step-tokens", type=int, default=SchedulerConfig.max_step_tokens)
-    ap.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk)
+    ap.add_argument("--max-step-tokens", type=int, default=None, help="default: per device")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="default: per device")
+    ap.add_argument("--prefill-align", type=int, default=None, help="default: per device")
     ap.add_argument("--show", type=int, default=24)
     asyncio.run(_main(ap.parse_args(argv)))
     return 0

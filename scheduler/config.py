@@ -13,7 +13,14 @@ class SchedulerConfig:
     chunks).  ``prefill_chunk``: most tokens of one sequence per step (a long prompt is
     spread over steps so running streams keep decoding).  ``max_context``: prompt +
     max_tokens limit; None = the model's own.  ``watermark_blocks``: blocks that must stay
-    free after admitting a new request, so running decodes do not preempt at once."""
+    free after admitting a new request, so running decodes do not preempt at once.
+    ``prefill_align``: a prefill chunk that is not a prompt's last is cut down to a multiple
+    of this many tokens (when that leaves any), so chunk shapes repeat: on CUDA every new
+    attention shape costs a cuDNN graph build (~60 ms on an H200, docs/adr/0006).
+
+    ``for_device`` gives the defaults measured per device: small chunks on CPU (a chunk
+    there costs in proportion to its size, so small ones keep running streams decoding),
+    large aligned ones on a GPU (a chunk's cost there is mostly per step and per shape)."""
 
     max_running: int = 64
     max_queued: int = 256
@@ -21,6 +28,15 @@ class SchedulerConfig:
     prefill_chunk: int = 256
     max_context: int | None = None
     watermark_blocks: int = 1
+    prefill_align: int = 1
+
+    @classmethod
+    def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:
+        """Defaults for a CPU or a GPU; keyword arguments that are not None override."""
+        base = (dict(max_step_tokens=4096, prefill_chunk=2048, prefill_align=256) if gpu
+                else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_queued < 0:
@@ -31,3 +47,5 @@ class SchedulerConfig:
             raise ValueError("max_context must be >= 2")
         if self.watermark_blocks < 0:
             raise ValueError("watermark_blocks must be >= 0")
+        if self.prefill_align < 1:
+            raise ValueError("prefill_align must be >= 1")

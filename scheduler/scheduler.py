@@ -164,9 +164,8 @@ class Scheduler:
                 return
             if seq.num_pending <= 1 or seq.request_id in st.planned:
                 continue
-            n = min(seq.num_pending, st.budget, self.cfg.prefill_chunk)
             fit = (len(seq.blocks) + self.allocator.num_available) * self.block_size
-            n = min(n, fit - seq.num_computed)
+            n = self._chunk_len(seq, min(st.budget, fit - seq.num_computed))
             if n <= 0 or not self._reserve(seq, n):
                 continue
             st.add(self._chunk(seq, n))
@@ -176,7 +175,7 @@ class Scheduler:
             return  # blocks are short this step: admitting would only thrash
         while self.waiting and st.budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting[0]
-            n = min(seq.num_pending, st.budget, self.cfg.prefill_chunk)
+            n = self._chunk_len(seq, st.budget)
             need = blocks_needed(n, self.block_size)
             reserve = self.cfg.watermark_blocks if self.running else 0
             if need + reserve > self.allocator.num_available:
@@ -187,6 +186,15 @@ class Scheduler:
             if not self._reserve(seq, n):  # cannot happen: checked above
                 raise AssertionError("allocator refused blocks it reported available")
             st.add(self._chunk(seq, n))
+
+    def _chunk_len(self, seq: Sequence, room: int) -> int:
+        """Tokens of ``seq``'s next prefill chunk within ``room``: at most ``prefill_chunk``;
+        a chunk that is not the prompt's last is cut to a multiple of ``prefill_align``
+        unless that would leave nothing."""
+        n = min(seq.num_pending, room, self.cfg.prefill_chunk)
+        if n < seq.num_pending and n >= self.cfg.prefill_align:
+            n -= n % self.cfg.prefill_align
+        return n
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         extra = blocks_needed(seq.num_computed + n, self.block_size) - len(seq.blocks)

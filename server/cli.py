@@ -71,11 +71,24 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-running", type=int, default=64)
     g.add_argument("--max-queued", type=int, default=256)
-    g.add_argument("--max-step-tokens", type=int, default=512)
-    g.add_argument("--prefill-chunk", type=int, default=256)
+    g.add_argument("--max-step-tokens", type=int, default=None,
+                   help="tokens per engine step (default 512 on CPU, 4096 on a GPU)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="most prompt tokens of one sequence per step (default 256 on CPU, "
+                        "2048 on a GPU)")
+    g.add_argument("--prefill-align", type=int, default=None,
+                   help="cut non-final prefill chunks to a multiple of this (default 1 on "
+                        "CPU, 256 on a GPU: repeated shapes reuse CUDA attention graphs)")
     g.add_argument("--max-context", type=int, default=None)
     g.add_argument("--watermark-blocks", type=int, default=1)
     return p
+
+
+def _gpu() -> bool:
+    """Whether MLX computes on a GPU here (the per-device scheduler defaults)."""
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.gpu
 
 
 def configs(args: argparse.Namespace):
@@ -92,12 +105,13 @@ def configs(args: argparse.Namespace):
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
                         kv_budget_bytes=args.kv_budget, initial_slabs=args.initial_slabs,
                         dtype=args.kv_dtype)
-    sched = SchedulerConfig(max_running=args.max_running, max_queued=args.max_queued,
-                            max_step_tokens=args.max_step_tokens,
-                            prefill_chunk=args.prefill_chunk, max_context=args.max_context,
-                            watermark_blocks=args.watermark_blocks)
+    sched = SchedulerConfig.for_device(
+        _gpu(), max_running=args.max_running, max_queued=args.max_queued,
+        max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,
+        prefill_align=args.prefill_align, max_context=args.max_context,
+        watermark_blocks=args.watermark_blocks)
     engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
-                          runner=RunnerConfig(prefill_chunk=args.prefill_chunk),
+                          runner=RunnerConfig(prefill_chunk=sched.prefill_chunk),
                           scheduler=sched, cache_limit_bytes=args.cache_limit,
                           served_name=args.served_model_name)
     return server, engine

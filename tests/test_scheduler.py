@@ -203,3 +203,48 @@ def test_token_history_is_passed_only_when_a_penalty_needs_it():
                 assert c.prompt == () and c.output == ()
         for u in ups:
             outs[u.request_id].append(u.token.token_id)
+
+
+def test_prefill_align_cuts_non_final_chunks_to_multiples():
+    s, ex = make(num_blocks=256, max_step_tokens=40, prefill_chunk=32, prefill_align=8)
+    for i in range(3):
+        s.add(req(f"d{i}", 2, max_tokens=30))
+    step(s, ex)  # three 2-token prefills, then they decode every step
+    r = req("long", 70, max_tokens=3)
+    s.add(r)
+    seen = []
+    for _ in range(10):
+        plan, _ = step(s, ex)
+        seen += [c for c in plan.prefills if c.request_id == "long"]
+        if seen and seen[-1].sample:
+            break
+    assert len(seen) == 3
+    lens = [len(c.tokens) for c in seen[:-1]]
+    # the budget left after 3 decodes is 37: cut to 32 (the chunk cap), 32, then the rest
+    assert lens == [32, 32] and len(seen[2].tokens) == 6 and seen[2].sample
+    assert all(n % 8 == 0 for n in lens)
+    outs, _ = run_all(s, ex)
+    assert outs["long"][-2:] == reference(r.prompt_tokens, 3)[-2:]
+
+
+def test_prefill_align_keeps_progress_when_room_is_below_align():
+    # 5 decodes leave 3 tokens of budget: below the 8-token alignment, the chunk is not cut
+    s, ex = make(num_blocks=256, max_step_tokens=8, prefill_chunk=32, prefill_align=8)
+    for i in range(5):
+        s.add(req(f"d{i}", 1, max_tokens=40))
+    step(s, ex)
+    s.add(req("long", 20, max_tokens=2))
+    plan, _ = step(s, ex)
+    assert [(c.request_id, len(c.tokens)) for c in plan.prefills] == [("long", 3)]
+
+
+def test_device_defaults():
+    from scheduler.config import SchedulerConfig
+
+    cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
+    assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
+    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4096, 2048, 256)
+    assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=None).prefill_chunk \
+        == 512
+    with pytest.raises(ValueError):
+        SchedulerConfig(prefill_align=0)
