@@ -49,6 +49,18 @@ def slab_bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
+FIXED_SLAB_INPUTS = 32  # beyond this, per-call input lists cost more than a recompile
+
+
+def pool_slab_inputs(pool: SlabPool) -> int:
+    """Slab inputs of the kernel for ``pool``: the bucket of its current size, but at least
+    the bucket of the most slabs it will hold (``pool.max_slabs``, capped at
+    FIXED_SLAB_INPUTS), so a pool that grows compiles once: an H200 load test recompiled
+    at every bucket the pool grew through, stalling every stream for seconds."""
+    cap = min(slab_bucket(pool.max_slabs or 1), FIXED_SLAB_INPUTS)
+    return max(slab_bucket(pool.num_slabs), cap)
+
+
 def group_block(g: int, cap: int = MAX_GROUP) -> int:
     """q heads per GPU block: the largest divisor of the GQA ratio ``g`` up to ``cap``
     (8 for the FMA variants, 16 for the tensor-core variant)."""
@@ -187,7 +199,7 @@ class NativeCUDA(DecodeAttention):
 
     def _variant_key(self, q: mx.array, pool: SlabPool) -> tuple:
         g = pool.geom
-        return (q.dtype, q.shape[1], g, slab_bucket(pool.num_slabs))
+        return (q.dtype, q.shape[1], g, pool_slab_inputs(pool))
 
     def _probe(self, q: mx.array, pool: SlabPool) -> str | None:
         """Run the direct and split variants that ``pool`` needs on a private two-block
@@ -195,7 +207,7 @@ class NativeCUDA(DecodeAttention):
         ``block_size + 3`` tokens over the last slab and slab 0, against SDPA in float32 on
         the gathered pages.  Fixed random keys: the global random state is not touched."""
         g = pool.geom
-        ns = slab_bucket(pool.num_slabs)
+        ns = pool_slab_inputs(pool)
         geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
         probe_pool = SlabPool(geom)
         rows = 2 * g.kv_heads * g.block_size
@@ -257,7 +269,7 @@ class NativeCUDA(DecodeAttention):
         return self._execute(self._launch_for(q, pool, chunks), q, pool, layer, batch, scale)
 
     def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int) -> tuple:
-        ns = slab_bucket(pool.num_slabs)
+        ns = pool_slab_inputs(pool)
         key = (q.shape, q.dtype, pool.geom, ns, chunks)
         launch = self._launches.get(key)
         if launch is None:

@@ -85,7 +85,7 @@ class ModelRunner:
             num_layers, kvh, head_dim, cache_cfg.block_size, cache_cfg.slab_blocks, dtype
         )
         max_slabs = self.geom.slabs_for_budget(cache_cfg.kv_budget_bytes)
-        self.pool = SlabPool(self.geom)
+        self.pool = SlabPool(self.geom, max_slabs=max_slabs)
         self.allocator = BlockAllocator(
             cache_cfg.slab_blocks,
             max_slabs * cache_cfg.slab_blocks,

@@ -105,10 +105,14 @@ class GatherPlan:
 
 
 class SlabPool:
-    """K and V slabs for every layer.  ``grow(n)`` makes the pool ``n`` slabs long."""
+    """K and V slabs for every layer.  ``grow(n)`` makes the pool ``n`` slabs long.
+    ``max_slabs``: the most slabs it will ever hold (None = unknown), so kernels can be
+    built once for the largest pool instead of once per size."""
 
-    def __init__(self, geom: PoolGeometry, initial_slabs: int = 0) -> None:
+    def __init__(self, geom: PoolGeometry, initial_slabs: int = 0,
+                 max_slabs: int | None = None) -> None:
         self.geom = geom
+        self.max_slabs = max_slabs
         self.k: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self.v: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self._dirty: dict[tuple[int, int, int], mx.array] = {}

@@ -268,3 +268,21 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
     reason = nat._probe(q, pool)
     assert reason is not None and "wrong" in reason
+
+
+def test_slab_inputs_fixed_for_a_growing_pool():
+    from attention.native_cuda import FIXED_SLAB_INPUTS, pool_slab_inputs
+    from kvcache.pool import SlabPool
+
+    g = _geom(head_dim=64, slab_blocks=2)
+    pool = SlabPool(g, initial_slabs=1, max_slabs=21)
+    seen = set()
+    for n in range(1, 22):
+        pool.grow(n)
+        seen.add(pool_slab_inputs(pool))
+    assert seen == {32}  # one kernel build for the pool's whole life
+    big = SlabPool(g, initial_slabs=1, max_slabs=1000)
+    assert pool_slab_inputs(big) == FIXED_SLAB_INPUTS
+    big.grow(40)
+    assert pool_slab_inputs(big) == 64  # past the cap: buckets as before
+    assert pool_slab_inputs(SlabPool(g, initial_slabs=3)) == 4  # size unknown
