@@ -106,13 +106,19 @@ def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str |
     return None
 
 
-def kernel_body(ns: int, direct: bool, variant: str = "async") -> str:
-    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``variant``
-    "mma" (tensor cores, cp.async), "async" (cp.async pipeline, dynamic shared memory) or
-    "sync" (register loads)."""
+KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT flag)
+    "direct": ("out, nullptr, nullptr, nullptr", "true"),  # one chunk: writes out
+    "split": ("nullptr, opart, lse, nullptr", "false"),  # partials; a merge launch follows
+    "fused": ("out, opart, lse, const_cast<int*>(counters)", "false"),  # last chunk merges
+}
+
+
+def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
+    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
+    KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
+    dynamic shared memory) or "sync" (register loads)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
-    outs = "out, nullptr, nullptr" if direct else "nullptr, opart, lse"
-    flag = "true" if direct else "false"
+    outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
@@ -157,7 +163,9 @@ class NativeCUDA(DecodeAttention):
 
     ``variant``: "mma" (tensor-core products for float16/bfloat16; other dtypes go to
     "async"), "async" (default; FMA products, cp.async stage ring) or "sync" (register
-    loads); ``stages``: depth of the cp.async ring.  Subclasses for other backends override
+    loads); ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
+    the last block of each (sequence, heads) merges them (per-layer counters that the
+    kernel resets), instead of a second launch.  Subclasses for other backends override
     ``threads``, ``kernel_file``, ``_device_reason``, ``_body`` and ``_compile``."""
 
     name = "native"
@@ -165,12 +173,14 @@ class NativeCUDA(DecodeAttention):
     kernel_file = KERNEL_FILE
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
-                 stages: int = 3) -> None:
+                 stages: int = 3, fused_merge: bool = True) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         self.params = params
         self.variant = variant
         self.stages = stages
+        self.fused_merge = fused_merge
+        self._counters: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
         self._probes: dict[tuple, str | None] = {}
         self._scales: dict[float, mx.array] = {}
@@ -285,13 +295,28 @@ class NativeCUDA(DecodeAttention):
             ks, vs = [*ks, *([ks[0]] * pad)], [*vs, *([vs[0]] * pad)]
         inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
                   self._scale(scale), *ks, *vs]
+        if merge == "fused":
+            inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
+            return main[0](inputs=inputs, **main[1])[2].reshape(b, hq, 1, d)
         outs = main[0](inputs=inputs, **main[1])
         if merge is None:
             return outs[0].reshape(b, hq, 1, d)
         return merge[0](inputs=outs, **merge[1])[0].reshape(b, hq, 1, d)
 
+    def _counter(self, layer: int, n: int) -> mx.array:
+        """Zeroed int32 chunk counters of ``layer`` (at least ``n``); the fused kernel
+        leaves them zero.  One array per layer: layers of a step run one after another,
+        so no two launches in flight share one."""
+        arr = self._counters.get(layer)
+        if arr is None or arr.size < n:
+            arr = self._counters[layer] = mx.zeros((1 << max(0, (n - 1).bit_length()),),
+                                                   dtype=mx.int32)
+            mx.eval(arr)
+        return arr
+
     def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int):
-        """(kernel, kwargs) of the main launch and of the merge (None with one chunk)."""
+        """(kernel, kwargs) of the main launch and of the merge: None with one chunk,
+        "fused" when the main launch merges."""
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         variant, gb = self._case(q, g)
@@ -308,6 +333,11 @@ class NativeCUDA(DecodeAttention):
         if chunks == 1:
             return (self._kernel("direct", ns, smem, variant),
                     dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
+        if self.fused_merge:
+            main = (self._kernel("fused", ns, smem, variant),
+                    dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, d)],
+                         output_dtypes=[mx.float32, mx.float32, q.dtype], **common))
+            return main, "fused"
         main = (self._kernel("split", ns, smem, variant),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
@@ -338,7 +368,9 @@ class NativeCUDA(DecodeAttention):
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
                 names = ["q", "table", "lengths", "qscale", *slabs]
-                outs = ["out"] if kind == "direct" else ["opart", "lse"]
+                names += ["counters"] if kind == "fused" else []
+                outs = {"direct": ["out"], "split": ["opart", "lse"],
+                        "fused": ["opart", "lse", "out"]}[kind]
             body = self._body(kind, ns, variant)
             # MLX caches compiled kernels on disk by name: name the source's hash too.
             tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
@@ -349,7 +381,7 @@ class NativeCUDA(DecodeAttention):
     def _body(self, kind: str, ns: int, variant: str) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind == "direct", variant)
+        return kernel_body(ns, kind, variant)
 
     def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
                  header: str):

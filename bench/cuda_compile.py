@@ -63,7 +63,7 @@ def wrap(name: str, header: str, body: str, inputs: list[tuple[str, str, bool]],
 
 
 def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, stages: int):
-    """(name, source) of the direct and split kernels and the merge for one case."""
+    """(name, source) of the direct, split and fused kernels and the merge for one case."""
     import mlx.core as mx
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
@@ -79,11 +79,11 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False),
            ("qscale", "float", False), *slabs]
     out = []
-    for kind in ("direct", "split"):
-        outs = [("out", t)] if kind == "direct" else [("opart", "float"), ("lse", "float")]
+    part = [("opart", "float"), ("lse", "float")]
+    for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
         name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
-        out.append((name, wrap(name, header, kernel_body(ns, kind == "direct", v), ins, outs,
-                               consts)))
+        kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
+        out.append((name, wrap(name, header, kernel_body(ns, kind, v), kins, outs, consts)))
     mname = f"k_merge_{dt}_d{d}"
     out.append((mname, wrap(mname, header, MERGE_BODY,
                             [("opart", "float", False), ("lse", "float", True)],

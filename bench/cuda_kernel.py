@@ -226,14 +226,18 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,mma3`` -> {name: NativeCUDA} (the digit: cp.async stages)."""
+    """``sync,async3,mma3,async3u`` -> {name: NativeCUDA} (the digit: cp.async stages; a
+    trailing ``u``: unfused, the chunk merge as a second launch)."""
     out = {}
     for name in spec.split(","):
-        if name == "sync":
-            out[name] = NativeCUDA(variant="sync")
+        base = name.removesuffix("u")
+        fused = base == name
+        if base == "sync":
+            out[name] = NativeCUDA(variant="sync", fused_merge=fused)
         else:
-            variant = name.rstrip("0123456789")
-            out[name] = NativeCUDA(variant=variant, stages=int(name[len(variant):] or 3))
+            variant = base.rstrip("0123456789")
+            out[name] = NativeCUDA(variant=variant, stages=int(base[len(variant):] or 3),
+                                   fused_merge=fused)
     return out
 
 

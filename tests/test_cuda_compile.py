@@ -15,7 +15,7 @@ needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA to
 @pytest.mark.parametrize("variant, dt, d, hq, hkv", [("mma", "bf16", 64, 14, 2),
                                                       ("async", "f16", 128, 32, 8)])
 def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
-    name, src = sources(variant, dt, d, 16, hq, hkv, 2, 3)[1]  # the split kernel, 2 slabs
+    name, src = sources(variant, dt, d, 16, hq, hkv, 2, 3)[2]  # the fused kernel, 2 slabs
     ok, log = compile_one(name, src, "sm_90")
     assert ok, log[-2000:]
     info = resources(log)

@@ -119,11 +119,12 @@ def test_declines_without_cuda():
 
 
 def test_kernel_body_fills_every_slab():
-    body = kernel_body(3, direct=False)
+    body = kernel_body(3, "split")
     for i in range(3):
         assert f"ktab[{i}] = k{i}; vtab[{i}] = v{i};" in body
     assert "ktab[3]" not in body and "opart, lse" in body
-    assert "out, nullptr, nullptr" in kernel_body(1, direct=True)
+    assert "out, nullptr, nullptr, nullptr" in kernel_body(1, "direct")
+    assert "out, opart, lse, const_cast<int*>(counters)" in kernel_body(2, "fused", "mma")
 
 
 # ---- kernel vs float64 (CUDA only) ----------------------------------------------------
@@ -169,18 +170,28 @@ class _FakeKernel:
         return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-def test_launch_plumbing(monkeypatch, chunks):
+@pytest.mark.parametrize("chunks, fused", [(1, True), (4, False), (4, True)])
+def test_launch_plumbing(monkeypatch, chunks, fused):
     from bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
     pool, batch, q = make_case((5, 300, 1029), 14, 2, 64, 16, mx.float16, 24, layers=2)
-    nat = NativeCUDA()
+    nat = NativeCUDA(fused_merge=fused)
     out = nat._run(q, pool, 0, batch, 0.125, chunks)
     assert out.shape == q.shape and out.dtype == q.dtype
     main = log[0]
     ns = slab_bucket(pool.num_slabs)
+    if fused and chunks > 1:  # one launch: partials, then the last chunk's block merges
+        assert len(log) == 1 and main["spec"]["input_names"][-1] == "counters"
+        counters = main["inputs"][-1]
+        assert counters.dtype == mx.int32 and counters.size >= 3 * 2
+        assert not mx.any(counters).item()
+        assert main["shapes"] == [(3 * 14 * chunks, 64), (3 * 14, chunks), (3, 14, 64)]
+        assert "const_cast<int*>(counters)" in main["spec"]["source"]
+        nat._run(q, pool, 1, batch, 0.125, chunks)  # another layer: its own counters
+        assert log[1]["inputs"][-1] is not counters
+        return
     assert pool.num_slabs == 4 and len(main["inputs"]) == 4 + 2 * ns
     assert main["spec"]["input_names"][4:] == [f"k{i}" for i in range(ns)] + [
         f"v{i}" for i in range(ns)]
@@ -237,8 +248,8 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     assert len(mine) == 1
     want = plan_chunks(2, 3000, 8, 188)
     assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
-    assert len(log) == 3 * 2  # split + merge per layer
-    assert {id(c["inputs"][4]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
+    assert len(log) == 3  # one fused launch per layer
+    assert {id(c["inputs"][4]) for c in log} == {id(pool.k[i][0]) for i in range(3)}
 
 
 @pytest.mark.parametrize("slabs_needed", [1, 3])

@@ -126,13 +126,60 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
   }
 }
 
+// After a split block wrote its chunk's partial output and log2-sum-exp: count the chunk in
+// counters[b * gridDim.x + blockIdx.x].  The block that counts last merges every chunk of
+// (sequence b, its GB heads) into `out` and resets the counter to 0 for the next launch, so
+// no separate merge launch is needed (threadFenceReduction pattern: fence, then count;
+// the last block fences again and reads the partials past L1).
+template <typename TQ, int D, int GB, int NT>
+__device__ __forceinline__ void finish_split(const float* opart, const float* lse,
+                                             int* counters, int b, int hq, int h0, int nchunk,
+                                             TQ* out) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  const int slot = b * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) last = atomicAdd(counters + slot, 1) == nchunk - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < GB * D; idx += NT) {
+    const int g = idx / D, d = idx % D, bh = b * hq + h0 + g;
+    const float* ls = lse + (size_t)bh * nchunk;
+    float mx = -INFINITY;
+    for (int c = 0; c < nchunk; ++c) mx = fmaxf(mx, __ldcg(ls + c));
+    float lsum = 0.f, a = 0.f;
+    for (int c = 0; c < nchunk; ++c) {
+      const float lc = __ldcg(ls + c);
+      if (lc != -INFINITY) {  // an empty chunk of a short sequence
+        const float w = exp2f(lc - mx);
+        lsum += w;
+        a = fmaf(w, __ldcg(opart + ((size_t)bh * nchunk + c) * D + d), a);
+      }
+    }
+    out[(size_t)bh * D + d] = from_f<TQ>(a / lsum);
+  }
+  if (threadIdx.x == 0) counters[slot] = 0;
+}
+
+// A chunk past the end of a short sequence: an empty partial (log2-sum-exp -inf).
+template <typename TQ, int D, int GB, int NT, bool DIRECT>
+__device__ __forceinline__ void empty_chunk(const float* opart, float* lse, int* counters,
+                                            int b, int hq, int h0, int c, int nchunk,
+                                            TQ* out) {
+  if (DIRECT) return;
+  if ((int)threadIdx.x < GB) lse[(b * hq + h0 + threadIdx.x) * nchunk + c] = -INFINITY;
+  if (counters) finish_split<TQ, D, GB, NT>(opart, lse, counters, b, hq, h0, nchunk, out);
+}
+
 // Combine R partial results of a block held in shared memory (sm_acc: R*GB*D floats,
 // sm_ml: R*GB maxima then R*GB sums, all log2-domain) and write the output (DIRECT) or this
-// chunk's partial output and log2-sum-exp.  Callers __syncthreads() before.
+// chunk's partial output and log2-sum-exp (then, with counters, the last chunk's block
+// merges all: finish_split).  Callers __syncthreads() before.
 template <typename TQ, int D, int GB, int R, int NT, bool DIRECT>
 __device__ __forceinline__ void combine_groups(const float* sm_acc, const float* sm_ml, int b,
                                                int hq, int h0, int c, int nchunk, TQ* out,
-                                               float* opart, float* lse) {
+                                               float* opart, float* lse, int* counters) {
   for (int idx = threadIdx.x; idx < GB * D; idx += NT) {
     const int g = idx / D, d = idx % D;
     float mx = -INFINITY;
@@ -153,6 +200,8 @@ __device__ __forceinline__ void combine_groups(const float* sm_acc, const float*
       if (d == 0) lse[(b * hq + h) * nchunk + c] = mx + log2f(lsum);
     }
   }
+  if (!DIRECT && counters)
+    finish_split<TQ, D, GB, NT>(opart, lse, counters, b, hq, h0, nchunk, out);
 }
 
 // Merge the R row groups of a block (sm_acc: R*GB*D floats, sm_ml: 2*R*GB floats) and
@@ -162,7 +211,7 @@ __device__ __forceinline__ void merge_rows(const float (&m)[GB], const float (&l
                                            const float (&acc)[GB][VEC], float* sm_acc,
                                            float* sm_ml, int rg, int lane, int b, int hq,
                                            int h0, int c, int nchunk, TQ* out, float* opart,
-                                           float* lse) {
+                                           float* lse, int* counters) {
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
 #pragma unroll
@@ -174,7 +223,7 @@ __device__ __forceinline__ void merge_rows(const float (&m)[GB], const float (&l
   }
   __syncthreads();
   combine_groups<TQ, D, GB, R, NT, DIRECT>(sm_acc, sm_ml, b, hq, h0, c, nchunk, out, opart,
-                                           lse);
+                                           lse, counters);
 }
 
 // What every variant computes before its loop.
@@ -235,14 +284,15 @@ template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS
           bool DIRECT>
 __device__ __forceinline__ void pooled_decode(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
-    const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse) {
+    const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
+    int* counters) {
   using S = BlockSetup<TQ, T, D, G, GB, HKV, NT>;
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0, "bad tiling");
   S st;
   if (!st.template init<BS>(lengths, nblk)) {  // an empty chunk of a short sequence
-    if (!DIRECT && (int)threadIdx.x < GB)
-      lse[(st.b * S::HQ + st.h0 + threadIdx.x) * st.nchunk + st.c] = -INFINITY;
+    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, st.b, S::HQ, st.h0, st.c,
+                                       st.nchunk, out);
     return;
   }
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
@@ -274,7 +324,8 @@ __device__ __forceinline__ void pooled_decode(
   __shared__ float sm_acc[R * GB * D];
   __shared__ float sm_ml[2 * R * GB];
   merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_ml, st.rg, st.lane, st.b,
-                                            S::HQ, st.h0, st.c, st.nchunk, out, opart, lse);
+                                            S::HQ, st.h0, st.c, st.nchunk, out, opart, lse,
+                                            counters);
 }
 
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
@@ -298,14 +349,14 @@ template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS
 __device__ __forceinline__ void pooled_decode_async(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
-    uint4* smem) {
+    int* counters, uint4* smem) {
   using S = BlockSetup<TQ, T, D, G, GB, HKV, NT>;
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0 && ST >= 2, "bad tiling");
   S st;
   if (!st.template init<BS>(lengths, nblk)) {
-    if (!DIRECT && (int)threadIdx.x < GB)
-      lse[(st.b * S::HQ + st.h0 + threadIdx.x) * st.nchunk + st.c] = -INFINITY;
+    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, st.b, S::HQ, st.h0, st.c,
+                                       st.nchunk, out);
     return;
   }
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
@@ -355,7 +406,7 @@ __device__ __forceinline__ void pooled_decode_async(
   float* sm_acc = reinterpret_cast<float*>(smem);
   merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_acc + R * GB * D, st.rg,
                                             st.lane, st.b, S::HQ, st.h0, st.c, st.nchunk,
-                                            out, opart, lse);
+                                            out, opart, lse, counters);
 }
 
 // Combine C chunk partials: out[bh, d] = sum_c 2^(lse_c - M) o_c[d] / sum_c 2^(lse_c - M).

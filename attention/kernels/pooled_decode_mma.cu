@@ -173,7 +173,7 @@ __device__ __forceinline__ void pooled_decode_mma(const T* q, const int* table,
                                                   const int* lengths, int nblk, int sb,
                                                   float qscale, const T* const* ktab,
                                                   const T* const* vtab, T* out, float* opart,
-                                                  float* lse, uint4* smem) {
+                                                  float* lse, int* counters, uint4* smem) {
   using M = MmaTile<T, D, GB>;
   constexpr int NW = NT / 32, HQ = HKV * G, NJ = M::NJ;
   static_assert(BS % 16 == 0 && G % GB == 0 && ST >= 2 && NT % 32 == 0, "bad tiling");
@@ -183,7 +183,7 @@ __device__ __forceinline__ void pooled_decode_mma(const T* q, const int* table,
   const int len = lengths[b], ppc = (nblk + nchunk - 1) / nchunk;
   const int tok_begin = c * ppc * BS, tok_end = min((c + 1) * ppc * BS, len);
   if (tok_begin >= tok_end) {  // an empty chunk of a short sequence
-    if (!DIRECT && tid < GB) lse[(b * HQ + h0 + tid) * nchunk + c] = -INFINITY;
+    empty_chunk<T, D, GB, NT, DIRECT>(opart, lse, counters, b, HQ, h0, c, nchunk, out);
     return;
   }
   unsigned qa[M::KS][4];
@@ -278,7 +278,7 @@ __device__ __forceinline__ void pooled_decode_mma(const T* q, const int* table,
   }
   __syncthreads();
   combine_groups<T, D, GB, NW, NT, DIRECT>(sm_acc, sm_ml, b, HQ, h0, c, nchunk, out, opart,
-                                           lse);
+                                           lse, counters);
 }
 
 }  // namespace slabserve

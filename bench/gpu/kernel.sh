@@ -10,12 +10,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python -c "import mlx.core as mx, mlx_lm, fastapi, uvicorn, httpx, prometheus_client; print('mlx', mx.__version__, mx.default_device())"
-NAT=${NATIVES:-async3,mma3}
+NAT=${NATIVES:-async3,async3u,mma3}
 for step in "$@"; do
   case $step in
     check)  # the float64 matrix, 8 shards in parallel
       for k in 0 1 2 3 4 5 6 7; do
-        timeout 400 python -m bench.cuda_kernel --check --natives mma3 --shard $k/8 \
+        timeout 400 python -m bench.cuda_kernel --check --natives ${CHECK_NATIVES:-mma3} --shard $k/8 \
           --out "$OUT/check$k" > "$OUT/check$k.log" 2>&1 &
       done
       wait
@@ -31,6 +31,10 @@ for step in "$@"; do
         --shapes 32/8/128/bf16,14/2/64/bf16,32/8/64/f32 --out "$OUT/shapes" \
         > "$OUT/shapes.log" 2>&1
       grep -v "^{" "$OUT/shapes.log" | tail -45 ;;
+    step)  # one decode step as the server runs it, per path (Llama-3.2-1B shape)
+      timeout 200 python -m bench.decode_step --embedded llama-3.2-1b:bfloat16 --batches 1,8,16 \
+        --contexts 4k,16k,32k --steps 10 --out "$OUT/decode_step" > "$OUT/decode_step.log" 2>&1
+      tail -12 "$OUT/decode_step.log" ;;
     smoke)  # our server and mlx_lm.server on a realistic shape, two cells
       timeout 400 python -m slabserve.cli loadtest --compare --configs auto,mlx_lm \
         --embedded qwen2.5-0.5b:bfloat16 --contexts 1k,4k --concurrency 1,8 --max-tokens 64 \
