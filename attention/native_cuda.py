@@ -165,15 +165,17 @@ class NativeCUDA(DecodeAttention):
     "async"), "async" (default; FMA products, cp.async stage ring) or "sync" (register
     loads); ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
-    kernel resets), instead of a second launch.  Subclasses for other backends override
-    ``threads``, ``kernel_file``, ``_device_reason``, ``_body`` and ``_compile``."""
+    kernel resets) instead of a second launch; correct on an H200 but no faster within
+    run-to-run noise, so off by default (docs/adr/0004-cuda-kernel.md).  Subclasses for
+    other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_body``
+    and ``_compile``."""
 
     name = "native"
     threads = THREADS
     kernel_file = KERNEL_FILE
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
-                 stages: int = 3, fused_merge: bool = True) -> None:
+                 stages: int = 3, fused_merge: bool = False) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         self.params = params

@@ -59,7 +59,7 @@ class NativeMetal(NativeCUDA):
     kernel_file = METAL_FILE
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
-        super().__init__(params, variant="sync", fused_merge=False)  # merge: its own launch
+        super().__init__(params, variant="sync")
         self._parts: dict[str, str] | None = None
 
     def _device_reason(self) -> str | None:

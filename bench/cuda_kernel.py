@@ -226,12 +226,12 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,mma3,async3u`` -> {name: NativeCUDA} (the digit: cp.async stages; a
-    trailing ``u``: unfused, the chunk merge as a second launch)."""
+    """``sync,async3,mma3,async3f`` -> {name: NativeCUDA} (the digit: cp.async stages; a
+    trailing ``f``: the chunk merge fused into the main launch)."""
     out = {}
     for name in spec.split(","):
-        base = name.removesuffix("u")
-        fused = base == name
+        base = name.removesuffix("f")
+        fused = base != name
         if base == "sync":
             out[name] = NativeCUDA(variant="sync", fused_merge=fused)
         else:

@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python -c "import mlx.core as mx, mlx_lm, fastapi, uvicorn, httpx, prometheus_client; print('mlx', mx.__version__, mx.default_device())"
-NAT=${NATIVES:-async3,async3u,mma3}
+NAT=${NATIVES:-async3,async3f,mma3}
 for step in "$@"; do
   case $step in
     check)  # the float64 matrix, 8 shards in parallel
