@@ -31,6 +31,14 @@ for step in "$@"; do
         --shapes 32/8/128/bf16,14/2/64/bf16,32/8/64/f32 --out "$OUT/shapes" \
         > "$OUT/shapes.log" 2>&1
       grep -v "^{" "$OUT/shapes.log" | tail -45 ;;
+    ncu)  # Nsight Compute on B=8 ctx 16k: the main kernel of each variant (after warm-up)
+      for v in async3 mma3; do
+        timeout 150 ncu --kernel-name regex:slabserve_pooled_split --launch-skip 2 \
+          --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section LaunchStats \
+          python -m bench.ncu_cell --natives $v > "$OUT/ncu-$v.txt" 2>&1
+        grep -E "Duration|Throughput|Achieved Occupancy|Registers|Stall|Issued|Warp Cycles|L2 Hit|Block Limit|Waves" "$OUT/ncu-$v.txt" | head -40
+      done ;;
     step)  # one decode step as the server runs it, per path (Llama-3.2-1B shape)
       timeout 200 python -m bench.decode_step --embedded llama-3.2-1b:bfloat16 --batches 1,8,16 \
         --contexts 4k,16k,32k --steps 10 --out "$OUT/decode_step" > "$OUT/decode_step.log" 2>&1

@@ -1,0 +1,39 @@
+"""One native-kernel cell for Nsight Compute (``ncu``): a few launches, nothing else.
+
+``ncu --kernel-name regex:slabserve_pooled --launch-skip 2 --launch-count 1 --section
+SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis
+python -m bench.ncu_cell --natives async3,mma3 --batch 8 --ctx 16384``
+(bench/gpu/kernel.sh ``ncu`` runs it).  Each native runs ``--reps`` times on the same
+shuffled multi-slab pool (32/8/64 fp16, block 16) as the per-layer table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import mlx.core as mx
+
+from bench.cuda_kernel import make_case, make_natives
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ncu_cell")
+    ap.add_argument("--natives", default="async3")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=4)
+    a = ap.parse_args(argv)
+    pool, batch, q = make_case([a.ctx] * a.batch, 32, 8, 64, 16, mx.float16, 4096)
+    scale = 1.0 / math.sqrt(64)
+    for name, nat in make_natives(a.natives).items():
+        assert nat.decline(q, pool, batch) is None
+        for _ in range(a.reps):
+            mx.eval(nat(q, pool, 0, batch, scale))
+        mx.synchronize()
+        print(f"{name}: {a.reps} launches done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
