@@ -29,6 +29,7 @@ from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
 from attention.gather import gather_kv
 from kvcache.pool import PoolGeometry, SlabPool
 
+COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 VARIANTS = ("mma", "async", "sync")
@@ -173,6 +174,7 @@ class NativeCUDA(DecodeAttention):
     name = "native"
     threads = THREADS
     kernel_file = KERNEL_FILE
+    common_files: tuple[Path, ...] = (COMMON_FILE,)
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
                  stages: int = 3, fused_merge: bool = False) -> None:
@@ -357,7 +359,8 @@ class NativeCUDA(DecodeAttention):
 
     def _header(self, variant: str) -> str:
         if variant not in self._headers:
-            files = [self.kernel_file] + ([MMA_FILE] if variant == "mma" else [])
+            files = [*self.common_files, self.kernel_file]
+            files += [MMA_FILE] if variant == "mma" else []
             self._headers[variant] = "\n".join(f.read_text() for f in files)
         return self._headers[variant]
 

@@ -57,6 +57,7 @@ class NativeMetal(NativeCUDA):
 
     threads = METAL_THREADS
     kernel_file = METAL_FILE
+    common_files = ()
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
         super().__init__(params, variant="sync")

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from attention.native_cuda import (
+    COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,
     MMA_FILE,
@@ -68,7 +69,8 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
     v = case_variant(variant, mdt, mdt)
-    header = KERNEL_FILE.read_text() + ("\n" + MMA_FILE.read_text() if v == "mma" else "")
+    files = [COMMON_FILE, KERNEL_FILE] + ([MMA_FILE] if v == "mma" else [])
+    header = "\n".join(f.read_text() for f in files)
     grp = hq // hkv
     gb = group_block(grp, 16 if v == "mma" else 8)
     t = CTYPE[dt]
