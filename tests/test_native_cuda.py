@@ -228,7 +228,7 @@ def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_g
     assert main["template"]["GB"] == want_gb
     assert main["grid"] == (hkv * (hq // hkv // want_gb) * 128, 2, 2)
     header = main["spec"]["header"]
-    assert ("pooled_decode_mma" in header) == (want_variant == "mma")
+    assert ("struct MmaTile" in header) == (want_variant == "mma")
     assert f"pooled_decode_{'mma' if want_variant == 'mma' else 'async'}<" in main["spec"][
         "source"]
     # the plan's residency follows the variant's shared memory (48 KiB: 4 blocks per SM)
