@@ -6,6 +6,7 @@ Reference labels: ``auto`` is ours as shipped, ``native`` / ``gather`` the force
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -78,7 +79,36 @@ def goal_checks(results: Sequence[RunResult]) -> list[str]:
             r = _ratio(ours["output_tok_s"], best)
             lines.append(f"ctx {ctx} conc {conc}: auto/best forced tok/s = {fmt(r, 2)} "
                          f"(goal >= {AUTO_TOLERANCE}) {_verdict(r >= AUTO_TOLERANCE, r)}")
+            lines += _choice_check(ctx, conc, ours, by, best)
     return lines
+
+
+def dominant_path(r: dict, share: float = 0.99) -> str | None:
+    """The path a run's decisions took at least ``share`` of the time, from its
+    ``path_counts`` (``{"native:reason": n}``), else None."""
+    try:
+        counts = json.loads(r.get("path_counts") or "{}")
+    except ValueError:
+        return None
+    by_path: dict[str, float] = {}
+    for key, n in counts.items():
+        by_path[key.split(":", 1)[0]] = by_path.get(key.split(":", 1)[0], 0.0) + n
+    total = sum(by_path.values())
+    top = max(by_path, key=by_path.get) if total else None
+    return top if top and by_path[top] >= share * total else None
+
+
+def _choice_check(ctx: int, conc: int, ours: dict, by: dict, best: float) -> list[str]:
+    """When auto ran one forced path's code throughout, auto vs that forced run is
+    run-to-run variation between two server processes; what auto decided is whether that
+    path was the faster one: its forced run's tok/s against the best forced run's."""
+    p = dominant_path(ours)
+    if p not in FORCED or p not in by:
+        return []
+    r = _ratio(by[p]["output_tok_s"], best)
+    return [f"ctx {ctx} conc {conc}: auto ran {p} throughout (same code as forced {p}); "
+            f"forced {p}/best forced tok/s = {fmt(r, 2)} (goal >= {AUTO_TOLERANCE}) "
+            f"{_verdict(r >= AUTO_TOLERANCE, r)}"]
 
 
 def path_checks(results: Sequence[RunResult]) -> list[str]:

@@ -174,6 +174,7 @@ def test_goal_checks_and_tables():
     assert any("conc 8: auto/best forced" in x and x.endswith("FAIL") for x in lines)
     assert any("conc 1: auto/mlx_lm TTFT" in x and "0.50" in x and x.endswith("PASS")
                for x in lines)
+    assert not any("throughout" in x for x in lines)  # no path trace: no choice check
     table = comparison_markdown(results, ["auto", "native", "gather", "mlx_lm"])
     assert table.count("\n") == 4  # header, rule, two cells
     assert runs_markdown(results).count("| auto |") == 2
@@ -253,3 +254,30 @@ def test_grid_requests_per_concurrency_and_distinct_prompts():
     prompts = build_prompts(g, char_tokenizer())
     flat = [p for ps in prompts.values() for p in ps]
     assert len(flat) == len(set(flat)) == 2 * (5 + 5 + 9)
+
+
+def test_choice_check_when_auto_ran_one_forced_path():
+    from loadtest.compare import dominant_path
+
+    tr = path_delta(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
+    base = [_result("native", 8, 1.9, 0.2), _result("gather", 8, 2.2, 0.2)]
+    only_native = {"native:rule:x": 50.0}
+    auto = _result("auto", 8, 2.0, 0.2)
+    auto = RunResult(auto.label, auto.spec, auto.summary, _trace(only_native), auto.records)
+    lines = goal_checks([auto, *base])
+    choice = [x for x in lines if "throughout" in x]
+    # auto ran native, but forced gather was faster: the choice fails (1.9 / 2.2 = 0.86)
+    assert len(choice) == 1 and "auto ran native" in choice[0] and choice[0].endswith("FAIL")
+    mixed = RunResult("auto", auto.spec, auto.summary, tr, auto.records)  # 80% / 20%
+    assert not any("throughout" in x for x in goal_checks([mixed, *base]))
+    assert dominant_path({"path_counts": '{"gather:a": 99.5, "native:b": 0.5}'}) == "gather"
+    assert dominant_path({"path_counts": ""}) is None
+
+
+def _trace(by_reason: dict):
+    from loadtest.traces import PathTrace
+
+    by_path: dict = {}
+    for k, v in by_reason.items():
+        by_path[k.split(":", 1)[0]] = by_path.get(k.split(":", 1)[0], 0.0) + v
+    return PathTrace(by_path, by_reason)
