@@ -26,6 +26,7 @@ configs = st.fixed_dictionaries(dict(
     max_running=st.integers(1, 8),
     max_queued=st.integers(0, 12),
     watermark_blocks=st.sampled_from([0, 0, 0, 1, 2]),
+    prefill_align=st.sampled_from([1, 1, 2, 3, 4]),
 ))
 
 
