@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     cells = [(int(b), int(c)) for b in a.batches.split(",") for c in a.ctxs.split(",")]
     if a.sweep:
         sw = [1, 2, 4, 8, 16, 32, 64]
-        result["sweep"] = table(cells, a.layers, make_natives(a.natives), sweep=sw)
+        result["sweep"] = {shape: table(cells, a.layers, make_natives(a.natives), sweep=sw,
+                                        shape=shape) for shape in a.shapes.split(",")}
     if a.table:
         natives = make_natives(a.natives)
         result["table"] = {}
