@@ -32,7 +32,9 @@ from kvcache.pool import PoolGeometry, SlabPool
 COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
-VARIANTS = ("mma", "async", "sync")
+VARIANTS = ("auto", "mma", "async", "sync")
+MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
+MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 HEAD_DIMS = (64, 128)
@@ -68,10 +70,16 @@ def group_block(g: int, cap: int = MAX_GROUP) -> int:
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
-def case_variant(variant: str, q_dtype, pool_dtype) -> str:
-    """The variant that runs a case: "mma" needs a float16/bfloat16 pool and a query of the
-    same dtype, else the "async" FMA variant takes it."""
-    if variant == "mma" and not (pool_dtype in MMA_DTYPES and q_dtype == pool_dtype):
+def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1) -> str:
+    """The variant that runs a case.  "mma" needs a float16/bfloat16 pool and a query of the
+    same dtype, else the "async" FMA variant takes it.  "auto" picks "mma" where that holds
+    and the kv group has at least MMA_MIN_GROUP q heads, else "async": on an H200 (chunk
+    sweep, docs/benchmarks/cuda-attention.md) mma was 15-32% faster at 7 q heads per kv
+    head (Qwen2.5-0.5B's 14/2) and 5-20% slower at 4 (32/8); 5 is unmeasured."""
+    mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
+    if variant == "auto":
+        return "mma" if mma_ok and group >= MMA_MIN_GROUP else "async"
+    if variant == "mma" and not mma_ok:
         return "async"
     return variant
 
@@ -162,8 +170,9 @@ MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);
 class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
 
-    ``variant``: "mma" (tensor-core products for float16/bfloat16; other dtypes go to
-    "async"), "async" (default; FMA products, cp.async stage ring) or "sync" (register
+    ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
+    head, else "async"), "mma" (tensor-core products for float16/bfloat16; other dtypes
+    go to "async"), "async" (FMA products, cp.async stage ring) or "sync" (register
     loads); ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
     kernel resets) instead of a second launch; correct on an H200 but no faster within
@@ -176,7 +185,7 @@ class NativeCUDA(DecodeAttention):
     kernel_file = KERNEL_FILE
     common_files: tuple[Path, ...] = (COMMON_FILE,)
 
-    def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "async",
+    def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  stages: int = 3, fused_merge: bool = False) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
@@ -261,8 +270,8 @@ class NativeCUDA(DecodeAttention):
 
     def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
         """(variant, q heads per GPU block) for a case."""
-        variant = case_variant(self.variant, q.dtype, g.dtype)
         grp = q.shape[1] // g.kv_heads
+        variant = case_variant(self.variant, q.dtype, g.dtype, grp)
         return variant, group_block(grp, MMA_MAX_GROUP if variant == "mma" else MAX_GROUP)
 
     def _head_blocks(self, q: mx.array, g: PoolGeometry) -> int:
@@ -270,13 +279,17 @@ class NativeCUDA(DecodeAttention):
         return g.kv_heads * (grp // self._case(q, g)[1])
 
     def _plan_params(self, q: mx.array, g: PoolGeometry) -> PlanParams:
-        """The tensor-core variant's residency follows from its shared memory."""
+        """The tensor-core variant's residency follows from its shared memory, and its
+        chunks stay at least MMA_MIN_CHUNK_TOKENS long (the sweep's best chunk counts for
+        14/2 heads at B 4-16, ctx 16-32k)."""
         variant, gb = self._case(q, g)
         if variant != "mma":
             return self.params
         smem = smem_bytes("mma", g.dtype.size, g.head_dim, gb, 0, self.stages, self.threads)
         per_sm = max(1, min(4, SM_SMEM // (smem + 1024)))
-        return replace(self.params, blocks_per_sm=float(per_sm))
+        return replace(self.params, blocks_per_sm=float(per_sm),
+                       min_chunk_tokens=max(self.params.min_chunk_tokens,
+                                            MMA_MIN_CHUNK_TOKENS))
 
     def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps)."""

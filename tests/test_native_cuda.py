@@ -297,3 +297,27 @@ def test_slab_inputs_fixed_for_a_growing_pool():
     big.grow(40)
     assert pool_slab_inputs(big) == 64  # past the cap: buckets as before
     assert pool_slab_inputs(SlabPool(g, initial_slabs=3)) == 4  # size unknown
+
+
+@pytest.mark.parametrize(
+    "dt, qdt, hq, hkv, want",
+    [
+        (mx.float16, mx.float16, 32, 8, "async"),  # 4 q heads per kv head: FMA measured faster
+        (mx.bfloat16, mx.bfloat16, 14, 2, "mma"),  # 7: tensor cores measured faster
+        (mx.float16, mx.float16, 64, 4, "mma"),
+        (mx.float32, mx.float32, 14, 2, "async"),  # no f32 tensor-core path
+        (mx.float16, mx.float32, 14, 2, "async"),  # mixed dtypes
+    ],
+)
+def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
+    from bench.cuda_kernel import make_case
+
+    pool, batch, q = make_case((300, 2000), hq, hkv, 64, 16, dt, 64)
+    q = q.astype(qdt)
+    nat = NativeCUDA()
+    assert nat.variant == "auto" and nat._case(q, pool.geom)[0] == want
+    params = nat._plan_params(q, pool.geom)
+    assert params.min_chunk_tokens == (1024 if want == "mma" else 256)
+    # B=8 at 16k with 14/2 heads: the mma plan keeps chunks >= 1024 tokens (16 chunks)
+    if want == "mma" and hq == 14:
+        assert plan_chunks(8, 16384, nat._head_blocks(q, pool.geom), 1024, params) == 16
