@@ -33,7 +33,10 @@ class SchedulerConfig:
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:
         """Defaults for a CPU or a GPU; keyword arguments that are not None override."""
-        base = (dict(max_step_tokens=4096, prefill_chunk=2048, prefill_align=256) if gpu
+        # GPU: room for two whole chunks besides up to max_running decodes, so decodes never
+        # shave a chunk and shift every later chunk of that prompt to new shapes.
+        base = (dict(max_step_tokens=2 * 2048 + cls.max_running, prefill_chunk=2048,
+                     prefill_align=256) if gpu
                 else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

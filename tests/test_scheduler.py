@@ -243,8 +243,32 @@ def test_device_defaults():
 
     cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
     assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
-    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4096, 2048, 256)
+    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4160, 2048, 256)
     assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=None).prefill_chunk \
         == 512
     with pytest.raises(ValueError):
         SchedulerConfig(prefill_align=0)
+
+
+def test_gpu_defaults_keep_chunks_whole_beside_decodes():
+    """Eight streams decode while two long prompts prefill: every non-final chunk is a whole
+    prefill_chunk, so chunk starts (and attention shapes) repeat across prompts."""
+    from scheduler.config import SchedulerConfig
+
+    gpu = SchedulerConfig.for_device(True)
+    cfg = {k: getattr(gpu, k) for k in ("max_step_tokens", "prefill_chunk", "prefill_align")}
+    s, ex = make(num_blocks=4096, block_size=16, **cfg)
+    for i in range(8):
+        s.add(req(f"d{i}", 3, max_tokens=200))
+    step(s, ex)
+    s.add(req("p0", 9000, max_tokens=2))
+    s.add(req("p1", 9000, max_tokens=2))
+    starts: dict[str, list[tuple[int, int]]] = {"p0": [], "p1": []}
+    for _ in range(12):
+        plan, _ = step(s, ex)
+        assert len(plan.decodes) >= 1
+        for c in plan.prefills:
+            starts[c.request_id].append((c.start, len(c.tokens)))
+    for rid, chunks in starts.items():
+        assert [st for st, _ in chunks] == [0, 2048, 4096, 6144, 8192], rid
+        assert [n for _, n in chunks[:-1]] == [2048] * 4
