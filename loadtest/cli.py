@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(e.g. 4,4,8); default max(4, 2 x concurrency)")
     load.add_argument("--duration", type=float, default=120.0,
                       help="seconds per run after which no new request starts")
-    load.add_argument("--warmup", type=int, default=1, help="warm-up requests per run")
+    load.add_argument("--warmup", type=int, default=None,
+                      help="warm-up requests per run (default: the run's concurrency, sent "
+                           "concurrently, so batched shapes are warm before measuring)")
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     load.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,

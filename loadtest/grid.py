@@ -18,14 +18,16 @@ from loadtest.servers import ManagedServer, ServerConfig
 @dataclass(frozen=True)
 class GridSpec:
     """Contexts x concurrency levels.  ``requests``: measured requests per run, one number
-    for every run or one per concurrency level (None: max(4, 2 x concurrency))."""
+    for every run or one per concurrency level (None: max(4, 2 x concurrency)).
+    ``warmup``: warm-up requests per run (None: the run's concurrency, one concurrent
+    round, so batched shapes are compiled before measuring, for every server alike)."""
 
     contexts: tuple[int, ...]
     concurrency: tuple[int, ...]
     max_tokens: int
     requests: tuple[int, ...] | None = None
     duration_s: float = 120.0
-    warmup: int = 1
+    warmup: int | None = None
     timeout_s: float = 600.0
     seed: int = 0
 
@@ -41,7 +43,7 @@ class GridSpec:
 
     def specs(self) -> list[RunSpec]:
         return [RunSpec(ctx, c, self.max_tokens, self.requests_for(i), self.duration_s,
-                        self.warmup, self.timeout_s)
+                        c if self.warmup is None else self.warmup, self.timeout_s)
                 for ctx in self.contexts for i, c in enumerate(self.concurrency)]
 
 

@@ -253,7 +253,11 @@ def test_grid_requests_per_concurrency_and_distinct_prompts():
         GridSpec((64,), (1, 4, 8), 8, requests=(4, 4))
     prompts = build_prompts(g, char_tokenizer())
     flat = [p for ps in prompts.values() for p in ps]
-    assert len(flat) == len(set(flat)) == 2 * (5 + 5 + 9)
+    # default warm-up: one concurrent round per run (1, 4, 8 requests)
+    assert [s.warmup for s in g.specs()][:3] == [1, 4, 8]
+    assert len(flat) == len(set(flat)) == 2 * ((4 + 1) + (4 + 4) + (8 + 8))
+    fixed = GridSpec((64,), (1, 8), 8, warmup=2)
+    assert [s.warmup for s in fixed.specs()] == [2, 2]
 
 
 def test_choice_check_when_auto_ran_one_forced_path():
