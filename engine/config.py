@@ -34,10 +34,15 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """Model runner: prefill chunk size (tokens per forward of one sequence)."""
+    """Model runner: prefill chunk size (tokens per forward of one sequence), and the
+    prefill attention shape bucket in tokens (0 = exact shapes; None =
+    ``SLABSERVE_PREFILL_KV_BUCKET``; see attention/prefill.py)."""
 
     prefill_chunk: int = 512
+    prefill_kv_bucket: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefill_chunk <= 0:
             raise ValueError("prefill_chunk must be positive")
+        if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:
+            raise ValueError("prefill_kv_bucket must be >= 0")

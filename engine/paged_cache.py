@@ -26,6 +26,7 @@ class ForwardContext:
     sequence's first new position (batched decode: per-sequence RoPE offsets).
     ``decode`` is set for a decode forward; ``prefix`` for a prefill chunk that has
     cached tokens before it (None when the chunk starts at position 0).
+    ``prefill_bucket``: shape bucket of prefill attention (None = process default).
     """
 
     pool: SlabPool
@@ -33,6 +34,7 @@ class ForwardContext:
     offset: int | mx.array
     decode: DecodeBatch | None = None
     prefix: DecodeBatch | None = None
+    prefill_bucket: int | None = None
 
 
 class PagedLayerCache:
@@ -69,4 +71,5 @@ class PagedLayerCache:
         ctx = self.ctx
         if ctx.decode is not None:
             return decode_attention(queries, ctx.pool, self.layer, ctx.decode, scale)
-        return prefill_attention(queries, keys, values, ctx.pool, self.layer, ctx.prefix, scale)
+        return prefill_attention(queries, keys, values, ctx.pool, self.layer, ctx.prefix, scale,
+                                 bucket=ctx.prefill_bucket)

@@ -73,8 +73,11 @@ def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache_cfg: CacheConfig) -> None:
+    def __init__(
+        self, model: nn.Module, cache_cfg: CacheConfig, prefill_kv_bucket: int | None = None
+    ) -> None:
         self.model = model
+        self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
         self.model_type = getattr(getattr(model, "args", None), "model_type", "")
         patch.install(model)
         kvh, head_dim, dtype = probe_geometry(model)
@@ -122,7 +125,8 @@ class ModelRunner:
             nblk = blocks_needed(n, self.geom.block_size)
             prefix = DecodeBatch(self.geom, [seq.blocks[:nblk]], [n])
         writes = WritePlan(self.geom, self._slots(seq))
-        ctx = ForwardContext(self.pool, writes, seq.start, None, prefix)
+        ctx = ForwardContext(self.pool, writes, seq.start, None, prefix,
+                             self.prefill_kv_bucket)
         rows = slice(-1, None) if seq.want_logits else None
         logits = self._run(mx.array([seq.tokens]), ctx, rows)
         return None if logits is None else logits[0, -1]

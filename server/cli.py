@@ -80,6 +80,10 @@ def parser() -> argparse.ArgumentParser:
                    help="cut non-final prefill chunks to a multiple of this (default 1 on "
                         "CPU, 256 on a GPU: repeated shapes reuse CUDA attention graphs)")
     g.add_argument("--max-context", type=int, default=None)
+    g.add_argument("--prefill-kv-bucket", type=int, default=None,
+                   help="pad prefill attention's kv length to a multiple of this many tokens "
+                        "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET "
+                        "or 0")
     g.add_argument("--watermark-blocks", type=int, default=1)
     return p
 
@@ -111,7 +115,8 @@ def configs(args: argparse.Namespace):
         prefill_align=args.prefill_align, max_context=args.max_context,
         watermark_blocks=args.watermark_blocks)
     engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
-                          runner=RunnerConfig(prefill_chunk=sched.prefill_chunk),
+                          runner=RunnerConfig(prefill_chunk=sched.prefill_chunk,
+                                              prefill_kv_bucket=args.prefill_kv_bucket),
                           scheduler=sched, cache_limit_bytes=args.cache_limit,
                           served_name=args.served_model_name)
     return server, engine

@@ -133,3 +133,21 @@ def test_runner_bucketed_is_token_exact_with_mlx_lm(model_root):
         pf.set_kv_bucket(old)
     assert got == want
     assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
+    # the same through the runner's own setting (RunnerConfig / --prefill-kv-bucket)
+    calls: list = []
+    real = pf.prefill_attention
+
+    def spy(*a, **kw):
+        calls.append(kw.get("bucket"))
+        return real(*a, **kw)
+
+    import engine.paged_cache as pc
+
+    pc_old, pc.prefill_attention = pc.prefill_attention, spy
+    try:
+        configured = ModelRunner(model, CacheConfig(block_size=4, slab_tokens=16,
+                                                    kv_budget_bytes=1 << 24), 24)
+        assert greedy_generate(configured, prompts, 12, chunk=9) == want
+    finally:
+        pc.prefill_attention = pc_old
+    assert calls and set(calls) == {24}
