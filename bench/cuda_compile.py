@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from attention.native_cuda import (
+from attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,

@@ -10,14 +10,14 @@ import pytest
 
 from attention import cuda_plan
 from attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
-from attention.native_cuda import (
-    NativeCUDA,
+from attention.cuda_source import (
     group_block,
     kernel_body,
     shape_decline,
     slab_bucket,
     unit_tokens,
 )
+from attention.native_cuda import NativeCUDA
 from kvcache.pool import PoolGeometry
 
 HAS_CUDA = mx.cuda.is_available()
@@ -282,7 +282,7 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
 
 
 def test_slab_inputs_fixed_for_a_growing_pool():
-    from attention.native_cuda import FIXED_SLAB_INPUTS, pool_slab_inputs
+    from attention.cuda_source import FIXED_SLAB_INPUTS, pool_slab_inputs
     from kvcache.pool import SlabPool
 
     g = _geom(head_dim=64, slab_blocks=2)

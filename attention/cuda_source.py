@@ -1,0 +1,150 @@
+"""CUDA kernel sources and per-case choices for the native pooled decode path: which
+variant and how many q heads per GPU block a case gets, the kernel body for ``ns`` slab
+inputs, shared-memory sizes, shape declines.  Pure functions of shapes and dtypes: no device
+use, so they are tested everywhere (attention/native_cuda.py launches them)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+
+from kvcache.pool import PoolGeometry, SlabPool
+
+COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
+KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
+MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
+VARIANTS = ("auto", "mma", "async", "sync")
+MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
+MMA_MIN_CHUNK_TOKENS = 1024
+MMA_DTYPES = (mx.float16, mx.bfloat16)
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16, 32, 64)
+MAX_SLABS = 512
+THREADS = 128
+MAX_GROUP = 8
+MMA_MAX_GROUP = 16  # the M rows of one m16n8k16 tile
+SM_SMEM = 232448  # bytes of shared memory per multiprocessor on H100/H200 (227 KiB)
+LOG2E = 1.4426950408889634
+
+
+def slab_bucket(n: int) -> int:
+    """Slab-count bucket: the power of two at or above ``n``."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+FIXED_SLAB_INPUTS = 32  # beyond this, per-call input lists cost more than a recompile
+
+
+def pool_slab_inputs(pool: SlabPool) -> int:
+    """Slab inputs of the kernel for ``pool``: the bucket of its current size, but at least
+    the bucket of the most slabs it will hold (``pool.max_slabs``, capped at
+    FIXED_SLAB_INPUTS), so a pool that grows compiles once: an H200 load test recompiled
+    at every bucket the pool grew through, stalling every stream for seconds."""
+    cap = min(slab_bucket(pool.max_slabs or 1), FIXED_SLAB_INPUTS)
+    return max(slab_bucket(pool.num_slabs), cap)
+
+
+def group_block(g: int, cap: int = MAX_GROUP) -> int:
+    """q heads per GPU block: the largest divisor of the GQA ratio ``g`` up to ``cap``
+    (8 for the FMA variants, 16 for the tensor-core variant)."""
+    return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
+
+
+def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1) -> str:
+    """The variant that runs a case.  "mma" needs a float16/bfloat16 pool and a query of the
+    same dtype, else the "async" FMA variant takes it.  "auto" picks "mma" where that holds
+    and the kv group has at least MMA_MIN_GROUP q heads, else "async": on an H200 (chunk
+    sweep, docs/benchmarks/cuda-attention.md) mma was 15-32% faster at 7 q heads per kv
+    head (Qwen2.5-0.5B's 14/2) and 5-20% slower at 4 (32/8); 5 is unmeasured."""
+    mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
+    if variant == "auto":
+        return "mma" if mma_ok and group >= MMA_MIN_GROUP else "async"
+    if variant == "mma" and not mma_ok:
+        return "async"
+    return variant
+
+
+def unit_tokens(gb: int, variant: str = "sync") -> int:
+    """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
+    variant keeps several units in flight through shared memory instead)."""
+    if variant == "async":
+        return 4
+    return 8 if gb <= 4 else 4
+
+
+def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str | None:
+    """Why the kernel cannot take this shape or dtype, or ``None``.  Pure: no device use."""
+    if len(q_shape) != 4 or q_shape[2] != 1:
+        return f"q must be [B, q_heads, 1, head_dim], got {tuple(q_shape)}"
+    if q_shape[3] != geom.head_dim:
+        return f"q head_dim {q_shape[3]} != pool head_dim {geom.head_dim}"
+    if geom.head_dim not in HEAD_DIMS:
+        return f"head_dim {geom.head_dim} unsupported (only {HEAD_DIMS})"
+    if geom.block_size not in BLOCK_SIZES:
+        return f"block_size {geom.block_size} unsupported (only {BLOCK_SIZES})"
+    if geom.dtype not in DTYPES:
+        return f"pool dtype {geom.dtype} unsupported (float16, bfloat16, float32)"
+    if q_dtype not in DTYPES:
+        return f"q dtype {q_dtype} unsupported (float16, bfloat16, float32)"
+    if q_shape[1] % geom.kv_heads:
+        return f"q_heads {q_shape[1]} not a multiple of kv_heads {geom.kv_heads}"
+    if num_slabs < 1:
+        return "pool has no slabs"
+    if num_slabs > MAX_SLABS:
+        return f"{num_slabs} slabs exceed the kernel's {MAX_SLABS}-slab limit"
+    return None
+
+
+KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT flag)
+    "direct": ("out, nullptr, nullptr, nullptr", "true"),  # one chunk: writes out
+    "split": ("nullptr, opart, lse, nullptr", "false"),  # partials; a merge launch follows
+    "fused": ("out, opart, lse, const_cast<int*>(counters)", "false"),  # last chunk merges
+}
+
+
+def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
+    """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
+    KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
+    dynamic shared memory) or "sync" (register loads)."""
+    fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
+    outs, flag = KIND_OUTPUTS[kind]
+    if variant == "mma":
+        head = "  extern __shared__ uint4 slabserve_smem[];\n"
+        call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
+        tail = ", slabserve_smem"
+    elif variant == "async":
+        head = "  extern __shared__ uint4 slabserve_smem[];\n"
+        call = f"pooled_decode_async<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
+        tail = ", slabserve_smem"
+    else:
+        head, call, tail = "", f"pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>", ""
+    return f"""{head}
+  __shared__ const T* ktab[NS];
+  __shared__ const T* vtab[NS];
+  if (threadIdx.x == 0) {{
+{fill}
+  }}
+  __syncthreads();
+  ::slabserve::{call}(
+      q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), qscale[0] * {LOG2E}f,
+      ktab, vtab, {outs}{tail});
+"""
+
+
+def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int,
+               threads: int = THREADS) -> int:
+    """Dynamic shared memory of the async and mma variants: the stage ring, reused by the
+    merge."""
+    if variant == "mma":
+        warps = threads // 32
+        return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
+    if variant != "async":
+        return 0
+    rows = threads // (d * dtype_size // 16)
+    return max(stages * 2 * unit * threads * 16, (rows * gb * d + 2 * rows * gb) * 4)
+
+
+MERGE_BODY = "  ::slabserve::merge_chunks<TQ, D>(opart, lse, lse_shape[1], out);\n"
