@@ -1,14 +1,16 @@
 """Native pooled decode on CUDA: reads K/V pages in place through ``mx.fast.cuda_kernel``.
 
-Algorithm (attention/kernels/pooled_decode.cu, docs/adr/0004-cuda-kernel.md): one GPU block
-per (sequence, kv head, context chunk) covering all q heads of the kv group, 16-byte vector
+Algorithm (attention/kernels/*.cu, docs/adr/0004-cuda-kernel.md): one GPU block per
+(sequence, kv head, context chunk) covering all q heads of the kv group, 16-byte vector
 loads, fp32 accumulation with an exp2 online softmax, and a log-sum-exp merge pass when the
-host plan (attention/cuda_plan.py) splits the context into several chunks.
+host plan (attention/cuda_plan.py) splits the context into several chunks.  Products by FMA
+or, for float16/bfloat16 with >= 6 q heads per kv head, by tensor cores (variant "auto";
+choices and sources: attention/cuda_source.py).
 
 Any slab count without copying: every slab of the layer is a kernel input (the count is
-rounded up to a power of two, padded with slab 0, one compiled variant per bucket); the
-kernel puts the slab pointers in a shared-memory table and resolves block ``b`` to slab
-``b // slab_blocks``.
+the power-of-two bucket of the most slabs the pool will hold, capped at 32, padded with
+slab 0: one build for a growing pool); the kernel puts the slab pointers in a shared-memory
+table and resolves block ``b`` to slab ``b // slab_blocks``.
 
 Invariants: ``decline`` answers ``None`` only when the case's shape and dtypes are
 supported and a probe of exactly the variants ``__call__`` will launch compiled, ran and
