@@ -32,13 +32,17 @@ class SchedulerConfig:
 
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:
-        """Defaults for a CPU or a GPU; keyword arguments that are not None override."""
-        # GPU: room for two whole chunks besides up to max_running decodes, so decodes never
-        # shave a chunk and shift every later chunk of that prompt to new shapes.
-        base = (dict(max_step_tokens=2 * 2048 + cls.max_running, prefill_chunk=2048,
-                     prefill_align=256) if gpu
+        """Defaults for a CPU or a GPU; keyword arguments that are not None override.  On a
+        GPU an unset ``max_step_tokens`` is derived from the effective chunk and
+        ``max_running``: room for two whole chunks beside every decode, so decodes never
+        shave a chunk and shift every later chunk of that prompt to new shapes."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        base = (dict(prefill_chunk=2048, prefill_align=256) if gpu
                 else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        base.update(given)
+        if gpu and "max_step_tokens" not in given:
+            running = base.get("max_running", cls.max_running)
+            base["max_step_tokens"] = 2 * base["prefill_chunk"] + running
         return cls(**base)
 
     def __post_init__(self) -> None:

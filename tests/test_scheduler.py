@@ -246,6 +246,10 @@ def test_device_defaults():
     assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4160, 2048, 256)
     assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=None).prefill_chunk \
         == 512
+    # the GPU step follows the effective chunk and max_running unless given
+    assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=8).max_step_tokens \
+        == 2 * 512 + 8
+    assert SchedulerConfig.for_device(True, max_step_tokens=1000).max_step_tokens == 1000
     with pytest.raises(ValueError):
         SchedulerConfig(prefill_align=0)
 
