@@ -120,52 +120,118 @@ def _blas_env(env: dict[str, str]) -> dict[str, str]:
     return {"LD_PRELOAD": f"{library} {prior}".strip()}
 
 
-class ManagedServer:
-    """A server subprocess: ``with ManagedServer(cfg, model, log) as srv: srv.base_url``."""
+class ServerSubprocess:
+    """A server subprocess on a free loopback port, in its own session (process group),
+    its output in a log file: ``with Sub(...) as srv:`` starts it and waits until
+    ``is_ready``; leaving the block stops it (``stop``).
 
-    def __init__(self, cfg: ServerConfig, model_dir: Path, log_path: Path,
-                 ready_timeout_s: float = 300.0) -> None:
-        self.cfg = cfg
+    Subclasses set ``argv`` and ``env`` in ``__init__`` after calling ours, and may
+    override ``is_ready`` (one readiness probe), ``poll_s``, ``tail_lines``,
+    ``stop_grace_s`` and ``term_group`` (SIGTERM the whole group, or only the server
+    process so that its own shutdown is what is tested).  Escalation to SIGKILL always
+    ends the whole group."""
+
+    poll_s = 0.5
+    tail_lines = 30
+    term_group = True
+    stop_grace_s = 15.0
+
+    def __init__(self, name: str, log_path: Path, ready_timeout_s: float) -> None:
+        self.name = name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.argv, self.env = command(cfg, model_dir, self.port)
-        self.log_path = log_path
+        self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        self.argv: list[str] = []
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
-    def __enter__(self) -> ManagedServer:
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._log = log
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log,
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def is_ready(self) -> bool:
+        """One readiness probe: ``/health`` answers 200."""
+        return httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200
 
     def wait_ready(self) -> None:
-        """Poll ``/health`` (then ``/v1/models``) until 200; raise if the process dies or
-        the timeout passes, with the log's tail in the message."""
+        """Probe until ready; raise with the log's tail if the process exits or
+        ``ready_timeout_s`` passes."""
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cfg.label} exited ({self.proc.returncode}):\n"
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n"
                                    + self.log_tail())
-            for path in ("/health", "/v1/models"):
-                try:
-                    if httpx.get(self.base_url + path, timeout=2.0).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.cfg.label} not ready in {self.ready_timeout_s}s:\n"
+            try:
+                if self.is_ready():
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(self.poll_s)
+        raise TimeoutError(f"{self.name} not ready in {self.ready_timeout_s}s:\n"
                            + self.log_tail())
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM (the group, or the process: ``term_group``), SIGKILL the group after
+        ``grace_s`` (default ``stop_grace_s``); close the log."""
+        grace_s = self.stop_grace_s if grace_s is None else grace_s
+        if self.proc is not None and self.proc.poll() is None:
+            if self.term_group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int | None = None) -> str:
+        return "\n".join(self.log_text().splitlines()[-(n or self.tail_lines):])
+
+
+class ManagedServer(ServerSubprocess):
+    """A server for ``--compare``: ``with ManagedServer(cfg, model, log) as srv:
+    srv.base_url``; ready when ``/health`` or (mlx_lm.server) ``/v1/models`` answers."""
+
+    def __init__(self, cfg: ServerConfig, model_dir: Path, log_path: Path,
+                 ready_timeout_s: float = 300.0) -> None:
+        super().__init__(cfg.label, log_path, ready_timeout_s)
+        self.cfg = cfg
+        self.argv, self.env = command(cfg, model_dir, self.port)
+
+    def is_ready(self) -> bool:
+        for path in ("/health", "/v1/models"):
+            try:
+                if httpx.get(self.base_url + path, timeout=2.0).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        return False
 
     def model_id(self) -> str | None:
         """First id from ``/v1/models`` (None when unavailable)."""
@@ -174,23 +240,3 @@ class ManagedServer:
             return data["data"][0]["id"]
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace_s``."""
-        if self.proc is not None and self.proc.poll() is None:
-            pgid = os.getpgid(self.proc.pid)
-            os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None

@@ -13,15 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from loadtest.servers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from loadtest.servers import ROOT, ServerSubprocess
 
 
 @dataclass(frozen=True)
@@ -81,66 +78,39 @@ def read_rss_bytes(pid: int) -> int | None:
     return None
 
 
-class ServerProcess:
+class ServerProcess(ServerSubprocess):
     """``with ServerProcess(opts, log_path) as srv:`` a ready server at ``srv.url``.
 
     ``terminate()`` sends SIGTERM and waits for the exit status; leaving the block stops
-    the server if it still runs (SIGTERM, then SIGKILL of its group after ``kill_after_s``).
+    the server if it still runs (SIGTERM to the server process only, so its own drain is
+    what runs, then SIGKILL of its group after ``stop_grace_s``).
     """
+
+    poll_s = 0.2
+    tail_lines = 40
+    term_group = False
+    stop_grace_s = 20.0
 
     def __init__(self, opts: ServerOptions, log_path: Path, ready_timeout_s: float = 180.0,
                  env: dict[str, str] | None = None) -> None:
+        super().__init__("server", log_path, ready_timeout_s)
         self.opts = opts
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        self.ready_timeout_s = ready_timeout_s
+        self.url = self.base_url
         self.argv = [sys.executable, "-m", "slabserve.cli", "serve", "--host", "127.0.0.1",
                      "--port", str(self.port), *opts.argv()]
         self.env = dict(os.environ if env is None else env)
         path = self.env.get("PYTHONPATH")
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
-        self.proc: subprocess.Popen | None = None
-        self._log = None
 
     @property
     def pid(self) -> int:
         assert self.proc is not None, "not started"
         return self.proc.pid
 
-    def __enter__(self) -> ServerProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def wait_ready(self) -> None:
-        """Poll ``/health`` until it says ready; raise with the log's tail if the process
-        exits or ``ready_timeout_s`` passes."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2.0)
-                if r.status_code == 200 and r.json().get("ready", True):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {self.ready_timeout_s}s:\n{self.log_tail()}")
+    def is_ready(self) -> bool:
+        """``/health`` answers 200 and does not say ``ready: false``."""
+        r = httpx.get(self.url + "/health", timeout=2.0)
+        return r.status_code == 200 and r.json().get("ready", True)
 
     def rss_bytes(self) -> int | None:
         return read_rss_bytes(self.pid)
@@ -160,28 +130,4 @@ class ServerProcess:
         """SIGTERM the server process; its exit status, or None if it is still running
         after ``timeout_s`` (then it is left running for ``stop`` to kill)."""
         self.send_sigterm()
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, kill_after_s: float = 20.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(kill_after_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+        return self.wait_exit(timeout_s)
