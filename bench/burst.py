@@ -20,7 +20,7 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import _load
+from bench.step_overhead import load_runner
 from engine.build import assemble
 from scheduler.api import Request, SamplingParams
 from scheduler.config import SchedulerConfig
@@ -61,7 +61,7 @@ async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int
 
 
 async def _main(args) -> None:
-    runner, tok, name = _load(args)
+    runner, tok, name = load_runner(args)
     import mlx.core as mx
 
     cfg = SchedulerConfig.for_device(mx.default_device().type == mx.gpu,

@@ -150,7 +150,9 @@ def gil_probe(n: int = 1536, chain: int = 6, reps: int = 3) -> list[tuple[str, f
     return rows
 
 
-def _load(args):
+def load_runner(args):
+    """(ModelRunner, tokenizer, served name) for ``args.model`` / ``--dtype`` / ``--kv-gib``
+    (benchmarks that drive the engine in-process share it)."""
     from engine.loader import load
     from engine.runner import ModelRunner
     from slabserve.mlxmem import configure_memory
@@ -169,7 +171,7 @@ async def _main(args) -> None:
         for mode, total, gap in gil_probe():
             print(f"| {mode} | {total:.2f} | {1e3 * gap:.1f} |")
         return
-    runner, tok, name = _load(args)
+    runner, tok, name = load_runner(args)
     vocab = min(len(tok), 30_000)
     print(f"model {name} {args.dtype}, {runner.geom.num_layers} layers")
     if not args.skip_overhead:
