@@ -3,7 +3,8 @@
 ``ncu --kernel-name regex:slabserve_pooled --launch-skip 2 --launch-count 1 --section
 SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis
 python -m bench.ncu_cell --natives async3,mma3 --batch 8 --ctx 16384``
-(bench/gpu/kernel.sh ``ncu`` runs it).  Each native runs ``--reps`` times on the same
+(bench/gpu/kernel.sh ``ncu`` runs it; ``ncutime`` times every kernel at the GPU's own clocks
+with ``--sdpa``).  Each native runs ``--reps`` times on the same
 shuffled multi-slab pool (32/8/64 fp16, block 16) as the per-layer table.
 """
 
@@ -23,6 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--sdpa", action="store_true",
+                    help="then MLX SDPA on contiguous K/V of the same shape (the peer)")
     a = ap.parse_args(argv)
     pool, batch, q = make_case([a.ctx] * a.batch, 32, 8, 64, 16, mx.float16, 4096)
     scale = 1.0 / math.sqrt(64)
@@ -32,6 +35,14 @@ def main(argv=None) -> int:
             mx.eval(nat(q, pool, 0, batch, scale))
         mx.synchronize()
         print(f"{name}: {a.reps} launches done", flush=True)
+    if a.sdpa:
+        pool = None
+        k, v = (mx.random.normal((a.batch, 8, a.ctx, 64)).astype(mx.float16) for _ in "kv")
+        mx.eval(k, v)
+        for _ in range(a.reps):
+            mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+        mx.synchronize()
+        print(f"sdpa contig: {a.reps} launches done", flush=True)
     return 0
 
 

@@ -39,6 +39,15 @@ for step in "$@"; do
           python -m bench.ncu_cell --natives $v > "$OUT/ncu-$v.txt" 2>&1
         grep -E "Duration|Throughput|Achieved Occupancy|Registers|Stall|Issued|Warp Cycles|L2 Hit|Block Limit|Waves" "$OUT/ncu-$v.txt" | head -40
       done ;;
+    ncutime)  # every kernel's duration at the GPU's own clocks (no ncu clock locking)
+      for cell in "8 16384" "16 32768" "4 16384"; do
+        set -- $cell
+        timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+          python -m bench.ncu_cell --natives ${NCU_NATIVES:-async3,async3f,mma3} --sdpa \
+          --batch $1 --ctx $2 > "$OUT/ncut-$1-$2.csv" 2>&1
+        echo "== B=$1 ctx=$2 (us)"
+        python -m bench.ncu_times "$OUT/ncut-$1-$2.csv"
+      done ;;
     step)  # one decode step as the server runs it, per path (Llama-3.2-1B shape)
       timeout 200 python -m bench.decode_step --embedded llama-3.2-1b:bfloat16 --batches 1,8,16 \
         --contexts 4k,16k,32k --steps 10 --out "$OUT/decode_step" > "$OUT/decode_step.log" 2>&1
