@@ -19,7 +19,7 @@ def summarise(lines: list[str]) -> list[tuple[str, int, float]]:
             continue
         unit = row.get("Metric Unit", "")
         val = float(row["Metric Value"].replace(",", ""))
-        us = val / 1e3 if unit == "nsecond" else val * 1e3 if unit == "msecond" else val
+        us = val * {"ns": 1e-3, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(unit, 1.0)
         name = row["Kernel Name"].split("(")[0][:70]
         times.setdefault(name, []).append(us)
     return [(n, len(v), statistics.median(v)) for n, v in times.items()]

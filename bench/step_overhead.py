@@ -159,7 +159,7 @@ def load_runner(args):
 
     configure_memory(None)
     model, tok, _ = load(args.model, args.dtype)
-    cache = CacheConfig(block_size=16, slab_tokens=4096, kv_budget_bytes=args.kv_gib << 30)
+    cache = CacheConfig(block_size=16, kv_budget_bytes=args.kv_gib << 30)
     runner = ModelRunner(model, cache)
     return runner, tok, model_name(EngineConfig(model=args.model, dtype=args.dtype))
 

@@ -10,11 +10,12 @@ class CacheConfig:
     """KV cache shape and budget.
 
     ``kv_budget_bytes`` caps the pool (K and V, all layers); it grows a slab of
-    ``slab_tokens`` tokens at a time, starting at ``initial_slabs``.  ``dtype`` of None
-    uses the model's K/V dtype."""
+    ``slab_tokens`` tokens at a time, starting at ``initial_slabs``.  ``slab_tokens`` of
+    None: ``auto_slab_tokens`` (the budget in at most AUTO_MAX_SLABS slabs).  ``dtype`` of
+    None uses the model's K/V dtype."""
 
     block_size: int = 16
-    slab_tokens: int = 4096
+    slab_tokens: int | None = None
     kv_budget_bytes: int = 1 << 30
     initial_slabs: int = 1
     dtype: str | None = None
@@ -22,14 +23,30 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a positive power of two")
-        if self.slab_tokens < self.block_size or self.slab_tokens % self.block_size:
+        st = self.slab_tokens
+        if st is not None and (st < self.block_size or st % self.block_size):
             raise ValueError("slab_tokens must be a positive multiple of block_size")
         if self.kv_budget_bytes <= 0 or self.initial_slabs < 1:
             raise ValueError("kv_budget_bytes and initial_slabs must be positive")
 
-    @property
-    def slab_blocks(self) -> int:
-        return self.slab_tokens // self.block_size
+    def slab_blocks(self, token_bytes: int) -> int:
+        """Blocks per slab for a model whose K and V take ``token_bytes`` per token."""
+        tokens = self.slab_tokens or auto_slab_tokens(self.kv_budget_bytes, token_bytes)
+        return max(1, tokens // self.block_size)
+
+
+AUTO_MAX_SLABS = 32
+AUTO_MIN_SLAB_TOKENS = 4096
+
+
+def auto_slab_tokens(budget_bytes: int, token_bytes: int) -> int:
+    """Default slab size: the power of two of tokens, at least AUTO_MIN_SLAB_TOKENS, that
+    holds the whole budget in at most AUTO_MAX_SLABS slabs.  Every slab is an input of the
+    CUDA decode kernel, which is built once for up to 32 (attention/cuda_source.py), and
+    each slab a step touches costs a take or a scatter per layer: a GPU load test with
+    4096-token slabs grew past 32 slabs mid-run and stalled on a rebuild (docs/adr/0006)."""
+    need = -(-budget_bytes // (max(1, token_bytes) * AUTO_MAX_SLABS))
+    return max(AUTO_MIN_SLAB_TOKENS, 1 << max(0, need - 1).bit_length())
 
 
 @dataclass(frozen=True)

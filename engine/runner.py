@@ -84,14 +84,15 @@ class ModelRunner:
         num_layers = len(model.layers)
         if cache_cfg.dtype is not None:
             dtype = getattr(mx, cache_cfg.dtype)
+        slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size)
         self.geom = PoolGeometry(
-            num_layers, kvh, head_dim, cache_cfg.block_size, cache_cfg.slab_blocks, dtype
+            num_layers, kvh, head_dim, cache_cfg.block_size, slab_blocks, dtype
         )
         max_slabs = self.geom.slabs_for_budget(cache_cfg.kv_budget_bytes)
         self.pool = SlabPool(self.geom, max_slabs=max_slabs)
         self.allocator = BlockAllocator(
-            cache_cfg.slab_blocks,
-            max_slabs * cache_cfg.slab_blocks,
+            slab_blocks,
+            max_slabs * slab_blocks,
             initial_slabs=cache_cfg.initial_slabs,
             on_grow=self.pool.grow,
         )

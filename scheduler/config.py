@@ -33,13 +33,16 @@ class SchedulerConfig:
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:
         """Defaults for a CPU or a GPU; keyword arguments that are not None override.  On a
-        GPU an unset ``max_step_tokens`` is derived from the effective chunk and
-        ``max_running``: room for two whole chunks beside every decode, so decodes never
-        shave a chunk and shift every later chunk of that prompt to new shapes."""
+        GPU an unset ``prefill_align`` is the effective chunk (a prompt's chunks start at
+        multiples of it, so prefill shapes repeat across prompts) and an unset
+        ``max_step_tokens`` is derived from the chunk and ``max_running``: room for two
+        whole chunks beside every decode, so decodes never shave a chunk."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        base = (dict(prefill_chunk=2048, prefill_align=256) if gpu
+        base = (dict(prefill_chunk=2048) if gpu
                 else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
         base.update(given)
+        if gpu and "prefill_align" not in given:  # chunk starts at multiples of the chunk
+            base["prefill_align"] = base["prefill_chunk"]
         if gpu and "max_step_tokens" not in given:
             running = base.get("max_running", cls.max_running)
             base["max_step_tokens"] = 2 * base["prefill_chunk"] + running

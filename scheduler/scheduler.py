@@ -165,7 +165,7 @@ class Scheduler:
             if seq.num_pending <= 1 or seq.request_id in st.planned:
                 continue
             fit = (len(seq.blocks) + self.allocator.num_available) * self.block_size
-            n = self._chunk_len(seq, min(st.budget, fit - seq.num_computed))
+            n = self._chunk_len(seq, min(st.budget, fit - seq.num_computed), st)
             if n <= 0 or not self._reserve(seq, n):
                 continue
             st.add(self._chunk(seq, n))
@@ -175,7 +175,9 @@ class Scheduler:
             return  # blocks are short this step: admitting would only thrash
         while self.waiting and st.budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting[0]
-            n = self._chunk_len(seq, st.budget)
+            n = self._chunk_len(seq, st.budget, st)
+            if n <= 0:
+                return
             need = blocks_needed(n, self.block_size)
             reserve = self.cfg.watermark_blocks if self.running else 0
             if need + reserve > self.allocator.num_available:
@@ -187,13 +189,19 @@ class Scheduler:
                 raise AssertionError("allocator refused blocks it reported available")
             st.add(self._chunk(seq, n))
 
-    def _chunk_len(self, seq: Sequence, room: int) -> int:
+    def _chunk_len(self, seq: Sequence, room: int, st: _Planning) -> int:
         """Tokens of ``seq``'s next prefill chunk within ``room``: at most ``prefill_chunk``;
-        a chunk that is not the prompt's last is cut to a multiple of ``prefill_align``
-        unless that would leave nothing."""
+        a chunk that is not the prompt's last is cut to a multiple of ``prefill_align``.
+        Shorter than that it is 0 (the prompt waits a step) when another prompt already
+        prefills in this step: a sliver of left-over budget would shift every later chunk
+        start of the prompt off the alignment (on a GPU, each new prefill shape costs a
+        cuDNN graph build: docs/adr/0006).  With no other prefill it runs, so some prompt
+        always progresses."""
         n = min(seq.num_pending, room, self.cfg.prefill_chunk)
         if n < seq.num_pending and n >= self.cfg.prefill_align:
             n -= n % self.cfg.prefill_align
+        elif n < seq.num_pending and st.prefills:
+            return 0
         return n
 
     def _reserve(self, seq: Sequence, n: int) -> bool:

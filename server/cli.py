@@ -63,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
       "model at start-up (short grid), save and use the device profile")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--slab-tokens", type=int, default=4096)
+    g.add_argument("--slab-tokens", type=int, default=None,
+                   help="tokens per slab (default: the KV budget in at most 32 slabs, "
+                        "at least 4096)")
     g.add_argument("--kv-budget", type=size, default=1 << 30, help="bytes (e.g. 2G)")
     g.add_argument("--initial-slabs", type=int, default=1)
     g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -78,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
                         "2048 on a GPU)")
     g.add_argument("--prefill-align", type=int, default=None,
                    help="cut non-final prefill chunks to a multiple of this (default 1 on "
-                        "CPU, 256 on a GPU: repeated shapes reuse CUDA attention graphs)")
+                        "CPU, the prefill chunk on a GPU: repeated shapes reuse CUDA "
+                        "attention graphs)")
     g.add_argument("--max-context", type=int, default=None)
     g.add_argument("--prefill-kv-bucket", type=int, default=None,
                    help="pad prefill attention's kv length to a multiple of this many tokens "

@@ -103,3 +103,23 @@ def test_prefill_and_decode_in_one_forward(model_root):
     assert out_b == reference(model, b, 6)
     alloc.free(ta + tb)
     assert alloc.num_used == 0
+
+
+def test_auto_slab_size_holds_the_budget_in_at_most_32_slabs(model_root):
+    from engine.config import AUTO_MAX_SLABS, auto_slab_tokens
+
+    assert auto_slab_tokens(1 << 30, 1 << 20) == 4096  # small budgets keep the floor
+    for budget, per_token in [(2 << 30, 12288), (40 << 30, 12288), (7 << 30, 32768)]:
+        t = auto_slab_tokens(budget, per_token)
+        assert t & (t - 1) == 0 and t >= 4096
+        assert -(-budget // (t * per_token)) <= AUTO_MAX_SLABS
+        assert -(-budget // (t // 2 * per_token)) > AUTO_MAX_SLABS  # the smallest such
+    model, _ = load(str(make(model_root, ARCHS[0])))
+    cfg = CacheConfig(block_size=16, kv_budget_bytes=64 << 20)
+    runner = ModelRunner(model, cfg)
+    g = runner.geom
+    assert g.slab_blocks * g.block_size == auto_slab_tokens(64 << 20, g.block_bytes // 16)
+    assert runner.allocator.max_slabs <= AUTO_MAX_SLABS
+    explicit = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
+                                              kv_budget_bytes=64 << 20))
+    assert explicit.geom.slab_blocks == 4

@@ -243,7 +243,10 @@ def test_device_defaults():
 
     cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
     assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
-    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4160, 2048, 256)
+    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4160, 2048, 2048)
+    # the GPU alignment follows the effective chunk unless given
+    assert SchedulerConfig.for_device(True, prefill_chunk=512).prefill_align == 512
+    assert SchedulerConfig.for_device(True, prefill_align=256).prefill_align == 256
     assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=None).prefill_chunk \
         == 512
     # the GPU step follows the effective chunk and max_running unless given
@@ -276,3 +279,37 @@ def test_gpu_defaults_keep_chunks_whole_beside_decodes():
     for rid, chunks in starts.items():
         assert [st for st, _ in chunks] == [0, 2048, 4096, 6144, 8192], rid
         assert [n for _, n in chunks[:-1]] == [2048] * 4
+
+
+def test_gpu_burst_of_long_prompts_gets_no_slivers():
+    """Eight 16000-token prompts at once (the GPU load grid's 16k cell): the budget's
+    left-over (max_running tokens beside two whole chunks) must not become a short chunk
+    of a third prompt, whose later chunks would all start off the chunk alignment."""
+    from scheduler.config import SchedulerConfig
+
+    gpu = SchedulerConfig.for_device(True)
+    cfg = {k: getattr(gpu, k) for k in ("max_step_tokens", "prefill_chunk", "prefill_align")}
+    s, ex = make(num_blocks=16 * 1024, block_size=16, max_context=32768, **cfg)
+    for i in range(8):
+        s.add(req(f"p{i}", 16000, max_tokens=8))
+    chunks: dict[str, list[tuple[int, int]]] = {}
+    for _ in range(200):
+        if not s.has_work:
+            break
+        plan, _ = step(s, ex)
+        for c in plan.prefills:
+            chunks.setdefault(c.request_id, []).append((c.start, len(c.tokens)))
+    assert not s.has_work
+    for rid, cs in chunks.items():
+        assert [st for st, _ in cs] == list(range(0, 16000, 2048)), rid
+        assert cs[-1] == (14336, 1664), rid
+
+
+def test_sliver_still_runs_when_the_step_has_nothing_else():
+    """A budget below the alignment must not stall a lone prompt: it goes in slivers."""
+    s, ex = make(num_blocks=64, max_step_tokens=100, prefill_chunk=2048, prefill_align=256)
+    s.add(req("lone", 250, max_tokens=2))
+    plan, _ = step(s, ex)
+    assert [(c.start, len(c.tokens)) for c in plan.prefills] == [(0, 100)]
+    outs, reasons = run_all(s, ex)
+    assert reasons == {"lone": "length"}
