@@ -70,12 +70,20 @@ class NativeCUDA(DecodeAttention):
     common_files: tuple[Path, ...] = (COMMON_FILE,)
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
-                 stages: int = 3, fused_merge: bool = False) -> None:
+                 stages: int = 3, fused_merge: bool = False, unit: int | None = None,
+                 threads: int | None = None) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
+        if unit is not None and unit not in (1, 2, 4, 8, 16):
+            raise ValueError("unit is a power of two up to 16 tokens")
+        if threads is not None and (threads % 32 or not 32 <= threads <= 1024):
+            raise ValueError("threads is a multiple of 32 up to 1024")
         self.params = params
         self.variant = variant
         self.stages = stages
+        self.unit = unit  # None: unit_tokens(); FMA variants only (sweeps)
+        if threads is not None:
+            self.threads = threads
         self.fused_merge = fused_merge
         self._counters: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
@@ -163,17 +171,27 @@ class NativeCUDA(DecodeAttention):
         return g.kv_heads * (grp // self._case(q, g)[1])
 
     def _plan_params(self, q: mx.array, g: PoolGeometry) -> PlanParams:
-        """The tensor-core variant's residency follows from its shared memory, and its
-        chunks stay at least MMA_MIN_CHUNK_TOKENS long (the sweep's best chunk counts for
-        14/2 heads at B 4-16, ctx 16-32k)."""
+        """Resident blocks per SM: the plan's (4 blocks of 128 threads: registers), scaled
+        to the block size, and capped by shared memory.  The tensor-core variant's chunks
+        stay at least MMA_MIN_CHUNK_TOKENS long (the sweep's best chunk counts for 14/2
+        heads at B 4-16, ctx 16-32k)."""
         variant, gb = self._case(q, g)
+        smem = smem_bytes(variant, g.dtype.size, g.head_dim, gb, self._unit(gb, variant),
+                          self.stages, self.threads)
+        per_sm = self.params.blocks_per_sm * THREADS / self.threads
+        if smem:
+            per_sm = min(per_sm, SM_SMEM // (smem + 1024))
+        per_sm = max(1.0, float(per_sm))
         if variant != "mma":
-            return self.params
-        smem = smem_bytes("mma", g.dtype.size, g.head_dim, gb, 0, self.stages, self.threads)
-        per_sm = max(1, min(4, SM_SMEM // (smem + 1024)))
-        return replace(self.params, blocks_per_sm=float(per_sm),
+            if per_sm == self.params.blocks_per_sm:
+                return self.params
+            return replace(self.params, blocks_per_sm=per_sm)
+        return replace(self.params, blocks_per_sm=per_sm,
                        min_chunk_tokens=max(self.params.min_chunk_tokens,
                                             MMA_MIN_CHUNK_TOKENS))
+
+    def _unit(self, gb: int, variant: str) -> int:
+        return self.unit or unit_tokens(gb, variant)
 
     def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps)."""
@@ -221,7 +239,7 @@ class NativeCUDA(DecodeAttention):
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         variant, gb = self._case(q, g)
-        unit = unit_tokens(gb, variant)
+        unit = self._unit(gb, variant)
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
             ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import time
@@ -226,18 +227,18 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,mma3,async3f`` -> {name: NativeCUDA} (the digit: cp.async stages; a
-    trailing ``f``: the chunk merge fused into the main launch)."""
+    """``sync,async3,mma3,async3f,async3u8t256`` -> {name: NativeCUDA} (the digit: cp.async
+    stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; a trailing
+    ``f``: the chunk merge fused into the main launch)."""
     out = {}
     for name in spec.split(","):
-        base = name.removesuffix("f")
-        fused = base != name
-        if base == "sync":
-            out[name] = NativeCUDA(variant="sync", fused_merge=fused)
-        else:
-            variant = base.rstrip("0123456789")
-            out[name] = NativeCUDA(variant=variant, stages=int(base[len(variant):] or 3),
-                                   fused_merge=fused)
+        m = re.fullmatch(r"(sync|async|mma|auto)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)", name)
+        if m is None:
+            raise ValueError(f"bad native name {name!r}")
+        variant, stages, unit, threads, fused = m.groups()
+        out[name] = NativeCUDA(variant=variant, stages=int(stages or 3), fused_merge=bool(fused),
+                               unit=int(unit) if unit else None,
+                               threads=int(threads) if threads else None)
     return out
 
 

@@ -39,6 +39,20 @@ for step in "$@"; do
           python -m bench.ncu_cell --natives $v > "$OUT/ncu-$v.txt" 2>&1
         grep -E "Duration|Throughput|Achieved Occupancy|Registers|Stall|Issued|Warp Cycles|L2 Hit|Block Limit|Waves" "$OUT/ncu-$v.txt" | head -40
       done ;;
+    variants)  # block shapes of the FMA/mma variants at the goal cells (NATIVES=...)
+      timeout 500 python -m bench.cuda_kernel --table --natives "$NAT" --batches 4,8,16 \
+        --ctxs 16384,32768 --out "$OUT/variants" > "$OUT/variants.log" 2>&1
+      head -1 "$OUT/variants.log"
+      python - "$OUT/variants.log" <<'PY'
+import json, sys
+rows = [json.loads(s) for s in open(sys.argv[1]) if s.startswith("{")]
+names = [k[:-3] for k in rows[0] if k.endswith("_us") and k not in ("floor_us",)]
+print("| B | ctx | " + " | ".join(names) + " |")
+for r in rows:
+    print(f"| {r['B']} | {r['ctx']} | " + " | ".join(
+        f"{r[n + '_us']:.1f} ({r[n + '_us'] / r['floor_us']:.2f})" for n in names) + " |")
+PY
+      ;;
     ncutime)  # every kernel's duration at the GPU's own clocks (no ncu clock locking)
       for cell in "8 16384" "16 32768" "4 16384"; do
         set -- $cell
