@@ -1,0 +1,91 @@
+"""Is a step that mixes prefill chunks and decodes dearer than its parts?
+
+``python -m bench.mixed_step --model embedded:qwen2.5-0.5b --dtype bfloat16 --ctx 16000``
+
+Drives ``ModelRunner.forward`` directly (no scheduler): sequence A is prefilled to
+``--ctx`` tokens, then these forwards are timed (median of ``--reps`` after a warm-up):
+a decode of A alone, one 2048-token prefill chunk of B alone (prefix 0 and ``--prefix``),
+two chunks (B and C), and each of those together with A's decode in one forward, as the
+engine runs a mixed step.  The same positions are rewritten each repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from engine.runner import SeqInput
+
+
+def _blocks(runner, n: int) -> list[int]:
+    got = runner.allocator.allocate(-(-n // runner.block_size))
+    if got is None:
+        raise RuntimeError("KV budget too small")
+    return got
+
+
+def _time(runner, pre, dec, reps: int) -> float:
+    runner.forward(pre, dec)  # warm (shapes, kernels)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        runner.forward(pre, dec)
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.mixed_step")
+    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-gib", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=16000)
+    ap.add_argument("--prefix", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--decodes", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args(argv)
+    from bench.step_overhead import load_runner
+
+    runner, tok, _ = load_runner(a)
+    rng = random.Random(0)
+    vocab = min(len(tok), 30_000)
+
+    def toks(n):
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    decs = []
+    for _ in range(a.decodes):  # sequences at --ctx tokens, prefilled chunk by chunk
+        blocks = _blocks(runner, a.ctx + 1)
+        for s in range(0, a.ctx, a.chunk):
+            n = min(a.chunk, a.ctx - s)
+            runner.forward([SeqInput(toks(n), s, blocks, want_logits=False)], [])
+        decs.append(SeqInput(toks(1), a.ctx, blocks))
+    pres = {}
+    for name, start in (("B0", 0), ("C0", 0), ("Bp", a.prefix), ("Cp", a.prefix)):
+        blocks = _blocks(runner, start + a.chunk)
+        if start:
+            for s in range(0, start, a.chunk):
+                runner.forward([SeqInput(toks(a.chunk), s, blocks, want_logits=False)], [])
+        pres[name] = SeqInput(toks(a.chunk), start, blocks, want_logits=False)
+    rows = [
+        (f"decode x{a.decodes} alone", [], decs),
+        ("chunk prefix 0", [pres["B0"]], []),
+        (f"chunk prefix {a.prefix}", [pres["Bp"]], []),
+        ("2 chunks prefix 0", [pres["B0"], pres["C0"]], []),
+        (f"2 chunks prefix {a.prefix}", [pres["Bp"], pres["Cp"]], []),
+        ("chunk prefix 0 + decodes", [pres["B0"]], decs),
+        (f"2 chunks prefix {a.prefix} + decodes", [pres["Bp"], pres["Cp"]], decs),
+        ("2 chunks prefix 0 + decodes", [pres["B0"], pres["C0"]], decs),
+    ]
+    print(f"| forward ({a.decodes} decodes at {a.ctx}, {a.chunk}-token chunks) | ms |")
+    print("|---|--:|")
+    for name, pre, dec in rows:
+        print(f"| {name} | {_time(runner, pre, dec, a.reps):.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
