@@ -26,14 +26,39 @@ def _blocks(runner, n: int) -> list[int]:
     return got
 
 
-def _time(runner, pre, dec, reps: int) -> float:
-    runner.forward(pre, dec)  # warm (shapes, kernels)
+def _time(runner, pre, dec, reps: int, advance: bool) -> float:
+    """Median ms of ``runner.forward(pre, dec)``; with ``advance`` every repetition
+    decodes the next position (new tables and write slots each step, as the engine)."""
+
+    def step(i):
+        d = [SeqInput(x.tokens, x.start + i, x.blocks) for x in dec] if advance else dec
+        runner.forward(pre, d)
+
+    step(0)  # warm (shapes, kernels)
     ts = []
-    for _ in range(reps):
+    for i in range(1, reps + 1):
         t = time.perf_counter()
-        runner.forward(pre, dec)
+        step(i)
         ts.append(time.perf_counter() - t)
     return 1e3 * statistics.median(ts)
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a worker thread on its own MLX stream, as the engine does."""
+    import threading
+
+    import mlx.core as mx
+
+    box = {}
+
+    def work():
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        box["v"] = fn()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    return box["v"]
 
 
 def main(argv=None) -> int:
@@ -46,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--decodes", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--advance", action="store_true", help="decode a new position each rep")
+    ap.add_argument("--thread", action="store_true",
+                    help="time in a worker thread on its own stream (as the engine)")
     a = ap.parse_args(argv)
     from bench.step_overhead import load_runner
 
@@ -58,7 +86,7 @@ def main(argv=None) -> int:
 
     decs = []
     for _ in range(a.decodes):  # sequences at --ctx tokens, prefilled chunk by chunk
-        blocks = _blocks(runner, a.ctx + 1)
+        blocks = _blocks(runner, a.ctx + a.reps + 2)
         for s in range(0, a.ctx, a.chunk):
             n = min(a.chunk, a.ctx - s)
             runner.forward([SeqInput(toks(n), s, blocks, want_logits=False)], [])
@@ -80,10 +108,16 @@ def main(argv=None) -> int:
         (f"2 chunks prefix {a.prefix} + decodes", [pres["Bp"], pres["Cp"]], decs),
         ("2 chunks prefix 0 + decodes", [pres["B0"], pres["C0"]], decs),
     ]
-    print(f"| forward ({a.decodes} decodes at {a.ctx}, {a.chunk}-token chunks) | ms |")
+    mode = ("advancing" if a.advance else "same positions") + (
+        ", worker thread" if a.thread else "")
+    print(f"| forward ({a.decodes} decodes at {a.ctx}, {a.chunk}-token chunks; {mode}) | ms |")
     print("|---|--:|")
     for name, pre, dec in rows:
-        print(f"| {name} | {_time(runner, pre, dec, a.reps):.1f} |", flush=True)
+        def fn(pre=pre, dec=dec):
+            return _time(runner, pre, dec, a.reps, a.advance)
+
+        ms = _in_thread(fn) if a.thread else fn()
+        print(f"| {name} | {ms:.1f} |", flush=True)
     return 0
 
 

@@ -8,13 +8,6 @@ export SLABSERVE_CACHE_DIR=/tmp/sscache
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 M="python -m bench.mixed_step --model embedded:qwen2.5-0.5b --dtype bfloat16 --ctx 16000"
-echo "== 2 decodes"; timeout 200 $M --decodes 2 2>&1 | tail -10
-echo "== 8 decodes"; timeout 200 $M --decodes 8 2>&1 | tail -10
-if command -v nsys > /dev/null; then
-  echo "== nsys, 2 decodes"
-  timeout 200 nsys profile -o "$OUT/mixed" --force-overwrite true -t cuda,nvtx $M --decodes 2 --reps 3 > "$OUT/nsys.log" 2>&1
-  nsys stats -q --report cuda_gpu_kern_sum --format csv "$OUT/mixed.nsys-rep" 2>/dev/null | head -25 | cut -c1-200
-  rm -f "$OUT/mixed.nsys-rep" "$OUT"/*.sqlite
-else
-  echo "no nsys"
-fi
+for flags in "" "--advance" "--thread" "--advance --thread"; do
+  echo "== 8 decodes $flags"; timeout 150 $M --decodes 8 $flags 2>&1 | tail -9
+done
