@@ -34,9 +34,12 @@ DT = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
 TOL = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
 
-def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, seed=0):
+def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, seed=0,
+              contiguous=False):
     """A pool filled with random (never zero) K/V, tables drawn from a random permutation
-    of every block of every slab (so tables are shuffled across slabs), and random q."""
+    of every block of every slab (so tables are shuffled across slabs), and random q.
+    ``contiguous``: tables are consecutive block ids instead (what the server's
+    lowest-id-first allocator hands a prompt prefilled alone)."""
     rng = np.random.default_rng(seed)
     need = sum(-(-n // bs) for n in lengths) + spare
     slabs = max(1, -(-need // slab_blocks))
@@ -48,6 +51,8 @@ def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, se
             side[layer] = [mx.random.normal((rows, d)).astype(dtype) for _ in range(slabs)]
     mx.eval([a for side in (pool.k, pool.v) for lay in side for a in lay])
     perm = rng.permutation(slabs * slab_blocks).tolist()
+    if contiguous:
+        perm = list(range(slabs * slab_blocks))
     tables, i = [], 0
     for n in lengths:
         k = -(-n // bs)
@@ -182,9 +187,10 @@ def chain(attn, q, layers):
 
 
 def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16,
-         dt=mx.float16):
+         dt=mx.float16, contiguous=False):
     """Per-layer microseconds of each method for one (batch, context) cell."""
-    pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, dt, 4096, layers=layers)
+    pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, dt, 4096, layers=layers,
+                               contiguous=contiguous)
     scale = 1.0 / math.sqrt(d)
     res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs, shape=f"{hq}/{hkv}/{d}",
                dtype=str(dt).split(".")[-1])
@@ -248,7 +254,7 @@ def parse_shape(spec: str) -> dict:
     return dict(hq=int(hq), hkv=int(hkv), d=int(d), dt=DT[dt])
 
 
-def table(cells, layers, natives, sweep=None, shape="32/8/64/f16") -> list:
+def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=False) -> list:
     bw = max(copy_bandwidth(), torch_copy_bandwidth())
     ovh = op_overhead(layers)
     print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained; "
@@ -256,7 +262,9 @@ def table(cells, layers, natives, sweep=None, shape="32/8/64/f16") -> list:
     gat = GatherSDPA()
     rows = []
     for b, ctx in cells:
-        r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep, **parse_shape(shape))
+        r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep, contiguous=contiguous,
+                 **parse_shape(shape))
+        r["tables"] = "contiguous" if contiguous else "shuffled"
         r["bw_TBps"] = bw / 1e12
         r["op_overhead_us"] = ovh
         rows.append(r)
@@ -311,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="32/8/64/f16",
                     help="table shapes q/kv/head_dim/dtype, comma-separated")
     ap.add_argument("--shard", default="0/1", help="k/n: run check cases i % n == k")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="tables of consecutive blocks (default: shuffled over all slabs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
@@ -334,7 +344,8 @@ def main(argv=None) -> int:
         natives = make_natives(a.natives)
         result["table"] = {}
         for shape in a.shapes.split(","):
-            result["table"][shape] = table(cells, a.layers, natives, shape=shape)
+            result["table"][shape] = table(cells, a.layers, natives, shape=shape,
+                                           contiguous=a.contiguous)
         for rows in result["table"].values():
             for name in natives:
                 print_table(rows, name)

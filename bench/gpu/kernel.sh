@@ -41,7 +41,7 @@ for step in "$@"; do
       done ;;
     variants)  # block shapes of the FMA/mma variants at the goal cells (NATIVES=...)
       timeout 500 python -m bench.cuda_kernel --table --natives "$NAT" --batches 4,8,16 \
-        --ctxs 16384,32768 --out "$OUT/variants" > "$OUT/variants.log" 2>&1
+        --ctxs 16384,32768 --out "$OUT/variants" ${VARIANT_ARGS:-} > "$OUT/variants.log" 2>&1
       head -1 "$OUT/variants.log"
       python - "$OUT/variants.log" <<'PY'
 import json, sys
