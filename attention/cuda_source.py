@@ -15,7 +15,8 @@ from kvcache.pool import PoolGeometry, SlabPool
 COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
-VARIANTS = ("auto", "mma", "async", "sync")
+BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
+VARIANTS = ("auto", "mma", "async", "bulk", "sync")
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -70,7 +71,7 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1) -> str:
 def unit_tokens(gb: int, variant: str = "sync") -> int:
     """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
     variant keeps several units in flight through shared memory instead)."""
-    if variant == "async":
+    if variant in ("async", "bulk"):
         return 4
     return 8 if gb <= 4 else 4
 
@@ -108,16 +109,17 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory) or "sync" (register loads)."""
+    dynamic shared memory), "bulk" (the async work split, page tiles by sm_90 bulk copies)
+    or "sync" (register loads)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
         tail = ", slabserve_smem"
-    elif variant == "async":
+    elif variant in ("async", "bulk"):
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        call = f"pooled_decode_async<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
+        call = f"pooled_decode_{variant}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
         tail = ", slabserve_smem"
     else:
         head, call, tail = "", f"pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>", ""
@@ -136,12 +138,12 @@ def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
 
 def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int,
                threads: int = THREADS) -> int:
-    """Dynamic shared memory of the async and mma variants: the stage ring, reused by the
-    merge."""
+    """Dynamic shared memory of the async, bulk and mma variants: the stage ring, reused by
+    the merge (the bulk ring holds the same bytes as the async one, in page-row order)."""
     if variant == "mma":
         warps = threads // 32
         return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
-    if variant != "async":
+    if variant not in ("async", "bulk"):
         return 0
     rows = threads // (d * dtype_size // 16)
     return max(stages * 2 * unit * threads * 16, (rows * gb * d + 2 * rows * gb) * 4)

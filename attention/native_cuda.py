@@ -29,6 +29,7 @@ import mlx.core as mx
 from attention.base import DecodeAttention, DecodeBatch
 from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
 from attention.cuda_source import (
+    BULK_FILE,
     COMMON_FILE,
     KERNEL_FILE,
     MAX_GROUP,
@@ -56,8 +57,9 @@ class NativeCUDA(DecodeAttention):
 
     ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
     head, else "async"), "mma" (tensor-core products for float16/bfloat16; other dtypes
-    go to "async"), "async" (FMA products, cp.async stage ring) or "sync" (register
-    loads); ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
+    go to "async"), "async" (FMA products, cp.async stage ring), "bulk" (FMA products,
+    page tiles by sm_90 bulk copies: opt-in, being measured) or "sync" (register loads);
+    ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
     kernel resets) instead of a second launch; correct on an H200 but no faster within
     run-to-run noise, so off by default (docs/adr/0004-cuda-kernel.md).  Subclasses for
@@ -275,7 +277,7 @@ class NativeCUDA(DecodeAttention):
     def _header(self, variant: str) -> str:
         if variant not in self._headers:
             files = [*self.common_files, self.kernel_file]
-            files += [MMA_FILE] if variant == "mma" else []
+            files += {"mma": [MMA_FILE], "bulk": [BULK_FILE]}.get(variant, [])
             self._headers[variant] = "\n".join(f.read_text() for f in files)
         return self._headers[variant]
 

@@ -1,6 +1,6 @@
 """Compile the native pooled decode kernels offline with ``nvcc`` (no GPU needed).
 
-``python -m bench.cuda_compile [--arch sm_90] [--variants mma,async,sync]``
+``python -m bench.cuda_compile [--arch sm_90] [--variants mma,async,bulk,sync]``
 
 MLX compiles ``mx.fast.cuda_kernel`` sources with NVRTC on the GPU machine, where a compile
 error costs device time.  This wraps each kernel body the way MLX does (the header, then a
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from attention.cuda_source import (
+    BULK_FILE,
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,
@@ -69,7 +70,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
     v = case_variant(variant, mdt, mdt, hq // hkv)
-    files = [COMMON_FILE, KERNEL_FILE] + ([MMA_FILE] if v == "mma" else [])
+    files = [COMMON_FILE, KERNEL_FILE] + {"mma": [MMA_FILE], "bulk": [BULK_FILE]}.get(v, [])
     header = "\n".join(f.read_text() for f in files)
     grp = hq // hkv
     gb = group_block(grp, 16 if v == "mma" else 8)
@@ -121,7 +122,7 @@ CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slabserve bench cuda-compile")
     ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--variants", default="mma,async")
+    ap.add_argument("--variants", default="mma,async,bulk")
     ap.add_argument("--stages", type=int, default=3)
     a = ap.parse_args(argv)
     if not nvcc_path():

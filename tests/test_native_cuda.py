@@ -125,6 +125,9 @@ def test_kernel_body_fills_every_slab():
     assert "ktab[3]" not in body and "opart, lse" in body
     assert "out, nullptr, nullptr, nullptr" in kernel_body(1, "direct")
     assert "out, opart, lse, const_cast<int*>(counters)" in kernel_body(2, "fused", "mma")
+    bulk = kernel_body(2, "split", "bulk")
+    assert "pooled_decode_bulk<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, false>" in bulk
+    assert "slabserve_smem" in bulk and "extern __shared__" in bulk
 
 
 # ---- kernel vs float64 (CUDA only) ----------------------------------------------------
@@ -321,3 +324,21 @@ def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
     # B=8 at 16k with 14/2 heads: the mma plan keeps chunks >= 1024 tokens (16 chunks)
     if want == "mma" and hq == 14:
         assert plan_chunks(8, 16384, nat._head_blocks(q, pool.geom), 1024, params) == 16
+
+
+def test_bulk_variant_shares_the_async_ring_and_plan():
+    """The bulk variant holds the same bytes per stage as the async one (page-row order
+    instead of per-thread slots), uses its unit, and scales the plan's residency with
+    its shared memory when the ring is deeper."""
+    from attention.cuda_source import case_variant, smem_bytes
+
+    assert case_variant("bulk", mx.float32, mx.float32, 4) == "bulk"
+    for dsize, d, stages in [(2, 64, 3), (2, 128, 4), (4, 64, 2)]:
+        assert smem_bytes("bulk", dsize, d, 4, 4, stages) == smem_bytes("async", dsize, d, 4,
+                                                                          4, stages)
+    assert unit_tokens(4, "bulk") == unit_tokens(4, "async") == 4
+    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
+    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
+    assert NativeCUDA(variant="bulk")._plan_params(q, geom).blocks_per_sm == 4
+    deep = NativeCUDA(variant="bulk", stages=6)._plan_params(q, geom)  # 96 KiB rings
+    assert deep.blocks_per_sm == 2
