@@ -139,7 +139,7 @@ def _matrix():
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["mma", "async", "sync"])
+@pytest.mark.parametrize("variant", ["mma", "async", "bulk", "sync"])
 @pytest.mark.parametrize("case", range(39))
 def test_native_matches_float64(case, variant):
     from bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
