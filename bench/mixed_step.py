@@ -5,7 +5,8 @@
 Drives ``ModelRunner.forward`` directly (no scheduler): sequence A is prefilled to
 ``--ctx`` tokens, then these forwards are timed (median of ``--reps`` after a warm-up):
 a decode of A alone, one 2048-token prefill chunk of B alone (prefix 0 and ``--prefix``),
-two chunks (B and C), and each of those together with A's decode in one forward, as the
+two chunks (B and C) as two forwards and as the rows of one forward
+(``ModelRunner.merge_prefills``), and each of those together with A's decode, as the
 engine runs a mixed step.  The same positions are rewritten each repetition.
 """
 
@@ -98,22 +99,28 @@ def main(argv=None) -> int:
             for s in range(0, start, a.chunk):
                 runner.forward([SeqInput(toks(a.chunk), s, blocks, want_logits=False)], [])
         pres[name] = SeqInput(toks(a.chunk), start, blocks, want_logits=False)
+    two0, twop = [pres["B0"], pres["C0"]], [pres["Bp"], pres["Cp"]]
     rows = [
-        (f"decode x{a.decodes} alone", [], decs),
-        ("chunk prefix 0", [pres["B0"]], []),
-        (f"chunk prefix {a.prefix}", [pres["Bp"]], []),
-        ("2 chunks prefix 0", [pres["B0"], pres["C0"]], []),
-        (f"2 chunks prefix {a.prefix}", [pres["Bp"], pres["Cp"]], []),
-        ("chunk prefix 0 + decodes", [pres["B0"]], decs),
-        (f"2 chunks prefix {a.prefix} + decodes", [pres["Bp"], pres["Cp"]], decs),
-        ("2 chunks prefix 0 + decodes", [pres["B0"], pres["C0"]], decs),
+        (f"decode x{a.decodes} alone", [], decs, True),
+        ("chunk prefix 0", [pres["B0"]], [], True),
+        (f"chunk prefix {a.prefix}", [pres["Bp"]], [], True),
+        ("2 chunks prefix 0, two forwards", two0, [], False),
+        ("2 chunks prefix 0, one forward (rows)", two0, [], True),
+        (f"2 chunks prefix {a.prefix}, two forwards", twop, [], False),
+        (f"2 chunks prefix {a.prefix}, one forward (rows)", twop, [], True),
+        ("chunk prefix 0 + decodes", [pres["B0"]], decs, True),
+        (f"2 chunks prefix {a.prefix} + decodes, two forwards", twop, decs, False),
+        (f"2 chunks prefix {a.prefix} + decodes, one forward (rows)", twop, decs, True),
+        ("2 chunks prefix 0 + decodes, two forwards", two0, decs, False),
+        ("2 chunks prefix 0 + decodes, one forward (rows)", two0, decs, True),
     ]
     mode = ("advancing" if a.advance else "same positions") + (
         ", worker thread" if a.thread else "")
     print(f"| forward ({a.decodes} decodes at {a.ctx}, {a.chunk}-token chunks; {mode}) | ms |")
     print("|---|--:|")
-    for name, pre, dec in rows:
-        def fn(pre=pre, dec=dec):
+    for name, pre, dec, merge in rows:
+        def fn(pre=pre, dec=dec, merge=merge):
+            runner.merge_prefills = merge
             return _time(runner, pre, dec, a.reps, a.advance)
 
         ms = _in_thread(fn) if a.thread else fn()

@@ -23,10 +23,13 @@ class ForwardContext:
     """What every layer of one forward pass shares.
 
     ``offset`` is an int (one sequence, prefill) or an ``[B]`` int32 array of each
-    sequence's first new position (batched decode: per-sequence RoPE offsets).
-    ``decode`` is set for a decode forward; ``prefix`` for a prefill chunk that has
-    cached tokens before it (None when the chunk starts at position 0).
-    ``prefill_bucket``: shape bucket of prefill attention (None = process default).
+    sequence's first new position (batched decode, or prefill rows: per-sequence RoPE
+    offsets).  ``decode`` is set for a decode forward; ``prefix`` for a prefill chunk that
+    has cached tokens before it (None when the chunk starts at position 0).
+    ``row_prefixes``: a prefill forward of several equally long chunks, one per batch
+    row, each with its own prefix (or None); ``writes`` then lists row 0's tokens, then
+    row 1's, ...  ``prefill_bucket``: shape bucket of prefill attention (None = process
+    default).
     """
 
     pool: SlabPool
@@ -35,6 +38,7 @@ class ForwardContext:
     decode: DecodeBatch | None = None
     prefix: DecodeBatch | None = None
     prefill_bucket: int | None = None
+    row_prefixes: tuple[DecodeBatch | None, ...] | None = None
 
 
 class PagedLayerCache:
@@ -71,5 +75,11 @@ class PagedLayerCache:
         ctx = self.ctx
         if ctx.decode is not None:
             return decode_attention(queries, ctx.pool, self.layer, ctx.decode, scale)
+        if ctx.row_prefixes is not None:  # one chunk per row: attention row by row
+            outs = [prefill_attention(queries[i : i + 1], keys[i : i + 1], values[i : i + 1],
+                                      ctx.pool, self.layer, pre, scale,
+                                      bucket=ctx.prefill_bucket)
+                    for i, pre in enumerate(ctx.row_prefixes)]
+            return mx.concatenate(outs, axis=0)
         return prefill_attention(queries, keys, values, ctx.pool, self.layer, ctx.prefix, scale,
                                  bucket=ctx.prefill_bucket)

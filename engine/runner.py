@@ -78,6 +78,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
+        self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
         self.model_type = getattr(getattr(model, "args", None), "model_type", "")
         patch.install(model)
         kvh, head_dim, dtype = probe_geometry(model)
@@ -132,6 +133,40 @@ class ModelRunner:
         logits = self._run(mx.array([seq.tokens]), ctx, rows)
         return None if logits is None else logits[0, -1]
 
+    def _prefill_rows(self, seqs: list[SeqInput]) -> list[mx.array | None]:
+        """Equally long chunks of several sequences as the rows of one forward (the layers
+        run once on ``[rows, L]``; attention stays per row): a step's per-forward cost is
+        mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
+        bs = self.geom.block_size
+        prefixes = []
+        for s in seqs:
+            n = s.start + len(s.tokens)
+            prefixes.append(None if s.start == 0 else
+                            DecodeBatch(self.geom, [s.blocks[: blocks_needed(n, bs)]], [n]))
+        slots = [slot for s in seqs for slot in self._slots(s)]
+        offsets = mx.array([s.start for s in seqs], dtype=mx.int32)
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, None, None,
+                             self.prefill_kv_bucket, tuple(prefixes))
+        want = any(s.want_logits for s in seqs)
+        logits = self._run(mx.array([s.tokens for s in seqs]), ctx,
+                           slice(-1, None) if want else None)
+        return [logits[i, -1] if s.want_logits else None for i, s in enumerate(seqs)]
+
+    def _prefills(self, seqs: list[SeqInput]) -> list[mx.array | None]:
+        """Last-token logits (or None) per chunk, in order; chunks of equal length share
+        one forward when ``merge_prefills`` is on."""
+        out: list[mx.array | None] = [None] * len(seqs)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(len(s.tokens) if self.merge_prefills else -1 - i, []).append(i)
+        for idx in groups.values():
+            if len(idx) == 1:
+                out[idx[0]] = self._prefill(seqs[idx[0]])
+                continue
+            for i, lg in zip(idx, self._prefill_rows([seqs[i] for i in idx]), strict=True):
+                out[i] = lg
+        return out
+
     def _decode(self, seqs: list[SeqInput]) -> mx.array:
         bs = self.geom.block_size
         slots, tables, lengths = [], [], []
@@ -153,7 +188,7 @@ class ModelRunner:
         """Run prefill chunks (one forward each) and one batched decode forward, then
         evaluate: returns (last-token logits per prefill or None, ``[B, vocab]`` decode
         logits or None)."""
-        pre = [self._prefill(s) for s in prefills]
+        pre = self._prefills(prefills)
         dec = self._decode(decodes) if decodes else None
         outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
         mx.eval(outs, self.pool.take_pending())

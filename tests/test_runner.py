@@ -123,3 +123,46 @@ def test_auto_slab_size_holds_the_budget_in_at_most_32_slabs(model_root):
     explicit = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
                                               kv_budget_bytes=64 << 20))
     assert explicit.geom.slab_blocks == 4
+
+
+def test_equal_chunks_of_several_sequences_share_one_forward(arch_model):
+    """Equally long prefill chunks of different sequences run as the rows of one forward
+    (``merge_prefills``): same logits, same pages written and the same greedy tokens as
+    mlx-lm, whatever each row's start; a chunk of another length runs on its own."""
+    import numpy as np
+
+    from attention import DecodeBatch
+    from engine.runner import SeqInput
+
+    _, model = arch_model
+    a, b, c = (prompts(1, seed=s)[0] * 3 + list(range(40)) for s in (11, 12, 13))
+    runs = []
+    for merge in (False, True):
+        runner = runner_for(model, block_size=4, slab_tokens=8)
+        runner.merge_prefills = merge
+        rows_seen: list[int] = []
+        merged_fn = runner._prefill_rows
+        runner._prefill_rows = lambda seqs, f=merged_fn, r=rows_seen: (r.append(len(seqs)),
+                                                                      f(seqs))[1]
+        ta, tb, tc = (runner.allocator.allocate(10) for _ in range(3))
+        runner.forward([SeqInput(a[:16], 0, ta, want_logits=False)], [])
+        pre1, _ = runner.forward([SeqInput(a[16:32], 16, ta), SeqInput(b[:16], 0, tb, False),
+                                  SeqInput(c[:10], 0, tc)], [])
+        pre2, _ = runner.forward([SeqInput(a[32:40], 32, ta), SeqInput(b[16:24], 16, tb)], [])
+        logits = [None if x is None else np.array(x.astype(mx.float32)) for x in pre1 + pre2]
+        g = runner.geom
+        kv = [np.array(runner.pool.gather(layer, side, DecodeBatch(g, [t], [n]).gather_plan))
+              for t, n in ((ta, 40), (tb, 24), (tc, 10)) for layer in (0, g.num_layers - 1)
+              for side in (0, 1)]
+        runs.append((logits, kv))
+        assert rows_seen == ([2, 2] if merge else [])
+    (sep, kv_sep), (merged, kv_merged) = runs
+    assert sep[1] is None and merged[1] is None
+    for x, y in zip(sep, merged, strict=True):
+        if x is not None:
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
+    for x, y in zip(kv_sep, kv_merged, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
+    assert int(merged[3].argmax()) == reference(model, a[:40], 1)[0]
+    assert int(merged[4].argmax()) == reference(model, b[:24], 1)[0]
+    assert int(merged[2].argmax()) == reference(model, c[:10], 1)[0]
