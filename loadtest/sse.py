@@ -15,14 +15,18 @@ import httpx
 @dataclass(frozen=True)
 class Chunk:
     """What one ``data:`` line said.  ``text`` is the content increment ('' for none);
-    ``usage`` is the server's token accounting when the line carried it; ``done`` marks the
-    ``[DONE]`` sentinel; ``error`` a server error message sent inside the stream."""
+    ``finish_reason`` the first choice's that has one, ``finishes`` every ``(choice index,
+    finish reason)`` of the line; ``usage`` is the server's token accounting when the line
+    carried it; ``done`` marks the ``[DONE]`` sentinel; ``error`` a server error message
+    sent inside the stream and ``error_json`` that error object as the server sent it."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: dict | None = None
     done: bool = False
     error: str | None = None
+    finishes: tuple[tuple[int, str], ...] = ()
+    error_json: str | None = None
 
     @property
     def has_content(self) -> bool:
@@ -57,11 +61,14 @@ def parse_line(line: str) -> Chunk | None:
         raise ProtocolError("stream data is not an object")
     if "error" in obj:
         err = obj["error"]
-        return Chunk(error=err.get("message", str(err)) if isinstance(err, dict) else str(err))
+        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+        return Chunk(error=msg, error_json=json.dumps(err))
     choices = obj.get("choices") or []
     text = "".join(_choice_text(c) for c in choices)
-    finish = next((c.get("finish_reason") for c in choices if c.get("finish_reason")), None)
-    return Chunk(text=text, finish_reason=finish, usage=obj.get("usage"))
+    finishes = tuple((c.get("index", i), c["finish_reason"])
+                     for i, c in enumerate(choices) if c.get("finish_reason"))
+    return Chunk(text=text, finish_reason=finishes[0][1] if finishes else None,
+                 usage=obj.get("usage"), finishes=finishes)
 
 
 async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from loadtest.sse import sse_lines
+from loadtest.sse import parse_line, sse_lines
 from reliability.process import ServerProcess
 from reliability.traffic import limits
 
@@ -54,18 +54,15 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict,
                 await r.aread()
                 return StreamEnd("stream", "error_status", None, r.status_code, r.text[:200])
             async for line in sse_lines(r):
-                if not line.startswith("data:"):
+                chunk = parse_line(line)
+                if chunk is None:
                     continue
                 first.set()
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    continue
-                obj = json.loads(payload)
-                if "error" in obj:
-                    error = json.dumps(obj["error"])[:200]
-                for c in obj.get("choices") or []:
-                    finish = c.get("finish_reason") or finish
+                done = done or chunk.done
+                if chunk.error_json is not None:
+                    error = chunk.error_json[:200]
+                for _, reason in chunk.finishes:
+                    finish = reason
     except (httpx.HTTPError, ValueError) as e:
         return StreamEnd("stream", "cut", finish, 200, f"{type(e).__name__}: {e}")
     finally:

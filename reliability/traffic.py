@@ -13,7 +13,6 @@ stream, a transport error, a 4xx for a valid request or a 2xx for an invalid one
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from loadtest.sse import sse_lines
+from loadtest.sse import parse_line, sse_lines
 
 FINISHED = ("stop", "length")
 WORDS = ("slab", "page", "block", "token", "cache", "batch", "queue", "model", "serve",
@@ -93,18 +92,13 @@ async def read_stream(resp: httpx.Response, n: int) -> str | None:
     reasons: dict[int, str] = {}
     done = False
     async for line in sse_lines(resp):
-        if not line.startswith("data:"):
+        chunk = parse_line(line)
+        if chunk is None:
             continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            done = True
-            continue
-        obj = json.loads(payload)
-        if "error" in obj:
-            return f"error event: {obj['error']}"
-        for c in obj.get("choices") or []:
-            if c.get("finish_reason"):
-                reasons[c["index"]] = c["finish_reason"]
+        done = done or chunk.done
+        if chunk.error_json is not None:
+            return f"error event: {chunk.error_json}"
+        reasons.update(chunk.finishes)
     if not done:
         return "stream ended without [DONE]"
     return finished_choices([{"index": i, "finish_reason": r} for i, r in reasons.items()], n)

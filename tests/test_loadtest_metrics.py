@@ -96,7 +96,12 @@ def test_sse_lines():
     assert chat.text == "x" and chat.finish_reason == "length"
     usage = parse_line('data: {"choices":[],"usage":{"completion_tokens":7}}')
     assert not usage.has_content and usage.usage["completion_tokens"] == 7
-    assert parse_line('data: {"error":{"message":"boom"}}').error == "boom"
+    err = parse_line('data: {"error":{"message":"boom","type":"server_error"}}')
+    assert err.error == "boom" and '"type": "server_error"' in err.error_json
+    assert c.finishes == () and chat.finishes == ((0, "length"),)
+    two = parse_line('data: {"choices":[{"index":1,"text":"","finish_reason":"stop"},'
+                     '{"index":0,"text":"z","finish_reason":null}]}')
+    assert two.finishes == ((1, "stop"),) and two.finish_reason == "stop" and two.text == "z"
     with pytest.raises(ProtocolError):
         parse_line("data: {not json")
 
