@@ -64,11 +64,12 @@ class WritePlan:
             tok, base = groups.setdefault(block // sb, ([], []))
             tok.append(t)
             base.append(((block % sb) * h) * bs + row)
-        heads = mx.arange(h, dtype=mx.int32) * bs
+        heads = np.arange(h, dtype=np.int32) * bs
         self.num_tokens = len(slots)
         self.groups: list[tuple[int, mx.array | None, mx.array]] = []
         for slab, (tok, base) in sorted(groups.items()):
-            rows = (mx.array(base, dtype=mx.int32)[:, None] + heads[None, :]).reshape(-1)
+            # [tokens, heads] slab rows, built on the host: one input, no graph nodes
+            rows = mx.array(np.asarray(base, dtype=np.int32)[:, None] + heads[None, :])
             idx = None if len(tok) == len(slots) else mx.array(tok, dtype=mx.int32)
             self.groups.append((slab, idx, rows))
 
@@ -148,13 +149,13 @@ class SlabPool:
         return [self.slab(layer, side, s) for s in range(self.num_slabs)]
 
     def write(self, layer: int, plan: WritePlan, k: mx.array, v: mx.array) -> None:
-        """Write new tokens' K and V, each ``[T, kv_heads, head_dim]``, in place."""
-        d = self.geom.head_dim
+        """Write new tokens' K and V, each ``[T, kv_heads, head_dim]``, in place (one
+        scatter per slab touched and side; the plan's ``[T, heads]`` rows index the
+        ``[T, heads, head_dim]`` update directly)."""
         for i, (side, new) in enumerate(((self.k[layer], k), (self.v[layer], v))):
             new = new.astype(self.geom.dtype)
             for s, idx, rows in plan.groups:
-                part = new if idx is None else new[idx]
-                side[s][rows] = part.reshape(-1, d)
+                side[s][rows] = new if idx is None else new[idx]
                 self._dirty[(layer, i, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:
