@@ -62,6 +62,44 @@ def _in_thread(fn):
     return box["v"]
 
 
+def _setup(runner, a, toks) -> tuple[list[SeqInput], dict[str, SeqInput]]:
+    """``--decodes`` sequences prefilled to ``--ctx`` (their next decode inputs), and four
+    chunks to prefill: B and C at position 0, B and C after a ``--prefix`` prefix."""
+    decs = []
+    for _ in range(a.decodes):  # sequences at --ctx tokens, prefilled chunk by chunk
+        blocks = _blocks(runner, a.ctx + a.reps + 2)
+        for s in range(0, a.ctx, a.chunk):
+            n = min(a.chunk, a.ctx - s)
+            runner.forward([SeqInput(toks(n), s, blocks, want_logits=False)], [])
+        decs.append(SeqInput(toks(1), a.ctx, blocks))
+    pres = {}
+    for name, start in (("B0", 0), ("C0", 0), ("Bp", a.prefix), ("Cp", a.prefix)):
+        blocks = _blocks(runner, start + a.chunk)
+        for s in range(0, start, a.chunk):
+            runner.forward([SeqInput(toks(a.chunk), s, blocks, want_logits=False)], [])
+        pres[name] = SeqInput(toks(a.chunk), start, blocks, want_logits=False)
+    return decs, pres
+
+
+def _rows(a, decs, pres) -> list[tuple[str, list, list, bool]]:
+    """(label, prefill chunks, decodes, merge_prefills) of each timed forward."""
+    two0, twop, p = [pres["B0"], pres["C0"]], [pres["Bp"], pres["Cp"]], a.prefix
+    return [
+        (f"decode x{a.decodes} alone", [], decs, True),
+        ("chunk prefix 0", [pres["B0"]], [], True),
+        (f"chunk prefix {p}", [pres["Bp"]], [], True),
+        ("2 chunks prefix 0, two forwards", two0, [], False),
+        ("2 chunks prefix 0, one forward (rows)", two0, [], True),
+        (f"2 chunks prefix {p}, two forwards", twop, [], False),
+        (f"2 chunks prefix {p}, one forward (rows)", twop, [], True),
+        ("chunk prefix 0 + decodes", [pres["B0"]], decs, True),
+        (f"2 chunks prefix {p} + decodes, two forwards", twop, decs, False),
+        (f"2 chunks prefix {p} + decodes, one forward (rows)", twop, decs, True),
+        ("2 chunks prefix 0 + decodes, two forwards", two0, decs, False),
+        ("2 chunks prefix 0 + decodes, one forward (rows)", two0, decs, True),
+    ]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.mixed_step")
     ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
@@ -81,44 +119,12 @@ def main(argv=None) -> int:
     runner, tok, _ = load_runner(a)
     rng = random.Random(0)
     vocab = min(len(tok), 30_000)
-
-    def toks(n):
-        return [rng.randrange(vocab) for _ in range(n)]
-
-    decs = []
-    for _ in range(a.decodes):  # sequences at --ctx tokens, prefilled chunk by chunk
-        blocks = _blocks(runner, a.ctx + a.reps + 2)
-        for s in range(0, a.ctx, a.chunk):
-            n = min(a.chunk, a.ctx - s)
-            runner.forward([SeqInput(toks(n), s, blocks, want_logits=False)], [])
-        decs.append(SeqInput(toks(1), a.ctx, blocks))
-    pres = {}
-    for name, start in (("B0", 0), ("C0", 0), ("Bp", a.prefix), ("Cp", a.prefix)):
-        blocks = _blocks(runner, start + a.chunk)
-        if start:
-            for s in range(0, start, a.chunk):
-                runner.forward([SeqInput(toks(a.chunk), s, blocks, want_logits=False)], [])
-        pres[name] = SeqInput(toks(a.chunk), start, blocks, want_logits=False)
-    two0, twop = [pres["B0"], pres["C0"]], [pres["Bp"], pres["Cp"]]
-    rows = [
-        (f"decode x{a.decodes} alone", [], decs, True),
-        ("chunk prefix 0", [pres["B0"]], [], True),
-        (f"chunk prefix {a.prefix}", [pres["Bp"]], [], True),
-        ("2 chunks prefix 0, two forwards", two0, [], False),
-        ("2 chunks prefix 0, one forward (rows)", two0, [], True),
-        (f"2 chunks prefix {a.prefix}, two forwards", twop, [], False),
-        (f"2 chunks prefix {a.prefix}, one forward (rows)", twop, [], True),
-        ("chunk prefix 0 + decodes", [pres["B0"]], decs, True),
-        (f"2 chunks prefix {a.prefix} + decodes, two forwards", twop, decs, False),
-        (f"2 chunks prefix {a.prefix} + decodes, one forward (rows)", twop, decs, True),
-        ("2 chunks prefix 0 + decodes, two forwards", two0, decs, False),
-        ("2 chunks prefix 0 + decodes, one forward (rows)", two0, decs, True),
-    ]
+    decs, pres = _setup(runner, a, lambda n: [rng.randrange(vocab) for _ in range(n)])
     mode = ("advancing" if a.advance else "same positions") + (
         ", worker thread" if a.thread else "")
     print(f"| forward ({a.decodes} decodes at {a.ctx}, {a.chunk}-token chunks; {mode}) | ms |")
     print("|---|--:|")
-    for name, pre, dec, merge in rows:
+    for name, pre, dec, merge in _rows(a, decs, pres):
         def fn(pre=pre, dec=dec, merge=merge):
             runner.merge_prefills = merge
             return _time(runner, pre, dec, a.reps, a.advance)
