@@ -41,23 +41,23 @@ __device__ __forceinline__ void unpack(const uint4& r, float* f, const float*) {
   f[2] = __uint_as_float(r.z);
   f[3] = __uint_as_float(r.w);
 }
-__device__ __forceinline__ void unpack(const uint4& r, float* f, const __half*) {
-  const __half2* h = reinterpret_cast<const __half2*>(&r);
+__device__ __forceinline__ float2 to_f2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+template <typename P2>  // __half2 or __nv_bfloat162: 4 pairs
+__device__ __forceinline__ void unpack_pairs(const uint4& r, float* f) {
+  const P2* h = reinterpret_cast<const P2*>(&r);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    float2 t = __half22float2(h[i]);
+    float2 t = to_f2(h[i]);
     f[2 * i] = t.x;
     f[2 * i + 1] = t.y;
   }
 }
+__device__ __forceinline__ void unpack(const uint4& r, float* f, const __half*) {
+  unpack_pairs<__half2>(r, f);
+}
 __device__ __forceinline__ void unpack(const uint4& r, float* f, const __nv_bfloat16*) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
+  unpack_pairs<__nv_bfloat162>(r, f);
 }
 
 __device__ __forceinline__ uint4 ld16(const void* p) {

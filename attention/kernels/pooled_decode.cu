@@ -72,10 +72,34 @@ struct BlockSetup {
     }
   }
 
-  // Element offset of this lane's vector of row `u0` of kv head kvh in its slab.
+  // init(), and for a chunk past the end of a short sequence its empty partial: false.
+  template <int BS, bool DIRECT>
+  __device__ __forceinline__ bool begin(const int* lengths, int nblk, float* opart, float* lse,
+                                        int* counters, TQ* out) {
+    if (init<BS>(lengths, nblk)) return true;
+    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, b, HQ, h0, c, nchunk, out);
+    return false;
+  }
+
+  // Element offset of row `u0` of kv head kvh in its slab.
+  template <int BS>
+  __device__ __forceinline__ size_t row_offset(int blk, int s, int sb, int u0) const {
+    return ((size_t)((blk - s * sb) * HKV + kvh) * BS + (u0 % BS)) * D;
+  }
+  // ... and of this lane's vector in that row.
   template <int BS>
   __device__ __forceinline__ size_t offset(int blk, int s, int sb, int u0) const {
-    return ((size_t)((blk - s * sb) * HKV + kvh) * BS + (u0 % BS)) * D + lane * VEC;
+    return row_offset<BS>(blk, s, sb, u0) + lane * VEC;
+  }
+
+  // Merge the block's row groups through shared memory and write the result.
+  template <bool DIRECT>
+  __device__ __forceinline__ void merge(const float (&m)[GB], const float (&l)[GB],
+                                        const float (&acc)[GB][VEC], float* sm_acc,
+                                        float* sm_ml, TQ* out, float* opart, float* lse,
+                                        int* counters) const {
+    merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_ml, rg, lane, b, HQ, h0, c,
+                                              nchunk, out, opart, lse, counters);
   }
 };
 
@@ -90,11 +114,7 @@ __device__ __forceinline__ void pooled_decode(
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0, "bad tiling");
   S st;
-  if (!st.template init<BS>(lengths, nblk)) {  // an empty chunk of a short sequence
-    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, st.b, S::HQ, st.h0, st.c,
-                                       st.nchunk, out);
-    return;
-  }
+  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
   const int* trow = table + (size_t)st.b * nblk;
@@ -123,9 +143,7 @@ __device__ __forceinline__ void pooled_decode(
   }
   __shared__ float sm_acc[R * GB * D];
   __shared__ float sm_ml[2 * R * GB];
-  merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_ml, st.rg, st.lane, st.b,
-                                            S::HQ, st.h0, st.c, st.nchunk, out, opart, lse,
-                                            counters);
+  st.template merge<DIRECT>(m, l, acc, sm_acc, sm_ml, out, opart, lse, counters);
 }
 
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
@@ -154,11 +172,7 @@ __device__ __forceinline__ void pooled_decode_async(
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0 && ST >= 2, "bad tiling");
   S st;
-  if (!st.template init<BS>(lengths, nblk)) {
-    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, st.b, S::HQ, st.h0, st.c,
-                                       st.nchunk, out);
-    return;
-  }
+  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
   const int* trow = table + (size_t)st.b * nblk;
@@ -204,9 +218,7 @@ __device__ __forceinline__ void pooled_decode_async(
   cp_wait<0>();
   __syncthreads();  // the stage buffers are reused by the merge
   float* sm_acc = reinterpret_cast<float*>(smem);
-  merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_acc + R * GB * D, st.rg,
-                                            st.lane, st.b, S::HQ, st.h0, st.c, st.nchunk,
-                                            out, opart, lse, counters);
+  st.template merge<DIRECT>(m, l, acc, sm_acc, sm_acc + R * GB * D, out, opart, lse, counters);
 }
 
 }  // namespace slabserve

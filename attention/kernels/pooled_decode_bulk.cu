@@ -69,11 +69,7 @@ __device__ __forceinline__ void pooled_decode_bulk(
   static_assert(BS % TILE == 0 && TILE_BYTES % 16 == 0 && G % GB == 0, "bad tiling");
   __shared__ __align__(8) unsigned long long bars[NW][ST];
   S st;
-  if (!st.template init<BS>(lengths, nblk)) {
-    empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, st.b, S::HQ, st.h0, st.c,
-                                       st.nchunk, out);
-    return;
-  }
+  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
   const int* trow = table + (size_t)st.b * nblk;
@@ -93,7 +89,7 @@ __device__ __forceinline__ void pooled_decode_bulk(
     const int u0 = wfirst + it * span;
     const int blk = trow[u0 / BS];
     const int s = NS == 1 ? 0 : blk / sb;
-    const size_t off = ((size_t)((blk - s * sb) * HKV + st.kvh) * BS + (u0 % BS)) * D;
+    const size_t off = st.template row_offset<BS>(blk, s, sb, u0);
     T* dst = ring + (it % ST) * 2 * TILE_ELEMS;
     mbar_expect_tx(&wb[it % ST], 2 * TILE_BYTES);
     bulk_copy(dst, ktab[s] + off, TILE_BYTES, &wb[it % ST]);
@@ -122,9 +118,7 @@ __device__ __forceinline__ void pooled_decode_bulk(
   }
   __syncthreads();  // every copy was waited for; the ring is reused by the merge
   float* sm_acc = reinterpret_cast<float*>(smem);
-  merge_rows<TQ, D, GB, R, NT, VEC, DIRECT>(m, l, acc, sm_acc, sm_acc + R * GB * D, st.rg,
-                                            st.lane, st.b, S::HQ, st.h0, st.c, st.nchunk,
-                                            out, opart, lse, counters);
+  st.template merge<DIRECT>(m, l, acc, sm_acc, sm_acc + R * GB * D, out, opart, lse, counters);
 }
 
 }  // namespace slabserve
