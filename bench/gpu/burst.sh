@@ -2,9 +2,7 @@
 # Where concurrent long prompts spend the engine's steps on the GPU (issue 5's 16k cells).
 # After the set-up runs (../shared/gpu/README.md), carrying .gpu-extra:
 #   bash bench/gpu/burst.sh [PROMPT] [REQUESTS]
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu-extra/site
-export SLABSERVE_CACHE_DIR=/tmp/sscache
+. bench/gpu/env.sh
 p=${1:-16000}; n=${2:-8}
 B="python -m bench.burst --model embedded:qwen2.5-0.5b --dtype bfloat16 --prompt $p --max-tokens 32"
 echo "== 1 x $p"; timeout 150 $B --requests 1 --rounds 2 --show 12 2>&1 | tail -16

@@ -2,11 +2,7 @@
 # GPU diagnosis of slow prefill-heavy steps under concurrency (issue 5) and per-step decode
 # timings (issue 7).  After the set-up runs (../shared/gpu/README.md), carrying .gpu-extra:
 #   bash bench/gpu/diag.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu-extra/site
-export SLABSERVE_CACHE_DIR=/tmp/sscache
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+. bench/gpu/env.sh
 B="python -m bench.burst --model embedded:qwen2.5-0.5b --dtype bfloat16 --requests 8 --prompt 1000 --max-tokens 32 --rounds 3 --show 12"
 echo "== burst default (max_step_tokens 512, chunk 256)"; timeout 120 $B 2>&1 | tail -16
 echo "== burst bucket 1024"; SLABSERVE_PREFILL_KV_BUCKET=1024 timeout 120 $B --show 0 2>&1 | tail -4

@@ -3,11 +3,7 @@
 # .gpu-extra too: prometheus-client and tqdm for the server):
 #   bash bench/gpu/kernel.sh [check] [table] [shapes] [smoke]
 # Writes logs and JSON under $OUT; prints short tables last.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu-extra/site
-export SLABSERVE_CACHE_DIR=/tmp/sscache
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+. bench/gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python -c "import mlx.core as mx, mlx_lm, fastapi, uvicorn, httpx, prometheus_client; print('mlx', mx.__version__, mx.default_device())"
 NAT=${NATIVES:-async3,async3f,mma3}

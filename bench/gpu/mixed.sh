@@ -2,11 +2,7 @@
 # Mixed prefill + decode forwards on the GPU (issue 5: steps that mix both looked dearer
 # than their parts).  After the set-up runs (../shared/gpu/README.md), carrying .gpu-extra:
 #   bash bench/gpu/mixed.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu-extra/site
-export SLABSERVE_CACHE_DIR=/tmp/sscache
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+. bench/gpu/env.sh
 M="python -m bench.mixed_step --model embedded:qwen2.5-0.5b --dtype bfloat16 --ctx 16000"
 for flags in "" "--advance --thread"; do
   echo "== 8 decodes $flags"; timeout 150 $M --decodes 8 $flags 2>&1 | tail -13

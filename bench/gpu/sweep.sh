@@ -1,4 +1,4 @@
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site SLABSERVE_CACHE_DIR=/tmp/sscache
+. bench/gpu/env.sh
 timeout 300 python -m bench.cuda_kernel --sweep --natives async3,mma3 --batches 4,8,16 --ctxs 16384,32768 --shapes 32/8/64/f16,14/2/64/bf16 > /tmp/sweep.log 2>&1
 grep "^{" /tmp/sweep.log | python -c "
 import json,sys

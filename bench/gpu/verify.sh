@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verify the default ("auto") variant on the GPU: the float64 matrix, then per-layer tables
 # for the two head shapes it splits on, "auto3" beside "async3".  Prints short tables.
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site SLABSERVE_CACHE_DIR=/tmp/sscache
+. bench/gpu/env.sh
 for k in 0 1 2 3 4 5 6 7; do
   timeout 300 python -m bench.cuda_kernel --check --natives auto3 --shard $k/8 > /tmp/vcheck$k.log 2>&1 &
 done
