@@ -20,7 +20,7 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import load_runner
+from bench.step_overhead import add_runner_args, load_runner
 from engine.build import assemble
 from scheduler.api import Request, SamplingParams
 from scheduler.config import SchedulerConfig
@@ -91,9 +91,7 @@ async def _main(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slabserve bench burst", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--kv-gib", type=int, default=8)
+    add_runner_args(ap)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=32)

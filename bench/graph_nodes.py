@@ -20,6 +20,7 @@ from collections import Counter
 
 import mlx.core as mx
 
+from bench.step_overhead import add_runner_args, load_runner
 from engine.runner import SeqInput
 
 
@@ -40,19 +41,13 @@ def count(runner, prefills, decodes) -> Counter:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.graph_nodes")
-    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
-    ap.add_argument("--dtype", default="float32")
+    add_runner_args(ap, dtype="float32", kv_gib=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args(argv)
-    from engine.config import CacheConfig
-    from engine.loader import load
-    from engine.runner import ModelRunner
-
-    model, _, _ = load(a.model, a.dtype)
-    runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 28))
+    runner = load_runner(a)[0]
     layers = runner.geom.num_layers
     per = -(-(a.ctx + a.chunk + 1) // 16)
     tables = [runner.allocator.allocate(per) for _ in range(a.batch + 1)]

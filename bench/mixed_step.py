@@ -17,6 +17,7 @@ import random
 import statistics
 import time
 
+from bench.step_overhead import add_runner_args, load_runner
 from engine.runner import SeqInput
 
 
@@ -102,9 +103,7 @@ def _rows(a, decs, pres) -> list[tuple[str, list, list, bool]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.mixed_step")
-    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--kv-gib", type=int, default=8)
+    add_runner_args(ap)
     ap.add_argument("--ctx", type=int, default=16000)
     ap.add_argument("--prefix", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=2048)
@@ -114,7 +113,6 @@ def main(argv=None) -> int:
     ap.add_argument("--thread", action="store_true",
                     help="time in a worker thread on its own stream (as the engine)")
     a = ap.parse_args(argv)
-    from bench.step_overhead import load_runner
 
     runner, tok, _ = load_runner(a)
     rng = random.Random(0)

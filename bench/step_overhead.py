@@ -150,6 +150,13 @@ def gil_probe(n: int = 1536, chain: int = 6, reps: int = 3) -> list[tuple[str, f
     return rows
 
 
+def add_runner_args(ap: argparse.ArgumentParser, dtype: str = "bfloat16", kv_gib: int = 8) -> None:
+    """``--model``, ``--dtype`` and ``--kv-gib``: what ``load_runner`` reads."""
+    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
+    ap.add_argument("--dtype", default=dtype)
+    ap.add_argument("--kv-gib", type=int, default=kv_gib)
+
+
 def load_runner(args):
     """(ModelRunner, tokenizer, served name) for ``args.model`` / ``--dtype`` / ``--kv-gib``
     (benchmarks that drive the engine in-process share it)."""
@@ -210,13 +217,11 @@ async def _main(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slabserve bench step-overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
-    ap.add_argument("--dtype", default="float32")
+    add_runner_args(ap, dtype="float32", kv_gib=2)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--kinds", default="greedy,sampled")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--kv-gib", type=int, default=2)
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--itl", action="store_true")
     ap.add_argument("--streams", type=int, default=4)
