@@ -155,10 +155,12 @@ class ModelRunner:
     def _prefills(self, seqs: list[SeqInput]) -> list[mx.array | None]:
         """Last-token logits (or None) per chunk, in order; chunks of equal length share
         one forward when ``merge_prefills`` is on."""
+        if not self.merge_prefills:
+            return [self._prefill(s) for s in seqs]
         out: list[mx.array | None] = [None] * len(seqs)
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(seqs):
-            groups.setdefault(len(s.tokens) if self.merge_prefills else -1 - i, []).append(i)
+            groups.setdefault(len(s.tokens), []).append(i)
         for idx in groups.values():
             if len(idx) == 1:
                 out[idx[0]] = self._prefill(seqs[idx[0]])
