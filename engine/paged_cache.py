@@ -47,6 +47,9 @@ class PagedLayerCache:
     def __init__(self, layer: int) -> None:
         self.layer = layer
         self.ctx: ForwardContext | None = None
+        # start evaluating the graph built so far once this layer's attention is built
+        # (``ModelRunner.dispatch_every``), so the device works while the host builds on
+        self.dispatch = False
 
     # --- mlx-lm cache protocol -------------------------------------------------
     @property
@@ -75,6 +78,12 @@ class PagedLayerCache:
 
     # --- routed attention ----------------------------------------------------------
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
+        out = self._attend(queries, keys, values, scale)
+        if self.dispatch:
+            mx.async_eval(out)
+        return out
+
+    def _attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
         ctx = self.ctx
         if ctx.decode is not None:
             return decode_attention(queries, ctx.pool, self.layer, ctx.decode, scale)

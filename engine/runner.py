@@ -79,6 +79,9 @@ class ModelRunner:
         self.model = model
         self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
+        # > 0: hand the graph to the device every this many layers while building the rest
+        # (``mx.async_eval``), so host building overlaps device work; 0 = one eval per step
+        self.dispatch_every = 0
         self.model_type = getattr(getattr(model, "args", None), "model_type", "")
         patch.install(model)
         kvh, head_dim, dtype = probe_geometry(model)
@@ -105,8 +108,10 @@ class ModelRunner:
 
     # ---- one forward ---------------------------------------------------------------
     def _run(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
+        every, n = self.dispatch_every, len(self.caches)
         for c in self.caches:
             c.ctx = ctx
+            c.dispatch = every > 0 and (c.layer + 1) % every == 0 and c.layer + 1 < n
         if head_rows is None or self.model_type not in _HEAD_SPLIT:
             out = self.model(inputs, cache=self.caches)
             return None if head_rows is None else out[:, head_rows, :]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--server-arg", action="append", default=[],
                      help="extra argument for 'slabserve serve' (repeatable; write "
                      "--server-arg=--max-running=16)")
+    tgt.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                     help="--compare: one more of our servers (selector on auto) with extra "
+                     "'slabserve serve' arguments, e.g. --variant 'step8k=--max-step-tokens "
+                     "8256' (repeatable; runs after --configs)")
     tgt.add_argument("--ready-timeout", type=float, default=300.0,
                      help="seconds a launched server may take to answer /health")
     load = p.add_argument_group("load")
@@ -148,8 +153,25 @@ def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:
         labels.remove("mlx_lm")
     extra = tuple(args.server_arg)
     extra += kv_budget_args(model, max(grid.contexts) * max(grid.concurrency), extra)
-    return [STANDARD[lab] if STANDARD[lab].kind == "mlx_lm"
-            else replace(STANDARD[lab], extra_args=extra) for lab in labels]
+    configs = [STANDARD[lab] if STANDARD[lab].kind == "mlx_lm"
+               else replace(STANDARD[lab], extra_args=extra) for lab in labels]
+    return configs + [replace(STANDARD["auto"], label=lab, extra_args=extra + more)
+                      for lab, more in parse_variants(args.variant, labels)]
+
+
+def parse_variants(texts: list[str], taken: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """``LABEL=ARGS`` strings as (label, shell-split args); labels must be new and unique."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for text in texts:
+        label, sep, rest = text.partition("=")
+        label = label.strip()
+        if not sep or not label or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
+            raise SystemExit(f"--variant {text!r}: write LABEL=ARGS (label: letters, digits, "
+                             "_.+-)")
+        if label in STANDARD or label in taken or label in (x[0] for x in out):
+            raise SystemExit(f"--variant label {label!r} is already used")
+        out.append((label, tuple(shlex.split(rest))))
+    return out
 
 
 def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...]) -> str:

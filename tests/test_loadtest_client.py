@@ -105,3 +105,26 @@ def test_connect_failure_is_a_failure_kind_not_an_exception():
     res = asyncio.run(run_once(Endpoint("http://nowhere", metrics_path=None), spec,
                                ["a"] * 4, "x", False, transport=httpx.MockTransport(refuse)))
     assert res.summary.failures == {"connect": 4} and res.trace is None
+
+
+def test_variants_add_our_servers_with_extra_args():
+    import argparse
+    from pathlib import Path
+
+    import pytest
+
+    from loadtest.cli import _configs, parse_variants
+    from loadtest.grid import GridSpec
+
+    assert parse_variants(["s8k=--max-step-tokens 8256 --max-running 16"], ["auto"]) == [
+        ("s8k", ("--max-step-tokens", "8256", "--max-running", "16"))]
+    for bad in (["native=--x 1"], ["a=1", "a=2"], ["no-equals"], ["bad label=1"]):
+        with pytest.raises(SystemExit):
+            parse_variants(bad, ["auto"])
+    args = argparse.Namespace(configs="native", server_arg=["--kv-budget", "1G"],
+                              variant=["big=--max-step-tokens 9000"])
+    grid = GridSpec((128,), (1,), 4, None, 10.0, None, 30.0, 0)
+    cfgs = _configs(args, Path("unused"), grid)
+    assert [c.label for c in cfgs] == ["native", "big"]
+    assert cfgs[0].native is True and cfgs[1].native is None
+    assert cfgs[1].extra_args == ("--kv-budget", "1G", "--max-step-tokens", "9000")

@@ -166,3 +166,30 @@ def test_equal_chunks_of_several_sequences_share_one_forward(arch_model):
     assert int(merged[3].argmax()) == reference(model, a[:40], 1)[0]
     assert int(merged[4].argmax()) == reference(model, b[:24], 1)[0]
     assert int(merged[2].argmax()) == reference(model, c[:10], 1)[0]
+
+
+def test_dispatching_every_few_layers_changes_nothing(arch_model):
+    """``dispatch_every`` hands the partial graph to the device while the host builds the
+    rest: the same prefill and decode logits and the same greedy tokens as one eval."""
+    import numpy as np
+
+    from engine.runner import SeqInput
+
+    _, model = arch_model
+    p, q = (x[:30] for x in prompts(2, seed=21))
+    q = (q * 10)[:23]  # lengths 1..30 and 23, so q has a second chunk
+    outs = []
+    for every in (0, 1, 2):
+        runner = runner_for(model, block_size=4, slab_tokens=8)
+        runner.dispatch_every = every
+        tp, tq = (runner.allocator.allocate(10) for _ in range(2))
+        pre, _ = runner.forward([SeqInput(p, 0, tp), SeqInput(q[:5], 0, tq, False)], [])
+        pre2, _ = runner.forward([SeqInput(q[5:], 5, tq)], [])
+        nxt = [int(pre[0].argmax()), int(pre2[0].argmax())]
+        _, dec = runner.forward([], [SeqInput([nxt[0]], len(p), tp),
+                                     SeqInput([nxt[1]], len(q), tq)])
+        outs.append((nxt, np.array(dec.astype(mx.float32))))
+    assert outs[0][0] == [reference(model, p, 1)[0], reference(model, q, 1)[0]]
+    for nxt, dec in outs[1:]:
+        assert nxt == outs[0][0]
+        np.testing.assert_allclose(dec, outs[0][1], rtol=1e-5, atol=1e-5)
