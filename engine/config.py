@@ -53,13 +53,18 @@ def auto_slab_tokens(budget_bytes: int, token_bytes: int) -> int:
 class RunnerConfig:
     """Model runner: prefill chunk size (tokens per forward of one sequence), and the
     prefill attention shape bucket in tokens (0 = exact shapes; None =
-    ``SLABSERVE_PREFILL_KV_BUCKET``; see attention/prefill.py)."""
+    ``SLABSERVE_PREFILL_KV_BUCKET``; see attention/prefill.py).  ``dispatch_every``: hand
+    the forward's graph to the device every this many layers while the host builds the
+    rest (``ModelRunner.dispatch_every``; 0 = one evaluation per step)."""
 
     prefill_chunk: int = 512
     prefill_kv_bucket: int | None = None
+    dispatch_every: int = 0
 
     def __post_init__(self) -> None:
         if self.prefill_chunk <= 0:
             raise ValueError("prefill_chunk must be positive")
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:
             raise ValueError("prefill_kv_bucket must be >= 0")
+        if self.dispatch_every < 0:
+            raise ValueError("dispatch_every must be >= 0")

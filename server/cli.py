@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
                         "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET "
                         "or 0")
     g.add_argument("--watermark-blocks", type=int, default=1)
+    g.add_argument("--dispatch-every", type=int, default=0,
+                   help="start evaluating each forward every N layers while the rest is "
+                        "built (overlaps host and device work); 0 = one evaluation per step")
     return p
 
 
@@ -119,7 +122,8 @@ def configs(args: argparse.Namespace):
         watermark_blocks=args.watermark_blocks)
     engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
                           runner=RunnerConfig(prefill_chunk=sched.prefill_chunk,
-                                              prefill_kv_bucket=args.prefill_kv_bucket),
+                                              prefill_kv_bucket=args.prefill_kv_bucket,
+                                              dispatch_every=args.dispatch_every),
                           scheduler=sched, cache_limit_bytes=args.cache_limit,
                           served_name=args.served_model_name)
     return server, engine

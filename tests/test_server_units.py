@@ -151,13 +151,14 @@ def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
     args = cli.parser().parse_args([
         "--port", "0", "--kv-budget", "256M", "--block-size", "32", "--max-running", "4",
         "--max-queued", "8", "--shutdown-timeout", "2.5", "--max-body-bytes", "64k",
-        "--prefill-kv-bucket", "1024"])
+        "--prefill-kv-bucket", "1024", "--dispatch-every", "6"])
     server, engine = cli.configs(args)
     assert (server.host, server.port, server.api_key) == ("127.0.0.1", 0, "from-env")
     assert server.max_body_bytes == 64 << 10 and server.shutdown_timeout == 2.5
     assert engine.model is None and engine.cache.kv_budget_bytes == 256 << 20
     assert engine.cache.block_size == 32 and engine.scheduler.max_running == 4
     assert engine.scheduler.max_queued == 8 and engine.runner.prefill_kv_bucket == 1024
+    assert engine.runner.dispatch_every == 6
     assert engine.scheduler.prefill_chunk == engine.runner.prefill_chunk
     with pytest.raises(AttributeError):
         server.port = 1  # frozen
