@@ -71,8 +71,17 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--dispatch-every", default="0",
                     help="ModelRunner.dispatch_every values to compare (e.g. 0,6,12)")
+    ap.add_argument("--skip-writes", action="store_true",
+                    help="also time decodes with the pool's K/V writes left out (an upper "
+                    "bound on what a cheaper write path can save; attention reads stale K/V)")
     a = ap.parse_args(argv)
     runner, tok, name = load_runner(a)
+    if a.skip_writes:
+        real_write = runner.pool.write
+        runner.pool.write = lambda *args: None
+        print("### K/V writes skipped")
+        _table(runner, tok, name, argparse.Namespace(**{**vars(a), "rows": ""}))
+        runner.pool.write = real_write
     for every in (int(x) for x in a.dispatch_every.split(",")):
         runner.dispatch_every = every
         if every:
