@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Whole prefill chunks a GPU step has room for beside its decodes.  Equally long chunks run
+# as the rows of one forward (docs/adr/0007), whose cost on a GPU grows far slower than its
+# rows (H200, Qwen2.5-0.5B shape: 1 / 2 / 4 / 8 rows of 2048 tokens in 8 / 15 / 26 / 44 ms),
+# so a burst of prompts is prefilled in few steps and few steps mix prefill with decodes:
+# 2 -> 8 chunks took concurrency-8 tok/s from 234 to 509 at 4k (docs/adr/0006).
+GPU_STEP_CHUNKS = 8
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -35,8 +42,9 @@ class SchedulerConfig:
         """Defaults for a CPU or a GPU; keyword arguments that are not None override.  On a
         GPU an unset ``prefill_align`` is the effective chunk (a prompt's chunks start at
         multiples of it, so prefill shapes repeat across prompts) and an unset
-        ``max_step_tokens`` is derived from the chunk and ``max_running``: room for two
-        whole chunks beside every decode, so decodes never shave a chunk."""
+        ``max_step_tokens`` is derived from the chunk and ``max_running``: room for
+        ``GPU_STEP_CHUNKS`` whole chunks beside every decode, so decodes never shave a
+        chunk."""
         given = {k: v for k, v in overrides.items() if v is not None}
         base = (dict(prefill_chunk=2048) if gpu
                 else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
@@ -45,7 +53,7 @@ class SchedulerConfig:
             base["prefill_align"] = base["prefill_chunk"]
         if gpu and "max_step_tokens" not in given:
             running = base.get("max_running", cls.max_running)
-            base["max_step_tokens"] = 2 * base["prefill_chunk"] + running
+            base["max_step_tokens"] = GPU_STEP_CHUNKS * base["prefill_chunk"] + running
         return cls(**base)
 
     def __post_init__(self) -> None:

@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-running", type=int, default=64)
     g.add_argument("--max-queued", type=int, default=256)
     g.add_argument("--max-step-tokens", type=int, default=None,
-                   help="tokens per engine step (default 512 on CPU, 4160 on a GPU)")
+                   help="tokens per engine step (default 512 on CPU; on a GPU room for 8 "
+                        "prefill chunks beside max-running decodes)")
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="most prompt tokens of one sequence per step (default 256 on CPU, "
                         "2048 on a GPU)")

@@ -243,7 +243,7 @@ def test_device_defaults():
 
     cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
     assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
-    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (4160, 2048, 2048)
+    assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (16448, 2048, 2048)
     # the GPU alignment follows the effective chunk unless given
     assert SchedulerConfig.for_device(True, prefill_chunk=512).prefill_align == 512
     assert SchedulerConfig.for_device(True, prefill_align=256).prefill_align == 256
@@ -251,7 +251,7 @@ def test_device_defaults():
         == 512
     # the GPU step follows the effective chunk and max_running unless given
     assert SchedulerConfig.for_device(True, prefill_chunk=512, max_running=8).max_step_tokens \
-        == 2 * 512 + 8
+        == 8 * 512 + 8
     assert SchedulerConfig.for_device(True, max_step_tokens=1000).max_step_tokens == 1000
     with pytest.raises(ValueError):
         SchedulerConfig(prefill_align=0)
@@ -283,7 +283,7 @@ def test_gpu_defaults_keep_chunks_whole_beside_decodes():
 
 def test_gpu_burst_of_long_prompts_gets_no_slivers():
     """Eight 16000-token prompts at once (the GPU load grid's 16k cell): the budget's
-    left-over (max_running tokens beside two whole chunks) must not become a short chunk
+    left-over (max_running tokens beside the whole chunks) must not become a short chunk
     of a third prompt, whose later chunks would all start off the chunk alignment."""
     from scheduler.config import SchedulerConfig
 
