@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from loadtest.client import Endpoint
-from loadtest.compare import comparison_markdown, goal_checks, path_checks
+from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
 from loadtest.report import runs_markdown, write_csv, write_json, write_plots
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--compare: one more of our servers (selector on auto) with extra "
                      "'slabserve serve' arguments, e.g. --variant 'step8k=--max-step-tokens "
                      "8256' (repeatable; runs after --configs)")
+    tgt.add_argument("--rounds", type=int, default=1,
+                     help="--compare: pass over all configurations this many times, "
+                     "interleaved; ratios use each cell's median run by tok/s")
     tgt.add_argument("--ready-timeout", type=float, default=300.0,
                      help="seconds a launched server may take to answer /health")
     load = p.add_argument_group("load")
@@ -122,16 +125,20 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results, meta)
     write_csv(out / "results.csv", results)
-    plots = write_plots(out, results)
+    picked = median_runs(results)
+    plots = write_plots(out, picked)
     md = [f"# Load test {meta['started_utc']}", "", f"Command: `{meta['command']}`", "",
           f"Model: `{meta['model']}`; tokenizer: `{meta['tokenizer']}`; "
           f"machine: {meta['machine']}; versions: {meta['versions']}", "",
           "## Runs", "", runs_markdown(results)]
     md += [f"Not run: {lab} ({why})" for lab, why in meta.get("skipped", {}).items()]
     if len(labels) > 1:
-        md += ["## Comparison (ratios from this one invocation)", "",
-               comparison_markdown(results, labels), "## Goals", ""]
-        md += [f"- {line}" for line in goal_checks(results) + path_checks(results)] + [""]
+        rounds = 1 + max((r.round for r in results), default=0)
+        how = (f"the median run by tok/s of {rounds} interleaved rounds per cell"
+               if rounds > 1 else "ratios from this one invocation")
+        md += [f"## Comparison ({how})", "",
+               comparison_markdown(picked, labels), "## Goals", ""]
+        md += [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]
     md += [f"![{p.name}]({p.name})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return out / "results.md"
@@ -182,6 +189,8 @@ def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...
         return "--compare needs --model DIR or --embedded NAME"
     if args.url and args.eos_mode == "logit_bias" and not eos_ids:
         return "--eos-mode logit_bias needs --model DIR (for the EOS ids)"
+    if args.rounds < 1:
+        return "--rounds must be >= 1"
     return ""
 
 
@@ -191,7 +200,7 @@ def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict
     if args.compare:
         configs = _configs(args, model, grid)
         results, skipped = run_compare(configs, model, grid, prompts, eos_ids, out,
-                                       args.ready_timeout, progress)
+                                       args.ready_timeout, progress, args.rounds)
         return results, [c.label for c in configs], skipped
     label = args.model_name or "server"
     ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)

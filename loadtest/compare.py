@@ -24,6 +24,20 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b
 
 
+def median_runs(results: Sequence[RunResult]) -> list[RunResult]:
+    """One run per (label, context, concurrency): the median by output tok/s of its
+    rounds (the lower middle one for an even count), in first-seen order.  With one round
+    this is ``results`` itself."""
+    groups: dict[tuple[str, int, int], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.label, r.spec.context, r.spec.concurrency), []).append(r)
+    out = []
+    for runs in groups.values():
+        ranked = sorted(runs, key=lambda r: r.summary.output_tok_s)
+        out.append(ranked[(len(ranked) - 1) // 2])
+    return out
+
+
 def cells(results: Sequence[RunResult]) -> dict[tuple[int, int], dict[str, dict]]:
     """(context, concurrency) -> label -> row."""
     out: dict[tuple[int, int], dict[str, dict]] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loadtest.client import Endpoint
@@ -91,20 +91,30 @@ def endpoint_for(srv: ManagedServer, eos_ids: tuple[int, ...]) -> Endpoint:
 def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec,
                 prompts: dict[tuple[int, int], list[str]], eos_ids: tuple[int, ...],
                 log_dir: Path, ready_timeout_s: float = 300.0,
-                show_progress: bool = True) -> tuple[list[RunResult], dict[str, str]]:
-    """Start each configuration in turn on loopback, run the grid, stop it.  A server that
-    fails to start is skipped (label -> reason in the second value); the others still run."""
+                show_progress: bool = True,
+                rounds: int = 1) -> tuple[list[RunResult], dict[str, str]]:
+    """Start each configuration in turn on loopback, run the grid, stop it; with
+    ``rounds`` > 1 the whole pass repeats (configurations interleaved, so a machine that
+    drifts over minutes drifts for all of them alike) and each result carries its round.
+    A server that fails to start is skipped (label -> reason in the second value) for the
+    rest of the comparison; the others still run."""
     results: list[RunResult] = []
     skipped: dict[str, str] = {}
-    for cfg in configs:
-        print(f"[{cfg.label}] starting {cfg.kind} ...", file=sys.stderr)
-        try:
-            with ManagedServer(cfg, model_dir, log_dir / f"server-{cfg.label}.log",
-                               ready_timeout_s) as srv:
-                ep = endpoint_for(srv, eos_ids)
-                results += run_grid(ep, grid, prompts, cfg.label, show_progress)
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
-            skipped[cfg.label] = str(exc).splitlines()[0]
+    for rnd in range(rounds):
+        for cfg in configs:
+            if cfg.label in skipped:
+                continue
+            tag = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
+            log = log_dir / (f"server-{cfg.label}-r{rnd + 1}.log" if rounds > 1
+                             else f"server-{cfg.label}.log")
+            print(f"[{cfg.label}] starting {cfg.kind}{tag} ...", file=sys.stderr)
+            try:
+                with ManagedServer(cfg, model_dir, log, ready_timeout_s) as srv:
+                    ep = endpoint_for(srv, eos_ids)
+                    results += [replace(r, round=rnd)
+                                for r in run_grid(ep, grid, prompts, cfg.label, show_progress)]
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
+                skipped[cfg.label] = str(exc).splitlines()[0]
     return results, skipped
 

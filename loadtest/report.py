@@ -19,7 +19,8 @@ def row(res: RunResult) -> dict:
     """One flat dict per run: identifiers, counts, rates, latency stats (ms), path shares."""
     s = res.summary
     out: dict = {
-        "label": res.label, "context": res.spec.context, "concurrency": res.spec.concurrency,
+        "label": res.label, "round": res.round, "context": res.spec.context,
+        "concurrency": res.spec.concurrency,
         "max_tokens": res.spec.max_tokens, "prompt_tokens": s.prompt_tokens_mean,
         "requests_ok": s.requests_ok, "requests_failed": s.requests_failed,
         "failures": ";".join(f"{k}:{v}" for k, v in s.failures.items()),
@@ -77,11 +78,13 @@ RUN_HEADER = ("| config | ctx | conc | ok/fail | out tok/s | req/s | TTFT p50 / 
 def runs_markdown(results: Sequence[RunResult]) -> str:
     """One table row per run; failures by kind after ``ok/fail``."""
     lines = [RUN_HEADER, "|" + "---|" * 11]
+    rounds = any(r.round for r in results)
     for r in results:
         x = row(r)
         fails = f" ({x['failures']})" if x["failures"] else ""
+        tag = f" (round {x['round'] + 1})" if rounds else ""
         lines.append(
-            f"| {x['label']} | {x['context']} | {x['concurrency']} "
+            f"| {x['label']}{tag} | {x['context']} | {x['concurrency']} "
             f"| {x['requests_ok']}/{x['requests_failed']}{fails} "
             f"| {fmt(x['output_tok_s'], 2)} | {fmt(x['requests_s'], 3)} "
             f"| {fmt(x['ttft_p50_ms'], 0)} / {fmt(x['ttft_p90_ms'], 0)} / "

@@ -55,6 +55,7 @@ class RunResult:
     trace: PathTrace | None
     records: tuple[RequestRecord, ...]
     server_counters: dict[str, float] = field(default_factory=dict)
+    round: int = 0  # --compare --rounds: which pass over the configurations (0-based)
 
 
 class _Progress:

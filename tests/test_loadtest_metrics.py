@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from loadtest.client import _Stream
-from loadtest.compare import comparison_markdown, goal_checks, path_checks
+from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from loadtest.metrics import Dist, RequestRecord, percentile, summarize
 from loadtest.report import row, runs_markdown
 from loadtest.runner import RunResult, RunSpec
@@ -184,6 +184,24 @@ def test_goal_checks_and_tables():
     assert table.count("\n") == 4  # header, rule, two cells
     assert runs_markdown(results).count("| auto |") == 2
     assert row(results[0])["paths"] == "n/a"
+
+
+def test_rounds_compare_each_cells_median_run():
+    """Three interleaved rounds: each (label, cell) is represented by its median run by
+    tok/s, so one slow or fast process does not decide a ratio; the runs table keeps all."""
+    slow, mid, fast = 0.8, 1.0, 1.3
+    results = []
+    for rnd, (a, n) in enumerate(((fast, mid), (slow, fast), (mid, slow))):
+        results += [replace(_result("auto", 8, a, 0.2), round=rnd),
+                    replace(_result("native", 8, n, 0.2), round=rnd)]
+    picked = median_runs(results)
+    assert [(r.label, r.round) for r in picked] == [("auto", 2), ("native", 0)]
+    assert median_runs(picked) == picked  # one round: itself
+    two = median_runs([replace(results[0], round=0), replace(results[2], round=1)])
+    assert [r.round for r in two] == [1]  # even count: the lower middle (slower) run
+    table = runs_markdown(results)
+    assert table.count("| auto (round ") == 3 and "| native (round 3) |" in table
+    assert row(results[2])["round"] == 1
 
 
 def test_loadtest_imports_no_mlx_engine_scheduler_attention():
