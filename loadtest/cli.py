@@ -29,7 +29,7 @@ from loadtest.client import Endpoint
 from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
-from loadtest.report import runs_markdown, write_csv, write_json, write_plots
+from loadtest.report import failure_details, runs_markdown, write_csv, write_json, write_plots
 from loadtest.runner import RunResult
 from loadtest.servers import ROOT, STANDARD, kv_budget_args, mlx_lm_installed
 
@@ -131,6 +131,10 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
           f"Model: `{meta['model']}`; tokenizer: `{meta['tokenizer']}`; "
           f"machine: {meta['machine']}; versions: {meta['versions']}", "",
           "## Runs", "", runs_markdown(results)]
+    fails = failure_details(results)
+    if fails:
+        md += ["", "Failures (first message of each kind, as the server or client said it):",
+               ""] + [f"- `{line}`" for line in fails] + [""]
     md += [f"Not run: {lab} ({why})" for lab, why in meta.get("skipped", {}).items()]
     if len(labels) > 1:
         rounds = 1 + max((r.round for r in results), default=0)

@@ -59,6 +59,12 @@ def build_body(ep: Endpoint, prompt: str, max_tokens: int) -> dict:
     return body
 
 
+def _clip(text: str, n: int = 300) -> str:
+    """One line of at most ``n`` characters for a report."""
+    line = " ".join(text.split())
+    return line if len(line) <= n else line[: n - 3] + "..."
+
+
 def _failure_kind(exc: Exception) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timeout"
@@ -80,6 +86,7 @@ class _Stream:
         self.finished_at: float | None = None
         self.done = False
         self.error: str | None = None
+        self.detail: str | None = None
 
     def feed(self, line: str, now: float) -> None:
         chunk = parse_line(line)
@@ -87,6 +94,7 @@ class _Stream:
             return
         if chunk.error is not None:
             self.error = "stream_error"
+            self.detail = self.detail or _clip(chunk.error)
         if chunk.has_content:
             self.times.append(now)
         if chunk.finish_reason and self.finished_at is None:
@@ -108,7 +116,8 @@ class _Stream:
             start=start, end=end, chunk_times=tuple(times),
             output_tokens=int(usage.get("completion_tokens") or len(times)),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0), error=error)
+            cached_tokens=int(details.get("cached_tokens") or 0), error=error,
+            detail=self.detail)
 
 
 async def send_one(client: httpx.AsyncClient, ep: Endpoint, prompt: str, max_tokens: int,
@@ -122,10 +131,12 @@ async def send_one(client: httpx.AsyncClient, ep: Endpoint, prompt: str, max_tok
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
-                await resp.aread()
-                return RequestRecord(start=start, end=clock(), error=f"http_{resp.status_code}")
+                body = await resp.aread()
+                return RequestRecord(start=start, end=clock(), error=f"http_{resp.status_code}",
+                                     detail=_clip(body.decode("utf-8", "replace")))
             async for line in sse_lines(resp):
                 stream.feed(line, clock())
     except (httpx.HTTPError, ProtocolError) as exc:
-        return RequestRecord(start=start, end=clock(), error=_failure_kind(exc))
+        return RequestRecord(start=start, end=clock(), error=_failure_kind(exc),
+                             detail=_clip(str(exc) or type(exc).__name__))
     return stream.record(start, clock())

@@ -29,8 +29,10 @@ class RequestRecord:
 
     Invariants: ``start <= chunk_times[0] <= ... <= chunk_times[-1] <= end``;
     ``error`` is None for a success and a short failure kind (``http_429``, ``timeout``,
-    ``connect``, ``protocol``, ...) otherwise.  ``output_tokens`` is the server's usage count
-    when it sent one, else the number of content chunks.
+    ``connect``, ``protocol``, ...) otherwise, with ``detail``: the start of what the
+    server or the transport said (error body, stream error, exception text), for the report.
+    ``output_tokens`` is the server's usage count when it sent one, else the number of
+    content chunks.
     """
 
     start: float
@@ -40,6 +42,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    detail: str | None = None
 
     def __post_init__(self) -> None:
         times = (self.start, *self.chunk_times, self.end)

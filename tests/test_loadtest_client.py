@@ -80,6 +80,11 @@ def test_run_once_bounds_concurrency_excludes_warmup_and_counts_failures():
     assert fake.max_in_flight == 3
     assert len(res.records) == 10
     assert s.requests_ok == 8 and s.failures == {"http_503": 2}
+    # what the server said is kept, and the report names it once per run and kind
+    assert {r.detail for r in res.records if not r.ok} == {'{"error":{"message":"busy"}}'}
+    from loadtest.report import failure_details
+    assert failure_details([res]) == [
+        'fake ctx 64 conc 3: 2 x http_503: {"error":{"message":"busy"}}']
     assert s.output_tokens == 48 and s.short_outputs == 0
     assert s.ttft.n == 8 and s.ttft.p50 > 0 and s.itl.n == 8 * 5
     # the warm-up's 6 decisions happened before the first snapshot
@@ -105,6 +110,7 @@ def test_connect_failure_is_a_failure_kind_not_an_exception():
     res = asyncio.run(run_once(Endpoint("http://nowhere", metrics_path=None), spec,
                                ["a"] * 4, "x", False, transport=httpx.MockTransport(refuse)))
     assert res.summary.failures == {"connect": 4} and res.trace is None
+    assert {r.detail for r in res.records} == {"refused"}
 
 
 def test_variants_add_our_servers_with_extra_args():

@@ -132,6 +132,11 @@ def test_stream_record_uses_server_usage_and_detects_incomplete():
     quiet.feed(_line("", "length"), 2.0)
     quiet.feed("data: [DONE]", 2.0)
     assert quiet.record(1.0, 2.1).ttft == pytest.approx(1.0)
+    broken = _Stream()  # an error object inside the stream: kind and what it said
+    broken.feed(_line("a"), 1.0)
+    broken.feed('data: {"error": {"message": "KV cache   exhausted", "type": "x"}}', 1.1)
+    rec = broken.record(0.5, 1.2)
+    assert (rec.error, rec.detail) == ("stream_error", "KV cache exhausted")
 
 
 METRICS_BEFORE = """# TYPE slabserve:attention_path counter
