@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "concurrently, so batched shapes are warm before measuring)")
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--length-spread", type=float, default=0.0,
+                      help="prompt lengths uniform in [(1-F) x, x] of the context's prompt "
+                      "(default 0: all exactly the context; e.g. 0.5 for mixed traffic)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default loadtest-results/UTC-TIMESTAMP)")
     p.add_argument("--no-progress", action="store_true")
@@ -151,7 +154,8 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
 def _grid(args: argparse.Namespace) -> GridSpec:
     requests = _ints(args.requests) if args.requests else None
     return GridSpec(_ints(args.contexts, parse_size), _ints(args.concurrency), args.max_tokens,
-                    requests, args.duration, args.warmup, args.timeout, args.seed)
+                    requests, args.duration, args.warmup, args.timeout, args.seed,
+                    args.length_spread)
 
 
 def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:

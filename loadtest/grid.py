@@ -4,6 +4,7 @@ over several launched servers with the very same prompts."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +21,10 @@ class GridSpec:
     """Contexts x concurrency levels.  ``requests``: measured requests per run, one number
     for every run or one per concurrency level (None: max(4, 2 x concurrency)).
     ``warmup``: warm-up requests per run (None: the run's concurrency, one concurrent
-    round, so batched shapes are compiled before measuring, for every server alike)."""
+    round, so batched shapes are compiled before measuring, for every server alike).
+    ``length_spread``: 0 = every prompt fills its context exactly; F in (0, 1) = prompt
+    lengths drawn uniformly from [(1 - F) x, x] of that (seeded per prompt, the same for
+    every configuration), as real traffic has, so prefill shapes do not all repeat."""
 
     contexts: tuple[int, ...]
     concurrency: tuple[int, ...]
@@ -30,8 +34,11 @@ class GridSpec:
     warmup: int | None = None
     timeout_s: float = 600.0
     seed: int = 0
+    length_spread: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.length_spread < 1.0:
+            raise ValueError("length_spread must be in [0, 1)")
         if self.requests is not None and len(self.requests) not in (1, len(self.concurrency)):
             raise ValueError("requests: one number, or one per concurrency level")
 
@@ -56,9 +63,18 @@ def build_prompts(grid: GridSpec, tok: Tokenizer) -> dict[tuple[int, int], list[
     for spec in grid.specs():
         n = spec.warmup + spec.requests
         out[(spec.context, spec.concurrency)] = [
-            make_prompt(tok, spec.prompt_tokens, index + i, grid.seed) for i in range(n)]
+            make_prompt(tok, prompt_length(grid, spec.prompt_tokens, index + i), index + i,
+                        grid.seed) for i in range(n)]
         index += n
     return out
+
+
+def prompt_length(grid: GridSpec, full: int, index: int) -> int:
+    """Tokens of prompt ``index`` in a cell whose prompts fill ``full`` tokens."""
+    if not grid.length_spread:
+        return full
+    u = random.Random(grid.seed * 7_919 + index).random()
+    return max(1, round(full * (1.0 - grid.length_spread * u)))
 
 
 def run_grid(ep: Endpoint, grid: GridSpec, prompts: dict[tuple[int, int], list[str]],

@@ -288,6 +288,21 @@ def test_grid_requests_per_concurrency_and_distinct_prompts():
     assert [s.warmup for s in fixed.specs()] == [2, 2]
 
 
+def test_length_spread_gives_mixed_but_reproducible_prompt_lengths():
+    from loadtest.grid import GridSpec, build_prompts
+    from loadtest.prompts import char_tokenizer
+
+    tok = char_tokenizer()
+    g = GridSpec((1000,), (8,), max_tokens=8, requests=(32,), length_spread=0.5)
+    lengths = [len(tok.encode(p)) for p in build_prompts(g, tok)[(1000, 8)]]
+    assert all(496 <= n <= 992 for n in lengths) and len(set(lengths)) > 20
+    assert lengths == [len(tok.encode(p)) for p in build_prompts(g, tok)[(1000, 8)]]
+    exact = GridSpec((1000,), (8,), max_tokens=8, requests=(4,))
+    assert {len(tok.encode(p)) for p in build_prompts(exact, tok)[(1000, 8)]} == {992}
+    with pytest.raises(ValueError):
+        GridSpec((64,), (1,), 8, length_spread=1.0)
+
+
 def test_choice_check_when_auto_ran_one_forced_path():
     from loadtest.compare import dominant_path
 
