@@ -199,6 +199,8 @@ def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...
         return "--eos-mode logit_bias needs --model DIR (for the EOS ids)"
     if args.rounds < 1:
         return "--rounds must be >= 1"
+    if args.url and (args.rounds > 1 or args.variant):
+        return "--rounds and --variant need --compare"
     return ""
 
 

@@ -134,3 +134,12 @@ def test_variants_add_our_servers_with_extra_args():
     assert [c.label for c in cfgs] == ["native", "big"]
     assert cfgs[0].native is True and cfgs[1].native is None
     assert cfgs[1].extra_args == ("--kv-budget", "1G", "--max-step-tokens", "9000")
+
+
+def test_compare_only_options_are_refused_in_url_mode(capsys):
+    from loadtest.cli import main
+
+    for extra in (["--rounds", "2"], ["--variant", "x=--max-running 4"], ["--rounds", "0"]):
+        assert main(["--url", "http://127.0.0.1:9", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds and --variant need --compare" in err and "--rounds must be >= 1" in err
