@@ -78,13 +78,14 @@ RUN_HEADER = ("| config | ctx | conc | ok/fail | out tok/s | req/s | TTFT p50 / 
 def failure_details(results: Sequence[RunResult]) -> list[str]:
     """One line per run and failure kind: how many, and what the first one said."""
     lines = []
+    rounds = any(r.round for r in results)
     for r in results:
         first: dict[str, tuple[int, str | None]] = {}
         for rec in r.records:
             if rec.error is not None:
                 n, detail = first.get(rec.error, (0, rec.detail))
                 first[rec.error] = (n + 1, detail or rec.detail)
-        tag = f" (round {r.round + 1})" if r.round else ""
+        tag = f" (round {r.round + 1})" if rounds else ""
         for kind, (n, detail) in first.items():
             said = f": {detail}" if detail else ""
             lines.append(f"{r.label}{tag} ctx {r.spec.context} conc {r.spec.concurrency}: "
