@@ -1,7 +1,7 @@
 """What bounds prefill on this CPU: BLAS matmuls vs MLX's elementwise transcendentals.
 
-``python -m bench.cpu_ops``, under the OpenBLAS preload as the server runs (e.g.
-``LD_PRELOAD=$(python -c 'import slabserve.blas as b; print(b.find_openblas())')``).
+``slabserve bench cpu-ops`` (the launcher preloads OpenBLAS, as for the server; a bare
+``python -m bench.cpu_ops`` needs ``LD_PRELOAD`` set to libopenblas by hand).
 
 Times, at a Qwen2.5-0.5B MLP shape (hidden 896, intermediate 4864), float32: the gate
 projection's matmul for 256-1024 tokens (GFLOP/s), and the elementwise work around it
