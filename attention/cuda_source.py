@@ -16,6 +16,8 @@ COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
+# sources a variant appends to the common and main kernel files
+VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
 VARIANTS = ("auto", "mma", "async", "bulk", "sync")
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024

@@ -29,16 +29,15 @@ import mlx.core as mx
 from attention.base import DecodeAttention, DecodeBatch
 from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
 from attention.cuda_source import (
-    BULK_FILE,
     COMMON_FILE,
     KERNEL_FILE,
     MAX_GROUP,
     MERGE_BODY,
-    MMA_FILE,
     MMA_MAX_GROUP,
     MMA_MIN_CHUNK_TOKENS,
     SM_SMEM,
     THREADS,
+    VARIANT_FILES,
     VARIANTS,
     case_variant,
     group_block,
@@ -276,8 +275,7 @@ class NativeCUDA(DecodeAttention):
 
     def _header(self, variant: str) -> str:
         if variant not in self._headers:
-            files = [*self.common_files, self.kernel_file]
-            files += {"mma": [MMA_FILE], "bulk": [BULK_FILE]}.get(variant, [])
+            files = [*self.common_files, self.kernel_file, *VARIANT_FILES.get(variant, ())]
             self._headers[variant] = "\n".join(f.read_text() for f in files)
         return self._headers[variant]
 

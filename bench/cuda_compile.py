@@ -21,12 +21,11 @@ import tempfile
 from pathlib import Path
 
 from attention.cuda_source import (
-    BULK_FILE,
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,
-    MMA_FILE,
     THREADS,
+    VARIANT_FILES,
     case_variant,
     group_block,
     kernel_body,
@@ -70,7 +69,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
     v = case_variant(variant, mdt, mdt, hq // hkv)
-    files = [COMMON_FILE, KERNEL_FILE] + {"mma": [MMA_FILE], "bulk": [BULK_FILE]}.get(v, [])
+    files = [COMMON_FILE, KERNEL_FILE, *VARIANT_FILES.get(v, ())]
     header = "\n".join(f.read_text() for f in files)
     grp = hq // hkv
     gb = group_block(grp, 16 if v == "mma" else 8)
