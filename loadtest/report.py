@@ -75,18 +75,19 @@ RUN_HEADER = ("| config | ctx | conc | ok/fail | out tok/s | req/s | TTFT p50 / 
               "| ITL p50 / p99 ms | TPOT mean / p50 / p90 ms | E2E p50 / p99 ms | paths |")
 
 
+def _round_tags(results: Sequence[RunResult]) -> list[str]:
+    """`` (round N)`` per run when the results span several rounds, else ''."""
+    several = any(r.round for r in results)
+    return [f" (round {r.round + 1})" if several else "" for r in results]
+
+
 def failure_details(results: Sequence[RunResult]) -> list[str]:
-    """One line per run and failure kind: how many, and what the first one said."""
+    """One line per run and failure kind: how many (the run's summary), and what the
+    first one that said anything said."""
     lines = []
-    rounds = any(r.round for r in results)
-    for r in results:
-        first: dict[str, tuple[int, str | None]] = {}
-        for rec in r.records:
-            if rec.error is not None:
-                n, detail = first.get(rec.error, (0, rec.detail))
-                first[rec.error] = (n + 1, detail or rec.detail)
-        tag = f" (round {r.round + 1})" if rounds else ""
-        for kind, (n, detail) in first.items():
+    for r, tag in zip(results, _round_tags(results), strict=True):
+        for kind, n in r.summary.failures.items():
+            detail = next((x.detail for x in r.records if x.error == kind and x.detail), None)
             said = f": {detail}" if detail else ""
             lines.append(f"{r.label}{tag} ctx {r.spec.context} conc {r.spec.concurrency}: "
                          f"{n} x {kind}{said}")
@@ -96,11 +97,9 @@ def failure_details(results: Sequence[RunResult]) -> list[str]:
 def runs_markdown(results: Sequence[RunResult]) -> str:
     """One table row per run; failures by kind after ``ok/fail``."""
     lines = [RUN_HEADER, "|" + "---|" * 11]
-    rounds = any(r.round for r in results)
-    for r in results:
+    for r, tag in zip(results, _round_tags(results), strict=True):
         x = row(r)
         fails = f" ({x['failures']})" if x["failures"] else ""
-        tag = f" (round {x['round'] + 1})" if rounds else ""
         lines.append(
             f"| {x['label']}{tag} | {x['context']} | {x['concurrency']} "
             f"| {x['requests_ok']}/{x['requests_failed']}{fails} "
