@@ -20,19 +20,15 @@ from collections import Counter
 
 import mlx.core as mx
 
-from bench.step_overhead import add_runner_args, load_runner
+from bench.step_overhead import add_runner_args, allocate_tokens, eval_replaced, load_runner
 from engine.runner import SeqInput
 
 
 def count(runner, prefills, decodes) -> Counter:
     """Nodes by primitive name of the graph ``runner.forward`` would evaluate."""
     captured = {}
-    real = mx.eval
-    mx.eval = lambda *args: captured.setdefault("args", args)
-    try:
+    with eval_replaced(lambda _real, *args: captured.setdefault("args", args)):
         runner.forward(prefills, decodes)
-    finally:
-        mx.eval = real
     outs, pending = captured["args"]
     buf = io.StringIO()
     mx.export_to_dot(buf, *outs, *pending)
@@ -49,8 +45,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     runner = load_runner(a)[0]
     layers = runner.geom.num_layers
-    per = -(-(a.ctx + a.chunk + 1) // 16)
-    tables = [runner.allocator.allocate(per) for _ in range(a.batch + 1)]
+    tables = [allocate_tokens(runner, a.ctx + a.chunk + 1) for _ in range(a.batch + 1)]
     for t in tables:
         runner.forward([SeqInput(list(range(a.ctx)), 0, t, want_logits=False)], [])
     decodes = [SeqInput([5], a.ctx, t) for t in tables[:-1]]

@@ -26,28 +26,22 @@ import random
 import statistics
 import time
 
-import mlx.core as mx
-
-from bench.step_overhead import add_runner_args, load_runner
+from bench.step_overhead import add_runner_args, allocate_tokens, eval_replaced, load_runner
 from engine.runner import SeqInput
 
 
 def timed_forward(runner, pre, dec) -> tuple[float, float]:
     """(build s, eval s) of one ``runner.forward(pre, dec)``."""
-    real = mx.eval
     marks = {}
 
-    def split_eval(*args):
+    def split_eval(real, *args):
         marks["built"] = time.perf_counter()
         real(*args)
 
-    mx.eval = split_eval
-    try:
+    with eval_replaced(split_eval):
         t0 = time.perf_counter()
         runner.forward(pre, dec)
         t1 = time.perf_counter()
-    finally:
-        mx.eval = real
     return marks["built"] - t0, t1 - marks["built"]
 
 
@@ -97,14 +91,8 @@ def _table(runner, tok, name, a) -> None:
     vocab = min(len(tok), 30_000)
     ctxs = [int(x) for x in a.ctxs.split(",")]
     rows = [int(x) for x in a.rows.split(",") if x.strip()]
-    bs = runner.block_size
-    per = -(-(max(ctxs + [a.chunk]) + a.reps + 2) // bs)
-    tables = []
-    for _ in range(max([a.decodes, *rows])):
-        got = runner.allocator.allocate(per)
-        if got is None:
-            raise SystemExit("KV budget too small: raise --kv-gib")
-        tables.append(got)
+    tokens = max(ctxs + [a.chunk]) + a.reps + 2
+    tables = [allocate_tokens(runner, tokens) for _ in range(max([a.decodes, *rows]))]
     print(f"model {name} {a.dtype}, {runner.geom.num_layers} layers; median of {a.reps}")
     print("| forward | build ms | eval ms | total ms |")
     print("|---|--:|--:|--:|")
@@ -127,16 +115,10 @@ def _table(runner, tok, name, a) -> None:
 def _profile(runner, a) -> None:
     """Top host functions of one decode build at the longest context."""
     ctx = max(int(x) for x in a.ctxs.split(","))
-    tables = [runner.allocator.allocate(-(-(ctx + 1) // runner.block_size))
-              for _ in range(a.decodes)]
-    dec = [SeqInput([1], ctx, t) for t in tables]
+    dec = [SeqInput([1], ctx, allocate_tokens(runner, ctx + 1)) for _ in range(a.decodes)]
     prof = cProfile.Profile()
-    real = mx.eval
-    mx.eval = lambda *args: None
-    try:
+    with eval_replaced(lambda _real, *args: None):
         prof.runcall(runner.forward, [], dec)
-    finally:
-        mx.eval = real
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
     print(out.getvalue())

@@ -17,15 +17,8 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import add_runner_args, load_runner
+from bench.step_overhead import add_runner_args, allocate_tokens, load_runner
 from engine.runner import SeqInput
-
-
-def _blocks(runner, n: int) -> list[int]:
-    got = runner.allocator.allocate(-(-n // runner.block_size))
-    if got is None:
-        raise RuntimeError("KV budget too small")
-    return got
 
 
 def _time(runner, pre, dec, reps: int, advance: bool) -> float:
@@ -68,14 +61,14 @@ def _setup(runner, a, toks) -> tuple[list[SeqInput], dict[str, SeqInput]]:
     chunks to prefill: B and C at position 0, B and C after a ``--prefix`` prefix."""
     decs = []
     for _ in range(a.decodes):  # sequences at --ctx tokens, prefilled chunk by chunk
-        blocks = _blocks(runner, a.ctx + a.reps + 2)
+        blocks = allocate_tokens(runner, a.ctx + a.reps + 2)
         for s in range(0, a.ctx, a.chunk):
             n = min(a.chunk, a.ctx - s)
             runner.forward([SeqInput(toks(n), s, blocks, want_logits=False)], [])
         decs.append(SeqInput(toks(1), a.ctx, blocks))
     pres = {}
     for name, start in (("B0", 0), ("C0", 0), ("Bp", a.prefix), ("Cp", a.prefix)):
-        blocks = _blocks(runner, start + a.chunk)
+        blocks = allocate_tokens(runner, start + a.chunk)
         for s in range(0, start, a.chunk):
             runner.forward([SeqInput(toks(a.chunk), s, blocks, want_logits=False)], [])
         pres[name] = SeqInput(toks(a.chunk), start, blocks, want_logits=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import time
@@ -169,6 +170,30 @@ def load_runner(args):
     cache = CacheConfig(block_size=16, kv_budget_bytes=args.kv_gib << 30)
     runner = ModelRunner(model, cache)
     return runner, tok, model_name(EngineConfig(model=args.model, dtype=args.dtype))
+
+
+def allocate_tokens(runner, n: int) -> list[int]:
+    """Blocks for ``n`` tokens from ``runner``'s allocator (benchmarks that lay out their
+    own sequences); SystemExit when the KV budget cannot hold them."""
+    got = runner.allocator.allocate(-(-n // runner.block_size))
+    if got is None:
+        raise SystemExit("KV budget too small: raise --kv-gib")
+    return got
+
+
+@contextlib.contextmanager
+def eval_replaced(fn):
+    """Within the block, ``mx.eval`` calls ``fn`` (which gets the real ``mx.eval`` first,
+    then eval's arguments): how benchmarks stop or split ``ModelRunner.forward`` at its
+    evaluation."""
+    import mlx.core as mx
+
+    real = mx.eval
+    mx.eval = lambda *args: fn(real, *args)
+    try:
+        yield
+    finally:
+        mx.eval = real
 
 
 async def _main(args) -> None:
