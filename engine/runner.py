@@ -125,14 +125,18 @@ class ModelRunner:
         end = seq.start + len(seq.tokens)
         return [(seq.blocks[p // bs], p % bs) for p in range(seq.start, end)]
 
-    def _prefill(self, seq: SeqInput) -> mx.array | None:
+    def _prefix(self, seq: SeqInput) -> DecodeBatch | None:
+        """The cached tokens a chunk attends to besides itself, with the chunk (None when
+        it starts at position 0)."""
+        if seq.start == 0:
+            return None
         n = seq.start + len(seq.tokens)
-        prefix = None
-        if seq.start > 0:
-            nblk = blocks_needed(n, self.geom.block_size)
-            prefix = DecodeBatch(self.geom, [seq.blocks[:nblk]], [n])
+        return DecodeBatch(self.geom, [seq.blocks[: blocks_needed(n, self.geom.block_size)]],
+                           [n])
+
+    def _prefill(self, seq: SeqInput) -> mx.array | None:
         writes = WritePlan(self.geom, self._slots(seq))
-        ctx = ForwardContext(self.pool, writes, seq.start, None, prefix,
+        ctx = ForwardContext(self.pool, writes, seq.start, None, self._prefix(seq),
                              self.prefill_kv_bucket)
         rows = slice(-1, None) if seq.want_logits else None
         logits = self._run(mx.array([seq.tokens]), ctx, rows)
@@ -142,16 +146,10 @@ class ModelRunner:
         """Equally long chunks of several sequences as the rows of one forward (the layers
         run once on ``[rows, L]``; attention stays per row): a step's per-forward cost is
         mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
-        bs = self.geom.block_size
-        prefixes = []
-        for s in seqs:
-            n = s.start + len(s.tokens)
-            prefixes.append(None if s.start == 0 else
-                            DecodeBatch(self.geom, [s.blocks[: blocks_needed(n, bs)]], [n]))
         slots = [slot for s in seqs for slot in self._slots(s)]
         offsets = mx.array([s.start for s in seqs], dtype=mx.int32)
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, None, None,
-                             self.prefill_kv_bucket, tuple(prefixes))
+                             self.prefill_kv_bucket, tuple(self._prefix(s) for s in seqs))
         want = any(s.want_logits for s in seqs)
         logits = self._run(mx.array([s.tokens for s in seqs]), ctx,
                            slice(-1, None) if want else None)
