@@ -28,6 +28,7 @@ from functools import cache
 
 import mlx.core as mx
 
+from attention import host_math
 from attention.base import DecodeBatch
 from attention.gather import gather_kv
 from kvcache.pool import SlabPool
@@ -91,16 +92,20 @@ def prefill_attention(
     ``start + L`` (None when ``start == 0``: the chunk attends to itself only).
     ``bucket``: tokens to round shapes to (0 = exact; None = ``kv_bucket()``).
     Returns ``[1, q_heads, L, head_dim]`` in ``q``'s dtype; the result does not depend
-    on the bucket beyond floating-point rounding."""
+    on the bucket beyond floating-point rounding.  Exact shapes take the numpy softmax of
+    ``attention.host_math`` when it applies (float32 on CPU, large enough)."""
     if bucket is None:
         bucket = kv_bucket()
     if bucket > 0:
         return _bucketed(q, k_new, v_new, pool, layer, prefix, scale, bucket)
     if prefix is None:
-        return mx.fast.scaled_dot_product_attention(q, k_new, v_new, scale=scale, mask="causal")
-    k, v = gather_kv(pool, layer, prefix)
-    n = prefix.lengths[0]
-    k, v = k[:, :, :n], v[:, :, :n]
+        k, v = k_new, v_new
+    else:
+        k, v = gather_kv(pool, layer, prefix)
+        n = prefix.lengths[0]
+        k, v = k[:, :, :n], v[:, :, :n]
+    if host_math.attention_applies(q, k, v):
+        return host_math.causal_attention(q, k, v, scale)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
 

@@ -55,11 +55,15 @@ class RunnerConfig:
     prefill attention shape bucket in tokens (0 = exact shapes; None =
     ``SLABSERVE_PREFILL_KV_BUCKET``; see attention/prefill.py).  ``dispatch_every``: hand
     the forward's graph to the device every this many layers while the host builds the
-    rest (``ModelRunner.dispatch_every``; 0 = one evaluation per step)."""
+    rest (``ModelRunner.dispatch_every``; 0 = one evaluation per step).  ``host_math``:
+    float32 prefill softmax and SiLU in numpy on CPU (attention/host_math.py; None =
+    ``SLABSERVE_HOST_MATH``, unset = on where it applies); process-wide, set when the
+    runner starts."""
 
     prefill_chunk: int = 512
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
+    host_math: bool | None = None
 
     def __post_init__(self) -> None:
         if self.prefill_chunk <= 0:

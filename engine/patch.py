@@ -4,6 +4,11 @@ mlx-lm model modules import ``scaled_dot_product_attention`` from ``mlx_lm.model
 by name.  ``install`` replaces that name in the modules a model is built from with a
 dispatcher that sends paged caches to ``PagedLayerCache.attend`` and everything else to
 the original function, so plain mlx-lm use in the same process is unchanged.
+
+The same modules' ``swiglu`` (imported by name from ``mlx_lm.models.activations``) is
+replaced too: ``attention.host_math.silu_mul`` when the host path applies (float32 on
+CPU, large enough), the original otherwise, so a call the host path does not take runs
+exactly mlx-lm's compiled function.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import sys
 
 import mlx.nn as nn
 
+from attention import host_math
 from engine.paged_cache import PagedLayerCache
 
 _ATTR = "scaled_dot_product_attention"
+_SWIGLU = "swiglu"
 
 
 def _dispatcher(original):
@@ -29,8 +36,27 @@ def _dispatcher(original):
     return scaled_dot_product_attention
 
 
+def swiglu_dispatcher(original):
+    """``swiglu(gate, x)`` that takes ``host_math.silu_mul`` when it applies."""
+
+    def swiglu(gate, x):
+        if host_math.silu_applies(gate, x):
+            return host_math.silu_mul(gate, x)
+        return original(gate, x)
+
+    swiglu.__slabserve_original__ = original
+    return swiglu
+
+
+def _patch_swiglu(mod) -> None:
+    fn = getattr(mod, _SWIGLU, None)
+    if callable(fn) and not hasattr(fn, "__slabserve_original__"):
+        setattr(mod, _SWIGLU, swiglu_dispatcher(fn))
+
+
 def install(model: nn.Module) -> list[str]:
-    """Patch every module the model's classes come from; return their names.
+    """Patch every module the model's classes come from; return the names of those that
+    call mlx-lm's SDPA (their ``swiglu``, where they have one, is patched as well).
 
     Raises ValueError when no module of the model calls mlx-lm's SDPA by name (the
     architecture computes attention some other way and cannot be paged)."""
@@ -43,6 +69,7 @@ def install(model: nn.Module) -> list[str]:
             continue
         if not hasattr(fn, "__slabserve_original__"):
             setattr(mod, _ATTR, _dispatcher(fn))
+        _patch_swiglu(mod)
         patched.append(name)
     if not patched:
         raise ValueError(

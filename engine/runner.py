@@ -74,8 +74,15 @@ def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, cache_cfg: CacheConfig, prefill_kv_bucket: int | None = None
+        self, model: nn.Module, cache_cfg: CacheConfig, prefill_kv_bucket: int | None = None,
+        host_math: bool | None = None,
     ) -> None:
+        """``host_math``: when not None, switch ``attention.host_math`` on or off for the
+        process (None leaves it to ``SLABSERVE_HOST_MATH`` or an earlier override)."""
+        if host_math is not None:
+            from attention import host_math as hm
+
+            hm.set_enabled(host_math)
         self.model = model
         self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)

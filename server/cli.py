@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                         "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET "
                         "or 0")
     g.add_argument("--watermark-blocks", type=int, default=1)
+    g.add_argument("--host-math", default=None, choices=["auto", "on", "off"],
+                   help="float32 prefill softmax and SiLU in numpy on CPU (faster than MLX's "
+                        "scalar exp); default SLABSERVE_HOST_MATH or auto (on where it applies)")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
@@ -100,6 +103,11 @@ def _gpu() -> bool:
     import mlx.core as mx
 
     return mx.default_device().type == mx.gpu
+
+
+def _tristate(choice: str | None) -> bool | None:
+    """``on`` -> True, ``off`` -> False, ``auto`` or None -> None (the environment)."""
+    return {"on": True, "off": False}.get(choice or "auto")
 
 
 def configs(args: argparse.Namespace):
@@ -124,7 +132,8 @@ def configs(args: argparse.Namespace):
     engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
                           runner=RunnerConfig(prefill_chunk=sched.prefill_chunk,
                                               prefill_kv_bucket=args.prefill_kv_bucket,
-                                              dispatch_every=args.dispatch_every),
+                                              dispatch_every=args.dispatch_every,
+                                              host_math=_tristate(args.host_math)),
                           scheduler=sched, cache_limit_bytes=args.cache_limit,
                           served_name=args.served_model_name)
     return server, engine

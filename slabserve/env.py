@@ -106,3 +106,17 @@ def prefill_kv_bucket() -> int:
     if n < 0:
         raise ValueError(f"SLABSERVE_PREFILL_KV_BUCKET={raw!r} must not be negative")
     return n
+
+
+# ---- numpy softmax / SiLU on CPU (attention/host_math.py) ---------------------------------
+def host_math() -> bool | None:
+    """SLABSERVE_HOST_MATH: ``on``/``off``/``auto`` (unset = auto).  Whether float32 prefill
+    on CPU runs its softmax and SiLU in numpy (attention/host_math.py); None = auto, which
+    is on wherever the host path applies (float32, CPU)."""
+    raw = os.environ.get("SLABSERVE_HOST_MATH")
+    if raw is None or raw.strip().lower() in ("", "auto"):
+        return None
+    value = _tristate(raw)
+    if value is None:
+        raise ValueError(f"SLABSERVE_HOST_MATH={raw!r}: expected on, off or auto")
+    return value

@@ -1,0 +1,218 @@
+"""Host math (attention/host_math.py): numpy causal attention and SiLU against float64
+references, when the host path applies, the ``swiglu`` dispatcher, the switch's flow
+from flags to the process, and greedy generation with the host path forced on."""
+
+import random
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load
+
+from attention import host_math as hm
+from attention import prefill as pf
+from attention.base import DecodeBatch
+from engine import patch
+from engine.config import CacheConfig
+from engine.embedded import ensure_model
+from engine.generate import greedy_generate
+from engine.runner import ModelRunner
+from kvcache.pool import PoolGeometry, SlabPool, WritePlan
+from slabserve import env
+
+D = 64
+
+
+@pytest.fixture
+def forced():
+    """Host path on for every float32 CPU call (threshold 0); restored afterwards."""
+    old_on, old_min = hm.set_enabled(True), hm.set_min_elements(0)
+    yield
+    hm.set_enabled(old_on)
+    hm.set_min_elements(old_min)
+
+
+def _nonzero(rng, *shape):
+    x = rng.uniform(0.25, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+    return x.astype(np.float32)
+
+
+def _reference(q, k, v, start, scale):
+    """float64 causal attention: q ``[H, L, D]`` at positions start.., k/v ``[Hkv, n, D]``."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    rep = q.shape[0] // k.shape[0]
+    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+    s = np.einsum("hld,hnd->hln", q, k) * scale
+    pos = start + np.arange(q.shape[1])[:, None]
+    s = np.where(np.arange(k.shape[1])[None, :] <= pos, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("rep", [1, 7])
+@pytest.mark.parametrize("length", [1, 5, 64])
+@pytest.mark.parametrize("extra", [0, 1, 2])  # n = L + extra * L + 3 * extra: up to ~3L
+def test_causal_attention_matches_float64(rep, length, extra):
+    rng = np.random.default_rng(rep * 100 + length * 10 + extra)
+    n = length + extra * (length + 3)
+    hkv = 2
+    q = _nonzero(rng, hkv * rep, length, D)
+    k, v = _nonzero(rng, hkv, n, D), _nonzero(rng, hkv, n, D)
+    scale = D**-0.5
+    got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], scale)
+    assert got.shape == (1, hkv * rep, length, D) and got.dtype == mx.float32
+    want = _reference(q, k, v, n - length, scale)
+    np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
+
+
+def test_causal_mask_is_mlx_bottom_right():
+    """MLX's ``mask="causal"`` with fewer queries than keys: the same semantics."""
+    rng = np.random.default_rng(0)
+    q, k, v = _nonzero(rng, 1, 4, 9, D), _nonzero(rng, 1, 2, 30, D), _nonzero(rng, 1, 2, 30, D)
+    q, k, v = mx.array(q), mx.array(k), mx.array(v)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    got = hm.causal_attention(q, k, v, 0.125)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_attention_rejects_more_queries_than_keys():
+    q, k = mx.zeros((1, 2, 5, D)), mx.zeros((1, 2, 4, D))
+    with pytest.raises(ValueError):
+        hm.causal_attention(q, k, k, 1.0)
+
+
+@pytest.mark.parametrize("start,length", [(0, 37), (13, 40), (61, 1), (100, 50)])
+def test_prefill_attention_host_path_over_the_pool(forced, start, length, monkeypatch):
+    """``prefill_attention`` (bucket 0) takes the host path with and without a prefix."""
+    rng = np.random.default_rng(start + length)
+    hkv, bs, sb, n = 2, 4, 8, start + length
+    geom = PoolGeometry(1, hkv, D, bs, sb, mx.float32)
+    nblk = -(-n // bs)
+    pool = SlabPool(geom, initial_slabs=-(-2 * nblk // sb))
+    table = random.Random(3).sample(range(pool.num_slabs * sb), nblk)
+    k, v = _nonzero(rng, hkv, n, D), _nonzero(rng, hkv, n, D)
+    plan = WritePlan(geom, [(table[p // bs], p % bs) for p in range(n)])
+    pool.write(0, plan, mx.array(k.transpose(1, 0, 2)), mx.array(v.transpose(1, 0, 2)))
+    mx.eval(pool.take_pending())
+    calls = []
+    real = hm.causal_attention
+    monkeypatch.setattr(hm, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    q = _nonzero(rng, 2 * hkv, length, D)
+    prefix = DecodeBatch(geom, [table], [n]) if start else None
+    got = pf.prefill_attention(mx.array(q)[None], mx.array(k[:, start:])[None],
+                               mx.array(v[:, start:])[None], pool, 0, prefix, D**-0.5, bucket=0)
+    assert calls == [1]
+    want = _reference(q, k, v, start, D**-0.5)
+    np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 33, 130), (1, 1)])
+def test_silu_mul_matches_float64(shape):
+    rng = np.random.default_rng(len(shape))
+    g = (rng.standard_normal(shape) * 8).astype(np.float32)
+    g.flat[0] = -120.0  # exp(-g) overflows: silu -> -0
+    x = rng.standard_normal(shape).astype(np.float32)
+    got = hm.silu_mul(mx.array(g), mx.array(x))
+    g64 = g.astype(np.float64)
+    want = g64 / (1 + np.exp(-g64)) * x
+    assert got.shape == shape and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul_of_a_transposed_view():
+    g = mx.random.normal((40, 24), key=mx.random.key(1)).T
+    x = mx.random.normal((24, 40), key=mx.random.key(2))
+    np.testing.assert_allclose(np.array(hm.silu_mul(g, x)), np.array(nn.silu(g) * x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_predicates(forced):
+    a32 = mx.zeros((1, 2, 8, D))
+    assert hm.attention_applies(a32, a32, a32) and hm.silu_applies(a32, a32)
+    for dt in (mx.float16, mx.bfloat16):
+        a = a32.astype(dt)
+        assert not hm.attention_applies(a, a, a) and not hm.silu_applies(a, a)
+    assert not hm.silu_applies(a32, mx.zeros((1, 2, 1, D)))  # broadcasting: mlx-lm's own
+    hm.set_min_elements(2 * 8 * 8 + 1)  # scores H*L*n = 128 elements
+    assert not hm.attention_applies(a32, a32, a32)
+    hm.set_min_elements(2 * 8 * 8)
+    assert hm.attention_applies(a32, a32, a32)
+    hm.set_enabled(False)
+    assert not hm.attention_applies(a32, a32, a32) and not hm.silu_applies(a32, a32)
+    with pytest.raises(ValueError):
+        hm.set_min_elements(-1)
+
+
+@pytest.mark.parametrize("raw,want", [(None, None), ("auto", None), ("on", True),
+                                      ("1", True), ("off", False), ("0", False)])
+def test_env_switch(monkeypatch, raw, want):
+    if raw is None:
+        monkeypatch.delenv("SLABSERVE_HOST_MATH", raising=False)
+    else:
+        monkeypatch.setenv("SLABSERVE_HOST_MATH", raw)
+    assert env.host_math() is want
+
+
+def test_env_switch_rejects_garbage(monkeypatch):
+    monkeypatch.setenv("SLABSERVE_HOST_MATH", "sometimes")
+    with pytest.raises(ValueError):
+        env.host_math()
+
+
+def test_swiglu_dispatcher_routes(forced, monkeypatch):
+    seen = []
+    fake = patch.swiglu_dispatcher(lambda g, x: seen.append("mlx") or g * x)
+    monkeypatch.setattr(hm, "silu_mul", lambda g, x: seen.append("host") or g)
+    a = mx.ones((4, 8))
+    fake(a, a)
+    fake(a.astype(mx.float16), a.astype(mx.float16))
+    hm.set_enabled(False)
+    fake(a, a)
+    assert seen == ["host", "mlx", "mlx"]
+
+
+def test_cli_flag_reaches_runner_config():
+    from server.cli import configs, parser
+
+    for flag, want in (("on", True), ("off", False), ("auto", None)):
+        _, engine = configs(parser().parse_args(["--host-math", flag]))
+        assert engine.runner.host_math is want
+    _, engine = configs(parser().parse_args([]))
+    assert engine.runner.host_math is None
+
+
+MAX_TOKENS = 8
+
+
+def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch):
+    model, _ = load(str(ensure_model("tiny")))
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 70)]
+    hm.set_enabled(False)  # mlx-lm's own numbers (its swiglu may be patched already)
+    refs = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)]
+            for p in prompts]
+    assert all(len(set(r)) > 3 for r in refs), "degenerate output makes the test weak"
+    counts = {"attn": 0, "silu": 0}
+    real_attn, real_silu = hm.causal_attention, hm.silu_mul
+
+    def attn(*a):
+        counts["attn"] += 1
+        return real_attn(*a)
+
+    def silu(*a):
+        counts["silu"] += 1
+        return real_silu(*a)
+
+    monkeypatch.setattr(hm, "causal_attention", attn)
+    monkeypatch.setattr(hm, "silu_mul", silu)
+    runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
+                         host_math=True)
+    assert hasattr(sys.modules[type(model).__module__].swiglu, "__slabserve_original__")
+    got = greedy_generate(runner, prompts, MAX_TOKENS, chunk=32)
+    assert got == refs
+    layers = len(model.layers)
+    assert counts["attn"] == layers * (1 + 3)  # prefill chunks: 5 | 32 + 32 + 6
+    assert counts["silu"] >= counts["attn"]  # and every decode step's MLP
