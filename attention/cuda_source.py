@@ -18,7 +18,7 @@ MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
 # sources a variant appends to the common and main kernel files
 VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
-VARIANTS = ("auto", "mma", "async", "bulk", "sync")
+VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred")
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -56,16 +56,22 @@ def group_block(g: int, cap: int = MAX_GROUP) -> int:
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
-def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1) -> str:
+def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
+                 head_dim: int | None = None) -> str:
     """The variant that runs a case.  "mma" needs a float16/bfloat16 pool and a query of the
     same dtype, else the "async" FMA variant takes it.  "auto" picks "mma" where that holds
     and the kv group has at least MMA_MIN_GROUP q heads, else "async": on an H200 (chunk
     sweep, docs/benchmarks/cuda-attention.md) mma was 15-32% faster at 7 q heads per kv
-    head (Qwen2.5-0.5B's 14/2) and 5-20% slower at 4 (32/8); 5 is unmeasured."""
+    head (Qwen2.5-0.5B's 14/2) and 5-20% slower at 4 (32/8); 5 is unmeasured.  "xred"
+    (async with the row-group reduction in shared memory) covers head_dim 64 with a 16-bit
+    pool and 2 or 4 q heads per kv head; other cases run "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     if variant == "auto":
         return "mma" if mma_ok and group >= MMA_MIN_GROUP else "async"
     if variant == "mma" and not mma_ok:
+        return "async"
+    if variant == "xred" and not (head_dim == 64 and pool_dtype in MMA_DTYPES
+                                  and group in (2, 4)):
         return "async"
     return variant
 
@@ -73,7 +79,7 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1) -> str:
 def unit_tokens(gb: int, variant: str = "sync") -> int:
     """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
     variant keeps several units in flight through shared memory instead)."""
-    if variant in ("async", "bulk"):
+    if variant in ("async", "bulk", "xred"):
         return 4
     return 8 if gb <= 4 else 4
 
@@ -111,17 +117,18 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory), "bulk" (the async work split, page tiles by sm_90 bulk copies)
-    or "sync" (register loads)."""
+    dynamic shared memory; "xred": the same with the shared-memory reduction), "bulk" (the
+    async work split, page tiles by sm_90 bulk copies) or "sync" (register loads)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
         tail = ", slabserve_smem"
-    elif variant in ("async", "bulk"):
+    elif variant in ("async", "bulk", "xred"):
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        call = f"pooled_decode_{variant}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
+        name, xred = ("async", ", true") if variant == "xred" else (variant, "")
+        call = f"pooled_decode_{name}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{xred}>"
         tail = ", slabserve_smem"
     else:
         head, call, tail = "", f"pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>", ""
@@ -145,7 +152,7 @@ def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages
     if variant == "mma":
         warps = threads // 32
         return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
-    if variant not in ("async", "bulk"):
+    if variant not in ("async", "bulk", "xred"):
         return 0
     rows = threads // (d * dtype_size // 16)
     return max(stages * 2 * unit * threads * 16, (rows * gb * d + 2 * rows * gb) * 4)

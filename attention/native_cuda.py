@@ -56,7 +56,9 @@ class NativeCUDA(DecodeAttention):
 
     ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
     head, else "async"), "mma" (tensor-core products for float16/bfloat16; other dtypes
-    go to "async"), "async" (FMA products, cp.async stage ring), "bulk" (FMA products,
+    go to "async"), "async" (FMA products, cp.async stage ring), "xred" (async with the
+    row-group reduction through shared memory and one exp2 per score: head_dim 64, 16-bit
+    K/V, 2 or 4 q heads per kv head; opt-in, being measured), "bulk" (FMA products,
     page tiles by sm_90 bulk copies: opt-in, being measured) or "sync" (register loads);
     ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
@@ -164,7 +166,7 @@ class NativeCUDA(DecodeAttention):
     def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
         """(variant, q heads per GPU block) for a case."""
         grp = q.shape[1] // g.kv_heads
-        variant = case_variant(self.variant, q.dtype, g.dtype, grp)
+        variant = case_variant(self.variant, q.dtype, g.dtype, grp, g.head_dim)
         return variant, group_block(grp, MMA_MAX_GROUP if variant == "mma" else MAX_GROUP)
 
     def _head_blocks(self, q: mx.array, g: PoolGeometry) -> int:

@@ -68,7 +68,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     import mlx.core as mx
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
-    v = case_variant(variant, mdt, mdt, hq // hkv)
+    v = case_variant(variant, mdt, mdt, hq // hkv, d)
     files = [COMMON_FILE, KERNEL_FILE, *VARIANT_FILES.get(v, ())]
     header = "\n".join(f.read_text() for f in files)
     grp = hq // hkv

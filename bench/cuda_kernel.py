@@ -238,7 +238,7 @@ def make_natives(spec: str) -> dict:
     ``f``: the chunk merge fused into the main launch)."""
     out = {}
     for name in spec.split(","):
-        m = re.fullmatch(r"(sync|async|bulk|mma|auto)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)", name)
+        m = re.fullmatch(r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)", name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
         variant, stages, unit, threads, fused = m.groups()

@@ -342,3 +342,28 @@ def test_bulk_variant_shares_the_async_ring_and_plan():
     assert NativeCUDA(variant="bulk")._plan_params(q, geom).blocks_per_sm == 4
     deep = NativeCUDA(variant="bulk", stages=6)._plan_params(q, geom)  # 96 KiB rings
     assert deep.blocks_per_sm == 2
+
+
+def test_xred_variant_takes_only_its_shapes():
+    """"xred" (the async ring with the row-group reduction in shared memory) runs head_dim
+    64 with a 16-bit pool and 2 or 4 q heads per kv head; anything else runs "async", with
+    the same ring, unit and plan; its kernel body instantiates the async kernel with the
+    reduction flag."""
+    from attention.cuda_source import case_variant, kernel_body, smem_bytes
+
+    assert case_variant("xred", mx.float16, mx.float16, 4, 64) == "xred"
+    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 2, 64) == "xred"
+    for args in [(mx.float32, mx.float32, 4, 64), (mx.float16, mx.float16, 8, 64),
+                 (mx.float16, mx.float16, 4, 128), (mx.float16, mx.float16, 7, 64),
+                 (mx.float16, mx.float16, 4, None)]:
+        assert case_variant("xred", *args) == "async", args
+    assert smem_bytes("xred", 2, 64, 4, 4, 3) == smem_bytes("async", 2, 64, 4, 4, 3)
+    assert unit_tokens(4, "xred") == 4
+    body = kernel_body(2, "split", "xred")
+    assert "pooled_decode_async<" in body and "false, true>" in body
+    assert ", true>" not in kernel_body(2, "split", "async")
+    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
+    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
+    nat = NativeCUDA(variant="xred")
+    assert nat._case(q, geom) == ("xred", 4)
+    assert nat._plan_params(q, geom) == NativeCUDA(variant="async")._plan_params(q, geom)

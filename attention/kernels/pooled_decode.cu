@@ -158,12 +158,104 @@ __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// consume_unit with the row-group reduction through shared memory ("xred"): 8 lanes per
+// row (D = 64, 16-bit K/V), U = 4 tokens, GB in {2, 4} heads, so N = GB * U scores per
+// unit and N / 8 of them per lane.  Each lane writes its N partial dot products to `scr`
+// (this row group's 128 floats: the warp's K vectors of the current stage, free once every
+// lane has read its own), then sums the 8 partials of the scores it owns (score p = g*U+j
+// is owned by lane p % 8: head 2*(p/8) + lane/4, token lane % 4), takes the head maximum
+// over its lane quad, computes exp2 once per (head, token), and shares the weights back
+// through `scr`.  Instead of 3 shuffle-adds per score and lane and GB*U exp2 per lane:
+// N/8 reductions of 8 partials and N/8 exp2 per lane.  Offsets are rotated by the row
+// group so the 32 lanes of a warp hit 32 banks.  Same online softmax as consume_unit.
+template <typename T, int GB, int U, int VEC, typename VRow>
+__device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, int nvalid,
+                                               const float (&qv)[GB][VEC], float (&m)[GB],
+                                               float (&l)[GB], float (&acc)[GB][VEC],
+                                               float* scr, int lane, int rgw) {
+  constexpr int N = GB * U, TPR = 8, PPL = N / TPR;
+  static_assert(U == 4 && (GB == 2 || GB == 4) && VEC == 8, "xred: D 64, 16-bit, GB 2 or 4");
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    float kf[VEC];
+    unpack(kr[j], kf, (const T*)nullptr);
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+      float d = 0.f;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) d = fmaf(qv[g][i], kf[i], d);
+      scr[((g * U + j + rgw) % N) * TPR + lane] = d;
+    }
+  }
+  __syncwarp();
+  const int qd = lane >> 2;  // the quad: which head of each pair of heads this lane owns
+  float s[PPL], mn[PPL];
+#pragma unroll
+  for (int k = 0; k < PPL; ++k) {
+    const float4* r = reinterpret_cast<const float4*>(scr + ((lane + TPR * k + rgw) % N) * TPR);
+    const float4 a = r[0], b = r[1];
+    const float t = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+    s[k] = (lane & 3) < nvalid ? t : -INFINITY;
+    float x = fmaxf(s[k], __shfl_xor_sync(0xffffffffu, s[k], 1));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    mn[k] = fmaxf(qd ? m[2 * k + 1] : m[2 * k], x);
+  }
+#pragma unroll
+  for (int g = 0; g < GB; ++g) {
+    const float mg = __shfl_sync(0xffffffffu, mn[g >> 1], (g & 1) * 4, TPR);
+    if (mg > m[g]) {  // rescale only when the running max grows (exp2(-inf) = 0 at first)
+      const float alpha = exp2f(m[g] - mg);
+      l[g] *= alpha;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
+      m[g] = mg;
+    }
+  }
+  __syncwarp();  // every partial is read before the weights overwrite them
+  float* w = scr + rgw * 8;
+#pragma unroll
+  for (int k = 0; k < PPL; ++k) {
+    const float mo = qd ? m[2 * k + 1] : m[2 * k];
+    w[lane + TPR * k] = exp2f(s[k] - (mo == -INFINITY ? 0.f : mo));  // masked: 0
+  }
+  __syncwarp();
+  float p[N];
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const float4 f = reinterpret_cast<const float4*>(w)[i];
+    p[4 * i] = f.x;
+    p[4 * i + 1] = f.y;
+    p[4 * i + 2] = f.z;
+    p[4 * i + 3] = f.w;
+  }
+  __syncwarp();  // the weights are read before the next unit or stage reuses `scr`
+#pragma unroll
+  for (int g = 0; g < GB; ++g) {
+    float psum = 0.f;
+#pragma unroll
+    for (int j = 0; j < U; ++j) psum += p[g * U + j];
+    l[g] += psum;
+  }
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (j < nvalid) {  // masked rows may hold stale data: never multiply them
+      float vf[VEC];
+      unpack(vrow(j), vf, (const T*)nullptr);
+#pragma unroll
+      for (int g = 0; g < GB; ++g) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(p[g * U + j], vf[i], acc[g][i]);
+      }
+    }
+  }
+}
+
 // Variant 2: an ST-stage cp.async pipeline per thread.  Each thread copies its own 16-byte
 // vectors of unit it+ST-1 into shared memory while it computes unit it, and reads back
 // only what it copied itself, so no block barrier is needed inside the loop.  Block ids
 // are loaded one unit further ahead.  smem: dynamic, max(ST*2*U*NT*16, merge) bytes.
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
-          int ST, bool DIRECT>
+          int ST, bool DIRECT, bool XRED = false>
 __device__ __forceinline__ void pooled_decode_async(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
@@ -212,8 +304,15 @@ __device__ __forceinline__ void pooled_decode_async(
     for (int j = 0; j < U; ++j) kr[j] = src[j * NT];
     const int u0 = first + it * span;
     const int nvalid = u0 < st.tok_end ? min(U, st.tok_end - u0) : 0;
-    consume_unit<T, GB, U, VEC, S::TPR>(kr, [&](int j) { return src[(U + j) * NT]; }, nvalid,
-                                        qv, m, l, acc);
+    auto vrow = [&](int j) { return src[(U + j) * NT]; };
+    if constexpr (XRED) {  // scratch: this row group's K vectors of the stage (all read)
+      __syncwarp();
+      float* scr = reinterpret_cast<float*>(smem + (it % ST) * 2 * U * NT + st.rgw * NT +
+                                            st.warp * 32);
+      consume_unit_x<T, GB, U, VEC>(kr, vrow, nvalid, qv, m, l, acc, scr, st.lane, st.rgw);
+    } else {
+      consume_unit<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc);
+    }
   }
   cp_wait<0>();
   __syncthreads();  // the stage buffers are reused by the merge
