@@ -35,16 +35,17 @@ TOL = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
 
 def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, seed=0,
-              contiguous=False):
+              contiguous=False, max_slabs=None):
     """A pool filled with random (never zero) K/V, tables drawn from a random permutation
     of every block of every slab (so tables are shuffled across slabs), and random q.
     ``contiguous``: tables are consecutive block ids instead (what the server's
-    lowest-id-first allocator hands a prompt prefilled alone)."""
+    lowest-id-first allocator hands a prompt prefilled alone).  ``max_slabs``: the pool's
+    declared capacity, which sets the kernel's slab inputs (the server's pools declare 32)."""
     rng = np.random.default_rng(seed)
     need = sum(-(-n // bs) for n in lengths) + spare
     slabs = max(1, -(-need // slab_blocks))
     geom = PoolGeometry(layers, hkv, d, bs, slab_blocks, dtype)
-    pool = SlabPool(geom)
+    pool = SlabPool(geom, max_slabs=max_slabs)
     rows = slab_blocks * hkv * bs
     for side in (pool.k, pool.v):
         for layer in range(layers):
@@ -187,10 +188,10 @@ def chain(attn, q, layers):
 
 
 def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16,
-         dt=mx.float16, contiguous=False):
+         dt=mx.float16, contiguous=False, max_slabs=None):
     """Per-layer microseconds of each method for one (batch, context) cell."""
     pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, dt, 4096, layers=layers,
-                               contiguous=contiguous)
+                               contiguous=contiguous, max_slabs=max_slabs)
     scale = 1.0 / math.sqrt(d)
     res = dict(B=b, ctx=ctx, layers=layers, slabs=pool.num_slabs, shape=f"{hq}/{hkv}/{d}",
                dtype=str(dt).split(".")[-1])
@@ -254,7 +255,8 @@ def parse_shape(spec: str) -> dict:
     return dict(hq=int(hq), hkv=int(hkv), d=int(d), dt=DT[dt])
 
 
-def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=False) -> list:
+def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=False,
+          max_slabs=None) -> list:
     bw = max(copy_bandwidth(), torch_copy_bandwidth())
     ovh = op_overhead(layers)
     print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained; "
@@ -263,8 +265,9 @@ def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=Fa
     rows = []
     for b, ctx in cells:
         r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep, contiguous=contiguous,
-                 **parse_shape(shape))
+                 max_slabs=max_slabs, **parse_shape(shape))
         r["tables"] = "contiguous" if contiguous else "shuffled"
+        r["max_slabs"] = max_slabs
         r["bw_TBps"] = bw / 1e12
         r["op_overhead_us"] = ovh
         rows.append(r)
@@ -319,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="32/8/64/f16",
                     help="table shapes q/kv/head_dim/dtype, comma-separated")
     ap.add_argument("--shard", default="0/1", help="k/n: run check cases i % n == k")
+    ap.add_argument("--max-slabs", type=int, default=None,
+                    help="the pool's declared slab capacity (sets the kernel's slab inputs; "
+                    "the server declares 32); default: none")
     ap.add_argument("--contiguous", action="store_true",
                     help="tables of consecutive blocks (default: shuffled over all slabs)")
     ap.add_argument("--out", default=None)
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
         result["table"] = {}
         for shape in a.shapes.split(","):
             result["table"][shape] = table(cells, a.layers, natives, shape=shape,
-                                           contiguous=a.contiguous)
+                                           contiguous=a.contiguous, max_slabs=a.max_slabs)
         for rows in result["table"].values():
             for name in natives:
                 print_table(rows, name)
