@@ -56,22 +56,28 @@ def group_block(g: int, cap: int = MAX_GROUP) -> int:
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
+def xred_applies(pool_dtype, group: int, head_dim: int | None) -> bool:
+    """Whether the "xred" kernel (8 lanes per K row, 2 or 4 q heads per block) takes a case:
+    head_dim 64, a float16/bfloat16 pool, 2 or 4 q heads per kv head."""
+    return head_dim == 64 and pool_dtype in MMA_DTYPES and group in (2, 4)
+
+
 def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
                  head_dim: int | None = None) -> str:
     """The variant that runs a case.  "mma" needs a float16/bfloat16 pool and a query of the
-    same dtype, else the "async" FMA variant takes it.  "auto" picks "mma" where that holds
-    and the kv group has at least MMA_MIN_GROUP q heads, else "async": on an H200 (chunk
-    sweep, docs/benchmarks/cuda-attention.md) mma was 15-32% faster at 7 q heads per kv
-    head (Qwen2.5-0.5B's 14/2) and 5-20% slower at 4 (32/8); 5 is unmeasured.  "xred"
-    (async with the row-group reduction in shared memory) covers head_dim 64 with a 16-bit
-    pool and 2 or 4 q heads per kv head; other cases run "async"."""
+    same dtype, else the "async" FMA variant takes it; "xred" needs ``xred_applies``, else
+    "async" takes it.  "auto" (H200 measurements, docs/benchmarks/cuda-attention.md):
+    "mma" where it applies with at least MMA_MIN_GROUP q heads per kv head (15-32% faster
+    than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
+    applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
+    16-32k, within the noise elsewhere), else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
+    xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":
-        return "mma" if mma_ok and group >= MMA_MIN_GROUP else "async"
-    if variant == "mma" and not mma_ok:
-        return "async"
-    if variant == "xred" and not (head_dim == 64 and pool_dtype in MMA_DTYPES
-                                  and group in (2, 4)):
+        if mma_ok and group >= MMA_MIN_GROUP:
+            return "mma"
+        return "xred" if xred_ok else "async"
+    if (variant == "mma" and not mma_ok) or (variant == "xred" and not xred_ok):
         return "async"
     return variant
 

@@ -55,10 +55,11 @@ class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
 
     ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
-    head, else "async"), "mma" (tensor-core products for float16/bfloat16; other dtypes
-    go to "async"), "async" (FMA products, cp.async stage ring), "xred" (async with the
-    row-group reduction through shared memory and one exp2 per score: head_dim 64, 16-bit
-    K/V, 2 or 4 q heads per kv head; opt-in, being measured), "bulk" (FMA products,
+    head, else "xred" where it applies, else "async"; cuda_source.case_variant), "mma"
+    (tensor-core products for float16/bfloat16; other dtypes go to "async"), "async" (FMA
+    products, cp.async stage ring), "xred" (async with the row-group reduction through
+    shared memory and one exp2 per score: head_dim 64, 16-bit K/V, 2 or 4 q heads per kv
+    head), "bulk" (FMA products,
     page tiles by sm_90 bulk copies: opt-in, being measured) or "sync" (register loads);
     ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
