@@ -15,7 +15,10 @@ a small thread pool, on row blocks that fit in L2.
 Both evaluate the MLX graph they depend on (a synchronisation point), so they are used
 only when ``attention_applies`` / ``silu_applies`` say so: host math enabled, default
 device CPU, float32, and at least ``min_elements()`` elements of work (scores ``H*L*n``,
-or gate elements) so that decode steps keep MLX's lazy graph.
+or gate elements) so that decode steps keep MLX's lazy graph.  ``silu_applies`` also
+requires ``active()`` on this thread, which ``ModelRunner`` holds around its forward: the
+patched ``swiglu`` is module-wide, and plain mlx-lm use of the same classes (possibly under
+``mx.compile``, where an evaluation mid-call is an error) must keep mlx-lm's function.
 
 Invariant of ``causal_attention``: the score matrix is a fresh MLX matmul output owned
 here; the softmax is written into its buffer in place (a writable numpy view) and the
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 
 import mlx.core as mx
@@ -42,6 +47,7 @@ _ENABLED: bool | None = None
 _MIN_ELEMENTS: int | None = None
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_SCOPE = threading.local()
 
 
 @cache
@@ -80,6 +86,23 @@ def set_min_elements(n: int | None) -> int | None:
     return old
 
 
+@contextmanager
+def active() -> Iterator[None]:
+    """Within this block (on this thread) ``silu_applies`` may say yes: the model runner's
+    forward.  Nests."""
+    prev = getattr(_SCOPE, "on", False)
+    _SCOPE.on = True
+    try:
+        yield
+    finally:
+        _SCOPE.on = prev
+
+
+def in_scope() -> bool:
+    """Whether this thread is inside ``active()``."""
+    return getattr(_SCOPE, "on", False)
+
+
 def _usable(*arrays: mx.array) -> bool:
     return (np is not None and enabled() and mx.default_device() == mx.cpu
             and all(a.dtype == mx.float32 for a in arrays))
@@ -92,9 +115,10 @@ def attention_applies(q: mx.array, k: mx.array, v: mx.array) -> bool:
 
 
 def silu_applies(gate: mx.array, x: mx.array) -> bool:
-    """Whether ``silu_mul`` should replace mlx-lm's ``swiglu`` (same shapes, no
-    broadcasting)."""
-    return gate.shape == x.shape and gate.size >= min_elements() and _usable(gate, x)
+    """Whether ``silu_mul`` should replace mlx-lm's ``swiglu`` (inside ``active()``, same
+    shapes, no broadcasting)."""
+    return (in_scope() and gate.shape == x.shape and gate.size >= min_elements()
+            and _usable(gate, x))
 
 
 def workers() -> int:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from attention import DecodeBatch
+from attention import host_math as hmath
 from engine import patch
 from engine.config import CacheConfig
 from engine.paged_cache import ForwardContext, PagedLayerCache
@@ -80,9 +81,7 @@ class ModelRunner:
         """``host_math``: when not None, switch ``attention.host_math`` on or off for the
         process (None leaves it to ``SLABSERVE_HOST_MATH`` or an earlier override)."""
         if host_math is not None:
-            from attention import host_math as hm
-
-            hm.set_enabled(host_math)
+            hmath.set_enabled(host_math)
         self.model = model
         self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
@@ -119,10 +118,11 @@ class ModelRunner:
         for c in self.caches:
             c.ctx = ctx
             c.dispatch = every > 0 and (c.layer + 1) % every == 0 and c.layer + 1 < n
-        if head_rows is None or self.model_type not in _HEAD_SPLIT:
-            out = self.model(inputs, cache=self.caches)
-            return None if head_rows is None else out[:, head_rows, :]
-        hidden = self.model.model(inputs, cache=self.caches)[:, head_rows, :]
+        with hmath.active():  # the patched swiglu may take numpy here only
+            if head_rows is None or self.model_type not in _HEAD_SPLIT:
+                out = self.model(inputs, cache=self.caches)
+                return None if head_rows is None else out[:, head_rows, :]
+            hidden = self.model.model(inputs, cache=self.caches)[:, head_rows, :]
         if getattr(self.model, "lm_head", None) is not None:
             return self.model.lm_head(hidden)
         return self.model.model.embed_tokens.as_linear(hidden)

@@ -131,6 +131,13 @@ def test_silu_mul_of_a_transposed_view():
 
 def test_predicates(forced):
     a32 = mx.zeros((1, 2, 8, D))
+    assert not hm.silu_applies(a32, a32)  # outside the runner's forward: mlx-lm's own
+    with hm.active():
+        _predicates_in_scope(a32)
+    assert not hm.in_scope()
+
+
+def _predicates_in_scope(a32):
     assert hm.attention_applies(a32, a32, a32) and hm.silu_applies(a32, a32)
     for dt in (mx.float16, mx.bfloat16):
         a = a32.astype(dt)
@@ -167,11 +174,13 @@ def test_swiglu_dispatcher_routes(forced, monkeypatch):
     fake = patch.swiglu_dispatcher(lambda g, x: seen.append("mlx") or g * x)
     monkeypatch.setattr(hm, "silu_mul", lambda g, x: seen.append("host") or g)
     a = mx.ones((4, 8))
-    fake(a, a)
-    fake(a.astype(mx.float16), a.astype(mx.float16))
-    hm.set_enabled(False)
-    fake(a, a)
-    assert seen == ["host", "mlx", "mlx"]
+    fake(a, a)  # outside a runner forward
+    with hm.active():
+        fake(a, a)
+        fake(a.astype(mx.float16), a.astype(mx.float16))
+        hm.set_enabled(False)
+        fake(a, a)
+    assert seen == ["mlx", "host", "mlx", "mlx"]
 
 
 def test_cli_flag_reaches_runner_config():
