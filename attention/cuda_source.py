@@ -57,9 +57,11 @@ def group_block(g: int, cap: int = MAX_GROUP) -> int:
 
 
 def xred_applies(pool_dtype, group: int, head_dim: int | None) -> bool:
-    """Whether the "xred" kernel (8 lanes per K row, 2 or 4 q heads per block) takes a case:
-    head_dim 64, a float16/bfloat16 pool, 2 or 4 q heads per kv head."""
-    return head_dim == 64 and pool_dtype in MMA_DTYPES and group in (2, 4)
+    """Whether the "xred" kernel takes a case: a float16/bfloat16 pool and head_dim 64 with
+    2 or 4 q heads per kv head (8 lanes per K row), or head_dim 128 with 4 (16 lanes)."""
+    if pool_dtype not in MMA_DTYPES:
+        return False
+    return (head_dim == 64 and group in (2, 4)) or (head_dim == 128 and group == 4)
 
 
 def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
@@ -70,7 +72,8 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     "mma" where it applies with at least MMA_MIN_GROUP q heads per kv head (15-32% faster
     than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
     applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
-    16-32k, within the noise elsewhere), else "async"."""
+    16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md),
+    else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":

@@ -348,17 +348,19 @@ def test_bulk_variant_shares_the_async_ring_and_plan():
 
 
 def test_xred_variant_takes_only_its_shapes():
-    """"xred" (the async ring with the row-group reduction in shared memory) runs head_dim
-    64 with a 16-bit pool and 2 or 4 q heads per kv head; anything else runs "async", with
+    """"xred" (the async ring with the row-group reduction in shared memory) runs a 16-bit
+    pool with head_dim 64 and 2 or 4 q heads per kv head, or head_dim 128 and 4; anything
+    else runs "async", with
     the same ring, unit and plan; its kernel body instantiates the async kernel with the
     reduction flag."""
     from attention.cuda_source import case_variant, kernel_body, smem_bytes
 
     assert case_variant("xred", mx.float16, mx.float16, 4, 64) == "xred"
     assert case_variant("xred", mx.bfloat16, mx.bfloat16, 2, 64) == "xred"
+    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 4, 128) == "xred"  # 16 lanes a row
     for args in [(mx.float32, mx.float32, 4, 64), (mx.float16, mx.float16, 8, 64),
-                 (mx.float16, mx.float16, 4, 128), (mx.float16, mx.float16, 7, 64),
-                 (mx.float16, mx.float16, 4, None)]:
+                 (mx.float16, mx.float16, 2, 128), (mx.float16, mx.float16, 7, 64),
+                 (mx.float16, mx.float16, 4, None), (mx.float16, mx.float16, 4, 256)]:
         assert case_variant("xred", *args) == "async", args
     assert smem_bytes("xred", 2, 64, 4, 4, 3) == smem_bytes("async", 2, 64, 4, 4, 3)
     assert unit_tokens(4, "xred") == 4

@@ -158,23 +158,39 @@ __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// consume_unit with the row-group reduction through shared memory ("xred"): 8 lanes per
-// row (D = 64, 16-bit K/V), U = 4 tokens, GB in {2, 4} heads, so N = GB * U scores per
-// unit and N / 8 of them per lane.  Each lane writes its N partial dot products to `scr`
-// (this row group's 128 floats: the warp's K vectors of the current stage, free once every
-// lane has read its own), then sums the 8 partials of the scores it owns (score p = g*U+j
-// is owned by lane p % 8: head 2*(p/8) + lane/4, token lane % 4), takes the head maximum
-// over its lane quad, computes exp2 once per (head, token), and shares the weights back
-// through `scr`.  Instead of 3 shuffle-adds per score and lane and GB*U exp2 per lane:
-// N/8 reductions of 8 partials and N/8 exp2 per lane.  Offsets are rotated by the row
-// group so the 32 lanes of a warp hit 32 banks.  Same online softmax as consume_unit.
-template <typename T, int GB, int U, int VEC, typename VRow>
+// consume_unit with the row-group reduction through shared memory ("xred"): TPR = 8 or 16
+// lanes per K row (D = 64 or 128, 16-bit K/V), U = 4 tokens, N = GB * U scores per unit with
+// N a multiple of TPR (GB in {2, 4} at D 64, 4 at D 128), N / TPR of them per lane.  Each
+// lane writes its N partial dot products to scratch, then sums the TPR partials of the
+// scores it owns (score p = g*U + j is owned by lane p % TPR: head p / U, token lane % U),
+// takes the head maximum over its lane quad, computes exp2 once per (head, token), and
+// shares the weights back through scratch.  Instead of log2(TPR) shuffle-adds per score
+// and lane and GB*U exp2 per lane: N/TPR reductions and N/TPR exp2 per lane.
+// Scratch: the warp's K vectors of the current ring stage (all read before; __syncwarp),
+// U pieces of 128 floats `pstride` floats apart, N*TPR floats per row group; slots are
+// rotated by the row group so the 32 lanes of a warp hit 32 banks.  Same online softmax
+// as consume_unit.
+template <int GB>
+__device__ __forceinline__ float pick(const float (&a)[GB], int i) {
+  float r = a[0];
+#pragma unroll
+  for (int h = 1; h < GB; ++h) r = i == h ? a[h] : r;
+  return r;
+}
+
+template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
 __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, int nvalid,
                                                const float (&qv)[GB][VEC], float (&m)[GB],
                                                float (&l)[GB], float (&acc)[GB][VEC],
-                                               float* scr, int lane, int rgw) {
-  constexpr int N = GB * U, TPR = 8, PPL = N / TPR;
-  static_assert(U == 4 && (GB == 2 || GB == 4) && VEC == 8, "xred: D 64, 16-bit, GB 2 or 4");
+                                               float* wscr, int pstride, int lane, int rgw) {
+  constexpr int N = GB * U, PPL = N / TPR, QPL = TPR / U;
+  static_assert(U == 4 && VEC == 8 && (TPR == 8 || TPR == 16) && N % TPR == 0 &&
+                    (32 / TPR) * N * TPR <= U * 128, "xred: D 64 / 128, 16-bit, GB * 4 % TPR");
+  const int area = rgw * N * TPR;  // this row group's first float in the warp's scratch
+  auto at = [&](int f) -> float* {
+    const int x = area + f;
+    return wscr + (x >> 7) * pstride + (x & 127);
+  };
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     float kf[VEC];
@@ -184,25 +200,29 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
       float d = 0.f;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) d = fmaf(qv[g][i], kf[i], d);
-      scr[((g * U + j + rgw) % N) * TPR + lane] = d;
+      *at(((g * U + j + rgw) % N) * TPR + lane) = d;
     }
   }
   __syncwarp();
-  const int qd = lane >> 2;  // the quad: which head of each pair of heads this lane owns
+  const int qd = lane / U;  // owned score k is head qd + QPL * k, token lane % U
   float s[PPL], mn[PPL];
 #pragma unroll
   for (int k = 0; k < PPL; ++k) {
-    const float4* r = reinterpret_cast<const float4*>(scr + ((lane + TPR * k + rgw) % N) * TPR);
-    const float4 a = r[0], b = r[1];
-    const float t = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
-    s[k] = (lane & 3) < nvalid ? t : -INFINITY;
+    const float4* r = reinterpret_cast<const float4*>(at(((lane + TPR * k + rgw) % N) * TPR));
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < TPR / 4; ++i) {
+      const float4 a = r[i];
+      t += (a.x + a.y) + (a.z + a.w);
+    }
+    s[k] = (lane % U) < nvalid ? t : -INFINITY;
     float x = fmaxf(s[k], __shfl_xor_sync(0xffffffffu, s[k], 1));
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-    mn[k] = fmaxf(qd ? m[2 * k + 1] : m[2 * k], x);
+    mn[k] = fmaxf(pick(m, qd + QPL * k), x);
   }
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
-    const float mg = __shfl_sync(0xffffffffu, mn[g >> 1], (g & 1) * 4, TPR);
+    const float mg = __shfl_sync(0xffffffffu, mn[g / QPL], (g % QPL) * U, TPR);
     if (mg > m[g]) {  // rescale only when the running max grows (exp2(-inf) = 0 at first)
       const float alpha = exp2f(m[g] - mg);
       l[g] *= alpha;
@@ -212,10 +232,10 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
     }
   }
   __syncwarp();  // every partial is read before the weights overwrite them
-  float* w = scr + rgw * 8;
+  float* w = at(rgw * TPR);  // N floats inside the row group's first piece
 #pragma unroll
   for (int k = 0; k < PPL; ++k) {
-    const float mo = qd ? m[2 * k + 1] : m[2 * k];
+    const float mo = pick(m, qd + QPL * k);
     w[lane + TPR * k] = exp2f(s[k] - (mo == -INFINITY ? 0.f : mo));  // masked: 0
   }
   __syncwarp();
@@ -228,7 +248,7 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
     p[4 * i + 2] = f.z;
     p[4 * i + 3] = f.w;
   }
-  __syncwarp();  // the weights are read before the next unit or stage reuses `scr`
+  __syncwarp();  // the weights are read before the next unit or stage reuses the scratch
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
     float psum = 0.f;
@@ -305,11 +325,11 @@ __device__ __forceinline__ void pooled_decode_async(
     const int u0 = first + it * span;
     const int nvalid = u0 < st.tok_end ? min(U, st.tok_end - u0) : 0;
     auto vrow = [&](int j) { return src[(U + j) * NT]; };
-    if constexpr (XRED) {  // scratch: this row group's K vectors of the stage (all read)
+    if constexpr (XRED) {  // scratch: the warp's K vectors of the stage (all read)
       __syncwarp();
-      float* scr = reinterpret_cast<float*>(smem + (it % ST) * 2 * U * NT + st.rgw * NT +
-                                            st.warp * 32);
-      consume_unit_x<T, GB, U, VEC>(kr, vrow, nvalid, qv, m, l, acc, scr, st.lane, st.rgw);
+      float* wscr = reinterpret_cast<float*>(smem + (it % ST) * 2 * U * NT + st.warp * 32);
+      consume_unit_x<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc, wscr, NT * 4,
+                                            st.lane, st.rgw);
     } else {
       consume_unit<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc);
     }
