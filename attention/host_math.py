@@ -22,7 +22,8 @@ patched ``swiglu`` is module-wide, and plain mlx-lm use of the same classes (pos
 
 Invariant of ``causal_attention``: the score matrix is a fresh MLX matmul output owned
 here; the softmax is written into its buffer in place (a writable numpy view) and the
-same array feeds ``p @ v``: no copies of the ``[H, L, n]`` matrix.
+same array feeds ``p @ v``: no copies of the ``[H, L, n]`` matrix.  Where numpy's view is
+not writable and contiguous (another MLX build), it works on a copy instead.
 """
 
 from __future__ import annotations
@@ -182,11 +183,13 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     s = (q * scale).reshape(1, hkv, rep * length, d) @ k.swapaxes(-1, -2)
     mx.eval(s)
     a = np.asarray(s)  # writable view of the fresh scores (module docstring)
-    if not (a.flags.writeable and a.flags.c_contiguous):
-        raise RuntimeError("MLX did not expose a writable contiguous score buffer")
+    in_place = a.flags.writeable and a.flags.c_contiguous
+    if not in_place:  # another MLX build's buffer protocol: work on a copy instead
+        a = np.ascontiguousarray(a, dtype=np.float32).copy()
     a = a.reshape(h, length, n)  # head kvh * rep + r: MLX's GQA order
     _run_parts(lambda lo, hi: _softmax_heads(a, n - length, lo, hi), h)
-    return (s @ v).reshape(1, h, length, d)
+    p = s if in_place else mx.array(a.reshape(s.shape))
+    return (p @ v).reshape(1, h, length, d)
 
 
 def _silu_rows(g, x, out, lo: int, hi: int) -> None:

@@ -68,6 +68,29 @@ def test_causal_attention_matches_float64(rep, length, extra):
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
 
 
+def test_causal_attention_copies_a_read_only_score_buffer(monkeypatch):
+    """Where numpy's view of MLX's scores is not writable, the softmax runs on a copy:
+    the same result, the MLX array untouched."""
+    real = np.asarray
+    seen = []
+
+    def read_only(x, *a, **kw):
+        out = real(x, *a, **kw)
+        if isinstance(x, mx.array):
+            out = out.view()
+            out.flags.writeable = False
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(hm.np, "asarray", read_only)
+    rng = np.random.default_rng(3)
+    q, k, v = _nonzero(rng, 4, 6, D), _nonzero(rng, 2, 20, D), _nonzero(rng, 2, 20, D)
+    got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], 0.125)
+    assert seen, "the score buffer was not read through np.asarray"
+    want = _reference(q, k, v, 20 - 6, 0.125)
+    np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
+
+
 def test_causal_mask_is_mlx_bottom_right():
     """MLX's ``mask="causal"`` with fewer queries than keys: the same semantics."""
     rng = np.random.default_rng(0)
