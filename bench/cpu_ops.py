@@ -7,7 +7,9 @@ Times, at a Qwen2.5-0.5B MLP shape (hidden 896, intermediate 4864), float32: the
 projection's matmul for 256-1024 tokens (GFLOP/s), and the elementwise work around it
 (``nn.silu(x) * y`` as the MLP runs it, ``exp``, ``sigmoid``, a plain multiply and add), so
 one run shows how much of a prefill chunk is BLAS and how much is single-threaded
-elementwise code that every MLX server on this CPU pays alike.
+elementwise code that every MLX server on this CPU pays alike.  ``--decode`` adds what bounds
+a decode step: the machine's read bandwidth (numpy) against the weight bytes per second of
+few-row products ``x @ W.T`` as ``nn.Linear`` runs them and with ``W`` stored transposed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--intermediate", type=int, default=4864)
     ap.add_argument("--tokens", default="256,512,1024")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--decode", action="store_true",
+                    help="also few-row products against memory bandwidth (decode steps)")
     a = ap.parse_args(argv)
     mx.set_default_device(mx.cpu)
     h, f = a.hidden, a.intermediate
@@ -54,7 +58,37 @@ def main(argv=None) -> int:
             lambda act=act, y=y: act + y)]
         gflops = 2 * t * h * f / (mm / 1e3) / 1e9
         print(f"| {t} | {mm:.1f} | {gflops:.0f} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    if a.decode:
+        decode_table(w, a.reps)
     return 0
+
+
+def decode_table(w: mx.array, reps: int) -> None:
+    """Weight GB/s of ``x @ W.T`` (nn.Linear) and ``x @ Wt`` (pre-transposed) for 1-64 rows,
+    against numpy's read bandwidth over 256 MB."""
+    import numpy as np
+
+    buf = np.ones(64 << 20, np.float32)
+    best = min(_time(lambda: buf.sum()) for _ in range(reps))
+    print(f"\nnumpy read bandwidth: {buf.nbytes / best / 1e9:.1f} GB/s "
+          f"(256 MB sum, best of {reps})")
+    wt = mx.array(np.ascontiguousarray(np.array(w).T))
+    mx.eval(wt)
+    gb = w.nbytes / 1e9
+    print("| rows | x @ W.T ms | GB/s | x @ Wt ms | GB/s |")
+    print("|--:|--:|--:|--:|--:|")
+    for m in (1, 8, 64):
+        x = mx.random.normal((m, w.shape[1]))
+        mx.eval(x)
+        t = median_ms(lambda x=x: x @ w.T, reps)
+        tt = median_ms(lambda x=x: x @ wt, reps)
+        print(f"| {m} | {t:.2f} | {gb / t * 1e3:.1f} | {tt:.2f} | {gb / tt * 1e3:.1f} |")
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":
