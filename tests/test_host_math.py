@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
@@ -20,7 +21,6 @@ from engine.config import CacheConfig
 from engine.embedded import ensure_model
 from engine.generate import greedy_generate
 from engine.runner import ModelRunner
-from kvcache.pool import PoolGeometry, SlabPool, WritePlan
 from slabserve import env
 
 D = 64
@@ -35,23 +35,6 @@ def forced():
     hm.set_min_elements(old_min)
 
 
-def _nonzero(rng, *shape):
-    x = rng.uniform(0.25, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
-    return x.astype(np.float32)
-
-
-def _reference(q, k, v, start, scale):
-    """float64 causal attention: q ``[H, L, D]`` at positions start.., k/v ``[Hkv, n, D]``."""
-    q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    rep = q.shape[0] // k.shape[0]
-    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-    s = np.einsum("hld,hnd->hln", q, k) * scale
-    pos = start + np.arange(q.shape[1])[:, None]
-    s = np.where(np.arange(k.shape[1])[None, :] <= pos, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
-
-
 @pytest.mark.parametrize("rep", [1, 7])
 @pytest.mark.parametrize("length", [1, 5, 64])
 @pytest.mark.parametrize("extra", [0, 1, 2])  # n = L + extra * L + 3 * extra: up to ~3L
@@ -59,12 +42,12 @@ def test_causal_attention_matches_float64(rep, length, extra):
     rng = np.random.default_rng(rep * 100 + length * 10 + extra)
     n = length + extra * (length + 3)
     hkv = 2
-    q = _nonzero(rng, hkv * rep, length, D)
-    k, v = _nonzero(rng, hkv, n, D), _nonzero(rng, hkv, n, D)
+    q = nonzero_f32(rng, hkv * rep, length, D)
+    k, v = nonzero_f32(rng, hkv, n, D), nonzero_f32(rng, hkv, n, D)
     scale = D**-0.5
     got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], scale)
     assert got.shape == (1, hkv * rep, length, D) and got.dtype == mx.float32
-    want = _reference(q, k, v, n - length, scale)
+    want = causal_reference64(q, k, v, n - length, scale)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
 
 
@@ -84,18 +67,18 @@ def test_causal_attention_copies_a_read_only_score_buffer(monkeypatch):
 
     monkeypatch.setattr(hm.np, "asarray", read_only)
     rng = np.random.default_rng(3)
-    q, k, v = _nonzero(rng, 4, 6, D), _nonzero(rng, 2, 20, D), _nonzero(rng, 2, 20, D)
+    q, k, v = nonzero_f32(rng, 4, 6, D), nonzero_f32(rng, 2, 20, D), nonzero_f32(rng, 2, 20, D)
     got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], 0.125)
     assert seen, "the score buffer was not read through np.asarray"
-    want = _reference(q, k, v, 20 - 6, 0.125)
+    want = causal_reference64(q, k, v, 20 - 6, 0.125)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
 
 
 def test_causal_mask_is_mlx_bottom_right():
     """MLX's ``mask="causal"`` with fewer queries than keys: the same semantics."""
     rng = np.random.default_rng(0)
-    q, k, v = _nonzero(rng, 1, 4, 9, D), _nonzero(rng, 1, 2, 30, D), _nonzero(rng, 1, 2, 30, D)
-    q, k, v = mx.array(q), mx.array(k), mx.array(v)
+    q = mx.array(nonzero_f32(rng, 1, 4, 9, D))
+    k, v = mx.array(nonzero_f32(rng, 1, 2, 30, D)), mx.array(nonzero_f32(rng, 1, 2, 30, D))
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     got = hm.causal_attention(q, k, v, 0.125)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
@@ -111,24 +94,17 @@ def test_causal_attention_rejects_more_queries_than_keys():
 def test_prefill_attention_host_path_over_the_pool(forced, start, length, monkeypatch):
     """``prefill_attention`` (bucket 0) takes the host path with and without a prefix."""
     rng = np.random.default_rng(start + length)
-    hkv, bs, sb, n = 2, 4, 8, start + length
-    geom = PoolGeometry(1, hkv, D, bs, sb, mx.float32)
-    nblk = -(-n // bs)
-    pool = SlabPool(geom, initial_slabs=-(-2 * nblk // sb))
-    table = random.Random(3).sample(range(pool.num_slabs * sb), nblk)
-    k, v = _nonzero(rng, hkv, n, D), _nonzero(rng, hkv, n, D)
-    plan = WritePlan(geom, [(table[p // bs], p % bs) for p in range(n)])
-    pool.write(0, plan, mx.array(k.transpose(1, 0, 2)), mx.array(v.transpose(1, 0, 2)))
-    mx.eval(pool.take_pending())
+    hkv, n = 2, start + length
+    geom, pool, table, k, v = filled_pool(rng, hkv, D, 4, 8, n)
     calls = []
     real = hm.causal_attention
     monkeypatch.setattr(hm, "causal_attention", lambda *a: calls.append(1) or real(*a))
-    q = _nonzero(rng, 2 * hkv, length, D)
+    q = nonzero_f32(rng, 2 * hkv, length, D)
     prefix = DecodeBatch(geom, [table], [n]) if start else None
     got = pf.prefill_attention(mx.array(q)[None], mx.array(k[:, start:])[None],
                                mx.array(v[:, start:])[None], pool, 0, prefix, D**-0.5, bucket=0)
     assert calls == [1]
-    want = _reference(q, k, v, start, D**-0.5)
+    want = causal_reference64(q, k, v, start, D**-0.5)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
 
 

@@ -6,6 +6,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import make
@@ -15,26 +16,8 @@ from attention.base import DecodeBatch
 from engine.config import CacheConfig
 from engine.generate import greedy_generate
 from engine.runner import ModelRunner
-from kvcache.pool import PoolGeometry, SlabPool, WritePlan
 
 QH, KVH, D, BS, SB = 4, 2, 16, 4, 8  # GQA 4/2, block 4 tokens, 8 blocks per slab
-
-
-def _nonzero(rng, *shape):
-    x = rng.uniform(0.25, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
-    return x.astype(np.float32)
-
-
-def _reference(q, k, v, start, scale):
-    """float64 causal attention: q ``[QH, L, D]`` at positions start.., k/v ``[KVH, n, D]``."""
-    q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    rep = q.shape[0] // k.shape[0]
-    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-    s = np.einsum("hld,hnd->hln", q, k) * scale
-    pos = start + np.arange(q.shape[1])[:, None]
-    s = np.where(np.arange(k.shape[1])[None, :] <= pos, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +25,7 @@ def filled():
     """A pool holding one sequence of 150 tokens on a shuffled table over many slabs,
     plus the numpy K/V written there."""
     rng = np.random.default_rng(7)
-    n_max = 150
-    geom = PoolGeometry(1, KVH, D, BS, SB, mx.float32)
-    nblk = -(-n_max // BS)
-    pool = SlabPool(geom, initial_slabs=-(-2 * nblk // SB))
-    table = random.Random(3).sample(range(pool.num_slabs * SB), nblk)
-    k, v = _nonzero(rng, KVH, n_max, D), _nonzero(rng, KVH, n_max, D)
-    plan = WritePlan(geom, [(table[p // BS], p % BS) for p in range(n_max)])
-    pool.write(0, plan, mx.array(k.transpose(1, 0, 2)), mx.array(v.transpose(1, 0, 2)))
-    mx.eval(pool.take_pending())
+    geom, pool, table, k, v = filled_pool(rng, KVH, D, BS, SB, 150)
     return geom, pool, table, k, v, rng
 
 
@@ -61,10 +36,10 @@ CASES = [(0, 37), (0, 5), (13, 40), (48, 17), (61, 1), (100, 50), (129, 21)]
 
 @pytest.mark.parametrize("bucket", [0, 16, 24, 64])
 @pytest.mark.parametrize("start,length", CASES)
-def test_matches_float64_reference(filled, bucket, start, length):
+def test_matches_float64causal_reference64(filled, bucket, start, length):
     geom, pool, table, k, v, rng = filled
     n = start + length
-    q = _nonzero(rng, QH, length, D)
+    q = nonzero_f32(rng, QH, length, D)
     scale = D**-0.5
     ks, vs = k[:, start:n], v[:, start:n]
     prefix = None
@@ -73,7 +48,7 @@ def test_matches_float64_reference(filled, bucket, start, length):
     args = (mx.array(q)[None], mx.array(ks)[None], mx.array(vs)[None], pool, 0, prefix, scale)
     got = pf.prefill_attention(*args, bucket=bucket)
     assert got.shape == (1, QH, length, D) and got.dtype == mx.float32
-    want = _reference(q, k[:, :n], v[:, :n], start, scale)
+    want = causal_reference64(q, k[:, :n], v[:, :n], start, scale)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
     if bucket:
         exact = pf.prefill_attention(*args, bucket=0)
