@@ -64,15 +64,11 @@ __device__ __forceinline__ uint4 ld16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-// Scores of U tokens for GB heads from this lane's K vectors, reduced over the row group,
-// then the online-softmax update and the V accumulation (V row j read through vrow(j) only
-// when needed, to keep registers low).  Rows j >= nvalid are masked.
-template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
-__device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
-                                             int nvalid, const float (&qv)[GB][VEC],
-                                             float (&m)[GB], float (&l)[GB],
-                                             float (&acc)[GB][VEC]) {
-  float sc[GB][U];
+// This lane's part of q.k for U tokens and GB heads (its VEC dimensions of each K row):
+// out(g, j, value).
+template <typename T, int GB, int U, int VEC, typename Out>
+__device__ __forceinline__ void partial_scores(const uint4 (&kr)[U], const float (&qv)[GB][VEC],
+                                               Out out) {
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     float kf[VEC];
@@ -82,9 +78,52 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
       float d = 0.f;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) d = fmaf(qv[g][i], kf[i], d);
-      sc[g][j] = d;
+      out(g, j, d);
     }
   }
+}
+
+// One head's online-softmax state: raise its running max to `mx`, rescaling the sum and
+// the accumulator, only when the max grows (exp2(-inf) = 0 at first).
+template <int VEC>
+__device__ __forceinline__ void raise_max(float& m, float& l, float (&acc)[VEC], float mx) {
+  if (mx > m) {
+    const float alpha = exp2f(m - mx);
+    l *= alpha;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] *= alpha;
+    m = mx;
+  }
+}
+
+// acc[g] += w[g][j] * V row j for the valid rows j < nvalid (V read through vrow(j) only
+// when needed, to keep registers low; masked rows may hold stale data: never multiplied).
+template <typename T, int GB, int U, int VEC, typename VRow>
+__device__ __forceinline__ void accumulate_v(VRow vrow, int nvalid, const float (&w)[GB][U],
+                                             float (&acc)[GB][VEC]) {
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (j < nvalid) {
+      float vf[VEC];
+      unpack(vrow(j), vf, (const T*)nullptr);
+#pragma unroll
+      for (int g = 0; g < GB; ++g) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(w[g][j], vf[i], acc[g][i]);
+      }
+    }
+  }
+}
+
+// Scores of U tokens for GB heads from this lane's K vectors, reduced over the row group,
+// then the online-softmax update and the V accumulation.  Rows j >= nvalid are masked.
+template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
+__device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
+                                             int nvalid, const float (&qv)[GB][VEC],
+                                             float (&m)[GB], float (&l)[GB],
+                                             float (&acc)[GB][VEC]) {
+  float sc[GB][U];
+  partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) { sc[g][j] = d; });
 #pragma unroll
   for (int o = TPR / 2; o > 0; o >>= 1) {
 #pragma unroll
@@ -98,13 +137,7 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
     float mx = m[g];
 #pragma unroll
     for (int j = 0; j < U; ++j) mx = j < nvalid ? fmaxf(mx, sc[g][j]) : mx;
-    if (mx > m[g]) {  // rescale only when the running max grows (exp2(-inf) = 0 at first)
-      const float alpha = exp2f(m[g] - mx);
-      l[g] *= alpha;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
-      m[g] = mx;
-    }
+    raise_max<VEC>(m[g], l[g], acc[g], mx);
     const float ms = mx == -INFINITY ? 0.f : mx;  // no valid row yet: every p is 0
     float psum = 0.f;
 #pragma unroll
@@ -114,18 +147,7 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
     }
     l[g] += psum;
   }
-#pragma unroll
-  for (int j = 0; j < U; ++j) {
-    if (j < nvalid) {  // masked rows may hold stale data: never multiply them
-      float vf[VEC];
-      unpack(vrow(j), vf, (const T*)nullptr);
-#pragma unroll
-      for (int g = 0; g < GB; ++g) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(sc[g][j], vf[i], acc[g][i]);
-      }
-    }
-  }
+  accumulate_v<T, GB, U, VEC>(vrow, nvalid, sc, acc);
 }
 
 // After a split block wrote its chunk's partial output and log2-sum-exp: count the chunk in

@@ -191,18 +191,9 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
     const int x = area + f;
     return wscr + (x >> 7) * pstride + (x & 127);
   };
-#pragma unroll
-  for (int j = 0; j < U; ++j) {
-    float kf[VEC];
-    unpack(kr[j], kf, (const T*)nullptr);
-#pragma unroll
-    for (int g = 0; g < GB; ++g) {
-      float d = 0.f;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) d = fmaf(qv[g][i], kf[i], d);
-      *at(((g * U + j + rgw) % N) * TPR + lane) = d;
-    }
-  }
+  partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
+    *at(((g * U + j + rgw) % N) * TPR + lane) = d;
+  });
   __syncwarp();
   const int qd = lane / U;  // owned score k is head qd + QPL * k, token lane % U
   float s[PPL], mn[PPL];
@@ -222,14 +213,7 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
   }
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
-    const float mg = __shfl_sync(0xffffffffu, mn[g / QPL], (g % QPL) * U, TPR);
-    if (mg > m[g]) {  // rescale only when the running max grows (exp2(-inf) = 0 at first)
-      const float alpha = exp2f(m[g] - mg);
-      l[g] *= alpha;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
-      m[g] = mg;
-    }
+    raise_max<VEC>(m[g], l[g], acc[g], __shfl_sync(0xffffffffu, mn[g / QPL], (g % QPL) * U, TPR));
   }
   __syncwarp();  // every partial is read before the weights overwrite them
   float* w = at(rgw * TPR);  // N floats inside the row group's first piece
@@ -239,35 +223,24 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
     w[lane + TPR * k] = exp2f(s[k] - (mo == -INFINITY ? 0.f : mo));  // masked: 0
   }
   __syncwarp();
-  float p[N];
+  float p[GB][U];  // U == 4: one float4 per head
 #pragma unroll
-  for (int i = 0; i < N / 4; ++i) {
-    const float4 f = reinterpret_cast<const float4*>(w)[i];
-    p[4 * i] = f.x;
-    p[4 * i + 1] = f.y;
-    p[4 * i + 2] = f.z;
-    p[4 * i + 3] = f.w;
+  for (int g = 0; g < GB; ++g) {
+    const float4 f = reinterpret_cast<const float4*>(w)[g];
+    p[g][0] = f.x;
+    p[g][1] = f.y;
+    p[g][2] = f.z;
+    p[g][3] = f.w;
   }
   __syncwarp();  // the weights are read before the next unit or stage reuses the scratch
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
     float psum = 0.f;
 #pragma unroll
-    for (int j = 0; j < U; ++j) psum += p[g * U + j];
+    for (int j = 0; j < U; ++j) psum += p[g][j];
     l[g] += psum;
   }
-#pragma unroll
-  for (int j = 0; j < U; ++j) {
-    if (j < nvalid) {  // masked rows may hold stale data: never multiply them
-      float vf[VEC];
-      unpack(vrow(j), vf, (const T*)nullptr);
-#pragma unroll
-      for (int g = 0; g < GB; ++g) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(p[g * U + j], vf[i], acc[g][i]);
-      }
-    }
-  }
+  accumulate_v<T, GB, U, VEC>(vrow, nvalid, p, acc);
 }
 
 // Variant 2: an ST-stage cp.async pipeline per thread.  Each thread copies its own 16-byte
