@@ -15,6 +15,7 @@ few-row products ``x @ W.T`` as ``nn.Linear`` runs them and with ``W`` stored tr
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import mlx.core as mx
@@ -22,6 +23,7 @@ import mlx.nn as nn
 
 
 def median_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``mx.eval(fn())`` over ``reps`` runs, after 2 warm-up runs."""
     for _ in range(2):
         mx.eval(fn())
     times = []
@@ -29,7 +31,7 @@ def median_ms(fn, reps: int) -> float:
         t = time.perf_counter()
         mx.eval(fn())
         times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> int:

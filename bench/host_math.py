@@ -24,19 +24,9 @@ import mlx.core as mx
 from mlx_lm.models.activations import swiglu
 
 from attention import host_math as hm
+from bench.cpu_ops import median_ms
 from bench.step_overhead import add_runner_args, allocate_tokens, load_runner
 from engine.runner import SeqInput
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        mx.eval(fn())
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def ops_table(reps: int) -> None:
