@@ -150,11 +150,46 @@ __device__ __forceinline__ void consume_unit(const uint4 (&kr)[U], VRow vrow,
   accumulate_v<T, GB, U, VEC>(vrow, nvalid, sc, acc);
 }
 
+// One output element merged over its chunks: sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M),
+// M the largest lse.  ``ls``: the nchunk log2-sum-exps of this (sequence, head); ``op``: its
+// element of chunk 0's partial output, chunk c's `stride` floats further.  The loads of
+// MC chunks are issued together (clamped to the last chunk, masked after), then merged
+// online, so nchunk chunks cost about nchunk / MC memory round trips, not 2 * nchunk.
+// Empty chunks (lse -inf) may hold stale partials: never multiplied.
+template <int MC, typename Ld>
+__device__ __forceinline__ float merge_column(const float* ls, const float* op, int nchunk,
+                                              int stride, Ld ld) {
+  float m = -INFINITY, lsum = 0.f, a = 0.f;
+  for (int c0 = 0; c0 < nchunk; c0 += MC) {
+    float lv[MC], ov[MC];
+#pragma unroll
+    for (int k = 0; k < MC; ++k) {
+      const int c = min(c0 + k, nchunk - 1);
+      lv[k] = ld(ls + c);
+      ov[k] = ld(op + (size_t)c * stride);
+    }
+    float bm = m;
+#pragma unroll
+    for (int k = 0; k < MC; ++k) bm = c0 + k < nchunk ? fmaxf(bm, lv[k]) : bm;
+    const float alpha = m == -INFINITY ? 0.f : exp2f(m - bm);  // sums are 0 while m is -inf
+    lsum *= alpha;
+    a *= alpha;
+    m = bm;
+#pragma unroll
+    for (int k = 0; k < MC; ++k) {
+      const float w = (c0 + k < nchunk && lv[k] != -INFINITY) ? exp2f(lv[k] - bm) : 0.f;
+      lsum += w;
+      a = w > 0.f ? fmaf(w, ov[k], a) : a;
+    }
+  }
+  return a / lsum;
+}
+
 // After a split block wrote its chunk's partial output and log2-sum-exp: count the chunk in
 // counters[b * gridDim.x + blockIdx.x].  The block that counts last merges every chunk of
 // (sequence b, its GB heads) into `out` and resets the counter to 0 for the next launch, so
 // no separate merge launch is needed (threadFenceReduction pattern: fence, then count;
-// the last block fences again and reads the partials past L1).
+// the last block fences again and reads the partials past L1 with ld.global.cg).
 template <typename TQ, int D, int GB, int NT>
 __device__ __forceinline__ void finish_split(const float* opart, const float* lse,
                                              int* counters, int b, int hq, int h0, int nchunk,
@@ -169,19 +204,10 @@ __device__ __forceinline__ void finish_split(const float* opart, const float* ls
   __threadfence();
   for (int idx = threadIdx.x; idx < GB * D; idx += NT) {
     const int g = idx / D, d = idx % D, bh = b * hq + h0 + g;
-    const float* ls = lse + (size_t)bh * nchunk;
-    float mx = -INFINITY;
-    for (int c = 0; c < nchunk; ++c) mx = fmaxf(mx, __ldcg(ls + c));
-    float lsum = 0.f, a = 0.f;
-    for (int c = 0; c < nchunk; ++c) {
-      const float lc = __ldcg(ls + c);
-      if (lc != -INFINITY) {  // an empty chunk of a short sequence
-        const float w = exp2f(lc - mx);
-        lsum += w;
-        a = fmaf(w, __ldcg(opart + ((size_t)bh * nchunk + c) * D + d), a);
-      }
-    }
-    out[(size_t)bh * D + d] = from_f<TQ>(a / lsum);
+    const float r = merge_column<8>(lse + (size_t)bh * nchunk,
+                                    opart + (size_t)bh * nchunk * D + d, nchunk, D,
+                                    [](const float* p) { return __ldcg(p); });
+    out[(size_t)bh * D + d] = from_f<TQ>(r);
   }
   if (threadIdx.x == 0) counters[slot] = 0;
 }
@@ -228,24 +254,16 @@ __device__ __forceinline__ void combine_groups(const float* sm_acc, const float*
     finish_split<TQ, D, GB, NT>(opart, lse, counters, b, hq, h0, nchunk, out);
 }
 
-// Combine C chunk partials: out[bh, d] = sum_c 2^(lse_c - M) o_c[d] / sum_c 2^(lse_c - M).
+// Combine C chunk partials (the merge launch after a split launch): one block per
+// (sequence, head), one thread per element.
 template <typename TQ, int D>
 __device__ __forceinline__ void merge_chunks(const float* opart, const float* lse, int nchunk,
                                              TQ* out) {
   const int bh = blockIdx.x, d = threadIdx.x;
-  const float* ls = lse + (size_t)bh * nchunk;
-  float mx = -INFINITY;
-  for (int c = 0; c < nchunk; ++c) mx = fmaxf(mx, ls[c]);
-  float lsum = 0.f, a = 0.f;
-  for (int c = 0; c < nchunk; ++c) {
-    const float lc = ls[c];
-    if (lc != -INFINITY) {
-      const float w = exp2f(lc - mx);
-      lsum += w;
-      a = fmaf(w, opart[((size_t)bh * nchunk + c) * D + d], a);
-    }
-  }
-  out[(size_t)bh * D + d] = from_f<TQ>(a / lsum);
+  const float r = merge_column<8>(lse + (size_t)bh * nchunk,
+                                  opart + (size_t)bh * nchunk * D + d, nchunk, D,
+                                  [](const float* p) { return __ldg(p); });
+  out[(size_t)bh * D + d] = from_f<TQ>(r);
 }
 
 }  // namespace slabserve

@@ -50,8 +50,8 @@ for r in rows:
 PY
       ;;
     ncutime)  # every kernel's duration at the GPU's own clocks (no ncu clock locking)
-      for cell in "8 16384" "16 32768" "4 16384"; do
-        set -- $cell
+      for cell in ${NCU_CELLS:-8:16384 16:32768 4:16384}; do
+        set -- ${cell/:/ }
         timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
           python -m bench.ncu_cell --natives ${NCU_NATIVES:-async3,async3f,mma3} --sdpa \
           --batch $1 --ctx $2 > "$OUT/ncut-$1-$2.csv" 2>&1
