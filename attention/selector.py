@@ -1,8 +1,9 @@
 """The decode-path selector: native pooled kernel or gather-SDPA, per layer and step.
 
 Decision order (docs/adr/0002-selector-rules.md):
-  1. environment override (``slabserve.env.paged_attention_native``: True forces native,
-     False forces gather, None = auto), read when the selector is built (``from_env``);
+  1. override (True forces native, False forces gather, None = auto): from
+     ``slabserve.env.paged_attention_native`` when the selector is built (``from_env``),
+     or set at run time with ``set_override`` (the server's admin endpoint);
   2. the per-layer cache, keyed by (``SelectorKey``, pool slab count), so the
      steady state costs one list index per layer;
   3. the calibration profile of this device (``attention.profile``), if one was loaded;
@@ -26,6 +27,7 @@ import importlib
 import json
 import logging
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
@@ -49,8 +51,8 @@ class Path(str, Enum):
 
 
 class Reason(str, Enum):
-    ENV_NATIVE = "env_native"  # forced native by the environment
-    ENV_GATHER = "env_gather"  # forced gather by the environment
+    ENV_NATIVE = "env_native"  # forced native (environment or ``set_override``)
+    ENV_GATHER = "env_gather"  # forced gather (environment or ``set_override``)
     PROFILE = "profile"  # the calibration profile's faster path
     RULE = "rule"  # a built-in rule (detail: its name)
     DECLINED = "declined"  # native chosen but declined (detail: the reason)
@@ -226,6 +228,7 @@ class Selector:
         self._natives: dict[str, DecodeAttention] = dict(natives or {})
         self._cache: dict[tuple, list] = {}
         self._retired: Counter = Counter()  # counts of slots dropped from the cache
+        self._counts_lock = threading.Lock()  # path_counts vs _clear_cache, not the hot path
         self.misses = 0
         self._logged: set[tuple[str, str]] = set()
         self._steps = 0
@@ -245,6 +248,18 @@ class Selector:
     def set_profile(self, profile: Profile | None) -> None:
         self.profile = profile
         self._clear_cache()
+
+    def set_override(self, value: bool | None) -> bool | None:
+        """Force native (True), force gather (False) or go back to auto (None) from the
+        next decode step on; returns the previous override.  Clears the per-layer cache
+        (counts so far are kept), so every layer decides afresh with the new reason.  Call
+        it between steps, on the thread that runs them: a step in flight keeps the slots
+        it already holds (``scheduler.engine.AsyncLLMEngine.set_attention_path`` does)."""
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(f"override must be True, False or None, not {value!r}")
+        previous, self.override = self.override, value
+        self._clear_cache()
+        return previous
 
     def native(self, backend: str) -> DecodeAttention:
         impl = self._natives.get(backend)
@@ -330,18 +345,21 @@ class Selector:
         log.warning("native attention failed on %s, falling back to gather: %r", backend, exc)
         self._natives[backend] = _Missing("native_failed")
         self._clear_cache()
-        self._retired[Decision(Path.GATHER, Reason.DECLINED, "native_failed").label] += 1
+        with self._counts_lock:
+            self._retired[Decision(Path.GATHER, Reason.DECLINED, "native_failed").label] += 1
 
     def _clear_cache(self) -> None:
-        self._retired.update(self._cached_counts())
-        self._cache.clear()
+        with self._counts_lock:  # a reader sees the counts before or after, never twice
+            self._retired.update(self._cached_counts())
+            self._cache.clear()
         # steps in flight keep their own slot lists; their counts are no longer seen
 
     # ---- reporting -----------------------------------------------------------------
     def path_counts(self) -> dict[tuple[str, str], int]:
         """(path, reason label) -> layer-steps decided, since this selector was built."""
-        counts = self._cached_counts()
-        counts.update(self._retired)
+        with self._counts_lock:
+            counts = self._cached_counts()
+            counts.update(self._retired)
         return dict(counts)
 
     def _cached_counts(self) -> Counter:

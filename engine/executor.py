@@ -6,10 +6,16 @@ import time
 
 import mlx.core as mx
 
+import attention
 from engine import sampling
 from engine.runner import ModelRunner, SeqInput
+from scheduler.api import AttentionPath
 from scheduler.executor import Executor
 from scheduler.plan import SampledToken, ScheduledChunk, StepOutput, StepPlan
+
+# the selector's override per path setting: True forces native, False gather, None = auto
+_OVERRIDES: dict[AttentionPath, bool | None] = {"auto": None, "native": True, "gather": False}
+_SETTINGS = {v: k for k, v in _OVERRIDES.items()}
 
 
 def _seq_input(c: ScheduledChunk) -> SeqInput:
@@ -34,6 +40,14 @@ class ModelExecutor(Executor):
     def bind_thread(self) -> None:
         """MLX 0.32 keeps streams per thread: give the engine thread its own."""
         mx.set_default_stream(mx.new_stream(mx.default_device()))
+
+    def attention_path(self) -> AttentionPath:
+        """The process's decode-attention selector's override as a path setting (decode
+        attention goes through ``attention.default_selector``)."""
+        return _SETTINGS[attention.default_selector().override]
+
+    def set_attention_path(self, path: AttentionPath) -> AttentionPath:
+        return _SETTINGS[attention.default_selector().set_override(_OVERRIDES[path])]
 
     def execute(self, plan: StepPlan) -> StepOutput:
         if plan.empty:

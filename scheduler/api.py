@@ -4,6 +4,10 @@
 carries a ``finish_reason``.  Expected refusals are ``RequestError`` with a ``kind`` the
 server maps to a status code (queue_full -> 429, too_long/invalid -> 400,
 shutting_down -> 503).
+
+Optional: ``attention_path`` / ``set_attention_path`` read and switch which decode
+attention path the engine runs (``AttentionPath``: auto, or one forced path), applied
+between two engine steps; an engine without a switch answers None.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 ErrorKind = Literal["queue_full", "too_long", "invalid", "shutting_down", "kv_capacity"]
+AttentionPath = Literal["auto", "native", "gather"]
+ATTENTION_PATHS: tuple[AttentionPath, ...] = ("auto", "native", "gather")
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,17 @@ class AsyncEngine(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+    def attention_path(self) -> AttentionPath | None:
+        """The decode attention path setting now in force; None when this engine cannot
+        switch paths (then ``set_attention_path`` is refused too)."""
+        return None
+
+    async def set_attention_path(self, path: AttentionPath) -> AttentionPath:
+        """Switch the decode attention path from the next engine step on; returns the
+        previous setting.  ``RequestError`` ``invalid`` for an unknown path or an engine
+        without a switch, ``shutting_down`` once the engine stops."""
+        raise RequestError("invalid", "this engine has no switchable attention path")
 
     @abstractmethod
     async def shutdown(self, timeout: float) -> None:

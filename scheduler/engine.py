@@ -10,6 +10,9 @@ step is evaluated synchronously rather than overlapped with ``mx.async_eval``).
 Cancellation: closing a stream's iterator, cancelling its task, or ``abort(id)`` queues
 an abort; the engine thread applies it before planning the next step, freeing the
 request's blocks.
+
+Control: ``between_steps(fn)`` queues ``fn`` the same way and awaits its result, so it
+runs on the engine thread with no step in flight (``set_attention_path`` uses it).
 """
 
 from __future__ import annotations
@@ -19,10 +22,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
+from scheduler.api import (
+    ATTENTION_PATHS,
+    AsyncEngine,
+    AttentionPath,
+    Delta,
+    EngineStats,
+    Request,
+    RequestError,
+)
 from scheduler.executor import Executor
 from scheduler.output import OutputStream
 from scheduler.plan import SeqUpdate
@@ -31,6 +43,7 @@ from scheduler.scheduler import Scheduler
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None
 _Out = list[tuple[_Queue, Delta]]  # (consumer queue, delta) per delta of one step
+T = TypeVar("T")
 
 
 @dataclass
@@ -160,6 +173,28 @@ class AsyncLLMEngine(AsyncEngine):
         self._inbox.append((kind, item))
         self._wake.set()
 
+    # ---- control between steps -------------------------------------------------------
+    async def between_steps(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread after the step in flight (if any) and before the
+        next one, and return its result or raise its exception;
+        ``RequestError`` ``shutting_down`` when the engine is not running."""
+        if self._thread is None or self._stopping:
+            raise RequestError("shutting_down", "the engine is not running")
+        fut = asyncio.get_running_loop().create_future()
+        self._post("call", (fn, fut))
+        return await fut
+
+    def attention_path(self) -> AttentionPath | None:
+        return self.executor.attention_path()
+
+    async def set_attention_path(self, path: AttentionPath) -> AttentionPath:
+        if path not in ATTENTION_PATHS:
+            raise RequestError("invalid", f"path must be one of {', '.join(ATTENTION_PATHS)}",
+                               "path")
+        if self.executor.attention_path() is None:
+            raise RequestError("invalid", "this engine has no switchable attention path")
+        return await self.between_steps(lambda: self.executor.set_attention_path(path))
+
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         self.executor.bind_thread()
@@ -182,6 +217,9 @@ class AsyncLLMEngine(AsyncEngine):
                     self._check_integrity()  # once per idle spell, before sleeping
                 self._wake.wait()
                 self._wake.clear()
+        for kind, item in list(self._inbox):  # calls queued while stopping: refused
+            if kind == "call":
+                _settle(item[1], None, RequestError("shutting_down", "the engine stopped"))
 
     def _iteration(self, out: _Out) -> None:
         self._drain(out)
@@ -206,9 +244,19 @@ class AsyncLLMEngine(AsyncEngine):
                     self.scheduler.add(item, enforce_queue_limit=False)
                 except RequestError as e:
                     out.append(self._close(item.request_id, "error", e.message))
+            elif kind == "call":
+                self._call(*item)
             elif self.scheduler.finish(item, "abort") is not None or item in self._live:
                 self.executor.release(item)
                 out.append(self._close(item, "abort"))
+
+    @staticmethod
+    def _call(fn: Callable[[], object], fut: asyncio.Future) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as e:  # the caller gets it; the engine goes on
+            result, error = None, e
+        _settle(fut, result, error)
 
     def _step(self, out: _Out) -> None:
         t0 = time.perf_counter()
@@ -263,3 +311,21 @@ class AsyncLLMEngine(AsyncEngine):
                 q.put_nowait(d)
         if not self._live:
             self._idle.set()
+
+
+def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
+    """Resolve ``fut`` on its own loop (from the engine thread); a caller that left or a
+    closed loop is ignored."""
+
+    def settle() -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    try:
+        fut.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # loop closed
+        pass

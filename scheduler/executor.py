@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from kvcache import BlockAllocator
+from scheduler.api import AttentionPath
 from scheduler.plan import StepOutput, StepPlan
 
 
@@ -31,3 +32,13 @@ class Executor(ABC):
     def bind_thread(self) -> None:  # noqa: B027 - optional hook
         """Called once on the engine thread before its first step (MLX needs a stream
         per thread)."""
+
+    def attention_path(self) -> AttentionPath | None:
+        """The decode attention path setting (None: this executor has no switch).  May
+        be read from any thread."""
+        return None
+
+    def set_attention_path(self, path: AttentionPath) -> AttentionPath:
+        """Switch the decode attention path; returns the previous setting.  Called on the
+        engine thread between two ``execute`` calls only."""
+        raise NotImplementedError("this executor has no switchable attention path")

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from scheduler.api import AsyncEngine
-from server import chat, completions, errors
+from server import admin, chat, completions, errors
 from server.codec import TextCodec
 from server.config import ServerConfig
 from server.errors import APIError
@@ -95,6 +95,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None,
     app.include_router(router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    if config.admin_endpoints:  # otherwise /admin/* is an unknown URL (404)
+        app.include_router(admin.router)
     app.add_middleware(GuardMiddleware, ctx=ctx)
     return app
 

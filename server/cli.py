@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
       help="seconds in-flight requests may run after SIGTERM")
     a("--max-n", type=int, default=ServerConfig.max_n, help="most choices per request")
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    a("--admin-endpoints", action="store_true",
+      help="serve /admin/attention-path (GET, POST {\"path\": \"auto|native|gather\"}) to "
+      "switch decode attention at run time, for benchmarks; behind --api-key if one is set")
     a("--calibrate", action="store_true", help="time the decode-attention paths for this "
       "model at start-up (short grid), save and use the device profile")
     g = p.add_argument_group("KV cache")
@@ -120,7 +123,8 @@ def configs(args: argparse.Namespace):
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or env.api_key(),
         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-        served_model_name=args.served_model_name, max_n=args.max_n, log_level=args.log_level)
+        served_model_name=args.served_model_name, max_n=args.max_n, log_level=args.log_level,
+        admin_endpoints=args.admin_endpoints)
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
                         kv_budget_bytes=args.kv_budget, initial_slabs=args.initial_slabs,
                         dtype=args.kv_dtype)

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 class ServerConfig:
     """What the HTTP server needs besides the engine.
 
-    ``api_key`` None = no authentication; otherwise every ``/v1/*`` route needs
-    ``Authorization: Bearer <api_key>`` (``/health``, ``/ready`` and ``/metrics`` stay open).
+    ``api_key`` None = no authentication; otherwise every ``/v1/*`` and ``/admin/*`` route
+    needs ``Authorization: Bearer <api_key>`` (``/health``, ``/ready`` and ``/metrics``
+    stay open).  ``admin_endpoints`` serves ``/admin/*`` (``server.admin``: switching the
+    decode attention path at run time, for benchmarks); off, those routes are 404.
     ``max_body_bytes`` bounds a request body (413 beyond it).  ``shutdown_timeout`` is how
     long in-flight requests may run after SIGTERM before they are ended.  ``max_n`` bounds
     the choices of one request (n times the number of prompts)."""
@@ -24,6 +26,7 @@ class ServerConfig:
     retry_after_s: int = 1
     max_n: int = 16
     log_level: str = "info"
+    admin_endpoints: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

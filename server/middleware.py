@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no buffering of responses, so streaming and disconnect detection
-pass through): Bearer-key check on ``/v1/*`` and the request body size limit."""
+pass through): Bearer-key check on ``/v1/*`` and ``/admin/*`` and the request body size
+limit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
 from server.state import ServerContext
+
+PROTECTED = ("/v1/", "/admin/")  # path prefixes that need the key when one is set
 
 
 async def _send_error(send: Send, err: APIError, ctx: ServerContext) -> None:
@@ -20,9 +23,10 @@ async def _send_error(send: Send, err: APIError, ctx: ServerContext) -> None:
 
 
 class GuardMiddleware:
-    """401 for ``/v1/*`` without ``Authorization: Bearer <api_key>`` (when a key is set);
-    413 for a body over ``max_body_bytes`` (declared or actual).  The body is read here,
-    bounded, and replayed to the app; later ``receive`` calls (disconnects) pass through."""
+    """401 for ``/v1/*`` and ``/admin/*`` without ``Authorization: Bearer <api_key>`` (when
+    a key is set); 413 for a body over ``max_body_bytes`` (declared or actual).  The body is
+    read here, bounded, and replayed to the app; later ``receive`` calls (disconnects) pass
+    through."""
 
     def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
         self.app = app
@@ -31,7 +35,7 @@ class GuardMiddleware:
         self.expected = f"Bearer {key}".encode() if key else None
 
     def _authorized(self, scope: Scope) -> bool:
-        if self.expected is None or not scope["path"].startswith("/v1/"):
+        if self.expected is None or not scope["path"].startswith(PROTECTED):
             return True
         got = dict(scope["headers"]).get(b"authorization", b"")
         return hmac.compare_digest(got, self.expected)

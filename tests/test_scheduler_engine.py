@@ -1,8 +1,10 @@
-"""The asyncio front over the fake executor (no MLX): failures, shutdown, stats."""
+"""The asyncio front over the fake executor (no MLX): failures, shutdown, stats, control
+between steps (the attention path switch)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -76,5 +78,89 @@ async def test_stats_count_tokens_and_requests():
         st = eng.stats()
         assert (st.prompt_tokens, st.generated_tokens, st.running, st.waiting) == (16, 12, 0, 0)
         assert st.kv_blocks_total == 32 and st.kv_blocks_used == 0
+    finally:
+        await eng.shutdown(1)
+
+
+class Switchable(ShadowExecutor):
+    """Has an attention path setting; records each step's setting, every switch, and the
+    thread of every call; a switch during ``execute`` fails.  The second step sets
+    ``parked`` and waits for ``gate`` (so a test can queue a switch while it is in
+    flight)."""
+
+    def __init__(self, base: ShadowExecutor) -> None:
+        super().__init__(base.allocator, base.block_size)
+        self.path, self.in_step = "auto", False
+        self.gate, self.parked = threading.Event(), threading.Event()
+        self.events: list[tuple[str, str]] = []
+        self.threads: set[int] = set()
+
+    def attention_path(self):
+        return self.path
+
+    def set_attention_path(self, path):
+        assert not self.in_step, "switched while a step was in flight"
+        self.threads.add(threading.get_ident())
+        previous, self.path = self.path, path
+        self.events.append(("switch", path))
+        return previous
+
+    def execute(self, plan):
+        self.in_step = True
+        try:
+            self.threads.add(threading.get_ident())
+            if len(self.events) == 1:
+                self.parked.set()
+                assert self.gate.wait(30)
+            self.events.append(("step", self.path))
+            return super().execute(plan)
+        finally:
+            self.in_step = False
+
+
+async def test_attention_path_switch_runs_between_steps_on_the_engine_thread():
+    s, ex = make(num_blocks=32)
+    sw = Switchable(ex)
+    eng = AsyncLLMEngine(s, sw)
+    await eng.start()
+    try:
+        r = req("long", 3, max_tokens=6)
+        stream = eng.generate(r)
+        tokens = list((await stream.__anext__()).token_ids)
+        assert await asyncio.to_thread(sw.parked.wait, 30)  # step 2 in flight
+        switch = asyncio.create_task(eng.set_attention_path("gather"))
+        await asyncio.sleep(0)  # queued while step 2 is in flight
+        sw.gate.set()
+        assert await switch == "auto"
+        assert eng.attention_path() == "gather"
+        tokens += [t async for d in stream for t in d.token_ids]
+        assert tokens == reference(r.prompt_tokens, 6)  # the switch lost no token
+        assert sw.threads == {eng._thread.ident} != {threading.get_ident()}
+        assert sw.events == [("step", "auto")] * 2 + [("switch", "gather")] + [
+            ("step", "gather")] * 4
+        assert await eng.set_attention_path("auto") == "gather"  # idle engine: applied too
+        with pytest.raises(RequestError) as e:
+            await eng.set_attention_path("fast")
+        assert e.value.kind == "invalid" and sw.path == "auto"
+    finally:
+        await eng.shutdown(1)
+    with pytest.raises(RequestError) as e:
+        await eng.set_attention_path("native")
+    assert e.value.kind == "shutting_down"
+
+
+async def test_between_steps_returns_errors_and_engines_without_a_switch_refuse():
+    eng = await engine()
+    try:
+        assert eng.attention_path() is None
+        with pytest.raises(RequestError) as e:
+            await eng.set_attention_path("native")
+        assert e.value.kind == "invalid"
+        with pytest.raises(ZeroDivisionError):
+            await eng.between_steps(lambda: 1 / 0)
+        assert await eng.between_steps(threading.get_ident) == eng._thread.ident
+        r = req("after", 4, max_tokens=3)  # the engine goes on
+        assert [t for d in await run(eng, r) for t in d.token_ids] == reference(
+            r.prompt_tokens, 3)
     finally:
         await eng.shutdown(1)

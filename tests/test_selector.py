@@ -218,3 +218,57 @@ def test_first_decision_of_each_kind_is_logged_once(caplog, case):
                 s.decide(q, pool, layer, step)
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "declined:head_dim" in msgs[0]
+
+
+class Recording(DecodeAttention):
+    """A native path that works (gather's arithmetic) and counts its calls."""
+
+    name = "native"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.inner = attention.GatherSDPA()
+
+    def decline(self, q, pool, batch):
+        return None
+
+    def __call__(self, q, pool, layer, batch, scale):
+        self.calls += 1
+        return self.inner(q, pool, layer, batch, scale)
+
+
+def test_set_override_switches_path_and_reason_from_the_next_step(case):
+    q, pool, batch = case
+    native = Recording()
+    s = Selector(natives={"cpu": native})
+
+    def step():
+        b = DecodeBatch(batch.geom, batch.tables, batch.lengths)
+        outs = [s.run(q, pool, layer, b, 0.125) for layer in range(3)]
+        assert np.abs(np.array(outs[2]) - reference_decode(q, pool, 2, b, 0.125)).max() < 1e-5
+        return b
+
+    step()
+    auto = ("native", "rule:cpu_native_all")
+    assert s.path_counts() == {auto: 3} and native.calls == 3
+    assert s.set_override(False) is None and s.override is False
+    in_flight = step()
+    assert s.path_counts() == {auto: 3, ("gather", "env_gather"): 3} and native.calls == 3
+    assert s.set_override(True) is False
+    step()
+    assert s.path_counts() == {auto: 3, ("gather", "env_gather"): 3,
+                               ("native", "env_native"): 3} and native.calls == 6
+    # a step begun before a switch keeps its slots (the engine switches between steps)
+    assert s.decide(q, pool, 0, in_flight).reason is Reason.ENV_GATHER
+    assert s.set_override(None) is True
+    step()
+    assert s.path_counts()[auto] == 6 and native.calls == 9
+    assert s.misses == 12  # every switch cleared the per-layer cache
+
+
+@pytest.mark.parametrize("bad", [1, 0, "native", "auto"])
+def test_set_override_refuses_anything_but_bool_or_none(bad):
+    s = Selector(override=False)
+    with pytest.raises(ValueError):
+        s.set_override(bad)
+    assert s.override is False
