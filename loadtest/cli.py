@@ -6,6 +6,7 @@ Examples::
     slabserve loadtest --url http://127.0.0.1:8000 --model DIR --contexts 1k,4k
     slabserve loadtest --url http://127.0.0.1:8080 --model DIR --eos-mode logit_bias
     slabserve loadtest --compare --embedded qwen2.5-0.5b:float16 --contexts 1k --out results/
+    slabserve loadtest --compare --one-server --configs auto,native,gather --rounds 3 ...
 
 This package is an HTTP client: it never imports mlx, the engine or the scheduler; servers and
 the embedded-model writer run as subprocesses.
@@ -28,6 +29,7 @@ from pathlib import Path
 from loadtest.client import Endpoint
 from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
+from loadtest.oneserver import run_one_server
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
 from loadtest.report import failure_details, runs_markdown, write_csv, write_json, write_plots
 from loadtest.runner import RunResult
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--url", help="base URL of a running OpenAI-compatible server")
     tgt.add_argument("--compare", action="store_true",
                      help="start ours (auto/native/gather) and mlx_lm.server on loopback")
+    tgt.add_argument("--one-server", action="store_true",
+                     help="--compare: serve auto/native/gather from ONE server process, "
+                     "switching the path before each run (POST /admin/attention-path), "
+                     "interleaved per cell and round; mlx_lm and --variant still get their "
+                     "own processes")
     tgt.add_argument("--configs", default="auto,native,gather,mlx_lm",
                      help="--compare configurations (default: all four)")
     tgt.add_argument("--model", type=Path, help="model directory (tokenizer, EOS ids; served "
@@ -143,6 +150,8 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
         rounds = 1 + max((r.round for r in results), default=0)
         how = (f"the median run by tok/s of {rounds} interleaved rounds per cell"
                if rounds > 1 else "ratios from this one invocation")
+        if meta.get("one_server"):
+            how += "; auto, native and gather on one server process, switched per run"
         md += [f"## Comparison ({how})", "",
                comparison_markdown(picked, labels), "## Goals", ""]
         md += [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]
@@ -199,8 +208,8 @@ def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...
         return "--eos-mode logit_bias needs --model DIR (for the EOS ids)"
     if args.rounds < 1:
         return "--rounds must be >= 1"
-    if args.url and (args.rounds > 1 or args.variant):
-        return "--rounds and --variant need --compare"
+    if args.url and (args.rounds > 1 or args.variant or args.one_server):
+        return "--rounds, --variant and --one-server need --compare"
     return ""
 
 
@@ -209,8 +218,9 @@ def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict
     progress = not args.no_progress
     if args.compare:
         configs = _configs(args, model, grid)
-        results, skipped = run_compare(configs, model, grid, prompts, eos_ids, out,
-                                       args.ready_timeout, progress, args.rounds)
+        run = run_one_server if args.one_server else run_compare
+        results, skipped = run(configs, model, grid, prompts, eos_ids, out,
+                               args.ready_timeout, progress, args.rounds)
         return results, [c.label for c in configs], skipped
     label = args.model_name or "server"
     ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)
@@ -239,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"started_utc": started, "command": "slabserve loadtest " + shlex.join(argv),
             "model": str(model), "tokenizer": tok.name, "labels": labels,
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
-            "versions": _versions(), "skipped": skipped, "grid": asdict(grid)}
+            "versions": _versions(), "skipped": skipped, "grid": asdict(grid),
+            "one_server": bool(args.one_server)}
     md = write_outputs(out, results, meta, labels)
     print(md.read_text())
     failed = sum(r.summary.requests_failed for r in results)

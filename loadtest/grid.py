@@ -85,13 +85,18 @@ def run_grid(ep: Endpoint, grid: GridSpec, prompts: dict[tuple[int, int], list[s
         res = asyncio.run(run_once(ep, spec, prompts[(spec.context, spec.concurrency)],
                                    label, show_progress))
         results.append(res)
-        s = res.summary
-        print(f"[{label}] ctx={spec.context} conc={spec.concurrency}: "
-              f"{s.requests_ok} ok, {s.requests_failed} failed, "
-              f"{s.output_tok_s:.2f} out tok/s, TTFT p50 {s.ttft.p50:.0f} ms, "
-              f"TPOT p50 {s.tpot.p50:.1f} ms, paths "
-              f"{res.trace.describe() if res.trace else 'n/a'}", file=sys.stderr)
+        print_run(res)
     return results
+
+
+def print_run(res: RunResult, tag: str = "") -> None:
+    """One line on stderr: the run's counts, tok/s, TTFT/TPOT p50 and server paths."""
+    s, spec = res.summary, res.spec
+    print(f"[{res.label}]{tag} ctx={spec.context} conc={spec.concurrency}: "
+          f"{s.requests_ok} ok, {s.requests_failed} failed, "
+          f"{s.output_tok_s:.2f} out tok/s, TTFT p50 {s.ttft.p50:.0f} ms, "
+          f"TPOT p50 {s.tpot.p50:.1f} ms, paths "
+          f"{res.trace.describe() if res.trace else 'n/a'}", file=sys.stderr)
 
 
 def endpoint_for(srv: ManagedServer, eos_ids: tuple[int, ...]) -> Endpoint:
@@ -127,7 +132,7 @@ def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec
             try:
                 with ManagedServer(cfg, model_dir, log, ready_timeout_s) as srv:
                     ep = endpoint_for(srv, eos_ids)
-                    results += [replace(r, round=rnd)
+                    results += [replace(r, round=rnd, server=srv.identity)
                                 for r in run_grid(ep, grid, prompts, cfg.label, show_progress)]
             except (RuntimeError, TimeoutError) as exc:
                 print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)

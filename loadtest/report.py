@@ -19,7 +19,8 @@ def row(res: RunResult) -> dict:
     """One flat dict per run: identifiers, counts, rates, latency stats (ms), path shares."""
     s = res.summary
     out: dict = {
-        "label": res.label, "round": res.round, "context": res.spec.context,
+        "label": res.label, "round": res.round, "server": res.server,
+        "context": res.spec.context,
         "concurrency": res.spec.concurrency,
         "max_tokens": res.spec.max_tokens, "prompt_tokens": s.prompt_tokens_mean,
         "requests_ok": s.requests_ok, "requests_failed": s.requests_failed,

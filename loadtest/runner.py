@@ -56,6 +56,7 @@ class RunResult:
     records: tuple[RequestRecord, ...]
     server_counters: dict[str, float] = field(default_factory=dict)
     round: int = 0  # --compare --rounds: which pass over the configurations (0-based)
+    server: str = ""  # --compare: the server process that served it ("pid P port N")
 
 
 class _Progress:

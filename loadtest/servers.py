@@ -165,6 +165,11 @@ class ServerSubprocess:
             self.stop()
             raise
 
+    @property
+    def identity(self) -> str:
+        """``pid P port N`` of the process started (empty before ``start``)."""
+        return f"pid {self.proc.pid} port {self.port}" if self.proc is not None else ""
+
     def is_ready(self) -> bool:
         """One readiness probe: ``/health`` answers 200."""
         return httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200

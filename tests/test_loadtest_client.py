@@ -139,7 +139,9 @@ def test_variants_add_our_servers_with_extra_args():
 def test_compare_only_options_are_refused_in_url_mode(capsys):
     from loadtest.cli import main
 
-    for extra in (["--rounds", "2"], ["--variant", "x=--max-running 4"], ["--rounds", "0"]):
+    for extra in (["--rounds", "2"], ["--variant", "x=--max-running 4"], ["--rounds", "0"],
+                  ["--one-server"]):
         assert main(["--url", "http://127.0.0.1:9", *extra]) == 2
     err = capsys.readouterr().err
-    assert "--rounds and --variant need --compare" in err and "--rounds must be >= 1" in err
+    assert err.count("--rounds, --variant and --one-server need --compare") == 3
+    assert "--rounds must be >= 1" in err
