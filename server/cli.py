@@ -89,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=int, default=None)
     g.add_argument("--prefill-kv-bucket", type=int, default=None,
                    help="pad prefill attention's kv length to a multiple of this many tokens "
-                        "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET "
-                        "or 0")
+                        "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET, "
+                        "else 2048 on a CUDA GPU and 0 elsewhere")
     g.add_argument("--watermark-blocks", type=int, default=1)
     g.add_argument("--host-math", default=None, choices=["auto", "on", "off"],
                    help="float32 prefill softmax and SiLU in numpy on CPU (faster than MLX's "

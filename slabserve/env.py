@@ -91,13 +91,14 @@ def api_key() -> str | None:
 
 
 # ---- prefill shape buckets (prefill-chunk latency on CUDA) --------------------------------
-def prefill_kv_bucket() -> int:
+def prefill_kv_bucket() -> int | None:
     """SLABSERVE_PREFILL_KV_BUCKET: round prefill attention's kv length up to a multiple of
     this many tokens (and q to a few fixed lengths) so MLX's CUDA SDPA sees a bounded set
-    of shapes (attention/prefill.py); 0 or unset = exact shapes."""
+    of shapes (attention/prefill.py); 0 = exact shapes; unset = None (the per-device
+    default of ``attention.prefill.kv_bucket``)."""
     raw = os.environ.get("SLABSERVE_PREFILL_KV_BUCKET")
     if raw is None or not raw.strip():
-        return 0
+        return None
     try:
         n = int(raw.strip())
     except ValueError:

@@ -82,7 +82,7 @@ def test_env_and_override(monkeypatch):
     with pytest.raises(ValueError):
         env.prefill_kv_bucket()
     monkeypatch.delenv("SLABSERVE_PREFILL_KV_BUCKET")
-    assert env.prefill_kv_bucket() == 0
+    assert env.prefill_kv_bucket() is None
     old = pf.set_kv_bucket(32)
     try:
         assert pf.kv_bucket() == 32
@@ -126,3 +126,21 @@ def test_runner_bucketed_is_token_exact_with_mlx_lm(model_root):
     finally:
         pc.prefill_attention = pc_old
     assert calls and set(calls) == {24}
+
+
+@pytest.mark.parametrize("raw, cuda, want", [
+    (None, False, 0), (None, True, pf.CUDA_DEFAULT_BUCKET), ("0", True, 0), ("512", False, 512),
+])
+def test_default_bucket_per_device(monkeypatch, raw, cuda, want):
+    """Unset: the bucket is on (CUDA_DEFAULT_BUCKET) where MLX computes on CUDA, off on
+    CPU; an explicit value, 0 included, wins everywhere."""
+    if raw is None:
+        monkeypatch.delenv("SLABSERVE_PREFILL_KV_BUCKET", raising=False)
+    else:
+        monkeypatch.setenv("SLABSERVE_PREFILL_KV_BUCKET", raw)
+    monkeypatch.setattr(pf, "_on_cuda", lambda: cuda)
+    pf._env_bucket.cache_clear()
+    try:
+        assert pf.kv_bucket() == want
+    finally:
+        pf._env_bucket.cache_clear()
