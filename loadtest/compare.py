@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from loadtest.report import fmt, row
 from loadtest.runner import RunResult
+from loadtest.summary import geo_interval
 
 OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
 AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%
@@ -94,7 +95,20 @@ def goal_checks(results: Sequence[RunResult]) -> list[str]:
             lines.append(f"ctx {ctx} conc {conc}: auto/best forced tok/s = {fmt(r, 2)} "
                          f"(goal >= {AUTO_TOLERANCE}) {_verdict(r >= AUTO_TOLERANCE, r)}")
             lines += _choice_check(ctx, conc, ours, by, best)
-    return lines
+    return lines + _summary_check(results)
+
+
+def _summary_check(results: Sequence[RunResult]) -> list[str]:
+    """Over all cells: the geometric mean of auto / best forced with its 95% interval
+    (loadtest.summary); PASS when even the interval's low end meets the tolerance."""
+    ratios = [_ratio(by[OURS]["output_tok_s"], _best_forced(by))
+              for by in cells(results).values() if OURS in by and _best_forced(by)]
+    ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
+    if len(ratios) < 2:
+        return []
+    iv = geo_interval(ratios)
+    return [f"all cells: auto/best forced tok/s {iv.describe()} (goal >= {AUTO_TOLERANCE}) "
+            f"{_verdict(iv.lo >= AUTO_TOLERANCE, iv.lo)}"]
 
 
 def dominant_path(r: dict, share: float = 0.99) -> str | None:

@@ -191,6 +191,21 @@ def test_goal_checks_and_tables():
     assert row(results[0])["paths"] == "n/a"
 
 
+def test_goal_checks_summarise_auto_over_cells():
+    """Two or more cells with auto and a forced path: one line with the geometric mean of
+    auto / best forced and its 95% interval; PASS only when the interval's low end meets
+    the 5% tolerance."""
+    def cell(conc, auto, native):
+        return [_result("auto", conc, auto, 0.2), _result("native", conc, native, 0.2)]
+
+    close = goal_checks(cell(1, 1.0, 1.0) + cell(4, 1.0, 1.01) + cell(8, 1.01, 1.0))
+    assert close[-1].startswith("all cells: auto/best forced tok/s geometric mean")
+    assert "over 3 cells" in close[-1] and close[-1].endswith("PASS")
+    spread = goal_checks(cell(1, 1.0, 1.2) + cell(4, 1.2, 1.0))
+    assert spread[-1].startswith("all cells:") and spread[-1].endswith("FAIL")
+    assert not any(x.startswith("all cells") for x in goal_checks(cell(8, 1.0, 1.0)))
+
+
 def test_rounds_compare_each_cells_median_run():
     """Three interleaved rounds: each (label, cell) is represented by its median run by
     tok/s, so one slow or fast process does not decide a ratio; the runs table keeps all."""
