@@ -9,7 +9,8 @@ projection's matmul for 256-1024 tokens (GFLOP/s), and the elementwise work arou
 one run shows how much of a prefill chunk is BLAS and how much is single-threaded
 elementwise code that every MLX server on this CPU pays alike.  ``--decode`` adds what bounds
 a decode step: the machine's read bandwidth (numpy) against the weight bytes per second of
-few-row products ``x @ W.T`` as ``nn.Linear`` runs them and with ``W`` stored transposed.
+few-row products ``x @ W.T`` as ``nn.Linear`` runs them and with ``W`` stored transposed
+(``--shapes qwen``: every Linear shape of Qwen2.5-0.5B and its tied LM head, ``--rows``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--decode", action="store_true",
                     help="also few-row products against memory bandwidth (decode steps)")
+    ap.add_argument("--shapes", choices=["gate", "qwen"], default="gate",
+                    help="--decode weights: the MLP gate only, or every Qwen2.5-0.5B Linear "
+                         "shape (q, k/v, o, gate/up, down, tied LM head)")
+    ap.add_argument("--rows", default="1,8,64", help="--decode rows per product")
     a = ap.parse_args(argv)
     mx.set_default_device(mx.cpu)
     h, f = a.hidden, a.intermediate
@@ -61,30 +66,44 @@ def main(argv=None) -> int:
         gflops = 2 * t * h * f / (mm / 1e3) / 1e9
         print(f"| {t} | {mm:.1f} | {gflops:.0f} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
     if a.decode:
-        decode_table(w, a.reps)
+        rows = [int(x) for x in a.rows.split(",")]
+        shapes = QWEN_SHAPES if a.shapes == "qwen" else {"gate": (f, h)}
+        decode_table(shapes, rows, a.reps)
     return 0
 
 
-def decode_table(w: mx.array, reps: int) -> None:
-    """Weight GB/s of ``x @ W.T`` (nn.Linear) and ``x @ Wt`` (pre-transposed) for 1-64 rows,
-    against numpy's read bandwidth over 256 MB."""
+# Qwen2.5-0.5B's Linear weights as [out, in]: 24 layers each of q, k, v, o, gate, up, down,
+# and the LM head (tied to the [151936, 896] embedding: ``embed_tokens.as_linear``).
+QWEN_SHAPES = {
+    "q / o": (896, 896), "k / v": (128, 896), "gate / up": (4864, 896),
+    "down": (896, 4864), "lm_head (tied)": (151936, 896),
+}
+
+
+def decode_table(shapes: dict[str, tuple[int, int]], rows: list[int], reps: int) -> None:
+    """Weight GB/s of ``x @ W.T`` (nn.Linear) and ``x @ Wt`` (pre-transposed, contiguous)
+    per weight shape and row count, against numpy's read bandwidth over 256 MB."""
     import numpy as np
 
     buf = np.ones(64 << 20, np.float32)
     best = min(_time(lambda: buf.sum()) for _ in range(reps))
     print(f"\nnumpy read bandwidth: {buf.nbytes / best / 1e9:.1f} GB/s "
           f"(256 MB sum, best of {reps})")
-    wt = mx.array(np.ascontiguousarray(np.array(w).T))
-    mx.eval(wt)
-    gb = w.nbytes / 1e9
-    print("| rows | x @ W.T ms | GB/s | x @ Wt ms | GB/s |")
-    print("|--:|--:|--:|--:|--:|")
-    for m in (1, 8, 64):
-        x = mx.random.normal((m, w.shape[1]))
-        mx.eval(x)
-        t = median_ms(lambda x=x: x @ w.T, reps)
-        tt = median_ms(lambda x=x: x @ wt, reps)
-        print(f"| {m} | {t:.2f} | {gb / t * 1e3:.1f} | {tt:.2f} | {gb / tt * 1e3:.1f} |")
+    print("| weight | [out, in] | rows | x @ W.T ms | GB/s | x @ Wt ms | GB/s | speed-up |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|")
+    for name, shape in shapes.items():
+        w = mx.random.normal(shape) * 0.02
+        wt = mx.contiguous(w.T)
+        mx.eval(w, wt)
+        gb = w.nbytes / 1e9
+        for m in rows:
+            x = mx.random.normal((m, shape[1]))
+            mx.eval(x)
+            t = median_ms(lambda x=x, w=w: x @ w.T, reps)
+            tt = median_ms(lambda x=x, wt=wt: x @ wt, reps)
+            print(f"| {name} | {list(shape)} | {m} | {t:.2f} | {gb / t * 1e3:.1f} | "
+                  f"{tt:.2f} | {gb / tt * 1e3:.1f} | {t / tt:.2f}x |", flush=True)
+        del w, wt
 
 
 def _time(fn) -> float:

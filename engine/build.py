@@ -73,7 +73,8 @@ def build_engine(cfg: EngineConfig) -> AsyncLLMEngine:
 
     configure_memory(cfg.cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype)
-    runner = ModelRunner(model, cfg.cache, cfg.runner.prefill_kv_bucket, cfg.runner.host_math)
+    runner = ModelRunner(model, cfg.cache, cfg.runner.prefill_kv_bucket, cfg.runner.host_math,
+                         cfg.runner.linear_layout)
     runner.dispatch_every = cfg.runner.dispatch_every
     chunk = min(cfg.scheduler.prefill_chunk, cfg.runner.prefill_chunk)
     sched_cfg = dataclasses.replace(cfg.scheduler, prefill_chunk=chunk)

@@ -58,12 +58,15 @@ class RunnerConfig:
     rest (``ModelRunner.dispatch_every``; 0 = one evaluation per step).  ``host_math``:
     float32 prefill softmax and SiLU in numpy on CPU (attention/host_math.py; None =
     ``SLABSERVE_HOST_MATH``, unset = on where it applies); process-wide, set when the
-    runner starts."""
+    runner starts.  ``linear_layout``: float32 Linear weights stored transposed on CPU
+    (engine/linear_layout.py; None = ``SLABSERVE_LINEAR_LAYOUT``, unset = on where it
+    applies); applied to the runner's model when the runner starts."""
 
     prefill_chunk: int = 512
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
     host_math: bool | None = None
+    linear_layout: bool | None = None
 
     def __post_init__(self) -> None:
         if self.prefill_chunk <= 0:

@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from attention import DecodeBatch
 from attention import host_math as hmath
+from engine import linear_layout as linear_layout_mod
 from engine import patch
 from engine.config import CacheConfig
 from engine.paged_cache import ForwardContext, PagedLayerCache
@@ -76,13 +77,16 @@ def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
 class ModelRunner:
     def __init__(
         self, model: nn.Module, cache_cfg: CacheConfig, prefill_kv_bucket: int | None = None,
-        host_math: bool | None = None,
+        host_math: bool | None = None, linear_layout: bool | None = None,
     ) -> None:
         """``host_math``: when not None, switch ``attention.host_math`` on or off for the
-        process (None leaves it to ``SLABSERVE_HOST_MATH`` or an earlier override)."""
+        process (None leaves it to ``SLABSERVE_HOST_MATH`` or an earlier override).
+        ``linear_layout``: store the model's float32 Linear weights transposed on CPU, in
+        place (``engine.linear_layout.apply``; None = ``SLABSERVE_LINEAR_LAYOUT``)."""
         if host_math is not None:
             hmath.set_enabled(host_math)
         self.model = model
+        self.linear_layout = linear_layout_mod.apply(model, linear_layout)
         self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
         # > 0: hand the graph to the device every this many layers while building the rest

@@ -95,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--host-math", default=None, choices=["auto", "on", "off"],
                    help="float32 prefill softmax and SiLU in numpy on CPU (faster than MLX's "
                         "scalar exp); default SLABSERVE_HOST_MATH or auto (on where it applies)")
+    g.add_argument("--linear-layout", default=None, choices=["auto", "on", "off"],
+                   help="store float32 Linear weights transposed on CPU (faster few-row "
+                        "decode products); default SLABSERVE_LINEAR_LAYOUT or auto (on where "
+                        "it applies)")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
@@ -137,7 +141,8 @@ def configs(args: argparse.Namespace):
                           runner=RunnerConfig(prefill_chunk=sched.prefill_chunk,
                                               prefill_kv_bucket=args.prefill_kv_bucket,
                                               dispatch_every=args.dispatch_every,
-                                              host_math=_tristate(args.host_math)),
+                                              host_math=_tristate(args.host_math),
+                                              linear_layout=_tristate(args.linear_layout)),
                           scheduler=sched, cache_limit_bytes=args.cache_limit,
                           served_name=args.served_model_name)
     return server, engine

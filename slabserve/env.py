@@ -121,3 +121,18 @@ def host_math() -> bool | None:
     if value is None:
         raise ValueError(f"SLABSERVE_HOST_MATH={raw!r}: expected on, off or auto")
     return value
+
+
+# ---- float32 Linear weights stored transposed on CPU (engine/linear_layout.py) -------------
+def linear_layout() -> bool | None:
+    """SLABSERVE_LINEAR_LAYOUT: ``on``/``off``/``auto`` (unset = auto).  Whether float32
+    ``nn.Linear`` / ``nn.Embedding`` weights are stored transposed on CPU for faster
+    few-row products (engine/linear_layout.py); None = auto, which is on wherever it
+    applies (float32, CPU)."""
+    raw = os.environ.get("SLABSERVE_LINEAR_LAYOUT")
+    if raw is None or raw.strip().lower() in ("", "auto"):
+        return None
+    value = _tristate(raw)
+    if value is None:
+        raise ValueError(f"SLABSERVE_LINEAR_LAYOUT={raw!r}: expected on, off or auto")
+    return value
