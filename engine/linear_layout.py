@@ -33,7 +33,23 @@ from slabserve import env
 log = logging.getLogger(__name__)
 
 
-class TransposedLinear(nn.Module):
+class _WeightView:
+    """``weight`` as the replaced module had it (``[out, in]`` / ``[vocab, dims]``): read as
+    a transposed view of ``weight_t`` (no copy), assigned by storing its transpose, for
+    model code that touches ``.weight`` directly (e.g. mlx-lm's minicpm, seed_oss and
+    llama4 heads compute ``h @ embed_tokens.weight.T``)."""
+
+    @property
+    def weight(self) -> mx.array:
+        return self["weight_t"].T
+
+    def __setattr__(self, key: str, val) -> None:
+        if key == "weight":
+            key, val = "weight_t", mx.contiguous(val.T)
+        super().__setattr__(key, val)
+
+
+class TransposedLinear(_WeightView, nn.Module):
     """``x @ weight_t (+ bias)`` with ``weight_t`` a contiguous ``[in, out]`` matrix: the
     same function as the ``nn.Linear`` it replaces."""
 
@@ -59,7 +75,7 @@ class TransposedLinear(nn.Module):
         return x @ self["weight_t"]
 
 
-class TransposedEmbedding(nn.Module):
+class TransposedEmbedding(_WeightView, nn.Module):
     """An ``nn.Embedding`` stored as ``weight_t`` (``[dims, vocab]``, contiguous): lookups
     gather columns (a 256-token chunk: ~11 ms instead of ~0.4 ms at Qwen2.5-0.5B's shape,
     under 1% of the chunk's prefill), ``as_linear`` (the tied LM head) streams it as

@@ -94,6 +94,32 @@ def test_apply_replaces_float32_layers_and_keeps_the_function():
     np.testing.assert_allclose(np.array(toy(ids)), np.array(before), rtol=1e-5, atol=1e-5)
 
 
+def test_weight_attribute_still_reads_and_writes():
+    """Model code that uses ``.weight`` directly (mlx-lm's minicpm / seed_oss heads:
+    ``h @ embed_tokens.weight.T``; gemma3n assigns ``proj.weight``) sees the original
+    layout: a transposed view on read, stored transposed on assignment."""
+    toy = _Toy()
+    ids = mx.array([[1, 2, 63]])
+    rng = np.random.default_rng(3)
+    h = mx.array(nonzero_f32(rng, 1, 3, 64))
+    e0, w0 = np.array(toy.embed.weight), np.array(toy.head.weight)
+    head_before = h @ toy.embed.weight.T
+    ll.apply(toy, True)
+    assert toy.embed.weight.shape == e0.shape and toy.head.weight.shape == w0.shape
+    np.testing.assert_array_equal(np.array(toy.embed.weight), e0)
+    np.testing.assert_allclose(np.array(h @ toy.embed.weight.T), np.array(head_before),
+                               rtol=1e-5, atol=1e-5)
+    new_w = mx.array(nonzero_f32(rng, *w0.shape))
+    toy.head.weight = new_w
+    assert "weight" not in toy.head and toy.head["weight_t"].shape == w0.shape[::-1]
+    x = mx.array(nonzero_f32(rng, 2, w0.shape[1]))
+    want = np.array(x, np.float64) @ np.array(new_w, np.float64).T
+    if "bias" in toy.head:
+        want += np.array(toy.head["bias"], np.float64)
+    np.testing.assert_allclose(np.array(toy.head(x)), want, rtol=1e-4, atol=1e-4)
+    assert toy(ids).shape[-1] == w0.shape[0]
+
+
 def test_quantized_layers_are_left_alone():
     toy = _Toy(quantized=True)
     d = ll.apply(toy, True)
