@@ -109,18 +109,24 @@ def prefill_kv_bucket() -> int | None:
     return n
 
 
+def _on_off_auto(name: str) -> bool | None:
+    """An ``on``/``off``/``auto`` switch: True / False, None for auto or unset; anything
+    else is a ValueError naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip().lower() in ("", "auto"):
+        return None
+    value = _tristate(raw)
+    if value is None:
+        raise ValueError(f"{name}={raw!r}: expected on, off or auto")
+    return value
+
+
 # ---- numpy softmax / SiLU on CPU (attention/host_math.py) ---------------------------------
 def host_math() -> bool | None:
     """SLABSERVE_HOST_MATH: ``on``/``off``/``auto`` (unset = auto).  Whether float32 prefill
     on CPU runs its softmax and SiLU in numpy (attention/host_math.py); None = auto, which
     is on wherever the host path applies (float32, CPU)."""
-    raw = os.environ.get("SLABSERVE_HOST_MATH")
-    if raw is None or raw.strip().lower() in ("", "auto"):
-        return None
-    value = _tristate(raw)
-    if value is None:
-        raise ValueError(f"SLABSERVE_HOST_MATH={raw!r}: expected on, off or auto")
-    return value
+    return _on_off_auto("SLABSERVE_HOST_MATH")
 
 
 # ---- float32 Linear weights stored transposed on CPU (engine/linear_layout.py) -------------
@@ -129,10 +135,4 @@ def linear_layout() -> bool | None:
     ``nn.Linear`` / ``nn.Embedding`` weights are stored transposed on CPU for faster
     few-row products (engine/linear_layout.py); None = auto, which is on wherever it
     applies (float32, CPU)."""
-    raw = os.environ.get("SLABSERVE_LINEAR_LAYOUT")
-    if raw is None or raw.strip().lower() in ("", "auto"):
-        return None
-    value = _tristate(raw)
-    if value is None:
-        raise ValueError(f"SLABSERVE_LINEAR_LAYOUT={raw!r}: expected on, off or auto")
-    return value
+    return _on_off_auto("SLABSERVE_LINEAR_LAYOUT")
