@@ -4,9 +4,14 @@
 in tok/s on the GPU (docs/benchmarks/loadtest-gpu.md, A/A tests), which hides a 5% goal;
 inside one process that spread is common to the three configurations.
 
-Order: for each cell (context x concurrency), for each round, every path configuration
-once, the order rotated by one per round (auto native gather, native gather auto, ...), so
-neither slow drift nor the position in a round favours one of them.  Each run warms up
+Order: for each cell (context x concurrency), first one unmeasured pass of the cell's
+load on the first path (the "prime": the KV pool grows its slabs, kernels and graphs for
+the cell's shapes are built, so the first measured run does not pay for them alone; in a
+one-round CPU grid without it, auto (first in every cell) trailed forced native (second,
+the same code) by 2-6% in every cell), then for each
+round every path configuration once, the order rotated by one per round (auto native
+gather, native gather auto, ...), so neither slow drift nor the position in a round
+favours one of them.  Each run warms up
 after its switch and reads /metrics' path counters around its measured part, so its trace
 shows the path that ran.  Results carry the labels ``auto`` / ``native`` / ``gather``
 and their round, as ``grid.run_compare``'s do, so ``loadtest.compare`` reads them alike.
@@ -71,6 +76,9 @@ def _path_runs(srv: ManagedServer, labels: Sequence[str], grid: GridSpec,
     ep = endpoint_for(srv, eos_ids)
     for spec in grid.specs():
         cell = prompts[(spec.context, spec.concurrency)]
+        set_path(srv.base_url, labels[0])  # the prime: unmeasured, see the module docstring
+        asyncio.run(run_once(ep, spec, cell, f"{labels[0]} (prime)", show_progress))
+        print(f"[{LABEL}] primed ctx={spec.context} conc={spec.concurrency}", file=sys.stderr)
         for rnd in range(rounds):
             for label in round_order(labels, rnd):
                 set_path(srv.base_url, label)

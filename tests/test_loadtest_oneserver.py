@@ -94,7 +94,10 @@ def test_paths_rotate_per_round_and_other_configs_get_their_own_servers(monkeypa
     assert calls[0] == ("start", "one-server", None, ("--x", "--admin-endpoints"))
     cell = ["gather", "auto", "native", "auto", "native", "gather"]
     switched = [c for c in calls[1:-1] if c[0] == "switch"]
-    assert [c[1] for c in switched] == cell * 2  # per concurrency level, 2 rounds each
+    # per concurrency level: the unmeasured prime on the first path, then 2 rounds
+    assert [c[1] for c in switched] == (["gather"] + cell) * 2
+    runs = [c for c in calls if c[0] == "run"]
+    assert [c[1] for c in runs[:2]] == ["gather (prime)", "gather"] and len(runs) == 14
     assert calls[-1] == ("separate", ["mlx_lm"], 2)
     assert [(r.label, r.round, r.server) for r in results[:6]] == [
         (lab, i // 3, "pid 1 port 2") for i, lab in enumerate(cell)]
