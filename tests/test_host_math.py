@@ -21,7 +21,6 @@ from engine.config import CacheConfig
 from engine.embedded import ensure_model
 from engine.generate import greedy_generate
 from engine.runner import ModelRunner
-from slabserve import env
 
 D = 64
 
@@ -150,22 +149,6 @@ def _predicates_in_scope(a32):
     assert not hm.attention_applies(a32, a32, a32) and not hm.silu_applies(a32, a32)
     with pytest.raises(ValueError):
         hm.set_min_elements(-1)
-
-
-@pytest.mark.parametrize("raw,want", [(None, None), ("auto", None), ("on", True),
-                                      ("1", True), ("off", False), ("0", False)])
-def test_env_switch(monkeypatch, raw, want):
-    if raw is None:
-        monkeypatch.delenv("SLABSERVE_HOST_MATH", raising=False)
-    else:
-        monkeypatch.setenv("SLABSERVE_HOST_MATH", raw)
-    assert env.host_math() is want
-
-
-def test_env_switch_rejects_garbage(monkeypatch):
-    monkeypatch.setenv("SLABSERVE_HOST_MATH", "sometimes")
-    with pytest.raises(ValueError):
-        env.host_math()
 
 
 def test_swiglu_dispatcher_routes(forced, monkeypatch):

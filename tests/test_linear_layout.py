@@ -20,7 +20,6 @@ from engine import linear_layout as ll
 from engine.config import CacheConfig
 from engine.generate import greedy_generate
 from engine.runner import ModelRunner
-from slabserve import env
 
 
 def _linear(rng, d_in, d_out, bias):
@@ -148,22 +147,6 @@ def test_off_on_gpu_and_when_switched_off(monkeypatch):
     assert type(toy.head) is nn.Linear
     monkeypatch.setenv("SLABSERVE_LINEAR_LAYOUT", "auto")
     assert ll.apply(toy, None).reason is ll.Reason.APPLIED
-
-
-@pytest.mark.parametrize("raw,want", [(None, None), ("", None), ("auto", None), ("on", True),
-                                      ("1", True), ("off", False), ("0", False)])
-def test_env_switch(monkeypatch, raw, want):
-    if raw is None:
-        monkeypatch.delenv("SLABSERVE_LINEAR_LAYOUT", raising=False)
-    else:
-        monkeypatch.setenv("SLABSERVE_LINEAR_LAYOUT", raw)
-    assert env.linear_layout() is want
-
-
-def test_env_switch_rejects_garbage(monkeypatch):
-    monkeypatch.setenv("SLABSERVE_LINEAR_LAYOUT", "sideways")
-    with pytest.raises(ValueError, match="SLABSERVE_LINEAR_LAYOUT"):
-        env.linear_layout()
 
 
 def test_cli_flag_reaches_runner_config():
