@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from loadtest.report import fmt, row
 from loadtest.runner import RunResult
-from loadtest.summary import geo_interval
 
 OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
 AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%
@@ -25,6 +26,11 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b
 
 
+def lower_middle(ranked: Sequence):
+    """The median of an ascending sequence, the lower middle one for an even count."""
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def median_runs(results: Sequence[RunResult]) -> list[RunResult]:
     """One run per (label, context, concurrency): the median by output tok/s of its
     rounds (the lower middle one for an even count), in first-seen order.  With one round
@@ -34,8 +40,7 @@ def median_runs(results: Sequence[RunResult]) -> list[RunResult]:
         groups.setdefault((r.label, r.spec.context, r.spec.concurrency), []).append(r)
     out = []
     for runs in groups.values():
-        ranked = sorted(runs, key=lambda r: r.summary.output_tok_s)
-        out.append(ranked[(len(ranked) - 1) // 2])
+        out.append(lower_middle(sorted(runs, key=lambda r: r.summary.output_tok_s)))
     return out
 
 
@@ -100,15 +105,53 @@ def goal_checks(results: Sequence[RunResult]) -> list[str]:
 
 def _summary_check(results: Sequence[RunResult]) -> list[str]:
     """Over all cells: the geometric mean of auto / best forced with its 95% interval
-    (loadtest.summary); PASS when even the interval's low end meets the tolerance."""
-    ratios = [_ratio(by[OURS]["output_tok_s"], _best_forced(by))
-              for by in cells(results).values() if OURS in by and _best_forced(by)]
-    ratios = [r for r in ratios if r > 0 and math.isfinite(r)]
+    (``geo_interval``); PASS when even the interval's low end meets the tolerance."""
+    ratios = []
+    for by in cells(results).values():
+        best = _best_forced(by)
+        r = _ratio(by[OURS]["output_tok_s"], best) if OURS in by and best else math.nan
+        if r > 0 and math.isfinite(r):
+            ratios.append(r)
     if len(ratios) < 2:
         return []
     iv = geo_interval(ratios)
     return [f"all cells: auto/best forced tok/s {iv.describe()} (goal >= {AUTO_TOLERANCE}) "
             f"{_verdict(iv.lo >= AUTO_TOLERANCE, iv.lo)}"]
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Geometric mean of ``n`` ratios and a 95% interval for it (``lo``/``hi`` are the
+    mean itself when ``n`` < 2)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def describe(self) -> str:
+        return (f"geometric mean {self.mean:.3f} over {self.n} cells "
+                f"(95% interval {self.lo:.3f}-{self.hi:.3f})")
+
+
+def geo_interval(ratios: Sequence[float]) -> Interval:
+    """Geometric mean of positive ``ratios`` and a t-interval of the mean log ratio."""
+    logs = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+    if not logs:
+        raise ValueError("no positive finite ratio")
+    m = statistics.fmean(logs)
+    if len(logs) < 2:
+        return Interval(math.exp(m), math.exp(m), math.exp(m), len(logs))
+    df = len(logs) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return Interval(math.exp(m), math.exp(m - half), math.exp(m + half), len(logs))
 
 
 def dominant_path(r: dict, share: float = 0.99) -> str | None:

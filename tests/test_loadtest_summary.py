@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from loadtest.summary import Interval, cell_ratios, geo_interval, main
+from loadtest.compare import Interval, geo_interval
+from loadtest.summary import cell_ratios, main
 
 
 def test_geo_interval_matches_a_t_interval_of_the_log_ratios():
