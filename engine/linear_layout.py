@@ -33,6 +33,13 @@ from slabserve import env
 log = logging.getLogger(__name__)
 
 
+def _transposed(w: mx.array) -> mx.array:
+    """``w.T`` as its own contiguous array, evaluated now (so ``w`` can be dropped)."""
+    wt = mx.contiguous(w.T)
+    mx.eval(wt)
+    return wt
+
+
 class _WeightView:
     """``weight`` as the replaced module had it (``[out, in]`` / ``[vocab, dims]``): read as
     a transposed view of ``weight_t`` (no copy), assigned by storing its transpose, for
@@ -45,7 +52,7 @@ class _WeightView:
 
     def __setattr__(self, key: str, val) -> None:
         if key == "weight":
-            key, val = "weight_t", mx.contiguous(val.T)
+            key, val = "weight_t", _transposed(val)
         super().__setattr__(key, val)
 
 
@@ -61,9 +68,7 @@ class TransposedLinear(_WeightView, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> TransposedLinear:
-        wt = mx.contiguous(linear.weight.T)
-        mx.eval(wt)
-        return cls(wt, linear["bias"] if "bias" in linear else None)
+        return cls(_transposed(linear.weight), linear["bias"] if "bias" in linear else None)
 
     def _extra_repr(self) -> str:
         d_in, d_out = self.weight_t.shape
@@ -87,9 +92,7 @@ class TransposedEmbedding(_WeightView, nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> TransposedEmbedding:
-        wt = mx.contiguous(emb.weight.T)
-        mx.eval(wt)
-        return cls(wt)
+        return cls(_transposed(emb.weight))
 
     def _extra_repr(self) -> str:
         dims, vocab = self.weight_t.shape
