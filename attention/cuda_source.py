@@ -19,6 +19,7 @@ BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
 # sources a variant appends to the common and main kernel files
 VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
 VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred")
+RING_VARIANTS = ("async", "bulk", "xred")  # FMA products over a shared-memory stage ring
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -88,7 +89,7 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
 def unit_tokens(gb: int, variant: str = "sync") -> int:
     """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
     variant keeps several units in flight through shared memory instead)."""
-    if variant in ("async", "bulk", "xred"):
+    if variant in RING_VARIANTS:
         return 4
     return 8 if gb <= 4 else 4
 
@@ -134,7 +135,7 @@ def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
         tail = ", slabserve_smem"
-    elif variant in ("async", "bulk", "xred"):
+    elif variant in RING_VARIANTS:
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         name, xred = ("async", ", true") if variant == "xred" else (variant, "")
         call = f"pooled_decode_{name}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{xred}>"
@@ -161,7 +162,7 @@ def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages
     if variant == "mma":
         warps = threads // 32
         return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
-    if variant not in ("async", "bulk", "xred"):
+    if variant not in RING_VARIANTS:
         return 0
     rows = threads // (d * dtype_size // 16)
     return max(stages * 2 * unit * threads * 16, (rows * gb * d + 2 * rows * gb) * 4)
