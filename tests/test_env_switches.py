@@ -1,5 +1,5 @@
-"""The on/off/auto switches of slabserve.env (one reader, ``_on_off_auto``): host math
-and the CPU linear layout."""
+"""The on/off/auto switches of host math and the CPU linear layout: their environment
+variables (one reader in slabserve.env, ``_on_off_auto``) and their ``serve`` flags."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def test_switch_rejects_garbage(monkeypatch, var, read, raw):
     monkeypatch.setenv(var, raw)
     with pytest.raises(ValueError, match=var):
         read()
+
+
+@pytest.mark.parametrize("flag,field", [("--host-math", "host_math"),
+                                        ("--linear-layout", "linear_layout")])
+def test_cli_flag_reaches_runner_config(flag, field):
+    from server.cli import configs, parser
+
+    for value, want in (("on", True), ("off", False), ("auto", None)):
+        _, engine = configs(parser().parse_args([flag, value]))
+        assert getattr(engine.runner, field) is want
+    _, engine = configs(parser().parse_args([]))
+    assert getattr(engine.runner, field) is None

@@ -165,16 +165,6 @@ def test_swiglu_dispatcher_routes(forced, monkeypatch):
     assert seen == ["mlx", "host", "mlx", "mlx"]
 
 
-def test_cli_flag_reaches_runner_config():
-    from server.cli import configs, parser
-
-    for flag, want in (("on", True), ("off", False), ("auto", None)):
-        _, engine = configs(parser().parse_args(["--host-math", flag]))
-        assert engine.runner.host_math is want
-    _, engine = configs(parser().parse_args([]))
-    assert engine.runner.host_math is None
-
-
 MAX_TOKENS = 8
 
 

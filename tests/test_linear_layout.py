@@ -149,16 +149,6 @@ def test_off_on_gpu_and_when_switched_off(monkeypatch):
     assert ll.apply(toy, None).reason is ll.Reason.APPLIED
 
 
-def test_cli_flag_reaches_runner_config():
-    from server.cli import configs, parser
-
-    for flag, want in (("on", True), ("off", False), ("auto", None)):
-        _, engine = configs(parser().parse_args(["--linear-layout", flag]))
-        assert engine.runner.linear_layout is want
-    _, engine = configs(parser().parse_args([]))
-    assert engine.runner.linear_layout is None
-
-
 MAX_TOKENS = 20
 
 
