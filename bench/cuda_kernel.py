@@ -238,16 +238,19 @@ def gpu_name() -> str:
 def make_natives(spec: str) -> dict:
     """``sync,async3,mma3,async3f,async3u8t256`` -> {name: NativeCUDA} (the digit: cp.async
     stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; a trailing
-    ``f``: the chunk merge fused into the main launch)."""
+    ``f``: the chunk merge fused into the main launch; a trailing ``m``: the merge launch
+    asks for the main kernel's shared memory)."""
     out = {}
     for name in spec.split(","):
-        m = re.fullmatch(r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)", name)
+        m = re.fullmatch(
+            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)(m?)", name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
-        variant, stages, unit, threads, fused = m.groups()
+        variant, stages, unit, threads, fused, msmem = m.groups()
         out[name] = NativeCUDA(variant=variant, stages=int(stages or 3), fused_merge=bool(fused),
                                unit=int(unit) if unit else None,
-                               threads=int(threads) if threads else None)
+                               threads=int(threads) if threads else None,
+                               merge_smem=bool(msmem))
     return out
 
 

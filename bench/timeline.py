@@ -82,16 +82,23 @@ def _median_per_layer(runs: list[dict], layers: int) -> dict:
             if k != "kernels" else statistics.median(r[k] for r in runs) for k in keys}
 
 
-def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int) -> dict:
+def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
+                  chunks=(), sdpa: bool = True) -> dict:
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096, layers=layers)
     scale = 1.0 / math.sqrt(64)
     res: dict = {"B": b, "ctx": ctx, "layers": layers}
     for name, nat in natives.items():
         assert nat.decline(q, pool, batch) is None
-        fn = chain(lambda x, i, nat=nat: nat(x, pool, i, batch, scale), q, layers)
-        for _ in range(3):
-            mx.eval(fn())
-        res[name] = _median_per_layer(_profile_evals(fn, reps), layers)
+        fns = {name: chain(lambda x, i, nat=nat: nat(x, pool, i, batch, scale), q, layers)}
+        for c in chunks:
+            fns[f"{name}_c{c}"] = chain(
+                lambda x, i, nat=nat, c=c: nat._run(x, pool, i, batch, scale, c), q, layers)
+        for key, fn in fns.items():
+            for _ in range(3):
+                mx.eval(fn())
+            res[key] = _median_per_layer(_profile_evals(fn, reps), layers)
+    if not sdpa:
+        return res
     pool = None
     kc = [mx.random.normal((b, 8, ctx, 64)).astype(mx.float16) for _ in range(2 * layers)]
     mx.eval(kc)
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--natives", default="auto3")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunks", default="", help="also these forced chunk counts")
+    ap.add_argument("--no-sdpa", action="store_true", help="skip MLX SDPA on contiguous K/V")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
@@ -117,7 +126,9 @@ def main(argv=None) -> int:
     rows = []
     for spec in a.cells.split(","):
         b, ctx = (int(x) for x in spec.split(":"))
-        r = cell_timeline(b, ctx, a.layers, make_natives(a.natives), a.reps)
+        chunks = [int(c) for c in a.chunks.split(",") if c]
+        r = cell_timeline(b, ctx, a.layers, make_natives(a.natives), a.reps, chunks,
+                          not a.no_sdpa)
         rows.append(r)
         print(json.dumps(r), flush=True)
         mx.clear_cache()
