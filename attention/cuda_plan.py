@@ -22,18 +22,25 @@ from functools import lru_cache
 class PlanParams:
     """Knobs of the chunk plan.  ``blocks_per_sm``: blocks resident per multiprocessor
     (4 for the async kernel at 128 registers and 48 KB of shared memory; one wave is the
-    target); ``sm_count``: multiprocessors (132 on H100 and H200)."""
+    target); ``sm_count``: multiprocessors (132 on H100 and H200).  ``fused_max_bytes``:
+    layers that read at most this many K/V bytes merge their chunks inside the main launch
+    (one launch per layer instead of two: small layers are bound by the per-launch cost);
+    larger ones keep the separate merge launch (the fused kernel's last block costs more
+    there than the launch it saves).  Measured: docs/adr/0004-cuda-kernel.md."""
 
     sm_count: int = 132
     blocks_per_sm: float = 4.0
     min_chunk_tokens: int = 256
     max_chunks: int = 64
+    fused_max_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:
         if self.sm_count <= 0 or self.blocks_per_sm <= 0:
             raise ValueError("sm_count and blocks_per_sm must be positive")
         if self.min_chunk_tokens <= 0 or self.max_chunks <= 0:
             raise ValueError("min_chunk_tokens and max_chunks must be positive")
+        if self.fused_max_bytes < 0:
+            raise ValueError("fused_max_bytes must be >= 0")
 
 
 DEFAULT_PARAMS = PlanParams()
@@ -70,6 +77,15 @@ def plan_chunks(
         raise ValueError("batch, max_len, head_blocks and num_pages must be positive")
     c = _chunks_for_bucket(batch, ctx_bucket(max_len), head_blocks, params)
     return max(1, min(c, num_pages, max(1, max_len // params.min_chunk_tokens)))
+
+
+def plan_fused(batch: int, max_len: int, kv_heads: int, head_dim: int, itemsize: int,
+               params: PlanParams = DEFAULT_PARAMS) -> bool:
+    """Whether a step of ``batch`` sequences (the longest ``max_len`` tokens, bucketed like
+    the chunk plan) merges its chunks in the main launch: K and V bytes read per layer at
+    most ``params.fused_max_bytes``."""
+    kv_bytes = 2 * batch * ctx_bucket(max_len) * kv_heads * head_dim * itemsize
+    return kv_bytes <= params.fused_max_bytes
 
 
 def cache_info():

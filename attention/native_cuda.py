@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from attention.base import DecodeAttention, DecodeBatch
-from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks
+from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
 from attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
@@ -63,8 +63,10 @@ class NativeCUDA(DecodeAttention):
     page tiles by sm_90 bulk copies: opt-in, being measured) or "sync" (register loads);
     ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
-    kernel resets) instead of a second launch; correct on an H200 but no faster within
-    run-to-run noise, so off by default (docs/adr/0004-cuda-kernel.md).  Subclasses for
+    kernel resets) instead of a second launch.  ``None`` (default): per step, fused for
+    layers reading at most ``params.fused_max_bytes`` of K/V (one launch less where the
+    launches are the cost), split + merge above (cuda_plan.plan_fused;
+    docs/adr/0004-cuda-kernel.md); ``True`` / ``False``: always / never.  Subclasses for
     other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_body``
     and ``_compile``."""
 
@@ -74,7 +76,7 @@ class NativeCUDA(DecodeAttention):
     common_files: tuple[Path, ...] = (COMMON_FILE,)
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
-                 stages: int = 3, fused_merge: bool = False, unit: int | None = None,
+                 stages: int = 3, fused_merge: bool | None = None, unit: int | None = None,
                  threads: int | None = None, merge_smem: bool = False) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
@@ -144,12 +146,14 @@ class NativeCUDA(DecodeAttention):
         want = mx.fast.scaled_dot_product_attention(
             q1.astype(q.dtype).astype(mx.float32), k, v, scale=scale)
         tol = 2e-2 * (1.0 + mx.max(mx.abs(want)).item())
+        fused = (False, True) if self.fused_merge is None else (self.fused_merge,)
         try:
-            for chunks in (1, 2):
-                got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks)
+            for chunks, f in [(1, False), *((2, f) for f in fused)]:
+                got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks, f)
                 err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
                 if not err <= tol:
-                    return f"probe ({chunks} chunk(s)) wrong: max error {err:.3g}"
+                    return (f"probe ({chunks} chunk(s){', fused' if f else ''}) wrong: "
+                            f"max error {err:.3g}")
         except Exception as e:  # compile or launch failure: fall back with the reason
             return f"kernel failed: {type(e).__name__}: {str(e)[:300]}"
         return None
@@ -164,8 +168,15 @@ class NativeCUDA(DecodeAttention):
                 batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
                 self._plan_params(q, pool.geom),
             )
-            launch = batch._cache[key] = self._launch_for(q, pool, chunks)
+            launch = batch._cache[key] = self._launch_for(
+                q, pool, chunks, self._fused(batch, pool.geom))
         return self._execute(launch, q, pool, layer, batch, scale)
+
+    def _fused(self, batch: DecodeBatch, g: PoolGeometry) -> bool:
+        if self.fused_merge is not None:
+            return self.fused_merge
+        return plan_fused(batch.batch, batch.max_len, g.kv_heads, g.head_dim, g.dtype.size,
+                          self.params)
 
     def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
         """(variant, q heads per GPU block) for a case."""
@@ -200,16 +211,20 @@ class NativeCUDA(DecodeAttention):
     def _unit(self, gb: int, variant: str) -> int:
         return self.unit or unit_tokens(gb, variant)
 
-    def _run(self, q, pool, layer, batch, scale, chunks: int) -> mx.array:
-        """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps)."""
-        return self._execute(self._launch_for(q, pool, chunks), q, pool, layer, batch, scale)
+    def _run(self, q, pool, layer, batch, scale, chunks: int,
+             fused: bool | None = None) -> mx.array:
+        """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps);
+        ``fused`` None: as ``__call__`` would decide for this batch."""
+        fused = self._fused(batch, pool.geom) if fused is None else fused
+        return self._execute(self._launch_for(q, pool, chunks, fused), q, pool, layer, batch,
+                             scale)
 
-    def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int) -> tuple:
+    def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool) -> tuple:
         ns = pool_slab_inputs(pool)
-        key = (q.shape, q.dtype, pool.geom, ns, chunks)
+        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused and chunks > 1)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks))
+            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks, key[-1]))
         return launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
@@ -240,7 +255,7 @@ class NativeCUDA(DecodeAttention):
             mx.eval(arr)
         return arr
 
-    def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int):
+    def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int, fused: bool):
         """(kernel, kwargs) of the main launch and of the merge: None with one chunk,
         "fused" when the main launch merges."""
         b, hq, _, d = q.shape
@@ -259,7 +274,7 @@ class NativeCUDA(DecodeAttention):
         if chunks == 1:
             return (self._kernel("direct", ns, smem, variant),
                     dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
-        if self.fused_merge:
+        if fused:
             main = (self._kernel("fused", ns, smem, variant),
                     dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, d)],
                          output_dtypes=[mx.float32, mx.float32, q.dtype], **common))

@@ -60,7 +60,7 @@ class NativeMetal(NativeCUDA):
     common_files = ()
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
-        super().__init__(params, variant="sync")
+        super().__init__(params, variant="sync", fused_merge=False)  # no fused Metal body
         self._parts: dict[str, str] | None = None
 
     def _device_reason(self) -> str | None:

@@ -238,16 +238,18 @@ def gpu_name() -> str:
 def make_natives(spec: str) -> dict:
     """``sync,async3,mma3,async3f,async3u8t256`` -> {name: NativeCUDA} (the digit: cp.async
     stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; a trailing
-    ``f``: the chunk merge fused into the main launch; a trailing ``m``: the merge launch
-    asks for the main kernel's shared memory)."""
+    ``f`` / ``s``: the chunk merge always fused into the main launch / always a separate
+    launch (default: by layer size, cuda_plan.plan_fused); a trailing ``m``: the merge
+    launch asks for the main kernel's shared memory)."""
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(f?)(m?)", name)
+            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?([fs]?)(m?)", name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
         variant, stages, unit, threads, fused, msmem = m.groups()
-        out[name] = NativeCUDA(variant=variant, stages=int(stages or 3), fused_merge=bool(fused),
+        out[name] = NativeCUDA(variant=variant, stages=int(stages or 3),
+                               fused_merge={"f": True, "s": False}.get(fused),
                                unit=int(unit) if unit else None,
                                threads=int(threads) if threads else None,
                                merge_smem=bool(msmem))

@@ -244,7 +244,7 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
     pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64, layers=3)
-    nat = NativeCUDA()
+    nat = NativeCUDA(fused_merge=False)
     for layer in range(3):
         assert nat(q, pool, layer, batch, 0.125).shape == q.shape
     mine = [k for k in batch._cache if isinstance(k, tuple) and k[0] is nat]
@@ -253,6 +253,44 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
     assert len(log) == 3 * 2  # split + merge per layer
     assert {id(c["inputs"][4]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
+
+
+@pytest.mark.parametrize("lens, fused", [((600, 3000), True), ((16384,) * 8, False)])
+def test_default_fuses_the_merge_for_small_layers_only(monkeypatch, lens, fused):
+    """Default ``fused_merge=None``: one launch per layer while a layer reads at most
+    ``fused_max_bytes`` of K/V (here 2 x 8 x 4096 x 8 x 64 x 2 B = 8 MiB), split + merge
+    above it (8 x 16384 tokens: 256 MiB); the decision is part of the step's shared plan."""
+    from attention.cuda_plan import plan_fused
+    from bench.cuda_kernel import make_case
+
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    pool, batch, q = make_case(lens, 32, 8, 64, 16, mx.float16, 1024, layers=2)
+    assert plan_fused(len(lens), max(lens), 8, 64, 2) is fused
+    nat = NativeCUDA()
+    for layer in range(2):
+        nat(q, pool, layer, batch, 0.125)
+    kinds = [c["spec"]["name"].split("_")[2] for c in log]
+    assert kinds == (["fused"] * 2 if fused else ["split", "merge"] * 2)
+    assert all(c["grid"][1] > 1 for c in log if c["spec"]["name"].split("_")[2] != "merge")
+    # the same batch with forced chunks follows the same rule; explicit choices win
+    log.clear()
+    nat._run(q, pool, 0, batch, 0.125, 4)
+    assert len(log) == (1 if fused else 2)
+    log.clear()
+    nat._run(q, pool, 0, batch, 0.125, 4, not fused)
+    assert len(log) == (2 if fused else 1)
+
+
+def test_plan_fused_threshold():
+    from attention.cuda_plan import PlanParams, plan_fused
+
+    # 32/8/64 float16: 16 x 4096 tokens read 128 MiB, the default limit; the bucket counts
+    assert plan_fused(16, 4096, 8, 64, 2) and not plan_fused(16, 4097, 8, 64, 2)
+    assert not plan_fused(8, 16384, 8, 64, 2) and plan_fused(1, 32768, 8, 64, 2)
+    assert not plan_fused(1, 1, 1, 64, 2, PlanParams(fused_max_bytes=0))
+    with pytest.raises(ValueError):
+        PlanParams(fused_max_bytes=-1)
 
 
 @pytest.mark.parametrize("slabs_needed", [1, 3])
@@ -267,8 +305,8 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     assert pool.num_slabs == slabs_needed
     nat, seen = NativeCUDA(), []
 
-    def right(q1, ppool, layer, b, scale, chunks):
-        seen.append((ppool.num_slabs, b.tables, b.lengths, chunks))
+    def right(q1, ppool, layer, b, scale, chunks, fused):
+        seen.append((ppool.num_slabs, b.tables, b.lengths, chunks, fused))
         return GatherSDPA()(q1, ppool, layer, b, scale)
 
     monkeypatch.setattr(nat, "_run", right)
@@ -278,7 +316,10 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     assert nat._probe(q, pool) is None
     assert mx.array_equal(first, mx.random.normal((4,)))  # global random state untouched
     ns = slab_bucket(slabs_needed)
-    assert seen == [(ns, [[2 * ns - 1, 0]], [19], 1), (ns, [[2 * ns - 1, 0]], [19], 2)]
+    # every kernel __call__ may launch: direct, split + merge, and fused (the default
+    # decides per step between the last two)
+    assert seen == [(ns, [[2 * ns - 1, 0]], [19], c, f)
+                    for c, f in ((1, False), (2, False), (2, True))]
     monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
     reason = nat._probe(q, pool)
     assert reason is not None and "wrong" in reason
