@@ -77,7 +77,7 @@ class NativeCUDA(DecodeAttention):
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  stages: int = 3, fused_merge: bool | None = None, unit: int | None = None,
-                 threads: int | None = None, merge_smem: bool = False) -> None:
+                 threads: int | None = None) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         if unit is not None and unit not in (1, 2, 4, 8, 16):
@@ -91,9 +91,6 @@ class NativeCUDA(DecodeAttention):
         if threads is not None:
             self.threads = threads
         self.fused_merge = fused_merge
-        # the merge launch asks for the split kernel's shared memory (an experiment: one
-        # shared-memory carveout for both kernels of a layer, bench.timeline)
-        self.merge_smem = merge_smem
         self._counters: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
         self._probes: dict[tuple, str | None] = {}
@@ -282,7 +279,7 @@ class NativeCUDA(DecodeAttention):
         main = (self._kernel("split", ns, smem, variant),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
-        merge = (self._kernel("merge", 0, smem if self.merge_smem else 0, variant),
+        merge = (self._kernel("merge", 0, 0, variant),
                  dict(template=[("TQ", q.dtype), ("D", d)], grid=(b * hq * d, 1, 1),
                       threadgroup=(d, 1, 1), output_shapes=[(b, hq, d)],
                       output_dtypes=[q.dtype]))

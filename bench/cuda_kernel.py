@@ -239,20 +239,18 @@ def make_natives(spec: str) -> dict:
     """``sync,async3,mma3,async3f,async3u8t256`` -> {name: NativeCUDA} (the digit: cp.async
     stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; a trailing
     ``f`` / ``s``: the chunk merge always fused into the main launch / always a separate
-    launch (default: by layer size, cuda_plan.plan_fused); a trailing ``m``: the merge
-    launch asks for the main kernel's shared memory)."""
+    launch (default: by layer size, cuda_plan.plan_fused))."""
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?([fs]?)(m?)", name)
+            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?([fs]?)", name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
-        variant, stages, unit, threads, fused, msmem = m.groups()
+        variant, stages, unit, threads, fused = m.groups()
         out[name] = NativeCUDA(variant=variant, stages=int(stages or 3),
                                fused_merge={"f": True, "s": False}.get(fused),
                                unit=int(unit) if unit else None,
-                               threads=int(threads) if threads else None,
-                               merge_smem=bool(msmem))
+                               threads=int(threads) if threads else None)
     return out
 
 
