@@ -54,6 +54,12 @@ def _profile_evals(fn, reps: int) -> list[dict]:
         path = Path(d) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
+    return summarize(events)
+
+
+def summarize(events: list[dict]) -> list[dict]:
+    """Per ``eval<i>`` annotation of a Chrome trace: wall, lead, gap, tail, kernel count
+    and busy time by kernel kind (microseconds; kernels assigned by their start)."""
     marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("name", "").startswith("eval") and e.get("ph") == "X"
                    and e.get("cat") == "user_annotation")
@@ -83,16 +89,25 @@ def _median_per_layer(runs: list[dict], layers: int) -> dict:
 
 
 def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
-                  chunks=(), sdpa: bool = True) -> dict:
-    pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096, layers=layers)
+                  chunks=(), sdpa: bool = True, same_layer: bool = False) -> dict:
+    """``same_layer``: every layer of the chain reads layer 0's K/V (address translations
+    and whatever of it L2 holds stay warm) instead of its own, as the table does."""
+    pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
+                               layers=1 if same_layer else layers)
     scale = 1.0 / math.sqrt(64)
-    res: dict = {"B": b, "ctx": ctx, "layers": layers}
+    res: dict = {"B": b, "ctx": ctx, "layers": layers, "same_layer": same_layer}
+
+    def lay(i: int) -> int:
+        return 0 if same_layer else i
+
     for name, nat in natives.items():
         assert nat.decline(q, pool, batch) is None
-        fns = {name: chain(lambda x, i, nat=nat: nat(x, pool, i, batch, scale), q, layers)}
+        fns = {name: chain(lambda x, i, nat=nat: nat(x, pool, lay(i), batch, scale), q,
+                           layers)}
         for c in chunks:
             fns[f"{name}_c{c}"] = chain(
-                lambda x, i, nat=nat, c=c: nat._run(x, pool, i, batch, scale, c), q, layers)
+                lambda x, i, nat=nat, c=c: nat._run(x, pool, lay(i), batch, scale, c), q,
+                layers)
         for key, fn in fns.items():
             for _ in range(3):
                 mx.eval(fn())
@@ -100,10 +115,12 @@ def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
     if not sdpa:
         return res
     pool = None
-    kc = [mx.random.normal((b, 8, ctx, 64)).astype(mx.float16) for _ in range(2 * layers)]
+    kc = [mx.random.normal((b, 8, ctx, 64)).astype(mx.float16)
+          for _ in range(2 * (1 if same_layer else layers))]
     mx.eval(kc)
     sdpa = mx.fast.scaled_dot_product_attention
-    fn = chain(lambda x, i: sdpa(x, kc[2 * i], kc[2 * i + 1], scale=scale), q, layers)
+    fn = chain(lambda x, i: sdpa(x, kc[2 * lay(i)], kc[2 * lay(i) + 1], scale=scale), q,
+               layers)
     for _ in range(3):
         mx.eval(fn())
     res["sdpa_contig"] = _median_per_layer(_profile_evals(fn, reps), layers)
@@ -118,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunks", default="", help="also these forced chunk counts")
     ap.add_argument("--no-sdpa", action="store_true", help="skip MLX SDPA on contiguous K/V")
+    ap.add_argument("--same-layer", action="store_true",
+                    help="every layer of the chain reads layer 0's K/V")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
@@ -128,7 +147,7 @@ def main(argv=None) -> int:
         b, ctx = (int(x) for x in spec.split(":"))
         chunks = [int(c) for c in a.chunks.split(",") if c]
         r = cell_timeline(b, ctx, a.layers, make_natives(a.natives), a.reps, chunks,
-                          not a.no_sdpa)
+                          not a.no_sdpa, a.same_layer)
         rows.append(r)
         print(json.dumps(r), flush=True)
         mx.clear_cache()
