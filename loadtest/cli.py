@@ -19,8 +19,10 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from importlib import metadata
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from loadtest.client import Endpoint
 from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
-from loadtest.grid import GridSpec, build_prompts, run_compare, run_grid
+from loadtest.grid import GridSpec, Stopped, build_prompts, run_compare, run_grid
 from loadtest.oneserver import run_one_server
 from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
 from loadtest.report import failure_details, runs_markdown, write_csv, write_json, write_plots
@@ -141,6 +143,9 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
           f"Model: `{meta['model']}`; tokenizer: `{meta['tokenizer']}`; "
           f"machine: {meta['machine']}; versions: {meta['versions']}", "",
           "## Runs", "", runs_markdown(results)]
+    if meta.get("stopped_early"):
+        md[-3:-3] = [f"**Stopped early**: {meta['stopped_early']}; below are the finished "
+                     "runs, and the comparison uses what there is.", ""]
     fails = failure_details(results)
     if fails:
         md += ["", "Failures (first message of each kind, as the server or client said it):",
@@ -213,18 +218,35 @@ def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...
     return ""
 
 
-def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict]:
-    """Run the load: (results, labels, skipped configurations)."""
+def _execute(args, model, grid, prompts, eos_ids, out) -> tuple[list, list, dict, str]:
+    """Run the load: (results, labels, skipped configurations, why it stopped early or
+    ""); Ctrl-C or SIGTERM (``timeout``) stop it with the runs finished so far."""
     progress = not args.no_progress
-    if args.compare:
-        configs = _configs(args, model, grid)
-        run = run_one_server if args.one_server else run_compare
-        results, skipped = run(configs, model, grid, prompts, eos_ids, out,
-                               args.ready_timeout, progress, args.rounds)
-        return results, [c.label for c in configs], skipped
-    label = args.model_name or "server"
-    ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)
-    return run_grid(ep, grid, prompts, label, progress), [label], {}
+    configs = _configs(args, model, grid) if args.compare else []
+    labels = [c.label for c in configs] or [args.model_name or "server"]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        if args.compare:
+            run = run_one_server if args.one_server else run_compare
+            results, skipped = run(configs, model, grid, prompts, eos_ids, out,
+                                   args.ready_timeout, progress, args.rounds)
+        else:
+            ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)
+            results, skipped = run_grid(ep, grid, prompts, labels[0], progress), {}
+    except Stopped as st:
+        why = f"interrupted after {len(st.results)} finished runs (Ctrl-C or SIGTERM)"
+        print(f"stopped: {why}", file=sys.stderr)
+        return st.results, labels, st.skipped, why
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return results, labels, skipped, ""
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (what ``timeout`` sends) stops the load like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     prompts = build_prompts(grid, tok)
     print(f"prompts built in {time.perf_counter() - t0:.1f}s ({tok.name})", file=sys.stderr)
-    results, labels, skipped = _execute(args, model, grid, prompts, eos_ids, out)
+    results, labels, skipped, stopped = _execute(args, model, grid, prompts, eos_ids, out)
     meta = {"started_utc": started, "command": "slabserve loadtest " + shlex.join(argv),
+            "stopped_early": stopped,
             "model": str(model), "tokenizer": tok.name, "labels": labels,
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
             "versions": _versions(), "skipped": skipped, "grid": asdict(grid),
@@ -254,4 +277,4 @@ def main(argv: list[str] | None = None) -> int:
     md = write_outputs(out, results, meta, labels)
     print(md.read_text())
     failed = sum(r.summary.requests_failed for r in results)
-    return 0 if results and not failed and not skipped else 1
+    return 0 if results and not failed and not skipped and not stopped else 1

@@ -77,15 +77,30 @@ def prompt_length(grid: GridSpec, full: int, index: int) -> int:
     return max(1, round(full * (1.0 - grid.length_spread * u)))
 
 
+class Stopped(Exception):
+    """The load was interrupted (Ctrl-C, or SIGTERM from ``timeout``): ``results`` are the
+    runs that finished before it, ``skipped`` the configurations skipped so far.  The run in
+    flight is lost; its server is stopped on the way out."""
+
+    def __init__(self, results: Sequence[RunResult], skipped: dict[str, str] | None = None):
+        super().__init__(f"stopped after {len(results)} finished runs")
+        self.results = list(results)
+        self.skipped = dict(skipped or {})
+
+
 def run_grid(ep: Endpoint, grid: GridSpec, prompts: dict[tuple[int, int], list[str]],
              label: str, show_progress: bool = True) -> list[RunResult]:
-    """Every cell of ``grid`` against ``ep``, smallest context first."""
+    """Every cell of ``grid`` against ``ep``, smallest context first; interrupted, it
+    raises ``Stopped`` with the runs so far."""
     results = []
-    for spec in grid.specs():
-        res = asyncio.run(run_once(ep, spec, prompts[(spec.context, spec.concurrency)],
-                                   label, show_progress))
-        results.append(res)
-        print_run(res)
+    try:
+        for spec in grid.specs():
+            res = asyncio.run(run_once(ep, spec, prompts[(spec.context, spec.concurrency)],
+                                       label, show_progress))
+            results.append(res)
+            print_run(res)
+    except KeyboardInterrupt:
+        raise Stopped(results) from None
     return results
 
 
@@ -121,21 +136,39 @@ def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec
     rest of the comparison; the others still run."""
     results: list[RunResult] = []
     skipped: dict[str, str] = {}
-    for rnd in range(rounds):
-        for cfg in configs:
-            if cfg.label in skipped:
-                continue
-            tag = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
-            log = log_dir / (f"server-{cfg.label}-r{rnd + 1}.log" if rounds > 1
-                             else f"server-{cfg.label}.log")
-            print(f"[{cfg.label}] starting {cfg.kind}{tag} ...", file=sys.stderr)
-            try:
-                with ManagedServer(cfg, model_dir, log, ready_timeout_s) as srv:
-                    ep = endpoint_for(srv, eos_ids)
-                    results += [replace(r, round=rnd, server=srv.identity)
-                                for r in run_grid(ep, grid, prompts, cfg.label, show_progress)]
-            except (RuntimeError, TimeoutError) as exc:
-                print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
-                skipped[cfg.label] = str(exc).splitlines()[0]
+    try:
+        for rnd in range(rounds):
+            for cfg in configs:
+                if cfg.label in skipped:
+                    continue
+                tag = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
+                log = log_dir / (f"server-{cfg.label}-r{rnd + 1}.log" if rounds > 1
+                                 else f"server-{cfg.label}.log")
+                print(f"[{cfg.label}] starting {cfg.kind}{tag} ...", file=sys.stderr)
+                try:
+                    with ManagedServer(cfg, model_dir, log, ready_timeout_s) as srv:
+                        _tagged_grid(srv, rnd, cfg.label, grid, prompts, eos_ids,
+                                     show_progress, results)
+                except (RuntimeError, TimeoutError) as exc:
+                    print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
+                    skipped[cfg.label] = str(exc).splitlines()[0]
+    except (Stopped, KeyboardInterrupt):
+        raise Stopped(results, skipped) from None
     return results, skipped
+
+
+def _tagged_grid(srv: ManagedServer, rnd: int, label: str, grid: GridSpec,
+                 prompts: dict[tuple[int, int], list[str]], eos_ids: tuple[int, ...],
+                 show_progress: bool, results: list[RunResult]) -> None:
+    """``run_grid`` against ``srv``, each run tagged with its round and server and appended
+    to ``results``, also the finished ones of an interrupted grid."""
+    def tagged(runs):
+        return [replace(r, round=rnd, server=srv.identity) for r in runs]
+
+    try:
+        results += tagged(run_grid(endpoint_for(srv, eos_ids), grid, prompts, label,
+                                   show_progress))
+    except Stopped as st:
+        results += tagged(st.results)
+        raise
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.grid import GridSpec, endpoint_for, print_run, run_compare
+from loadtest.grid import GridSpec, Stopped, endpoint_for, print_run, run_compare
 from loadtest.runner import RunResult, run_once
 from loadtest.servers import ManagedServer, ServerConfig
 
@@ -98,20 +98,26 @@ def run_one_server(configs: Sequence[ServerConfig], model_dir: Path, grid: GridS
     mine, rest = split_configs(configs)
     results: list[RunResult] = []
     skipped: dict[str, str] = {}
-    if mine:
-        labels = [c.label for c in mine]
-        print(f"[{LABEL}] starting slabserve for {', '.join(labels)} ...", file=sys.stderr)
-        try:
-            with ManagedServer(shared_server(mine), model_dir, log_dir / f"server-{LABEL}.log",
-                               ready_timeout_s) as srv:
-                _path_runs(srv, labels, grid, prompts, eos_ids, rounds, show_progress,
-                           results)
-        except (RuntimeError, TimeoutError, httpx.HTTPError, ValueError) as exc:
-            print(f"[{LABEL}] failed: {exc}", file=sys.stderr)
-            skipped.update({lab: str(exc).splitlines()[0] for lab in labels})
-    if rest:
-        more, more_skipped = run_compare(rest, model_dir, grid, prompts, eos_ids, log_dir,
-                                         ready_timeout_s, show_progress, rounds)
-        results += more
-        skipped.update(more_skipped)
+    try:
+        if mine:
+            labels = [c.label for c in mine]
+            print(f"[{LABEL}] starting slabserve for {', '.join(labels)} ...",
+                  file=sys.stderr)
+            try:
+                with ManagedServer(shared_server(mine), model_dir,
+                                   log_dir / f"server-{LABEL}.log", ready_timeout_s) as srv:
+                    _path_runs(srv, labels, grid, prompts, eos_ids, rounds, show_progress,
+                               results)
+            except (RuntimeError, TimeoutError, httpx.HTTPError, ValueError) as exc:
+                print(f"[{LABEL}] failed: {exc}", file=sys.stderr)
+                skipped.update({lab: str(exc).splitlines()[0] for lab in labels})
+        if rest:
+            more, more_skipped = run_compare(rest, model_dir, grid, prompts, eos_ids,
+                                             log_dir, ready_timeout_s, show_progress, rounds)
+            results += more
+            skipped.update(more_skipped)
+    except Stopped as st:  # from the separate servers: their finished runs too
+        raise Stopped(results + st.results, {**skipped, **st.skipped}) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs so far, the server stopped
+        raise Stopped(results, skipped) from None
     return results, skipped

@@ -4,6 +4,8 @@
 # path switched before each run (slabserve loadtest --compare --one-server), interleaved
 # per cell and round (order rotated each round), each cell compared by its median run.
 # Separate processes of the same code differed by up to 1.41x (A/A, loadtest-gpu.md).
+# Past INPROC_TIMEOUT, `timeout` sends SIGTERM: the report is still written, from the runs
+# that finished ("Stopped early" at its top).
 # One invocation for all CONTEXTS (one server start).  After the set-up runs, carrying
 # .gpu-extra:
 #   ROUNDS=3 CONC=1,4,8 REQS=4,8,8 bash bench/gpu/inproc.sh [MODEL[:DTYPE]] [CONTEXTS]
