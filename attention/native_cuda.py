@@ -218,10 +218,11 @@ class NativeCUDA(DecodeAttention):
 
     def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool) -> tuple:
         ns = pool_slab_inputs(pool)
-        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused and chunks > 1)
+        fused = fused and chunks > 1  # one chunk: the direct kernel either way
+        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks, key[-1]))
+            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks, fused))
         return launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:

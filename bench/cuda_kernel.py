@@ -212,12 +212,20 @@ def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16
     res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
                              reps=5) / layers * 1e6
     pool = None  # free the pool before the contiguous copies
-    kc = [mx.random.normal((b, hkv, ctx, d)).astype(dt) for _ in range(2 * layers)]
-    mx.eval(kc)
-    sdpa = mx.fast.scaled_dot_product_attention
-    res["sdpa_contig_us"] = timed(chain(
-        lambda x, i: sdpa(x, kc[2 * i], kc[2 * i + 1], scale=scale), q, layers)) / layers * 1e6
+    res["sdpa_contig_us"] = timed(sdpa_contig_chain(q, ctx, layers, hkv, scale)) / layers * 1e6
     return res
+
+
+def sdpa_contig_chain(q, ctx: int, layers: int, hkv: int, scale: float, distinct: bool = True):
+    """The peer: a chain of MLX SDPA over contiguous random K/V ``[B, hkv, ctx, head_dim]``
+    in q's dtype, one pair per layer (``distinct``) or one pair read by every layer."""
+    b, _, _, d = q.shape
+    n = layers if distinct else 1
+    kv = [mx.random.normal((b, hkv, ctx, d)).astype(q.dtype) for _ in range(2 * n)]
+    mx.eval(kv)
+    sdpa = mx.fast.scaled_dot_product_attention
+    return chain(lambda x, i: sdpa(x, kv[2 * (i % n)], kv[2 * (i % n) + 1], scale=scale), q,
+                 layers)
 
 
 def op_overhead(layers: int) -> float:

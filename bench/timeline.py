@@ -29,7 +29,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bench.cuda_kernel import chain, make_case, make_natives
+from bench.cuda_kernel import chain, make_case, make_natives, sdpa_contig_chain
 
 
 def _kernel_kind(name: str) -> str:
@@ -115,12 +115,7 @@ def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
     if not sdpa:
         return res
     pool = None
-    kc = [mx.random.normal((b, 8, ctx, 64)).astype(mx.float16)
-          for _ in range(2 * (1 if same_layer else layers))]
-    mx.eval(kc)
-    sdpa = mx.fast.scaled_dot_product_attention
-    fn = chain(lambda x, i: sdpa(x, kc[2 * lay(i)], kc[2 * lay(i) + 1], scale=scale), q,
-               layers)
+    fn = sdpa_contig_chain(q, ctx, layers, 8, scale, distinct=not same_layer)
     for _ in range(3):
         mx.eval(fn())
     res["sdpa_contig"] = _median_per_layer(_profile_evals(fn, reps), layers)
