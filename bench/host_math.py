@@ -68,6 +68,28 @@ def decode_s(runner, seqs: list[SeqInput]) -> float:
     return time.perf_counter() - t
 
 
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Each of ``fns`` (name -> a run returning seconds) once as a warm-up, then ``reps``
+    rounds running each in turn (a load change hits them alike): name -> seconds per run."""
+    for fn in fns.values():
+        fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    return runs
+
+
+def print_prefill_runs(column: str, runs: dict[str, list[float]], prompt: int) -> None:
+    """The prefill table: per mode the median seconds, tokens/s and every run."""
+    print(f"| {column} | median s | tok/s | runs s |")
+    print("|---|--:|--:|---|")
+    for mode, ts in runs.items():
+        med = statistics.median(ts)
+        print(f"| {mode} | {med:.2f} | {prompt / med:.0f} | "
+              + ", ".join(f"{t:.2f}" for t in ts) + " |")
+
+
 MODES = {"off": (False, None), "on": (True, None), "forced": (True, 0)}
 
 
@@ -87,28 +109,16 @@ def runner_tables(a) -> None:
     vocab = runner.model.args.vocab_size
     tokens = [rng.randrange(vocab) for _ in range(a.prompt)]
     table = allocate_tokens(runner, a.prompt)
-    runs: dict[str, list[float]] = {"off": [], "on": []}
-    for mode in runs:  # warm-up
-        timed(mode, lambda: prefill_s(runner, tokens, table, a.chunk))
-    for _ in range(a.prefill_reps):
-        for mode in runs:
-            runs[mode].append(timed(mode, lambda: prefill_s(runner, tokens, table, a.chunk)))
+    runs = interleaved({m: lambda m=m: timed(m, lambda: prefill_s(runner, tokens, table,
+                                                                  a.chunk))
+                        for m in ("off", "on")}, a.prefill_reps)
     print(f"\n{name} {a.dtype}: one {a.prompt}-token prefill in {a.chunk}-token chunks "
           f"({a.prefill_reps} runs each, interleaved)")
-    print("| host math | median s | tok/s | runs s |")
-    print("|---|--:|--:|---|")
-    for mode, ts in runs.items():
-        med = statistics.median(ts)
-        print(f"| {mode} | {med:.2f} | {a.prompt / med:.0f} | "
-              + ", ".join(f"{t:.2f}" for t in ts) + " |")
+    print_prefill_runs("host math", runs, a.prompt)
     tables = [allocate_tokens(runner, a.prompt + 1) for _ in range(a.decodes)]
     seqs = [SeqInput([rng.randrange(vocab)], a.prompt, t) for t in tables]
-    steps: dict[str, list[float]] = {m: [] for m in MODES}
-    for mode in steps:
-        timed(mode, lambda: decode_s(runner, seqs))
-    for _ in range(a.decode_reps):
-        for mode in steps:
-            steps[mode].append(timed(mode, lambda: decode_s(runner, seqs)))
+    steps = interleaved({m: lambda m=m: timed(m, lambda: decode_s(runner, seqs))
+                         for m in MODES}, a.decode_reps)
     print(f"\none decode step of {a.decodes} sequences at {a.prompt} tokens "
           f"({a.decode_reps} runs each, interleaved)")
     print("| host math | median ms |")

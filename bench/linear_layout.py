@@ -20,7 +20,7 @@ import statistics
 
 import mlx.core as mx
 
-from bench.host_math import decode_s, prefill_s
+from bench.host_math import decode_s, interleaved, prefill_s, print_prefill_runs
 from bench.step_overhead import add_runner_args, allocate_tokens
 from engine.config import CacheConfig
 from engine.runner import ModelRunner, SeqInput
@@ -53,15 +53,12 @@ def decode_table(runners: dict[str, ModelRunner], a) -> None:
             vocab = r.model.args.vocab_size
             seqs[mode] = [SeqInput([rng.randrange(vocab)], a.context,
                                    allocate_tokens(r, a.context + 1)) for _ in range(count)]
-        steps: dict[str, list[float]] = {m: [] for m in runners}
-        for mode, r in runners.items():  # warm-up
-            decode_s(r, seqs[mode])
-        for _ in range(a.decode_reps):
-            for mode, r in runners.items():
-                steps[mode].append(1e3 * decode_s(r, seqs[mode]))
-        off, on = (statistics.median(steps[m]) for m in ("off", "on"))
+        steps = interleaved({m: lambda r=r, s=seqs[m]: decode_s(r, s)
+                             for m, r in runners.items()}, a.decode_reps)
+        off, on = (1e3 * statistics.median(steps[m]) for m in ("off", "on"))
         print(f"| {count} | {off:.1f} | {on:.1f} | {off / on:.2f}x | "
-              + " | ".join(", ".join(f"{t:.0f}" for t in steps[m]) for m in ("off", "on"))
+              + " | ".join(", ".join(f"{1e3 * t:.0f}" for t in steps[m])
+                           for m in ("off", "on"))
               + " |", flush=True)
         for mode, r in runners.items():
             for s in seqs[mode]:
@@ -73,20 +70,11 @@ def prefill_table(runners: dict[str, ModelRunner], a) -> None:
     vocab = runners["off"].model.args.vocab_size
     tokens = [rng.randrange(vocab) for _ in range(a.prompt)]
     tables = {m: allocate_tokens(r, a.prompt) for m, r in runners.items()}
-    runs: dict[str, list[float]] = {m: [] for m in runners}
-    for mode, r in runners.items():  # warm-up
-        prefill_s(r, tokens, tables[mode], a.chunk)
-    for _ in range(a.prefill_reps):
-        for mode, r in runners.items():
-            runs[mode].append(prefill_s(r, tokens, tables[mode], a.chunk))
+    runs = interleaved({m: lambda r=r, m=m: prefill_s(r, tokens, tables[m], a.chunk)
+                        for m, r in runners.items()}, a.prefill_reps)
     print(f"\none {a.prompt}-token prefill in {a.chunk}-token chunks ({a.prefill_reps} runs "
           "each, interleaved)")
-    print("| layout | median s | tok/s | runs s |")
-    print("|---|--:|--:|---|")
-    for mode, ts in runs.items():
-        med = statistics.median(ts)
-        print(f"| {mode} | {med:.2f} | {a.prompt / med:.0f} | "
-              + ", ".join(f"{t:.2f}" for t in ts) + " |")
+    print_prefill_runs("layout", runs, a.prompt)
 
 
 def main(argv=None) -> int:
