@@ -20,12 +20,14 @@ import re
 import statistics
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from attention.base import DecodeBatch
+from attention.cuda_plan import DEFAULT_PARAMS
 from attention.gather import GatherSDPA
 from attention.native_cuda import NativeCUDA
 from kvcache.pool import PoolGeometry, SlabPool
@@ -179,19 +181,35 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / t
 
 
-def chain(attn, q, layers):
+def chain(attn, q, layers, calls=None):
+    """A graph builder: ``calls`` (default ``layers``) attention calls in a row, call i
+    reading layer ``i % layers``."""
     def fn():
         x = q
-        for layer in range(layers):
-            x = attn(x, layer)
+        for i in range(calls or layers):
+            x = attn(x, i % layers)
         return x
 
     return fn
 
 
+def per_layer(make, layers: int, repeat: int, reps: int = 10) -> tuple[float, float | None]:
+    """(us per layer of a ``layers``-call chain, marginal us per call): ``make(calls)``
+    builds the chain; the marginal cost is ``(T(repeat * layers) - T(layers)) / ((repeat -
+    1) * layers)``, which drops what an eval costs once (the host work before the first
+    graph launch and after the last kernel); None when ``repeat`` is 1."""
+    t1 = timed(make(layers), reps=reps)
+    if repeat <= 1:
+        return t1 / layers * 1e6, None
+    tk = timed(make(repeat * layers), reps=reps)
+    return t1 / layers * 1e6, (tk - t1) / ((repeat - 1) * layers) * 1e6
+
+
 def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16,
-         dt=mx.float16, contiguous=False, max_slabs=None):
-    """Per-layer microseconds of each method for one (batch, context) cell."""
+         dt=mx.float16, contiguous=False, max_slabs=None, repeat=1):
+    """Per-layer microseconds of each method for one (batch, context) cell; with
+    ``repeat`` > 1 also the marginal cost per call (``per_layer``) of the native methods
+    and of SDPA on contiguous K/V, as ``*_m_us``."""
     pool, batch, q = make_case([ctx] * b, hq, hkv, d, bs, dt, 4096, layers=layers,
                                contiguous=contiguous, max_slabs=max_slabs)
     scale = 1.0 / math.sqrt(d)
@@ -205,34 +223,47 @@ def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16
             fn = chain(lambda x, i, c=c, nat=nat: nat._run(x, pool, i, batch, scale, c), q,
                        layers)
             res[f"{name}_c{c}_us"] = timed(fn) / layers * 1e6
-        fn = chain(lambda x, i, nat=nat: nat(x, pool, i, batch, scale), q, layers)
-        res[f"{name}_us"] = timed(fn) / layers * 1e6
+        res[f"{name}_us"], marg = per_layer(
+            lambda n, nat=nat: chain(lambda x, i: nat(x, pool, i, batch, scale), q, layers, n),
+            layers, repeat)
+        if marg is not None:
+            res[f"{name}_m_us"] = marg
     if sweep:
         return res
     res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
                              reps=5) / layers * 1e6
     pool = None  # free the pool before the contiguous copies
-    res["sdpa_contig_us"] = timed(sdpa_contig_chain(q, ctx, layers, hkv, scale)) / layers * 1e6
+    make = sdpa_contig_chain(q, ctx, layers, hkv, scale, calls=None)
+    res["sdpa_contig_us"], marg = per_layer(make, layers, repeat)
+    if marg is not None:
+        res["sdpa_contig_m_us"] = marg
     return res
 
 
-def sdpa_contig_chain(q, ctx: int, layers: int, hkv: int, scale: float, distinct: bool = True):
+def sdpa_contig_chain(q, ctx: int, layers: int, hkv: int, scale: float, distinct: bool = True,
+                      calls: int | None = 0):
     """The peer: a chain of MLX SDPA over contiguous random K/V ``[B, hkv, ctx, head_dim]``
-    in q's dtype, one pair per layer (``distinct``) or one pair read by every layer."""
+    in q's dtype, one pair per layer (``distinct``) or one pair read by every layer.
+    ``calls`` 0: the chain of ``layers`` calls; None: a builder ``calls -> chain``."""
     b, _, _, d = q.shape
     n = layers if distinct else 1
     kv = [mx.random.normal((b, hkv, ctx, d)).astype(q.dtype) for _ in range(2 * n)]
     mx.eval(kv)
     sdpa = mx.fast.scaled_dot_product_attention
-    return chain(lambda x, i: sdpa(x, kv[2 * (i % n)], kv[2 * (i % n) + 1], scale=scale), q,
-                 layers)
+
+    def make(c):
+        return chain(lambda x, i: sdpa(x, kv[2 * (i % n)], kv[2 * (i % n) + 1], scale=scale),
+                     q, layers, c)
+
+    return make if calls is None else make(calls or layers)
 
 
-def op_overhead(layers: int) -> float:
-    """Per-op microseconds of a chain of tiny elementwise ops (the framework's floor)."""
+def op_overhead(layers: int, repeat: int = 1) -> tuple[float, float | None]:
+    """Per-op microseconds of a chain of tiny elementwise ops (the framework's floor), and
+    the marginal cost per op (``per_layer``; None when ``repeat`` is 1)."""
     x = mx.random.normal((1, 32, 1, 64)).astype(mx.float16)
     mx.eval(x)
-    return timed(chain(lambda y, i: y * 1.0001, x, layers)) / layers * 1e6
+    return per_layer(lambda n: chain(lambda y, i: y * 1.0001, x, layers, n), layers, repeat)
 
 
 def gpu_name() -> str:
@@ -244,18 +275,21 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,mma3,async3f,async3u8t256`` -> {name: NativeCUDA} (the digit: cp.async
-    stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; a trailing
-    ``f`` / ``s``: the chunk merge always fused into the main launch / always a separate
-    launch (default: by layer size, cuda_plan.plan_fused))."""
+    """``sync,async3,mma3,async3f,async3u8t256,auto3w2`` -> {name: NativeCUDA} (the digit:
+    cp.async stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; ``wN``:
+    the plan's target of N waves (PlanParams.waves); a trailing ``f`` / ``s``: the chunk
+    merge always fused into the main launch / always a separate launch (default: by layer
+    size, cuda_plan.plan_fused))."""
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?([fs]?)", name)
+            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?([fs]?)",
+            name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
-        variant, stages, unit, threads, fused = m.groups()
-        out[name] = NativeCUDA(variant=variant, stages=int(stages or 3),
+        variant, stages, unit, threads, waves, fused = m.groups()
+        params = replace(DEFAULT_PARAMS, waves=float(waves)) if waves else DEFAULT_PARAMS
+        out[name] = NativeCUDA(params=params, variant=variant, stages=int(stages or 3),
                                fused_merge={"f": True, "s": False}.get(fused),
                                unit=int(unit) if unit else None,
                                threads=int(threads) if threads else None)
@@ -269,16 +303,17 @@ def parse_shape(spec: str) -> dict:
 
 
 def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=False,
-          max_slabs=None) -> list:
+          max_slabs=None, repeat=1) -> list:
     bw = max(copy_bandwidth(), torch_copy_bandwidth())
-    ovh = op_overhead(layers)
+    ovh, ovh_m = op_overhead(layers, repeat)
+    marg = "" if ovh_m is None else f" ({ovh_m:.1f} marginal, {repeat}x chains)"
     print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {layers} layers chained; "
-          f"tiny-op overhead {ovh:.1f} us", flush=True)
+          f"tiny-op overhead {ovh:.1f} us{marg}", flush=True)
     gat = GatherSDPA()
     rows = []
     for b, ctx in cells:
         r = cell(b, ctx, layers, bw, natives, gat, sweep=sweep, contiguous=contiguous,
-                 max_slabs=max_slabs, **parse_shape(shape))
+                 max_slabs=max_slabs, repeat=repeat, **parse_shape(shape))
         r["tables"] = "contiguous" if contiguous else "shuffled"
         r["max_slabs"] = max_slabs
         r["bw_TBps"] = bw / 1e12
@@ -321,6 +356,16 @@ def print_table(rows, name):
         n, g, s, f = r[f"{name}_us"], r["gather_us"], r["sdpa_contig_us"], r["floor_us"]
         print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {g:.1f} | {s:.1f} | {f:.1f} | "
               f"{n / f:.2f} | {g / n:.1f} | {n / s:.2f} |")
+    if f"{name}_m_us" not in rows[0]:
+        return
+    print(f"\nmarginal cost per layer (longer chains less the {rows[0]['layers']}-layer one)")
+    print(f"| B | ctx | native ({name}) us | MLX SDPA contig us | floor us | native/floor "
+          "| native/SDPA |")
+    print("|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        n, s, f = r[f"{name}_m_us"], r["sdpa_contig_m_us"], r["floor_us"]
+        print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {s:.1f} | {f:.1f} | {n / f:.2f} | "
+              f"{n / s:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -329,6 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="table: also chains of this many times --layers calls (cycling over "
+                    "the layers), for the marginal cost per layer")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
     ap.add_argument("--natives", default="async3")
@@ -364,7 +412,8 @@ def main(argv=None) -> int:
         result["table"] = {}
         for shape in a.shapes.split(","):
             result["table"][shape] = table(cells, a.layers, natives, shape=shape,
-                                           contiguous=a.contiguous, max_slabs=a.max_slabs)
+                                           contiguous=a.contiguous, max_slabs=a.max_slabs,
+                                           repeat=a.repeat)
         for rows in result["table"].values():
             for name in natives:
                 print_table(rows, name)

@@ -48,6 +48,20 @@ def test_plan_fills_gpu_when_context_allows():
     assert plan_chunks(8, 16384, 8, 1024) * 64 == 512  # B=8: one full wave
 
 
+def test_plan_waves_target():
+    # two waves: twice the chunks of the one-wave plan while the context allows, never
+    # more blocks than two waves of resident ones
+    two = PlanParams(waves=2.0)
+    assert plan_chunks(8, 4096, 8, 256, two) == 2 * plan_chunks(8, 4096, 8, 256) == 16
+    assert plan_chunks(16, 4096, 8, 256, two) == 8
+    assert plan_chunks(8, 1024, 8, 64, two) == 4  # capped by the minimum chunk length
+    for b in (1, 4, 8, 16):
+        c = plan_chunks(b, 32768, 8, 2048, two)
+        assert c * b * 8 <= 2 * two.sm_count * two.blocks_per_sm
+    with pytest.raises(ValueError):
+        PlanParams(waves=0)
+
+
 def test_plan_cached_per_bucket():
     params = PlanParams(sm_count=97)  # a fresh key, not shared with other tests
     before = cuda_plan.cache_info()

@@ -2,6 +2,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// Timing marks of the async variants for bench/block_stamps.py (which defines the macro
+// before this file); empty otherwise.
+#ifndef SLABSERVE_MARK
+#define SLABSERVE_MARK(k)
+#endif
+
 namespace slabserve {
 
 // Merge the R row groups of a block (sm_acc: R*GB*D floats, sm_ml: 2*R*GB floats) and
@@ -286,11 +292,13 @@ __device__ __forceinline__ void pooled_decode_async(
 #pragma unroll
   for (int p = 0; p < ST - 1; ++p) issue(p, blk_of(p));
   int blk_next = blk_of(ST - 1);
+  SLABSERVE_MARK(1);
   for (int it = 0; it < n_it; ++it) {  // n_it is warp-uniform: shuffles stay converged
     const int blk_cur = blk_next;
     blk_next = blk_of(it + ST);
     issue(it + ST - 1, blk_cur);
     cp_wait<ST - 1>();
+    if (it == 0) SLABSERVE_MARK(2);
     const uint4* src = smem + (it % ST) * 2 * U * NT + tid;
     uint4 kr[U];
 #pragma unroll
@@ -307,6 +315,7 @@ __device__ __forceinline__ void pooled_decode_async(
       consume_unit<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc);
     }
   }
+  SLABSERVE_MARK(3);
   cp_wait<0>();
   __syncthreads();  // the stage buffers are reused by the merge
   float* sm_acc = reinterpret_cast<float*>(smem);

@@ -1,0 +1,202 @@
+"""Where a launch of the native split kernel spends its time, block by block (CUDA only).
+
+``python -m bench.block_stamps --cells 8:1024:8,8:4096:8,8:16384:8 [--layers 16]``
+
+Cells are ``B:ctx:chunks`` (chunks 0: the plan's).  The async / xred kernel is built with
+timing marks (``SLABSERVE_MARK`` in attention/kernels/pooled_decode.cu, empty in the
+served kernel): thread 0 of every block reads the GPU's global timer (ns) at the block's
+start, after its pipeline prologue was issued, when its first stage of K/V arrived, after
+its token loop and at its end (after the block's merge), and its multiprocessor id.  The
+layers run chained as in ``bench.cuda_kernel --table``; launches 2.. of each eval are
+summarised (medians over launches) by ``summarize_launch``:
+
+* ``span``: first block start to last block end (the kernel's time, less its launch);
+* ``start_max``: when the last block started, after the first;
+* ``first_data``: start -> first K/V stage in (table and page loads in a row), p50 / p90;
+* ``loop``, ``tail``: the token loop, and merge + writes after it, p50 / max;
+* ``block``: a block's whole time, p50 / max; ``end_p10``: when a tenth of the blocks had
+  finished;
+* ``sm_blocks``: blocks per multiprocessor, min-max.
+
+A diagnostic, not a test; the arithmetic (``summarize_launch``) has a CPU test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+import mlx.core as mx
+import numpy as np
+
+from attention.native_cuda import NativeCUDA
+from bench.cuda_kernel import make_case
+
+FIELDS = 6  # per block: start, prologue issued, first data, loop end, end, SM id
+
+PRELUDE = r"""namespace slabserve {
+__shared__ unsigned long long stamp_marks[4];
+__device__ __forceinline__ unsigned long long gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+}  // namespace slabserve
+#define SLABSERVE_MARK(k) \
+  do { if (threadIdx.x == 0) ::slabserve::stamp_marks[k] = ::slabserve::gtimer(); } while (0)
+"""
+
+HEAD = r"""  if (threadIdx.x == 0) {
+    ::slabserve::stamp_marks[0] = ::slabserve::gtimer();
+    ::slabserve::stamp_marks[1] = ::slabserve::stamp_marks[2] = 0;
+    ::slabserve::stamp_marks[3] = 0;
+  }
+"""
+
+TAIL = r"""  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned long long t_end = ::slabserve::gtimer();
+    unsigned int smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    const size_t bid = ((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    for (int k = 0; k < 4; ++k) stamps[bid * 6 + k] = (long long)::slabserve::stamp_marks[k];
+    stamps[bid * 6 + 4] = (long long)t_end;
+    stamps[bid * 6 + 5] = (long long)smid;
+  }
+"""
+
+
+class StampedCUDA(NativeCUDA):
+    """NativeCUDA whose main kernels also write ``FIELDS`` int64 stamps per block; every
+    launch's stamps array is appended to ``self.stamps`` while the graph is built."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.stamps: list[mx.array] = []
+
+    def _header(self, variant: str) -> str:
+        return PRELUDE + super()._header(variant)
+
+    def _body(self, kind: str, ns: int, variant: str) -> str:
+        body = super()._body(kind, ns, variant)
+        return body if kind == "merge" else HEAD + body + TAIL
+
+    def _compile(self, name, names, outs, body, smem, header):
+        if "_merge_" not in name:
+            outs = [*outs, "stamps"]
+        return super()._compile(name + "_stamped", names, outs, body, smem, header)
+
+    def _launch(self, q, g, ns, chunks, fused):
+        main, merge = super()._launch(q, g, ns, chunks, fused)
+        kern, kw = main
+        gx, gy, gz = kw["grid"]
+        blocks = gx // kw["threadgroup"][0] * gy * gz
+        kw = dict(kw, output_shapes=[*kw["output_shapes"], (blocks * FIELDS,)],
+                  output_dtypes=[*kw["output_dtypes"], mx.int64])
+        return (kern, kw), merge
+
+    def _execute(self, launch, q, pool, layer, batch, scale):
+        b, hq, _, d = q.shape
+        ns, main, merge = launch
+        ks, vs = pool.k[layer], pool.v[layer]
+        ks, vs = [*ks, *([ks[0]] * (ns - len(ks)))], [*vs, *([vs[0]] * (ns - len(vs)))]
+        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
+                  self._scale(scale), *ks, *vs]
+        if merge == "fused":
+            inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
+        outs = main[0](inputs=inputs, **main[1])
+        self.stamps.append(outs[-1])
+        if merge == "fused":
+            out = outs[2]
+        elif merge is None:
+            out = outs[0]
+        else:
+            out = merge[0](inputs=list(outs[:2]), **merge[1])[0]
+        return out.reshape(b, hq, 1, d)
+
+
+def _pct(xs: np.ndarray, p: float) -> float:
+    return float(np.percentile(xs, p)) if xs.size else float("nan")
+
+
+def summarize_launch(stamps: np.ndarray) -> dict:
+    """Microsecond figures of one launch from its ``[blocks, FIELDS]`` stamps (ns).  Blocks
+    that returned before their token loop (empty chunks) have zero marks 1-3 and count
+    only in span, start and end figures."""
+    st = stamps.reshape(-1, FIELDS).astype(np.float64)
+    t0 = st[:, 0].min()
+    start, end = st[:, 0] - t0, st[:, 4] - t0
+    full = (st[:, 2] > 0) & (st[:, 3] > 0)
+    first = (st[full, 2] - st[full, 0]) / 1e3
+    loop = (st[full, 3] - st[full, 2]) / 1e3
+    tail = (st[full, 4] - st[full, 3]) / 1e3
+    block = (end - start) / 1e3
+    _, per_sm = np.unique(st[:, 5], return_counts=True)
+    return dict(
+        blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3,
+        first_data_p50=_pct(first, 50), first_data_p90=_pct(first, 90),
+        loop_p50=_pct(loop, 50), loop_max=_pct(loop, 100),
+        tail_p50=_pct(tail, 50), tail_max=_pct(tail, 100),
+        block_p50=_pct(block, 50), block_max=block.max(), end_p10=_pct(end, 10) / 1e3,
+        sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(per_sm.size))
+
+
+def median_summary(launches: list[dict]) -> dict:
+    """Median of each numeric figure over launches (strings from the first)."""
+    out = {}
+    for k, v in launches[0].items():
+        if isinstance(v, str):
+            out[k] = v
+        else:
+            out[k] = round(statistics.median(x[k] for x in launches), 2)
+    return out
+
+
+def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool) -> dict:
+    pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096, layers=layers)
+    scale = 1.0 / math.sqrt(64)
+    nat = StampedCUDA(fused_merge=fused)
+    assert nat.decline(q, pool, batch) is None
+    launches = []
+    for rep in range(2 + evals):
+        nat.stamps = []
+        x = q
+        for i in range(layers):
+            x = nat(x, pool, i, batch, scale) if chunks <= 0 else nat._run(
+                x, pool, i, batch, scale, chunks)
+        mx.eval(x, *nat.stamps)
+        if rep >= 2:
+            launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
+    return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, **median_summary(launches))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.block_stamps")
+    ap.add_argument("--cells", default="8:1024:8,8:4096:8,8:16384:8,8:4096:16,1:32768:0")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--evals", type=int, default=3)
+    ap.add_argument("--fused", action="store_true", help="merge inside the main launch")
+    a = ap.parse_args(argv)
+    if not mx.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 1
+    rows = []
+    for spec in a.cells.split(","):
+        b, ctx, c = (int(x) for x in spec.split(":"))
+        rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused))
+        print(json.dumps(rows[-1]), flush=True)
+        mx.clear_cache()
+    keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused")]
+    print("\nus, medians over launches (block figures: percentiles over blocks)")
+    print("| B | ctx | chunks | " + " | ".join(keys) + " |")
+    print("|" + "--:|" * (3 + len(keys)))
+    for r in rows:
+        print(f"| {r['B']} | {r['ctx']} | {r['chunks']} | "
+              + " | ".join(str(r[k]) for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""The arithmetic of the GPU diagnostics (bench.block_stamps, bench.cuda_kernel's marginal
+per-layer cost) on synthetic data; the measurements themselves need CUDA."""
+
+import numpy as np
+
+from bench.block_stamps import FIELDS, median_summary, summarize_launch
+from bench.cuda_kernel import chain
+
+
+def test_summarize_launch_block_figures():
+    # start, prologue issued, first data, loop end, end, SM (ns); the third block had an
+    # empty chunk (no marks 1-3)
+    st = np.array([[100, 150, 2100, 5100, 6100, 3],
+                   [600, 650, 2600, 9600, 10600, 5],
+                   [300, 0, 0, 0, 900, 3]], dtype=np.int64)
+    assert st.shape[1] == FIELDS
+    r = summarize_launch(st.reshape(-1))
+    assert r["blocks"] == 3 and r["sms"] == 2 and r["sm_blocks"] == "1-2"
+    assert r["span"] == 10.5  # first start 100 ns, last end 10600 ns
+    assert r["start_max"] == 0.5
+    assert r["first_data_p50"] == 2.0  # both full blocks: 2000 ns to their first stage
+    assert r["loop_p50"] == 5.0 and r["loop_max"] == 7.0  # 3000 and 7000 ns
+    assert r["tail_max"] == 1.0
+    assert r["block_max"] == 10.0
+
+
+def test_median_summary_keeps_strings():
+    a = dict(span=1.0, sm_blocks="3-4")
+    b = dict(span=3.0, sm_blocks="4-4")
+    c = dict(span=2.0, sm_blocks="4-4")
+    assert median_summary([a, b, c]) == dict(span=2.0, sm_blocks="3-4")
+
+
+def test_chain_cycles_over_layers():
+    seen = []
+    fn = chain(lambda x, i: seen.append(i) or x + i, 0, 3, calls=7)
+    assert fn() == 0 + 1 + 2 + 0 + 1 + 2 + 0
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+    seen.clear()
+    chain(lambda x, i: seen.append(i) or x, 0, 3)()
+    assert seen == [0, 1, 2]
