@@ -12,6 +12,7 @@ summarised (medians over launches) by ``summarize_launch``:
 
 * ``span``: first block start to last block end (the kernel's time, less its launch);
 * ``start_max``: when the last block started, after the first;
+* ``issued``: start -> the pipeline's first stages issued (lengths, q and table loads);
 * ``first_data``: start -> first K/V stage in (table and page loads in a row), p50 / p90;
 * ``loop``, ``tail``: the token loop, and merge + writes after it, p50 / max;
 * ``block``: a block's whole time, p50 / max; ``end_p10``: when a tenth of the blocks had
@@ -128,7 +129,8 @@ def summarize_launch(stamps: np.ndarray) -> dict:
     st = stamps.reshape(-1, FIELDS).astype(np.float64)
     t0 = st[:, 0].min()
     start, end = st[:, 0] - t0, st[:, 4] - t0
-    full = (st[:, 2] > 0) & (st[:, 3] > 0)
+    full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
+    issued = (st[full, 1] - st[full, 0]) / 1e3
     first = (st[full, 2] - st[full, 0]) / 1e3
     loop = (st[full, 3] - st[full, 2]) / 1e3
     tail = (st[full, 4] - st[full, 3]) / 1e3
@@ -136,6 +138,7 @@ def summarize_launch(stamps: np.ndarray) -> dict:
     _, per_sm = np.unique(st[:, 5], return_counts=True)
     return dict(
         blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3,
+        issued_p50=_pct(issued, 50), issued_p90=_pct(issued, 90),
         first_data_p50=_pct(first, 50), first_data_p90=_pct(first, 90),
         loop_p50=_pct(loop, 50), loop_max=_pct(loop, 100),
         tail_p50=_pct(tail, 50), tail_max=_pct(tail, 100),
@@ -154,22 +157,28 @@ def median_summary(launches: list[dict]) -> dict:
     return out
 
 
-def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool) -> dict:
-    pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096, layers=layers)
+def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
+                same_layer: bool = False, contiguous: bool = False, stages: int = 3) -> dict:
+    """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
+    consecutive blocks (default shuffled over the slab, as the table)."""
+    pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
+                               layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused)
+    nat = StampedCUDA(fused_merge=fused, stages=stages)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
         nat.stamps = []
         x = q
         for i in range(layers):
-            x = nat(x, pool, i, batch, scale) if chunks <= 0 else nat._run(
-                x, pool, i, batch, scale, chunks)
+            lay = 0 if same_layer else i
+            x = nat(x, pool, lay, batch, scale) if chunks <= 0 else nat._run(
+                x, pool, lay, batch, scale, chunks)
         mx.eval(x, *nat.stamps)
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
-    return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, **median_summary(launches))
+    return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
+                contig=contiguous, st=stages, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -178,6 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--evals", type=int, default=3)
     ap.add_argument("--fused", action="store_true", help="merge inside the main launch")
+    ap.add_argument("--same-layer", action="store_true",
+                    help="every layer reads layer 0's K/V (warm translations)")
+    ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
+    ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -185,10 +198,11 @@ def main(argv=None) -> int:
     rows = []
     for spec in a.cells.split(","):
         b, ctx, c = (int(x) for x in spec.split(":"))
-        rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused))
+        rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
+                                a.contiguous, a.stages))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
-    keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused")]
+    keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]
     print("\nus, medians over launches (block figures: percentiles over blocks)")
     print("| B | ctx | chunks | " + " | ".join(keys) + " |")
     print("|" + "--:|" * (3 + len(keys)))
