@@ -19,13 +19,15 @@ from functools import cached_property
 
 import mlx.core as mx
 
+from kvcache.arrays import host_array
 from kvcache.pool import GatherPlan, PoolGeometry, SlabPool
 
 
 @dataclass
 class DecodeBatch:
     """Per-step metadata shared by every layer: host block tables and lengths
-    (each length counts the token being decoded), plus lazily built device arrays."""
+    (each length counts the token being decoded), plus lazily built device arrays (never
+    in MLX's scalar pool: kvcache.arrays)."""
 
     geom: PoolGeometry
     tables: list[list[int]]
@@ -50,7 +52,7 @@ class DecodeBatch:
 
     @cached_property
     def lengths_array(self) -> mx.array:
-        return mx.array(self.lengths, dtype=mx.int32)
+        return host_array(self.lengths, mx.int32)
 
     @cached_property
     def num_blocks(self) -> int:
@@ -61,7 +63,7 @@ class DecodeBatch:
         """``[B, nblk]`` int32 block ids, padded with the sequence's first block."""
         nblk = self.num_blocks
         rows = [t + [t[0]] * (nblk - len(t)) for t in self.tables]
-        return mx.array(rows, dtype=mx.int32)
+        return host_array(rows, mx.int32)
 
 
 class DecodeAttention(ABC):

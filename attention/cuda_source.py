@@ -124,11 +124,14 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 }
 
 
-def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
+def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
     dynamic shared memory; "xred": the same with the shared-memory reduction), "bulk" (the
-    async work split, page tiles by sm_90 bulk copies) or "sync" (register loads)."""
+    async work split, page tiles by sm_90 bulk copies) or "sync" (register loads).
+    ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
+    lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
+    (kvcache/arrays.py)."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
@@ -150,7 +153,7 @@ def kernel_body(ns: int, kind: str, variant: str = "async") -> str:
   }}
   __syncthreads();
   ::slabserve::{call}(
-      q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), qscale[0] * {LOG2E}f,
+      q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), {scale * LOG2E!r}f,
       ktab, vtab, {outs}{tail});
 """
 

@@ -14,7 +14,8 @@ table and resolves block ``b`` to slab ``b // slab_blocks``.
 
 Invariants: ``decline`` answers ``None`` only when the case's shape and dtypes are
 supported and a probe of exactly the variants ``__call__`` will launch compiled, ran and
-returned the right values on this device; ``__call__`` never copies the pool.
+returned the right values on this device (at the scale ``1/sqrt(head_dim)``: another
+scale changes only a float literal of the source); ``__call__`` never copies the pool.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class NativeCUDA(DecodeAttention):
     and ``_compile``."""
 
     name = "native"
+    scale_input = False  # CUDA bodies carry the scale as a literal (cuda_source.kernel_body)
     threads = THREADS
     kernel_file = KERNEL_FILE
     common_files: tuple[Path, ...] = (COMMON_FILE,)
@@ -158,7 +160,7 @@ class NativeCUDA(DecodeAttention):
     # ---- run ----------------------------------------------------------------------------
     def __call__(self, q, pool, layer, batch, scale):
         # the plan and launch arguments are shared by every layer of a step
-        key = (self, q.shape, q.dtype, pool.num_slabs)
+        key = (self, q.shape, q.dtype, pool.num_slabs, scale)
         launch = batch._cache.get(key)
         if launch is None:
             chunks = plan_chunks(
@@ -166,7 +168,7 @@ class NativeCUDA(DecodeAttention):
                 self._plan_params(q, pool.geom),
             )
             launch = batch._cache[key] = self._launch_for(
-                q, pool, chunks, self._fused(batch, pool.geom))
+                q, pool, chunks, self._fused(batch, pool.geom), scale)
         return self._execute(launch, q, pool, layer, batch, scale)
 
     def _fused(self, batch: DecodeBatch, g: PoolGeometry) -> bool:
@@ -213,16 +215,18 @@ class NativeCUDA(DecodeAttention):
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps);
         ``fused`` None: as ``__call__`` would decide for this batch."""
         fused = self._fused(batch, pool.geom) if fused is None else fused
-        return self._execute(self._launch_for(q, pool, chunks, fused), q, pool, layer, batch,
-                             scale)
+        return self._execute(self._launch_for(q, pool, chunks, fused, scale), q, pool, layer,
+                             batch, scale)
 
-    def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool) -> tuple:
+    def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool,
+                    scale: float) -> tuple:
         ns = pool_slab_inputs(pool)
         fused = fused and chunks > 1  # one chunk: the direct kernel either way
-        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused)
+        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused, scale)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = (ns, *self._launch(q, pool.geom, ns, chunks, fused))
+            launch = self._launches[key] = (
+                ns, *self._launch(q, pool.geom, ns, chunks, fused, scale))
         return launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
@@ -233,7 +237,7 @@ class NativeCUDA(DecodeAttention):
         if pad:
             ks, vs = [*ks, *([ks[0]] * pad)], [*vs, *([vs[0]] * pad)]
         inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
-                  self._scale(scale), *ks, *vs]
+                  *([self._scale(scale)] if self.scale_input else []), *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
             return main[0](inputs=inputs, **main[1])[2].reshape(b, hq, 1, d)
@@ -253,7 +257,8 @@ class NativeCUDA(DecodeAttention):
             mx.eval(arr)
         return arr
 
-    def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int, fused: bool):
+    def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int, fused: bool,
+                scale: float):
         """(kernel, kwargs) of the main launch and of the merge: None with one chunk,
         "fused" when the main launch merges."""
         b, hq, _, d = q.shape
@@ -270,14 +275,14 @@ class NativeCUDA(DecodeAttention):
         common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * nt, chunks, b),
                       threadgroup=(nt, 1, 1))
         if chunks == 1:
-            return (self._kernel("direct", ns, smem, variant),
+            return (self._kernel("direct", ns, smem, variant, scale),
                     dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
         if fused:
-            main = (self._kernel("fused", ns, smem, variant),
+            main = (self._kernel("fused", ns, smem, variant, scale),
                     dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, d)],
                          output_dtypes=[mx.float32, mx.float32, q.dtype], **common))
             return main, "fused"
-        main = (self._kernel("split", ns, smem, variant),
+        main = (self._kernel("split", ns, smem, variant, scale),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
         merge = (self._kernel("merge", 0, 0, variant),
@@ -298,29 +303,32 @@ class NativeCUDA(DecodeAttention):
             self._headers[variant] = "\n".join(f.read_text() for f in files)
         return self._headers[variant]
 
-    def _kernel(self, kind: str, ns: int, smem: int, variant: str):
-        key = (kind, ns, smem, variant)
+    def _kernel(self, kind: str, ns: int, smem: int, variant: str, scale: float = 1.0):
+        """The compiled kernel of a kind; the main kinds per softmax ``scale`` (a literal
+        of their source: one model, one scale)."""
+        key = (kind, ns, smem, variant, None if kind == "merge" else scale)
         if key not in self._kernels:
             header = self._header(variant)
             if kind == "merge":
                 names, outs = ["opart", "lse"], ["out"]
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
-                names = ["q", "table", "lengths", "qscale", *slabs]
+                scalar = ["qscale"] if self.scale_input else []
+                names = ["q", "table", "lengths", *scalar, *slabs]
                 names += ["counters"] if kind == "fused" else []
                 outs = {"direct": ["out"], "split": ["opart", "lse"],
                         "fused": ["opart", "lse", "out"]}[kind]
-            body = self._body(kind, ns, variant)
+            body = self._body(kind, ns, variant, scale)
             # MLX caches compiled kernels on disk by name: name the source's hash too.
             tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
             self._kernels[key] = self._compile(
                 f"slabserve_pooled_{kind}_ns{ns}_{tag}", names, outs, body, smem, header)
         return self._kernels[key]
 
-    def _body(self, kind: str, ns: int, variant: str) -> str:
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind, variant)
+        return kernel_body(ns, kind, variant, scale)
 
     def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
                  header: str):

@@ -55,6 +55,7 @@ def metal_body(template: str, kind: str, ns: int) -> str:
 class NativeMetal(NativeCUDA):
     """The native pooled decode path on MLX's Metal backend (unverified)."""
 
+    scale_input = True  # the Metal body reads the scale from a one-float input
     threads = METAL_THREADS
     kernel_file = METAL_FILE
     common_files = ()
@@ -75,7 +76,7 @@ class NativeMetal(NativeCUDA):
             self._parts = _sections(self.kernel_file.read_text())
         return self._parts
 
-    def _body(self, kind: str, ns: int, variant: str) -> str:
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
         parts = self._parts_of_source()
         if kind == "merge":
             return parts["MERGE"]

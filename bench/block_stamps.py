@@ -32,7 +32,6 @@ import statistics
 import mlx.core as mx
 import numpy as np
 
-from attention.cuda_source import LOG2E
 from attention.native_cuda import NativeCUDA
 from bench.cuda_kernel import make_case
 
@@ -72,49 +71,26 @@ TAIL = r"""  __syncthreads();
 
 class StampedCUDA(NativeCUDA):
     """NativeCUDA whose main kernels also write ``FIELDS`` int64 stamps per block; every
-    launch's stamps array is appended to ``self.stamps`` while the graph is built.
-    Experiments on the kernel's first reads: ``bake_scale`` (the softmax scale as a literal
-    in the source; the 4-byte scale input, which MLX keeps in its managed read-mostly
-    scalar pool, is then not read) and ``pad_inputs`` (table and lengths passed as views
-    of 4 MiB GPU-written buffers, away from small host-written allocations)."""
+    launch's stamps array is appended to ``self.stamps`` while the graph is built."""
 
-    def __init__(self, bake_scale: float | None = None, pad_inputs: bool = False,
-                 **kw) -> None:
+    def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.stamps: list[mx.array] = []
-        self.bake_scale = bake_scale
-        self.pad_inputs = pad_inputs
-        self._padded: dict[int, tuple[mx.array, mx.array]] = {}
-
-    def _pad(self, a: mx.array) -> mx.array:
-        hit = self._padded.get(id(a))
-        if hit is None or hit[0] is not a:
-            big = mx.concatenate([a.reshape(-1), mx.zeros((1 << 20,), dtype=a.dtype)])
-            mx.eval(big)
-            hit = self._padded[id(a)] = (a, big[: a.size].reshape(a.shape))
-            mx.eval(hit[1])
-        return hit[1]
 
     def _header(self, variant: str) -> str:
         return PRELUDE + super()._header(variant)
 
-    def _body(self, kind: str, ns: int, variant: str) -> str:
-        body = super()._body(kind, ns, variant)
-        if kind == "merge":
-            return body
-        if self.bake_scale is not None:
-            old = f"qscale[0] * {LOG2E}f"
-            assert old in body
-            body = body.replace(old, f"{self.bake_scale * LOG2E!r}f")
-        return HEAD + body + TAIL
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
+        body = super()._body(kind, ns, variant, scale)
+        return body if kind == "merge" else HEAD + body + TAIL
 
     def _compile(self, name, names, outs, body, smem, header):
         if "_merge_" not in name:
             outs = [*outs, "stamps"]
         return super()._compile(name + "_stamped", names, outs, body, smem, header)
 
-    def _launch(self, q, g, ns, chunks, fused):
-        main, merge = super()._launch(q, g, ns, chunks, fused)
+    def _launch(self, q, g, ns, chunks, fused, scale):
+        main, merge = super()._launch(q, g, ns, chunks, fused, scale)
         kern, kw = main
         gx, gy, gz = kw["grid"]
         blocks = gx // kw["threadgroup"][0] * gy * gz
@@ -127,10 +103,7 @@ class StampedCUDA(NativeCUDA):
         ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         ks, vs = [*ks, *([ks[0]] * (ns - len(ks)))], [*vs, *([vs[0]] * (ns - len(vs)))]
-        table, lengths = batch.table_array, batch.lengths_array
-        if self.pad_inputs:
-            table, lengths = self._pad(table), self._pad(lengths)
-        inputs = [q.reshape(b, hq, d), table, lengths, self._scale(scale), *ks, *vs]
+        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array, *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
         outs = main[0](inputs=inputs, **main[1])
@@ -184,15 +157,13 @@ def median_summary(launches: list[dict]) -> dict:
 
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
-                same_layer: bool = False, contiguous: bool = False, stages: int = 3,
-                bake: bool = False, pad: bool = False) -> dict:
+                same_layer: bool = False, contiguous: bool = False, stages: int = 3) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused, stages=stages, bake_scale=scale if bake else None,
-                      pad_inputs=pad)
+    nat = StampedCUDA(fused_merge=fused, stages=stages)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -206,7 +177,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, bake=bake, pad=pad, **median_summary(launches))
+                contig=contiguous, st=stages, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -219,10 +190,6 @@ def main(argv=None) -> int:
                     help="every layer reads layer 0's K/V (warm translations)")
     ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
-    ap.add_argument("--bake-scale", action="store_true",
-                    help="the scale as a literal in the kernel source (no scalar input read)")
-    ap.add_argument("--pad-inputs", action="store_true",
-                    help="table and lengths as views of 4 MiB GPU-written buffers")
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -231,7 +198,7 @@ def main(argv=None) -> int:
     for spec in a.cells.split(","):
         b, ctx, c = (int(x) for x in spec.split(":"))
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.bake_scale, a.pad_inputs))
+                                a.contiguous, a.stages))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]

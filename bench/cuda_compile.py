@@ -78,14 +78,14 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
               ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
               ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
     slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
-    ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False),
-           ("qscale", "float", False), *slabs]
+    ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False), *slabs]
     out = []
     part = [("opart", "float"), ("lse", "float")]
     for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
         name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
         kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
-        out.append((name, wrap(name, header, kernel_body(ns, kind, v), kins, outs, consts)))
+        out.append((name, wrap(name, header, kernel_body(ns, kind, v, 0.125), kins, outs,
+                                consts)))
     mname = f"k_merge_{dt}_d{d}"
     out.append((mname, wrap(mname, header, MERGE_BODY,
                             [("opart", "float", False), ("lse", "float", True)],

@@ -9,6 +9,7 @@ import mlx.core as mx
 import attention
 from engine import sampling
 from engine.runner import ModelRunner, SeqInput
+from kvcache.arrays import host_array
 from scheduler.api import AttentionPath
 from scheduler.executor import Executor
 from scheduler.plan import SampledToken, ScheduledChunk, StepOutput, StepPlan
@@ -66,7 +67,7 @@ class ModelExecutor(Executor):
                 chunks.append(c)
         want = [i for i, c in enumerate(plan.decodes) if c.sample]
         if want:
-            rows.append(dec if len(want) == len(plan.decodes) else dec[mx.array(want)])
+            rows.append(dec if len(want) == len(plan.decodes) else dec[host_array(want)])
             chunks.extend(plan.decodes[i] for i in want)
         if not chunks:
             return StepOutput()

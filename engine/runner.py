@@ -20,6 +20,7 @@ from engine import patch
 from engine.config import CacheConfig
 from engine.paged_cache import ForwardContext, PagedLayerCache
 from kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
+from kvcache.arrays import host_array
 from kvcache.pool import WritePlan
 
 # Architectures whose forward is ``model.model(inputs, cache)`` then a head, so prefill
@@ -150,7 +151,7 @@ class ModelRunner:
         ctx = ForwardContext(self.pool, writes, seq.start, None, self._prefix(seq),
                              self.prefill_kv_bucket)
         rows = slice(-1, None) if seq.want_logits else None
-        logits = self._run(mx.array([seq.tokens]), ctx, rows)
+        logits = self._run(host_array([seq.tokens]), ctx, rows)
         return None if logits is None else logits[0, -1]
 
     def _prefill_rows(self, seqs: list[SeqInput]) -> list[mx.array | None]:
@@ -158,11 +159,11 @@ class ModelRunner:
         run once on ``[rows, L]``; attention stays per row): a step's per-forward cost is
         mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
         slots = [slot for s in seqs for slot in self._slots(s)]
-        offsets = mx.array([s.start for s in seqs], dtype=mx.int32)
+        offsets = host_array([s.start for s in seqs])
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, None, None,
                              self.prefill_kv_bucket, tuple(self._prefix(s) for s in seqs))
         want = any(s.want_logits for s in seqs)
-        logits = self._run(mx.array([s.tokens for s in seqs]), ctx,
+        logits = self._run(host_array([s.tokens for s in seqs]), ctx,
                            slice(-1, None) if want else None)
         return [logits[i, -1] if s.want_logits else None for i, s in enumerate(seqs)]
 
@@ -193,9 +194,11 @@ class ModelRunner:
             tables.append(s.blocks[: blocks_needed(s.start + 1, bs)])
             lengths.append(s.start + 1)
         batch = DecodeBatch(self.geom, tables, lengths)
-        offsets = mx.array([s.start for s in seqs], dtype=mx.int32)
+        # host_array: a one-sequence batch's position and token are 4-byte arrays, which
+        # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
+        offsets = host_array([s.start for s in seqs])
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, batch, None)
-        inputs = mx.array([s.tokens for s in seqs], dtype=mx.int32)
+        inputs = host_array([s.tokens for s in seqs])
         return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
 
     def forward(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from kvcache.arrays import host_array
+
 
 @dataclass(frozen=True)
 class PoolGeometry:
@@ -69,8 +71,8 @@ class WritePlan:
         self.groups: list[tuple[int, mx.array | None, mx.array]] = []
         for slab, (tok, base) in sorted(groups.items()):
             # [tokens, heads] slab rows, built on the host: one input, no graph nodes
-            rows = mx.array(np.asarray(base, dtype=np.int32)[:, None] + heads[None, :])
-            idx = None if len(tok) == len(slots) else mx.array(tok, dtype=mx.int32)
+            rows = host_array(np.asarray(base, dtype=np.int32)[:, None] + heads[None, :])
+            idx = None if len(tok) == len(slots) else host_array(tok)
             self.groups.append((slab, idx, rows))
 
 
@@ -92,17 +94,17 @@ class GatherPlan:
         self.groups: list[tuple[int, mx.array]] = []
         self.inverse: mx.array | None = None
         if flat.size and slab.min() == slab.max():
-            self.groups.append((int(slab[0]), mx.array((flat % sb).astype(np.int32))))
+            self.groups.append((int(slab[0]), host_array((flat % sb).astype(np.int32))))
             return
         order = np.argsort(slab, kind="stable")
         bounds = np.flatnonzero(np.diff(slab[order])) + 1
         for part in np.split(order, bounds):
             if part.size:
                 local = (flat[part] % sb).astype(np.int32)
-                self.groups.append((int(slab[part[0]]), mx.array(local)))
+                self.groups.append((int(slab[part[0]]), host_array(local)))
         inv = np.empty_like(order)
         inv[order] = np.arange(order.size)
-        self.inverse = mx.array(inv.astype(np.int32))
+        self.inverse = host_array(inv.astype(np.int32))
 
 
 class SlabPool:

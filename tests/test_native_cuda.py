@@ -144,6 +144,31 @@ def test_kernel_body_fills_every_slab():
     assert "slabserve_smem" in bulk and "extern __shared__" in bulk
 
 
+def test_scale_is_a_literal_of_the_source(monkeypatch):
+    """The softmax scale is compiled in (a 4-byte input would live in MLX's slow-to-read
+    scalar pool, kvcache/arrays.py): no scale input, one kernel per scale, and the
+    per-step plan is keyed by the scale too."""
+    from attention.cuda_source import LOG2E
+    from bench.cuda_kernel import make_case
+
+    body = kernel_body(1, "split", "xred", 0.125)
+    assert "qscale" not in body and f"{0.125 * LOG2E!r}f" in body
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64)
+    nat = NativeCUDA(fused_merge=False)
+    nat(q, pool, 0, batch, 0.125)
+    nat(q, pool, 0, batch, 0.1)
+    mains = [c for c in log if "qscale" not in c["spec"]["input_names"]
+             and c["spec"]["input_names"][0] == "q"]
+    assert len(mains) == 2
+    assert all(len(c["inputs"]) == len(c["spec"]["input_names"]) for c in mains)
+    assert f"{0.125 * LOG2E!r}f" in mains[0]["spec"]["source"]
+    assert f"{0.1 * LOG2E!r}f" in mains[1]["spec"]["source"]
+    assert mains[0]["spec"]["name"] != mains[1]["spec"]["name"]
+    assert len([k for k in batch._cache if isinstance(k, tuple) and k[0] is nat]) == 2
+
+
 # ---- kernel vs float64 (CUDA only) ----------------------------------------------------
 def _matrix():
     from bench.cuda_kernel import CHECK_MATRIX
@@ -209,8 +234,9 @@ def test_launch_plumbing(monkeypatch, chunks, fused):
         nat._run(q, pool, 1, batch, 0.125, chunks)  # another layer: its own counters
         assert log[1]["inputs"][-1] is not counters
         return
-    assert pool.num_slabs == 4 and len(main["inputs"]) == 4 + 2 * ns
-    assert main["spec"]["input_names"][4:] == [f"k{i}" for i in range(ns)] + [
+    assert pool.num_slabs == 4 and len(main["inputs"]) == 3 + 2 * ns
+    assert main["spec"]["input_names"][:3] == ["q", "table", "lengths"]
+    assert main["spec"]["input_names"][3:] == [f"k{i}" for i in range(ns)] + [
         f"v{i}" for i in range(ns)]
     assert main["grid"] == (2 * 1 * 128, chunks, 3) and main["tg"] == (128, 1, 1)
     assert main["template"]["G"] == 7 and main["template"]["GB"] == 7
@@ -266,7 +292,7 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     want = plan_chunks(2, 3000, 8, 188)
     assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
     assert len(log) == 3 * 2  # split + merge per layer
-    assert {id(c["inputs"][4]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
+    assert {id(c["inputs"][3]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
 
 
 @pytest.mark.parametrize("lens, fused", [((600, 3000), True), ((16384,) * 8, False)])
