@@ -5,8 +5,9 @@
 Cells are ``B:ctx:chunks`` (chunks 0: the plan's).  The async / xred kernel is built with
 timing marks (``SLABSERVE_MARK`` in attention/kernels/pooled_decode.cu, empty in the
 served kernel): thread 0 of every block reads the GPU's global timer (ns) at the block's
-start, after its pipeline prologue was issued, when its first stage of K/V arrived, after
-its token loop and at its end (after the block's merge), and its multiprocessor id.  The
+start, at each step of its prologue (``summarize_launch``), when its first stage of K/V
+arrived, after its token loop and at its end (after the block's merge), and its
+multiprocessor id.  The
 layers run chained as in ``bench.cuda_kernel --table``; launches 2.. of each eval are
 summarised (medians over launches) by ``summarize_launch``:
 
@@ -35,10 +36,11 @@ import numpy as np
 from attention.native_cuda import NativeCUDA
 from bench.cuda_kernel import make_case
 
-FIELDS = 6  # per block: start, prologue issued, first data, loop end, end, SM id
+FIELDS = 10  # per block: 8 marks (kernels/pooled_decode.cu's, 0: start), end, SM id
+MARKS = 8
 
 PRELUDE = r"""namespace slabserve {
-__shared__ unsigned long long stamp_marks[4];
+__shared__ unsigned long long stamp_marks[8];
 __device__ __forceinline__ unsigned long long gtimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -47,12 +49,13 @@ __device__ __forceinline__ unsigned long long gtimer() {
 }  // namespace slabserve
 #define SLABSERVE_MARK(k) \
   do { if (threadIdx.x == 0) ::slabserve::stamp_marks[k] = ::slabserve::gtimer(); } while (0)
+#define SLABSERVE_MARK_AFTER(k, x) \
+  do { asm volatile("" ::"f"(x)); SLABSERVE_MARK(k); } while (0)
 """
 
 HEAD = r"""  if (threadIdx.x == 0) {
+    for (int k = 1; k < 8; ++k) ::slabserve::stamp_marks[k] = 0;
     ::slabserve::stamp_marks[0] = ::slabserve::gtimer();
-    ::slabserve::stamp_marks[1] = ::slabserve::stamp_marks[2] = 0;
-    ::slabserve::stamp_marks[3] = 0;
   }
 """
 
@@ -62,9 +65,9 @@ TAIL = r"""  __syncthreads();
     unsigned int smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
     const size_t bid = ((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    for (int k = 0; k < 4; ++k) stamps[bid * 6 + k] = (long long)::slabserve::stamp_marks[k];
-    stamps[bid * 6 + 4] = (long long)t_end;
-    stamps[bid * 6 + 5] = (long long)smid;
+    for (int k = 0; k < 8; ++k) stamps[bid * 10 + k] = (long long)::slabserve::stamp_marks[k];
+    stamps[bid * 10 + 8] = (long long)t_end;
+    stamps[bid * 10 + 9] = (long long)smid;
   }
 """
 
@@ -73,9 +76,19 @@ class StampedCUDA(NativeCUDA):
     """NativeCUDA whose main kernels also write ``FIELDS`` int64 stamps per block; every
     launch's stamps array is appended to ``self.stamps`` while the graph is built."""
 
-    def __init__(self, **kw) -> None:
+    def __init__(self, gpu_meta: bool = False, **kw) -> None:
         super().__init__(**kw)
         self.stamps: list[mx.array] = []
+        self.gpu_meta = gpu_meta  # table and lengths as copies written by a GPU kernel
+        self._meta: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def _copied(self, a: mx.array) -> mx.array:
+        hit = self._meta.get(id(a))
+        if hit is None or hit[0] is not a:
+            c = a + 0
+            mx.eval(c)
+            hit = self._meta[id(a)] = (a, c)
+        return hit[1]
 
     def _header(self, variant: str) -> str:
         return PRELUDE + super()._header(variant)
@@ -103,7 +116,10 @@ class StampedCUDA(NativeCUDA):
         ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         ks, vs = [*ks, *([ks[0]] * (ns - len(ks)))], [*vs, *([vs[0]] * (ns - len(vs)))]
-        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array, *ks, *vs]
+        table, lengths = batch.table_array, batch.lengths_array
+        if self.gpu_meta:
+            table, lengths = self._copied(table), self._copied(lengths)
+        inputs = [q.reshape(b, hq, d), table, lengths, *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
         outs = main[0](inputs=inputs, **main[1])
@@ -124,25 +140,32 @@ def _pct(xs: np.ndarray, p: float) -> float:
 def summarize_launch(stamps: np.ndarray) -> dict:
     """Microsecond figures of one launch from its ``[blocks, FIELDS]`` stamps (ns).  Blocks
     that returned before their token loop (empty chunks) have zero marks 1-3 and count
-    only in span, start and end figures."""
+    only in span, start and end figures.  Prologue figures are from the block's start:
+    ``entry`` (the slab table in shared memory), ``lengths`` (its length read),
+    ``q`` (its q rows read), ``issued`` (the first stages' table reads and copies issued)."""
     st = stamps.reshape(-1, FIELDS).astype(np.float64)
     t0 = st[:, 0].min()
-    start, end = st[:, 0] - t0, st[:, 4] - t0
+    start, end = st[:, 0] - t0, st[:, MARKS] - t0
     full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
-    issued = (st[full, 1] - st[full, 0]) / 1e3
-    first = (st[full, 2] - st[full, 0]) / 1e3
+
+    def since_start(k: int) -> np.ndarray:
+        return (st[full, k] - st[full, 0]) / 1e3
+
     loop = (st[full, 3] - st[full, 2]) / 1e3
-    tail = (st[full, 4] - st[full, 3]) / 1e3
+    tail = (st[full, MARKS] - st[full, 3]) / 1e3
     block = (end - start) / 1e3
-    _, per_sm = np.unique(st[:, 5], return_counts=True)
-    return dict(
-        blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3,
-        issued_p50=_pct(issued, 50), issued_p90=_pct(issued, 90),
-        first_data_p50=_pct(first, 50), first_data_p90=_pct(first, 90),
+    _, per_sm = np.unique(st[:, MARKS + 1], return_counts=True)
+    out = dict(blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3)
+    for name, k in (("entry", 4), ("lengths", 5), ("q", 6)):
+        out[f"{name}_p50"] = _pct(since_start(k), 50)
+    out.update(
+        issued_p50=_pct(since_start(1), 50), issued_p90=_pct(since_start(1), 90),
+        first_data_p50=_pct(since_start(2), 50), first_data_p90=_pct(since_start(2), 90),
         loop_p50=_pct(loop, 50), loop_max=_pct(loop, 100),
         tail_p50=_pct(tail, 50), tail_max=_pct(tail, 100),
         block_p50=_pct(block, 50), block_max=block.max(), end_p10=_pct(end, 10) / 1e3,
         sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(per_sm.size))
+    return out
 
 
 def median_summary(launches: list[dict]) -> dict:
@@ -157,13 +180,14 @@ def median_summary(launches: list[dict]) -> dict:
 
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
-                same_layer: bool = False, contiguous: bool = False, stages: int = 3) -> dict:
+                same_layer: bool = False, contiguous: bool = False, stages: int = 3,
+                gpu_meta: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused, stages=stages)
+    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -177,7 +201,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, **median_summary(launches))
+                contig=contiguous, st=stages, gmeta=gpu_meta, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -190,6 +214,8 @@ def main(argv=None) -> int:
                     help="every layer reads layer 0's K/V (warm translations)")
     ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
+    ap.add_argument("--gpu-meta", action="store_true",
+                    help="table and lengths as copies written by a GPU kernel")
     a = ap.parse_args(argv)
     if not mx.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -198,7 +224,7 @@ def main(argv=None) -> int:
     for spec in a.cells.split(","):
         b, ctx, c = (int(x) for x in spec.split(":"))
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages))
+                                a.contiguous, a.stages, a.gpu_meta))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]

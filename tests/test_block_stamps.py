@@ -8,17 +8,19 @@ from bench.cuda_kernel import chain
 
 
 def test_summarize_launch_block_figures():
-    # start, prologue issued, first data, loop end, end, SM (ns); the third block had an
-    # empty chunk (no marks 1-3)
-    st = np.array([[100, 150, 2100, 5100, 6100, 3],
-                   [600, 650, 2600, 9600, 10600, 5],
-                   [300, 0, 0, 0, 900, 3]], dtype=np.int64)
+    # marks 0 start, 1 issued, 2 first data, 3 loop end, 4 entry, 5 lengths, 6 q, 7 -,
+    # then end and SM (ns); the third block had an empty chunk (no marks 1-3)
+    st = np.array([[100, 1150, 2100, 5100, 200, 400, 900, 0, 6100, 3],
+                   [600, 1650, 2600, 9600, 700, 900, 1400, 0, 10600, 5],
+                   [300, 0, 0, 0, 400, 0, 0, 0, 900, 3]], dtype=np.int64)
     assert st.shape[1] == FIELDS
     r = summarize_launch(st.reshape(-1))
     assert r["blocks"] == 3 and r["sms"] == 2 and r["sm_blocks"] == "1-2"
     assert r["span"] == 10.5  # first start 100 ns, last end 10600 ns
     assert r["start_max"] == 0.5
     assert r["first_data_p50"] == 2.0  # both full blocks: 2000 ns to their first stage
+    assert r["issued_p50"] == 1.05 and r["entry_p50"] == 0.1
+    assert r["lengths_p50"] == 0.3 and r["q_p50"] == 0.8
     assert r["loop_p50"] == 5.0 and r["loop_max"] == 7.0  # 3000 and 7000 ns
     assert r["tail_max"] == 1.0
     assert r["block_max"] == 10.0

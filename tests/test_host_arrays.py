@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attention.base import DecodeBatch
-from kvcache.arrays import POOL_MAX_BYTES, host_array
+from kvcache.arrays import host_array
 from kvcache.pool import PoolGeometry, WritePlan
 
 

@@ -6,6 +6,7 @@
 // before this file); empty otherwise.
 #ifndef SLABSERVE_MARK
 #define SLABSERVE_MARK(k)
+#define SLABSERVE_MARK_AFTER(k, x)
 #endif
 
 namespace slabserve {
@@ -263,9 +264,12 @@ __device__ __forceinline__ void pooled_decode_async(
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0 && ST >= 2, "bad tiling");
   S st;
+  SLABSERVE_MARK(4);
   if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
+  SLABSERVE_MARK(5);
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
+  SLABSERVE_MARK_AFTER(6, qv[GB - 1][VEC - 1]);
   const int* trow = table + (size_t)st.b * nblk;
   const int span = R * U;
   const int first = st.tok_begin + st.warp * RW * U + st.rgw * U;  // this row group's unit 0
