@@ -15,7 +15,8 @@ summarised (medians over launches) by ``summarize_launch``:
 * ``start_max``: when the last block started, after the first;
 * ``issued``: start -> the pipeline's first stages issued (lengths, q and table loads);
 * ``first_data``: start -> first K/V stage in (table and page loads in a row), p50 / p90;
-* ``loop``, ``tail``: the token loop, and merge + writes after it, p50 / max;
+* ``loop``, ``tail``: the token loop, and merge + writes after it, p50 / max; the loop's
+  p50 also for blocks on the most crowded SMs and on the others;
 * ``block``: a block's whole time, p50 / max; ``end_p10``: when a tenth of the blocks had
   finished;
 * ``sm_blocks``: blocks per multiprocessor, min-max.
@@ -154,7 +155,8 @@ def summarize_launch(stamps: np.ndarray) -> dict:
     loop = (st[full, 3] - st[full, 2]) / 1e3
     tail = (st[full, MARKS] - st[full, 3]) / 1e3
     block = (end - start) / 1e3
-    _, per_sm = np.unique(st[:, MARKS + 1], return_counts=True)
+    sms, sm_of, per_sm = np.unique(st[:, MARKS + 1], return_inverse=True, return_counts=True)
+    crowded = (per_sm[sm_of] == per_sm.max())[full]  # blocks on the most loaded SMs
     out = dict(blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3)
     for name, k in (("entry", 4), ("lengths", 5), ("q", 6)):
         out[f"{name}_p50"] = _pct(since_start(k), 50)
@@ -162,9 +164,10 @@ def summarize_launch(stamps: np.ndarray) -> dict:
         issued_p50=_pct(since_start(1), 50), issued_p90=_pct(since_start(1), 90),
         first_data_p50=_pct(since_start(2), 50), first_data_p90=_pct(since_start(2), 90),
         loop_p50=_pct(loop, 50), loop_max=_pct(loop, 100),
+        loop_p50_crowded=_pct(loop[crowded], 50), loop_p50_other=_pct(loop[~crowded], 50),
         tail_p50=_pct(tail, 50), tail_max=_pct(tail, 100),
         block_p50=_pct(block, 50), block_max=block.max(), end_p10=_pct(end, 10) / 1e3,
-        sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(per_sm.size))
+        sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(sms.size))
     return out
 
 

@@ -22,6 +22,8 @@ def test_summarize_launch_block_figures():
     assert r["issued_p50"] == 1.05 and r["entry_p50"] == 0.1
     assert r["lengths_p50"] == 0.3 and r["q_p50"] == 0.8
     assert r["loop_p50"] == 5.0 and r["loop_max"] == 7.0  # 3000 and 7000 ns
+    # SM 3 holds two blocks (the crowded one), SM 5 one
+    assert r["loop_p50_crowded"] == 3.0 and r["loop_p50_other"] == 7.0
     assert r["tail_max"] == 1.0
     assert r["block_max"] == 10.0
 
