@@ -104,17 +104,17 @@ class StampedCUDA(NativeCUDA):
         return super()._compile(name + "_stamped", names, outs, body, smem, header)
 
     def _launch(self, q, g, ns, chunks, fused, scale):
-        main, merge, work = super()._launch(q, g, ns, chunks, fused, scale)
+        main, merge = super()._launch(q, g, ns, chunks, fused, scale)
         kern, kw = main
         gx, gy, gz = kw["grid"]
         blocks = gx // kw["threadgroup"][0] * gy * gz
         kw = dict(kw, output_shapes=[*kw["output_shapes"], (blocks * FIELDS,)],
                   output_dtypes=[*kw["output_dtypes"], mx.int64])
-        return (kern, kw), merge, work
+        return (kern, kw), merge
 
     def _execute(self, launch, q, pool, layer, batch, scale):
         b, hq, _, d = q.shape
-        ns, main, merge, work = launch
+        ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         ks, vs = [*ks, *([ks[0]] * (ns - len(ks)))], [*vs, *([vs[0]] * (ns - len(vs)))]
         table, lengths = batch.table_array, batch.lengths_array
@@ -123,8 +123,6 @@ class StampedCUDA(NativeCUDA):
         inputs = [q.reshape(b, hq, d), table, lengths, *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
-        if work:
-            inputs.append(self._zeros(self._work, layer, work))
         outs = main[0](inputs=inputs, **main[1])
         self.stamps.append(outs[-1])
         if merge == "fused":
@@ -186,13 +184,13 @@ def median_summary(launches: list[dict]) -> dict:
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
-                gpu_meta: bool = False, variant: str = "auto") -> dict:
+                gpu_meta: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta, variant=variant)
+    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -206,8 +204,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, gmeta=gpu_meta, variant=variant,
-                **median_summary(launches))
+                contig=contiguous, st=stages, gmeta=gpu_meta, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -220,7 +217,6 @@ def main(argv=None) -> int:
                     help="every layer reads layer 0's K/V (warm translations)")
     ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
-    ap.add_argument("--variant", default="auto", help="kernel variant (auto, xred, steal)")
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
     a = ap.parse_args(argv)
@@ -231,7 +227,7 @@ def main(argv=None) -> int:
     for spec in a.cells.split(","):
         b, ctx, c = (int(x) for x in spec.split(":"))
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.gpu_meta, a.variant))
+                                a.contiguous, a.stages, a.gpu_meta))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]
