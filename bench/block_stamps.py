@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from attention.native_cuda import NativeCUDA
-from bench.cuda_kernel import make_case
+from bench.cuda_kernel import cuda_args, int_cells, make_case
 
 FIELDS = 10  # per block: 8 marks (kernels/pooled_decode.cu's, 0: start), end, SM id
 MARKS = 8
@@ -219,13 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
-    a = ap.parse_args(argv)
-    if not mx.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    a = cuda_args(ap, argv)
+    if a is None:
         return 1
     rows = []
-    for spec in a.cells.split(","):
-        b, ctx, c = (int(x) for x in spec.split(":"))
+    for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
                                 a.contiguous, a.stages, a.gpu_meta))
         print(json.dumps(rows[-1]), flush=True)

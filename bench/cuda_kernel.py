@@ -368,6 +368,20 @@ def print_table(rows, name):
               f"{n / s:.2f} |")
 
 
+def cuda_args(ap: argparse.ArgumentParser, argv) -> argparse.Namespace | None:
+    """The parsed arguments, or None (saying why) where MLX has no CUDA device."""
+    a = ap.parse_args(argv)
+    if not mx.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return None
+    return a
+
+
+def int_cells(spec: str) -> list[tuple[int, ...]]:
+    """``8:4096,16:1024`` -> [(8, 4096), (16, 1024)] (any number of fields per cell)."""
+    return [tuple(int(x) for x in cell.split(":")) for cell in spec.split(",") if cell]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slabserve bench cuda-kernel")
     ap.add_argument("--check", action="store_true")
@@ -389,9 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contiguous", action="store_true",
                     help="tables of consecutive blocks (default: shuffled over all slabs)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    if not mx.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    a = cuda_args(ap, argv)
+    if a is None:
         return 1
     out = Path(a.out) if a.out else None
     result: dict = {"gpu": gpu_name()}

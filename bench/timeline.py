@@ -29,7 +29,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bench.cuda_kernel import chain, make_case, make_natives, sdpa_contig_chain
+from bench.cuda_kernel import (
+    chain,
+    cuda_args,
+    int_cells,
+    make_case,
+    make_natives,
+    sdpa_contig_chain,
+)
 
 
 def _kernel_kind(name: str) -> str:
@@ -133,13 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--same-layer", action="store_true",
                     help="every layer of the chain reads layer 0's K/V")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    if not mx.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    a = cuda_args(ap, argv)
+    if a is None:
         return 1
     rows = []
-    for spec in a.cells.split(","):
-        b, ctx = (int(x) for x in spec.split(":"))
+    for b, ctx in int_cells(a.cells):
         chunks = [int(c) for c in a.chunks.split(",") if c]
         r = cell_timeline(b, ctx, a.layers, make_natives(a.natives), a.reps, chunks,
                           not a.no_sdpa, a.same_layer)

@@ -4,7 +4,7 @@ per-layer cost) on synthetic data; the measurements themselves need CUDA."""
 import numpy as np
 
 from bench.block_stamps import FIELDS, median_summary, summarize_launch
-from bench.cuda_kernel import chain
+from bench.cuda_kernel import chain, int_cells
 
 
 def test_summarize_launch_block_figures():
@@ -43,3 +43,8 @@ def test_chain_cycles_over_layers():
     seen.clear()
     chain(lambda x, i: seen.append(i) or x, 0, 3)()
     assert seen == [0, 1, 2]
+
+
+def test_int_cells():
+    assert int_cells("8:4096:8,1:32768:0") == [(8, 4096, 8), (1, 32768, 0)]
+    assert int_cells("16:1024,") == [(16, 1024)]
