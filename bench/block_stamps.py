@@ -7,9 +7,8 @@ timing marks (``SLABSERVE_MARK`` in attention/kernels/pooled_decode.cu, empty in
 served kernel): thread 0 of every block reads the GPU's global timer (ns) at the block's
 start, at each step of its prologue (``summarize_launch``), when its first stage of K/V
 arrived, after its token loop and at its end (after the block's merge), and its
-multiprocessor id.  The
-layers run chained as in ``bench.cuda_kernel --table``; launches 2.. of each eval are
-summarised (medians over launches) by ``summarize_launch``:
+multiprocessor id.  The layers run chained as in ``bench.cuda_kernel --table``; launches
+2.. of each eval are summarised (medians over launches) by ``summarize_launch``:
 
 * ``span``: first block start to last block end (the kernel's time, less its launch);
 * ``start_max``: when the last block started, after the first;
@@ -37,11 +36,11 @@ import numpy as np
 from attention.native_cuda import NativeCUDA
 from bench.cuda_kernel import cuda_args, int_cells, make_case
 
-FIELDS = 10  # per block: 8 marks (kernels/pooled_decode.cu's, 0: start), end, SM id
-MARKS = 8
+MARKS = 8  # SLABSERVE_MARK slots (attention/kernels/pooled_decode.cu's; 0: block start)
+FIELDS = MARKS + 2  # per block: the marks, then its end and its SM id
 
-PRELUDE = r"""namespace slabserve {
-__shared__ unsigned long long stamp_marks[8];
+PRELUDE = f"#define SLABSERVE_STAMP_MARKS {MARKS}\n" + r"""namespace slabserve {
+__shared__ unsigned long long stamp_marks[SLABSERVE_STAMP_MARKS];
 __device__ __forceinline__ unsigned long long gtimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -55,7 +54,7 @@ __device__ __forceinline__ unsigned long long gtimer() {
 """
 
 HEAD = r"""  if (threadIdx.x == 0) {
-    for (int k = 1; k < 8; ++k) ::slabserve::stamp_marks[k] = 0;
+    for (int k = 1; k < SLABSERVE_STAMP_MARKS; ++k) ::slabserve::stamp_marks[k] = 0;
     ::slabserve::stamp_marks[0] = ::slabserve::gtimer();
   }
 """
@@ -66,16 +65,18 @@ TAIL = r"""  __syncthreads();
     unsigned int smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
     const size_t bid = ((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    for (int k = 0; k < 8; ++k) stamps[bid * 10 + k] = (long long)::slabserve::stamp_marks[k];
-    stamps[bid * 10 + 8] = (long long)t_end;
-    stamps[bid * 10 + 9] = (long long)smid;
+    auto* mine = stamps + bid * (SLABSERVE_STAMP_MARKS + 2);
+    for (int k = 0; k < SLABSERVE_STAMP_MARKS; ++k) mine[k] = ::slabserve::stamp_marks[k];
+    mine[SLABSERVE_STAMP_MARKS] = t_end;
+    mine[SLABSERVE_STAMP_MARKS + 1] = smid;
   }
 """
 
 
 class StampedCUDA(NativeCUDA):
-    """NativeCUDA whose main kernels also write ``FIELDS`` int64 stamps per block; every
-    launch's stamps array is appended to ``self.stamps`` while the graph is built."""
+    """NativeCUDA whose main kernels also write ``FIELDS`` int64 stamps per block: each
+    compiled main kernel is wrapped to append its stamps output to ``self.stamps`` (in
+    launch order, while the graph is built) and to return the outputs NativeCUDA expects."""
 
     def __init__(self, gpu_meta: bool = False, **kw) -> None:
         super().__init__(**kw)
@@ -99,9 +100,21 @@ class StampedCUDA(NativeCUDA):
         return body if kind == "merge" else HEAD + body + TAIL
 
     def _compile(self, name, names, outs, body, smem, header):
-        if "_merge_" not in name:
-            outs = [*outs, "stamps"]
-        return super()._compile(name + "_stamped", names, outs, body, smem, header)
+        if "_merge_" in name:
+            return super()._compile(name, names, outs, body, smem, header)
+        kernel = super()._compile(name + "_stamped", names, [*outs, "stamps"], body, smem,
+                                  header)
+        meta = [names.index("table"), names.index("lengths")] if self.gpu_meta else []
+
+        def run(*, inputs, **kw):
+            inputs = list(inputs)
+            for i in meta:
+                inputs[i] = self._copied(inputs[i])
+            got = kernel(inputs=inputs, **kw)
+            self.stamps.append(got[-1])
+            return got[:-1]
+
+        return run
 
     def _launch(self, q, g, ns, chunks, fused, scale):
         main, merge = super()._launch(q, g, ns, chunks, fused, scale)
@@ -111,27 +124,6 @@ class StampedCUDA(NativeCUDA):
         kw = dict(kw, output_shapes=[*kw["output_shapes"], (blocks * FIELDS,)],
                   output_dtypes=[*kw["output_dtypes"], mx.int64])
         return (kern, kw), merge
-
-    def _execute(self, launch, q, pool, layer, batch, scale):
-        b, hq, _, d = q.shape
-        ns, main, merge = launch
-        ks, vs = pool.k[layer], pool.v[layer]
-        ks, vs = [*ks, *([ks[0]] * (ns - len(ks)))], [*vs, *([vs[0]] * (ns - len(vs)))]
-        table, lengths = batch.table_array, batch.lengths_array
-        if self.gpu_meta:
-            table, lengths = self._copied(table), self._copied(lengths)
-        inputs = [q.reshape(b, hq, d), table, lengths, *ks, *vs]
-        if merge == "fused":
-            inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
-        outs = main[0](inputs=inputs, **main[1])
-        self.stamps.append(outs[-1])
-        if merge == "fused":
-            out = outs[2]
-        elif merge is None:
-            out = outs[0]
-        else:
-            out = merge[0](inputs=list(outs[:2]), **merge[1])[0]
-        return out.reshape(b, hq, 1, d)
 
 
 def _pct(xs: np.ndarray, p: float) -> float:

@@ -1,7 +1,9 @@
 """The arithmetic of the GPU diagnostics (bench.block_stamps, bench.cuda_kernel's marginal
 per-layer cost) on synthetic data; the measurements themselves need CUDA."""
 
+import mlx.core as mx
 import numpy as np
+import pytest
 
 from bench.block_stamps import FIELDS, median_summary, summarize_launch
 from bench.cuda_kernel import chain, int_cells
@@ -48,3 +50,40 @@ def test_chain_cycles_over_layers():
 def test_int_cells():
     assert int_cells("8:4096:8,1:32768:0") == [(8, 4096, 8), (1, 32768, 0)]
     assert int_cells("16:1024,") == [(16, 1024)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_stamped_kernel_plumbing(monkeypatch, fused):
+    """The stamped main kernel gets one more output (FIELDS int64 per block), which goes
+    to ``nat.stamps``; NativeCUDA sees the outputs it expects (merge launch included)."""
+    from bench.block_stamps import StampedCUDA
+    from bench.cuda_kernel import make_case
+
+    launches: list = []
+
+    def fake_kernel(**spec):
+        def run(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
+            launches.append(dict(spec=spec, inputs=inputs, shapes=output_shapes))
+            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes,
+                                                         strict=True)]
+        return run
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64)
+    nat = StampedCUDA(fused_merge=fused, gpu_meta=True)
+    out = nat._run(q, pool, 0, batch, 0.125, 4)
+    assert out.shape == q.shape
+    main = launches[0]
+    assert main["spec"]["output_names"][-1] == "stamps"
+    assert main["spec"]["name"].endswith("_stamped")
+    assert "SLABSERVE_STAMP_MARKS" in main["spec"]["header"]
+    blocks = 2 * 8 * 4  # sequences x kv-head blocks x chunks
+    assert len(nat.stamps) == 1 and nat.stamps[0].shape == (blocks * FIELDS,)
+    assert nat.stamps[0].dtype == mx.int64
+    names = main["spec"]["input_names"]
+    table = main["inputs"][names.index("table")]
+    assert table is not batch.table_array and mx.array_equal(table, batch.table_array).item()
+    assert len(launches) == (1 if fused else 2)
+    if not fused:  # the merge launch takes the partials only, and is not stamped
+        assert len(launches[1]["inputs"]) == 2 and "stamps" not in launches[1]["spec"][
+            "output_names"]
