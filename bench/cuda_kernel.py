@@ -217,45 +217,44 @@ def cell(b, ctx, layers, bw, natives, gat, sweep=None, hq=32, hkv=8, d=64, bs=16
                dtype=str(dt).split(".")[-1])
     floor_bytes = 2 * b * ctx * hkv * d * dt.size
     res["floor_us"] = floor_bytes / bw * 1e6
+
+    def put(key: str, make) -> None:  # ``key``_us and, with repeat > 1, ``key``_m_us
+        res[f"{key}_us"], marg = per_layer(make, layers, repeat)
+        if marg is not None:
+            res[f"{key}_m_us"] = marg
+
     for name, nat in natives.items():
         assert nat.decline(q, pool, batch) is None
         for c in sweep or ():
             fn = chain(lambda x, i, c=c, nat=nat: nat._run(x, pool, i, batch, scale, c), q,
                        layers)
             res[f"{name}_c{c}_us"] = timed(fn) / layers * 1e6
-        res[f"{name}_us"], marg = per_layer(
-            lambda n, nat=nat: chain(lambda x, i: nat(x, pool, i, batch, scale), q, layers, n),
-            layers, repeat)
-        if marg is not None:
-            res[f"{name}_m_us"] = marg
+        put(name, lambda n, nat=nat: chain(lambda x, i: nat(x, pool, i, batch, scale), q,
+                                           layers, n))
     if sweep:
         return res
     res["gather_us"] = timed(chain(lambda x, i: gat(x, pool, i, batch, scale), q, layers),
                              reps=5) / layers * 1e6
     pool = None  # free the pool before the contiguous copies
-    make = sdpa_contig_chain(q, ctx, layers, hkv, scale, calls=None)
-    res["sdpa_contig_us"], marg = per_layer(make, layers, repeat)
-    if marg is not None:
-        res["sdpa_contig_m_us"] = marg
+    put("sdpa_contig", sdpa_contig_chain(q, ctx, layers, hkv, scale))
     return res
 
 
-def sdpa_contig_chain(q, ctx: int, layers: int, hkv: int, scale: float, distinct: bool = True,
-                      calls: int | None = 0):
-    """The peer: a chain of MLX SDPA over contiguous random K/V ``[B, hkv, ctx, head_dim]``
-    in q's dtype, one pair per layer (``distinct``) or one pair read by every layer.
-    ``calls`` 0: the chain of ``layers`` calls; None: a builder ``calls -> chain``."""
+def sdpa_contig_chain(q, ctx: int, layers: int, hkv: int, scale: float, distinct: bool = True):
+    """The peer: ``make(calls=None)``, which builds a chain of MLX SDPA calls (``layers``
+    of them by default) over contiguous random K/V ``[B, hkv, ctx, head_dim]`` in q's
+    dtype, one pair per layer (``distinct``) or one pair read by every layer."""
     b, _, _, d = q.shape
     n = layers if distinct else 1
     kv = [mx.random.normal((b, hkv, ctx, d)).astype(q.dtype) for _ in range(2 * n)]
     mx.eval(kv)
     sdpa = mx.fast.scaled_dot_product_attention
 
-    def make(c):
+    def make(calls=None):
         return chain(lambda x, i: sdpa(x, kv[2 * (i % n)], kv[2 * (i % n) + 1], scale=scale),
-                     q, layers, c)
+                     q, layers, calls)
 
-    return make if calls is None else make(calls or layers)
+    return make
 
 
 def op_overhead(layers: int, repeat: int = 1) -> tuple[float, float | None]:

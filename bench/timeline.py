@@ -122,7 +122,7 @@ def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
     if not sdpa:
         return res
     pool = None
-    fn = sdpa_contig_chain(q, ctx, layers, 8, scale, distinct=not same_layer)
+    fn = sdpa_contig_chain(q, ctx, layers, 8, scale, distinct=not same_layer)()
     for _ in range(3):
         mx.eval(fn())
     res["sdpa_contig"] = _median_per_layer(_profile_evals(fn, reps), layers)
