@@ -397,7 +397,7 @@ def main(argv=None) -> int:
     ap.add_argument("--natives", default="async3")
     ap.add_argument("--shapes", default="32/8/64/f16",
                     help="table shapes q/kv/head_dim/dtype, comma-separated")
-    ap.add_argument("--shard", default="0/1", help="k/n: run check cases i % n == k")
+    ap.add_argument("--shard", default="0/1", help="k/n: run check cases i %% n == k")
     ap.add_argument("--max-slabs", type=int, default=None,
                     help="the pool's declared slab capacity (sets the kernel's slab inputs; "
                     "the server declares 32); default: none")
