@@ -23,9 +23,9 @@ VARIANT_FILES: dict[str, tuple[Path, ...]] = {
 VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "steal", "tail")
 # FMA products over a shared-memory stage ring
 RING_VARIANTS = ("async", "bulk", "xred", "steal", "tail")
-# kernels that take the per-pair work counters -> (sixteenths of each sequence's slices they
-# split in fixed chunks, slices per grab of the rest from the counter)
-STEAL_VARIANTS = {"steal": (0, 1), "tail": (12, 4)}
+# kernels that take the per-pair work counters -> sixteenths of each sequence's slices they
+# split in fixed chunks (the rest is stolen slice by slice)
+STEAL_VARIANTS = {"steal": 0, "tail": 12}
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -132,13 +132,13 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 
 
 def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
-                fixed16: int | None = None, grab: int | None = None) -> str:
+                fixed16: int | None = None) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
     dynamic shared memory; "xred": the same with the shared-memory reduction; "steal": xred
     with pages taken from a per-pair counter, input ``work``; "tail": the same after the
-    first ``fixed16`` sixteenths of each sequence went in fixed chunks, ``grab`` slices per
-    take; defaults in STEAL_VARIANTS), "bulk" (the async work split,
+    first ``fixed16`` sixteenths of each sequence went in fixed chunks, default
+    STEAL_VARIANTS), "bulk" (the async work split,
     page tiles by sm_90 bulk copies) or "sync" (register loads).
     ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
     lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
@@ -151,9 +151,8 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
         tail = ", slabserve_smem"
     elif variant in STEAL_VARIANTS and kind != "direct":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        sf, tk = STEAL_VARIANTS[variant]
-        sf, tk = sf if fixed16 is None else fixed16, tk if grab is None else grab
-        call = f"pooled_decode_steal<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, true, {sf}, {tk}>"
+        sf = STEAL_VARIANTS[variant] if fixed16 is None else fixed16
+        call = f"pooled_decode_steal<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, true, {sf}>"
         tail = ", const_cast<int*>(work), slabserve_smem"
     elif variant in RING_VARIANTS:  # (one chunk of "steal": the xred kernel)
         head = "  extern __shared__ uint4 slabserve_smem[];\n"

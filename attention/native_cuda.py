@@ -80,8 +80,7 @@ class NativeCUDA(DecodeAttention):
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  stages: int = 3, fused_merge: bool | None = None, unit: int | None = None,
-                 threads: int | None = None, fixed16: int | None = None,
-                 grab: int | None = None) -> None:
+                 threads: int | None = None, fixed16: int | None = None) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         if unit is not None and unit not in (1, 2, 4, 8, 16):
@@ -95,8 +94,7 @@ class NativeCUDA(DecodeAttention):
         if threads is not None:
             self.threads = threads
         self.fused_merge = fused_merge
-        # "tail": sixteenths in fixed chunks, slices per grab (None: the variant's default)
-        self.fixed16, self.grab = fixed16, grab
+        self.fixed16 = fixed16  # "tail": sixteenths in fixed chunks (None: its default)
         self._counters: dict[int, mx.array] = {}
         self._work: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
@@ -345,7 +343,7 @@ class NativeCUDA(DecodeAttention):
     def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind, variant, scale, self.fixed16, self.grab)
+        return kernel_body(ns, kind, variant, scale, self.fixed16)
 
     def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
                  header: str):

@@ -177,14 +177,14 @@ def median_summary(launches: list[dict]) -> dict:
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
                 gpu_meta: bool = False, variant: str = "auto",
-                fixed16: int | None = None, grab: int | None = None) -> dict:
+                fixed16: int | None = None) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
     nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta, variant=variant,
-                      fixed16=fixed16, grab=grab)
+                      fixed16=fixed16)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -198,7 +198,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, gmeta=gpu_meta, variant=variant, sf=fixed16, tk=grab,
+                contig=contiguous, st=stages, gmeta=gpu_meta, variant=variant, sf=fixed16,
                 **median_summary(launches))
 
 
@@ -216,7 +216,6 @@ def main(argv=None) -> int:
                     help="kernel variant (auto, xred, steal, tail)")
     ap.add_argument("--fixed16", type=int, default=None,
                     help='"tail": sixteenths of each sequence in fixed chunks')
-    ap.add_argument("--grab", type=int, default=None, help='"tail": slices per grab')
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
     a = cuda_args(ap, argv)
@@ -225,8 +224,7 @@ def main(argv=None) -> int:
     rows = []
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.gpu_meta, a.variant, a.fixed16,
-                                a.grab))
+                                a.contiguous, a.stages, a.gpu_meta, a.variant, a.fixed16))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]

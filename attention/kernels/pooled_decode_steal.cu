@@ -4,27 +4,26 @@
 // The blocks of one (sequence, head block) pair split the first SF/16 of the sequence's
 // slices (SL = RW * U tokens, one warp iteration, inside one page) in fixed chunks, as the
 // static kernel does (warp w of block c takes slices c * per + w, + NW, ...); the rest of the
-// sequence is taken in grabs of TK slices from the pair's counter, so blocks on faster
-// multiprocessors take more of it and a launch ends about with its average block.  (With a
-// static one-wave split, blocks on SMs that hold four blocks streamed 17% slower than on SMs
-// holding three, and the launch ended with its slowest block; every slice stolen one by one
-// (SF 0, TK 1) evened that out but streamed slower: docs/benchmarks/cuda-attention.md,
-// "Eighth session".)  A warp asks for a grab TK slices before it needs it, and turns a slice
-// number into its table entry one iteration before it issues the copies.  Slices a warp takes
-// only grow (stolen ones lie past every fixed one, and its grabs come in counter order), so
-// the loop ends, warp-uniformly, at the first slice past the sequence.  Each row group keeps
-// an online softmax over whatever tokens it took; the block's partial output and
-// log2-sum-exp are merged like a static chunk's (a block that took nothing writes an empty
-// partial: lse -inf).  work[2 * pair] counts the grabs, work[2 * pair + 1] the blocks done;
-// the pair's last block resets both to 0 for the next launch (pair = b * gridDim.x +
-// blockIdx.x).
+// sequence is taken slice by slice from the pair's counter, so blocks on faster
+// multiprocessors take more of the tail and a launch ends about with its average block.
+// (With a static one-wave split, blocks on SMs that hold four blocks streamed 17% slower than
+// on SMs holding three, and the launch ended with its slowest block; all slices stolen
+// ("steal") evened that out but streamed slower: docs/benchmarks/cuda-attention.md, "Eighth
+// session".)  A warp takes its slice number one iteration before it reads the slice's table
+// entry and two before it issues the copies, so the atomic's latency is off the critical
+// path.  Slices a warp takes only grow (stolen ones lie past every fixed one), so the loop
+// ends, warp-uniformly, at the first slice past the sequence.  Each row group keeps an online
+// softmax over whatever tokens it took; the block's partial output and log2-sum-exp are merged
+// like a static chunk's (a block that took nothing writes an empty partial: lse -inf).
+// work[2 * pair] counts the slices stolen, work[2 * pair + 1] the blocks done; the pair's last
+// block resets both to 0 for the next launch (pair = b * gridDim.x + blockIdx.x).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace slabserve {
 
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
-          int ST, bool XRED, int SF, int TK>
+          int ST, bool XRED, int SF>
 __device__ __forceinline__ void pooled_decode_steal(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
@@ -32,7 +31,7 @@ __device__ __forceinline__ void pooled_decode_steal(
   using S = BlockSetup<TQ, T, D, G, GB, HKV, NT>;
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW, SL = RW * U;
   static_assert(BS % SL == 0 && G % GB == 0 && ST >= 2, "a slice lies in one page");
-  static_assert(SF >= 0 && SF <= 16 && TK >= 1, "SF: sixteenths in fixed chunks; TK >= 1");
+  static_assert(SF >= 0 && SF <= 16, "SF: sixteenths of the slices split in fixed chunks");
   constexpr int NW = NT / 32;
   S st;
   SLABSERVE_MARK(4);
@@ -51,32 +50,14 @@ __device__ __forceinline__ void pooled_decode_steal(
   const int per = (fixed + st.nchunk - 1) / st.nchunk;
   const int fixed_end = min((st.c + 1) * per, fixed);
   int own = st.c * per + st.warp;  // this warp's next fixed slice
-  // Stolen slices come in grabs of TK from the pair's counter.  A warp asks for its next
-  // grab when it starts on the current one (its first: TK slices before its fixed ones run
-  // out), so the atomic's latency is hidden behind TK iterations and no warp holds more
-  // than one grab it has not started.
-  int pend = 0, nxt = 0, left = 0;
-  bool asked = false;
-  auto ask = [&]() {
-    pend = leader ? atomicAdd(pair, 1) : 0;
-    asked = true;
-  };
-  auto take = [&]() -> int {  // the warp's next slice number (warp-uniform)
+  auto take = [&]() {  // lane 0's slice number (a fixed one: every lane's)
     if (own < fixed_end) {
       own += NW;
-      if (!asked && own + TK * NW >= fixed_end) ask();
       return own - NW;
     }
-    if (left == 0) {
-      if (!asked) ask();
-      nxt = fixed + __shfl_sync(0xffffffffu, pend, 0) * TK;
-      left = TK;
-      ask();
-    }
-    --left;
-    return nxt++;
+    return leader ? fixed + atomicAdd(pair, 1) : 0;
   };
-  auto start_of = [](int slice) { return slice * SL; };
+  auto start_of = [&](int raw) { return __shfl_sync(0xffffffffu, raw, 0) * SL; };
   auto blk_at = [&](int s) -> int {  // this row group's page in the slice at token s, or -1
     const int u0 = s + st.rgw * U;
     return u0 < tok_end ? trow[u0 / BS] : -1;
