@@ -16,16 +16,10 @@ COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
-STEAL_FILE = Path(__file__).parent / "kernels" / "pooled_decode_steal.cu"
 # sources a variant appends to the common and main kernel files
-VARIANT_FILES: dict[str, tuple[Path, ...]] = {
-    "mma": (MMA_FILE,), "bulk": (BULK_FILE,), "steal": (STEAL_FILE,), "tail": (STEAL_FILE,)}
-VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "steal", "tail")
-# FMA products over a shared-memory stage ring
-RING_VARIANTS = ("async", "bulk", "xred", "steal", "tail")
-# kernels that take the per-pair work counters -> sixteenths of each sequence's slices they
-# split in fixed chunks (the rest is stolen slice by slice)
-STEAL_VARIANTS = {"steal": 0, "tail": 12}
+VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
+VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred")
+RING_VARIANTS = ("async", "bulk", "xred")  # FMA products over a shared-memory stage ring
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -80,15 +74,14 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
     applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
     16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md),
-    else "async".  "steal" and "tail" (xred with pages taken from a per-pair counter)
-    where xred applies, else "async"."""
+    else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":
         if mma_ok and group >= MMA_MIN_GROUP:
             return "mma"
         return "xred" if xred_ok else "async"
-    if (variant == "mma" and not mma_ok) or (variant in ("xred", *STEAL_VARIANTS) and not xred_ok):
+    if (variant == "mma" and not mma_ok) or (variant == "xred" and not xred_ok):
         return "async"
     return variant
 
@@ -131,15 +124,11 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 }
 
 
-def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
-                fixed16: int | None = None) -> str:
+def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory; "xred": the same with the shared-memory reduction; "steal": xred
-    with pages taken from a per-pair counter, input ``work``; "tail": the same after the
-    first ``fixed16`` sixteenths of each sequence went in fixed chunks, default
-    STEAL_VARIANTS), "bulk" (the async work split,
-    page tiles by sm_90 bulk copies) or "sync" (register loads).
+    dynamic shared memory; "xred": the same with the shared-memory reduction), "bulk" (the
+    async work split, page tiles by sm_90 bulk copies) or "sync" (register loads).
     ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
     lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
     (kvcache/arrays.py)."""
@@ -149,15 +138,9 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
         tail = ", slabserve_smem"
-    elif variant in STEAL_VARIANTS and kind != "direct":
+    elif variant in RING_VARIANTS:
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        sf = STEAL_VARIANTS[variant] if fixed16 is None else fixed16
-        call = f"pooled_decode_steal<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, true, {sf}>"
-        tail = ", const_cast<int*>(work), slabserve_smem"
-    elif variant in RING_VARIANTS:  # (one chunk of "steal": the xred kernel)
-        head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        xr = variant in ("xred", *STEAL_VARIANTS)
-        name, xred = ("async", ", true") if xr else (variant, "")
+        name, xred = ("async", ", true") if variant == "xred" else (variant, "")
         call = f"pooled_decode_{name}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{xred}>"
         tail = ", slabserve_smem"
     else:

@@ -37,7 +37,6 @@ from attention.cuda_source import (
     MMA_MAX_GROUP,
     MMA_MIN_CHUNK_TOKENS,
     SM_SMEM,
-    STEAL_VARIANTS,
     THREADS,
     VARIANT_FILES,
     VARIANTS,
@@ -80,7 +79,7 @@ class NativeCUDA(DecodeAttention):
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  stages: int = 3, fused_merge: bool | None = None, unit: int | None = None,
-                 threads: int | None = None, fixed16: int | None = None) -> None:
+                 threads: int | None = None) -> None:
         if variant not in VARIANTS or stages < 2:
             raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
         if unit is not None and unit not in (1, 2, 4, 8, 16):
@@ -94,9 +93,7 @@ class NativeCUDA(DecodeAttention):
         if threads is not None:
             self.threads = threads
         self.fused_merge = fused_merge
-        self.fixed16 = fixed16  # "tail": sixteenths in fixed chunks (None: its default)
         self._counters: dict[int, mx.array] = {}
-        self._work: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
         self._probes: dict[tuple, str | None] = {}
         self._scales: dict[float, mx.array] = {}
@@ -234,7 +231,7 @@ class NativeCUDA(DecodeAttention):
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
         b, hq, _, d = q.shape
-        ns, main, merge, work = launch
+        ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         pad = ns - len(ks)
         if pad:
@@ -243,9 +240,6 @@ class NativeCUDA(DecodeAttention):
                   *([self._scale(scale)] if self.scale_input else []), *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
-        if work:
-            inputs.append(self._zeros(self._work, layer, work))
-        if merge == "fused":
             return main[0](inputs=inputs, **main[1])[2].reshape(b, hq, 1, d)
         outs = main[0](inputs=inputs, **main[1])
         if merge is None:
@@ -256,24 +250,17 @@ class NativeCUDA(DecodeAttention):
         """Zeroed int32 chunk counters of ``layer`` (at least ``n``); the fused kernel
         leaves them zero.  One array per layer: layers of a step run one after another,
         so no two launches in flight share one."""
-        return self._zeros(self._counters, layer, n)
-
-    @staticmethod
-    def _zeros(store: dict[int, mx.array], layer: int, n: int) -> mx.array:
-        """``store``'s zeroed int32 array of ``layer``, at least ``n`` long (kernels that
-        count in it leave it zero: the chunk counters, the stealing kernel's work)."""
-        arr = store.get(layer)
+        arr = self._counters.get(layer)
         if arr is None or arr.size < n:
-            arr = store[layer] = mx.zeros((1 << max(0, (n - 1).bit_length()),),
-                                          dtype=mx.int32)
+            arr = self._counters[layer] = mx.zeros((1 << max(0, (n - 1).bit_length()),),
+                                                   dtype=mx.int32)
             mx.eval(arr)
         return arr
 
     def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int, fused: bool,
                 scale: float):
-        """(kernel, kwargs) of the main launch, of the merge (None with one chunk, "fused"
-        when the main launch merges), and the int32 work counters the main launch takes
-        (0: none; "steal": two per (sequence, head block))."""
+        """(kernel, kwargs) of the main launch and of the merge: None with one chunk,
+        "fused" when the main launch merges."""
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         variant, gb = self._case(q, g)
@@ -289,13 +276,12 @@ class NativeCUDA(DecodeAttention):
                       threadgroup=(nt, 1, 1))
         if chunks == 1:
             return (self._kernel("direct", ns, smem, variant, scale),
-                    dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None, 0
-        work = 2 * b * common["grid"][0] // nt if variant in STEAL_VARIANTS else 0
+                    dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
         if fused:
             main = (self._kernel("fused", ns, smem, variant, scale),
                     dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, d)],
                          output_dtypes=[mx.float32, mx.float32, q.dtype], **common))
-            return main, "fused", work
+            return main, "fused"
         main = (self._kernel("split", ns, smem, variant, scale),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
@@ -303,7 +289,7 @@ class NativeCUDA(DecodeAttention):
                  dict(template=[("TQ", q.dtype), ("D", d)], grid=(b * hq * d, 1, 1),
                       threadgroup=(d, 1, 1), output_shapes=[(b, hq, d)],
                       output_dtypes=[q.dtype]))
-        return main, merge, work
+        return main, merge
 
     def _scale(self, scale: float) -> mx.array:
         arr = self._scales.get(scale)
@@ -330,7 +316,6 @@ class NativeCUDA(DecodeAttention):
                 scalar = ["qscale"] if self.scale_input else []
                 names = ["q", "table", "lengths", *scalar, *slabs]
                 names += ["counters"] if kind == "fused" else []
-                names += ["work"] if variant in STEAL_VARIANTS and kind != "direct" else []
                 outs = {"direct": ["out"], "split": ["opart", "lse"],
                         "fused": ["opart", "lse", "out"]}[kind]
             body = self._body(kind, ns, variant, scale)
@@ -343,7 +328,7 @@ class NativeCUDA(DecodeAttention):
     def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind, variant, scale, self.fixed16)
+        return kernel_body(ns, kind, variant, scale)
 
     def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
                  header: str):

@@ -117,13 +117,13 @@ class StampedCUDA(NativeCUDA):
         return run
 
     def _launch(self, q, g, ns, chunks, fused, scale):
-        main, merge, work = super()._launch(q, g, ns, chunks, fused, scale)
+        main, merge = super()._launch(q, g, ns, chunks, fused, scale)
         kern, kw = main
         gx, gy, gz = kw["grid"]
         blocks = gx // kw["threadgroup"][0] * gy * gz
         kw = dict(kw, output_shapes=[*kw["output_shapes"], (blocks * FIELDS,)],
                   output_dtypes=[*kw["output_dtypes"], mx.int64])
-        return (kern, kw), merge, work
+        return (kern, kw), merge
 
 
 def _pct(xs: np.ndarray, p: float) -> float:
@@ -176,15 +176,13 @@ def median_summary(launches: list[dict]) -> dict:
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
-                gpu_meta: bool = False, variant: str = "auto",
-                fixed16: int | None = None) -> dict:
+                gpu_meta: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta, variant=variant,
-                      fixed16=fixed16)
+    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -198,8 +196,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, gmeta=gpu_meta, variant=variant, sf=fixed16,
-                **median_summary(launches))
+                contig=contiguous, st=stages, gmeta=gpu_meta, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -212,10 +209,6 @@ def main(argv=None) -> int:
                     help="every layer reads layer 0's K/V (warm translations)")
     ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
-    ap.add_argument("--variant", default="auto",
-                    help="kernel variant (auto, xred, steal, tail)")
-    ap.add_argument("--fixed16", type=int, default=None,
-                    help='"tail": sixteenths of each sequence in fixed chunks')
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
     a = cuda_args(ap, argv)
@@ -224,7 +217,7 @@ def main(argv=None) -> int:
     rows = []
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.gpu_meta, a.variant, a.fixed16))
+                                a.contiguous, a.stages, a.gpu_meta))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]

@@ -24,7 +24,6 @@ from attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,
-    STEAL_VARIANTS,
     THREADS,
     VARIANT_FILES,
     case_variant,
@@ -85,7 +84,6 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
         name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
         kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
-        kins += [("work", "int", False)] if v in STEAL_VARIANTS and kind != "direct" else []
         out.append((name, wrap(name, header, kernel_body(ns, kind, v, 0.125), kins, outs,
                                 consts)))
     mname = f"k_merge_{dt}_d{d}"

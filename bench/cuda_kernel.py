@@ -276,24 +276,22 @@ def gpu_name() -> str:
 def make_natives(spec: str) -> dict:
     """``sync,async3,mma3,async3f,async3u8t256,auto3w2`` -> {name: NativeCUDA} (the digit:
     cp.async stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; ``wN``:
-    the plan's target of N waves (PlanParams.waves); ``pN``: "tail"'s sixteenths of each
-    sequence in fixed chunks; a trailing ``f`` / ``s``: the chunk
+    the plan's target of N waves (PlanParams.waves); a trailing ``f`` / ``s``: the chunk
     merge always fused into the main launch / always a separate launch (default: by layer
     size, cuda_plan.plan_fused))."""
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred|steal|tail)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?"
-            r"(?:p(\d+))?([fs]?)", name)
+            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?([fs]?)",
+            name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")
-        variant, stages, unit, threads, waves, fixed, fused = m.groups()
+        variant, stages, unit, threads, waves, fused = m.groups()
         params = replace(DEFAULT_PARAMS, waves=float(waves)) if waves else DEFAULT_PARAMS
         out[name] = NativeCUDA(params=params, variant=variant, stages=int(stages or 3),
                                fused_merge={"f": True, "s": False}.get(fused),
                                unit=int(unit) if unit else None,
-                               threads=int(threads) if threads else None,
-                               fixed16=int(fixed) if fixed else None)
+                               threads=int(threads) if threads else None)
     return out
 
 

@@ -278,42 +278,6 @@ def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_g
     assert nat._plan_params(q, pool.geom).blocks_per_sm == 4.0
 
 
-@pytest.mark.parametrize("variant,fixed16,want_sf", [("steal", None, 0), ("tail", None, 12),
-                                                     ("tail", 14, 14)])
-@pytest.mark.parametrize("fused", [False, True])
-def test_steal_variant_plumbing(monkeypatch, fused, variant, fixed16, want_sf):
-    """"steal" / "tail": the split / fused launch takes zeroed per-layer work counters (two
-    per sequence and head block) after the chunk counters, and the kernel's fixed share
-    (sixteenths) as a template literal; one chunk runs the xred kernel."""
-    from bench.cuda_kernel import make_case
-
-    log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
-    pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64, layers=2)
-    nat = NativeCUDA(variant=variant, fused_merge=fused, fixed16=fixed16)
-    nat._run(q, pool, 0, batch, 0.125, 4)
-    main = log[0]
-    names = main["spec"]["input_names"]
-    assert names[-1] == "work" and (names[-2] == "counters") == fused
-    work = main["inputs"][-1]
-    assert work.dtype == mx.int32 and work.size >= 2 * 2 * 8 and not mx.any(work).item()
-    assert f"pooled_decode_steal<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, true, {want_sf}>" in (
-        main["spec"]["source"])
-    assert "const_cast<int*>(work)" in main["spec"]["source"]
-    assert len(log) == (1 if fused else 2)
-    nat._run(q, pool, 1, batch, 0.125, 4)  # another layer: its own work counters
-    assert log[-1 if fused else -2]["inputs"][-1] is not work
-    log.clear()
-    nat._run(q, pool, 0, batch, 0.125, 1)
-    assert "work" not in log[0]["spec"]["input_names"]
-    assert "pooled_decode_async<" in log[0]["spec"]["source"]
-    # where xred does not apply (14/2 heads at head_dim 64), "steal" runs "async"
-    from attention.cuda_source import case_variant
-    assert case_variant("steal", mx.float16, mx.float16, 7, 64) == "async"
-    assert case_variant(variant, mx.float16, mx.float16, 7, 64) == "async"
-    assert case_variant(variant, mx.float16, mx.float16, 4, 64) == variant
-
-
 def test_plan_shared_by_layers_of_a_step(monkeypatch):
     from bench.cuda_kernel import make_case
 

@@ -246,9 +246,8 @@ __device__ __forceinline__ void combine_groups(const float* sm_acc, const float*
     if (DIRECT) {
       out[(size_t)(b * hq + h) * D + d] = from_f<TQ>(a / lsum);
     } else {
-      const bool none = mx == -INFINITY;  // a stealing block that took no token
-      opart[((size_t)(b * hq + h) * nchunk + c) * D + d] = none ? 0.f : a / lsum;
-      if (d == 0) lse[(b * hq + h) * nchunk + c] = none ? -INFINITY : mx + log2f(lsum);
+      opart[((size_t)(b * hq + h) * nchunk + c) * D + d] = a / lsum;
+      if (d == 0) lse[(b * hq + h) * nchunk + c] = mx + log2f(lsum);
     }
   }
   if (!DIRECT && counters)
