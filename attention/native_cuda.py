@@ -236,15 +236,17 @@ class NativeCUDA(DecodeAttention):
         pad = ns - len(ks)
         if pad:
             ks, vs = [*ks, *([ks[0]] * pad)], [*vs, *([vs[0]] * pad)]
-        inputs = [q.reshape(b, hq, d), batch.table_array, batch.lengths_array,
+        # q goes in as [B, hq, 1, d] and outputs come out in that shape (same layout): a
+        # reshape on either side would be one more graph node per layer for the host
+        inputs = [q, batch.table_array, batch.lengths_array,
                   *([self._scale(scale)] if self.scale_input else []), *ks, *vs]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
-            return main[0](inputs=inputs, **main[1])[2].reshape(b, hq, 1, d)
+            return main[0](inputs=inputs, **main[1])[2]
         outs = main[0](inputs=inputs, **main[1])
         if merge is None:
-            return outs[0].reshape(b, hq, 1, d)
-        return merge[0](inputs=outs, **merge[1])[0].reshape(b, hq, 1, d)
+            return outs[0]
+        return merge[0](inputs=outs, **merge[1])[0]
 
     def _counter(self, layer: int, n: int) -> mx.array:
         """Zeroed int32 chunk counters of ``layer`` (at least ``n``); the fused kernel
@@ -276,10 +278,10 @@ class NativeCUDA(DecodeAttention):
                       threadgroup=(nt, 1, 1))
         if chunks == 1:
             return (self._kernel("direct", ns, smem, variant, scale),
-                    dict(output_shapes=[(b, hq, d)], output_dtypes=[q.dtype], **common)), None
+                    dict(output_shapes=[(b, hq, 1, d)], output_dtypes=[q.dtype], **common)), None
         if fused:
             main = (self._kernel("fused", ns, smem, variant, scale),
-                    dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, d)],
+                    dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, 1, d)],
                          output_dtypes=[mx.float32, mx.float32, q.dtype], **common))
             return main, "fused"
         main = (self._kernel("split", ns, smem, variant, scale),
@@ -287,7 +289,7 @@ class NativeCUDA(DecodeAttention):
                      output_dtypes=[mx.float32, mx.float32], **common))
         merge = (self._kernel("merge", 0, 0, variant),
                  dict(template=[("TQ", q.dtype), ("D", d)], grid=(b * hq * d, 1, 1),
-                      threadgroup=(d, 1, 1), output_shapes=[(b, hq, d)],
+                      threadgroup=(d, 1, 1), output_shapes=[(b, hq, 1, d)],
                       output_dtypes=[q.dtype]))
         return main, merge
 

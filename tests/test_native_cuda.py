@@ -229,7 +229,7 @@ def test_launch_plumbing(monkeypatch, chunks, fused):
         counters = main["inputs"][-1]
         assert counters.dtype == mx.int32 and counters.size >= 3 * 2
         assert not mx.any(counters).item()
-        assert main["shapes"] == [(3 * 14 * chunks, 64), (3 * 14, chunks), (3, 14, 64)]
+        assert main["shapes"] == [(3 * 14 * chunks, 64), (3 * 14, chunks), (3, 14, 1, 64)]
         assert "const_cast<int*>(counters)" in main["spec"]["source"]
         nat._run(q, pool, 1, batch, 0.125, chunks)  # another layer: its own counters
         assert log[1]["inputs"][-1] is not counters
