@@ -78,10 +78,15 @@ class StampedCUDA(NativeCUDA):
     compiled main kernel is wrapped to append its stamps output to ``self.stamps`` (in
     launch order, while the graph is built) and to return the outputs NativeCUDA expects."""
 
-    def __init__(self, gpu_meta: bool = False, **kw) -> None:
+    def __init__(self, gpu_meta: bool = False, spare_input: bool = False,
+                 finish_noinline: bool = False, **kw) -> None:
         super().__init__(**kw)
         self.stamps: list[mx.array] = []
         self.gpu_meta = gpu_meta  # table and lengths as copies written by a GPU kernel
+        # the split kernel takes one more (unused) int32 input, as the fused one takes its
+        # counters; the fused kernel's last-block merge is not inlined
+        self.spare_input, self.finish_noinline = spare_input, finish_noinline
+        self._spare = mx.zeros((256,), dtype=mx.int32)
         self._meta: dict[int, tuple[mx.array, mx.array]] = {}
 
     def _copied(self, a: mx.array) -> mx.array:
@@ -93,7 +98,8 @@ class StampedCUDA(NativeCUDA):
         return hit[1]
 
     def _header(self, variant: str) -> str:
-        return PRELUDE + super()._header(variant)
+        noinline = "#define SLABSERVE_FINISH_INLINE __noinline__\n" if self.finish_noinline else ""
+        return PRELUDE + noinline + super()._header(variant)
 
     def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
         body = super()._body(kind, ns, variant, scale)
@@ -102,12 +108,14 @@ class StampedCUDA(NativeCUDA):
     def _compile(self, name, names, outs, body, smem, header):
         if "_merge_" in name:
             return super()._compile(name, names, outs, body, smem, header)
+        spare = self.spare_input and "_split_" in name
+        names = [*names, "spare"] if spare else names
         kernel = super()._compile(name + "_stamped", names, [*outs, "stamps"], body, smem,
                                   header)
         meta = [names.index("table"), names.index("lengths")] if self.gpu_meta else []
 
         def run(*, inputs, **kw):
-            inputs = list(inputs)
+            inputs = [*inputs, self._spare] if spare else list(inputs)
             for i in meta:
                 inputs[i] = self._copied(inputs[i])
             got = kernel(inputs=inputs, **kw)
@@ -176,13 +184,15 @@ def median_summary(launches: list[dict]) -> dict:
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
-                gpu_meta: bool = False) -> dict:
+                gpu_meta: bool = False, spare_input: bool = False,
+                finish_noinline: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
-    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta)
+    nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta,
+                      spare_input=spare_input, finish_noinline=finish_noinline)
     assert nat.decline(q, pool, batch) is None
     launches = []
     for rep in range(2 + evals):
@@ -196,7 +206,8 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
         if rep >= 2:
             launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
-                contig=contiguous, st=stages, gmeta=gpu_meta, **median_summary(launches))
+                contig=contiguous, st=stages, gmeta=gpu_meta, spare=spare_input,
+                noinline=finish_noinline, **median_summary(launches))
 
 
 def main(argv=None) -> int:
@@ -211,13 +222,18 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
+    ap.add_argument("--spare-input", action="store_true",
+                    help="the split kernel takes one more, unused, int32 input")
+    ap.add_argument("--finish-noinline", action="store_true",
+                    help="the fused kernel's last-block merge as a call, not inlined")
     a = cuda_args(ap, argv)
     if a is None:
         return 1
     rows = []
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.gpu_meta))
+                                a.contiguous, a.stages, a.gpu_meta, a.spare_input,
+                                a.finish_noinline))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]
