@@ -63,7 +63,8 @@ def wrap(name: str, header: str, body: str, inputs: list[tuple[str, str, bool]],
             + ", ".join(args) + ") {\n" + "\n".join(lines) + "\n" + body + "\n}\n}\n")
 
 
-def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, stages: int):
+def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, stages: int,
+            threads: int = THREADS):
     """(name, source) of the direct, split and fused kernels and the merge for one case."""
     import mlx.core as mx
 
@@ -76,7 +77,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     t = CTYPE[dt]
     consts = [("TQ", t), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
               ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
-              ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
+              ("U", str(unit_tokens(gb, v))), ("NT", str(threads)), ("ST", str(stages))]
     slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
     ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False), *slabs]
     out = []
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--variants", default="mma,async,bulk")
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads per block (NT)")
     a = ap.parse_args(argv)
     if not nvcc_path():
         print("nvcc not found: nothing to compile")
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     bad = 0
     for variant in a.variants.split(","):
         for dt, d, bs, hq, hkv, ns in CASES:
-            for name, src in sources(variant, dt, d, bs, hq, hkv, ns, a.stages):
+            for name, src in sources(variant, dt, d, bs, hq, hkv, ns, a.stages, a.threads):
                 ok, log = compile_one(name, src, a.arch)
                 bad += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {name}: {resources(log)}", flush=True)
