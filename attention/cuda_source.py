@@ -16,13 +16,10 @@ COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
-DYN_FILE = Path(__file__).parent / "kernels" / "pooled_decode_dyn.cu"
 # sources a variant appends to the common and main kernel files
-VARIANT_FILES: dict[str, tuple[Path, ...]] = {
-    "mma": (MMA_FILE,), "bulk": (BULK_FILE,), "dyn": (DYN_FILE,)}
-VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "dyn")
-# FMA products over a shared-memory stage ring
-RING_VARIANTS = ("async", "bulk", "xred", "dyn")
+VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
+VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred")
+RING_VARIANTS = ("async", "bulk", "xred")  # FMA products over a shared-memory stage ring
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -77,15 +74,14 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
     applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
     16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md),
-    else "async".  "dyn" (xred with the chunk's slices taken by the block's warps from a
-    shared-memory counter) where xred applies, else "async"."""
+    else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":
         if mma_ok and group >= MMA_MIN_GROUP:
             return "mma"
         return "xred" if xred_ok else "async"
-    if (variant == "mma" and not mma_ok) or (variant in ("xred", "dyn") and not xred_ok):
+    if (variant == "mma" and not mma_ok) or (variant == "xred" and not xred_ok):
         return "async"
     return variant
 
@@ -131,8 +127,7 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory; "xred": the same with the shared-memory reduction; "dyn": xred
-    with the chunk's slices taken by the warps from a shared-memory counter), "bulk" (the
+    dynamic shared memory; "xred": the same with the shared-memory reduction), "bulk" (the
     async work split, page tiles by sm_90 bulk copies) or "sync" (register loads).
     ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
     lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
@@ -142,10 +137,6 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) 
     if variant == "mma":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
-        tail = ", slabserve_smem"
-    elif variant == "dyn":
-        head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        call = f"pooled_decode_dyn<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>"
         tail = ", slabserve_smem"
     elif variant in RING_VARIANTS:
         head = "  extern __shared__ uint4 slabserve_smem[];\n"

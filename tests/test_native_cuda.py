@@ -453,27 +453,3 @@ def test_xred_variant_takes_only_its_shapes():
     nat = NativeCUDA(variant="xred")
     assert nat._case(q, geom) == ("xred", 4)
     assert nat._plan_params(q, geom) == NativeCUDA(variant="async")._plan_params(q, geom)
-
-
-def test_dyn_variant_one_big_block_per_multiprocessor():
-    """"dyn" (xred whose warps take the chunk's slices from a shared-memory counter) runs
-    where xred does, else "async"; every kind instantiates the dyn kernel with its DIRECT
-    flag; at 512 threads its 192 KiB ring leaves one block per multiprocessor, so the plan
-    targets 132 blocks (B=8, 8 kv heads: 2 chunks)."""
-    from attention.cuda_plan import plan_chunks
-    from attention.cuda_source import case_variant, kernel_body, smem_bytes
-
-    assert case_variant("dyn", mx.float16, mx.float16, 4, 64) == "dyn"
-    assert case_variant("dyn", mx.float16, mx.float16, 7, 64) == "async"
-    assert case_variant("dyn", mx.float32, mx.float32, 4, 64) == "async"
-    for kind, flag in [("direct", "true"), ("split", "false"), ("fused", "false")]:
-        body = kernel_body(2, kind, "dyn")
-        assert f"pooled_decode_dyn<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}>" in body
-    assert smem_bytes("dyn", 2, 64, 4, 4, 3, 512) == 3 * 2 * 4 * 512 * 16
-    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
-    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
-    nat = NativeCUDA(variant="dyn", threads=512)
-    assert nat._case(q, geom) == ("dyn", 4)
-    params = nat._plan_params(q, geom)
-    assert params.blocks_per_sm == 1
-    assert plan_chunks(8, 16384, nat._head_blocks(q, geom), 1024, params) == 2
