@@ -7,8 +7,9 @@ error costs device time.  This wraps each kernel body the way MLX does (the head
 ``__global__`` function whose inputs are typed from their dtypes, the template arguments as
 ``constexpr`` / ``using`` lines, then the body), with a minimal stand-in for MLX's ``Shape``,
 and runs ``nvcc -cubin`` for the target architecture.  It prints registers, spills and
-shared memory per kernel from ``ptxas -v``.  Compiling is not running: correctness is
-checked on the GPU (bench.cuda_kernel --check, tests/test_native_cuda.py).
+shared memory per kernel from ``ptxas -v``; ``--sass DIR`` also writes each kernel's SASS.
+Compiling is not running: correctness is checked on the GPU (bench.cuda_kernel --check,
+tests/test_native_cuda.py).
 """
 
 from __future__ import annotations
@@ -94,14 +95,20 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     return out
 
 
-def compile_one(name: str, src: str, arch: str) -> tuple[bool, str]:
-    """nvcc -cubin; (ok, the compiler's output)."""
+def compile_one(name: str, src: str, arch: str, sass_dir: Path | None = None) -> tuple[bool, str]:
+    """nvcc -cubin; (ok, the compiler's output).  With ``sass_dir``, also the kernel's SASS
+    (``cuobjdump -sass``, which must be on PATH) as ``sass_dir/name.sass``."""
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / f"{name}.cu"
         f.write_text(src)
+        cubin = Path(tmp) / "k.cubin"
         r = subprocess.run([nvcc_path() or "nvcc", "-std=c++17", f"-arch={arch}", "-cubin",
-                            "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"), str(f)],
+                            "-Xptxas", "-v", "-o", str(cubin), str(f)],
                            capture_output=True, text=True, timeout=300)
+        if r.returncode == 0 and sass_dir is not None:
+            sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True,
+                                  text=True, timeout=300, check=True).stdout
+            (sass_dir / f"{name}.sass").write_text(sass)
         return r.returncode == 0, r.stdout + r.stderr
 
 
@@ -125,15 +132,23 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="mma,async,bulk")
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--threads", type=int, default=THREADS, help="threads per block (NT)")
+    ap.add_argument("--sass", type=Path, default=None,
+                    help="write each kernel's SASS here (needs cuobjdump on PATH, e.g. from "
+                    "the nvidia-cuda-cuobjdump wheel)")
     a = ap.parse_args(argv)
     if not nvcc_path():
         print("nvcc not found: nothing to compile")
         return 1
+    if a.sass is not None:
+        if not shutil.which("cuobjdump"):
+            print("cuobjdump not found: no SASS")
+            return 1
+        a.sass.mkdir(parents=True, exist_ok=True)
     bad = 0
     for variant in a.variants.split(","):
         for dt, d, bs, hq, hkv, ns in CASES:
             for name, src in sources(variant, dt, d, bs, hq, hkv, ns, a.stages, a.threads):
-                ok, log = compile_one(name, src, a.arch)
+                ok, log = compile_one(name, src, a.arch, a.sass)
                 bad += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {name}: {resources(log)}", flush=True)
                 if not ok:

@@ -4,6 +4,8 @@ syntax or template error is caught without a GPU.  Running them is checked on th
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from bench.cuda_compile import compile_one, nvcc_path, resources, sources
@@ -33,3 +35,13 @@ def test_compile_error_is_reported():
     ok, log = compile_one(name, src.replace("pooled_decode_mma<", "pooled_decode_mmma<"),
                           "sm_90")
     assert not ok and "pooled_decode_mmma" in log
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")
+def test_sass_of_a_kernel_is_written(tmp_path):
+    """``--sass``: the compiled kernel's SASS lands in the folder, with its cp.async copies."""
+    name, src = sources("xred", "f16", 64, 16, 32, 8, 2, 3)[1]  # the split kernel
+    ok, log = compile_one(name, src, "sm_90", tmp_path)
+    assert ok, log[-2000:]
+    assert "LDGSTS" in (tmp_path / f"{name}.sass").read_text()
