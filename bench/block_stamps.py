@@ -182,10 +182,67 @@ def median_summary(launches: list[dict]) -> dict:
     return out
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 3 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def persistence(raw: list[np.ndarray]) -> dict:
+    """Whether the slow blocks of a launch are slow again in the next ones, from the raw
+    stamps of launches with the same grid.  Per launch, each full block's token loop (us)
+    less the median loop of the blocks on SMs that hold as many blocks as its own (the
+    crowding removed); then the launches are split into even and odd halves and the mean
+    residual per SM id (``r_sm``) and per block id (``r_block``) of one half is correlated
+    with the other's.  High ``r_sm``: some SMs stream slower every time (a schedule by SM
+    could compensate); high ``r_block`` with low ``r_sm``: some blocks' pages are slow;
+    both low: the spread is noise of each launch.  ``same_sm``: the fraction of block ids
+    that ran on the same SM in every launch.  ``sm_resid_p90`` / ``_max``: the per-SM mean
+    residual's spread (us)."""
+    rows = []
+    for stamps in raw:
+        st = stamps.reshape(-1, FIELDS).astype(np.float64)
+        full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
+        sm = st[:, MARKS + 1].astype(np.int64)
+        _, sm_of, per_sm = np.unique(sm, return_inverse=True, return_counts=True)
+        crowd = per_sm[sm_of]
+        loop = (st[:, 3] - st[:, 2]) / 1e3
+        resid = np.full(st.shape[0], np.nan)
+        for c in np.unique(crowd[full]):
+            sel = full & (crowd == c)
+            resid[sel] = loop[sel] - np.median(loop[sel])
+        rows.append((sm, resid))
+    n_sm = 1 + max(int(sm.max()) for sm, _ in rows)
+
+    def half_means(part: list) -> tuple[np.ndarray, np.ndarray]:
+        by_sm = np.zeros((len(part), n_sm))
+        cnt = np.zeros((len(part), n_sm))
+        for i, (sm, resid) in enumerate(part):
+            ok = ~np.isnan(resid)
+            np.add.at(by_sm[i], sm[ok], resid[ok])
+            np.add.at(cnt[i], sm[ok], 1)
+        with np.errstate(invalid="ignore"):
+            per_sm = by_sm.sum(0) / cnt.sum(0)
+            per_block = np.nanmean(np.stack([r for _, r in part]), axis=0)
+        return per_sm, per_block
+
+    sm_a, blk_a = half_means(rows[0::2])
+    sm_b, blk_b = half_means(rows[1::2])
+    ok_sm = ~np.isnan(sm_a) & ~np.isnan(sm_b)
+    ok_blk = ~np.isnan(blk_a) & ~np.isnan(blk_b)
+    sms = np.stack([sm for sm, _ in rows])
+    both = (sm_a[ok_sm] + sm_b[ok_sm]) / 2
+    return dict(r_sm=round(_corr(sm_a[ok_sm], sm_b[ok_sm]), 3),
+                r_block=round(_corr(blk_a[ok_blk], blk_b[ok_blk]), 3),
+                same_sm=round(float((sms == sms[0]).all(0).mean()), 3),
+                sm_resid_p90=round(_pct(both, 90), 2),
+                sm_resid_max=round(float(both.max()) if both.size else float("nan"), 2))
+
+
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
                 gpu_meta: bool = False, spare_input: bool = False,
-                finish_noinline: bool = False) -> dict:
+                finish_noinline: bool = False, sm_report: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
@@ -194,7 +251,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
     nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta,
                       spare_input=spare_input, finish_noinline=finish_noinline)
     assert nat.decline(q, pool, batch) is None
-    launches = []
+    launches, raw = [], []
     for rep in range(2 + evals):
         nat.stamps = []
         x = q
@@ -204,10 +261,12 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
                 x, pool, lay, batch, scale, chunks)
         mx.eval(x, *nat.stamps)
         if rep >= 2:
-            launches += [summarize_launch(np.array(s)) for s in nat.stamps[2:]]
+            raw += [np.array(s) for s in nat.stamps[2:]]
+    launches = [summarize_launch(s) for s in raw]
+    extra = persistence(raw) if sm_report else {}
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
                 contig=contiguous, st=stages, gmeta=gpu_meta, spare=spare_input,
-                noinline=finish_noinline, **median_summary(launches))
+                noinline=finish_noinline, **median_summary(launches), **extra)
 
 
 def main(argv=None) -> int:
@@ -224,6 +283,8 @@ def main(argv=None) -> int:
                     help="table and lengths as copies written by a GPU kernel")
     ap.add_argument("--spare-input", action="store_true",
                     help="the split kernel takes one more, unused, int32 input")
+    ap.add_argument("--sm-report", action="store_true",
+                    help="whether slow blocks are slow again: by SM and by block (persistence)")
     ap.add_argument("--finish-noinline", action="store_true",
                     help="the fused kernel's last-block merge as a call, not inlined")
     a = cuda_args(ap, argv)
@@ -233,7 +294,7 @@ def main(argv=None) -> int:
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
                                 a.contiguous, a.stages, a.gpu_meta, a.spare_input,
-                                a.finish_noinline))
+                                a.finish_noinline, a.sm_report))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bench.block_stamps import FIELDS, median_summary, summarize_launch
+from bench.block_stamps import FIELDS, MARKS, median_summary, persistence, summarize_launch
 from bench.cuda_kernel import chain, int_cells
 
 
@@ -87,3 +87,28 @@ def test_stamped_kernel_plumbing(monkeypatch, fused):
     if not fused:  # the merge launch takes the partials only, and is not stamped
         assert len(launches[1]["inputs"]) == 2 and "stamps" not in launches[1]["spec"][
             "output_names"]
+
+
+def _launch(rng, slow_sm: dict, blocks: int = 48, sms: int = 12) -> np.ndarray:
+    """Synthetic stamps: block i on SM i % sms (4 per SM), loop 50 us + noise (+ the SM's
+    extra), every mark set."""
+    st = np.zeros((blocks, FIELDS), dtype=np.int64)
+    for i in range(blocks):
+        sm = i % sms
+        loop = 50_000 + rng.normal(0, 500) + slow_sm.get(sm, 0)
+        st[i, 0], st[i, 1], st[i, 2] = 0, 2_000, 6_000
+        st[i, 3] = 6_000 + loop
+        st[i, 4:7] = (100, 300, 800)
+        st[i, MARKS] = st[i, 3] + 1_500
+        st[i, MARKS + 1] = sm
+    return st.reshape(-1)
+
+
+def test_persistence_tells_slow_sms_from_noise():
+    rng = np.random.default_rng(0)
+    slow = {3: 6_000, 7: 4_000, 9: -3_000}
+    r = persistence([_launch(rng, slow) for _ in range(10)])
+    assert r["r_sm"] > 0.9 and r["same_sm"] == 1.0
+    assert 4.0 < r["sm_resid_max"] < 7.0  # SM 3's ~6 us over the median
+    noise = persistence([_launch(rng, {}) for _ in range(10)])
+    assert abs(noise["r_sm"]) < 0.8 and noise["sm_resid_max"] < 1.5
