@@ -230,7 +230,7 @@ class NativeCUDA(DecodeAttention):
         return launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
-        b, hq, _, d = q.shape
+        b = q.shape[0]
         ns, main, merge = launch
         ks, vs = pool.k[layer], pool.v[layer]
         pad = ns - len(ks)
