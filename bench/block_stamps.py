@@ -242,9 +242,12 @@ def persistence(raw: list[np.ndarray]) -> dict:
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
                 gpu_meta: bool = False, spare_input: bool = False,
-                finish_noinline: bool = False, sm_report: bool = False) -> dict:
+                finish_noinline: bool = False, sm_report: bool = False,
+                gap_op: bool = False) -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
-    consecutive blocks (default shuffled over the slab, as the table)."""
+    consecutive blocks (default shuffled over the slab, as the table); ``gap_op``: a tiny
+    kernel (a negation of the layer's output) between layers, as the merge launch is
+    between split launches."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
@@ -259,6 +262,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
             lay = 0 if same_layer else i
             x = nat(x, pool, lay, batch, scale) if chunks <= 0 else nat._run(
                 x, pool, lay, batch, scale, chunks)
+            x = -x if gap_op else x
         mx.eval(x, *nat.stamps)
         if rep >= 2:
             raw += [np.array(s) for s in nat.stamps[2:]]
@@ -266,7 +270,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
     extra = persistence(raw) if sm_report else {}
     return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
                 contig=contiguous, st=stages, gmeta=gpu_meta, spare=spare_input,
-                noinline=finish_noinline, **median_summary(launches), **extra)
+                noinline=finish_noinline, gap=gap_op, **median_summary(launches), **extra)
 
 
 def main(argv=None) -> int:
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
                     help="the split kernel takes one more, unused, int32 input")
     ap.add_argument("--sm-report", action="store_true",
                     help="whether slow blocks are slow again: by SM and by block (persistence)")
+    ap.add_argument("--gap-op", action="store_true",
+                    help="a tiny kernel between layers (as the merge is between splits)")
     ap.add_argument("--finish-noinline", action="store_true",
                     help="the fused kernel's last-block merge as a call, not inlined")
     a = cuda_args(ap, argv)
@@ -294,7 +300,7 @@ def main(argv=None) -> int:
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
                                 a.contiguous, a.stages, a.gpu_meta, a.spare_input,
-                                a.finish_noinline, a.sm_report))
+                                a.finish_noinline, a.sm_report, a.gap_op))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]
