@@ -18,8 +18,9 @@ MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
 BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
 # sources a variant appends to the common and main kernel files
 VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
-VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred")
-RING_VARIANTS = ("async", "bulk", "xred")  # FMA products over a shared-memory stage ring
+VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "lean")
+RING_VARIANTS = ("async", "bulk", "xred", "lean")  # FMA products over a shared-memory ring
+XRED_VARIANTS = ("xred", "lean")  # the row-group reduction through shared memory
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -74,14 +75,15 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
     applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
     16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md),
-    else "async"."""
+    else "async".  "lean" (xred in fewer instructions: opt-in, being measured) where xred
+    applies, else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":
         if mma_ok and group >= MMA_MIN_GROUP:
             return "mma"
         return "xred" if xred_ok else "async"
-    if (variant == "mma" and not mma_ok) or (variant == "xred" and not xred_ok):
+    if (variant == "mma" and not mma_ok) or (variant in XRED_VARIANTS and not xred_ok):
         return "async"
     return variant
 
@@ -124,15 +126,20 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 }
 
 
-def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) -> str:
+def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
+                slab_blocks: int = 0) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
     KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory; "xred": the same with the shared-memory reduction), "bulk" (the
+    dynamic shared memory; "xred": the same with the shared-memory reduction; "lean": xred
+    in fewer instructions per token), "bulk" (the
     async work split, page tiles by sm_90 bulk copies) or "sync" (register loads).
     ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
     lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
-    (kvcache/arrays.py)."""
+    (kvcache/arrays.py).  ``slab_blocks`` > 0 makes the slab size a literal too (the
+    division of a block id by it becomes a shift or a multiply), else it is read from the
+    first slab's shape."""
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
+    sb = str(slab_blocks) if slab_blocks > 0 else "k0_shape[0] / (HKV * BS)"
     outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
@@ -140,7 +147,8 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) 
         tail = ", slabserve_smem"
     elif variant in RING_VARIANTS:
         head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        name, xred = ("async", ", true") if variant == "xred" else (variant, "")
+        name, xred = ("async", ", true") if variant in XRED_VARIANTS else (variant, "")
+        xred += ", true" if variant == "lean" else ""
         call = f"pooled_decode_{name}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{xred}>"
         tail = ", slabserve_smem"
     else:
@@ -153,7 +161,7 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0) 
   }}
   __syncthreads();
   ::slabserve::{call}(
-      q, table, lengths, table_shape[1], k0_shape[0] / (HKV * BS), {scale * LOG2E!r}f,
+      q, table, lengths, table_shape[1], {sb}, {scale * LOG2E!r}f,
       ktab, vtab, {outs}{tail});
 """
 

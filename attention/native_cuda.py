@@ -274,17 +274,18 @@ class NativeCUDA(DecodeAttention):
         ]
         smem = smem_bytes(variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
         nt = self.threads
+        sb = g.slab_blocks if variant == "lean" else 0  # "lean": the slab size is a literal
         common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * nt, chunks, b),
                       threadgroup=(nt, 1, 1))
         if chunks == 1:
-            return (self._kernel("direct", ns, smem, variant, scale),
+            return (self._kernel("direct", ns, smem, variant, scale, sb),
                     dict(output_shapes=[(b, hq, 1, d)], output_dtypes=[q.dtype], **common)), None
         if fused:
-            main = (self._kernel("fused", ns, smem, variant, scale),
+            main = (self._kernel("fused", ns, smem, variant, scale, sb),
                     dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks), (b, hq, 1, d)],
                          output_dtypes=[mx.float32, mx.float32, q.dtype], **common))
             return main, "fused"
-        main = (self._kernel("split", ns, smem, variant, scale),
+        main = (self._kernel("split", ns, smem, variant, scale, sb),
                 dict(output_shapes=[(b * hq * chunks, d), (b * hq, chunks)],
                      output_dtypes=[mx.float32, mx.float32], **common))
         merge = (self._kernel("merge", 0, 0, variant),
@@ -305,10 +306,11 @@ class NativeCUDA(DecodeAttention):
             self._headers[variant] = "\n".join(f.read_text() for f in files)
         return self._headers[variant]
 
-    def _kernel(self, kind: str, ns: int, smem: int, variant: str, scale: float = 1.0):
+    def _kernel(self, kind: str, ns: int, smem: int, variant: str, scale: float = 1.0,
+                sb: int = 0):
         """The compiled kernel of a kind; the main kinds per softmax ``scale`` (a literal
-        of their source: one model, one scale)."""
-        key = (kind, ns, smem, variant, None if kind == "merge" else scale)
+        of their source: one model, one scale) and, with ``sb`` > 0, per slab size."""
+        key = (kind, ns, smem, variant, None if kind == "merge" else scale, sb)
         if key not in self._kernels:
             header = self._header(variant)
             if kind == "merge":
@@ -320,17 +322,17 @@ class NativeCUDA(DecodeAttention):
                 names += ["counters"] if kind == "fused" else []
                 outs = {"direct": ["out"], "split": ["opart", "lse"],
                         "fused": ["opart", "lse", "out"]}[kind]
-            body = self._body(kind, ns, variant, scale)
+            body = self._body(kind, ns, variant, scale, sb)
             # MLX caches compiled kernels on disk by name: name the source's hash too.
             tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
             self._kernels[key] = self._compile(
                 f"slabserve_pooled_{kind}_ns{ns}_{tag}", names, outs, body, smem, header)
         return self._kernels[key]
 
-    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0, sb: int = 0) -> str:
         if kind == "merge":
             return MERGE_BODY
-        return kernel_body(ns, kind, variant, scale)
+        return kernel_body(ns, kind, variant, scale, sb)
 
     def _compile(self, name: str, names: list, outs: list, body: str, smem: int,
                  header: str):

@@ -76,7 +76,7 @@ class NativeMetal(NativeCUDA):
             self._parts = _sections(self.kernel_file.read_text())
         return self._parts
 
-    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0, sb: int = 0) -> str:
         parts = self._parts_of_source()
         if kind == "merge":
             return parts["MERGE"]

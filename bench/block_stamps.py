@@ -101,8 +101,8 @@ class StampedCUDA(NativeCUDA):
         noinline = "#define SLABSERVE_FINISH_INLINE __noinline__\n" if self.finish_noinline else ""
         return PRELUDE + noinline + super()._header(variant)
 
-    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0) -> str:
-        body = super()._body(kind, ns, variant, scale)
+    def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0, sb: int = 0) -> str:
+        body = super()._body(kind, ns, variant, scale, sb)
         return body if kind == "merge" else HEAD + body + TAIL
 
     def _compile(self, name, names, outs, body, smem, header):

@@ -86,8 +86,8 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
         name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
         kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
-        out.append((name, wrap(name, header, kernel_body(ns, kind, v, 0.125), kins, outs,
-                                consts)))
+        body = kernel_body(ns, kind, v, 0.125, LEAN_SLAB_BLOCKS if v == "lean" else 0)
+        out.append((name, wrap(name, header, body, kins, outs, consts)))
     mname = f"k_merge_{dt}_d{d}"
     out.append((mname, wrap(mname, header, MERGE_BODY,
                             [("opart", "float", False), ("lse", "float", True)],
@@ -118,6 +118,8 @@ def resources(log: str) -> str:
     smem = re.findall(r"(\d+) bytes smem", log)
     return f"regs {','.join(regs)} spill {','.join(spill)} static smem {','.join(smem)}"
 
+
+LEAN_SLAB_BLOCKS = 4096  # "lean" compiles the slab size in (one build per pool geometry)
 
 CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
     ("f16", 64, 16, 32, 8, 1), ("bf16", 64, 16, 14, 2, 4), ("f16", 128, 32, 32, 8, 2),

@@ -282,7 +282,7 @@ def make_natives(spec: str) -> dict:
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?([fs]?)",
+            r"(sync|async|bulk|mma|auto|xred|lean)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?([fs]?)",
             name)
         if m is None:
             raise ValueError(f"bad native name {name!r}")

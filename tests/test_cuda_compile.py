@@ -20,7 +20,9 @@ needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA to
                                                       ("bulk", "f32", 64, 32, 8),
                                                       ("xred", "f16", 64, 32, 8),
                                                       ("xred", "bf16", 64, 16, 8),
-                                                      ("xred", "f16", 128, 32, 8)])
+                                                      ("xred", "f16", 128, 32, 8),
+                                                      ("lean", "f16", 64, 32, 8),
+                                                      ("lean", "bf16", 64, 16, 8)])
 def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
     name, src = sources(variant, dt, d, 16, hq, hkv, 2, 3)[2]  # the fused kernel, 2 slabs
     ok, log = compile_one(name, src, "sm_90")

@@ -453,3 +453,28 @@ def test_xred_variant_takes_only_its_shapes():
     nat = NativeCUDA(variant="xred")
     assert nat._case(q, geom) == ("xred", 4)
     assert nat._plan_params(q, geom) == NativeCUDA(variant="async")._plan_params(q, geom)
+
+
+def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
+    """"lean" (xred in fewer instructions; opt-in) runs where xred does, else "async"; its
+    body instantiates the async kernel with the reduction and lean flags and has the pool's
+    slab size as a literal, so pools of two slab sizes get two kernels; the default
+    variants keep reading the slab size from the first slab's shape."""
+    from attention.cuda_source import case_variant, kernel_body
+    from bench.cuda_kernel import make_case
+
+    assert case_variant("lean", mx.float16, mx.float16, 4, 64) == "lean"
+    assert case_variant("lean", mx.float16, mx.float16, 7, 64) == "async"
+    body = kernel_body(2, "split", "lean", 0.125, 4096)
+    assert "pooled_decode_async<" in body and "false, true, true>" in body
+    assert "table_shape[1], 4096," in body
+    assert "k0_shape[0] / (HKV * BS)" in kernel_body(2, "split", "xred", 0.125)
+    log: list = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    nat = NativeCUDA(variant="lean", fused_merge=False)
+    for sb in (64, 128):
+        pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, sb)
+        nat._run(q, pool, 0, batch, 0.125, 4)
+        assert f"table_shape[1], {sb}," in log[-2]["spec"]["source"]
+    splits = {e["spec"]["name"] for e in log if "_split_" in e["spec"]["name"]}
+    assert len(splits) == 2  # one build per slab size

@@ -176,7 +176,11 @@ __device__ __forceinline__ void cp_wait() {
 // Scratch: the warp's K vectors of the current ring stage (all read before; __syncwarp),
 // U pieces of 128 floats `pstride` floats apart, N*TPR floats per row group; slots are
 // rotated by the row group so the 32 lanes of a warp hit 32 banks.  Same online softmax
-// as consume_unit.
+// as consume_unit.  SWZ ("lean"): the slots are swizzled by XOR with the row group instead
+// (slot s at s ^ rgw: the same banks apart), so each of the N partial stores is one of four
+// per-thread pointers (by s & 3) plus a compile-time offset; the rotation modulo N cost
+// about 4 integer instructions per store, and the kernel is issue-bound (ninth session:
+// 822 -> 669 SASS instructions per loop iteration with the two "lean" changes).
 template <int GB>
 __device__ __forceinline__ float pick(const float (&a)[GB], int i) {
   float r = a[0];
@@ -185,7 +189,7 @@ __device__ __forceinline__ float pick(const float (&a)[GB], int i) {
   return r;
 }
 
-template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
+template <typename T, int GB, int U, int VEC, int TPR, bool SWZ, typename VRow>
 __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, int nvalid,
                                                const float (&qv)[GB][VEC], float (&m)[GB],
                                                float (&l)[GB], float (&acc)[GB][VEC],
@@ -198,15 +202,29 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
     const int x = area + f;
     return wscr + (x >> 7) * pstride + (x & 127);
   };
-  partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
-    *at(((g * U + j + rgw) % N) * TPR + lane) = d;
-  });
+  // the position of slot sl (rotated, or swizzled by XOR)
+  auto slot = [&](int sl) { return SWZ ? (sl ^ rgw) : (sl + rgw) % N; };
+  if constexpr (SWZ) {
+    // slot sl = 4a + b sits at wp[b] + 4a * TPR floats (offsets inside a row group's area
+    // never cross a piece from wp[b]: lane + b' * TPR < 4 * TPR and 4a * TPR is a multiple)
+    float* wp[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) wp[b] = at(lane + (b ^ rgw) * TPR);
+    partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
+      const int sl = g * U + j, hi = (sl & ~3) * TPR;
+      wp[sl & 3][(hi >> 7) * pstride + (hi & 127)] = d;
+    });
+  } else {
+    partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
+      *at(slot(g * U + j) * TPR + lane) = d;
+    });
+  }
   __syncwarp();
   const int qd = lane / U;  // owned score k is head qd + QPL * k, token lane % U
   float s[PPL], mn[PPL];
 #pragma unroll
   for (int k = 0; k < PPL; ++k) {
-    const float4* r = reinterpret_cast<const float4*>(at(((lane + TPR * k + rgw) % N) * TPR));
+    const float4* r = reinterpret_cast<const float4*>(at(slot(lane + TPR * k) * TPR));
     float t = 0.f;
 #pragma unroll
     for (int i = 0; i < TPR / 4; ++i) {
@@ -255,7 +273,7 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
 // only what it copied itself, so no block barrier is needed inside the loop.  Block ids
 // are loaded one unit further ahead.  smem: dynamic, max(ST*2*U*NT*16, merge) bytes.
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
-          int ST, bool DIRECT, bool XRED = false>
+          int ST, bool DIRECT, bool XRED = false, bool LEAN = false>
 __device__ __forceinline__ void pooled_decode_async(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
@@ -286,10 +304,19 @@ __device__ __forceinline__ void pooled_decode_async(
       const int s = NS == 1 ? 0 : blk / sb;
       const size_t off = st.template offset<BS>(blk, s, sb, u0);
       uint4* dst = smem + (it % ST) * 2 * U * NT + tid;
+      if constexpr (LEAN) {  // each copy's "memory" clobber would re-read ktab[s]
+        const T* kp = ktab[s] + off;
+        const T* vp = vtab[s] + off;
 #pragma unroll
-      for (int j = 0; j < U; ++j) cp_async16(dst + j * NT, ktab[s] + off + j * D);
+        for (int j = 0; j < U; ++j) cp_async16(dst + j * NT, kp + j * D);
 #pragma unroll
-      for (int j = 0; j < U; ++j) cp_async16(dst + (U + j) * NT, vtab[s] + off + j * D);
+        for (int j = 0; j < U; ++j) cp_async16(dst + (U + j) * NT, vp + j * D);
+      } else {
+#pragma unroll
+        for (int j = 0; j < U; ++j) cp_async16(dst + j * NT, ktab[s] + off + j * D);
+#pragma unroll
+        for (int j = 0; j < U; ++j) cp_async16(dst + (U + j) * NT, vtab[s] + off + j * D);
+      }
     }
     cp_commit();
   };
@@ -313,7 +340,7 @@ __device__ __forceinline__ void pooled_decode_async(
     if constexpr (XRED) {  // scratch: the warp's K vectors of the stage (all read)
       __syncwarp();
       float* wscr = reinterpret_cast<float*>(smem + (it % ST) * 2 * U * NT + st.warp * 32);
-      consume_unit_x<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc, wscr, NT * 4,
+      consume_unit_x<T, GB, U, VEC, S::TPR, LEAN>(kr, vrow, nvalid, qv, m, l, acc, wscr, NT * 4,
                                             st.lane, st.rgw);
     } else {
       consume_unit<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc);
