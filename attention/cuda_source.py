@@ -21,6 +21,7 @@ VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_
 VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "lean")
 RING_VARIANTS = ("async", "bulk", "xred", "lean")  # FMA products over a shared-memory ring
 XRED_VARIANTS = ("xred", "lean")  # the row-group reduction through shared memory
+SLAB_LITERAL_VARIANTS = ("lean",)  # the slab size a literal of the source
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -86,6 +87,12 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     if (variant == "mma" and not mma_ok) or (variant in XRED_VARIANTS and not xred_ok):
         return "async"
     return variant
+
+
+def slab_literal(variant: str, slab_blocks: int) -> int:
+    """The slab size to compile into ``variant``'s source (``kernel_body``'s
+    ``slab_blocks``; one build per pool geometry), or 0: read from the first slab's shape."""
+    return slab_blocks if variant in SLAB_LITERAL_VARIANTS else 0
 
 
 def unit_tokens(gb: int, variant: str = "sync") -> int:

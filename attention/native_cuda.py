@@ -45,6 +45,7 @@ from attention.cuda_source import (
     kernel_body,
     pool_slab_inputs,
     shape_decline,
+    slab_literal,
     smem_bytes,
     unit_tokens,
 )
@@ -274,7 +275,7 @@ class NativeCUDA(DecodeAttention):
         ]
         smem = smem_bytes(variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
         nt = self.threads
-        sb = g.slab_blocks if variant == "lean" else 0  # "lean": the slab size is a literal
+        sb = slab_literal(variant, g.slab_blocks)
         common = dict(template=tmpl, grid=(g.kv_heads * (grp // gb) * nt, chunks, b),
                       threadgroup=(nt, 1, 1))
         if chunks == 1:

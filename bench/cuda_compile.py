@@ -30,6 +30,7 @@ from attention.cuda_source import (
     case_variant,
     group_block,
     kernel_body,
+    slab_literal,
     unit_tokens,
 )
 
@@ -86,7 +87,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
         name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
         kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
-        body = kernel_body(ns, kind, v, 0.125, LEAN_SLAB_BLOCKS if v == "lean" else 0)
+        body = kernel_body(ns, kind, v, 0.125, slab_literal(v, COMPILE_SLAB_BLOCKS))
         out.append((name, wrap(name, header, body, kins, outs, consts)))
     mname = f"k_merge_{dt}_d{d}"
     out.append((mname, wrap(mname, header, MERGE_BODY,
@@ -119,7 +120,7 @@ def resources(log: str) -> str:
     return f"regs {','.join(regs)} spill {','.join(spill)} static smem {','.join(smem)}"
 
 
-LEAN_SLAB_BLOCKS = 4096  # "lean" compiles the slab size in (one build per pool geometry)
+COMPILE_SLAB_BLOCKS = 4096  # the slab size of variants that compile it in (slab_literal)
 
 CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
     ("f16", 64, 16, 32, 8, 1), ("bf16", 64, 16, 14, 2, 4), ("f16", 128, 32, 32, 8, 2),

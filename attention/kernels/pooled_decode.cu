@@ -179,8 +179,9 @@ __device__ __forceinline__ void cp_wait() {
 // as consume_unit.  SWZ ("lean"): the slots are swizzled by XOR with the row group instead
 // (slot s at s ^ rgw: the same banks apart), so each of the N partial stores is one of four
 // per-thread pointers (by s & 3) plus a compile-time offset; the rotation modulo N cost
-// about 4 integer instructions per store, and the kernel is issue-bound (ninth session:
-// 822 -> 669 SASS instructions per loop iteration with the two "lean" changes).
+// about 4 integer instructions per store, and by its instruction count the loop is close
+// to issue-bound (ninth session: 822 -> 685 SASS instructions per loop iteration with the
+// "lean" changes; docs/benchmarks/cuda-attention.md).
 template <int GB>
 __device__ __forceinline__ float pick(const float (&a)[GB], int i) {
   float r = a[0];
