@@ -243,7 +243,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
                 same_layer: bool = False, contiguous: bool = False, stages: int = 3,
                 gpu_meta: bool = False, spare_input: bool = False,
                 finish_noinline: bool = False, sm_report: bool = False,
-                gap_op: bool = False) -> dict:
+                gap_op: bool = False, variant: str = "auto") -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table); ``gap_op``: a tiny
     kernel (a negation of the layer's output) between layers, as the merge launch is
@@ -252,7 +252,8 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
     nat = StampedCUDA(fused_merge=fused, stages=stages, gpu_meta=gpu_meta,
-                      spare_input=spare_input, finish_noinline=finish_noinline)
+                      spare_input=spare_input, finish_noinline=finish_noinline,
+                      variant=variant)
     assert nat.decline(q, pool, batch) is None
     launches, raw = [], []
     for rep in range(2 + evals):
@@ -268,7 +269,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
             raw += [np.array(s) for s in nat.stamps[2:]]
     launches = [summarize_launch(s) for s in raw]
     extra = persistence(raw) if sm_report else {}
-    return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, same=same_layer,
+    return dict(B=b, ctx=ctx, chunks=chunks, fused=fused, variant=variant, same=same_layer,
                 contig=contiguous, st=stages, gmeta=gpu_meta, spare=spare_input,
                 noinline=finish_noinline, gap=gap_op, **median_summary(launches), **extra)
 
@@ -293,6 +294,7 @@ def main(argv=None) -> int:
                     help="a tiny kernel between layers (as the merge is between splits)")
     ap.add_argument("--finish-noinline", action="store_true",
                     help="the fused kernel's last-block merge as a call, not inlined")
+    ap.add_argument("--variant", default="auto", help="NativeCUDA's variant (auto, lean, ...)")
     a = cuda_args(ap, argv)
     if a is None:
         return 1
@@ -300,10 +302,11 @@ def main(argv=None) -> int:
     for b, ctx, c in int_cells(a.cells):
         rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
                                 a.contiguous, a.stages, a.gpu_meta, a.spare_input,
-                                a.finish_noinline, a.sm_report, a.gap_op))
+                                a.finish_noinline, a.sm_report, a.gap_op, a.variant))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
-    keys = [k for k in rows[0] if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms")]
+    keys = [k for k in rows[0]
+            if k not in ("B", "ctx", "chunks", "fused", "blocks", "sms", "variant")]
     print("\nus, medians over launches (block figures: percentiles over blocks)")
     print("| B | ctx | chunks | " + " | ".join(keys) + " |")
     print("|" + "--:|" * (3 + len(keys)))
