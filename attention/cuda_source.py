@@ -75,15 +75,16 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     "mma" where it applies with at least MMA_MIN_GROUP q heads per kv head (15-32% faster
     than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
     applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
-    16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md),
-    else "async".  "lean" (xred in fewer instructions: opt-in, being measured) where xred
-    applies, else "async"."""
+    16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md)
+    in its "lean" form (fewer instructions per token; tenth session: faster chained than
+    "xred" in most goal cells, see ADR 0004), else "async".  "xred" and "lean" run where
+    ``xred_applies``, else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     xred_ok = xred_applies(pool_dtype, group, head_dim)
     if variant == "auto":
         if mma_ok and group >= MMA_MIN_GROUP:
             return "mma"
-        return "xred" if xred_ok else "async"
+        return "lean" if xred_ok else "async"
     if (variant == "mma" and not mma_ok) or (variant in XRED_VARIANTS and not xred_ok):
         return "async"
     return variant

@@ -57,7 +57,7 @@ class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
 
     ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
-    head, else "xred" where it applies, else "async"; cuda_source.case_variant), "mma"
+    head, else "lean" where xred applies, else "async"; cuda_source.case_variant), "mma"
     (tensor-core products for float16/bfloat16; other dtypes go to "async"), "async" (FMA
     products, cp.async stage ring), "xred" (async with the row-group reduction through
     shared memory and one exp2 per score: head_dim 64, 16-bit K/V, 2 or 4 q heads per kv
