@@ -60,9 +60,10 @@ class NativeCUDA(DecodeAttention):
     head, else "lean" where xred applies, else "async"; cuda_source.case_variant), "mma"
     (tensor-core products for float16/bfloat16; other dtypes go to "async"), "async" (FMA
     products, cp.async stage ring), "xred" (async with the row-group reduction through
-    shared memory and one exp2 per score: head_dim 64, 16-bit K/V, 2 or 4 q heads per kv
-    head), "bulk" (FMA products,
-    page tiles by sm_90 bulk copies: opt-in, being measured) or "sync" (register loads);
+    shared memory and one exp2 per score: 16-bit K/V, head_dim 64 with 2 or 4 q heads per kv
+    head or 128 with 4), "lean" (xred in fewer instructions per token, the slab size
+    compiled in: one build per pool geometry), "bulk" (FMA products, page tiles by sm_90
+    bulk copies: opt-in) or "sync" (register loads);
     ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
     kernel resets) instead of a second launch.  ``None`` (default): per step, fused for

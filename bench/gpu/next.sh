@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU steps the ninth session prepared (docs/benchmarks/cuda-attention.md, "Next on the
-# GPU"), in one call after ../shared/gpu/README.md's set-up runs:
+# GPU steps in one call after ../shared/gpu/README.md's set-up runs (the tenth session ran
+# check and table; docs/benchmarks/cuda-attention.md, "Tenth session"):
 #   bash bench/gpu/next.sh [check] [table] [spread] [fused]
-# check: the float64 matrix for "lean" (and its split + merge form); table: the goal cells
-# with the default, lean and mma side by side; spread: whether slow SMs are slow every
-# launch; fused: the fused form with and without a tiny kernel between layers.
+# check: the float64 matrix for the default (and its split + merge form); table: the goal
+# cells with the default (lean where xred applies), xred and mma side by side; spread:
+# whether slow SMs are slow every launch; fused: the fused form with and without a tiny
+# kernel between layers.
 . bench/gpu/env.sh
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 for step in "$@"; do
   case $step in
     check)
-      CHECK_NATIVES=lean3,lean3s bash bench/gpu/kernel.sh check | tail -4 ;;
+      CHECK_NATIVES=auto3,auto3s bash bench/gpu/kernel.sh check | tail -4 ;;
     table)
-      timeout 400 python -m bench.cuda_kernel --table --natives auto3,lean3,mma3 --repeat 4 \
+      timeout 400 python -m bench.cuda_kernel --table --natives auto3,xred3,mma3 --repeat 4 \
         --batches ${NEXT_BATCHES:-4,8,16} --ctxs ${NEXT_CTXS:-16384,32768} \
         --out "$OUT/next-table" > "$OUT/next-table.log" 2>&1
       grep -v "^{" "$OUT/next-table.log" | grep -v -- "--:" ;;
