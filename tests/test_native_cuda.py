@@ -176,10 +176,19 @@ def _matrix():
     return CHECK_MATRIX
 
 
+GPU_MATRIX_CASES = 41  # len(bench.cuda_kernel.CHECK_MATRIX); checked on CPU below
+
+
+def test_gpu_matrix_covers_the_check_matrix():
+    """The CUDA-only cases below run every case of the matrix that bench.cuda_kernel
+    --check runs (a case added there must not go untested here)."""
+    assert len(_matrix()) == GPU_MATRIX_CASES
+
+
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["mma", "async", "bulk", "sync"])
-@pytest.mark.parametrize("case", range(39))
+@pytest.mark.parametrize("variant", ["auto", "lean", "xred", "mma", "async", "bulk", "sync"])
+@pytest.mark.parametrize("case", range(GPU_MATRIX_CASES))
 def test_native_matches_float64(case, variant):
     from bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
 
