@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 import pytest
+from cuda_fakes import FakeKernel
 
 from attention import cuda_plan
 from attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
@@ -154,7 +155,7 @@ def test_scale_is_a_literal_of_the_source(monkeypatch):
     body = kernel_body(1, "split", "xred", 0.125)
     assert "qscale" not in body and f"{0.125 * LOG2E!r}f" in body
     log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64)
     nat = NativeCUDA(fused_merge=False)
     nat(q, pool, 0, batch, 0.125)
@@ -209,24 +210,12 @@ def test_native_matches_float64(case, variant):
         assert err < tol_for(dt, qdt)
 
 
-class _FakeKernel:
-    """Records launches instead of compiling (mx.fast.cuda_kernel runs only on CUDA)."""
-
-    def __init__(self, log, **spec):
-        self.log, self.spec = log, spec
-
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
-        self.log.append(dict(spec=self.spec, inputs=inputs, grid=grid, tg=threadgroup,
-                             template=dict(template), shapes=output_shapes))
-        return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
-
-
 @pytest.mark.parametrize("chunks, fused", [(1, True), (4, False), (4, True)])
 def test_launch_plumbing(monkeypatch, chunks, fused):
     from bench.cuda_kernel import make_case
 
     log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case((5, 300, 1029), 14, 2, 64, 16, mx.float16, 24, layers=2)
     nat = NativeCUDA(fused_merge=fused)
     out = nat._run(q, pool, 0, batch, 0.125, chunks)
@@ -271,7 +260,7 @@ def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_g
     from bench.cuda_kernel import make_case
 
     log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case((5, 300), hq, hkv, 64, 16, dt, 24)
     q = q.astype(qdt)
     nat = NativeCUDA(variant="mma", stages=3)
@@ -291,7 +280,7 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     from bench.cuda_kernel import make_case
 
     log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64, layers=3)
     nat = NativeCUDA(fused_merge=False)
     for layer in range(3):
@@ -313,7 +302,7 @@ def test_default_fuses_the_merge_for_small_layers_only(monkeypatch, lens, fused)
     from bench.cuda_kernel import make_case
 
     log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case(lens, 32, 8, 64, 16, mx.float16, 1024, layers=2)
     assert plan_fused(len(lens), max(lens), 8, 64, 2) is fused
     nat = NativeCUDA()
@@ -390,100 +379,3 @@ def test_slab_inputs_fixed_for_a_growing_pool():
     big.grow(40)
     assert pool_slab_inputs(big) == 64  # past the cap: buckets as before
     assert pool_slab_inputs(SlabPool(g, initial_slabs=3)) == 4  # size unknown
-
-
-@pytest.mark.parametrize(
-    "dt, qdt, hq, hkv, want",
-    [
-        (mx.float16, mx.float16, 32, 8, "lean"),  # 4 q heads per kv head: FMA measured faster
-        (mx.bfloat16, mx.bfloat16, 16, 8, "lean"),
-        (mx.float32, mx.float32, 32, 8, "async"),  # float32 pool: no xred
-        (mx.bfloat16, mx.bfloat16, 14, 2, "mma"),  # 7: tensor cores measured faster
-        (mx.float16, mx.float16, 64, 4, "mma"),
-        (mx.float32, mx.float32, 14, 2, "async"),  # no f32 tensor-core path
-        (mx.float16, mx.float32, 14, 2, "async"),  # mixed dtypes
-        (mx.float16, mx.float32, 32, 8, "lean"),  # mixed dtypes: xred reads q as TQ
-    ],
-)
-def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
-    from bench.cuda_kernel import make_case
-
-    pool, batch, q = make_case((300, 2000), hq, hkv, 64, 16, dt, 64)
-    q = q.astype(qdt)
-    nat = NativeCUDA()
-    assert nat.variant == "auto" and nat._case(q, pool.geom)[0] == want
-    params = nat._plan_params(q, pool.geom)
-    assert params.min_chunk_tokens == (1024 if want == "mma" else 256)
-    # B=8 at 16k with 14/2 heads: the mma plan keeps chunks >= 1024 tokens (16 chunks)
-    if want == "mma" and hq == 14:
-        assert plan_chunks(8, 16384, nat._head_blocks(q, pool.geom), 1024, params) == 16
-
-
-def test_bulk_variant_shares_the_async_ring_and_plan():
-    """The bulk variant holds the same bytes per stage as the async one (page-row order
-    instead of per-thread slots), uses its unit, and scales the plan's residency with
-    its shared memory when the ring is deeper."""
-    from attention.cuda_source import case_variant, smem_bytes
-
-    assert case_variant("bulk", mx.float32, mx.float32, 4) == "bulk"
-    for dsize, d, stages in [(2, 64, 3), (2, 128, 4), (4, 64, 2)]:
-        assert smem_bytes("bulk", dsize, d, 4, 4, stages) == smem_bytes("async", dsize, d, 4,
-                                                                          4, stages)
-    assert unit_tokens(4, "bulk") == unit_tokens(4, "async") == 4
-    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
-    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
-    assert NativeCUDA(variant="bulk")._plan_params(q, geom).blocks_per_sm == 4
-    deep = NativeCUDA(variant="bulk", stages=6)._plan_params(q, geom)  # 96 KiB rings
-    assert deep.blocks_per_sm == 2
-
-
-def test_xred_variant_takes_only_its_shapes():
-    """"xred" (the async ring with the row-group reduction in shared memory) runs a 16-bit
-    pool with head_dim 64 and 2 or 4 q heads per kv head, or head_dim 128 and 4; anything
-    else runs "async", with
-    the same ring, unit and plan; its kernel body instantiates the async kernel with the
-    reduction flag."""
-    from attention.cuda_source import case_variant, kernel_body, smem_bytes
-
-    assert case_variant("xred", mx.float16, mx.float16, 4, 64) == "xred"
-    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 2, 64) == "xred"
-    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 4, 128) == "xred"  # 16 lanes a row
-    for args in [(mx.float32, mx.float32, 4, 64), (mx.float16, mx.float16, 8, 64),
-                 (mx.float16, mx.float16, 2, 128), (mx.float16, mx.float16, 7, 64),
-                 (mx.float16, mx.float16, 4, None), (mx.float16, mx.float16, 4, 256)]:
-        assert case_variant("xred", *args) == "async", args
-    assert smem_bytes("xred", 2, 64, 4, 4, 3) == smem_bytes("async", 2, 64, 4, 4, 3)
-    assert unit_tokens(4, "xred") == 4
-    body = kernel_body(2, "split", "xred")
-    assert "pooled_decode_async<" in body and "false, true>" in body
-    assert ", true>" not in kernel_body(2, "split", "async")
-    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
-    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
-    nat = NativeCUDA(variant="xred")
-    assert nat._case(q, geom) == ("xred", 4)
-    assert nat._plan_params(q, geom) == NativeCUDA(variant="async")._plan_params(q, geom)
-
-
-def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
-    """"lean" (xred in fewer instructions; opt-in) runs where xred does, else "async"; its
-    body instantiates the async kernel with the reduction and lean flags and has the pool's
-    slab size as a literal, so pools of two slab sizes get two kernels; the default
-    variants keep reading the slab size from the first slab's shape."""
-    from attention.cuda_source import case_variant, kernel_body
-    from bench.cuda_kernel import make_case
-
-    assert case_variant("lean", mx.float16, mx.float16, 4, 64) == "lean"
-    assert case_variant("lean", mx.float16, mx.float16, 7, 64) == "async"
-    body = kernel_body(2, "split", "lean", 0.125, 4096)
-    assert "pooled_decode_async<" in body and "false, true, true>" in body
-    assert "table_shape[1], 4096," in body
-    assert "k0_shape[0] / (HKV * BS)" in kernel_body(2, "split", "xred", 0.125)
-    log: list = []
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _FakeKernel(log, **kw))
-    nat = NativeCUDA(variant="lean", fused_merge=False)
-    for sb in (64, 128):
-        pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, sb)
-        nat._run(q, pool, 0, batch, 0.125, 4)
-        assert f"table_shape[1], {sb}," in log[-2]["spec"]["source"]
-    splits = {e["spec"]["name"] for e in log if "_split_" in e["spec"]["name"]}
-    assert len(splits) == 2  # one build per slab size
