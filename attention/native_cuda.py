@@ -130,7 +130,10 @@ class NativeCUDA(DecodeAttention):
         """Run the direct and split variants that ``pool`` needs on a private two-block
         pool of random pages (the live pool may still be zeros): one sequence of
         ``block_size + 3`` tokens over the last slab and slab 0, against SDPA in float32 on
-        the gathered pages.  Fixed random keys: the global random state is not touched."""
+        the gathered pages.  Fixed random keys: the global random state is not touched.
+        The source's literals (the softmax scale; lean's slab size) take the probe's values,
+        so the live kernel, which differs from the probed one only in them, compiles on
+        first use."""
         g = pool.geom
         ns = pool_slab_inputs(pool)
         geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
