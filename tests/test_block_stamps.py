@@ -4,6 +4,7 @@ per-layer cost) on synthetic data; the measurements themselves need CUDA."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from cuda_fakes import FakeKernel
 
 from bench.block_stamps import FIELDS, MARKS, median_summary, persistence, summarize_launch
 from bench.cuda_kernel import chain, int_cells
@@ -60,15 +61,7 @@ def test_stamped_kernel_plumbing(monkeypatch, fused):
     from bench.cuda_kernel import make_case
 
     launches: list = []
-
-    def fake_kernel(**spec):
-        def run(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template):
-            launches.append(dict(spec=spec, inputs=inputs, shapes=output_shapes))
-            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes,
-                                                         strict=True)]
-        return run
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(launches, **kw))
     pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, 64)
     nat = StampedCUDA(fused_merge=fused, gpu_meta=True)
     out = nat._run(q, pool, 0, batch, 0.125, 4)
