@@ -138,24 +138,32 @@ def _pct(xs: np.ndarray, p: float) -> float:
     return float(np.percentile(xs, p)) if xs.size else float("nan")
 
 
+def _launch_blocks(stamps: np.ndarray) -> tuple:
+    """One launch's stamps as ``[blocks, FIELDS]`` floats, the mask of full blocks (marks
+    1-3 set: not an empty chunk), each block's index into the per-SM counts, the blocks
+    per SM, and each block's token loop (us)."""
+    st = stamps.reshape(-1, FIELDS).astype(np.float64)
+    full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
+    _, sm_of, per_sm = np.unique(st[:, MARKS + 1], return_inverse=True, return_counts=True)
+    return st, full, sm_of, per_sm, (st[:, 3] - st[:, 2]) / 1e3
+
+
 def summarize_launch(stamps: np.ndarray) -> dict:
     """Microsecond figures of one launch from its ``[blocks, FIELDS]`` stamps (ns).  Blocks
     that returned before their token loop (empty chunks) have zero marks 1-3 and count
     only in span, start and end figures.  Prologue figures are from the block's start:
     ``entry`` (the slab table in shared memory), ``lengths`` (its length read),
     ``q`` (its q rows read), ``issued`` (the first stages' table reads and copies issued)."""
-    st = stamps.reshape(-1, FIELDS).astype(np.float64)
+    st, full, sm_of, per_sm, loop = _launch_blocks(stamps)
+    loop = loop[full]
     t0 = st[:, 0].min()
     start, end = st[:, 0] - t0, st[:, MARKS] - t0
-    full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
 
     def since_start(k: int) -> np.ndarray:
         return (st[full, k] - st[full, 0]) / 1e3
 
-    loop = (st[full, 3] - st[full, 2]) / 1e3
     tail = (st[full, MARKS] - st[full, 3]) / 1e3
     block = (end - start) / 1e3
-    sms, sm_of, per_sm = np.unique(st[:, MARKS + 1], return_inverse=True, return_counts=True)
     crowded = (per_sm[sm_of] == per_sm.max())[full]  # blocks on the most loaded SMs
     out = dict(blocks=int(st.shape[0]), span=end.max() / 1e3, start_max=start.max() / 1e3)
     for name, k in (("entry", 4), ("lengths", 5), ("q", 6)):
@@ -167,7 +175,7 @@ def summarize_launch(stamps: np.ndarray) -> dict:
         loop_p50_crowded=_pct(loop[crowded], 50), loop_p50_other=_pct(loop[~crowded], 50),
         tail_p50=_pct(tail, 50), tail_max=_pct(tail, 100),
         block_p50=_pct(block, 50), block_max=block.max(), end_p10=_pct(end, 10) / 1e3,
-        sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(sms.size))
+        sm_blocks=f"{per_sm.min()}-{per_sm.max()}", sms=int(per_sm.size))
     return out
 
 
@@ -201,12 +209,9 @@ def persistence(raw: list[np.ndarray]) -> dict:
     residual's spread (us)."""
     rows = []
     for stamps in raw:
-        st = stamps.reshape(-1, FIELDS).astype(np.float64)
-        full = (st[:, 1] > 0) & (st[:, 2] > 0) & (st[:, 3] > 0)
+        st, full, sm_of, per_sm, loop = _launch_blocks(stamps)
         sm = st[:, MARKS + 1].astype(np.int64)
-        _, sm_of, per_sm = np.unique(sm, return_inverse=True, return_counts=True)
         crowd = per_sm[sm_of]
-        loop = (st[:, 3] - st[:, 2]) / 1e3
         resid = np.full(st.shape[0], np.nan)
         for c in np.unique(crowd[full]):
             sel = full & (crowd == c)
@@ -300,9 +305,11 @@ def main(argv=None) -> int:
         return 1
     rows = []
     for b, ctx, c in int_cells(a.cells):
-        rows.append(cell_stamps(b, ctx, c, a.layers, a.evals, a.fused, a.same_layer,
-                                a.contiguous, a.stages, a.gpu_meta, a.spare_input,
-                                a.finish_noinline, a.sm_report, a.gap_op, a.variant))
+        rows.append(cell_stamps(
+            b, ctx, c, a.layers, a.evals, a.fused, same_layer=a.same_layer,
+            contiguous=a.contiguous, stages=a.stages, gpu_meta=a.gpu_meta,
+            spare_input=a.spare_input, finish_noinline=a.finish_noinline,
+            sm_report=a.sm_report, gap_op=a.gap_op, variant=a.variant))
         print(json.dumps(rows[-1]), flush=True)
         mx.clear_cache()
     keys = [k for k in rows[0]
