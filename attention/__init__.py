@@ -8,10 +8,10 @@ tests, benchmarks).
 
 from __future__ import annotations
 
-from attention.base import DecodeAttention, DecodeBatch
-from attention.gather import GatherSDPA
-from attention.prefill import prefill_attention
-from attention.selector import Decision, Path, Reason, Selector
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.prefill import prefill_attention
+from slabserve.attention.selector import Decision, Path, Reason, Selector
 
 _SELECTOR: Selector | None = None
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import mlx.core as mx
-
-from kvcache.arrays import host_array
-from kvcache.pool import GatherPlan, PoolGeometry, SlabPool
+from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool
 
 
 @dataclass

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import mlx.core as mx
-
-from attention.base import DecodeBatch
-from attention.gather import GatherSDPA
-from attention.profile import Profile, ProfileEntry, device_id, load_for_device, profile_path
-from attention.selector import Selector, current_backend, make_key
-from kvcache.pool import PoolGeometry, SlabPool
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.profile import (
+    Profile,
+    ProfileEntry,
+    device_id,
+    load_for_device,
+    profile_path,
+)
+from slabserve.attention.reference import random_case
+from slabserve.attention.selector import Selector, current_backend, make_key
+from slabserve.kvcache.pool import PoolGeometry
 
 MANY_SLABS = 8
 SHORT = {"batches": [1, 8], "contexts": [1024, 4096], "slabs": ["one", "many"]}
@@ -33,27 +37,12 @@ SHORT = {"batches": [1, 8], "contexts": [1024, 4096], "slabs": ["one", "many"]}
 def build_case(q_heads: int, kv_heads: int, head_dim: int, dtype: str, batch: int,
                ctx: int, slabs: str, block_size: int = 16, pool_layers: int = 1,
                seed: int = 0):
-    """(q, pool, batch) with random pages: ``slabs`` "one" (one slab holds everything)
-    or "many" (8 slabs), tables shuffled across the pool, every sequence at ``ctx``."""
-    rng = random.Random(seed)
-    dt = getattr(mx, dtype)
-    nblk = -(-ctx // block_size)
-    nslabs = 1 if slabs == "one" else MANY_SLABS
-    sb = -(-(batch * nblk) // nslabs)
-    geom = PoolGeometry(pool_layers, kv_heads, head_dim, block_size, sb, dt)
-    pool = SlabPool(geom, 0)
-    mx.random.seed(seed)
-    for layer in range(pool_layers):
-        for side in (pool.k[layer], pool.v[layer]):
-            for _ in range(nslabs):
-                side.append(mx.random.normal((sb * kv_heads * block_size, head_dim)).astype(dt))
-            mx.eval(side)
-    ids = list(range(nslabs * sb))
-    rng.shuffle(ids)
-    tables = [ids[b * nblk:(b + 1) * nblk] for b in range(batch)]
-    q = mx.random.normal((batch, q_heads, 1, head_dim)).astype(dt)
-    mx.eval(q)
-    return q, pool, DecodeBatch(geom, tables, [ctx] * batch)
+    """(q, pool, batch) with random pages (reference.random_case): ``slabs`` "one" (one
+    slab holds everything) or "many" (MANY_SLABS slabs), tables shuffled across the pool,
+    every sequence at ``ctx``."""
+    return random_case([ctx] * batch, q_heads, kv_heads, head_dim, block_size,
+                       getattr(mx, dtype), slabs=1 if slabs == "one" else MANY_SLABS,
+                       layers=pool_layers, seed=seed)
 
 
 def chain(fn, q, layers: int, pool_layers: int):
@@ -142,8 +131,7 @@ def calibrate_startup(q_heads: int, geom: PoolGeometry, cache_dir: Path,
                       log=print) -> Profile:
     """``slabserve serve --calibrate``: the short grid for the served model's geometry,
     merged into this device's profile, saved, and installed in the process's selector."""
-    import attention
-
+    from slabserve import attention
     dtype = str(geom.dtype).rsplit(".", 1)[-1]
     entries = calibrate_geometry(q_heads, geom.kv_heads, geom.head_dim, dtype,
                                  block_size=geom.block_size, short=True, log=log)
@@ -154,7 +142,7 @@ def calibrate_startup(q_heads: int, geom: PoolGeometry, cache_dir: Path,
 
 def model_geometry(model: str | None, dtype: str | None) -> tuple[int, int, int, str]:
     """(q_heads, kv_heads, head_dim, dtype) from a model directory's config.json."""
-    from engine.loader import resolve_model_path
+    from slabserve.engine.loader import resolve_model_path
 
     cfg = json.loads((resolve_model_path(model) / "config.json").read_text())
     hq = cfg["num_attention_heads"]

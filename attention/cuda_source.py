@@ -9,8 +9,7 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
-
-from kvcache.pool import PoolGeometry, SlabPool
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"

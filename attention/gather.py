@@ -4,9 +4,8 @@ with a mask for ragged lengths.  Portable: runs on every backend, declines nothi
 from __future__ import annotations
 
 import mlx.core as mx
-
-from attention.base import DecodeAttention, DecodeBatch
-from kvcache.pool import SlabPool
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.kvcache.pool import SlabPool
 
 
 def gather_kv(pool: SlabPool, layer: int, batch: DecodeBatch) -> tuple[mx.array, mx.array]:

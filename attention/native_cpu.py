@@ -25,9 +25,8 @@ from enum import Enum
 
 import mlx.core as mx
 import numpy as np
-
-from attention.base import DecodeAttention, DecodeBatch
-from kvcache.pool import SlabPool
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.kvcache.pool import SlabPool
 
 # Masked positions get this (finite, so a chunk that is all padding for a sequence
 # gives weight exp(-1e30 - m) = 0 at the merge instead of NaN).

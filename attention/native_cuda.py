@@ -26,10 +26,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
-
-from attention.base import DecodeAttention, DecodeBatch
-from attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
-from attention.cuda_source import (
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
+from slabserve.attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
     MAX_GROUP,
@@ -49,8 +48,8 @@ from attention.cuda_source import (
     smem_bytes,
     unit_tokens,
 )
-from attention.gather import gather_kv
-from kvcache.pool import PoolGeometry, SlabPool
+from slabserve.attention.gather import gather_kv
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 
 class NativeCUDA(DecodeAttention):

@@ -14,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-
-from attention.cuda_plan import DEFAULT_PARAMS, PlanParams
-from attention.native_cuda import NativeCUDA
+from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams
+from slabserve.attention.native_cuda import NativeCUDA
 
 METAL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.metal"
 METAL_THREADS = 64

@@ -28,11 +28,10 @@ from __future__ import annotations
 from functools import cache
 
 import mlx.core as mx
-
-from attention import host_math
-from attention.base import DecodeBatch
-from attention.gather import gather_kv
-from kvcache.pool import SlabPool
+from slabserve.attention import host_math
+from slabserve.attention.base import DecodeBatch
+from slabserve.attention.gather import gather_kv
+from slabserve.kvcache.pool import SlabPool
 
 _OVERRIDE: int | None = None
 _Q_STEP = 128  # q lengths above this round up to a multiple of it

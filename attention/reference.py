@@ -1,16 +1,20 @@
-"""Float64 reference for paged decode attention (numpy; for tests and benchmarks).
+"""Float64 references for paged attention, and the random paged cases they are checked on
+(numpy and MLX on any device; no GPU needed): the one home of both for the tests, the
+calibration (attention/calibrate.py) and the benchmarks (bench/attention.py,
+bench/cuda_kernel.py).
 
-It reads the pool block by block through the block tables, independently of every
-MLX path, so a bug shared by gather and native (e.g. in ``GatherPlan``) still shows.
+``reference_decode`` reads the pool block by block through the block tables, independently
+of every MLX path, so a bug shared by gather and native (e.g. in ``GatherPlan``) still
+shows.  ``random_case`` never touches MLX's global random state (its draws take keys from
+``seed``).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-
-from attention.base import DecodeBatch
-from kvcache.pool import SlabPool
+from slabserve.attention.base import DecodeBatch
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 
 def _page(pool: SlabPool, layer: int, side: int, block: int) -> np.ndarray:
@@ -38,3 +42,58 @@ def reference_decode(
             p = np.exp(s - s.max())
             out[i, head, 0] = (p / p.sum()) @ v[head // group]
     return out
+
+
+def causal_reference(q, k, v, start: int, scale: float) -> np.ndarray:
+    """float64 causal attention (prefill): q ``[H, L, D]`` at positions ``start..``, k/v
+    ``[Hkv, n, D]`` (GQA: H a multiple of Hkv); query i sees keys ``j <= start + i``."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    rep = q.shape[0] // k.shape[0]
+    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+    s = np.einsum("hld,hnd->hln", q, k) * scale
+    pos = start + np.arange(q.shape[1])[:, None]
+    s = np.where(np.arange(k.shape[1])[None, :] <= pos, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
+
+
+def random_case(lengths, q_heads: int, kv_heads: int, head_dim: int, block_size: int = 16,
+                dtype=mx.float32, *, slabs: int | None = None, slab_blocks: int | None = None,
+                layers: int = 1, seed: int = 0, contiguous: bool = False,
+                max_slabs: int | None = None) -> tuple[mx.array, SlabPool, DecodeBatch]:
+    """(q ``[B, q_heads, 1, head_dim]``, pool, batch) for sequences of ``lengths`` tokens,
+    everything evaluated.  The pool has ``slabs`` slabs sized so the batch's blocks fill
+    them, or slabs of ``slab_blocks`` blocks, as many as the batch needs (give one of the
+    two); every layer's K and V and q are standard normal draws in ``dtype``.  Tables are
+    consecutive runs of a random permutation of every block of the pool, so a sequence's
+    pages are out of order and spread over the slabs; ``contiguous``: consecutive block ids
+    instead (what the server's lowest-id-first allocator hands a prompt prefilled alone).
+    ``max_slabs``: the pool's declared capacity (sets the CUDA kernel's slab inputs)."""
+    need = sum(-(-n // block_size) for n in lengths)
+    if (slabs is None) == (slab_blocks is None):
+        raise ValueError("give exactly one of slabs and slab_blocks")
+    if slabs is None:
+        slabs = max(1, -(-need // slab_blocks))
+    else:
+        slab_blocks = max(1, -(-need // slabs))
+    geom = PoolGeometry(layers, kv_heads, head_dim, block_size, slab_blocks, dtype)
+    pool = SlabPool(geom, max_slabs=max_slabs)
+    keys = iter(mx.random.split(mx.random.key(seed), 2 * layers * slabs + 1))
+    rows = slab_blocks * kv_heads * block_size
+    for layer in range(layers):
+        for side in (pool.k, pool.v):
+            side[layer] = [mx.random.normal((rows, head_dim), key=next(keys)).astype(dtype)
+                           for _ in range(slabs)]
+            mx.eval(side[layer])
+    ids = np.arange(slabs * slab_blocks)
+    if not contiguous:
+        ids = np.random.default_rng(seed).permutation(ids)
+    tables, i = [], 0
+    for n in lengths:
+        k = -(-n // block_size)
+        tables.append(ids[i:i + k].tolist())
+        i += k
+    batch = DecodeBatch(geom, tables, list(lengths))
+    q = mx.random.normal((len(lengths), q_heads, 1, head_dim), key=next(keys)).astype(dtype)
+    mx.eval(q, batch.table_array, batch.lengths_array)
+    return q, pool, batch

@@ -36,11 +36,10 @@ from pathlib import Path as FsPath
 from typing import NamedTuple
 
 import mlx.core as mx
-
-from attention.base import DecodeAttention, DecodeBatch
-from attention.gather import GatherSDPA
-from attention.profile import Profile
-from kvcache.pool import SlabPool
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.profile import Profile
+from slabserve.kvcache.pool import SlabPool
 
 log = logging.getLogger("slabserve.attention")
 
@@ -154,9 +153,9 @@ def _rule_metal(key: SelectorKey) -> tuple[Path, str]:
 RULES = {"cpu": _rule_cpu, "cuda": _rule_cuda, "metal": _rule_metal}
 
 NATIVE_IMPLS = {
-    "cpu": ("attention.native_cpu", "NativeCPU"),
-    "cuda": ("attention.native_cuda", "NativeCUDA"),
-    "metal": ("attention.native_metal", "NativeMetal"),
+    "cpu": ("slabserve.attention.native_cpu", "NativeCPU"),
+    "cuda": ("slabserve.attention.native_cuda", "NativeCUDA"),
+    "metal": ("slabserve.attention.native_metal", "NativeMetal"),
 }
 
 
@@ -238,7 +237,8 @@ class Selector:
     @classmethod
     def from_env(cls) -> Selector:
         """Override and trace path from slabserve.env, profile from this device's file."""
-        from attention.profile import load_for_device
+        from slabserve.attention.profile import load_for_device
+
         from slabserve import env
 
         return cls(env.paged_attention_native(), load_for_device(env.cache_dir()),

@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
-
-from attention.base import DecodeBatch
-from attention.calibrate import build_case, time_chain, time_paths
-from attention.gather import GatherSDPA, length_mask
-from attention.profile import device_id, load_for_device
-from attention.selector import Selector, current_backend, make_key
-from kvcache.pool import SlabPool
+from slabserve.attention.base import DecodeBatch
+from slabserve.attention.calibrate import build_case, time_chain, time_paths
+from slabserve.attention.gather import GatherSDPA, length_mask
+from slabserve.attention.profile import device_id, load_for_device
+from slabserve.attention.selector import Selector, current_backend, make_key
+from slabserve.kvcache.pool import SlabPool
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
 
 def contiguous_fn(q, pool: SlabPool, batch: DecodeBatch, scale: float):
     """SDPA over K/V gathered once beforehand (untimed): attention without paging."""
-    from attention.gather import gather_kv
+    from slabserve.attention.gather import gather_kv
 
     kv = [gather_kv(pool, layer, batch) for layer in range(pool.geom.num_layers)]
     mx.eval(kv)

@@ -53,10 +53,9 @@ def _time_mlx_lm(model, prompt: list[int], n_decode: int) -> dict:
 
 def _time_engine(model, prompt: list[int], n_decode: int) -> dict:
     import mlx.core as mx
-
-    from engine.config import CacheConfig
-    from engine.runner import ModelRunner, SeqInput
-    from kvcache import blocks_needed
+    from slabserve.engine.config import CacheConfig
+    from slabserve.engine.runner import ModelRunner, SeqInput
+    from slabserve.kvcache import blocks_needed
 
     runner = ModelRunner(model, CacheConfig(kv_budget_bytes=1 << 30))
     total = len(prompt) + n_decode + 1
@@ -88,8 +87,8 @@ def worker(args: argparse.Namespace) -> dict:
     """Run inside the configured subprocess; returns the JSON-able result."""
     import mlx.core as mx
     from mlx_lm.utils import load
+    from slabserve.engine.embedded import ensure_model
 
-    from engine.embedded import ensure_model
     from slabserve import blas, mlxmem
 
     st = blas.status()
@@ -125,7 +124,7 @@ def _child_env(config: str, library: str | None) -> dict[str, str]:
 
 
 def _run_config(config: str, library: str | None, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "bench.blas", "--worker", config, *argv]
+    cmd = [sys.executable, "-m", "slabserve.bench.blas", "--worker", config, *argv]
     p = subprocess.run(cmd, env=_child_env(config, library), capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{config} worker failed ({p.returncode}):\n{p.stderr[-3000:]}")

@@ -1,6 +1,6 @@
 """Where a launch of the native split kernel spends its time, block by block (CUDA only).
 
-``python -m bench.block_stamps --cells 8:1024:8,8:4096:8,8:16384:8 [--layers 16]``
+``python -m slabserve.bench.block_stamps --cells 8:1024:8,8:4096:8,8:16384:8 [--layers 16]``
 
 Cells are ``B:ctx:chunks`` (chunks 0: the plan's).  The async / xred kernel is built with
 timing marks (``SLABSERVE_MARK`` in attention/kernels/pooled_decode.cu, empty in the
@@ -32,9 +32,8 @@ import statistics
 
 import mlx.core as mx
 import numpy as np
-
-from attention.native_cuda import NativeCUDA
-from bench.cuda_kernel import cuda_args, int_cells, make_case
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.bench.cuda_kernel import cuda_args, int_cells, make_case
 
 MARKS = 8  # SLABSERVE_MARK slots (attention/kernels/pooled_decode.cu's; 0: block start)
 FIELDS = MARKS + 2  # per block: the marks, then its end and its SM id
@@ -280,7 +279,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.block_stamps")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.block_stamps")
     ap.add_argument("--cells", default="8:1024:8,8:4096:8,8:16384:8,8:4096:16,1:32768:0")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--evals", type=int, default=3)

@@ -1,6 +1,6 @@
 """Where a burst of concurrent requests spends the engine's steps.
 
-``python -m bench.burst --model embedded:qwen2.5-0.5b --dtype bfloat16 --requests 8
+``python -m slabserve.bench.burst --model embedded:qwen2.5-0.5b --dtype bfloat16 --requests 8
 --prompt 1000 --max-tokens 32 --rounds 2``
 
 The in-process engine (scheduler + executor + runner, no HTTP) gets ``--requests`` prompts
@@ -20,10 +20,10 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import add_runner_args, load_runner
-from engine.build import assemble
-from scheduler.api import Request, SamplingParams
-from scheduler.config import SchedulerConfig
+from slabserve.bench.step_overhead import add_runner_args, load_runner
+from slabserve.engine.build import assemble
+from slabserve.scheduler.api import Request, SamplingParams
+from slabserve.scheduler.config import SchedulerConfig
 
 
 async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import bench
+from slabserve import bench
 
 
 def available() -> list[str]:

@@ -1,7 +1,7 @@
 """What bounds prefill on this CPU: BLAS matmuls vs MLX's elementwise transcendentals.
 
 ``slabserve bench cpu-ops`` (the launcher preloads OpenBLAS, as for the server; a bare
-``python -m bench.cpu_ops`` needs ``LD_PRELOAD`` set to libopenblas by hand).
+``python -m slabserve.bench.cpu_ops`` needs ``LD_PRELOAD`` set to libopenblas by hand).
 
 Times, at a Qwen2.5-0.5B MLP shape (hidden 896, intermediate 4864), float32: the gate
 projection's matmul for 256-1024 tokens (GFLOP/s), and the elementwise work around it
@@ -36,7 +36,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cpu_ops")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.cpu_ops")
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--intermediate", type=int, default=4864)
     ap.add_argument("--tokens", default="256,512,1024")

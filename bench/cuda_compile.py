@@ -1,6 +1,6 @@
 """Compile the native pooled decode kernels offline with ``nvcc`` (no GPU needed).
 
-``python -m bench.cuda_compile [--arch sm_90] [--variants mma,async,bulk,sync]``
+``python -m slabserve.bench.cuda_compile [--arch sm_90] [--variants mma,async,bulk,sync]``
 
 MLX compiles ``mx.fast.cuda_kernel`` sources with NVRTC on the GPU machine, where a compile
 error costs device time.  This wraps each kernel body the way MLX does (the header, then a
@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from attention.cuda_source import (
+from slabserve.attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,

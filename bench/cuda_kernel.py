@@ -1,6 +1,6 @@
 """GPU harness for the native pooled decode kernel (attention/native_cuda.py).
 
-``python -m bench.cuda_kernel [--check] [--sweep] [--table] [--layers N] [--out DIR]``
+``python -m slabserve.bench.cuda_kernel [--check] [--sweep] [--table] [--layers N] [--out DIR]``
 
 * ``--check``: correctness against a float64 reference (ragged lengths, GQA ratios, head_dim
   64/128, block sizes, one and several slabs, shuffled tables, forced chunk counts).
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-from attention.base import DecodeBatch
-from attention.cuda_plan import DEFAULT_PARAMS
-from attention.gather import GatherSDPA
-from attention.native_cuda import NativeCUDA
-from kvcache.pool import PoolGeometry, SlabPool
+from slabserve.attention.base import DecodeBatch
+from slabserve.attention.cuda_plan import DEFAULT_PARAMS
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 DT = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
 TOL = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}

@@ -1,6 +1,6 @@
 """``slabserve bench decode-step``: one full decode step as the server runs it, per path.
 
-``python -m bench.decode_step`` (or ``slabserve bench decode-step``).  For an embedded
+``python -m slabserve.bench.decode_step`` (or ``slabserve bench decode-step``).  For an embedded
 model (``--embedded NAME[:DTYPE]``), each batch ``B`` in ``--batches`` and context in
 ``--contexts``: ``B`` sequences with ``ctx`` cached tokens each decode one token per step
 through ``engine.executor.ModelExecutor.execute`` (what the scheduler's engine thread
@@ -57,7 +57,7 @@ def parse_tokens(s: str) -> int:
 
 def parse_model(spec: str) -> tuple[str, str]:
     """``NAME[:DTYPE]`` -> (name, dtype); dtype defaults to float32."""
-    from engine.embedded import SHAPES
+    from slabserve.engine.embedded import SHAPES
 
     name, _, dtype = spec.partition(":")
     dtype = dtype or "float32"
@@ -123,11 +123,11 @@ def load_runner(cfg: BenchConfig):
     """(runner, executor, weight bytes) for the embedded model, the pool capped at what
     ``mem_bytes`` leaves after the weights."""
     from mlx.utils import tree_flatten
+    from slabserve.engine.config import CacheConfig
+    from slabserve.engine.executor import ModelExecutor
+    from slabserve.engine.loader import load
+    from slabserve.engine.runner import ModelRunner
 
-    from engine.config import CacheConfig
-    from engine.executor import ModelExecutor
-    from engine.loader import load
-    from engine.runner import ModelRunner
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)
@@ -148,7 +148,7 @@ def transient_bytes(geom, batch: int, ctx: int) -> int:
 
 def cell_fits(runner, cfg: BenchConfig, weights: int, batch: int, ctx: int) -> str | None:
     """Why a cell cannot run within the budget, or None."""
-    from kvcache import blocks_needed
+    from slabserve.kvcache import blocks_needed
 
     g = runner.geom
     need = batch * blocks_needed(ctx + cfg.rounds, g.block_size)
@@ -166,7 +166,7 @@ def fast_fill(runner, batch: int, ctx: int, seed: int) -> list[list[int]]:
     """Allocate each sequence's blocks for positions ``[0, ctx]`` through the runner's
     allocator and overwrite every slab they touch, all layers, K and V, with random
     normal values in the pool dtype.  Returns the block tables."""
-    from kvcache import blocks_needed
+    from slabserve.kvcache import blocks_needed
 
     g = runner.geom
     need = blocks_needed(ctx + 1, g.block_size)
@@ -195,8 +195,8 @@ def fast_fill(runner, batch: int, ctx: int, seed: int) -> list[list[int]]:
 # ---- timing ----------------------------------------------------------------------------
 def _plan(runner, tables, tokens, pos: int, step: int, params):
     """The scheduler's part of a step: grow tables to cover ``pos``, one chunk each."""
-    from kvcache import blocks_needed
-    from scheduler.plan import ScheduledChunk, StepPlan
+    from slabserve.kvcache import blocks_needed
+    from slabserve.scheduler.plan import ScheduledChunk, StepPlan
 
     need = blocks_needed(pos + 1, runner.block_size)
     for t in tables:
@@ -209,8 +209,9 @@ def _plan(runner, tables, tokens, pos: int, step: int, params):
 
 def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ctx: int):
     """Fill, decode ``cfg.rounds`` interleaved rounds per path, release; one result dict."""
-    import attention
-    from scheduler.api import SamplingParams
+    from slabserve.scheduler.api import SamplingParams
+
+    from slabserve import attention
 
     free0 = runner.allocator.num_free
     tables = fast_fill(runner, batch, ctx, cfg.seed)
@@ -280,8 +281,9 @@ def used_label(res: dict) -> str:
 def run(cfg: BenchConfig, runner, executor, weights: int = 0, log=print) -> list[dict]:
     """Every cell (ascending batch, then context); skipped cells carry the reason.
     ``weights``: bytes of the model's weights (counted against ``cfg.mem_bytes``)."""
-    from attention.profile import load_for_device
-    from attention.selector import Selector
+    from slabserve.attention.profile import load_for_device
+    from slabserve.attention.selector import Selector
+
     from slabserve import env
 
     profile = load_for_device(env.cache_dir())
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {cfg.mem_bytes / 2**30:.1f} GiB; {mx.default_device()}", flush=True)
     cells = run(cfg, runner, executor, weights, log=lambda s: print(s, flush=True))
     full, short = tables(cells, cfg.paths)
-    from attention.selector import current_backend
+    from slabserve.attention.selector import current_backend
 
     stem = f"{current_backend()}-{cfg.model}-{cfg.dtype}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Graph nodes of one engine forward, per layer: what the host pays for per step.
 
-``python -m bench.graph_nodes --model embedded:qwen2.5-0.5b --batch 8``
+``python -m slabserve.bench.graph_nodes --model embedded:qwen2.5-0.5b --batch 8``
 
 On a GPU each MLX graph node costs host time to encode (~10-14 us measured on an H200:
 ``bench.cuda_kernel``'s tiny-op overhead), which is most of a decode step there
@@ -19,9 +19,13 @@ import re
 from collections import Counter
 
 import mlx.core as mx
-
-from bench.step_overhead import add_runner_args, allocate_tokens, eval_replaced, load_runner
-from engine.runner import SeqInput
+from slabserve.bench.step_overhead import (
+    add_runner_args,
+    allocate_tokens,
+    eval_replaced,
+    load_runner,
+)
+from slabserve.engine.runner import SeqInput
 
 
 def count(runner, prefills, decodes) -> Counter:
@@ -36,7 +40,7 @@ def count(runner, prefills, decodes) -> Counter:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.graph_nodes")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.graph_nodes")
     add_runner_args(ap, dtype="float32", kv_gib=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=100)

@@ -1,7 +1,7 @@
 """Host math (attention/host_math.py) against MLX's own CPU ops, side by side in one run.
 
 ``slabserve bench host-math`` (the launcher preloads OpenBLAS, as for the server; a bare
-``python -m bench.host_math`` needs ``LD_PRELOAD`` set to libopenblas by hand).
+``python -m slabserve.bench.host_math`` needs ``LD_PRELOAD`` set to libopenblas by hand).
 
 1. Per-layer ops at Qwen2.5-0.5B shapes, float32: causal prefill attention (14 q heads,
    2 kv heads, head_dim 64; ``L`` queries over ``n`` keys) as MLX's SDPA vs
@@ -22,11 +22,10 @@ import time
 
 import mlx.core as mx
 from mlx_lm.models.activations import swiglu
-
-from attention import host_math as hm
-from bench.cpu_ops import median_ms
-from bench.step_overhead import add_runner_args, allocate_tokens, load_runner
-from engine.runner import SeqInput
+from slabserve.attention import host_math as hm
+from slabserve.bench.cpu_ops import median_ms
+from slabserve.bench.step_overhead import add_runner_args, allocate_tokens, load_runner
+from slabserve.engine.runner import SeqInput
 
 
 def ops_table(reps: int) -> None:

@@ -1,6 +1,6 @@
 """Where a forward's time goes: building the graph on the host vs evaluating it.
 
-``python -m bench.host_split --model embedded:qwen2.5-0.5b --dtype bfloat16 --decodes 8``
+``python -m slabserve.bench.host_split --model embedded:qwen2.5-0.5b --dtype bfloat16 --decodes 8``
 
 ``ModelRunner.forward`` builds the step's lazy graph in Python and then calls ``mx.eval``.
 This times the two halves separately (``mx.eval`` is intercepted, so the build ends where
@@ -26,8 +26,13 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import add_runner_args, allocate_tokens, eval_replaced, load_runner
-from engine.runner import SeqInput
+from slabserve.bench.step_overhead import (
+    add_runner_args,
+    allocate_tokens,
+    eval_replaced,
+    load_runner,
+)
+from slabserve.engine.runner import SeqInput
 
 
 def timed_forward(runner, pre, dec) -> tuple[float, float]:
@@ -55,7 +60,7 @@ def median_split(runner, make, reps: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.host_split")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.host_split")
     add_runner_args(ap)
     ap.add_argument("--decodes", type=int, default=8)
     ap.add_argument("--ctxs", default="16,4000,16000")

@@ -9,7 +9,7 @@ Pools compared in one run, same geometry and the same 8 sequences:
   * big-slab, donation defeated: the same write while another reference to the slab is
     held, which forces MLX to copy the array: what every write would cost without donation.
 
-Usage: python -m bench.kv_write [--out docs/benchmarks/kv-write.md] [--steps 50]
+Usage: python -m slabserve.bench.kv_write [--out docs/benchmarks/kv-write.md] [--steps 50]
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import statistics
 import time
 
 import mlx.core as mx
-
-from kvcache import PoolGeometry, SlabPool
-from kvcache.pool import WritePlan
+from slabserve.kvcache import PoolGeometry, SlabPool
+from slabserve.kvcache.pool import WritePlan
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 64, 16  # Llama-3.2-1B-like, fp16
 

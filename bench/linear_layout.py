@@ -2,7 +2,7 @@
 side in one run.
 
 ``slabserve bench linear-layout`` (the launcher preloads OpenBLAS, as for the server; a bare
-``python -m bench.linear_layout`` needs ``LD_PRELOAD`` set to libopenblas by hand).
+``python -m slabserve.bench.linear_layout`` needs ``LD_PRELOAD`` set to libopenblas by hand).
 
 The model is loaded twice (layout off, layout on: twice its weights in memory, ~4 GB for
 Qwen2.5-0.5B in float32), then, interleaved off / on:
@@ -19,15 +19,15 @@ import random
 import statistics
 
 import mlx.core as mx
-
-from bench.host_math import decode_s, interleaved, prefill_s, print_prefill_runs
-from bench.step_overhead import add_runner_args, allocate_tokens
-from engine.config import CacheConfig
-from engine.runner import ModelRunner, SeqInput
+from slabserve.bench.host_math import decode_s, interleaved, prefill_s, print_prefill_runs
+from slabserve.bench.step_overhead import add_runner_args, allocate_tokens
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.runner import ModelRunner, SeqInput
 
 
 def load_pair(a) -> dict[str, ModelRunner]:
-    from engine.loader import load
+    from slabserve.engine.loader import load
+
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)

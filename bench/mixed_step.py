@@ -1,6 +1,6 @@
 """Is a step that mixes prefill chunks and decodes dearer than its parts?
 
-``python -m bench.mixed_step --model embedded:qwen2.5-0.5b --dtype bfloat16 --ctx 16000``
+``python -m slabserve.bench.mixed_step --model embedded:qwen2.5-0.5b --dtype bfloat16 --ctx 16000``
 
 Drives ``ModelRunner.forward`` directly (no scheduler): sequence A is prefilled to
 ``--ctx`` tokens, then these forwards are timed (median of ``--reps`` after a warm-up):
@@ -17,8 +17,8 @@ import random
 import statistics
 import time
 
-from bench.step_overhead import add_runner_args, allocate_tokens, load_runner
-from engine.runner import SeqInput
+from slabserve.bench.step_overhead import add_runner_args, allocate_tokens, load_runner
+from slabserve.engine.runner import SeqInput
 
 
 def _time(runner, pre, dec, reps: int, advance: bool) -> float:
@@ -95,7 +95,7 @@ def _rows(a, decs, pres) -> list[tuple[str, list, list, bool]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.mixed_step")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.mixed_step")
     add_runner_args(ap)
     ap.add_argument("--ctx", type=int, default=16000)
     ap.add_argument("--prefix", type=int, default=8192)

@@ -2,7 +2,7 @@
 
 ``ncu --kernel-name regex:slabserve_pooled --launch-skip 2 --launch-count 1 --section
 SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis
-python -m bench.ncu_cell --natives async3,mma3 --batch 8 --ctx 16384``
+python -m slabserve.bench.ncu_cell --natives async3,mma3 --batch 8 --ctx 16384``
 (bench/gpu/kernel.sh ``ncu`` runs it; ``ncutime`` times every kernel at the GPU's own clocks
 with ``--sdpa``).  Each native runs ``--reps`` times on the same
 shuffled multi-slab pool (32/8/64 fp16, block 16) as the per-layer table.
@@ -14,12 +14,11 @@ import argparse
 import math
 
 import mlx.core as mx
-
-from bench.cuda_kernel import make_case, make_natives
+from slabserve.bench.cuda_kernel import make_case, make_natives
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.ncu_cell")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.ncu_cell")
     ap.add_argument("--natives", default="async3")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=16384)

@@ -1,6 +1,6 @@
 """Summarise ``ncu --metrics gpu__time_duration.sum --csv`` output of ``bench.ncu_cell``:
 per kernel name (shortened), the launches and their median duration in microseconds, in
-the order first seen.  ``python -m bench.ncu_times FILE.csv``"""
+the order first seen.  ``python -m slabserve.bench.ncu_times FILE.csv``"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Pool layout for gather-SDPA decode: blocks as [kv_heads, block, D] (head-major) vs
 [block, kv_heads, D] (token-major), both gathered into [B, kv_heads, ctx, D] for SDPA.
 
-Usage: python -m bench.pool_layout [--batch 8] [--ctx 4096] [--dtype float32]
+Usage: python -m slabserve.bench.pool_layout [--batch 8] [--ctx 4096] [--dtype float32]
 """
 
 from __future__ import annotations

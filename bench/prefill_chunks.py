@@ -24,7 +24,7 @@ Every call is synced (``mx.eval`` + ``mx.synchronize``).  One process; full resu
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m bench.prefill_chunks: OpenBLAS before mlx (CPU)
+if __name__ == "__main__":  # python -m slabserve.bench.prefill_chunks: OpenBLAS before mlx (CPU)
     from slabserve import blas
 
     blas.prepare_process()
@@ -39,10 +39,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
-
-from attention import prefill as pf  # noqa: E402
-from attention.base import DecodeBatch  # noqa: E402
-from kvcache.pool import PoolGeometry, SlabPool, WritePlan  # noqa: E402
+from slabserve.attention import prefill as pf  # noqa: E402
+from slabserve.attention.base import DecodeBatch  # noqa: E402
+from slabserve.kvcache.pool import PoolGeometry, SlabPool, WritePlan  # noqa: E402
 
 HEADS = ((14, 2, 64), (32, 8, 64))  # Qwen2.5-0.5B, Llama-3.2-1B-like
 BLOCK = 16
@@ -141,8 +140,8 @@ def _chunks(length: int, chunk: int, first: int | None) -> list[tuple[int, int]]
 
 def prefill_runner(runner, tokens: list[int], chunk: int, first: int | None) -> list[float]:
     """Per-chunk ms of one prompt through ``ModelRunner.forward``; frees its blocks."""
-    from engine.runner import SeqInput
-    from kvcache import blocks_needed
+    from slabserve.engine.runner import SeqInput
+    from slabserve.kvcache import blocks_needed
 
     table: list[int] = []
     times = []
@@ -182,9 +181,10 @@ def prefill_mlx_lm(model, tokens: list[int], chunk: int) -> list[float]:
 
 
 def runner_part(args) -> dict:
-    from engine.config import CacheConfig
-    from engine.loader import load
-    from engine.runner import ModelRunner
+    from slabserve.engine.config import CacheConfig
+    from slabserve.engine.loader import load
+    from slabserve.engine.runner import ModelRunner
+
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     meta = {"device": str(mx.default_device()), "mlx": mx.__version__,
             "python": platform.python_version(), "host": platform.node(),
-            "command": "python -m bench.prefill_chunks " + " ".join(argv or sys.argv[1:]),
+            "command": "python -m slabserve.bench.prefill_chunks " + " ".join(argv or sys.argv[1:]),
             "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"device {meta['device']} mlx {meta['mlx']} dtype {args.dtype}", flush=True)
     dtype = getattr(mx, args.dtype)

@@ -1,6 +1,6 @@
 """What reading a tiny array costs a GPU kernel under MLX's CUDA allocator.
 
-``python -m bench.scalar_pool [--ops 16] [--repeat 4]``
+``python -m slabserve.bench.scalar_pool [--ops 16] [--repeat 4]``
 
 MLX's CUDA allocator serves buffers of at most 8 bytes from a managed, read-mostly pool
 (kvcache/arrays.py).  This times chains of a tiny elementwise multiply (``y * s``, y of
@@ -23,9 +23,8 @@ import argparse
 import json
 
 import mlx.core as mx
-
-from bench.cuda_kernel import chain, gpu_name, per_layer
-from kvcache.arrays import host_array
+from slabserve.bench.cuda_kernel import chain, gpu_name, per_layer
+from slabserve.kvcache.arrays import host_array
 
 
 def operands() -> dict:
@@ -54,7 +53,7 @@ def measure(ops: int, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.scalar_pool")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.scalar_pool")
     ap.add_argument("--ops", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=4)
     a = ap.parse_args(argv)

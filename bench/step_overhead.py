@@ -1,6 +1,6 @@
 """Engine step overhead and inter-token latency under chunked prefill.
 
-``python -m bench.step_overhead`` (or ``slabserve bench step-overhead``):
+``python -m slabserve.bench.step_overhead`` (or ``slabserve bench step-overhead``):
 
 1. **Overhead**: B streams decode together (B = 1, 8, 32); for steady decode steps
    (exactly B decodes, no prefill) the engine's own step log splits each step into
@@ -22,10 +22,10 @@ import random
 import statistics
 import time
 
-from engine.build import EngineConfig, assemble, model_name
-from engine.config import CacheConfig
-from scheduler.api import Request, SamplingParams
-from scheduler.config import SchedulerConfig
+from slabserve.engine.build import EngineConfig, assemble, model_name
+from slabserve.engine.config import CacheConfig
+from slabserve.scheduler.api import Request, SamplingParams
+from slabserve.scheduler.config import SchedulerConfig
 
 GREEDY = dict(temperature=0.0)
 SAMPLED = dict(temperature=0.8, top_p=0.95)
@@ -161,8 +161,9 @@ def add_runner_args(ap: argparse.ArgumentParser, dtype: str = "bfloat16", kv_gib
 def load_runner(args):
     """(ModelRunner, tokenizer, served name) for ``args.model`` / ``--dtype`` / ``--kv-gib``
     (benchmarks that drive the engine in-process share it)."""
-    from engine.loader import load
-    from engine.runner import ModelRunner
+    from slabserve.engine.loader import load
+    from slabserve.engine.runner import ModelRunner
+
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)

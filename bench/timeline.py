@@ -1,6 +1,6 @@
 """Where a chained layer's time goes on the GPU: a kernel timeline of the per-layer table.
 
-``python -m bench.timeline --cells 8:16384,8:4096 --natives auto3 [--layers 16]``
+``python -m slabserve.bench.timeline --cells 8:16384,8:4096 --natives auto3 [--layers 16]``
 
 Runs the same chain as ``bench.cuda_kernel --table`` (16 layers in one graph, built before
 ``mx.eval``) for each native and for MLX SDPA on contiguous K/V, under PyTorch's profiler
@@ -28,8 +28,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-
-from bench.cuda_kernel import (
+from slabserve.bench.cuda_kernel import (
     chain,
     cuda_args,
     int_cells,
@@ -130,7 +129,7 @@ def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.timeline")
+    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.timeline")
     ap.add_argument("--cells", default="8:16384,8:4096,16:4096,4:16384,1:32768")
     ap.add_argument("--natives", default="auto3")
     ap.add_argument("--layers", type=int, default=16)

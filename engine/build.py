@@ -13,9 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import CacheConfig, RunnerConfig
-from scheduler.config import SchedulerConfig
-from scheduler.engine import AsyncLLMEngine
+from slabserve.engine.config import CacheConfig, RunnerConfig
+from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.engine import AsyncLLMEngine
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -67,8 +67,9 @@ def model_context(model, tokenizer) -> int:
 
 def build_engine(cfg: EngineConfig) -> AsyncLLMEngine:
     """Load and assemble (not started: ``await engine.start()``)."""
-    from engine.loader import load
-    from engine.runner import ModelRunner
+    from slabserve.engine.loader import load
+    from slabserve.engine.runner import ModelRunner
+
     from slabserve.mlxmem import configure_memory
 
     configure_memory(cfg.cache_limit_bytes)
@@ -84,8 +85,8 @@ def build_engine(cfg: EngineConfig) -> AsyncLLMEngine:
 def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str) -> AsyncLLMEngine:
     """Scheduler + executor + front around an existing ``ModelRunner`` (whose blocks must
     all be free); benchmarks use it to try scheduler settings on one loaded model."""
-    from engine.executor import ModelExecutor
-    from scheduler.scheduler import Scheduler
+    from slabserve.engine.executor import ModelExecutor
+    from slabserve.scheduler.scheduler import Scheduler
 
     max_context = model_context(runner.model, tokenizer)
     if sched_cfg.max_context is not None:

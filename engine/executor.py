@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 import mlx.core as mx
+from slabserve.engine import sampling
+from slabserve.engine.runner import ModelRunner, SeqInput
+from slabserve.kvcache.arrays import host_array
+from slabserve.scheduler.api import AttentionPath
+from slabserve.scheduler.executor import Executor
+from slabserve.scheduler.plan import SampledToken, ScheduledChunk, StepOutput, StepPlan
 
-import attention
-from engine import sampling
-from engine.runner import ModelRunner, SeqInput
-from kvcache.arrays import host_array
-from scheduler.api import AttentionPath
-from scheduler.executor import Executor
-from scheduler.plan import SampledToken, ScheduledChunk, StepOutput, StepPlan
+from slabserve import attention
 
 # the selector's override per path setting: True forces native, False gather, None = auto
 _OVERRIDES: dict[AttentionPath, bool | None] = {"auto": None, "native": True, "gather": False}

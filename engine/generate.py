@@ -4,9 +4,8 @@ in chunks, then decode all prompts as one ragged batch.  Used by tests and ``ben
 from __future__ import annotations
 
 import mlx.core as mx
-
-from engine.runner import ModelRunner, SeqInput
-from kvcache import blocks_needed
+from slabserve.engine.runner import ModelRunner, SeqInput
+from slabserve.kvcache import blocks_needed
 
 
 def _ensure(runner: ModelRunner, table: list[int], num_tokens: int) -> None:

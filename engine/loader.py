@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.embedded import SHAPES, ensure_model
+from slabserve.engine.embedded import SHAPES, ensure_model
 
 
 def resolve_model_path(model: str | None, dtype: str = "float32") -> Path:

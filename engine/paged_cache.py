@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-
-from attention import DecodeBatch, decode_attention, prefill_attention
-from kvcache.pool import SlabPool, WritePlan
+from slabserve.attention import DecodeBatch, decode_attention, prefill_attention
+from slabserve.kvcache.pool import SlabPool, WritePlan
 
 
 @dataclass

@@ -16,9 +16,8 @@ from __future__ import annotations
 import sys
 
 import mlx.nn as nn
-
-from attention import host_math
-from engine.paged_cache import PagedLayerCache
+from slabserve.attention import host_math
+from slabserve.engine.paged_cache import PagedLayerCache
 
 _ATTR = "scaled_dot_product_attention"
 _SWIGLU = "swiglu"

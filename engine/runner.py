@@ -12,16 +12,15 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from attention import DecodeBatch
-from attention import host_math as hmath
-from engine import linear_layout as linear_layout_mod
-from engine import patch
-from engine.config import CacheConfig
-from engine.paged_cache import ForwardContext, PagedLayerCache
-from kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
-from kvcache.arrays import host_array
-from kvcache.pool import WritePlan
+from slabserve.attention import DecodeBatch
+from slabserve.attention import host_math as hmath
+from slabserve.engine import linear_layout as linear_layout_mod
+from slabserve.engine import patch
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
+from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
+from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.pool import WritePlan
 
 # Architectures whose forward is ``model.model(inputs, cache)`` then a head, so prefill
 # can skip the LM head for all but the last position.  Others run the full model.

@@ -31,8 +31,7 @@ from mlx_lm.sample_utils import (
     make_presence_penalty,
     make_repetition_penalty,
 )
-
-from scheduler.api import SamplingParams, TokenLogprob
+from slabserve.scheduler.api import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 

@@ -3,8 +3,8 @@
 This package imports nothing else of slabserve's.
 """
 
-from kvcache.allocator import BlockAllocator
-from kvcache.block_table import BlockTable, blocks_needed
-from kvcache.pool import PoolGeometry, SlabPool
+from slabserve.kvcache.allocator import BlockAllocator
+from slabserve.kvcache.block_table import BlockTable, blocks_needed
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 __all__ = ["BlockAllocator", "BlockTable", "PoolGeometry", "SlabPool", "blocks_needed"]

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-
-from kvcache.arrays import host_array
+from slabserve.kvcache.arrays import host_array
 
 
 @dataclass(frozen=True)

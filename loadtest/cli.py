@@ -28,14 +28,20 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
-from loadtest.client import Endpoint
-from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
-from loadtest.grid import GridSpec, Stopped, build_prompts, run_compare, run_grid
-from loadtest.oneserver import run_one_server
-from loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
-from loadtest.report import failure_details, runs_markdown, write_csv, write_json, write_plots
-from loadtest.runner import RunResult
-from loadtest.servers import ROOT, STANDARD, kv_budget_args, mlx_lm_installed
+from slabserve.loadtest.client import Endpoint
+from slabserve.loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
+from slabserve.loadtest.grid import GridSpec, Stopped, build_prompts, run_compare, run_grid
+from slabserve.loadtest.oneserver import run_one_server
+from slabserve.loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
+from slabserve.loadtest.report import (
+    failure_details,
+    runs_markdown,
+    write_csv,
+    write_json,
+    write_plots,
+)
+from slabserve.loadtest.runner import RunResult
+from slabserve.loadtest.servers import ROOT, STANDARD, kv_budget_args, mlx_lm_installed
 
 
 def parse_size(text: str) -> int:
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--model", type=Path, help="model directory (tokenizer, EOS ids; served "
                      "by --compare)")
     tgt.add_argument("--embedded", help="embedded model NAME[:DTYPE] written via "
-                     "engine.embedded.ensure_model in a subprocess (e.g. qwen2.5-0.5b:float16)")
+                     "slabserve.engine.embedded.ensure_model in a subprocess (e.g. qwen2.5-0.5b:float16)")
     tgt.add_argument("--model-name", help="'model' field to send in --url mode (default none)")
     tgt.add_argument("--eos-mode", default="ignore_eos",
                      choices=("ignore_eos", "logit_bias", "none"),

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
-
-from loadtest.metrics import RequestRecord
-from loadtest.sse import ProtocolError, parse_line, sse_lines
+from slabserve.loadtest.metrics import RequestRecord
+from slabserve.loadtest.sse import ProtocolError, parse_line, sse_lines
 
 EosMode = Literal["ignore_eos", "logit_bias", "none"]
 EOS_BIAS = -100.0  # the OpenAI API's floor; enough to keep EOS from greedy argmax
@@ -42,8 +41,19 @@ class Endpoint:
 
 def build_body(ep: Endpoint, prompt: str, max_tokens: int) -> dict:
     """The JSON body of one greedy streaming ``/v1/completions`` request."""
+    return _greedy_body(ep, {"prompt": prompt}, max_tokens)
+
+
+def build_chat_body(ep: Endpoint, messages: list[dict], max_tokens: int) -> dict:
+    """The JSON body of one greedy streaming ``/v1/chat/completions`` request."""
+    return _greedy_body(ep, {"messages": [dict(m) for m in messages]}, max_tokens)
+
+
+def _greedy_body(ep: Endpoint, inputs: dict, max_tokens: int) -> dict:
+    """``inputs`` plus greedy sampling, streaming with usage, and the endpoint's way of
+    forcing ``max_tokens`` outputs."""
     body: dict = {
-        "prompt": prompt,
+        **inputs,
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": True,
@@ -82,6 +92,7 @@ class _Stream:
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.parts: list[str] = []
         self.usage: dict | None = None
         self.finished_at: float | None = None
         self.done = False
@@ -97,11 +108,24 @@ class _Stream:
             self.detail = self.detail or _clip(chunk.error)
         if chunk.has_content:
             self.times.append(now)
+            self.parts.append(chunk.text)
         if chunk.finish_reason and self.finished_at is None:
             self.finished_at = now
         if chunk.usage:
             self.usage = chunk.usage
         self.done = self.done or chunk.done
+
+    @property
+    def text(self) -> str:
+        """The content streamed so far."""
+        return "".join(self.parts)
+
+    @property
+    def cached_reported(self) -> bool:
+        """Whether the usage said ``prompt_tokens_details.cached_tokens`` (servers without
+        prefix caching, or that do not tell, leave it out)."""
+        details = (self.usage or {}).get("prompt_tokens_details") or {}
+        return details.get("cached_tokens") is not None
 
     def record(self, start: float, end: float) -> RequestRecord:
         times = self.times
@@ -124,19 +148,27 @@ async def send_one(client: httpx.AsyncClient, ep: Endpoint, prompt: str, max_tok
                    clock: Callable[[], float] = time.perf_counter) -> RequestRecord:
     """Send one request and time it; never raises for server or network failures (they come
     back as ``RequestRecord.error``)."""
-    body = build_body(ep, prompt, max_tokens)
     url = ep.base_url.rstrip("/") + "/v1/completions"
+    rec, _ = await stream_post(client, url, build_body(ep, prompt, max_tokens), clock)
+    return rec
+
+
+async def stream_post(client: httpx.AsyncClient, url: str, body: dict,
+                      clock: Callable[[], float] = time.perf_counter
+                      ) -> tuple[RequestRecord, _Stream]:
+    """POST ``body`` to ``url`` and read its event stream, timed on ``clock``: the record
+    and the stream (its text and usage).  Never raises for server or network failures."""
     stream = _Stream()
     start = clock()
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
-                body = await resp.aread()
+                raw = await resp.aread()
                 return RequestRecord(start=start, end=clock(), error=f"http_{resp.status_code}",
-                                     detail=_clip(body.decode("utf-8", "replace")))
+                                     detail=_clip(raw.decode("utf-8", "replace"))), stream
             async for line in sse_lines(resp):
                 stream.feed(line, clock())
     except (httpx.HTTPError, ProtocolError) as exc:
         return RequestRecord(start=start, end=clock(), error=_failure_kind(exc),
-                             detail=_clip(str(exc) or type(exc).__name__))
-    return stream.record(start, clock())
+                             detail=_clip(str(exc) or type(exc).__name__)), stream
+    return stream.record(start, clock()), stream

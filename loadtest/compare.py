@@ -12,8 +12,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loadtest.report import fmt, row
-from loadtest.runner import RunResult
+from slabserve.loadtest.report import fmt, row
+from slabserve.loadtest.runner import RunResult
 
 OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
 AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loadtest.client import Endpoint
-from loadtest.prompts import Tokenizer, make_prompt
-from loadtest.runner import RunResult, RunSpec, run_once
-from loadtest.servers import ManagedServer, ServerConfig
+from slabserve.loadtest.client import Endpoint
+from slabserve.loadtest.prompts import Tokenizer, make_prompt
+from slabserve.loadtest.runner import RunResult, RunSpec, run_once
+from slabserve.loadtest.servers import ManagedServer, ServerConfig
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-
-from loadtest.grid import GridSpec, Stopped, endpoint_for, print_run, run_compare
-from loadtest.runner import RunResult, run_once
-from loadtest.servers import ManagedServer, ServerConfig
+from slabserve.loadtest.grid import GridSpec, Stopped, endpoint_for, print_run, run_compare
+from slabserve.loadtest.runner import RunResult, run_once
+from slabserve.loadtest.servers import ManagedServer, ServerConfig
 
 PATHS = ("auto", "native", "gather")
 ADMIN_FLAG = "--admin-endpoints"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.runner import RunResult
+from slabserve.loadtest.runner import RunResult
 
 DISTS = ("ttft", "itl", "tpot", "e2e")
 STATS = ("mean", "p50", "p90", "p99")

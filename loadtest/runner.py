@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
-
-from loadtest.client import Endpoint, send_one
-from loadtest.metrics import RequestRecord, RunSummary, summarize
-from loadtest.traces import PathTrace, counter_deltas, path_delta, snapshot
+from slabserve.loadtest.client import Endpoint, send_one
+from slabserve.loadtest.metrics import RequestRecord, RunSummary, summarize
+from slabserve.loadtest.traces import PathTrace, counter_deltas, path_delta, snapshot
 
 
 @dataclass(frozen=True)

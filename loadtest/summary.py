@@ -6,7 +6,7 @@ runs resolve.  Across cells the ratios are independent measurements of the same 
 ("does auto cost anything?"): their geometric mean with a t-interval of the mean log ratio
 says how much auto costs on average, and how sure that is.
 
-``python -m loadtest.summary DIR_OR_CSV ...`` reads the ``results.csv`` of one or more
+``python -m slabserve.loadtest.summary DIR_OR_CSV ...`` reads the ``results.csv`` of one or more
 ``--compare`` runs (rounds included: each label's median run per cell, as the comparison
 table takes it) and prints each cell's ratio and the summary.
 """
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from loadtest.compare import FORCED, OURS, geo_interval, lower_middle
+from slabserve.loadtest.compare import FORCED, OURS, geo_interval, lower_middle
 
 
 def cell_ratios(rows: Iterable[dict]) -> dict[tuple[int, int], float]:
@@ -43,7 +43,7 @@ def _csv_path(arg: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.summary", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m slabserve.loadtest.summary", description=__doc__)
     ap.add_argument("results", nargs="+", help="results.csv files or the folders holding them")
     args = ap.parse_args(argv)
     ratios = []

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-
-from reliability.traffic import Outcome, Target, token_prompt
+from slabserve.reliability.traffic import Outcome, Target, token_prompt
 
 OUT_OF_RANGE = (
     {"temperature": 5.0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5},

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-
-from reliability.traffic import Outcome, Target, generate, limits, words
+from slabserve.reliability.traffic import Outcome, Target, generate, limits, words
 
 
 @dataclass
@@ -121,16 +120,16 @@ async def overload(url: str, requests: int = 200, max_tokens: int = 16,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m reliability.overload``: start a server (queue limit 32), fire 200
+    """``python -m slabserve.reliability.overload``: start a server (queue limit 32), fire 200
     requests at once, print the summary; exit 1 if the overload contract broke."""
     import argparse
     import json
     import tempfile
     from pathlib import Path
 
-    from reliability.process import ServerOptions, ServerProcess
+    from slabserve.reliability.process import ServerOptions, ServerProcess
 
-    p = argparse.ArgumentParser(prog="python -m reliability.overload")
+    p = argparse.ArgumentParser(prog="python -m slabserve.reliability.overload")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--max-queued", type=int, default=32)
     p.add_argument("--max-running", type=int, default=8)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     opts = ServerOptions(max_context=256, kv_budget_bytes=8 << 20, max_running=a.max_running,
                          max_queued=a.max_queued)
-    log = Path(tempfile.mkdtemp(prefix="overload-")) / "server.log"
+    log = Path(tempfile.mkdtemp(prefix="overload-")) / "slabserve.server.log"
     with ServerProcess(opts, log) as srv:
         res = asyncio.run(overload(srv.url, a.requests, a.max_tokens, a.retries))
     s = res.summary()

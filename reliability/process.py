@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-from loadtest.servers import ROOT, ServerSubprocess
+from slabserve.loadtest.servers import ROOT, ServerSubprocess
 
 
 @dataclass(frozen=True)

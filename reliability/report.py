@@ -20,8 +20,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from reliability.observe import ServerState
-from reliability.traffic import Outcome
+from slabserve.reliability.observe import ServerState
+from slabserve.reliability.traffic import Outcome
 
 MIB = 1 << 20
 

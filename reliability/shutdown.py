@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-
-from loadtest.sse import parse_line, sse_lines
-from reliability.process import ServerProcess
-from reliability.traffic import limits
+from slabserve.loadtest.sse import parse_line, sse_lines
+from slabserve.reliability.process import ServerProcess
+from slabserve.reliability.traffic import limits
 
 
 @dataclass(frozen=True)
@@ -127,22 +126,22 @@ async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m reliability.shutdown``: SIGTERM a server with long streams in flight and
+    """``python -m slabserve.reliability.shutdown``: SIGTERM a server with long streams in flight and
     print how each request ended; exit 1 if one was cut or the exit status was not 0."""
     import argparse
     import tempfile
     from pathlib import Path
 
-    from reliability.process import ServerOptions
+    from slabserve.reliability.process import ServerOptions
 
-    p = argparse.ArgumentParser(prog="python -m reliability.shutdown")
+    p = argparse.ArgumentParser(prog="python -m slabserve.reliability.shutdown")
     p.add_argument("--shutdown-timeout", type=float, default=2.0)
     p.add_argument("--streams", type=int, default=6)
     p.add_argument("--plain", type=int, default=2)
     a = p.parse_args(argv)
     opts = ServerOptions(max_context=512, kv_budget_bytes=8 << 20,
                          shutdown_timeout_s=a.shutdown_timeout)
-    log = Path(tempfile.mkdtemp(prefix="shutdown-")) / "server.log"
+    log = Path(tempfile.mkdtemp(prefix="shutdown-")) / "slabserve.server.log"
     with ServerProcess(opts, log) as srv:
         res = asyncio.run(sigterm_under_load(srv, a.streams, a.plain, max_tokens=400,
                                              exit_timeout_s=a.shutdown_timeout + 20))

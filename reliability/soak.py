@@ -1,8 +1,8 @@
 """Soak: drive a real ``slabserve serve`` on loopback with mixed traffic for a while, then
 check that nothing was lost or leaked (see ``reliability.report`` for the invariants).
 
-    python -m reliability.soak --minutes 10
-    python -m reliability.soak --seconds 40 --concurrency 6 --json soak.json
+    python -m slabserve.reliability.soak --minutes 10
+    python -m slabserve.reliability.soak --seconds 40 --concurrency 6 --json soak.json
 
 The server is started as a subprocess with a KV budget small enough to force
 preemption and a short context so prompts near the limit are cheap; ``--server-arg``
@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-from reliability import badinput, overload, traffic
-from reliability.observe import parse_metrics, wait_idle
-from reliability.process import ServerOptions, ServerProcess
-from reliability.report import MIB, SoakReport
-from reliability.traffic import Outcome, Scenario, Target
+from slabserve.reliability import badinput, overload, traffic
+from slabserve.reliability.observe import parse_metrics, wait_idle
+from slabserve.reliability.process import ServerOptions, ServerProcess
+from slabserve.reliability.report import MIB, SoakReport
+from slabserve.reliability.traffic import Outcome, Scenario, Target
 
 MIX: tuple[tuple[Scenario, float], ...] = (
     (traffic.chat, 25), (traffic.completion, 25), (traffic.near_limit, 10),
@@ -163,7 +162,7 @@ def run(opts: ServerOptions, cfg: SoakConfig, log_path: Path) -> SoakReport:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m reliability.soak", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m slabserve.reliability.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--minutes", type=float)
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SoakConfig(duration_s=seconds, warmup_s=a.warmup, concurrency=a.concurrency,
                      seed=a.seed, rss_growth_limit_bytes=int(a.rss_growth_mib * MIB),
                      exclude=tuple(a.exclude))
-    log = a.log or Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
+    log = a.log or Path(tempfile.mkdtemp(prefix="soak-")) / "slabserve.server.log"
     report = run(opts, cfg, log)
     print(report.to_markdown() if a.markdown else report.to_json())
     if a.json is not None:

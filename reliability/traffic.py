@@ -19,8 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-
-from loadtest.sse import parse_line, sse_lines
+from slabserve.loadtest.sse import parse_line, sse_lines
 
 FINISHED = ("stop", "length")
 WORDS = ("slab", "page", "block", "token", "cache", "batch", "queue", "model", "serve",

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from scheduler.api import (
+from slabserve.scheduler.api import (
     ATTENTION_PATHS,
     AsyncEngine,
     AttentionPath,
@@ -35,10 +35,10 @@ from scheduler.api import (
     Request,
     RequestError,
 )
-from scheduler.executor import Executor
-from scheduler.output import OutputStream
-from scheduler.plan import SeqUpdate
-from scheduler.scheduler import Scheduler
+from slabserve.scheduler.executor import Executor
+from slabserve.scheduler.output import OutputStream
+from slabserve.scheduler.plan import SeqUpdate
+from slabserve.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None

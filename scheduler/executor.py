@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from kvcache import BlockAllocator
-from scheduler.api import AttentionPath
-from scheduler.plan import StepOutput, StepPlan
+from slabserve.kvcache import BlockAllocator
+from slabserve.scheduler.api import AttentionPath
+from slabserve.scheduler.plan import StepOutput, StepPlan
 
 
 class Executor(ABC):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.api import FinishReason, SamplingParams, TokenLogprob
+from slabserve.scheduler.api import FinishReason, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ import random
 from collections import deque
 from collections.abc import Iterable
 
-from kvcache import BlockAllocator, blocks_needed
-from scheduler.api import FinishReason, Request, RequestError
-from scheduler.config import SchedulerConfig
-from scheduler.plan import ScheduledChunk, SeqUpdate, StepOutput, StepPlan
-from scheduler.sequence import SeqStatus, Sequence
+from slabserve.kvcache import BlockAllocator, blocks_needed
+from slabserve.scheduler.api import FinishReason, Request, RequestError
+from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.plan import ScheduledChunk, SeqUpdate, StepOutput, StepPlan
+from slabserve.scheduler.sequence import SeqStatus, Sequence
 
 
 class Scheduler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from scheduler.api import FinishReason, Request, SamplingParams
+from slabserve.scheduler.api import FinishReason, Request, SamplingParams
 
 
 class SeqStatus(enum.Enum):

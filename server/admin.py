@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
+from slabserve.scheduler.api import AttentionPath, RequestError
+from slabserve.server.errors import APIError, from_engine
+from slabserve.server.state import ServerContext
 from starlette.requests import Request
-
-from scheduler.api import AttentionPath, RequestError
-from server.errors import APIError, from_engine
-from server.state import ServerContext
 
 router = APIRouter()
 

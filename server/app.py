@@ -9,16 +9,15 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
+from slabserve.scheduler.api import AsyncEngine
+from slabserve.server import admin, chat, completions, errors
+from slabserve.server.codec import TextCodec
+from slabserve.server.config import ServerConfig
+from slabserve.server.errors import APIError
+from slabserve.server.middleware import GuardMiddleware
+from slabserve.server.state import ServerContext
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-
-from scheduler.api import AsyncEngine
-from server import admin, chat, completions, errors
-from server.codec import TextCodec
-from server.config import ServerConfig
-from server.errors import APIError
-from server.middleware import GuardMiddleware
-from server.state import ServerContext
 
 router = APIRouter()
 

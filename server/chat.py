@@ -7,17 +7,16 @@ import logging
 import time
 
 from fastapi import APIRouter
+from slabserve.scheduler.api import Request, TokenLogprob
+from slabserve.server.codec import TextCodec, finite_logprob
+from slabserve.server.errors import bad_request
+from slabserve.server.generation import Choice, stream_events, usage
+from slabserve.server.metrics import ChoiceTimer
+from slabserve.server.protocol import ChatCompletionRequest
+from slabserve.server.sampling import base_params, bound_max_tokens, choice_params
+from slabserve.server.state import Job, ServerContext
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
-
-from scheduler.api import Request, TokenLogprob
-from server.codec import TextCodec, finite_logprob
-from server.errors import bad_request
-from server.generation import Choice, stream_events, usage
-from server.metrics import ChoiceTimer
-from server.protocol import ChatCompletionRequest
-from server.sampling import base_params, bound_max_tokens, choice_params
-from server.state import Job, ServerContext
 
 router = APIRouter()
 log = logging.getLogger("slabserve.server")

@@ -20,8 +20,7 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
-
-from server.config import ServerConfig
+from slabserve.server.config import ServerConfig
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -119,9 +118,10 @@ def _tristate(choice: str | None) -> bool | None:
 
 def configs(args: argparse.Namespace):
     """(ServerConfig, EngineConfig) from parsed flags; ValueError when invalid."""
-    from engine.build import EngineConfig
-    from engine.config import CacheConfig, RunnerConfig
-    from scheduler.config import SchedulerConfig
+    from slabserve.engine.build import EngineConfig
+    from slabserve.engine.config import CacheConfig, RunnerConfig
+    from slabserve.scheduler.config import SchedulerConfig
+
     from slabserve import env
 
     server = ServerConfig(
@@ -191,7 +191,8 @@ class DrainingServer(uvicorn.Server):
 def calibrate(engine_cfg, engine) -> None:
     """``--calibrate``: the short attention grid for the served model's geometry, merged
     into this device's profile and installed in the process's selector."""
-    from attention.calibrate import calibrate_startup, model_geometry
+    from slabserve.attention.calibrate import calibrate_startup, model_geometry
+
     from slabserve import env
 
     q_heads = model_geometry(engine_cfg.model, engine_cfg.dtype)[0]
@@ -212,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("slabserve.server").warning(
             "binding %s without an API key: anyone who can reach it can use it "
             "(set --api-key or SLABSERVE_API_KEY)", server_cfg.host)
-    from engine.build import build_engine
-    from server.app import create_app
+    from slabserve.engine.build import build_engine
+    from slabserve.server.app import create_app
 
     engine = build_engine(engine_cfg)
     if args.calibrate:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
+from slabserve.scheduler.api import Request, TokenLogprob
+from slabserve.server.codec import TextCodec, finite_logprob
+from slabserve.server.generation import Choice, stream_events, usage
+from slabserve.server.metrics import ChoiceTimer
+from slabserve.server.protocol import CompletionRequest
+from slabserve.server.sampling import base_params, bound_max_tokens, check_token_ids, choice_params
+from slabserve.server.state import Job, ServerContext
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
-
-from scheduler.api import Request, TokenLogprob
-from server.codec import TextCodec, finite_logprob
-from server.generation import Choice, stream_events, usage
-from server.metrics import ChoiceTimer
-from server.protocol import CompletionRequest
-from server.sampling import base_params, bound_max_tokens, check_token_ids, choice_params
-from server.state import Job, ServerContext
 
 router = APIRouter()
 

@@ -28,10 +28,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from slabserve.scheduler.api import RequestError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-
-from scheduler.api import RequestError
 
 log = logging.getLogger("slabserve.server")
 

@@ -16,8 +16,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from scheduler.api import AsyncEngine, Delta, Request, RequestError, TokenLogprob
-from server.metrics import ChoiceTimer
+from slabserve.scheduler.api import AsyncEngine, Delta, Request, RequestError, TokenLogprob
+from slabserve.server.metrics import ChoiceTimer
 
 log = logging.getLogger("slabserve.server")
 DONE = "data: [DONE]\n\n"

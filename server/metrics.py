@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from scheduler.api import AsyncEngine, Delta
+from slabserve.scheduler.api import AsyncEngine, Delta
 
 log = logging.getLogger("slabserve.server")
 
@@ -36,7 +35,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 def _attention_path_counts() -> dict[tuple[str, str], int]:
     """The process's decode-attention path counts (``attention.path_counts``)."""
-    from attention import path_counts
+    from slabserve.attention import path_counts
 
     return dict(path_counts())
 

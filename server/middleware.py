@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import hmac
 
+from slabserve.server.errors import APIError
+from slabserve.server.state import ServerContext
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.errors import APIError
-from server.state import ServerContext
 
 PROTECTED = ("/v1/", "/admin/")  # path prefixes that need the key when one is set
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.api import SamplingParams
-from server.errors import bad_request
-from server.protocol import SamplingFields
+from slabserve.scheduler.api import SamplingParams
+from slabserve.server.errors import bad_request
+from slabserve.server.protocol import SamplingFields
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

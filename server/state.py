@@ -10,15 +10,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from slabserve.scheduler.api import AsyncEngine, RequestError
+from slabserve.server import generation
+from slabserve.server.codec import TextCodec
+from slabserve.server.config import ServerConfig
+from slabserve.server.errors import APIError, from_engine
+from slabserve.server.metrics import ServerMetrics
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
-
-from scheduler.api import AsyncEngine, RequestError
-from server import generation
-from server.codec import TextCodec
-from server.config import ServerConfig
-from server.errors import APIError, from_engine
-from server.metrics import ServerMetrics
 
 log = logging.getLogger("slabserve.server")
 

@@ -10,10 +10,10 @@ import sys
 
 # command -> (module, function taking argv list, returns exit code), whether it runs MLX
 COMMANDS: dict[str, tuple[str, str, bool]] = {
-    "serve": ("server.cli", "main", True),
-    "bench": ("bench.cli", "main", True),
-    "calibrate": ("attention.calibrate", "main", True),
-    "loadtest": ("loadtest.cli", "main", True),
+    "serve": ("slabserve.server.cli", "main", True),
+    "bench": ("slabserve.bench.cli", "main", True),
+    "calibrate": ("slabserve.attention.calibrate", "main", True),
+    "loadtest": ("slabserve.loadtest.cli", "main", True),
     "info": ("slabserve.info", "main", True),
 }
 

@@ -8,10 +8,9 @@ import random
 
 import mlx.core as mx
 import numpy as np
-
-from attention.base import DecodeBatch
-from kvcache.block_table import blocks_needed
-from kvcache.pool import PoolGeometry, SlabPool, WritePlan
+from slabserve.attention.base import DecodeBatch
+from slabserve.kvcache.block_table import blocks_needed
+from slabserve.kvcache.pool import PoolGeometry, SlabPool, WritePlan
 
 
 def nonzero_f32(rng, *shape) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.embedded import TINY_GAIN, write_model_dir
+from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 
 _COMMON = dict(
     hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=259,

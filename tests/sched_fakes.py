@@ -8,12 +8,12 @@ tokens changes the sampled tokens, and outputs must not depend on the schedule.
 
 from __future__ import annotations
 
-from kvcache import BlockAllocator
-from scheduler.api import Request, SamplingParams
-from scheduler.config import SchedulerConfig
-from scheduler.executor import Executor
-from scheduler.plan import SampledToken, StepOutput, StepPlan
-from scheduler.scheduler import Scheduler
+from slabserve.kvcache import BlockAllocator
+from slabserve.scheduler.api import Request, SamplingParams
+from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.executor import Executor
+from slabserve.scheduler.plan import SampledToken, StepOutput, StepPlan
+from slabserve.scheduler.scheduler import Scheduler
 
 EOS = 0
 VOCAB = 50

@@ -9,12 +9,11 @@ import threading
 import time
 
 import uvicorn
-
-from engine.build import EngineConfig, build_engine
-from engine.config import CacheConfig
-from scheduler.config import SchedulerConfig
-from server.app import create_app
-from server.config import ServerConfig
+from slabserve.engine.build import EngineConfig, build_engine
+from slabserve.engine.config import CacheConfig
+from slabserve.scheduler.config import SchedulerConfig
+from slabserve.server.app import create_app
+from slabserve.server.config import ServerConfig
 
 
 def tiny_engine(**scheduler: object):
@@ -24,8 +23,7 @@ def tiny_engine(**scheduler: object):
     streams of the first thread that used it, and MLX streams belong to one thread, so a
     second engine thread in this process would fail ("There is no Stream(cpu, N) in
     current thread").  Hence also: one live engine at a time in these tests."""
-    import attention
-
+    from slabserve import attention
     attention.set_selector(None)
     cfg = EngineConfig(model=None, cache=CacheConfig(slab_tokens=1024, kv_budget_bytes=64 << 20),
                        scheduler=SchedulerConfig(**scheduler))

@@ -2,8 +2,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-from kvcache import BlockAllocator, BlockTable, blocks_needed
+from slabserve.kvcache import BlockAllocator, BlockTable, blocks_needed
 
 
 def test_allocate_free_accounting():

@@ -8,13 +8,13 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
+from slabserve.attention.selector import Selector
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.embedded import ensure_model
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner
 
-import attention
-from attention.selector import Selector
-from engine.config import CacheConfig
-from engine.embedded import ensure_model
-from engine.generate import greedy_generate
-from engine.runner import ModelRunner
+from slabserve import attention
 
 MAX_TOKENS = 12
 

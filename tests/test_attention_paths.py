@@ -8,10 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from attention_cases import make_case, slabs_touched
-
-from attention.gather import GatherSDPA
-from attention.native_cpu import NativeCPU
-from attention.reference import reference_decode
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.native_cpu import NativeCPU
+from slabserve.attention.reference import reference_decode
 
 # (q_heads, kv_heads): GQA ratios 1, 2, 4, 7 (7 as Qwen2.5-0.5B's 14/2)
 HEADS = [(4, 4), (4, 2), (8, 2), (14, 2)]

@@ -1,7 +1,7 @@
-"""bench.timeline's trace arithmetic on a synthetic Chrome trace (the profiling itself needs
+"""slabserve.bench.timeline's trace arithmetic on a synthetic Chrome trace (the profiling itself needs
 CUDA and PyTorch)."""
 
-from bench.timeline import _median_per_layer, summarize
+from slabserve.bench.timeline import _median_per_layer, summarize
 
 
 def _x(name, cat, ts, dur):

@@ -317,10 +317,10 @@ GENERATE = """
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load
-    from engine.config import CacheConfig
-    from engine.embedded import ensure_model
-    from engine.generate import greedy_generate
-    from engine.runner import ModelRunner
+    from slabserve.engine.config import CacheConfig
+    from slabserve.engine.embedded import ensure_model
+    from slabserve.engine.generate import greedy_generate
+    from slabserve.engine.runner import ModelRunner
     from slabserve import blas, mlxmem
     mlxmem.configure_memory(None)
     model, _ = load(str(ensure_model("tiny", "float32")))

@@ -5,9 +5,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from cuda_fakes import FakeKernel
-
-from bench.block_stamps import FIELDS, MARKS, median_summary, persistence, summarize_launch
-from bench.cuda_kernel import chain, int_cells
+from slabserve.bench.block_stamps import (
+    FIELDS,
+    MARKS,
+    median_summary,
+    persistence,
+    summarize_launch,
+)
+from slabserve.bench.cuda_kernel import chain, int_cells
 
 
 def test_summarize_launch_block_figures():
@@ -57,8 +62,8 @@ def test_int_cells():
 def test_stamped_kernel_plumbing(monkeypatch, fused):
     """The stamped main kernel gets one more output (FIELDS int64 per block), which goes
     to ``nat.stamps``; NativeCUDA sees the outputs it expects (merge launch included)."""
-    from bench.block_stamps import StampedCUDA
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.block_stamps import StampedCUDA
+    from slabserve.bench.cuda_kernel import make_case
 
     launches: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(launches, **kw))

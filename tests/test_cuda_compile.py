@@ -7,8 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from bench.cuda_compile import compile_one, nvcc_path, resources, sources
+from slabserve.bench.cuda_compile import compile_one, nvcc_path, resources, sources
 
 needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA toolkit)")
 

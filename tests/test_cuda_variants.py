@@ -6,11 +6,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from cuda_fakes import FakeKernel
-
-from attention.cuda_plan import plan_chunks
-from attention.cuda_source import unit_tokens
-from attention.native_cuda import NativeCUDA
-from kvcache.pool import PoolGeometry
+from slabserve.attention.cuda_plan import plan_chunks
+from slabserve.attention.cuda_source import unit_tokens
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.kvcache.pool import PoolGeometry
 
 
 @pytest.mark.parametrize(
@@ -27,7 +26,7 @@ from kvcache.pool import PoolGeometry
     ],
 )
 def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     pool, batch, q = make_case((300, 2000), hq, hkv, 64, 16, dt, 64)
     q = q.astype(qdt)
@@ -44,7 +43,7 @@ def test_bulk_variant_shares_the_async_ring_and_plan():
     """The bulk variant holds the same bytes per stage as the async one (page-row order
     instead of per-thread slots), uses its unit, and scales the plan's residency with
     its shared memory when the ring is deeper."""
-    from attention.cuda_source import case_variant, smem_bytes
+    from slabserve.attention.cuda_source import case_variant, smem_bytes
 
     assert case_variant("bulk", mx.float32, mx.float32, 4) == "bulk"
     for dsize, d, stages in [(2, 64, 3), (2, 128, 4), (4, 64, 2)]:
@@ -64,7 +63,7 @@ def test_xred_variant_takes_only_its_shapes():
     else runs "async", with
     the same ring, unit and plan; its kernel body instantiates the async kernel with the
     reduction flag."""
-    from attention.cuda_source import case_variant, kernel_body, smem_bytes
+    from slabserve.attention.cuda_source import case_variant, kernel_body, smem_bytes
 
     assert case_variant("xred", mx.float16, mx.float16, 4, 64) == "xred"
     assert case_variant("xred", mx.bfloat16, mx.bfloat16, 2, 64) == "xred"
@@ -90,8 +89,8 @@ def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
     does, else "async"; its body instantiates the async kernel with the reduction and lean
     flags and has the pool's slab size as a literal, so pools of two slab sizes get two
     kernels; the other variants read the slab size from the first slab's shape."""
-    from attention.cuda_source import case_variant, kernel_body
-    from bench.cuda_kernel import make_case
+    from slabserve.attention.cuda_source import case_variant, kernel_body
+    from slabserve.bench.cuda_kernel import make_case
 
     assert case_variant("lean", mx.float16, mx.float16, 4, 64) == "lean"
     assert case_variant("lean", mx.float16, mx.float16, 7, 64) == "async"

@@ -9,11 +9,10 @@ import random
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-
-from engine.build import EngineConfig, build_engine
-from engine.config import CacheConfig
-from scheduler.api import Request, RequestError, SamplingParams
-from scheduler.config import SchedulerConfig
+from slabserve.engine.build import EngineConfig, build_engine
+from slabserve.engine.config import CacheConfig
+from slabserve.scheduler.api import Request, RequestError, SamplingParams
+from slabserve.scheduler.config import SchedulerConfig
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=1234,

@@ -33,7 +33,7 @@ def test_switch_rejects_garbage(monkeypatch, var, read, raw):
 @pytest.mark.parametrize("flag,field", [("--host-math", "host_math"),
                                         ("--linear-layout", "linear_layout")])
 def test_cli_flag_reaches_runner_config(flag, field):
-    from server.cli import configs, parser
+    from slabserve.server.cli import configs, parser
 
     for value, want in (("on", True), ("off", False), ("auto", None)):
         _, engine = configs(parser().parse_args([flag, value]))

@@ -8,12 +8,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from slabserve.engine.sampling import sample
+from slabserve.scheduler.api import SamplingParams
+from slabserve.server.generation import sse
 from test_engine import collect, started, wait_idle
 from test_sampling import logits, spec
-
-from engine.sampling import sample
-from scheduler.api import SamplingParams
-from server.generation import sse
 
 
 def test_sse_event_is_one_line_with_unicode_line_separators():
@@ -56,8 +55,7 @@ async def test_clients_split_sse_on_newlines_only():
     """loadtest and reliability read streams through one reader that does not split an
     event on U+2028 / U+2029 / U+0085 (httpx's aiter_lines does)."""
     import httpx
-
-    from loadtest.sse import sse_lines
+    from slabserve.loadtest.sse import sse_lines
 
     raw = 'data: {"t":"a\u2028b\u2029c\x85d"}\r\n\r\ndata: [DONE]\n\n'.encode()
     resp = httpx.Response(200, content=raw)

@@ -16,9 +16,8 @@ import time
 import httpx
 import pytest
 import schemathesis
-
-from reliability.observe import wait_idle
-from reliability.process import ServerOptions, ServerProcess
+from slabserve.reliability.observe import wait_idle
+from slabserve.reliability.process import ServerOptions, ServerProcess
 
 MAX_EXAMPLES = 15
 REQUEST_TIMEOUT_S = 30.0
@@ -30,8 +29,7 @@ def app_schema() -> dict:
     """The server's OpenAPI document, built from its routes (the app serves none itself;
     this imports the route modules only, not the engine or MLX)."""
     from fastapi import FastAPI
-
-    from server import app, chat, completions
+    from slabserve.server import app, chat, completions
 
     api = FastAPI(title="slabserve", version="0")
     for router in (app.router, completions.router, chat.router):
@@ -43,7 +41,7 @@ def app_schema() -> dict:
 def fuzz_server(tmp_path_factory):
     opts = ServerOptions(max_context=48, kv_budget_bytes=4 << 20, slab_tokens=512,
                          max_running=8, max_queued=64, extra_args=("--max-n", "2"))
-    with ServerProcess(opts, tmp_path_factory.mktemp("fuzz") / "server.log") as srv:
+    with ServerProcess(opts, tmp_path_factory.mktemp("fuzz") / "slabserve.server.log") as srv:
         yield srv
 
 

@@ -1,13 +1,12 @@
-"""kvcache.arrays.host_array: the values, shape and dtype of ``mx.array``, with arrays of
+"""slabserve.kvcache.arrays.host_array: the values, shape and dtype of ``mx.array``, with arrays of
 at most 8 bytes given a 16-byte backing buffer (out of MLX's CUDA scalar pool)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from attention.base import DecodeBatch
-from kvcache.arrays import host_array
-from kvcache.pool import PoolGeometry, WritePlan
+from slabserve.attention.base import DecodeBatch
+from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.pool import PoolGeometry, WritePlan
 
 
 @pytest.mark.parametrize("values, dtype", [

@@ -12,15 +12,14 @@ import pytest
 from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
-
-from attention import host_math as hm
-from attention import prefill as pf
-from attention.base import DecodeBatch
-from engine import patch
-from engine.config import CacheConfig
-from engine.embedded import ensure_model
-from engine.generate import greedy_generate
-from engine.runner import ModelRunner
+from slabserve.attention import host_math as hm
+from slabserve.attention import prefill as pf
+from slabserve.attention.base import DecodeBatch
+from slabserve.engine import patch
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.embedded import ensure_model
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner
 
 D = 64
 

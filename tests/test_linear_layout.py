@@ -15,11 +15,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import CONFIGS, make
-
-from engine import linear_layout as ll
-from engine.config import CacheConfig
-from engine.generate import greedy_generate
-from engine.runner import ModelRunner
+from slabserve.engine import linear_layout as ll
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner
 
 
 def _linear(rng, d_in, d_out, bias):

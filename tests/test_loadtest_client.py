@@ -8,9 +8,8 @@ import json
 
 import httpx
 import pytest
-
-from loadtest.client import Endpoint, build_body
-from loadtest.runner import RunSpec, run_once
+from slabserve.loadtest.client import Endpoint, build_body
+from slabserve.loadtest.runner import RunSpec, run_once
 
 
 class FakeServer:
@@ -82,7 +81,7 @@ def test_run_once_bounds_concurrency_excludes_warmup_and_counts_failures():
     assert s.requests_ok == 8 and s.failures == {"http_503": 2}
     # what the server said is kept, and the report names it once per run and kind
     assert {r.detail for r in res.records if not r.ok} == {'{"error":{"message":"busy"}}'}
-    from loadtest.report import failure_details
+    from slabserve.loadtest.report import failure_details
     assert failure_details([res]) == [
         'fake ctx 64 conc 3: 2 x http_503: {"error":{"message":"busy"}}']
     assert s.output_tokens == 48 and s.short_outputs == 0
@@ -118,9 +117,8 @@ def test_variants_add_our_servers_with_extra_args():
     from pathlib import Path
 
     import pytest
-
-    from loadtest.cli import _configs, parse_variants
-    from loadtest.grid import GridSpec
+    from slabserve.loadtest.cli import _configs, parse_variants
+    from slabserve.loadtest.grid import GridSpec
 
     assert parse_variants(["s8k=--max-step-tokens 8256 --max-running 16"], ["auto"]) == [
         ("s8k", ("--max-step-tokens", "8256", "--max-running", "16"))]
@@ -137,7 +135,7 @@ def test_variants_add_our_servers_with_extra_args():
 
 
 def test_compare_only_options_are_refused_in_url_mode(capsys):
-    from loadtest.cli import main
+    from slabserve.loadtest.cli import main
 
     for extra in (["--rounds", "2"], ["--variant", "x=--max-running 4"], ["--rounds", "0"],
                   ["--one-server"]):

@@ -11,14 +11,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from loadtest.client import _Stream
-from loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
-from loadtest.metrics import Dist, RequestRecord, percentile, summarize
-from loadtest.report import row, runs_markdown
-from loadtest.runner import RunResult, RunSpec
-from loadtest.sse import ProtocolError, parse_line
-from loadtest.traces import counter_deltas, parse_prometheus, path_delta
+from slabserve.loadtest.client import _Stream
+from slabserve.loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
+from slabserve.loadtest.metrics import Dist, RequestRecord, percentile, summarize
+from slabserve.loadtest.report import row, runs_markdown
+from slabserve.loadtest.runner import RunResult, RunSpec
+from slabserve.loadtest.sse import ProtocolError, parse_line
+from slabserve.loadtest.traces import counter_deltas, parse_prometheus, path_delta
 
 
 def test_percentile_matches_numpy_linear():
@@ -235,10 +234,9 @@ def test_loadtest_imports_no_mlx_engine_scheduler_attention():
 
 def _bpe_tokenizer():
     """A small BPE with real merges, trained on the prompt vocabulary (so cuts can merge)."""
+    from slabserve.loadtest.prompts import WORDS, Tokenizer
     from tokenizers import Tokenizer as HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from loadtest.prompts import WORDS, Tokenizer
 
     t = HF(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -251,7 +249,7 @@ def _bpe_tokenizer():
 
 @pytest.mark.parametrize("n", [1, 7, 100, 1000])
 def test_prompts_have_exact_length_and_distinct_first_tokens(n):
-    from loadtest.prompts import make_prompt
+    from slabserve.loadtest.prompts import make_prompt
 
     tok = _bpe_tokenizer()
     prompts = [make_prompt(tok, n, i) for i in range(60)]
@@ -272,7 +270,7 @@ def test_path_checks_flag_forced_configs_that_ran_another_path():
 
 
 def test_kv_budget_for_launched_server(tmp_path):
-    from loadtest.servers import kv_budget_args, kv_bytes_per_token
+    from slabserve.loadtest.servers import kv_budget_args, kv_bytes_per_token
 
     cfg = {"num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
            "num_key_value_heads": 2, "torch_dtype": "float16"}
@@ -285,8 +283,8 @@ def test_kv_budget_for_launched_server(tmp_path):
 
 
 def test_grid_requests_per_concurrency_and_distinct_prompts():
-    from loadtest.grid import GridSpec, build_prompts
-    from loadtest.prompts import char_tokenizer
+    from slabserve.loadtest.grid import GridSpec, build_prompts
+    from slabserve.loadtest.prompts import char_tokenizer
 
     g = GridSpec((64, 128), (1, 4, 8), max_tokens=8, requests=(4, 4, 8))
     assert [(s.context, s.concurrency, s.requests) for s in g.specs()][:3] == [
@@ -304,8 +302,8 @@ def test_grid_requests_per_concurrency_and_distinct_prompts():
 
 
 def test_length_spread_gives_mixed_but_reproducible_prompt_lengths():
-    from loadtest.grid import GridSpec, build_prompts
-    from loadtest.prompts import char_tokenizer
+    from slabserve.loadtest.grid import GridSpec, build_prompts
+    from slabserve.loadtest.prompts import char_tokenizer
 
     tok = char_tokenizer()
     g = GridSpec((1000,), (8,), max_tokens=8, requests=(32,), length_spread=0.5)
@@ -319,7 +317,7 @@ def test_length_spread_gives_mixed_but_reproducible_prompt_lengths():
 
 
 def test_choice_check_when_auto_ran_one_forced_path():
-    from loadtest.compare import dominant_path
+    from slabserve.loadtest.compare import dominant_path
 
     tr = path_delta(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
     base = [_result("native", 8, 1.9, 0.2), _result("gather", 8, 2.2, 0.2)]
@@ -337,7 +335,7 @@ def test_choice_check_when_auto_ran_one_forced_path():
 
 
 def _trace(by_reason: dict):
-    from loadtest.traces import PathTrace
+    from slabserve.loadtest.traces import PathTrace
 
     by_path: dict = {}
     for k, v in by_reason.items():

@@ -11,13 +11,12 @@ from dataclasses import replace
 
 import httpx
 import pytest
-
-from loadtest import oneserver
-from loadtest.cli import main
-from loadtest.grid import GridSpec
-from loadtest.metrics import summarize
-from loadtest.runner import RunResult
-from loadtest.servers import STANDARD
+from slabserve.loadtest import oneserver
+from slabserve.loadtest.cli import main
+from slabserve.loadtest.grid import GridSpec
+from slabserve.loadtest.metrics import summarize
+from slabserve.loadtest.runner import RunResult
+from slabserve.loadtest.servers import STANDARD
 
 MAX_TOKENS = 8
 FORCED = {"native": "native:env_native", "gather": "gather:env_gather"}

@@ -8,9 +8,8 @@ import csv
 import json
 
 import pytest
-
-from loadtest.cli import main
-from loadtest.servers import mlx_lm_installed
+from slabserve.loadtest.cli import main
+from slabserve.loadtest.servers import mlx_lm_installed
 
 MAX_TOKENS = 8
 

@@ -10,14 +10,13 @@ import signal
 from contextlib import contextmanager
 
 import pytest
-
-from loadtest import grid as grid_mod
-from loadtest import oneserver
-from loadtest.cli import main
-from loadtest.grid import GridSpec, Stopped, run_compare, run_grid
-from loadtest.metrics import summarize
-from loadtest.runner import RunResult
-from loadtest.servers import STANDARD
+from slabserve.loadtest import grid as grid_mod
+from slabserve.loadtest import oneserver
+from slabserve.loadtest.cli import main
+from slabserve.loadtest.grid import GridSpec, Stopped, run_compare, run_grid
+from slabserve.loadtest.metrics import summarize
+from slabserve.loadtest.runner import RunResult
+from slabserve.loadtest.servers import STANDARD
 
 GRID = GridSpec((96,), (1, 2, 4), 8)
 PROMPTS = {(96, c): ["p"] * 4 for c in (1, 2, 4)}
@@ -90,7 +89,7 @@ def test_run_one_server_keeps_its_runs_and_the_separate_servers(monkeypatch, tmp
     with _server(events) as managed:
         monkeypatch.setattr(oneserver, "ManagedServer", managed)
         monkeypatch.setattr(grid_mod, "ManagedServer", managed)
-        monkeypatch.setattr("loadtest.servers.mlx_lm_installed", lambda: True)
+        monkeypatch.setattr("slabserve.loadtest.servers.mlx_lm_installed", lambda: True)
         configs = [STANDARD["auto"], STANDARD["native"], STANDARD["gather"],
                    STANDARD["mlx_lm"]]
         with pytest.raises(Stopped) as st:

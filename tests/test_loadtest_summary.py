@@ -1,4 +1,4 @@
-"""loadtest.summary: auto / best forced over many cells, with a 95% interval."""
+"""slabserve.loadtest.summary: auto / best forced over many cells, with a 95% interval."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import csv
 import math
 
 import pytest
-
-from loadtest.compare import Interval, geo_interval
-from loadtest.summary import cell_ratios, main
+from slabserve.loadtest.compare import Interval, geo_interval
+from slabserve.loadtest.summary import cell_ratios, main
 
 
 def test_geo_interval_matches_a_t_interval_of_the_log_ratios():

@@ -6,9 +6,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 from attention_cases import make_case
-
-from attention.gather import GatherSDPA
-from attention.native_cpu import NativeCPU
+from slabserve.attention.gather import GatherSDPA
+from slabserve.attention.native_cpu import NativeCPU
 
 
 def test_native_cpu_from_two_threads():

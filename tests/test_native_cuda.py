@@ -8,18 +8,17 @@ import math
 import mlx.core as mx
 import pytest
 from cuda_fakes import FakeKernel
-
-from attention import cuda_plan
-from attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
-from attention.cuda_source import (
+from slabserve.attention import cuda_plan
+from slabserve.attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
+from slabserve.attention.cuda_source import (
     group_block,
     kernel_body,
     shape_decline,
     slab_bucket,
     unit_tokens,
 )
-from attention.native_cuda import NativeCUDA
-from kvcache.pool import PoolGeometry
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.kvcache.pool import PoolGeometry
 
 HAS_CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
@@ -126,7 +125,7 @@ def test_supported_shapes_pass_shape_checks(d, bs, dt):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA decline")
 def test_declines_without_cuda():
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     pool, batch, q = make_case((3, 40), 8, 2, 64, 16, mx.float32, 8)
     reason = NativeCUDA().decline(q, pool, batch)
@@ -149,8 +148,8 @@ def test_scale_is_a_literal_of_the_source(monkeypatch):
     """The softmax scale is compiled in (a 4-byte input would live in MLX's slow-to-read
     scalar pool, kvcache/arrays.py): no scale input, one kernel per scale, and the
     per-step plan is keyed by the scale too."""
-    from attention.cuda_source import LOG2E
-    from bench.cuda_kernel import make_case
+    from slabserve.attention.cuda_source import LOG2E
+    from slabserve.bench.cuda_kernel import make_case
 
     body = kernel_body(1, "split", "xred", 0.125)
     assert "qscale" not in body and f"{0.125 * LOG2E!r}f" in body
@@ -172,7 +171,7 @@ def test_scale_is_a_literal_of_the_source(monkeypatch):
 
 # ---- kernel vs float64 (CUDA only) ----------------------------------------------------
 def _matrix():
-    from bench.cuda_kernel import CHECK_MATRIX
+    from slabserve.bench.cuda_kernel import CHECK_MATRIX
 
     return CHECK_MATRIX
 
@@ -191,7 +190,7 @@ def test_gpu_matrix_covers_the_check_matrix():
 @pytest.mark.parametrize("variant", ["auto", "lean", "xred", "mma", "async", "bulk", "sync"])
 @pytest.mark.parametrize("case", range(GPU_MATRIX_CASES))
 def test_native_matches_float64(case, variant):
-    from bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
+    from slabserve.bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
 
     dt, qdt, d, bs, hq, hkv, sb, lens = _matrix()[case]
     pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=100 + case)
@@ -212,7 +211,7 @@ def test_native_matches_float64(case, variant):
 
 @pytest.mark.parametrize("chunks, fused", [(1, True), (4, False), (4, True)])
 def test_launch_plumbing(monkeypatch, chunks, fused):
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
@@ -257,7 +256,7 @@ def test_launch_plumbing(monkeypatch, chunks, fused):
     ],
 )
 def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_gb):
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
@@ -277,7 +276,7 @@ def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_g
 
 
 def test_plan_shared_by_layers_of_a_step(monkeypatch):
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
@@ -298,8 +297,8 @@ def test_default_fuses_the_merge_for_small_layers_only(monkeypatch, lens, fused)
     """Default ``fused_merge=None``: one launch per layer while a layer reads at most
     ``fused_max_bytes`` of K/V (here 2 x 8 x 4096 x 8 x 64 x 2 B = 8 MiB), split + merge
     above it (8 x 16384 tokens: 256 MiB); the decision is part of the step's shared plan."""
-    from attention.cuda_plan import plan_fused
-    from bench.cuda_kernel import make_case
+    from slabserve.attention.cuda_plan import plan_fused
+    from slabserve.bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
@@ -321,7 +320,7 @@ def test_default_fuses_the_merge_for_small_layers_only(monkeypatch, lens, fused)
 
 
 def test_plan_fused_threshold():
-    from attention.cuda_plan import PlanParams, plan_fused
+    from slabserve.attention.cuda_plan import PlanParams, plan_fused
 
     # 32/8/64 float16: 16 x 4096 tokens read 128 MiB, the default limit; the bucket counts
     assert plan_fused(16, 4096, 8, 64, 2) and not plan_fused(16, 4097, 8, 64, 2)
@@ -335,8 +334,8 @@ def test_plan_fused_threshold():
 def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed):
     """The probe's reference and tolerance, with the kernel replaced by gather-SDPA
     (right) or by zeros (wrong): the probe must pass the first and reject the second."""
-    from attention.gather import GatherSDPA
-    from bench.cuda_kernel import make_case
+    from slabserve.attention.gather import GatherSDPA
+    from slabserve.bench.cuda_kernel import make_case
 
     lens = (40,) if slabs_needed == 1 else (40, 30, 50)
     pool, batch, q = make_case(lens, 12, 4, 64, 16, mx.bfloat16, 3)
@@ -364,8 +363,8 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
 
 
 def test_slab_inputs_fixed_for_a_growing_pool():
-    from attention.cuda_source import FIXED_SLAB_INPUTS, pool_slab_inputs
-    from kvcache.pool import SlabPool
+    from slabserve.attention.cuda_source import FIXED_SLAB_INPUTS, pool_slab_inputs
+    from slabserve.kvcache.pool import SlabPool
 
     g = _geom(head_dim=64, slab_blocks=2)
     pool = SlabPool(g, initial_slabs=1, max_slabs=21)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-
-from attention.native_metal import METAL_FILE, NativeMetal, _sections, metal_body
+from slabserve.attention.native_metal import METAL_FILE, NativeMetal, _sections, metal_body
 
 HAS_METAL = mx.metal.is_available()
 
@@ -30,7 +29,7 @@ def test_body_fills_markers(kind):
 
 @pytest.mark.skipif(HAS_METAL, reason="checks the no-Metal decline")
 def test_declines_without_metal():
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     pool, batch, q = make_case((3, 40), 8, 2, 64, 16, mx.float16, 8)
     reason = NativeMetal().decline(q, pool, batch)
@@ -38,7 +37,7 @@ def test_declines_without_metal():
 
 
 def test_shape_declines_come_first():
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     pool, batch, q = make_case((3, 40), 8, 2, 64, 16, mx.float16, 8)
     reason = NativeMetal().decline(q[..., :32], pool, batch)
@@ -46,7 +45,7 @@ def test_shape_declines_come_first():
 
 
 def test_metal_launch_plumbing(monkeypatch):
-    from bench.cuda_kernel import make_case
+    from slabserve.bench.cuda_kernel import make_case
 
     calls: list = []
 

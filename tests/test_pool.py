@@ -1,9 +1,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from kvcache import BlockAllocator, PoolGeometry, SlabPool
-from kvcache.pool import GatherPlan, WritePlan
+from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool
+from slabserve.kvcache.pool import GatherPlan, WritePlan
 
 
 @pytest.mark.parametrize("slab_blocks", [2, 64])

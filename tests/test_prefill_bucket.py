@@ -10,12 +10,11 @@ from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import make
-
-from attention import prefill as pf
-from attention.base import DecodeBatch
-from engine.config import CacheConfig
-from engine.generate import greedy_generate
-from engine.runner import ModelRunner
+from slabserve.attention import prefill as pf
+from slabserve.attention.base import DecodeBatch
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner
 
 QH, KVH, D, BS, SB = 4, 2, 16, 4, 8  # GQA 4/2, block 4 tokens, 8 blocks per slab
 
@@ -116,7 +115,7 @@ def test_runner_bucketed_is_token_exact_with_mlx_lm(model_root):
         calls.append(kw.get("bucket"))
         return real(*a, **kw)
 
-    import engine.paged_cache as pc
+    import slabserve.engine.paged_cache as pc
 
     pc_old, pc.prefill_attention = pc.prefill_attention, spy
     try:

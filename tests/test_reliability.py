@@ -11,13 +11,12 @@ import asyncio
 
 import httpx
 import pytest
-
-from reliability import soak
-from reliability.observe import wait_idle
-from reliability.overload import overload
-from reliability.process import ServerOptions, ServerProcess
-from reliability.report import MIB
-from reliability.shutdown import sigterm_under_load
+from slabserve.reliability import soak
+from slabserve.reliability.observe import wait_idle
+from slabserve.reliability.overload import overload
+from slabserve.reliability.process import ServerOptions, ServerProcess
+from slabserve.reliability.report import MIB
+from slabserve.reliability.shutdown import sigterm_under_load
 
 VALID = {"chat", "chat_stream", "completion", "completion_stream", "near_limit",
          "disconnect_stream", "disconnect_wait"}
@@ -28,7 +27,7 @@ def test_short_soak(tmp_path):
     run really exercised preemption, disconnects and invalid input."""
     cfg = soak.SoakConfig(duration_s=25.0, warmup_s=4.0, concurrency=5, seed=1,
                           request_timeout_s=60.0, rss_growth_limit_bytes=128 * MIB)
-    report = soak.run(ServerOptions(), cfg, tmp_path / "server.log")
+    report = soak.run(ServerOptions(), cfg, tmp_path / "slabserve.server.log")
     print(report.to_markdown())
     assert report.violations() == []
     s = report.summary()
@@ -43,7 +42,7 @@ def queue32(tmp_path_factory):
     """A server admitting at most 32 queued requests (8 running)."""
     opts = ServerOptions(max_context=256, kv_budget_bytes=8 << 20, slab_tokens=512,
                          max_running=8, max_queued=32)
-    with ServerProcess(opts, tmp_path_factory.mktemp("overload") / "server.log") as srv:
+    with ServerProcess(opts, tmp_path_factory.mktemp("overload") / "slabserve.server.log") as srv:
         yield srv
 
 
@@ -77,7 +76,7 @@ def test_sigterm_under_load_ends_every_stream_and_exits_0(tmp_path):
     or an error event, each plain request with a whole answer or an error object, and
     the process exits 0 within the shutdown timeout plus a margin."""
     opts = ServerOptions(max_context=512, kv_budget_bytes=8 << 20, shutdown_timeout_s=2.0)
-    with ServerProcess(opts, tmp_path / "server.log") as srv:
+    with ServerProcess(opts, tmp_path / "slabserve.server.log") as srv:
         res = asyncio.run(sigterm_under_load(srv, streams=6, plain=2, max_tokens=400,
                                              exit_timeout_s=opts.shutdown_timeout_s + 20))
         log = srv.log_text()
@@ -115,7 +114,7 @@ def test_sigterm_lets_in_flight_requests_finish_within_the_timeout(tmp_path):
     """With a shutdown timeout longer than the work left, SIGTERM drains: in-flight
     streams and plain requests finish normally (``length``), then the process exits 0."""
     opts = ServerOptions(max_context=256, kv_budget_bytes=8 << 20, shutdown_timeout_s=60.0)
-    with ServerProcess(opts, tmp_path / "server.log") as srv:
+    with ServerProcess(opts, tmp_path / "slabserve.server.log") as srv:
         res = asyncio.run(sigterm_under_load(srv, streams=4, plain=2, max_tokens=48,
                                              exit_timeout_s=90.0))
         log = srv.log_text()

@@ -9,11 +9,10 @@ import json
 import random
 
 import httpx
-
-from reliability import badinput, traffic
-from reliability.observe import ServerState, integrity_verdict, parse_metrics, state_from
-from reliability.report import MIB, SoakReport
-from reliability.traffic import Outcome, Target
+from slabserve.reliability import badinput, traffic
+from slabserve.reliability.observe import ServerState, integrity_verdict, parse_metrics, state_from
+from slabserve.reliability.report import MIB, SoakReport
+from slabserve.reliability.traffic import Outcome, Target
 
 METRICS = """\
 # HELP slabserve:num_requests_running Requests in the running batch.

@@ -5,10 +5,9 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import CONFIGS, make
-
-from engine.config import CacheConfig
-from engine.generate import greedy_generate
-from engine.runner import ModelRunner
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner
 
 ARCHS = list(CONFIGS)
 
@@ -78,7 +77,7 @@ def test_exhaustion_is_reported_and_leaks_nothing(model_root):
 def test_prefill_and_decode_in_one_forward(model_root):
     """A step that decodes running sequences while prefilling a new one (what the
     scheduler does) gives the same tokens as running them apart."""
-    from engine.runner import SeqInput
+    from slabserve.engine.runner import SeqInput
 
     model, _ = load(str(make(model_root, "qwen2-bias")))
     runner = runner_for(model, block_size=4, slab_tokens=8)
@@ -106,7 +105,7 @@ def test_prefill_and_decode_in_one_forward(model_root):
 
 
 def test_auto_slab_size_holds_the_budget_in_at_most_32_slabs(model_root):
-    from engine.config import AUTO_MAX_SLABS, auto_slab_tokens
+    from slabserve.engine.config import AUTO_MAX_SLABS, auto_slab_tokens
 
     assert auto_slab_tokens(1 << 30, 1 << 20) == 4096  # small budgets keep the floor
     for budget, per_token in [(2 << 30, 12288), (40 << 30, 12288), (7 << 30, 32768)]:
@@ -130,9 +129,8 @@ def test_equal_chunks_of_several_sequences_share_one_forward(arch_model):
     (``merge_prefills``): same logits, same pages written and the same greedy tokens as
     mlx-lm, whatever each row's start; a chunk of another length runs on its own."""
     import numpy as np
-
-    from attention import DecodeBatch
-    from engine.runner import SeqInput
+    from slabserve.attention import DecodeBatch
+    from slabserve.engine.runner import SeqInput
 
     _, model = arch_model
     a, b, c = (prompts(1, seed=s)[0] * 3 + list(range(40)) for s in (11, 12, 13))
@@ -172,8 +170,7 @@ def test_dispatching_every_few_layers_changes_nothing(arch_model):
     """``dispatch_every`` hands the partial graph to the device while the host builds the
     rest: the same prefill and decode logits and the same greedy tokens as one eval."""
     import numpy as np
-
-    from engine.runner import SeqInput
+    from slabserve.engine.runner import SeqInput
 
     _, model = arch_model
     p, q = (x[:30] for x in prompts(2, seed=21))

@@ -7,9 +7,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from engine.sampling import RowSpec, mix, sample
-from scheduler.api import SamplingParams
+from slabserve.engine.sampling import RowSpec, mix, sample
+from slabserve.scheduler.api import SamplingParams
 
 V = 64
 
@@ -106,9 +105,8 @@ def test_logprobs_per_row_only_where_asked(k):
 def test_batched_filters_equal_mlx_lm_applied_row_by_row(vocab, candidates, monkeypatch):
     """Candidates path, its full-sort fallback (flat rows), and the full sort alone (GPU)."""
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    from engine import sampling
-    from engine.sampling import _filter
+    from slabserve.engine import sampling
+    from slabserve.engine.sampling import _filter
 
     monkeypatch.setattr(sampling, "CANDIDATES", candidates)
 

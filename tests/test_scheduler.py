@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from sched_fakes import EOS, make, reference, req
-
-from scheduler.api import RequestError
-from scheduler.plan import SampledToken, StepOutput
+from slabserve.scheduler.api import RequestError
+from slabserve.scheduler.plan import SampledToken, StepOutput
 
 
 def step(s, ex):
@@ -239,7 +238,7 @@ def test_prefill_align_keeps_progress_when_room_is_below_align():
 
 
 def test_device_defaults():
-    from scheduler.config import SchedulerConfig
+    from slabserve.scheduler.config import SchedulerConfig
 
     cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
     assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
@@ -260,7 +259,7 @@ def test_device_defaults():
 def test_gpu_defaults_keep_chunks_whole_beside_decodes():
     """Eight streams decode while two long prompts prefill: every non-final chunk is a whole
     prefill_chunk, so chunk starts (and attention shapes) repeat across prompts."""
-    from scheduler.config import SchedulerConfig
+    from slabserve.scheduler.config import SchedulerConfig
 
     gpu = SchedulerConfig.for_device(True)
     cfg = {k: getattr(gpu, k) for k in ("max_step_tokens", "prefill_chunk", "prefill_align")}
@@ -285,7 +284,7 @@ def test_gpu_burst_of_long_prompts_gets_no_slivers():
     """Eight 16000-token prompts at once (the GPU load grid's 16k cell): the budget's
     left-over (max_running tokens beside the whole chunks) must not become a short chunk
     of a third prompt, whose later chunks would all start off the chunk alignment."""
-    from scheduler.config import SchedulerConfig
+    from slabserve.scheduler.config import SchedulerConfig
 
     gpu = SchedulerConfig.for_device(True)
     cfg = {k: getattr(gpu, k) for k in ("max_step_tokens", "prefill_chunk", "prefill_align")}

@@ -9,9 +9,8 @@ import time
 
 import pytest
 from sched_fakes import ShadowExecutor, make, reference, req
-
-from scheduler.api import RequestError
-from scheduler.engine import AsyncLLMEngine
+from slabserve.scheduler.api import RequestError
+from slabserve.scheduler.engine import AsyncLLMEngine
 
 
 class Flaky(ShadowExecutor):

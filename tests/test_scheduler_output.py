@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from scheduler.api import SamplingParams
-from scheduler.output import OutputStream
-from scheduler.plan import SampledToken
+from slabserve.scheduler.api import SamplingParams
+from slabserve.scheduler.output import OutputStream
+from slabserve.scheduler.plan import SampledToken
 
 PIECES = {1: "he", 2: "llo", 3: " wo", 4: "rld", 5: "!", 6: "<eos>"}
 

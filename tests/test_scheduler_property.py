@@ -7,8 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sched_fakes import make, reference, req
-
-from scheduler.api import RequestError
+from slabserve.scheduler.api import RequestError
 
 ops = st.lists(
     st.one_of(

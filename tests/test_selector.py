@@ -7,13 +7,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from attention_cases import make_case
+from slabserve.attention import selector as sel_mod
+from slabserve.attention.base import DecodeAttention, DecodeBatch
+from slabserve.attention.profile import (
+    Profile,
+    ProfileEntry,
+    device_id,
+    load_for_device,
+    profile_path,
+)
+from slabserve.attention.reference import reference_decode
+from slabserve.attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
 
-import attention
-from attention import selector as sel_mod
-from attention.base import DecodeAttention, DecodeBatch
-from attention.profile import Profile, ProfileEntry, device_id, load_for_device, profile_path
-from attention.reference import reference_decode
-from attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
+from slabserve import attention
 
 ENV_OURS = "SLABSERVE_PAGED_ATTENTION_NATIVE"
 ENV_MLXCEL = "MLXCEL_PAGED_ATTENTION_NATIVE"
@@ -127,7 +133,7 @@ def test_native_cpu_decline_is_counted_with_its_reason(case):
 
 
 def test_missing_kernel_module_declines(monkeypatch, case):
-    monkeypatch.setitem(sel_mod.NATIVE_IMPLS, "cpu", ("attention.no_such_kernel", "X"))
+    monkeypatch.setitem(sel_mod.NATIVE_IMPLS, "cpu", ("slabserve.attention.no_such_kernel", "X"))
     s = Selector(override=True)
     s.run(*case[:2], 0, case[2], 0.125)
     assert s.path_counts() == {("gather", "declined:no_kernel_for_backend"): 1}

@@ -3,10 +3,10 @@ attention benchmark runs end to end on a tiny grid and writes its three outputs.
 
 import json
 
-from attention import calibrate
-from attention.profile import TIE, load_for_device, profile_path
-from attention.selector import Path, Reason, Selector
-from bench import attention as bench_attention
+from slabserve.attention import calibrate
+from slabserve.attention.profile import TIE, load_for_device, profile_path
+from slabserve.attention.selector import Path, Reason, Selector
+from slabserve.bench import attention as bench_attention
 
 
 def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_path):
@@ -33,8 +33,9 @@ def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_pat
 
 
 def test_startup_calibration_installs_profile(monkeypatch, tmp_path):
-    import attention
-    from kvcache.pool import PoolGeometry
+    from slabserve.kvcache.pool import PoolGeometry
+
+    from slabserve import attention
 
     monkeypatch.setitem(calibrate.SHORT, "contexts", [40])
     monkeypatch.setitem(calibrate.SHORT, "batches", [1])

@@ -12,8 +12,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server_fixtures import serve, tiny_engine
-
-from scheduler.api import Request, SamplingParams
+from slabserve.scheduler.api import Request, SamplingParams
 
 PROMPT = "The slab allocator"
 
@@ -44,8 +43,7 @@ def mlx_lm_greedy(ids: list[int], n: int) -> list[int]:
     """Reference: mlx-lm's own greedy decoding of the same model directory."""
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load
-
-    from engine.loader import resolve_model_path
+    from slabserve.engine.loader import resolve_model_path
 
     model, _ = load(str(resolve_model_path(None)))
     return [int(token) for token, _ in generate_step(mx.array(ids), model, max_tokens=n)]

@@ -8,10 +8,9 @@ import json
 import httpx
 import pytest
 from server_fixtures import LiveServer
-
-from scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
-from server.app import create_app
-from server.config import ServerConfig
+from slabserve.scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
+from slabserve.server.app import create_app
+from slabserve.server.config import ServerConfig
 
 
 class ByteTokenizer:
@@ -145,7 +144,7 @@ def test_n_choices_stream_and_finish_each(http):
 
 
 def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
-    from server import cli
+    from slabserve.server import cli
 
     monkeypatch.setenv("SLABSERVE_API_KEY", "from-env")
     args = cli.parser().parse_args([
@@ -167,10 +166,10 @@ def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
 
 
 def test_logprobs_stay_valid_json_when_the_distribution_degenerates():
-    from scheduler.api import TokenLogprob
-    from server.chat import chat_logprobs
-    from server.codec import MIN_LOGPROB, TextCodec
-    from server.completions import legacy_logprobs
+    from slabserve.scheduler.api import TokenLogprob
+    from slabserve.server.chat import chat_logprobs
+    from slabserve.server.codec import MIN_LOGPROB, TextCodec
+    from slabserve.server.completions import legacy_logprobs
 
     codec = TextCodec(ByteTokenizer())
     lps = [TokenLogprob(97, float("-inf"), ((97, float("nan")), (98, 1e-9)))]

@@ -12,14 +12,14 @@ for step in "$@"; do
       for e in $ENVS; do
         [ "$e" = default ] && e=MLX_GRAPH_DEFAULT=1
         echo "== $e"
-        env "$e" timeout 120 python -m bench.host_split --model embedded:qwen2.5-0.5b \
+        env "$e" timeout 120 python -m slabserve.bench.host_split --model embedded:qwen2.5-0.5b \
           --dtype bfloat16 --decodes 8 --ctxs 16,4000 --rows 2,8 2>&1 | grep "^|" | tail -4
       done ;;
     chain)  # per layer, 16 layers chained, at the goal cells, per setting
       for e in ${CHAIN_ENVS:-default MLX_MAX_OPS_PER_BUFFER=2 MLX_USE_CUDA_GRAPHS=0}; do
         [ "$e" = default ] && e=MLX_GRAPH_DEFAULT=1
         echo "== $e"
-        env "$e" timeout 200 python -m bench.cuda_kernel --table --natives async3 \
+        env "$e" timeout 200 python -m slabserve.bench.cuda_kernel --table --natives async3 \
           --batches 4,8,16 --ctxs 16384,32768 > "$OUT/chain-${e//=/-}.log" 2>&1
         grep "^|" "$OUT/chain-${e//=/-}.log" | tail -7
       done ;;
@@ -28,7 +28,7 @@ for step in "$@"; do
         timeout 150 ncu --clock-control none --kernel-name regex:slabserve_pooled_split \
           --launch-skip 2 --launch-count 1 --csv \
           --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
-          python -m bench.ncu_cell --natives $v > "$OUT/stalls-$v.csv" 2>&1
+          python -m slabserve.bench.ncu_cell --natives $v > "$OUT/stalls-$v.csv" 2>&1
         echo "== $v"
         python - "$OUT/stalls-$v.csv" <<'PY'
 import csv, sys

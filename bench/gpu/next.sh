@@ -13,12 +13,12 @@ for step in "$@"; do
     check)
       CHECK_NATIVES=auto3,auto3s bash bench/gpu/kernel.sh check | tail -4 ;;
     table)
-      timeout 400 python -m bench.cuda_kernel --table --natives auto3,xred3,mma3 --repeat 4 \
+      timeout 400 python -m slabserve.bench.cuda_kernel --table --natives auto3,xred3,mma3 --repeat 4 \
         --batches ${NEXT_BATCHES:-4,8,16} --ctxs ${NEXT_CTXS:-16384,32768} \
         --out "$OUT/next-table" > "$OUT/next-table.log" 2>&1
       grep -v "^{" "$OUT/next-table.log" | grep -v -- "--:" ;;
     spread)
-      timeout 200 python -m bench.block_stamps --cells 8:16384:0,4:32768:0 --sm-report \
+      timeout 200 python -m slabserve.bench.block_stamps --cells 8:16384:0,4:32768:0 --sm-report \
         --evals 6 > "$OUT/spread.log" 2>&1
       grep -v "^{" "$OUT/spread.log" | tail -4 ;;
     fused)
@@ -26,7 +26,7 @@ for step in "$@"; do
         n=$(echo "x$f" | tr -d ' -')  # file names without spaces (they come back)
         nvidia-smi --query-gpu=clocks.sm --format=csv,noheader -lms 50 > "$OUT/clock-$n.txt" &
         clk=$!
-        timeout 100 python -m bench.block_stamps --cells 8:16384:0 $f > "$OUT/fused-$n.log" 2>&1
+        timeout 100 python -m slabserve.bench.block_stamps --cells 8:16384:0 $f > "$OUT/fused-$n.log" 2>&1
         kill $clk
         echo "== [$f] SM clock MHz (median): $(sort -n "$OUT/clock-$n.txt" | awk '{a[NR]=$1} END {print a[int(NR/2)+1]}')"
         grep -v "^{" "$OUT/fused-$n.log" | tail -1

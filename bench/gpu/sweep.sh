@@ -1,5 +1,5 @@
 . bench/gpu/env.sh
-timeout 300 python -m bench.cuda_kernel --sweep --natives async3,mma3 --batches 4,8,16 --ctxs 16384,32768 --shapes 32/8/64/f16,14/2/64/bf16 > /tmp/sweep.log 2>&1
+timeout 300 python -m slabserve.bench.cuda_kernel --sweep --natives async3,mma3 --batches 4,8,16 --ctxs 16384,32768 --shapes 32/8/64/f16,14/2/64/bf16 > /tmp/sweep.log 2>&1
 grep "^{" /tmp/sweep.log | python -c "
 import json,sys
 for l in sys.stdin:
