@@ -26,16 +26,14 @@ class PlanParams:
     layers that read at most this many K/V bytes merge their chunks inside the main launch
     (one launch per layer instead of two: small layers are bound by the per-launch cost);
     larger ones keep the separate merge launch (the fused kernel's last block costs more
-    there than the launch it saves).  ``waves``: the target in waves of resident blocks
-    (1: one wave; more: shorter chunks the GPU schedules dynamically).  Measured:
-    docs/adr/0004-cuda-kernel.md."""
+    there than the launch it saves).  The target is one wave of resident blocks (two and
+    four waves were measured slower).  Measured: docs/adr/0004-cuda-kernel.md."""
 
     sm_count: int = 132
     blocks_per_sm: float = 4.0
     min_chunk_tokens: int = 256
     max_chunks: int = 64
     fused_max_bytes: int = 128 << 20
-    waves: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sm_count <= 0 or self.blocks_per_sm <= 0:
@@ -44,8 +42,6 @@ class PlanParams:
             raise ValueError("min_chunk_tokens and max_chunks must be positive")
         if self.fused_max_bytes < 0:
             raise ValueError("fused_max_bytes must be >= 0")
-        if self.waves <= 0:
-            raise ValueError("waves must be positive")
 
 
 DEFAULT_PARAMS = PlanParams()
@@ -59,8 +55,8 @@ def ctx_bucket(n: int) -> int:
 @lru_cache(maxsize=4096)
 def _chunks_for_bucket(batch: int, bucket: int, head_blocks: int, params: PlanParams) -> int:
     per_chunk = max(1, batch * head_blocks)
-    # whole waves of resident blocks (one by default): a partial last wave would idle SMs
-    want = math.floor(params.sm_count * params.blocks_per_sm * params.waves / per_chunk)
+    # one whole wave of resident blocks: a partial last wave would idle SMs
+    want = math.floor(params.sm_count * params.blocks_per_sm / per_chunk)
     by_len = max(1, bucket // params.min_chunk_tokens)
     return max(1, min(want, by_len, params.max_chunks))
 

@@ -1,7 +1,13 @@
 """CUDA kernel sources and per-case choices for the native pooled decode path: which
 variant and how many q heads per GPU block a case gets, the kernel body for ``ns`` slab
 inputs, shared-memory sizes, shape declines.  Pure functions of shapes and dtypes: no device
-use, so they are tested everywhere (attention/native_cuda.py launches them)."""
+use, so they are tested everywhere (attention/native_cuda.py launches them).
+
+Shipped variants (docs/adr/0004-cuda-kernel.md): "mma" (tensor cores), "lean" (FMA, the
+row-group reduction through shared memory) and "async" (FMA, shuffle reduction: the
+fallback wherever neither applies), all over a cp.async stage ring of STAGES stages.  The
+variants measured and not adopted (register loads, bulk copies, the first shared-memory
+reduction) are in git history and the ADR."""
 
 from __future__ import annotations
 
@@ -9,18 +15,21 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
+
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
-BULK_FILE = Path(__file__).parent / "kernels" / "pooled_decode_bulk.cu"
 # sources a variant appends to the common and main kernel files
-VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,), "bulk": (BULK_FILE,)}
-VARIANTS = ("auto", "mma", "async", "bulk", "sync", "xred", "lean")
-RING_VARIANTS = ("async", "bulk", "xred", "lean")  # FMA products over a shared-memory ring
-XRED_VARIANTS = ("xred", "lean")  # the row-group reduction through shared memory
+VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,)}
+VARIANTS = ("auto", "mma", "async", "lean")
+RING_VARIANTS = ("async", "lean")  # FMA products over a shared-memory ring
 SLAB_LITERAL_VARIANTS = ("lean",)  # the slab size a literal of the source
+# The register-load work split (U = 8 tokens for up to 4 heads a block, no shared-memory
+# ring) has no CUDA source: NativeMetal's own kernel runs it under this name.
+REGISTER_VARIANT = "sync"
+STAGES = 3  # cp.async ring depth (4 gained nothing, docs/adr/0004-cuda-kernel.md)
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
@@ -58,8 +67,8 @@ def group_block(g: int, cap: int = MAX_GROUP) -> int:
     return max(d for d in range(1, min(g, cap) + 1) if g % d == 0)
 
 
-def xred_applies(pool_dtype, group: int, head_dim: int | None) -> bool:
-    """Whether the "xred" kernel takes a case: a float16/bfloat16 pool and head_dim 64 with
+def lean_applies(pool_dtype, group: int, head_dim: int | None) -> bool:
+    """Whether the "lean" kernel takes a case: a float16/bfloat16 pool and head_dim 64 with
     2 or 4 q heads per kv head (8 lanes per K row), or head_dim 128 with 4 (16 lanes)."""
     if pool_dtype not in MMA_DTYPES:
         return False
@@ -69,22 +78,19 @@ def xred_applies(pool_dtype, group: int, head_dim: int | None) -> bool:
 def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
                  head_dim: int | None = None) -> str:
     """The variant that runs a case.  "mma" needs a float16/bfloat16 pool and a query of the
-    same dtype, else the "async" FMA variant takes it; "xred" needs ``xred_applies``, else
-    "async" takes it.  "auto" (H200 measurements, docs/benchmarks/cuda-attention.md):
-    "mma" where it applies with at least MMA_MIN_GROUP q heads per kv head (15-32% faster
-    than the FMA kernel at 7, Qwen2.5-0.5B's 14/2; 5 is unmeasured), else "xred" where it
-    applies (32/8/64 fp16, fifth session: 5-16% faster per layer than "async" at B >= 4 and
-    16-32k, within the noise elsewhere; head_dim 128: see docs/benchmarks/cuda-attention.md)
-    in its "lean" form (fewer instructions per token; tenth session: faster chained than
-    "xred" in most goal cells, see ADR 0004), else "async".  "xred" and "lean" run where
-    ``xred_applies``, else "async"."""
+    same dtype, "lean" needs ``lean_applies``; otherwise the "async" FMA variant takes the
+    case.  "auto" (H200 measurements, docs/adr/0004-cuda-kernel.md): "mma" where it applies
+    with at least MMA_MIN_GROUP q heads per kv head (15-32% faster than the FMA kernel at 7,
+    Qwen2.5-0.5B's 14/2; 5 is unmeasured; 15-37% slower than "lean" at 4), else "lean" where
+    it applies (32/8/64 fp16: 5-16% faster per layer than "async" at B >= 4 and 16-32k in
+    its first form, faster again chained in its lean form), else "async"."""
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
-    xred_ok = xred_applies(pool_dtype, group, head_dim)
+    lean_ok = lean_applies(pool_dtype, group, head_dim)
     if variant == "auto":
         if mma_ok and group >= MMA_MIN_GROUP:
             return "mma"
-        return "lean" if xred_ok else "async"
-    if (variant == "mma" and not mma_ok) or (variant in XRED_VARIANTS and not xred_ok):
+        return "lean" if lean_ok else "async"
+    if (variant == "mma" and not mma_ok) or (variant == "lean" and not lean_ok):
         return "async"
     return variant
 
@@ -95,9 +101,10 @@ def slab_literal(variant: str, slab_blocks: int) -> int:
     return slab_blocks if variant in SLAB_LITERAL_VARIANTS else 0
 
 
-def unit_tokens(gb: int, variant: str = "sync") -> int:
-    """Tokens a row group loads at once (registers: ``gb * unit`` scores; the async
-    variant keeps several units in flight through shared memory instead)."""
+def unit_tokens(gb: int, variant: str = REGISTER_VARIANT) -> int:
+    """Tokens a row group loads at once: 4 for the ring variants (several units in flight
+    through shared memory); the register-load split holds ``gb * unit`` scores in
+    registers (8 tokens up to 4 heads).  The mma kernel ignores it (16-token tiles)."""
     if variant in RING_VARIANTS:
         return 4
     return 8 if gb <= 4 else 4
@@ -136,10 +143,9 @@ KIND_OUTPUTS = {  # kernel kind -> (output arguments of the variant call, DIRECT
 def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
                 slab_blocks: int = 0) -> str:
     """Body of the pooled kernel for ``ns`` slab inputs ``k0..``, ``v0..``; ``kind`` one of
-    KIND_OUTPUTS; ``variant`` "mma" (tensor cores, cp.async), "async" (cp.async pipeline,
-    dynamic shared memory; "xred": the same with the shared-memory reduction; "lean": xred
-    in fewer instructions per token), "bulk" (the
-    async work split, page tiles by sm_90 bulk copies) or "sync" (register loads).
+    KIND_OUTPUTS; ``variant`` "mma" (tensor cores), "async" (FMA) or "lean" (FMA, the
+    shared-memory reduction), each over a cp.async ring in dynamic shared memory
+    (ValueError for another).
     ``scale``, the softmax scale, is a literal of the source, not an input: a 4-byte input
     lives in MLX's managed scalar pool, whose read cost every launch ~9 us on an H200
     (kvcache/arrays.py).  ``slab_blocks`` > 0 makes the slab size a literal too (the
@@ -149,18 +155,13 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
     sb = str(slab_blocks) if slab_blocks > 0 else "k0_shape[0] / (HKV * BS)"
     outs, flag = KIND_OUTPUTS[kind]
     if variant == "mma":
-        head = "  extern __shared__ uint4 slabserve_smem[];\n"
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
-        tail = ", slabserve_smem"
     elif variant in RING_VARIANTS:
-        head = "  extern __shared__ uint4 slabserve_smem[];\n"
-        name, xred = ("async", ", true") if variant in XRED_VARIANTS else (variant, "")
-        xred += ", true" if variant == "lean" else ""
-        call = f"pooled_decode_{name}<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{xred}>"
-        tail = ", slabserve_smem"
+        lean = ", true" if variant == "lean" else ""
+        call = f"pooled_decode_async<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, {flag}{lean}>"
     else:
-        head, call, tail = "", f"pooled_decode<TQ, T, D, BS, HKV, G, GB, NS, U, NT, {flag}>", ""
-    return f"""{head}
+        raise ValueError(f"no CUDA source for variant {variant!r} (one of {VARIANTS[1:]})")
+    return f"""  extern __shared__ uint4 slabserve_smem[];
   __shared__ const T* ktab[NS];
   __shared__ const T* vtab[NS];
   if (threadIdx.x == 0) {{
@@ -169,14 +170,14 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
   __syncthreads();
   ::slabserve::{call}(
       q, table, lengths, table_shape[1], {sb}, {scale * LOG2E!r}f,
-      ktab, vtab, {outs}{tail});
+      ktab, vtab, {outs}, slabserve_smem);
 """
 
 
 def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages: int,
                threads: int = THREADS) -> int:
-    """Dynamic shared memory of the async, bulk and mma variants: the stage ring, reused by
-    the merge (the bulk ring holds the same bytes as the async one, in page-row order)."""
+    """Dynamic shared memory of a variant: the stage ring, reused by the merge (0 for the
+    register-load split)."""
     if variant == "mma":
         warps = threads // 32
         return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)

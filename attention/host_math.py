@@ -13,12 +13,12 @@ a small thread pool, on row blocks that fit in L2.
 * ``silu_mul(gate, x)``: ``silu(gate) * x`` (mlx-lm's ``swiglu``).
 
 Both evaluate the MLX graph they depend on (a synchronisation point), so they are used
-only when ``attention_applies`` / ``silu_applies`` say so: host math enabled, default
-device CPU, float32, and at least ``min_elements()`` elements of work (scores ``H*L*n``,
-or gate elements) so that decode steps keep MLX's lazy graph.  ``silu_applies`` also
-requires ``active()`` on this thread, which ``ModelRunner`` holds around its forward: the
-patched ``swiglu`` is module-wide, and plain mlx-lm use of the same classes (possibly under
-``mx.compile``, where an evaluation mid-call is an error) must keep mlx-lm's function.
+only when ``HostMath.attention_applies`` / ``silu_applies`` say so: host math enabled,
+default device CPU, float32, and at least ``min_elements`` elements of work (scores
+``H*L*n``, or gate elements) so that decode steps keep MLX's lazy graph.  The patched
+``swiglu`` (engine/patch.py) asks only inside a model runner's forward, on its thread:
+plain mlx-lm use of the same classes (possibly under ``mx.compile``, where an evaluation
+mid-call is an error) keeps mlx-lm's function.
 
 Invariant of ``causal_attention``: the score matrix is a fresh MLX matmul output owned
 here; the softmax is written into its buffer in place (a writable numpy view) and the
@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import cache
 
 import mlx.core as mx
@@ -44,105 +42,78 @@ except ImportError:  # pragma: no cover - numpy is a dependency; the predicate c
 
 DEFAULT_MIN_ELEMENTS = 1 << 16
 _BLOCK_BYTES = 1 << 20  # rows per block: about this many bytes (L2 size; fewer numpy calls)
-_ENABLED: bool | None = None
-_MIN_ELEMENTS: int | None = None
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_SCOPE = threading.local()
-
-
-@cache
-def _env_enabled() -> bool:
-    from slabserve import env
-
-    return env.host_math() is not False  # unset ("auto") = on; the predicate checks the rest
-
-
-def enabled() -> bool:
-    """Whether host math may be used: ``set_enabled``'s value if set, else
-    ``SLABSERVE_HOST_MATH`` (read once; unset or ``auto`` = on)."""
-    return _env_enabled() if _ENABLED is None else _ENABLED
-
-
-def set_enabled(on: bool | None) -> bool | None:
-    """Process-wide switch (None: back to the environment); returns the previous
-    override.  ``ModelRunner`` applies ``RunnerConfig.host_math`` through it."""
-    global _ENABLED
-    old, _ENABLED = _ENABLED, on
-    return old
-
-
-def min_elements() -> int:
-    """Smallest amount of work (elements) the host path takes."""
-    return DEFAULT_MIN_ELEMENTS if _MIN_ELEMENTS is None else _MIN_ELEMENTS
-
-
-def set_min_elements(n: int | None) -> int | None:
-    """Override the threshold (None: the default); returns the previous override.  For
-    tests (0 forces every float32 call on CPU through the host path) and benchmarks."""
-    global _MIN_ELEMENTS
-    if n is not None and n < 0:
-        raise ValueError("min_elements must be >= 0")
-    old, _MIN_ELEMENTS = _MIN_ELEMENTS, n
-    return old
-
-
-@contextmanager
-def active() -> Iterator[None]:
-    """Within this block (on this thread) ``silu_applies`` may say yes: the model runner's
-    forward.  Nests."""
-    prev = getattr(_SCOPE, "on", False)
-    _SCOPE.on = True
-    try:
-        yield
-    finally:
-        _SCOPE.on = prev
-
-
-def in_scope() -> bool:
-    """Whether this thread is inside ``active()``."""
-    return getattr(_SCOPE, "on", False)
-
-
-def _usable(*arrays: mx.array) -> bool:
-    return (np is not None and enabled() and mx.default_device() == mx.cpu
-            and all(a.dtype == mx.float32 for a in arrays))
-
-
-def attention_applies(q: mx.array, k: mx.array, v: mx.array) -> bool:
-    """Whether ``causal_attention`` should replace MLX's SDPA for these inputs."""
-    work = q.shape[1] * q.shape[2] * k.shape[2]
-    return work >= min_elements() and _usable(q, k, v)
-
-
-def silu_applies(gate: mx.array, x: mx.array) -> bool:
-    """Whether ``silu_mul`` should replace mlx-lm's ``swiglu`` (inside ``active()``, same
-    shapes, no broadcasting)."""
-    return (in_scope() and gate.shape == x.shape and gate.size >= min_elements()
-            and _usable(gate, x))
 
 
 def workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(workers(), thread_name_prefix="slabserve-host-math")
-        return _POOL
+class HostMath:
+    """The numpy path's switch, threshold and thread pool; one per model runner (its
+    ``AttentionRuntime``), built from ``RunnerConfig.host_math`` at the edge.
+
+    ``enabled``: whether the host path may be used at all (it still applies only to
+    float32 on CPU).  ``min_elements``: the smallest amount of work it takes (0 sends
+    every float32 CPU call through it: tests).  The pool is created on first use and
+    shut down by ``close``."""
+
+    def __init__(self, enabled: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS) -> None:
+        if min_elements < 0:
+            raise ValueError("min_elements must be >= 0")
+        self.enabled = enabled
+        self.min_elements = min_elements
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _usable(self, *arrays: mx.array) -> bool:
+        return (np is not None and self.enabled and mx.default_device() == mx.cpu
+                and all(a.dtype == mx.float32 for a in arrays))
+
+    def attention_applies(self, q: mx.array, k: mx.array, v: mx.array) -> bool:
+        """Whether ``causal_attention`` should replace MLX's SDPA for these inputs."""
+        work = q.shape[1] * q.shape[2] * k.shape[2]
+        return work >= self.min_elements and self._usable(q, k, v)
+
+    def silu_applies(self, gate: mx.array, x: mx.array) -> bool:
+        """Whether ``silu_mul`` should replace mlx-lm's ``swiglu`` (same shapes, no
+        broadcasting).  The patched ``swiglu`` asks only inside the runner's forward
+        (engine/patch.py)."""
+        return (gate.shape == x.shape and gate.size >= self.min_elements
+                and self._usable(gate, x))
+
+    def causal_attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float):
+        """See the module docstring; split over this object's pool."""
+        return causal_attention(q, k, v, scale, self.run_parts)
+
+    def silu_mul(self, gate: mx.array, x: mx.array) -> mx.array:
+        return silu_mul(gate, x, self.run_parts)
+
+    def run_parts(self, fn, total: int) -> None:
+        """``fn(lo, hi)`` over ``[0, total)`` cut into at most ``workers()`` even parts,
+        in the pool (the caller's thread takes the last part)."""
+        parts = min(workers(), total)
+        cuts = [total * i // parts for i in range(parts + 1)]
+        pool = self._executor() if parts > 1 else None
+        futures = [pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(parts - 1)]
+        fn(cuts[-2], cuts[-1])
+        for f in futures:
+            f.result()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(workers(), thread_name_prefix="slabserve-host-math")
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
 
 
-def _run_parts(fn, total: int) -> None:
-    """``fn(lo, hi)`` over ``[0, total)`` cut into at most ``workers()`` even parts, in
-    the pool (the caller's thread takes the last part)."""
-    parts = min(workers(), total)
-    cuts = [total * i // parts for i in range(parts + 1)]
-    futures = [_pool().submit(fn, cuts[i], cuts[i + 1]) for i in range(parts - 1)]
-    fn(cuts[-2], cuts[-1])
-    for f in futures:
-        f.result()
+def _serial(fn, total: int) -> None:
+    fn(0, total)
 
 
 @cache
@@ -171,7 +142,8 @@ def _softmax_heads(a, start: int, lo: int, hi: int) -> None:
             a[h, r0:r1, cols:] = 0.0
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                     run_parts=_serial) -> mx.array:
     """``q`` ``[1, H, L, D]``, ``k``/``v`` ``[1, Hkv, n, D]`` float32 with ``H % Hkv ==
     0`` and ``n >= L`` (every query sees at least key 0: no row is fully masked).
     Returns ``[1, H, L, D]`` float32, MLX's causal SDPA up to rounding."""
@@ -187,7 +159,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     if not in_place:  # another MLX build's buffer protocol: work on a copy instead
         a = np.ascontiguousarray(a, dtype=np.float32).copy()
     a = a.reshape(h, length, n)  # head kvh * rep + r: MLX's GQA order
-    _run_parts(lambda lo, hi: _softmax_heads(a, n - length, lo, hi), h)
+    run_parts(lambda lo, hi: _softmax_heads(a, n - length, lo, hi), h)
     p = s if in_place else mx.array(a.reshape(s.shape))
     return (p @ v).reshape(1, h, length, d)
 
@@ -205,7 +177,7 @@ def _silu_rows(g, x, out, lo: int, hi: int) -> None:
             t *= x[r0:r1]
 
 
-def silu_mul(gate: mx.array, x: mx.array) -> mx.array:
+def silu_mul(gate: mx.array, x: mx.array, run_parts=_serial) -> mx.array:
     """``silu(gate) * x`` for float32 arrays of one shape (``silu_applies``)."""
     if gate.shape != x.shape:
         raise ValueError(f"silu_mul: shapes {gate.shape} and {x.shape} differ")
@@ -214,5 +186,5 @@ def silu_mul(gate: mx.array, x: mx.array) -> mx.array:
     g = np.asarray(gate).reshape(-1, width)
     y = np.asarray(x).reshape(-1, width)
     out = np.empty_like(g)
-    _run_parts(lambda lo, hi: _silu_rows(g, y, out, lo, hi), g.shape[0])
+    run_parts(lambda lo, hi: _silu_rows(g, y, out, lo, hi), g.shape[0])
     return mx.array(out).reshape(gate.shape)

@@ -5,7 +5,8 @@ Algorithm (attention/kernels/*.cu, docs/adr/0004-cuda-kernel.md): one GPU block 
 loads, fp32 accumulation with an exp2 online softmax, and a log-sum-exp merge pass when the
 host plan (attention/cuda_plan.py) splits the context into several chunks.  Products by FMA
 or, for float16/bfloat16 with >= 6 q heads per kv head, by tensor cores (variant "auto";
-choices and sources: attention/cuda_source.py).
+choices and sources: attention/cuda_source.py).  Kernel experiments (other variants, ring
+depths, timing marks) subclass this class from experiments/, not here.
 
 Any slab count without copying: every slab of the layer is a kernel input (the count is
 the power-of-two bucket of the most slabs the pool will hold, capped at 32, padded with
@@ -26,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
+
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
 from slabserve.attention.cuda_source import (
@@ -35,7 +37,9 @@ from slabserve.attention.cuda_source import (
     MERGE_BODY,
     MMA_MAX_GROUP,
     MMA_MIN_CHUNK_TOKENS,
+    REGISTER_VARIANT,
     SM_SMEM,
+    STAGES,
     THREADS,
     VARIANT_FILES,
     VARIANTS,
@@ -56,43 +60,36 @@ class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
 
     ``variant``: "auto" (default: "mma" for float16/bfloat16 with >= 6 q heads per kv
-    head, else "lean" where xred applies, else "async"; cuda_source.case_variant), "mma"
-    (tensor-core products for float16/bfloat16; other dtypes go to "async"), "async" (FMA
-    products, cp.async stage ring), "xred" (async with the row-group reduction through
-    shared memory and one exp2 per score: 16-bit K/V, head_dim 64 with 2 or 4 q heads per kv
-    head or 128 with 4), "lean" (xred in fewer instructions per token, the slab size
-    compiled in: one build per pool geometry), "bulk" (FMA products, page tiles by sm_90
-    bulk copies: opt-in) or "sync" (register loads);
-    ``stages``: depth of the cp.async ring.  ``fused_merge``: with several chunks
+    head, else "lean" where it applies, else "async"; cuda_source.case_variant), or one of
+    them forced for side-by-side tables: "mma" (tensor-core products for float16/bfloat16;
+    other dtypes go to "async"), "lean" (FMA products, the row-group reduction through
+    shared memory and one exp2 per score: 16-bit K/V, head_dim 64 with 2 or 4 q heads per
+    kv head or 128 with 4, the slab size compiled in: one build per pool geometry; other
+    cases go to "async"), "async" (FMA products, shuffle reduction); all three stream K/V
+    through a cp.async ring of ``stages`` (STAGES) stages.  "sync" (REGISTER_VARIANT) is
+    the register-load work split of a subclass's own kernel (NativeMetal): this class
+    has no CUDA source for it.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
     kernel resets) instead of a second launch.  ``None`` (default): per step, fused for
     layers reading at most ``params.fused_max_bytes`` of K/V (one launch less where the
     launches are the cost), split + merge above (cuda_plan.plan_fused;
     docs/adr/0004-cuda-kernel.md); ``True`` / ``False``: always / never.  Subclasses for
     other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_body``
-    and ``_compile``."""
+    and ``_compile``; experiments may also set ``stages``."""
 
     name = "native"
     scale_input = False  # CUDA bodies carry the scale as a literal (cuda_source.kernel_body)
     threads = THREADS
+    stages = STAGES
     kernel_file = KERNEL_FILE
     common_files: tuple[Path, ...] = (COMMON_FILE,)
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
-                 stages: int = 3, fused_merge: bool | None = None, unit: int | None = None,
-                 threads: int | None = None) -> None:
-        if variant not in VARIANTS or stages < 2:
-            raise ValueError(f"variant is one of {VARIANTS}; stages >= 2")
-        if unit is not None and unit not in (1, 2, 4, 8, 16):
-            raise ValueError("unit is a power of two up to 16 tokens")
-        if threads is not None and (threads % 32 or not 32 <= threads <= 1024):
-            raise ValueError("threads is a multiple of 32 up to 1024")
+                 fused_merge: bool | None = None) -> None:
+        if variant not in (*VARIANTS, REGISTER_VARIANT):
+            raise ValueError(f"variant is one of {VARIANTS}")
         self.params = params
         self.variant = variant
-        self.stages = stages
-        self.unit = unit  # None: unit_tokens(); FMA variants only (sweeps)
-        if threads is not None:
-            self.threads = threads
         self.fused_merge = fused_merge
         self._counters: dict[int, mx.array] = {}
         self._kernels: dict[tuple[str, int, int, str], object] = {}
@@ -197,7 +194,7 @@ class NativeCUDA(DecodeAttention):
         stay at least MMA_MIN_CHUNK_TOKENS long (the sweep's best chunk counts for 14/2
         heads at B 4-16, ctx 16-32k)."""
         variant, gb = self._case(q, g)
-        smem = smem_bytes(variant, g.dtype.size, g.head_dim, gb, self._unit(gb, variant),
+        smem = smem_bytes(variant, g.dtype.size, g.head_dim, gb, unit_tokens(gb, variant),
                           self.stages, self.threads)
         per_sm = self.params.blocks_per_sm * THREADS / self.threads
         if smem:
@@ -210,9 +207,6 @@ class NativeCUDA(DecodeAttention):
         return replace(self.params, blocks_per_sm=per_sm,
                        min_chunk_tokens=max(self.params.min_chunk_tokens,
                                             MMA_MIN_CHUNK_TOKENS))
-
-    def _unit(self, gb: int, variant: str) -> int:
-        return self.unit or unit_tokens(gb, variant)
 
     def _run(self, q, pool, layer, batch, scale, chunks: int,
              fused: bool | None = None) -> mx.array:
@@ -270,7 +264,7 @@ class NativeCUDA(DecodeAttention):
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         variant, gb = self._case(q, g)
-        unit = self._unit(gb, variant)
+        unit = unit_tokens(gb, variant)
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
             ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),

@@ -1,8 +1,9 @@
 """Prefill attention for one sequence: a chunk of new queries over the cached prefix and
 the chunk itself, causal.  The chunk's K/V are already written to the pool.
 
-Shape bucketing (``SLABSERVE_PREFILL_KV_BUCKET`` tokens, 0 = off; unset: on with
-``CUDA_DEFAULT_BUCKET`` tokens where MLX computes on a CUDA GPU, off elsewhere).  MLX's CUDA
+Shape bucketing (``RunnerConfig.prefill_kv_bucket`` tokens, 0 = off; by default
+``default_bucket()``: ``CUDA_DEFAULT_BUCKET`` tokens where MLX computes on a CUDA GPU, off
+elsewhere).  MLX's CUDA
 backend builds (and caches, keyed by the exact q/k/v/mask shapes and strides) one cuDNN
 SDPA graph per shape, and building one is slow.  Exact shapes make every chunk whose
 prefix length was not seen before pay that build: a request resuming after a cached
@@ -25,15 +26,13 @@ chunk; powers of two would waste up to half of the attention work of a long pref
 
 from __future__ import annotations
 
-from functools import cache
-
 import mlx.core as mx
-from slabserve.attention import host_math
+
 from slabserve.attention.base import DecodeBatch
 from slabserve.attention.gather import gather_kv
+from slabserve.attention.host_math import HostMath
 from slabserve.kvcache.pool import SlabPool
 
-_OVERRIDE: int | None = None
 _Q_STEP = 128  # q lengths above this round up to a multiple of it
 # H100, Qwen2.5-0.5B shape, prompts spread over 50-100% of the context, concurrency 8:
 # 1.25x / 1.15x output tok/s at 4k / 16k over exact shapes (docs/adr/0006-gpu-step-shapes.md)
@@ -44,31 +43,10 @@ def _on_cuda() -> bool:
     return mx.default_device().type == mx.gpu and mx.cuda.is_available()
 
 
-@cache
-def _env_bucket() -> int:
-    from slabserve import env
-
-    raw = env.prefill_kv_bucket()
-    if raw is not None:
-        return raw
+def default_bucket() -> int:
+    """The bucket where none is configured: CUDA_DEFAULT_BUCKET where MLX computes on a
+    CUDA GPU, 0 (exact shapes) elsewhere."""
     return CUDA_DEFAULT_BUCKET if _on_cuda() else 0
-
-
-def kv_bucket() -> int:
-    """The process's prefill bucket in tokens (0 = exact shapes): ``set_kv_bucket``'s
-    value if one was set, else ``SLABSERVE_PREFILL_KV_BUCKET``, else CUDA_DEFAULT_BUCKET
-    where MLX computes on a CUDA GPU and 0 elsewhere (read once)."""
-    return _env_bucket() if _OVERRIDE is None else _OVERRIDE
-
-
-def set_kv_bucket(tokens: int | None) -> int | None:
-    """Override the bucket (None: back to the environment); returns the previous override.
-    For benchmarks and tests; the engine passes its configuration explicitly."""
-    global _OVERRIDE
-    if tokens is not None and tokens < 0:
-        raise ValueError("bucket must be >= 0")
-    old, _OVERRIDE = _OVERRIDE, tokens
-    return old
 
 
 def _roundup(n: int, g: int) -> int:
@@ -96,17 +74,16 @@ def prefill_attention(
     layer: int,
     prefix: DecodeBatch | None,
     scale: float,
-    bucket: int | None = None,
+    bucket: int = 0,
+    host: HostMath | None = None,
 ) -> mx.array:
     """``q``, ``k_new``, ``v_new``: ``[1, heads, L, head_dim]`` for positions
     ``[start, start + L)``.  ``prefix`` describes the sequence's table with length
     ``start + L`` (None when ``start == 0``: the chunk attends to itself only).
-    ``bucket``: tokens to round shapes to (0 = exact; None = ``kv_bucket()``).
+    ``bucket``: tokens to round shapes to (0 = exact).
     Returns ``[1, q_heads, L, head_dim]`` in ``q``'s dtype; the result does not depend
-    on the bucket beyond floating-point rounding.  Exact shapes take the numpy softmax of
-    ``attention.host_math`` when it applies (float32 on CPU, large enough)."""
-    if bucket is None:
-        bucket = kv_bucket()
+    on the bucket beyond floating-point rounding.  Exact shapes take ``host``'s numpy
+    softmax when it applies (float32 on CPU, large enough)."""
     if bucket > 0:
         return _bucketed(q, k_new, v_new, pool, layer, prefix, scale, bucket)
     if prefix is None:
@@ -115,8 +92,8 @@ def prefill_attention(
         k, v = gather_kv(pool, layer, prefix)
         n = prefix.lengths[0]
         k, v = k[:, :, :n], v[:, :, :n]
-    if host_math.attention_applies(q, k, v):
-        return host_math.causal_attention(q, k, v, scale)
+    if host is not None and host.attention_applies(q, k, v):
+        return host.causal_attention(q, k, v, scale)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
 

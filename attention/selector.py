@@ -1,8 +1,8 @@
 """The decode-path selector: native pooled kernel or gather-SDPA, per layer and step.
 
 Decision order (docs/adr/0002-selector-rules.md):
-  1. override (True forces native, False forces gather, None = auto): from
-     ``slabserve.env.paged_attention_native`` when the selector is built (``from_env``),
+  1. override (True forces native, False forces gather, None = auto): given when the
+     selector is built (the composition root reads ``SLABSERVE_PAGED_ATTENTION_NATIVE``),
      or set at run time with ``set_override`` (the server's admin endpoint);
   2. the per-layer cache, keyed by (``SelectorKey``, pool slab count), so the
      steady state costs one list index per layer;
@@ -36,6 +36,7 @@ from pathlib import Path as FsPath
 from typing import NamedTuple
 
 import mlx.core as mx
+
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.profile import Profile
@@ -212,8 +213,8 @@ class _Step:
 
 
 class Selector:
-    """Chooses and runs the decode path.  One per process (``attention.decode_attention``
-    uses a default one); tests and benchmarks build their own.
+    """Chooses and runs the decode path.  One per model runner (its
+    ``AttentionRuntime``); tests and benchmarks build their own.
 
     ``override``: True forces native, False forces gather, None = auto;
     ``profile``: a loaded calibration profile or None; ``trace``: JSONL path or None;
@@ -234,16 +235,6 @@ class Selector:
         self._trace_path = trace
         self._trace = None
 
-    @classmethod
-    def from_env(cls) -> Selector:
-        """Override and trace path from slabserve.env, profile from this device's file."""
-        from slabserve.attention.profile import load_for_device
-
-        from slabserve import env
-
-        return cls(env.paged_attention_native(), load_for_device(env.cache_dir()),
-                   env.attention_trace_path())
-
     # ---- configuration -------------------------------------------------------------
     def set_profile(self, profile: Profile | None) -> None:
         self.profile = profile
@@ -254,7 +245,7 @@ class Selector:
         next decode step on; returns the previous override.  Clears the per-layer cache
         (counts so far are kept), so every layer decides afresh with the new reason.  Call
         it between steps, on the thread that runs them: a step in flight keeps the slots
-        it already holds (``scheduler.engine.AsyncLLMEngine.set_attention_path`` does)."""
+        it already holds (``scheduler.loop.ThreadedServingLoop.set_attention_path`` does)."""
         if not (value is None or isinstance(value, bool)):
             raise ValueError(f"override must be True, False or None, not {value!r}")
         previous, self.override = self.override, value

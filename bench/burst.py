@@ -20,13 +20,34 @@ import random
 import statistics
 import time
 
-from slabserve.bench.step_overhead import add_runner_args, load_runner
-from slabserve.engine.build import assemble
+from slabserve.build import ServeConfig, assemble, model_name
+from slabserve.engine.config import CacheConfig
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
 
 
+def add_runner_args(ap: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype`` and ``--kv-gib``: what ``load_runner`` reads."""
+    ap.add_argument("--model", default="embedded:qwen2.5-0.5b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-gib", type=int, default=8)
+
+
+def load_runner(args):
+    """(ModelRunner, tokenizer, served name) for ``args.model`` / ``--dtype`` / ``--kv-gib``."""
+    from slabserve.engine.loader import load
+    from slabserve.engine.runner import ModelRunner
+    from slabserve.mlxmem import configure_memory
+
+    configure_memory(None)
+    model, tok, _ = load(args.model, args.dtype)
+    runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=args.kv_gib << 30))
+    return runner, tok, model_name(ServeConfig(model=args.model, dtype=args.dtype))
+
+
 async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int) -> dict:
+    """``n`` prompts of ``prompt`` random tokens at once through the engine: TTFT, wall time
+    and the step log split into prefill and decode-only steps (``records``: the log)."""
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     first: dict[str, float] = {}

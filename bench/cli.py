@@ -1,5 +1,7 @@
-"""``slabserve bench NAME [args]``: run the benchmark module ``bench.NAME`` (dashes become
-underscores).  Benchmarks write their results under docs/benchmarks/ or --out."""
+"""``slabserve bench NAME [args]``: run the benchmark module ``slabserve.bench.NAME`` (dashes
+become underscores).  Every module of bench/ is a command, except this one and helpers
+whose names start with an underscore; kernel-work tools live in experiments/ instead.
+Benchmarks write their results under docs/benchmarks/ or --out."""
 
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ from slabserve import bench
 
 
 def available() -> list[str]:
-    return sorted(
-        m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__) if m.name != "cli"
-    )
+    """The benchmark names, dashed, sorted."""
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__)
+                  if m.name != "cli" and not m.name.startswith("_"))
 
 
 def main(argv: list[str]) -> int:
+    """Run ``argv[0]``'s ``main(argv[1:])``; usage and 2 for an unknown name."""
     if not argv or argv[0] not in available():
         print("usage: slabserve bench {" + ",".join(available()) + "} [args]")
         return 2
-    mod = importlib.import_module("bench." + argv[0].replace("-", "_"))
+    mod = importlib.import_module(f"{bench.__name__}.{argv[0].replace('-', '_')}")
     return int(mod.main(argv[1:]) or 0)

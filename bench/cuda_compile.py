@@ -1,6 +1,6 @@
 """Compile the native pooled decode kernels offline with ``nvcc`` (no GPU needed).
 
-``python -m slabserve.bench.cuda_compile [--arch sm_90] [--variants mma,async,bulk,sync]``
+``python -m slabserve.bench.cuda_compile [--arch sm_90] [--variants mma,async,lean]``
 
 MLX compiles ``mx.fast.cuda_kernel`` sources with NVRTC on the GPU machine, where a compile
 error costs device time.  This wraps each kernel body the way MLX does (the header, then a
@@ -25,6 +25,7 @@ from slabserve.attention.cuda_source import (
     COMMON_FILE,
     KERNEL_FILE,
     MERGE_BODY,
+    STAGES,
     THREADS,
     VARIANT_FILES,
     case_variant,
@@ -65,9 +66,10 @@ def wrap(name: str, header: str, body: str, inputs: list[tuple[str, str, bool]],
             + ", ".join(args) + ") {\n" + "\n".join(lines) + "\n" + body + "\n}\n}\n")
 
 
-def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, stages: int,
-            threads: int = THREADS):
-    """(name, source) of the direct, split and fused kernels and the merge for one case."""
+def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int,
+            stages: int = STAGES):
+    """(name, source) of the direct, split and fused kernels and the merge for one case
+    (``variant`` as NativeCUDA takes it, resolved per case by cuda_source.case_variant)."""
     import mlx.core as mx
 
     mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
@@ -79,7 +81,7 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int, 
     t = CTYPE[dt]
     consts = [("TQ", t), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
               ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
-              ("U", str(unit_tokens(gb, v))), ("NT", str(threads)), ("ST", str(stages))]
+              ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
     slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
     ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False), *slabs]
     out = []
@@ -132,9 +134,7 @@ CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="slabserve bench cuda-compile")
     ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--variants", default="mma,async,bulk")
-    ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=THREADS, help="threads per block (NT)")
+    ap.add_argument("--variants", default="mma,async,lean")
     ap.add_argument("--sass", type=Path, default=None,
                     help="write each kernel's SASS here (needs cuobjdump on PATH, e.g. from "
                     "the nvidia-cuda-cuobjdump wheel)")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     bad = 0
     for variant in a.variants.split(","):
         for dt, d, bs, hq, hkv, ns in CASES:
-            for name, src in sources(variant, dt, d, bs, hq, hkv, ns, a.stages, a.threads):
+            for name, src in sources(variant, dt, d, bs, hq, hkv, ns):
                 ok, log = compile_one(name, src, a.arch, a.sass)
                 bad += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {name}: {resources(log)}", flush=True)

@@ -20,76 +20,35 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from slabserve.attention.base import DecodeBatch
-from slabserve.attention.cuda_plan import DEFAULT_PARAMS
+
+from slabserve.attention.cuda_source import STAGES, VARIANTS
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.native_cuda import NativeCUDA
-from slabserve.kvcache.pool import PoolGeometry, SlabPool
+from slabserve.attention.reference import random_case, reference_decode
 
 DT = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
 TOL = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
 
-def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, spare=0, seed=0,
+def make_case(lengths, hq, hkv, d, bs, dtype, slab_blocks, layers=1, seed=0,
               contiguous=False, max_slabs=None):
-    """A pool filled with random (never zero) K/V, tables drawn from a random permutation
-    of every block of every slab (so tables are shuffled across slabs), and random q.
-    ``contiguous``: tables are consecutive block ids instead (what the server's
-    lowest-id-first allocator hands a prompt prefilled alone).  ``max_slabs``: the pool's
-    declared capacity, which sets the kernel's slab inputs (the server's pools declare 32)."""
-    rng = np.random.default_rng(seed)
-    need = sum(-(-n // bs) for n in lengths) + spare
-    slabs = max(1, -(-need // slab_blocks))
-    geom = PoolGeometry(layers, hkv, d, bs, slab_blocks, dtype)
-    pool = SlabPool(geom, max_slabs=max_slabs)
-    rows = slab_blocks * hkv * bs
-    for side in (pool.k, pool.v):
-        for layer in range(layers):
-            side[layer] = [mx.random.normal((rows, d)).astype(dtype) for _ in range(slabs)]
-    mx.eval([a for side in (pool.k, pool.v) for lay in side for a in lay])
-    perm = rng.permutation(slabs * slab_blocks).tolist()
-    if contiguous:
-        perm = list(range(slabs * slab_blocks))
-    tables, i = [], 0
-    for n in lengths:
-        k = -(-n // bs)
-        tables.append(perm[i : i + k])
-        i += k
-    batch = DecodeBatch(geom, tables, list(lengths))
-    q = mx.random.normal((len(lengths), hq, 1, d)).astype(dtype)
-    mx.eval(q, batch.table_array, batch.lengths_array)
+    """(pool, batch, q): attention.reference.random_case with slabs of ``slab_blocks``
+    blocks, as many as the batch needs, tables shuffled across them (``contiguous``:
+    consecutive block ids, what the server's lowest-id-first allocator hands a prompt
+    prefilled alone).  ``max_slabs``: the pool's declared capacity, which sets the
+    kernel's slab inputs (the server's pools declare 32)."""
+    q, pool, batch = random_case(lengths, hq, hkv, d, bs, dtype, slab_blocks=slab_blocks,
+                                 layers=layers, seed=seed, contiguous=contiguous,
+                                 max_slabs=max_slabs)
     return pool, batch, q
 
 
-def reference64(q, pool, layer, batch, scale):
-    """float64 attention of each sequence's query over its first ``length`` tokens."""
-    g = pool.geom
-    sl = [
-        [np.array(a.astype(mx.float32)).astype(np.float64).reshape(g.slab_blocks, g.kv_heads,
-                                                                     g.block_size, g.head_dim)
-         for a in side[layer]]
-        for side in (pool.k, pool.v)
-    ]
-    qn = np.array(q.astype(mx.float32)).astype(np.float64)[:, :, 0, :]
-    out = np.zeros_like(qn)
-    grp = q.shape[1] // g.kv_heads
-    for b, (tab, n) in enumerate(zip(batch.tables, batch.lengths, strict=True)):
-        k, v = ([sl[s][blk // g.slab_blocks][blk % g.slab_blocks] for blk in tab] for s in (0, 1))
-        kk = np.concatenate(list(k), axis=1)[:, :n]  # [H, n, D]
-        vv = np.concatenate(list(v), axis=1)[:, :n]
-        for h in range(q.shape[1]):
-            s = kk[h // grp] @ qn[b, h] * scale
-            p = np.exp(s - s.max())
-            out[b, h] = (p / p.sum()) @ vv[h // grp]
-    return out
-
-
-def rel_err(got, want):
+def rel_err(got, want) -> float:
+    """Relative L2 error of ``got`` against the float64 reference ``want``."""
     g = np.array(got.astype(mx.float32)).astype(np.float64).reshape(want.shape)
     if not np.all(np.isfinite(g)):
         return float("inf")
@@ -139,7 +98,7 @@ def check(out_rows: list, nat: NativeCUDA, forced=(None, 1, 3, 64), shard=(0, 1)
             print(f"declined {dt} d{d} bs{bs}: {reason}", flush=True)
             mx.eval(nat._run(q, pool, 0, batch, scale, 2))  # raise the full error
             raise AssertionError(reason)
-        want = reference64(q, pool, 0, batch, scale)
+        want = reference_decode(q, pool, 0, batch, scale)
         errs = []
         for c in forced:
             got = nat(q, pool, 0, batch, scale) if c is None else nat._run(
@@ -273,24 +232,19 @@ def gpu_name() -> str:
 
 
 def make_natives(spec: str) -> dict:
-    """``sync,async3,mma3,async3f,async3u8t256,auto3w2`` -> {name: NativeCUDA} (the digit:
-    cp.async stages; ``uN``: tokens per row-group unit; ``tN``: threads per block; ``wN``:
-    the plan's target of N waves (PlanParams.waves); a trailing ``f`` / ``s``: the chunk
-    merge always fused into the main launch / always a separate launch (default: by layer
-    size, cuda_plan.plan_fused))."""
+    """``auto,mma3,lean,async3f,auto3s`` -> {name: NativeCUDA}: a shipped variant
+    (cuda_source.VARIANTS), then optionally its ring depth (only the shipped 3, kept so
+    that earlier names such as ``auto3`` still work), then optionally ``f`` / ``s``: the
+    chunk merge always fused into the main launch / always a separate launch (default: by
+    layer size, cuda_plan.plan_fused)."""
     out = {}
     for name in spec.split(","):
-        m = re.fullmatch(
-            r"(sync|async|bulk|mma|auto|xred|lean)(\d*)(?:u(\d+))?(?:t(\d+))?(?:w(\d+))?([fs]?)",
-            name)
+        m = re.fullmatch(rf"({'|'.join(VARIANTS)})({STAGES})?([fs]?)", name)
         if m is None:
-            raise ValueError(f"bad native name {name!r}")
-        variant, stages, unit, threads, waves, fused = m.groups()
-        params = replace(DEFAULT_PARAMS, waves=float(waves)) if waves else DEFAULT_PARAMS
-        out[name] = NativeCUDA(params=params, variant=variant, stages=int(stages or 3),
-                               fused_merge={"f": True, "s": False}.get(fused),
-                               unit=int(unit) if unit else None,
-                               threads=int(threads) if threads else None)
+            raise ValueError(f"bad native name {name!r}: a variant of {VARIANTS}, then "
+                             f"optionally {STAGES} and f or s")
+        variant, _, fused = m.groups()
+        out[name] = NativeCUDA(variant=variant, fused_merge={"f": True, "s": False}.get(fused))
     return out
 
 
@@ -391,7 +345,8 @@ def main(argv=None) -> int:
                     "the layers), for the marginal cost per layer")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
-    ap.add_argument("--natives", default="async3")
+    ap.add_argument("--natives", default="auto",
+                    help="comma-separated: auto, mma, lean, async (make_natives)")
     ap.add_argument("--shapes", default="32/8/64/f16",
                     help="table shapes q/kv/head_dim/dtype, comma-separated")
     ap.add_argument("--shard", default="0/1", help="k/n: run check cases i %% n == k")

@@ -196,7 +196,7 @@ def fast_fill(runner, batch: int, ctx: int, seed: int) -> list[list[int]]:
 def _plan(runner, tables, tokens, pos: int, step: int, params):
     """The scheduler's part of a step: grow tables to cover ``pos``, one chunk each."""
     from slabserve.kvcache import blocks_needed
-    from slabserve.scheduler.plan import ScheduledChunk, StepPlan
+    from slabserve.engine.step import ScheduledChunk, StepPlan
 
     need = blocks_needed(pos + 1, runner.block_size)
     for t in tables:

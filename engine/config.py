@@ -51,26 +51,22 @@ def auto_slab_tokens(budget_bytes: int, token_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """Model runner: prefill chunk size (tokens per forward of one sequence), and the
-    prefill attention shape bucket in tokens (0 = exact shapes; None =
-    ``SLABSERVE_PREFILL_KV_BUCKET``; see attention/prefill.py).  ``dispatch_every``: hand
-    the forward's graph to the device every this many layers while the host builds the
-    rest (``ModelRunner.dispatch_every``; 0 = one evaluation per step).  ``host_math``:
-    float32 prefill softmax and SiLU in numpy on CPU (attention/host_math.py; None =
-    ``SLABSERVE_HOST_MATH``, unset = on where it applies); process-wide, set when the
-    runner starts.  ``linear_layout``: float32 Linear weights stored transposed on CPU
-    (engine/linear_layout.py; None = ``SLABSERVE_LINEAR_LAYOUT``, unset = on where it
-    applies); applied to the runner's model when the runner starts."""
+    """Model runner settings, resolved at the edge (flags and environment are read there).
 
-    prefill_chunk: int = 512
+    ``prefill_kv_bucket``: prefill attention's shape bucket in tokens (0 = exact shapes;
+    None = ``attention.prefill.default_bucket()``, the device's default).
+    ``dispatch_every``: hand the forward's graph to the device every this many layers while
+    the host builds the rest (0 = one evaluation per step).  ``host_math``: float32 prefill
+    softmax and SiLU in numpy on CPU (attention/host_math.py; it still applies only where
+    it can).  ``linear_layout``: float32 Linear weights stored transposed on CPU
+    (engine/linear_layout.py), applied to the runner's model when the runner starts."""
+
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
-    host_math: bool | None = None
-    linear_layout: bool | None = None
+    host_math: bool = True
+    linear_layout: bool = True
 
     def __post_init__(self) -> None:
-        if self.prefill_chunk <= 0:
-            raise ValueError("prefill_chunk must be positive")
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:
             raise ValueError("prefill_kv_bucket must be >= 0")
         if self.dispatch_every < 0:

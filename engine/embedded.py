@@ -96,18 +96,16 @@ def write_model_dir(
     return path
 
 
-def ensure_model(name: str = "tiny", dtype: str = "float32", seed: int = 0,
-                 cache_dir: Path | None = None) -> Path:
-    """Directory of the embedded model ``name`` (see SHAPES), writing it on first use."""
-    from slabserve import env
-
+def ensure_model(name: str = "tiny", dtype: str = "float32", seed: int = 0, *,
+                 cache_dir: Path) -> Path:
+    """Directory of the embedded model ``name`` (see SHAPES) under ``cache_dir``/models,
+    writing it on first use (the caller passes ``slabserve.env.cache_dir()``)."""
     if name not in SHAPES:
         raise ValueError(f"unknown embedded model {name!r}; choose from {sorted(SHAPES)}")
     gain = TINY_GAIN if name == "tiny" else 1.0
     spec = json.dumps([SHAPES[name], dtype, seed, gain, SPECIALS, CHAT_TEMPLATE], sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    root = cache_dir or env.cache_dir()
-    path = root / "models" / f"{name}-{dtype}-{digest}"
+    path = cache_dir / "models" / f"{name}-{dtype}-{digest}"
     if not (path / "config.json").exists():
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         write_model_dir(tmp, SHAPES[name], dtype, seed, gain)

@@ -1,18 +1,22 @@
-"""``scheduler.executor.Executor`` on the paged ``ModelRunner`` and ``engine.sampling``."""
+"""``engine.step.Executor`` on the paged ``ModelRunner`` and ``engine.sampling``."""
 
 from __future__ import annotations
 
 import time
 
 import mlx.core as mx
+
 from slabserve.engine import sampling
 from slabserve.engine.runner import ModelRunner, SeqInput
+from slabserve.engine.step import (
+    AttentionPath,
+    Executor,
+    SampledToken,
+    ScheduledChunk,
+    StepOutput,
+    StepPlan,
+)
 from slabserve.kvcache.arrays import host_array
-from slabserve.scheduler.api import AttentionPath
-from slabserve.scheduler.executor import Executor
-from slabserve.scheduler.plan import SampledToken, ScheduledChunk, StepOutput, StepPlan
-
-from slabserve import attention
 
 # the selector's override per path setting: True forces native, False gather, None = auto
 _OVERRIDES: dict[AttentionPath, bool | None] = {"auto": None, "native": True, "gather": False}
@@ -43,12 +47,14 @@ class ModelExecutor(Executor):
         mx.set_default_stream(mx.new_stream(mx.default_device()))
 
     def attention_path(self) -> AttentionPath:
-        """The process's decode-attention selector's override as a path setting (decode
-        attention goes through ``attention.default_selector``)."""
-        return _SETTINGS[attention.default_selector().override]
+        """The runner's decode-attention selector's override as a path setting."""
+        return _SETTINGS[self.runner.attention.selector.override]
 
     def set_attention_path(self, path: AttentionPath) -> AttentionPath:
-        return _SETTINGS[attention.default_selector().set_override(_OVERRIDES[path])]
+        return _SETTINGS[self.runner.attention.selector.set_override(_OVERRIDES[path])]
+
+    def attention_path_counts(self) -> dict[tuple[str, str], int]:
+        return self.runner.attention.selector.path_counts()
 
     def execute(self, plan: StepPlan) -> StepOutput:
         if plan.empty:

@@ -4,6 +4,7 @@ in chunks, then decode all prompts as one ragged batch.  Used by tests and ``ben
 from __future__ import annotations
 
 import mlx.core as mx
+
 from slabserve.engine.runner import ModelRunner, SeqInput
 from slabserve.kvcache import blocks_needed
 

@@ -28,8 +28,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from slabserve import env
-
 log = logging.getLogger(__name__)
 
 
@@ -131,13 +129,11 @@ def _eligible(m: nn.Module) -> bool:
     return type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32
 
 
-def apply(model: nn.Module, enabled: bool | None = None) -> Decision:
+def apply(model: nn.Module, enabled: bool = True) -> Decision:
     """Store the model's float32 Linear / Embedding weights transposed, in place, where
-    that applies (see the module docstring).  ``enabled``: False = never, True or None
-    (then ``SLABSERVE_LINEAR_LAYOUT``, unset = auto) = wherever it applies."""
-    if enabled is None:
-        enabled = env.linear_layout()
-    if enabled is False:
+    that applies (see the module docstring).  ``enabled``: False = never, True = wherever
+    it applies."""
+    if not enabled:
         decision = Decision(Reason.SWITCHED_OFF)
     elif not on_cpu():
         decision = Decision(Reason.NOT_CPU)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-from slabserve.attention import DecodeBatch, decode_attention, prefill_attention
+
+from slabserve.attention import AttentionRuntime, DecodeBatch
 from slabserve.kvcache.pool import SlabPool, WritePlan
 
 
@@ -27,16 +28,16 @@ class ForwardContext:
     has cached tokens before it (None when the chunk starts at position 0).
     ``row_prefixes``: a prefill forward of several equally long chunks, one per batch
     row, each with its own prefix (or None); ``writes`` then lists row 0's tokens, then
-    row 1's, ...  ``prefill_bucket``: shape bucket of prefill attention (None = process
-    default).
+    row 1's, ...  ``runtime``: the runner's attention runtime (selector, prefill bucket,
+    host math) that every layer's attention goes through.
     """
 
     pool: SlabPool
     writes: WritePlan
     offset: int | mx.array
+    runtime: AttentionRuntime
     decode: DecodeBatch | None = None
     prefix: DecodeBatch | None = None
-    prefill_bucket: int | None = None
     row_prefixes: tuple[DecodeBatch | None, ...] | None = None
 
 
@@ -85,12 +86,11 @@ class PagedLayerCache:
     def _attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
         ctx = self.ctx
         if ctx.decode is not None:
-            return decode_attention(queries, ctx.pool, self.layer, ctx.decode, scale)
+            return ctx.runtime.decode(queries, ctx.pool, self.layer, ctx.decode, scale)
         if ctx.row_prefixes is not None:  # one chunk per row: attention row by row
-            outs = [prefill_attention(queries[i : i + 1], keys[i : i + 1], values[i : i + 1],
-                                      ctx.pool, self.layer, pre, scale,
-                                      bucket=ctx.prefill_bucket)
+            outs = [ctx.runtime.prefill(queries[i : i + 1], keys[i : i + 1],
+                                        values[i : i + 1], ctx.pool, self.layer, pre, scale)
                     for i, pre in enumerate(ctx.row_prefixes)]
             return mx.concatenate(outs, axis=0)
-        return prefill_attention(queries, keys, values, ctx.pool, self.layer, ctx.prefix, scale,
-                                 bucket=ctx.prefill_bucket)
+        return ctx.runtime.prefill(queries, keys, values, ctx.pool, self.layer, ctx.prefix,
+                                   scale)

@@ -6,17 +6,23 @@ dispatcher that sends paged caches to ``PagedLayerCache.attend`` and everything 
 the original function, so plain mlx-lm use in the same process is unchanged.
 
 The same modules' ``swiglu`` (imported by name from ``mlx_lm.models.activations``) is
-replaced too: ``attention.host_math.silu_mul`` when the host path applies (float32 on
-CPU, large enough), the original otherwise, so a call the host path does not take runs
-exactly mlx-lm's compiled function.
+replaced too: the running forward's ``HostMath.silu_mul`` when the host path applies
+(float32 on CPU, large enough), the original otherwise, so a call the host path does not
+take runs exactly mlx-lm's compiled function.  Which ``HostMath`` is running is per
+thread, held by the patched function itself (``host_math_scope``): outside a runner's
+forward there is none and mlx-lm's function runs.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.nn as nn
-from slabserve.attention import host_math
+
+from slabserve.attention import HostMath
 from slabserve.engine.paged_cache import PagedLayerCache
 
 _ATTR = "scaled_dot_product_attention"
@@ -36,15 +42,36 @@ def _dispatcher(original):
 
 
 def swiglu_dispatcher(original):
-    """``swiglu(gate, x)`` that takes ``host_math.silu_mul`` when it applies."""
+    """``swiglu(gate, x)`` that takes this thread's ``HostMath.silu_mul`` (set by
+    ``host_math_scope``) when it applies."""
+    scope = threading.local()
 
     def swiglu(gate, x):
-        if host_math.silu_applies(gate, x):
-            return host_math.silu_mul(gate, x)
+        host = getattr(scope, "host", None)
+        if host is not None and host.silu_applies(gate, x):
+            return host.silu_mul(gate, x)
         return original(gate, x)
 
     swiglu.__slabserve_original__ = original
+    swiglu.__slabserve_scope__ = scope
     return swiglu
+
+
+@contextmanager
+def host_math_scope(modules: list[str], host: HostMath) -> Iterator[None]:
+    """Within this block, on this thread, the patched ``swiglu`` of ``modules`` (names
+    ``install`` returned) may take ``host``'s numpy path.  Nests."""
+    scopes = [fn.__slabserve_scope__ for fn in
+              (getattr(sys.modules.get(m), _SWIGLU, None) for m in modules)
+              if hasattr(fn, "__slabserve_scope__")]
+    previous = [getattr(s, "host", None) for s in scopes]
+    for s in scopes:
+        s.host = host
+    try:
+        yield
+    finally:
+        for s, old in zip(scopes, previous, strict=True):
+            s.host = old
 
 
 def _patch_swiglu(mod) -> None:

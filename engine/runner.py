@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from slabserve.attention import DecodeBatch
-from slabserve.attention import host_math as hmath
+
+from slabserve.attention import AttentionRuntime, DecodeBatch, HostMath, Selector
+from slabserve.attention.prefill import default_bucket
 from slabserve.engine import linear_layout as linear_layout_mod
 from slabserve.engine import patch
-from slabserve.engine.config import CacheConfig
+from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
@@ -76,24 +77,25 @@ def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, cache_cfg: CacheConfig, prefill_kv_bucket: int | None = None,
-        host_math: bool | None = None, linear_layout: bool | None = None,
+        self, model: nn.Module, cache_cfg: CacheConfig, cfg: RunnerConfig | None = None,
+        selector: Selector | None = None,
     ) -> None:
-        """``host_math``: when not None, switch ``attention.host_math`` on or off for the
-        process (None leaves it to ``SLABSERVE_HOST_MATH`` or an earlier override).
-        ``linear_layout``: store the model's float32 Linear weights transposed on CPU, in
-        place (``engine.linear_layout.apply``; None = ``SLABSERVE_LINEAR_LAYOUT``)."""
-        if host_math is not None:
-            hmath.set_enabled(host_math)
+        """``cfg``: runner settings (default ``RunnerConfig()``); ``selector``: the decode
+        path selector this runner's attention uses (default: auto, no profile).  The
+        runner owns its ``AttentionRuntime`` (``self.attention``): selector, prefill
+        bucket, host math."""
+        cfg = cfg or RunnerConfig()
         self.model = model
-        self.linear_layout = linear_layout_mod.apply(model, linear_layout)
-        self.prefill_kv_bucket = prefill_kv_bucket  # None: attention.prefill.kv_bucket()
+        self.linear_layout = linear_layout_mod.apply(model, cfg.linear_layout)
+        bucket = default_bucket() if cfg.prefill_kv_bucket is None else cfg.prefill_kv_bucket
+        self.attention = AttentionRuntime(selector or Selector(), bucket,
+                                          HostMath(cfg.host_math))
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
         # > 0: hand the graph to the device every this many layers while building the rest
         # (``mx.async_eval``), so host building overlaps device work; 0 = one eval per step
-        self.dispatch_every = 0
+        self.dispatch_every = cfg.dispatch_every
         self.model_type = getattr(getattr(model, "args", None), "model_type", "")
-        patch.install(model)
+        self.patched_modules = patch.install(model)
         kvh, head_dim, dtype = probe_geometry(model)
         num_layers = len(model.layers)
         if cache_cfg.dtype is not None:
@@ -122,7 +124,7 @@ class ModelRunner:
         for c in self.caches:
             c.ctx = ctx
             c.dispatch = every > 0 and (c.layer + 1) % every == 0 and c.layer + 1 < n
-        with hmath.active():  # the patched swiglu may take numpy here only
+        with patch.host_math_scope(self.patched_modules, self.attention.host_math):
             if head_rows is None or self.model_type not in _HEAD_SPLIT:
                 out = self.model(inputs, cache=self.caches)
                 return None if head_rows is None else out[:, head_rows, :]
@@ -147,8 +149,8 @@ class ModelRunner:
 
     def _prefill(self, seq: SeqInput) -> mx.array | None:
         writes = WritePlan(self.geom, self._slots(seq))
-        ctx = ForwardContext(self.pool, writes, seq.start, None, self._prefix(seq),
-                             self.prefill_kv_bucket)
+        ctx = ForwardContext(self.pool, writes, seq.start, self.attention, None,
+                             self._prefix(seq))
         rows = slice(-1, None) if seq.want_logits else None
         logits = self._run(host_array([seq.tokens]), ctx, rows)
         return None if logits is None else logits[0, -1]
@@ -159,8 +161,8 @@ class ModelRunner:
         mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
         slots = [slot for s in seqs for slot in self._slots(s)]
         offsets = host_array([s.start for s in seqs])
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, None, None,
-                             self.prefill_kv_bucket, tuple(self._prefix(s) for s in seqs))
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
+                             None, None, tuple(self._prefix(s) for s in seqs))
         want = any(s.want_logits for s in seqs)
         logits = self._run(host_array([s.tokens for s in seqs]), ctx,
                            slice(-1, None) if want else None)
@@ -196,7 +198,8 @@ class ModelRunner:
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, batch, None)
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
+                             batch)
         inputs = host_array([s.tokens for s in seqs])
         return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
 

@@ -31,7 +31,8 @@ from mlx_lm.sample_utils import (
     make_presence_penalty,
     make_repetition_penalty,
 )
-from slabserve.scheduler.api import SamplingParams, TokenLogprob
+
+from slabserve.engine.step import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 

@@ -1,6 +1,6 @@
 """The slab pool: per layer and side (K, V), a list of slabs that only ever grows.
 
-Layout (docs/adr/0001-slab-layout.md): each slab is one contiguous mx.array viewed as
+Layout (docs/adr/0001-slab-pool-layout.md): each slab is one contiguous mx.array viewed as
 ``[slab_blocks, kv_heads, block_size, head_dim]`` and stored flat as
 ``[slab_blocks * kv_heads * block_size, head_dim]`` so that new tokens are written with
 one row scatter per slab.  Global block id ``b`` lives in slab ``b // slab_blocks`` at
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
 from slabserve.kvcache.arrays import host_array
 
 

@@ -8,5 +8,6 @@ Modules: ``sse`` (stream lines -> chunks), ``client`` (one timed streaming reque
 exact token length), ``traces`` (attention-path and counter deltas from ``/metrics``),
 ``runner`` (closed-loop load at one concurrency), ``grid`` (contexts x concurrency, and
 ``--compare`` over launched servers), ``servers`` (launching them), ``report`` / ``compare``
-(JSON, CSV, markdown, PNG, goal checks), ``cli`` (``main(argv)``).
+(JSON, CSV, markdown, PNG, goal checks), ``chat`` / ``chatcompare`` (``--scenario chat``:
+multi-turn sessions sharing a system prompt, for prefix caching), ``cli`` (``main(argv)``).
 """

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
+
 from slabserve.loadtest.client import Endpoint, build_chat_body, stream_post
 from slabserve.loadtest.metrics import Dist, RequestRecord
 from slabserve.loadtest.prompts import Tokenizer, make_prompt

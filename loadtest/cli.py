@@ -7,6 +7,8 @@ Examples::
     slabserve loadtest --url http://127.0.0.1:8080 --model DIR --eos-mode logit_bias
     slabserve loadtest --compare --embedded qwen2.5-0.5b:float16 --contexts 1k --out results/
     slabserve loadtest --compare --one-server --configs auto,native,gather --rounds 3 ...
+    slabserve loadtest --compare --scenario chat --configs auto,mlx_lm --embedded tiny \
+        --variant nocache=--no-prefix-caching --sessions 4 --turns 4 --system-tokens 3000
 
 This package is an HTTP client: it never imports mlx, the engine or the scheduler; servers and
 the embedded-model writer run as subprocesses.
@@ -28,6 +30,13 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
+from slabserve.loadtest.chat import ChatSpec, build_chat_texts
+from slabserve.loadtest.chatcompare import (
+    chat_kv_tokens,
+    run_chat_compare,
+    run_chat_url,
+    write_chat_outputs,
+)
 from slabserve.loadtest.client import Endpoint
 from slabserve.loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from slabserve.loadtest.grid import GridSpec, Stopped, build_prompts, run_compare, run_grid
@@ -73,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--model", type=Path, help="model directory (tokenizer, EOS ids; served "
                      "by --compare)")
     tgt.add_argument("--embedded", help="embedded model NAME[:DTYPE] written via "
-                     "slabserve.engine.embedded.ensure_model in a subprocess (e.g. qwen2.5-0.5b:float16)")
+                     "slabserve.engine.embedded.ensure_model in a subprocess "
+                     "(e.g. qwen2.5-0.5b:float16)")
     tgt.add_argument("--model-name", help="'model' field to send in --url mode (default none)")
     tgt.add_argument("--eos-mode", default="ignore_eos",
                      choices=("ignore_eos", "logit_bias", "none"),
@@ -102,16 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds per run after which no new request starts")
     load.add_argument("--warmup", type=int, default=None,
                       help="warm-up requests per run (default: the run's concurrency, sent "
-                           "concurrently, so batched shapes are warm before measuring)")
+                           "concurrently, so batched shapes are warm before measuring; "
+                           "--scenario chat: one single-turn request per session, with system "
+                           "prompts of their own)")
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--length-spread", type=float, default=0.0,
                       help="prompt lengths uniform in [(1-F) x, x] of the context's prompt "
                       "(default 0: all exactly the context; e.g. 0.5 for mixed traffic)")
+    _chat_arguments(p)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default loadtest-results/UTC-TIMESTAMP)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    chat = p.add_argument_group("chat scenario (--scenario chat)")
+    chat.add_argument("--scenario", choices=("default", "chat"), default="default",
+                      help="default: the contexts x concurrency grid; chat: concurrent "
+                      "multi-turn chat sessions sharing one system prompt, the whole history "
+                      "sent each turn (for prefix caching; writes chat.json / chat.md)")
+    chat.add_argument("--sessions", type=int, default=4,
+                      help="concurrent chat sessions, one worker each (default %(default)s)")
+    chat.add_argument("--turns", type=int, default=4,
+                      help="turns per session (default %(default)s)")
+    chat.add_argument("--system-tokens", type=int, default=3000,
+                      help="shared system prompt, model tokens (default %(default)s)")
+    chat.add_argument("--user-tokens", type=int, default=64,
+                      help="tokens per user message (default %(default)s)")
+    chat.add_argument("--reply-tokens", type=int, default=32,
+                      help="max_tokens per reply, forced like --max-tokens (default "
+                      "%(default)s)")
 
 
 def resolve_model(args: argparse.Namespace) -> Path | None:
@@ -121,11 +153,15 @@ def resolve_model(args: argparse.Namespace) -> Path | None:
     if args.embedded is None:
         return None
     name, _, dtype = args.embedded.partition(":")
-    code = ("import sys; from engine.embedded import ensure_model; "
-            "print(ensure_model(sys.argv[1], sys.argv[2]))")
-    out = subprocess.run([sys.executable, "-c", code, name, dtype or "float32"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
-    return Path(out.strip().splitlines()[-1])
+    code = ("import sys; from slabserve import env; "
+            "from slabserve.engine.embedded import ensure_model; "
+            "print(ensure_model(sys.argv[1], sys.argv[2], cache_dir=env.cache_dir()))")
+    proc = subprocess.run([sys.executable, "-c", code, name, dtype or "float32"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"--embedded {args.embedded}: could not write the model:\n"
+                         + proc.stderr[-2000:])
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def _versions() -> dict[str, str]:
@@ -179,6 +215,11 @@ def _grid(args: argparse.Namespace) -> GridSpec:
 
 
 def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:
+    return _configs_for(args, model, max(grid.contexts) * max(grid.concurrency))
+
+
+def _configs_for(args: argparse.Namespace, model: Path, kv_tokens: int) -> list:
+    """The --compare server configurations, ours with a KV budget for ``kv_tokens``."""
     labels = [x.strip() for x in args.configs.split(",") if x.strip()]
     unknown = [lab for lab in labels if lab not in STANDARD]
     if unknown:
@@ -187,7 +228,7 @@ def _configs(args: argparse.Namespace, model: Path, grid: GridSpec) -> list:
         print("mlx-lm is not installed: skipping mlx_lm", file=sys.stderr)
         labels.remove("mlx_lm")
     extra = tuple(args.server_arg)
-    extra += kv_budget_args(model, max(grid.contexts) * max(grid.concurrency), extra)
+    extra += kv_budget_args(model, kv_tokens, extra)
     configs = [STANDARD[lab] if STANDARD[lab].kind == "mlx_lm"
                else replace(STANDARD[lab], extra_args=extra) for lab in labels]
     return configs + [replace(STANDARD["auto"], label=lab, extra_args=extra + more)
@@ -221,6 +262,11 @@ def _check(args: argparse.Namespace, model: Path | None, eos_ids: tuple[int, ...
         return "--rounds must be >= 1"
     if args.url and (args.rounds > 1 or args.variant or args.one_server):
         return "--rounds, --variant and --one-server need --compare"
+    if args.scenario == "chat" and (args.rounds > 1 or args.one_server):
+        return "--scenario chat runs each configuration once: no --rounds, --one-server"
+    sizes = (args.sessions, args.turns, args.system_tokens, args.user_tokens, args.reply_tokens)
+    if args.scenario == "chat" and min(sizes) < 1:
+        return "--sessions, --turns and the --*-tokens sizes must be >= 1"
     return ""
 
 
@@ -255,6 +301,63 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _with_sigterm(fn, *args):
+    """``fn(*args)`` with SIGTERM raising KeyboardInterrupt (on the main thread)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        return fn(*args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _meta(args, argv, started, model, tok, labels, skipped, stopped) -> dict:
+    """What every results file records about the invocation."""
+    return {"started_utc": started, "command": "slabserve loadtest " + shlex.join(argv),
+            "stopped_early": stopped,
+            "model": str(model), "tokenizer": tok.name, "labels": labels,
+            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+            "versions": _versions(), "skipped": skipped}
+
+
+def _chat_spec(args: argparse.Namespace) -> ChatSpec:
+    return ChatSpec(args.sessions, args.turns, args.system_tokens, args.user_tokens,
+                    args.reply_tokens, args.warmup, args.timeout, args.seed)
+
+
+def _run_chat(args, argv, model, tok, eos_ids, out, started) -> int:
+    """``--scenario chat``: each configuration (or the --url endpoint) once; chat.json and
+    chat.md in ``out``; exit code as ``main``'s."""
+    spec = _chat_spec(args)
+    texts = build_chat_texts(spec, tok)
+    configs = _configs_for(args, model, chat_kv_tokens(spec)) if args.compare else []
+    labels = [c.label for c in configs] or [args.model_name or "server"]
+    results, skipped, stopped = _with_sigterm(_chat_load, args, model, spec, texts, eos_ids,
+                                              out, configs, labels[0])
+    meta = _meta(args, argv, started, model, tok, labels, skipped, stopped)
+    meta["chat"] = asdict(spec)
+    md = write_chat_outputs(out, results, spec, meta)
+    print(md.read_text())
+    failed = sum(r.summary.requests_failed + r.warmup_failed for r in results)
+    return 0 if results and not failed and not skipped and not stopped else 1
+
+
+def _chat_load(args, model, spec, texts, eos_ids, out, configs, label) -> tuple:
+    """(results, skipped configurations, why it stopped early or "")."""
+    progress = not args.no_progress
+    try:
+        if args.compare:
+            return (*run_chat_compare(configs, model, spec, texts, eos_ids, out,
+                                      args.ready_timeout, progress), "")
+        ep = Endpoint(args.url, args.model_name, args.eos_mode, eos_ids)
+        return run_chat_url(ep, spec, texts, label, progress), {}, ""
+    except Stopped as st:
+        why = f"interrupted after {len(st.results)} finished runs (Ctrl-C or SIGTERM)"
+        print(f"stopped: {why}", file=sys.stderr)
+        return st.results, st.skipped, why
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``slabserve loadtest``; exit code 0 only when every configuration ran
     and no request failed."""
@@ -267,19 +370,17 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     tok = load_tokenizer(model) if model is not None else char_tokenizer()
-    grid = _grid(args)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = args.out or Path("loadtest-results") / started.replace(":", "")
+    if args.scenario == "chat":
+        return _run_chat(args, argv, model, tok, eos_ids, out, started)
+    grid = _grid(args)
     t0 = time.perf_counter()
     prompts = build_prompts(grid, tok)
     print(f"prompts built in {time.perf_counter() - t0:.1f}s ({tok.name})", file=sys.stderr)
     results, labels, skipped, stopped = _execute(args, model, grid, prompts, eos_ids, out)
-    meta = {"started_utc": started, "command": "slabserve loadtest " + shlex.join(argv),
-            "stopped_early": stopped,
-            "model": str(model), "tokenizer": tok.name, "labels": labels,
-            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
-            "versions": _versions(), "skipped": skipped, "grid": asdict(grid),
-            "one_server": bool(args.one_server)}
+    meta = _meta(args, argv, started, model, tok, labels, skipped, stopped)
+    meta.update(grid=asdict(grid), one_server=bool(args.one_server))
     md = write_outputs(out, results, meta, labels)
     print(md.read_text())
     failed = sum(r.summary.requests_failed for r in results)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
+
 from slabserve.loadtest.metrics import RequestRecord
 from slabserve.loadtest.sse import ProtocolError, parse_line, sse_lines
 

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+
 from slabserve.loadtest.grid import GridSpec, Stopped, endpoint_for, print_run, run_compare
 from slabserve.loadtest.runner import RunResult, run_once
 from slabserve.loadtest.servers import ManagedServer, ServerConfig

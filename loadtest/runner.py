@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
+
 from slabserve.loadtest.client import Endpoint, send_one
 from slabserve.loadtest.metrics import RequestRecord, RunSummary, summarize
 from slabserve.loadtest.traces import PathTrace, counter_deltas, path_delta, snapshot

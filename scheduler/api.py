@@ -1,6 +1,6 @@
-"""The contract between the HTTP server and the engine: plain data, no MLX, no HTTP.
+"""The contract between the HTTP server and the serving loop: plain data, no MLX, no HTTP.
 
-``server/`` submits a ``Request`` to an ``AsyncEngine`` and iterates ``Delta``s until one
+``server/`` submits a ``Request`` to a ``ServingLoop`` and iterates ``Delta``s until one
 carries a ``finish_reason``.  Expected refusals are ``RequestError`` with a ``kind`` the
 server maps to a status code (queue_full -> 429, too_long/invalid -> 400,
 shutting_down -> 503).
@@ -17,46 +17,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from slabserve.engine.step import ATTENTION_PATHS, AttentionPath, SamplingParams, TokenLogprob
+
+__all__ = [
+    "ATTENTION_PATHS", "AttentionPath", "Delta", "ErrorKind", "FinishReason", "Request",
+    "RequestError", "SamplingParams", "ServingLoop", "ServingStats", "TokenLogprob",
+]
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 ErrorKind = Literal["queue_full", "too_long", "invalid", "shutting_down", "kv_capacity"]
-AttentionPath = Literal["auto", "native", "gather"]
-ATTENTION_PATHS: tuple[AttentionPath, ...] = ("auto", "native", "gather")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling and stopping.  ``logprobs``: None = none; k >= 0 = the chosen
-    token's logprob plus the top k alternatives.  ``seed`` makes sampling reproducible
-    whether the request runs alone or batched."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 required")
-        if not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0:
-            raise ValueError("0 <= min_p <= 1 and repetition_penalty > 0 required")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be between 0 and 20")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +33,6 @@ class Request:
     request_id: str
     prompt_tokens: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
 
 
 @dataclass(frozen=True)
@@ -96,7 +58,7 @@ class RequestError(Exception):
 
 
 @dataclass(frozen=True)
-class EngineStats:
+class ServingStats:
     running: int
     waiting: int
     kv_blocks_used: int
@@ -108,7 +70,7 @@ class EngineStats:
     integrity_failures: int = 0
 
 
-class AsyncEngine(ABC):
+class ServingLoop(ABC):
     """What the server sees.  Implementations run model steps off the event loop."""
 
     model_name: str
@@ -126,12 +88,16 @@ class AsyncEngine(ABC):
     def abort(self, request_id: str) -> None: ...
 
     @abstractmethod
-    def stats(self) -> EngineStats: ...
+    def stats(self) -> ServingStats: ...
 
     def attention_path(self) -> AttentionPath | None:
         """The decode attention path setting now in force; None when this engine cannot
         switch paths (then ``set_attention_path`` is refused too)."""
         return None
+
+    def attention_path_counts(self) -> dict[tuple[str, str], int]:
+        """(decode path, reason) -> layer-steps so far, for /metrics (empty: unknown)."""
+        return {}
 
     async def set_attention_path(self, path: AttentionPath) -> AttentionPath:
         """Switch the decode attention path from the next engine step on; returns the

@@ -3,8 +3,8 @@ into ``Delta``s.  Pure Python (the tokenizer is mlx-lm's ``TokenizerWrapper``)."
 
 from __future__ import annotations
 
+from slabserve.engine.step import SampledToken
 from slabserve.scheduler.api import Delta, FinishReason, SamplingParams
-from slabserve.scheduler.plan import SampledToken
 
 
 class _NoText:

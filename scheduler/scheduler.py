@@ -30,12 +30,23 @@ import bisect
 import random
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from slabserve.engine.step import SampledToken, ScheduledChunk, StepOutput, StepPlan
 from slabserve.kvcache import BlockAllocator, blocks_needed
 from slabserve.scheduler.api import FinishReason, Request, RequestError
 from slabserve.scheduler.config import SchedulerConfig
-from slabserve.scheduler.plan import ScheduledChunk, SeqUpdate, StepOutput, StepPlan
 from slabserve.scheduler.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SeqUpdate:
+    """What ``update`` reports per sequence: a new token (or none) and whether it finished."""
+
+    request_id: str
+    token: SampledToken | None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
 
 
 class Scheduler:

@@ -3,7 +3,7 @@
 
 ``GET /admin/attention-path`` -> ``{"path": "auto"|"native"|"gather"}``: the decode
 attention path setting in force.  ``POST /admin/attention-path`` with ``{"path": ...}``
-switches it from the next engine step on (steps in flight finish on the old one) and
+switches it from the next step on (steps in flight finish on the old one) and
 answers once it is applied: ``{"previous": ..., "path": ...}``.  ``/metrics``'
 ``attention_path_total`` then counts ``env_native`` / ``env_gather`` (forced) or the auto
 reasons.  For benchmarks (``slabserve loadtest --compare --one-server``): comparing paths
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
+from starlette.requests import Request
+
 from slabserve.scheduler.api import AttentionPath, RequestError
 from slabserve.server.errors import APIError, from_engine
 from slabserve.server.state import ServerContext
-from starlette.requests import Request
 
 router = APIRouter()
 
@@ -29,7 +30,7 @@ class AttentionPathBody(BaseModel):
 
 
 def _no_switch(ctx: ServerContext) -> APIError:
-    return APIError(404, f"the engine serving '{ctx.model_name}' has no switchable "
+    return APIError(404, f"the loop serving '{ctx.model_name}' has no switchable "
                     "attention path", code="unknown_url")
 
 

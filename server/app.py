@@ -1,5 +1,5 @@
-"""The FastAPI app: ``create_app(engine, config)`` wires routes, errors, middleware and the
-engine's lifecycle (started in the app's lifespan, drained at its end)."""
+"""The FastAPI app: ``create_app(serving, config)`` (``serving``: the ``ServingLoop``) wires
+loop's lifecycle (started in the app's lifespan, drained at its end)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
-from slabserve.scheduler.api import AsyncEngine
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from slabserve.scheduler.api import ServingLoop
 from slabserve.server import admin, chat, completions, errors
 from slabserve.server.codec import TextCodec
 from slabserve.server.config import ServerConfig
 from slabserve.server.errors import APIError
 from slabserve.server.middleware import GuardMiddleware
 from slabserve.server.state import ServerContext
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 router = APIRouter()
 
@@ -56,7 +57,7 @@ async def health(request: Request) -> dict:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 when the engine is started and new requests are admitted, else 503."""
+    """Readiness: 200 when the serving loop is started and new requests are admitted, else 503."""
     ctx: ServerContext = request.app.state.ctx
     ctx.check_admitting()
     return JSONResponse({"status": "ready", "model": ctx.model_name})
@@ -68,16 +69,16 @@ async def metrics(request: Request) -> Response:
     return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig | None = None,
+def create_app(serving: ServingLoop, config: ServerConfig | None = None,
                tokenizer: Any = None, vocab_size: int | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``engine``.  ``tokenizer`` defaults to
-    ``engine.tokenizer`` (an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer);
+    """The OpenAI-compatible app over ``serving``.  ``tokenizer`` defaults to
+    ``serving.tokenizer`` (an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer);
     ``vocab_size`` (the model's, which may exceed the tokenizer's) defaults to the
-    tokenizer's length.  The engine is started when the app starts and drained (with
+    tokenizer's length.  The serving loop is started when the app starts and drained (with
     ``config.shutdown_timeout``) when it stops."""
     config = config or ServerConfig()
-    codec = TextCodec(engine.tokenizer if tokenizer is None else tokenizer, vocab_size)
-    ctx = ServerContext(engine, config, codec)
+    codec = TextCodec(serving.tokenizer if tokenizer is None else tokenizer, vocab_size)
+    ctx = ServerContext(serving, config, codec)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

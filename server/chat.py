@@ -7,6 +7,9 @@ import logging
 import time
 
 from fastapi import APIRouter
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+
 from slabserve.scheduler.api import Request, TokenLogprob
 from slabserve.server.codec import TextCodec, finite_logprob
 from slabserve.server.errors import bad_request
@@ -15,8 +18,6 @@ from slabserve.server.metrics import ChoiceTimer
 from slabserve.server.protocol import ChatCompletionRequest
 from slabserve.server.sampling import base_params, bound_max_tokens, choice_params
 from slabserve.server.state import Job, ServerContext
-from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
 
 router = APIRouter()
 log = logging.getLogger("slabserve.server")

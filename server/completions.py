@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+
 from slabserve.scheduler.api import Request, TokenLogprob
 from slabserve.server.codec import TextCodec, finite_logprob
 from slabserve.server.generation import Choice, stream_events, usage
@@ -13,8 +16,6 @@ from slabserve.server.metrics import ChoiceTimer
 from slabserve.server.protocol import CompletionRequest
 from slabserve.server.sampling import base_params, bound_max_tokens, check_token_ids, choice_params
 from slabserve.server.state import Job, ServerContext
-from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response
 
 router = APIRouter()
 

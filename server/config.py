@@ -1,4 +1,4 @@
-"""Frozen configuration of the HTTP layer, built at the edge (``server.cli``, tests)."""
+"""Frozen configuration of the HTTP layer, built at the edge (``slabserve serve``, tests)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What the HTTP server needs besides the engine.
+    """What the HTTP server needs besides the serving loop.
 
     ``api_key`` None = no authentication; otherwise every ``/v1/*`` and ``/admin/*`` route
     needs ``Authorization: Bearer <api_key>`` (``/health``, ``/ready`` and ``/metrics``

@@ -11,10 +11,10 @@ or a stack trace.
 | 413 | invalid_request_error | request_too_large |
 | 429 | rate_limit_error | queue_full (with ``Retry-After``) |
 | 503 | service_unavailable_error | shutting_down, not_ready |
-| 500 | server_error | engine_error (the engine failed the request), internal_error (a bug,
+| 500 | server_error | engine_error (the serving loop failed the request), internal_error (a bug,
 logged with its traceback, never shown) |
 
-``kv_capacity`` is a 400: the engine raises it only for a request that can never fit the
+``kv_capacity`` is a 400: the serving loop raises it only for a request that can never fit the
 KV budget, whatever the load (a busy server queues instead).
 """
 
@@ -28,9 +28,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from slabserve.scheduler.api import RequestError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+
+from slabserve.scheduler.api import RequestError
 
 log = logging.getLogger("slabserve.server")
 
@@ -70,7 +71,7 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 
 
 def from_engine(err: RequestError, retry_after_s: int) -> APIError:
-    """Map an engine refusal to its status: queue_full 429, too_long/invalid 400,
+    """Map a refusal of the serving loop to its status: queue_full 429, too_long/invalid 400,
     shutting_down 503, kv_capacity 400 (the request can never fit the KV budget)."""
     if err.kind == "queue_full":
         return APIError(429, err.message, "rate_limit_error", err.param, "queue_full",

@@ -1,8 +1,8 @@
-"""Driving the engine for one HTTP request: admit every choice (all or none), merge their
+"""Driving the serving loop for one HTTP request: admit every choice (all or none), merge their
 delta streams, track each choice, and frame server-sent events.
 
-Invariant: every engine request this module admitted is either finished (a delta with a
-``finish_reason`` was seen) or aborted through ``AsyncEngine.abort`` when its consumer goes
+Invariant: every loop request this module admitted is either finished (a delta with a
+``finish_reason`` was seen) or aborted through ``ServingLoop.abort`` when its consumer goes
 away (client disconnect, cancellation, error in another choice).
 """
 
@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from slabserve.scheduler.api import AsyncEngine, Delta, Request, RequestError, TokenLogprob
+from slabserve.scheduler.api import Delta, Request, RequestError, ServingLoop, TokenLogprob
 from slabserve.server.metrics import ChoiceTimer
 
 log = logging.getLogger("slabserve.server")
@@ -36,7 +36,7 @@ def sse(obj: object) -> str:
 
 @dataclass
 class Choice:
-    """One engine request (one choice of the response) and what it produced so far."""
+    """One loop request (one choice of the response) and what it produced so far."""
 
     index: int
     request: Request
@@ -74,7 +74,7 @@ class Choice:
             self.error = delta.error
 
 
-_ENDED = Delta((), "", finish_reason="abort", error="the engine ended the stream early")
+_ENDED = Delta((), "", finish_reason="abort", error="the serving loop ended the stream early")
 
 
 async def _close(it: AsyncIterator[Delta] | None) -> None:
@@ -86,8 +86,8 @@ async def _close(it: AsyncIterator[Delta] | None) -> None:
             pass
 
 
-async def _admit_one(engine: AsyncEngine, choice: Choice) -> None:
-    it = engine.generate(choice.request)
+async def _admit_one(serving: ServingLoop, choice: Choice) -> None:
+    it = serving.generate(choice.request)
     try:
         choice.first = await anext(it, _ENDED)
     except BaseException:
@@ -96,26 +96,26 @@ async def _admit_one(engine: AsyncEngine, choice: Choice) -> None:
     choice.iterator = it
 
 
-async def admit(engine: AsyncEngine, choices: list[Choice]) -> None:
+async def admit(serving: ServingLoop, choices: list[Choice]) -> None:
     """Admit every choice and wait for each one's first delta (so a refusal is known
     before any response header goes out).  If one is refused or this is cancelled, the
     others are aborted and the first error is raised."""
-    tasks = [asyncio.ensure_future(_admit_one(engine, c)) for c in choices]
+    tasks = [asyncio.ensure_future(_admit_one(serving, c)) for c in choices]
     try:
         results = await asyncio.gather(*tasks, return_exceptions=True)
     except BaseException:
-        abort_all(engine, choices)
+        abort_all(serving, choices)
         raise
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         for c in choices:
             await _close(c.iterator)
-        abort_all(engine, choices)
+        abort_all(serving, choices)
         refusals = [e for e in errors if isinstance(e, RequestError)]
         raise (refusals or errors)[0]
 
 
-def abort_all(engine: AsyncEngine, choices: list[Choice], abandoned: bool = False) -> None:
+def abort_all(serving: ServingLoop, choices: list[Choice], abandoned: bool = False) -> None:
     """Abort every unfinished choice (once each).  ``abandoned``: its consumer left, so
     it is counted as finished by ``abort`` in the metrics."""
     for c in choices:
@@ -124,7 +124,7 @@ def abort_all(engine: AsyncEngine, choices: list[Choice], abandoned: bool = Fals
             if abandoned:
                 c.timer.on_abandon()
             try:
-                engine.abort(c.request.request_id)
+                serving.abort(c.request.request_id)
             except Exception:  # noqa: BLE001 - unknown or finished ids are fine
                 pass
 
@@ -137,16 +137,16 @@ async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
                 break
         else:
             await queue.put((choice, _ENDED))
-    except Exception as e:  # noqa: BLE001 - the engine failed this choice, not the server
-        message = e.message if isinstance(e, RequestError) else "the engine failed"
+    except Exception as e:  # noqa: BLE001 - the serving loop failed this choice, not the server
+        message = e.message if isinstance(e, RequestError) else "the serving loop failed"
         if not isinstance(e, RequestError):
-            log.exception("engine stream of %s failed", choice.request.request_id)
+            log.exception("serving stream of %s failed", choice.request.request_id)
         await queue.put((choice, Delta((), "", finish_reason="error", error=message)))
     finally:
         await queue.put((choice, None))
 
 
-async def merge(engine: AsyncEngine, choices: list[Choice]) -> AsyncIterator[Choice]:
+async def merge(serving: ServingLoop, choices: list[Choice]) -> AsyncIterator[Choice]:
     """Apply every delta of every admitted choice in arrival order, yielding the choice
     after each update (its newest delta is ``choice.last``).  Closing this generator early
     aborts the unfinished choices."""
@@ -170,7 +170,7 @@ async def merge(engine: AsyncEngine, choices: list[Choice]) -> AsyncIterator[Cho
     finally:
         for t in tasks:
             t.cancel()
-        abort_all(engine, choices, abandoned=True)
+        abort_all(serving, choices, abandoned=True)
 
 
 class Format(Protocol):
@@ -195,11 +195,11 @@ def error_event(message: str) -> str:
                           "code": "engine_error"}})
 
 
-async def stream_events(engine: AsyncEngine, choices: list[Choice], fmt: Format,
+async def stream_events(serving: ServingLoop, choices: list[Choice], fmt: Format,
                         prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """The SSE body: an opening chunk per choice (if the format has one), a chunk per
     delta, a usage chunk with ``choices: []`` when asked, then ``[DONE]``.  A choice that
-    fails in the engine sends an error event instead of its last chunk."""
+    fails in the serving loop sends an error event instead of its last chunk."""
     def frame(objs: list[dict], use: dict | None = None) -> str:
         body = fmt.chunk(objs)
         if include_usage:
@@ -210,7 +210,7 @@ async def stream_events(engine: AsyncEngine, choices: list[Choice], fmt: Format,
         opening = fmt.opening(c)
         if opening is not None:
             yield frame([opening])
-    async with aclosing(merge(engine, choices)) as merged:
+    async with aclosing(merge(serving, choices)) as merged:
         async for c in merged:
             if c.finish_reason == "error":
                 yield error_event(c.error or "generation failed")
@@ -223,9 +223,9 @@ async def stream_events(engine: AsyncEngine, choices: list[Choice], fmt: Format,
     yield DONE
 
 
-async def collect(engine: AsyncEngine, choices: list[Choice]) -> bool:
+async def collect(serving: ServingLoop, choices: list[Choice]) -> bool:
     """Run every choice to its end (their state is in the ``Choice`` objects)."""
-    async with aclosing(merge(engine, choices)) as merged:
+    async with aclosing(merge(serving, choices)) as merged:
         async for _ in merged:
             pass
     return True
@@ -233,7 +233,7 @@ async def collect(engine: AsyncEngine, choices: list[Choice]) -> bool:
 
 async def while_connected(receive, work: Awaitable[T]) -> T | None:
     """Await ``work`` unless the client disconnects first (then cancel it, which aborts
-    its engine requests, and return None).  ``receive`` is the ASGI receive callable of a
+    its serving requests, and return None).  ``receive`` is the ASGI receive callable of a
     request whose body has been read."""
     task = asyncio.ensure_future(work)
 

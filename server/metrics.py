@@ -1,11 +1,11 @@
 """Prometheus metrics (prometheus-client, one registry per app), vLLM's names under the
 ``slabserve:`` prefix.
 
-Read from the engine at scrape time: ``num_requests_running``, ``num_requests_waiting``,
+Read from the serving loop at scrape time: ``num_requests_running``, ``num_requests_waiting``,
 ``kv_cache_usage_perc`` (a fraction, as vLLM's), ``kv_blocks_used``/``kv_blocks_total``,
 ``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``, and the
 attention-path counters ``attention_path_total{path, reason}`` from
-``attention.path_counts()``.  Observed by the server per choice:
+``ServingLoop.attention_path_counts()``.  Observed by the server per choice:
 ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``, ``request_success_total{finished_reason}``; per refused
 request ``request_errors_total{status}``.
@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from slabserve.scheduler.api import AsyncEngine, Delta
+
+from slabserve.scheduler.api import Delta, ServingLoop
 
 log = logging.getLogger("slabserve.server")
 
@@ -33,17 +34,10 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-def _attention_path_counts() -> dict[tuple[str, str], int]:
-    """The process's decode-attention path counts (``attention.path_counts``)."""
-    from slabserve.attention import path_counts
-
-    return dict(path_counts())
-
-
-class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model: str,
+class _ServingCollector(Collector):
+    def __init__(self, serving: ServingLoop, model: str,
                  path_counts: Callable[[], dict[tuple[str, str], int]]) -> None:
-        self.engine = engine
+        self.serving = serving
         self.model = model
         self.path_counts = path_counts
 
@@ -58,7 +52,7 @@ class _EngineCollector(Collector):
         return c
 
     def collect(self) -> Iterator[Metric]:
-        s = self.engine.stats()
+        s = self.serving.stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         yield self._gauge("num_requests_running", "Requests in the running batch.", s.running)
         yield self._gauge("num_requests_waiting", "Requests waiting to be scheduled.",
@@ -83,7 +77,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The app's registry; ``exposition()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, engine: AsyncEngine, model: str,
+    def __init__(self, serving: ServingLoop, model: str,
                  path_counts: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
@@ -98,7 +92,8 @@ class ServerMetrics:
                                lab + ["finished_reason"], registry=r)
         self.errors = Counter(P + "request_errors", "Requests refused with an error status.",
                               lab + ["status"], registry=r)
-        r.register(_EngineCollector(engine, model, path_counts or _attention_path_counts))
+        r.register(_ServingCollector(serving, model,
+                                      path_counts or serving.attention_path_counts))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from slabserve.server.errors import APIError
 from slabserve.server.state import ServerContext
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROTECTED = ("/v1/", "/admin/")  # path prefixes that need the key when one is set
 

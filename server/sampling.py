@@ -1,4 +1,4 @@
-"""OpenAI request fields -> the engine's ``SamplingParams``, with the checks that need the
+"""OpenAI request fields -> the scheduler's ``SamplingParams``, with the checks that need the
 model: token ids inside the vocabulary, prompt and ``max_tokens`` inside the context."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
 
 def base_params(req: SamplingFields, logprobs: int | None, vocab_size: int) -> SamplingParams:
     """Sampling params of one request, ``max_tokens`` still at its default (set per prompt
-    by ``bound_max_tokens``).  A value the engine refuses becomes a 400."""
+    by ``bound_max_tokens``).  A value the serving loop refuses becomes a 400."""
     if req.stop_token_ids:
         check_token_ids(req.stop_token_ids, vocab_size, "stop_token_ids")
     top_k = req.top_k or 0

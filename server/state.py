@@ -1,4 +1,4 @@
-"""What every route shares: the engine, tokenizer, config, metrics, and the server's
+"""What every route shares: the serving, tokenizer, config, metrics, and the server's
 lifecycle (starting -> ready -> draining)."""
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slabserve.scheduler.api import AsyncEngine, RequestError
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import StreamingResponse
+
+from slabserve.scheduler.api import RequestError, ServingLoop
 from slabserve.server import generation
 from slabserve.server.codec import TextCodec
 from slabserve.server.config import ServerConfig
 from slabserve.server.errors import APIError, from_engine
 from slabserve.server.metrics import ServerMetrics
-from starlette.requests import Request as HTTPRequest
-from starlette.responses import StreamingResponse
 
 log = logging.getLogger("slabserve.server")
 
@@ -53,16 +54,16 @@ class Job:
 
 
 class ServerContext:
-    """Shared state of one app.  ``ready`` once the engine has started; ``draining`` from
+    """Shared state of one app.  ``ready`` once the serving loop has started; ``draining`` from
     the first shutdown request on (new requests get 503 ``shutting_down``)."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig, codec: TextCodec) -> None:
-        self.engine = engine
+    def __init__(self, serving: ServingLoop, config: ServerConfig, codec: TextCodec) -> None:
+        self.engine = serving
         self.config = config
         self.codec = codec
-        self.model_name = config.served_model_name or engine.model_name
-        self.max_context = int(engine.max_context)
-        self.metrics = ServerMetrics(engine, self.model_name)
+        self.model_name = config.served_model_name or serving.model_name
+        self.max_context = int(serving.max_context)
+        self.metrics = ServerMetrics(serving, self.model_name)
         self.created = int(time.time())
         self.ready = False
         self.draining = False
@@ -74,7 +75,7 @@ class ServerContext:
             raise APIError(503, "the server is shutting down", "service_unavailable_error",
                            None, "shutting_down")
         if not self.ready:
-            raise APIError(503, "the engine is not ready yet", "service_unavailable_error",
+            raise APIError(503, "the serving loop is not ready yet", "service_unavailable_error",
                            None, "not_ready", {"Retry-After": str(self.config.retry_after_s)})
 
     def check_model(self, model: str | None) -> None:
@@ -100,7 +101,7 @@ class ServerContext:
 
     async def collect(self, request: HTTPRequest, choices: list[generation.Choice]) -> bool:
         """Run the choices to their end; False if the client went away first (the
-        choices are then aborted).  An engine failure is a 500, an abort (shutdown) a 503."""
+        choices are then aborted).  An serving failure is a 500, an abort (shutdown) a 503."""
         done = await generation.while_connected(
             request.receive, generation.collect(self.engine, choices))
         if done is None:
@@ -121,7 +122,7 @@ class ServerContext:
         log.info("serving %s (context %d tokens)", self.model_name, self.max_context)
 
     def begin_drain(self) -> asyncio.Task:
-        """Stop admitting and ask the engine to finish in-flight requests within
+        """Stop admitting and ask the serving loop to finish in-flight requests within
         ``shutdown_timeout`` (then end them).  Idempotent; returns the drain task."""
         if self._drain is None:
             self.draining = True

@@ -10,9 +10,9 @@ import sys
 
 # command -> (module, function taking argv list, returns exit code), whether it runs MLX
 COMMANDS: dict[str, tuple[str, str, bool]] = {
-    "serve": ("slabserve.server.cli", "main", True),
+    "serve": ("slabserve.serve", "main", True),
     "bench": ("slabserve.bench.cli", "main", True),
-    "calibrate": ("slabserve.attention.calibrate", "main", True),
+    "calibrate": ("slabserve.calibrate", "main", True),
     "loadtest": ("slabserve.loadtest.cli", "main", True),
     "info": ("slabserve.info", "main", True),
 }

@@ -1,6 +1,7 @@
-"""Random paged-attention cases for the attention tests: pools of one or several slabs
-filled with random (never zero) data, shuffled block tables, ragged lengths; and the
-float64 causal reference that prefill tests compare against."""
+"""Random paged-attention cases for the attention tests (the builders and float64
+references themselves live in attention/reference.py): decode cases in the tests' argument
+order, a one-sequence pool written through ``WritePlan`` for the prefill tests, never-zero
+float32 data."""
 
 from __future__ import annotations
 
@@ -8,28 +9,18 @@ import random
 
 import mlx.core as mx
 import numpy as np
+
 from slabserve.attention.base import DecodeBatch
-from slabserve.kvcache.block_table import blocks_needed
+from slabserve.attention.reference import causal_reference, random_case
 from slabserve.kvcache.pool import PoolGeometry, SlabPool, WritePlan
+
+causal_reference64 = causal_reference  # the prefill tests' name for it
 
 
 def nonzero_f32(rng, *shape) -> np.ndarray:
     """float32 values with magnitudes in [0.25, 1] and random signs (never zero)."""
     x = rng.uniform(0.25, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
     return x.astype(np.float32)
-
-
-def causal_reference64(q, k, v, start, scale) -> np.ndarray:
-    """float64 causal attention: q ``[H, L, D]`` at positions ``start..``, k/v
-    ``[Hkv, n, D]`` (GQA: H a multiple of Hkv); query i sees keys ``j <= start + i``."""
-    q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    rep = q.shape[0] // k.shape[0]
-    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-    s = np.einsum("hld,hnd->hln", q, k) * scale
-    pos = start + np.arange(q.shape[1])[:, None]
-    s = np.where(np.arange(k.shape[1])[None, :] <= pos, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
 
 
 def filled_pool(rng, kv_heads: int, head_dim: int, block_size: int, slab_blocks: int,
@@ -52,29 +43,9 @@ def make_case(q_heads: int, kv_heads: int, head_dim: int, block_size: int,
               lengths: list[int], slabs: int, dtype=mx.float32, layers: int = 1,
               seed: int = 0):
     """(q, pool, batch): ``slabs`` slabs sized so the batch's blocks fill them, every
-    table a random draw (so a sequence's pages are out of order and spread over slabs)."""
-    rng = random.Random(seed)
-    need = sum(blocks_needed(n, block_size) for n in lengths)
-    slab_blocks = -(-need // slabs)
-    geom = PoolGeometry(layers, kv_heads, head_dim, block_size, slab_blocks, dtype)
-    pool = SlabPool(geom, 0)
-    mx.random.seed(seed)
-    rows = slab_blocks * kv_heads * block_size
-    for layer in range(layers):
-        for side in (pool.k[layer], pool.v[layer]):
-            for _ in range(slabs):
-                side.append((mx.random.normal((rows, head_dim)) + 0.1).astype(dtype))
-    mx.eval(pool.k, pool.v)
-    ids = list(range(slabs * slab_blocks))
-    rng.shuffle(ids)
-    tables = []
-    for n in lengths:
-        k = blocks_needed(n, block_size)
-        tables.append(ids[:k])
-        ids = ids[k:]
-    batch = DecodeBatch(geom, tables, list(lengths))
-    q = (mx.random.normal((len(lengths), q_heads, 1, head_dim)) + 0.1).astype(dtype)
-    return q, pool, batch
+    table a random draw (attention.reference.random_case)."""
+    return random_case(lengths, q_heads, kv_heads, head_dim, block_size, dtype, slabs=slabs,
+                       layers=layers, seed=seed)
 
 
 def slabs_touched(pool: SlabPool, batch: DecodeBatch) -> int:

@@ -8,11 +8,10 @@ tokens changes the sampled tokens, and outputs must not depend on the schedule.
 
 from __future__ import annotations
 
+from slabserve.engine.step import Executor, SampledToken, StepOutput, StepPlan
 from slabserve.kvcache import BlockAllocator
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
-from slabserve.scheduler.executor import Executor
-from slabserve.scheduler.plan import SampledToken, StepOutput, StepPlan
 from slabserve.scheduler.scheduler import Scheduler
 
 EOS = 0

@@ -9,7 +9,8 @@ import threading
 import time
 
 import uvicorn
-from slabserve.engine.build import EngineConfig, build_engine
+
+from slabserve.build import ServeConfig, build_serving
 from slabserve.engine.config import CacheConfig
 from slabserve.scheduler.config import SchedulerConfig
 from slabserve.server.app import create_app
@@ -19,20 +20,18 @@ from slabserve.server.config import ServerConfig
 def tiny_engine(**scheduler: object):
     """The embedded tiny model with a small KV budget (scheduler limits overridable).
 
-    Resets the process's attention selector first: its native CPU path keeps the MLX
-    streams of the first thread that used it, and MLX streams belong to one thread, so a
-    second engine thread in this process would fail ("There is no Stream(cpu, N) in
-    current thread").  Hence also: one live engine at a time in these tests."""
-    from slabserve import attention
-    attention.set_selector(None)
-    cfg = EngineConfig(model=None, cache=CacheConfig(slab_tokens=1024, kv_budget_bytes=64 << 20),
+    A fresh runner (and selector) per call: the native CPU path keeps the MLX streams of
+    the first thread that used it, and MLX streams belong to one thread, so reusing one
+    across serving threads would fail ("There is no Stream(cpu, N) in
+    current thread").  Each build has its own runner and selector."""
+    cfg = ServeConfig(model=None, cache=CacheConfig(slab_tokens=1024, kv_budget_bytes=64 << 20),
                        scheduler=SchedulerConfig(**scheduler))
-    return build_engine(cfg)
+    return build_serving(cfg)
 
 
 class LiveServer:
     """``with LiveServer(app) as srv:`` serves ``app`` on 127.0.0.1:``srv.port`` until the
-    block ends (then a graceful stop: lifespan shutdown drains the engine)."""
+    block ends (then a graceful stop: lifespan shutdown drains the serving)."""
 
     def __init__(self, app, startup_timeout: float = 60.0) -> None:
         self.app = app
@@ -54,7 +53,7 @@ class LiveServer:
         await self.server.serve(sockets=[self.sock])
 
     def call(self, coro, timeout: float = 60.0):
-        """Run ``coro`` on the server's event loop (where the engine lives); its result."""
+        """Run ``coro`` on the server's event loop (where the serving loop lives); its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self) -> LiveServer:
@@ -76,5 +75,5 @@ class LiveServer:
         return self.app.state.ctx
 
 
-def serve(engine, **server: object) -> LiveServer:
-    return LiveServer(create_app(engine, ServerConfig(**server)))
+def serve(serving, **server: object) -> LiveServer:
+    return LiveServer(create_app(serving, ServerConfig(**server)))

@@ -2,6 +2,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from slabserve.kvcache import BlockAllocator, BlockTable, blocks_needed
 
 
@@ -94,3 +95,22 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 TestAllocatorMachine = AllocatorMachine.TestCase
 TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+class CachingOnAllocatorMachine(AllocatorMachine):
+    """The same rules with ``enable_caching=True`` and nothing registered: identical
+    behaviour (no block is ever cached or evictable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = BlockAllocator(slab_blocks=3, max_blocks=20, enable_caching=True)
+
+    @invariant()
+    def nothing_cached(self):
+        assert self.a.num_cached == self.a.num_evictable == self.a.evictions == 0
+        assert self.a.num_free == self.a.num_free_uncached
+
+
+TestCachingOnAllocatorMachine = CachingOnAllocatorMachine.TestCase
+TestCachingOnAllocatorMachine.settings = settings(
+    max_examples=30, stateful_step_count=60, deadline=None)

@@ -8,20 +8,20 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
+
+from slabserve import attention, env
 from slabserve.attention.selector import Selector
 from slabserve.engine.config import CacheConfig
 from slabserve.engine.embedded import ensure_model
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner
 
-from slabserve import attention
-
 MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, _ = load(str(ensure_model("tiny")))
+    model, _ = load(str(ensure_model("tiny", cache_dir=env.cache_dir())))
     rng = random.Random(4)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 40, 23)]
     refs = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)]
@@ -35,14 +35,10 @@ def tiny():
 def test_forced_path_is_token_exact_with_mlx_lm(tiny, force, label):
     model, prompts, refs = tiny
     # 16-token slabs: every sequence spans several slabs
-    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=16,
-                                            kv_budget_bytes=1 << 24))
     sel = Selector(override=force)
-    old = attention.set_selector(sel)
-    try:
-        got = greedy_generate(runner, prompts, MAX_TOKENS, chunk=16)
-    finally:
-        attention.set_selector(old)
+    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=16,
+                                            kv_budget_bytes=1 << 24), selector=sel)
+    got = greedy_generate(runner, prompts, MAX_TOKENS, chunk=16)
     assert got == refs
     layers = len(model.layers)
     assert sel.path_counts() == {label: layers * (MAX_TOKENS - 1)}

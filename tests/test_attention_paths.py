@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from attention_cases import make_case, slabs_touched
+
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.native_cpu import NativeCPU
 from slabserve.attention.reference import reference_decode

@@ -8,12 +8,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+
+from slabserve import attention
 from slabserve.attention.base import DecodeBatch
 from slabserve.attention.gather import gather_kv
 from slabserve.bench import decode_step as ds
 from slabserve.scheduler.api import SamplingParams
-
-from slabserve import attention
 
 
 @pytest.fixture(scope="module")

@@ -323,7 +323,7 @@ GENERATE = """
     from slabserve.engine.runner import ModelRunner
     from slabserve import blas, mlxmem
     mlxmem.configure_memory(None)
-    model, _ = load(str(ensure_model("tiny", "float32")))
+    model, _ = load(str(ensure_model("tiny", "float32", cache_dir=env.cache_dir())))
     prompts = [[(7 * i + 3 * j) % 256 for j in range(n)] for i, n in enumerate((5, 23, 61))]
     ref = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=20)] for p in prompts]
     runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,

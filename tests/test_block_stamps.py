@@ -1,17 +1,22 @@
-"""The arithmetic of the GPU diagnostics (bench.block_stamps, bench.cuda_kernel's marginal
-per-layer cost) on synthetic data; the measurements themselves need CUDA."""
+"""The arithmetic of the GPU diagnostics (experiments.block_stamps, bench.cuda_kernel's
+marginal per-layer cost) on synthetic data, and the timing marks' places in the shipped
+kernel source; the measurements themselves need CUDA."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from cuda_fakes import FakeKernel
-from slabserve.bench.block_stamps import (
+
+from experiments.block_stamps import (
     FIELDS,
     MARKS,
+    MARKS_AT,
+    instrument,
     median_summary,
     persistence,
     summarize_launch,
 )
+from slabserve.attention.native_cuda import NativeCUDA
 from slabserve.bench.cuda_kernel import chain, int_cells
 
 
@@ -62,7 +67,7 @@ def test_int_cells():
 def test_stamped_kernel_plumbing(monkeypatch, fused):
     """The stamped main kernel gets one more output (FIELDS int64 per block), which goes
     to ``nat.stamps``; NativeCUDA sees the outputs it expects (merge launch included)."""
-    from slabserve.bench.block_stamps import StampedCUDA
+    from experiments.block_stamps import StampedCUDA
     from slabserve.bench.cuda_kernel import make_case
 
     launches: list = []
@@ -110,3 +115,20 @@ def test_persistence_tells_slow_sms_from_noise():
     assert 4.0 < r["sm_resid_max"] < 7.0  # SM 3's ~6 us over the median
     noise = persistence([_launch(rng, {}) for _ in range(10)])
     assert abs(noise["r_sm"]) < 0.8 and noise["sm_resid_max"] < 1.5
+
+
+@pytest.mark.parametrize("variant", ["auto", "async", "mma"])
+def test_marks_find_their_places_in_the_shipped_source(variant):
+    """Every mark of MARKS_AT goes into the shipped FMA kernel exactly once (a kernel
+    change that moves one fails here, not on the GPU), the prelude defines the marks, and
+    ``finish_noinline`` turns the last-block merge into a call."""
+    header = NativeCUDA()._header(variant)
+    assert "SLABSERVE_MARK" not in header  # the served kernel has no marks
+    got = instrument(header)
+    assert got.startswith("#define SLABSERVE_STAMP_MARKS")
+    for k in (1, 2, 3, 4, 5):
+        assert got.count(f"SLABSERVE_MARK({k});") == 1
+    assert got.count("SLABSERVE_MARK_AFTER(6,") == 1
+    assert "__noinline__ void finish_split(" in instrument(header, finish_noinline=True)
+    with pytest.raises(ValueError, match="kernel source changed"):
+        instrument(header.replace(MARKS_AT[1][0], ""))

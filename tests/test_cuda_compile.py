@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from slabserve.bench.cuda_compile import compile_one, nvcc_path, resources, sources
 
 needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA toolkit)")
@@ -15,15 +16,12 @@ needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA to
 @needs_nvcc
 @pytest.mark.parametrize("variant, dt, d, hq, hkv", [("mma", "bf16", 64, 14, 2),
                                                       ("async", "f16", 128, 32, 8),
-                                                      ("bulk", "f16", 64, 32, 8),
-                                                      ("bulk", "f32", 64, 32, 8),
-                                                      ("xred", "f16", 64, 32, 8),
-                                                      ("xred", "bf16", 64, 16, 8),
-                                                      ("xred", "f16", 128, 32, 8),
+                                                      ("async", "f32", 64, 32, 8),
                                                       ("lean", "f16", 64, 32, 8),
-                                                      ("lean", "bf16", 64, 16, 8)])
+                                                      ("lean", "bf16", 64, 16, 8),
+                                                      ("lean", "f16", 128, 32, 8)])
 def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
-    name, src = sources(variant, dt, d, 16, hq, hkv, 2, 3)[2]  # the fused kernel, 2 slabs
+    name, src = sources(variant, dt, d, 16, hq, hkv, 2)[2]  # the fused kernel, 2 slabs
     ok, log = compile_one(name, src, "sm_90")
     assert ok, log[-2000:]
     info = resources(log)
@@ -32,7 +30,7 @@ def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
 
 @needs_nvcc
 def test_compile_error_is_reported():
-    name, src = sources("mma", "f16", 64, 16, 32, 8, 1, 3)[0]
+    name, src = sources("mma", "f16", 64, 16, 32, 8, 1)[0]
     ok, log = compile_one(name, src.replace("pooled_decode_mma<", "pooled_decode_mmma<"),
                           "sm_90")
     assert not ok and "pooled_decode_mmma" in log
@@ -42,7 +40,7 @@ def test_compile_error_is_reported():
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="needs cuobjdump")
 def test_sass_of_a_kernel_is_written(tmp_path):
     """``--sass``: the compiled kernel's SASS lands in the folder, with its cp.async copies."""
-    name, src = sources("xred", "f16", 64, 16, 32, 8, 2, 3)[1]  # the split kernel
+    name, src = sources("lean", "f16", 64, 16, 32, 8, 2)[1]  # the split kernel
     ok, log = compile_one(name, src, "sm_90", tmp_path)
     assert ok, log[-2000:]
     assert "LDGSTS" in (tmp_path / f"{name}.sass").read_text()

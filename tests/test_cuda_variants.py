@@ -1,11 +1,13 @@
-"""Which CUDA kernel variant takes a case ("auto"'s choice, and the opt-in mma / bulk /
-xred / lean forms), and what each changes in the source and the plan (CPU only)."""
+"""Which CUDA kernel variant takes a case ("auto"'s choice, and the mma / lean / async
+forms forced), what each changes in the source and the plan, and the names
+bench.cuda_kernel's --natives takes (CPU only)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
 from cuda_fakes import FakeKernel
+
 from slabserve.attention.cuda_plan import plan_chunks
 from slabserve.attention.cuda_source import unit_tokens
 from slabserve.attention.native_cuda import NativeCUDA
@@ -39,55 +41,54 @@ def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
         assert plan_chunks(8, 16384, nat._head_blocks(q, pool.geom), 1024, params) == 16
 
 
-def test_bulk_variant_shares_the_async_ring_and_plan():
-    """The bulk variant holds the same bytes per stage as the async one (page-row order
-    instead of per-thread slots), uses its unit, and scales the plan's residency with
-    its shared memory when the ring is deeper."""
+def test_lean_variant_takes_only_its_shapes():
+    """"lean" (the async ring with the row-group reduction in shared memory) runs a 16-bit
+    pool with head_dim 64 and 2 or 4 q heads per kv head, or head_dim 128 and 4; anything
+    else runs "async", with the same ring, unit and plan."""
     from slabserve.attention.cuda_source import case_variant, smem_bytes
 
-    assert case_variant("bulk", mx.float32, mx.float32, 4) == "bulk"
-    for dsize, d, stages in [(2, 64, 3), (2, 128, 4), (4, 64, 2)]:
-        assert smem_bytes("bulk", dsize, d, 4, 4, stages) == smem_bytes("async", dsize, d, 4,
-                                                                          4, stages)
-    assert unit_tokens(4, "bulk") == unit_tokens(4, "async") == 4
-    q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
-    geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
-    assert NativeCUDA(variant="bulk")._plan_params(q, geom).blocks_per_sm == 4
-    deep = NativeCUDA(variant="bulk", stages=6)._plan_params(q, geom)  # 96 KiB rings
-    assert deep.blocks_per_sm == 2
-
-
-def test_xred_variant_takes_only_its_shapes():
-    """"xred" (the async ring with the row-group reduction in shared memory) runs a 16-bit
-    pool with head_dim 64 and 2 or 4 q heads per kv head, or head_dim 128 and 4; anything
-    else runs "async", with
-    the same ring, unit and plan; its kernel body instantiates the async kernel with the
-    reduction flag."""
-    from slabserve.attention.cuda_source import case_variant, kernel_body, smem_bytes
-
-    assert case_variant("xred", mx.float16, mx.float16, 4, 64) == "xred"
-    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 2, 64) == "xred"
-    assert case_variant("xred", mx.bfloat16, mx.bfloat16, 4, 128) == "xred"  # 16 lanes a row
+    assert case_variant("lean", mx.float16, mx.float16, 4, 64) == "lean"
+    assert case_variant("lean", mx.bfloat16, mx.bfloat16, 2, 64) == "lean"
+    assert case_variant("lean", mx.bfloat16, mx.bfloat16, 4, 128) == "lean"  # 16 lanes a row
     for args in [(mx.float32, mx.float32, 4, 64), (mx.float16, mx.float16, 8, 64),
                  (mx.float16, mx.float16, 2, 128), (mx.float16, mx.float16, 7, 64),
                  (mx.float16, mx.float16, 4, None), (mx.float16, mx.float16, 4, 256)]:
-        assert case_variant("xred", *args) == "async", args
-    assert smem_bytes("xred", 2, 64, 4, 4, 3) == smem_bytes("async", 2, 64, 4, 4, 3)
-    assert unit_tokens(4, "xred") == 4
-    body = kernel_body(2, "split", "xred")
-    assert "pooled_decode_async<" in body and "false, true>" in body
-    assert ", true>" not in kernel_body(2, "split", "async")
+        assert case_variant("lean", *args) == "async", args
+    assert smem_bytes("lean", 2, 64, 4, 4, 3) == smem_bytes("async", 2, 64, 4, 4, 3)
+    assert unit_tokens(4, "lean") == unit_tokens(4, "async") == 4
     q = mx.zeros((8, 32, 1, 64), dtype=mx.float16)
     geom = PoolGeometry(1, 8, 64, 16, 256, mx.float16)
-    nat = NativeCUDA(variant="xred")
-    assert nat._case(q, geom) == ("xred", 4)
+    nat = NativeCUDA(variant="lean")
+    assert nat._case(q, geom) == ("lean", 4)
     assert nat._plan_params(q, geom) == NativeCUDA(variant="async")._plan_params(q, geom)
 
 
+def test_only_shipped_variants():
+    """NativeCUDA takes the shipped variants (and "sync", the register-load split that
+    NativeMetal's own kernel runs); the measured-and-dropped ones are gone."""
+    for gone in ("xred", "bulk", "sync3", ""):
+        with pytest.raises(ValueError):
+            NativeCUDA(variant=gone)
+    assert NativeCUDA(variant="sync").variant == "sync"
+
+
+def test_natives_names():
+    """bench.cuda_kernel --natives: a shipped variant, optionally the ring depth 3 (the
+    names earlier tables used: auto3, mma3), optionally f / s (merge fused / split)."""
+    from slabserve.bench.cuda_kernel import make_natives
+
+    nats = make_natives("auto,auto3,auto3f,mma3,lean3s,async")
+    assert [n.variant for n in nats.values()] == ["auto", "auto", "auto", "mma", "lean",
+                                                  "async"]
+    assert [n.fused_merge for n in nats.values()] == [None, None, True, None, False, None]
+    for bad in ("xred3", "bulk3", "sync", "auto4", "auto3w2", "async3u8"):
+        with pytest.raises(ValueError, match="bad native name"):
+            make_natives(bad)
+
+
 def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
-    """"lean" (xred in fewer instructions; auto's choice where xred applies) runs where xred
-    does, else "async"; its body instantiates the async kernel with the reduction and lean
-    flags and has the pool's slab size as a literal, so pools of two slab sizes get two
+    """"lean" (auto's choice where it applies) instantiates the async kernel with the lean
+    flag and has the pool's slab size as a literal, so pools of two slab sizes get two
     kernels; the other variants read the slab size from the first slab's shape."""
     from slabserve.attention.cuda_source import case_variant, kernel_body
     from slabserve.bench.cuda_kernel import make_case
@@ -95,9 +96,10 @@ def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
     assert case_variant("lean", mx.float16, mx.float16, 4, 64) == "lean"
     assert case_variant("lean", mx.float16, mx.float16, 7, 64) == "async"
     body = kernel_body(2, "split", "lean", 0.125, 4096)
-    assert "pooled_decode_async<" in body and "false, true, true>" in body
+    assert "pooled_decode_async<" in body and "false, true>" in body
     assert "table_shape[1], 4096," in body
-    assert "k0_shape[0] / (HKV * BS)" in kernel_body(2, "split", "xred", 0.125)
+    plain = kernel_body(2, "split", "async", 0.125)
+    assert "k0_shape[0] / (HKV * BS)" in plain and "false>" in plain and ", true>" not in plain
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     nat = NativeCUDA(variant="lean", fused_merge=False)

@@ -9,7 +9,8 @@ import random
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from slabserve.engine.build import EngineConfig, build_engine
+
+from slabserve.build import ServeConfig, build_serving
 from slabserve.engine.config import CacheConfig
 from slabserve.scheduler.api import Request, RequestError, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
@@ -27,7 +28,7 @@ def prompts(count: int, seed: int = 0) -> list[tuple[int, ...]]:
 async def started(**kw):
     cache = kw.pop("cache", CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22))
     sched = kw.pop("scheduler", SchedulerConfig(max_step_tokens=96, prefill_chunk=32))
-    eng = build_engine(EngineConfig(cache=cache, scheduler=sched, cache_limit_bytes=1 << 28))
+    eng = build_serving(ServeConfig(cache=cache, scheduler=sched, mlx_cache_limit_bytes=1 << 28))
     await eng.start()
     return eng
 

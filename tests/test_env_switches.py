@@ -33,10 +33,21 @@ def test_switch_rejects_garbage(monkeypatch, var, read, raw):
 @pytest.mark.parametrize("flag,field", [("--host-math", "host_math"),
                                         ("--linear-layout", "linear_layout")])
 def test_cli_flag_reaches_runner_config(flag, field):
-    from slabserve.server.cli import configs, parser
+    from slabserve.serve import configs, parser
 
-    for value, want in (("on", True), ("off", False), ("auto", None)):
-        _, engine = configs(parser().parse_args([flag, value]))
-        assert getattr(engine.runner, field) is want
-    _, engine = configs(parser().parse_args([]))
-    assert getattr(engine.runner, field) is None
+    var = "SLABSERVE_" + field.upper()
+    for env_value in (None, "off"):
+        mp = pytest.MonkeyPatch()
+        if env_value is None:
+            mp.delenv(var, raising=False)
+        else:
+            mp.setenv(var, env_value)
+        try:
+            auto = env_value is None  # unset = auto = on; the environment's off otherwise
+            for value, want in (("on", True), ("off", False), ("auto", auto)):
+                _, serve = configs(parser().parse_args([flag, value]))
+                assert getattr(serve.runner, field) is want
+            _, serve = configs(parser().parse_args([]))
+            assert getattr(serve.runner, field) is auto
+        finally:
+            mp.undo()

@@ -8,11 +8,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_engine import collect, started, wait_idle
+from test_sampling import logits, spec
+
 from slabserve.engine.sampling import sample
 from slabserve.scheduler.api import SamplingParams
 from slabserve.server.generation import sse
-from test_engine import collect, started, wait_idle
-from test_sampling import logits, spec
 
 
 def test_sse_event_is_one_line_with_unicode_line_separators():
@@ -55,6 +56,7 @@ async def test_clients_split_sse_on_newlines_only():
     """loadtest and reliability read streams through one reader that does not split an
     event on U+2028 / U+2029 / U+0085 (httpx's aiter_lines does)."""
     import httpx
+
     from slabserve.loadtest.sse import sse_lines
 
     raw = 'data: {"t":"a\u2028b\u2029c\x85d"}\r\n\r\ndata: [DONE]\n\n'.encode()

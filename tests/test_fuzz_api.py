@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 import schemathesis
+
 from slabserve.reliability.observe import wait_idle
 from slabserve.reliability.process import ServerOptions, ServerProcess
 
@@ -29,6 +30,7 @@ def app_schema() -> dict:
     """The server's OpenAPI document, built from its routes (the app serves none itself;
     this imports the route modules only, not the engine or MLX)."""
     from fastapi import FastAPI
+
     from slabserve.server import app, chat, completions
 
     api = FastAPI(title="slabserve", version="0")

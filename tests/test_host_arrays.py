@@ -4,6 +4,7 @@ at most 8 bytes given a 16-byte backing buffer (out of MLX's CUDA scalar pool)."
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from slabserve.attention.base import DecodeBatch
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import PoolGeometry, WritePlan

@@ -12,11 +12,13 @@ import pytest
 from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
+
+from slabserve import env
 from slabserve.attention import host_math as hm
 from slabserve.attention import prefill as pf
 from slabserve.attention.base import DecodeBatch
 from slabserve.engine import patch
-from slabserve.engine.config import CacheConfig
+from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.embedded import ensure_model
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner
@@ -26,11 +28,10 @@ D = 64
 
 @pytest.fixture
 def forced():
-    """Host path on for every float32 CPU call (threshold 0); restored afterwards."""
-    old_on, old_min = hm.set_enabled(True), hm.set_min_elements(0)
-    yield
-    hm.set_enabled(old_on)
-    hm.set_min_elements(old_min)
+    """A host-math switch on for every float32 CPU call (threshold 0)."""
+    host = hm.HostMath(enabled=True, min_elements=0)
+    yield host
+    host.close()
 
 
 @pytest.mark.parametrize("rep", [1, 7])
@@ -100,7 +101,8 @@ def test_prefill_attention_host_path_over_the_pool(forced, start, length, monkey
     q = nonzero_f32(rng, 2 * hkv, length, D)
     prefix = DecodeBatch(geom, [table], [n]) if start else None
     got = pf.prefill_attention(mx.array(q)[None], mx.array(k[:, start:])[None],
-                               mx.array(v[:, start:])[None], pool, 0, prefix, D**-0.5, bucket=0)
+                               mx.array(v[:, start:])[None], pool, 0, prefix, D**-0.5,
+                               bucket=0, host=forced)
     assert calls == [1]
     want = causal_reference64(q, k, v, start, D**-0.5)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
@@ -128,50 +130,51 @@ def test_silu_mul_of_a_transposed_view():
 
 def test_predicates(forced):
     a32 = mx.zeros((1, 2, 8, D))
-    assert not hm.silu_applies(a32, a32)  # outside the runner's forward: mlx-lm's own
-    with hm.active():
-        _predicates_in_scope(a32)
-    assert not hm.in_scope()
-
-
-def _predicates_in_scope(a32):
-    assert hm.attention_applies(a32, a32, a32) and hm.silu_applies(a32, a32)
+    assert forced.attention_applies(a32, a32, a32) and forced.silu_applies(a32, a32)
     for dt in (mx.float16, mx.bfloat16):
         a = a32.astype(dt)
-        assert not hm.attention_applies(a, a, a) and not hm.silu_applies(a, a)
-    assert not hm.silu_applies(a32, mx.zeros((1, 2, 1, D)))  # broadcasting: mlx-lm's own
-    hm.set_min_elements(2 * 8 * 8 + 1)  # scores H*L*n = 128 elements
-    assert not hm.attention_applies(a32, a32, a32)
-    hm.set_min_elements(2 * 8 * 8)
-    assert hm.attention_applies(a32, a32, a32)
-    hm.set_enabled(False)
-    assert not hm.attention_applies(a32, a32, a32) and not hm.silu_applies(a32, a32)
+        assert not forced.attention_applies(a, a, a) and not forced.silu_applies(a, a)
+    assert not forced.silu_applies(a32, mx.zeros((1, 2, 1, D)))  # broadcasting: mlx-lm's own
+    forced.min_elements = 2 * 8 * 8 + 1  # scores H*L*n = 128 elements
+    assert not forced.attention_applies(a32, a32, a32)
+    forced.min_elements = 2 * 8 * 8
+    assert forced.attention_applies(a32, a32, a32)
+    forced.enabled = False
+    assert not forced.attention_applies(a32, a32, a32) and not forced.silu_applies(a32, a32)
     with pytest.raises(ValueError):
-        hm.set_min_elements(-1)
+        hm.HostMath(min_elements=-1)
 
 
 def test_swiglu_dispatcher_routes(forced, monkeypatch):
+    """The patched swiglu takes the host path only inside ``host_math_scope`` (a runner's
+    forward, on its thread) and only where the scope's ``HostMath`` applies."""
     seen = []
     fake = patch.swiglu_dispatcher(lambda g, x: seen.append("mlx") or g * x)
-    monkeypatch.setattr(hm, "silu_mul", lambda g, x: seen.append("host") or g)
+    module = type(sys)("fake_mlx_lm_model")
+    module.swiglu = fake
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(hm, "silu_mul", lambda g, x, run: seen.append("host") or g)
     a = mx.ones((4, 8))
     fake(a, a)  # outside a runner forward
-    with hm.active():
+    with patch.host_math_scope([module.__name__], forced):
         fake(a, a)
         fake(a.astype(mx.float16), a.astype(mx.float16))
-        hm.set_enabled(False)
+        forced.enabled = False
         fake(a, a)
-    assert seen == ["mlx", "host", "mlx", "mlx"]
+    forced.enabled = True
+    fake(a, a)  # the scope ended
+    assert seen == ["mlx", "host", "mlx", "mlx", "mlx"]
 
 
 MAX_TOKENS = 8
 
 
 def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch):
-    model, _ = load(str(ensure_model("tiny")))
+    model, _ = load(str(ensure_model("tiny", cache_dir=env.cache_dir())))
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 70)]
-    hm.set_enabled(False)  # mlx-lm's own numbers (its swiglu may be patched already)
+    # mlx-lm's own numbers (its swiglu may be patched already: outside a runner's forward
+    # the patched one runs mlx-lm's)
     refs = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)]
             for p in prompts]
     assert all(len(set(r)) > 3 for r in refs), "degenerate output makes the test weak"
@@ -189,7 +192,8 @@ def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch):
     monkeypatch.setattr(hm, "causal_attention", attn)
     monkeypatch.setattr(hm, "silu_mul", silu)
     runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
-                         host_math=True)
+                         RunnerConfig(host_math=True))
+    runner.attention.host_math.min_elements = 0
     assert hasattr(sys.modules[type(model).__module__].swiglu, "__slabserve_original__")
     got = greedy_generate(runner, prompts, MAX_TOKENS, chunk=32)
     assert got == refs

@@ -15,8 +15,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import CONFIGS, make
+
 from slabserve.engine import linear_layout as ll
-from slabserve.engine.config import CacheConfig
+from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner
 
@@ -137,15 +138,11 @@ def test_off_on_gpu_and_when_switched_off(monkeypatch):
     monkeypatch.setattr(ll, "on_cpu", lambda: False)
     toy = _Toy()
     assert ll.apply(toy, True) == ll.Decision(ll.Reason.NOT_CPU)
-    assert ll.apply(toy, None) == ll.Decision(ll.Reason.NOT_CPU)
     assert type(toy.head) is nn.Linear and type(toy.embed) is nn.Embedding
     monkeypatch.setattr(ll, "on_cpu", lambda: True)
     assert ll.apply(toy, False) == ll.Decision(ll.Reason.SWITCHED_OFF)
-    monkeypatch.setenv("SLABSERVE_LINEAR_LAYOUT", "off")
-    assert ll.apply(toy, None) == ll.Decision(ll.Reason.SWITCHED_OFF)
     assert type(toy.head) is nn.Linear
-    monkeypatch.setenv("SLABSERVE_LINEAR_LAYOUT", "auto")
-    assert ll.apply(toy, None).reason is ll.Reason.APPLIED
+    assert ll.apply(toy, True).reason is ll.Reason.APPLIED
 
 
 MAX_TOKENS = 20
@@ -162,7 +159,7 @@ def test_runner_with_layout_is_token_exact_with_mlx_lm(arch, model_root):
             for p in prompts]
     assert all(len(set(r)) > 2 for r in refs), "degenerate output makes the test weak"
     runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
-                         linear_layout=True)
+                         RunnerConfig(linear_layout=True))
     assert runner.linear_layout.reason is ll.Reason.APPLIED
     assert not any(type(m) in (nn.Linear, nn.Embedding) for _, m in model.named_modules())
     assert greedy_generate(runner, prompts, MAX_TOKENS, chunk=16) == refs

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+
 from slabserve.loadtest.client import Endpoint, build_body
 from slabserve.loadtest.runner import RunSpec, run_once
 
@@ -117,6 +118,7 @@ def test_variants_add_our_servers_with_extra_args():
     from pathlib import Path
 
     import pytest
+
     from slabserve.loadtest.cli import _configs, parse_variants
     from slabserve.loadtest.grid import GridSpec
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from slabserve.loadtest.client import _Stream
 from slabserve.loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
 from slabserve.loadtest.metrics import Dist, RequestRecord, percentile, summarize
@@ -234,9 +235,10 @@ def test_loadtest_imports_no_mlx_engine_scheduler_attention():
 
 def _bpe_tokenizer():
     """A small BPE with real merges, trained on the prompt vocabulary (so cuts can merge)."""
-    from slabserve.loadtest.prompts import WORDS, Tokenizer
     from tokenizers import Tokenizer as HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from slabserve.loadtest.prompts import WORDS, Tokenizer
 
     t = HF(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import httpx
 import pytest
+
 from slabserve.loadtest import oneserver
 from slabserve.loadtest.cli import main
 from slabserve.loadtest.grid import GridSpec

@@ -8,6 +8,7 @@ import csv
 import json
 
 import pytest
+
 from slabserve.loadtest.cli import main
 from slabserve.loadtest.servers import mlx_lm_installed
 

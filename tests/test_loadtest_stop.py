@@ -10,6 +10,7 @@ import signal
 from contextlib import contextmanager
 
 import pytest
+
 from slabserve.loadtest import grid as grid_mod
 from slabserve.loadtest import oneserver
 from slabserve.loadtest.cli import main

@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+
 from slabserve.loadtest.compare import Interval, geo_interval
 from slabserve.loadtest.summary import cell_ratios, main
 

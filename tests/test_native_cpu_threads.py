@@ -6,6 +6,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 from attention_cases import make_case
+
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.native_cpu import NativeCPU
 

@@ -8,6 +8,7 @@ import math
 import mlx.core as mx
 import pytest
 from cuda_fakes import FakeKernel
+
 from slabserve.attention import cuda_plan
 from slabserve.attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
 from slabserve.attention.cuda_source import (
@@ -46,20 +47,6 @@ def test_plan_fills_gpu_when_context_allows():
     # a large batch already fills the GPU: a single chunk
     assert plan_chunks(128, 16384, 8, 1024) == 1
     assert plan_chunks(8, 16384, 8, 1024) * 64 == 512  # B=8: one full wave
-
-
-def test_plan_waves_target():
-    # two waves: twice the chunks of the one-wave plan while the context allows, never
-    # more blocks than two waves of resident ones
-    two = PlanParams(waves=2.0)
-    assert plan_chunks(8, 4096, 8, 256, two) == 2 * plan_chunks(8, 4096, 8, 256) == 16
-    assert plan_chunks(16, 4096, 8, 256, two) == 8
-    assert plan_chunks(8, 1024, 8, 64, two) == 4  # capped by the minimum chunk length
-    for b in (1, 4, 8, 16):
-        c = plan_chunks(b, 32768, 8, 2048, two)
-        assert c * b * 8 <= 2 * two.sm_count * two.blocks_per_sm
-    with pytest.raises(ValueError):
-        PlanParams(waves=0)
 
 
 def test_plan_cached_per_bucket():
@@ -139,9 +126,11 @@ def test_kernel_body_fills_every_slab():
     assert "ktab[3]" not in body and "opart, lse" in body
     assert "out, nullptr, nullptr, nullptr" in kernel_body(1, "direct")
     assert "out, opart, lse, const_cast<int*>(counters)" in kernel_body(2, "fused", "mma")
-    bulk = kernel_body(2, "split", "bulk")
-    assert "pooled_decode_bulk<TQ, T, D, BS, HKV, G, GB, NS, U, NT, ST, false>" in bulk
-    assert "slabserve_smem" in bulk and "extern __shared__" in bulk
+    for variant in ("mma", "async", "lean"):
+        assert "extern __shared__ uint4 slabserve_smem[];" in kernel_body(2, "split", variant)
+    # the register-load split has no CUDA source (NativeMetal runs its own kernel)
+    with pytest.raises(ValueError, match="no CUDA source"):
+        kernel_body(2, "split", "sync")
 
 
 def test_scale_is_a_literal_of_the_source(monkeypatch):
@@ -151,7 +140,7 @@ def test_scale_is_a_literal_of_the_source(monkeypatch):
     from slabserve.attention.cuda_source import LOG2E
     from slabserve.bench.cuda_kernel import make_case
 
-    body = kernel_body(1, "split", "xred", 0.125)
+    body = kernel_body(1, "split", "lean", 0.125)
     assert "qscale" not in body and f"{0.125 * LOG2E!r}f" in body
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
@@ -187,10 +176,11 @@ def test_gpu_matrix_covers_the_check_matrix():
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["auto", "lean", "xred", "mma", "async", "bulk", "sync"])
+@pytest.mark.parametrize("variant", ["auto", "lean", "mma", "async"])
 @pytest.mark.parametrize("case", range(GPU_MATRIX_CASES))
 def test_native_matches_float64(case, variant):
-    from slabserve.bench.cuda_kernel import DT, make_case, reference64, rel_err, tol_for
+    from slabserve.attention.reference import reference_decode
+    from slabserve.bench.cuda_kernel import DT, make_case, rel_err, tol_for
 
     dt, qdt, d, bs, hq, hkv, sb, lens = _matrix()[case]
     pool, batch, q = make_case(lens, hq, hkv, d, bs, DT[dt], sb, seed=100 + case)
@@ -198,7 +188,7 @@ def test_native_matches_float64(case, variant):
     scale = 1.0 / math.sqrt(d)
     nat = NativeCUDA(variant=variant)
     assert nat.decline(q, pool, batch) is None
-    want = reference64(q, pool, 0, batch, scale)
+    want = reference_decode(q, pool, 0, batch, scale)
     for chunks in (None, 1, 2, 5, 64):
         got = nat(q, pool, 0, batch, scale) if chunks is None else nat._run(
             q, pool, 0, batch, scale, chunks)
@@ -262,7 +252,7 @@ def test_mma_launch_plumbing(monkeypatch, dt, qdt, hq, hkv, want_variant, want_g
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case((5, 300), hq, hkv, 64, 16, dt, 24)
     q = q.astype(qdt)
-    nat = NativeCUDA(variant="mma", stages=3)
+    nat = NativeCUDA(variant="mma")
     nat._run(q, pool, 0, batch, 0.125, 2)
     main = log[0]
     assert main["template"]["GB"] == want_gb

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+
 from slabserve.attention.native_metal import METAL_FILE, NativeMetal, _sections, metal_body
 
 HAS_METAL = mx.metal.is_available()

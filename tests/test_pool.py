@@ -1,6 +1,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool
 from slabserve.kvcache.pool import GatherPlan, WritePlan
 

@@ -10,9 +10,10 @@ from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import make
+
 from slabserve.attention import prefill as pf
 from slabserve.attention.base import DecodeBatch
-from slabserve.engine.config import CacheConfig
+from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner
 
@@ -72,74 +73,64 @@ def test_shapes_are_bucketed(filled):
         16, 16, 32, 128, 256, 512, 640]
 
 
-def test_env_and_override(monkeypatch):
+def test_env_bucket_reaches_the_runner_config(monkeypatch):
+    """SLABSERVE_PREFILL_KV_BUCKET is read by ``slabserve serve`` (the edge) into
+    RunnerConfig; the flag wins; a negative value is refused."""
     from slabserve import env
+    from slabserve.serve import configs, parser
 
     monkeypatch.setenv("SLABSERVE_PREFILL_KV_BUCKET", "1024")
     assert env.prefill_kv_bucket() == 1024
+    assert configs(parser().parse_args([]))[1].runner.prefill_kv_bucket == 1024
+    flag = parser().parse_args(["--prefill-kv-bucket", "32"])
+    assert configs(flag)[1].runner.prefill_kv_bucket == 32
     monkeypatch.setenv("SLABSERVE_PREFILL_KV_BUCKET", "-1")
     with pytest.raises(ValueError):
         env.prefill_kv_bucket()
     monkeypatch.delenv("SLABSERVE_PREFILL_KV_BUCKET")
-    assert env.prefill_kv_bucket() is None
-    old = pf.set_kv_bucket(32)
-    try:
-        assert pf.kv_bucket() == 32
-    finally:
-        pf.set_kv_bucket(old)
+    assert configs(parser().parse_args([]))[1].runner.prefill_kv_bucket is None
 
 
 def test_runner_bucketed_is_token_exact_with_mlx_lm(model_root):
     """Chunked prefill through the runner with bucketing on (odd chunk, small bucket:
-    every prefix chunk is padded) gives mlx-lm's greedy tokens."""
+    every prefix chunk is padded) gives mlx-lm's greedy tokens, and the runner's
+    configured bucket is the one prefill attention gets."""
     model, _ = load(str(make(model_root, "llama-gqa")))
-    runner = ModelRunner(model, CacheConfig(block_size=4, slab_tokens=16,
-                                            kv_budget_bytes=1 << 24))
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (70, 23)]
     want = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=12)]
             for p in prompts]
     assert len(set(want[0])) > 3, "degenerate model output makes the comparison weak"
-    old = pf.set_kv_bucket(24)
-    try:
-        got = greedy_generate(runner, prompts, 12, chunk=9)
-    finally:
-        pf.set_kv_bucket(old)
-    assert got == want
-    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
-    # the same through the runner's own setting (RunnerConfig / --prefill-kv-bucket)
     calls: list = []
     real = pf.prefill_attention
 
     def spy(*a, **kw):
-        calls.append(kw.get("bucket"))
+        calls.append(a[7])  # the bucket argument
         return real(*a, **kw)
 
-    import slabserve.engine.paged_cache as pc
+    import slabserve.attention.runtime as rt
 
-    pc_old, pc.prefill_attention = pc.prefill_attention, spy
+    rt_old, rt.prefill_attention = rt.prefill_attention, spy
     try:
-        configured = ModelRunner(model, CacheConfig(block_size=4, slab_tokens=16,
-                                                    kv_budget_bytes=1 << 24), 24)
-        assert greedy_generate(configured, prompts, 12, chunk=9) == want
+        runner = ModelRunner(model, CacheConfig(block_size=4, slab_tokens=16,
+                                                kv_budget_bytes=1 << 24),
+                             RunnerConfig(prefill_kv_bucket=24))
+        assert greedy_generate(runner, prompts, 12, chunk=9) == want
     finally:
-        pc.prefill_attention = pc_old
+        rt.prefill_attention = rt_old
+    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
     assert calls and set(calls) == {24}
 
 
 @pytest.mark.parametrize("raw, cuda, want", [
-    (None, False, 0), (None, True, pf.CUDA_DEFAULT_BUCKET), ("0", True, 0), ("512", False, 512),
+    (None, False, 0), (None, True, pf.CUDA_DEFAULT_BUCKET), (0, True, 0), (512, False, 512),
 ])
-def test_default_bucket_per_device(monkeypatch, raw, cuda, want):
+def test_default_bucket_per_device(monkeypatch, model_root, raw, cuda, want):
     """Unset: the bucket is on (CUDA_DEFAULT_BUCKET) where MLX computes on CUDA, off on
     CPU; an explicit value, 0 included, wins everywhere."""
-    if raw is None:
-        monkeypatch.delenv("SLABSERVE_PREFILL_KV_BUCKET", raising=False)
-    else:
-        monkeypatch.setenv("SLABSERVE_PREFILL_KV_BUCKET", raw)
     monkeypatch.setattr(pf, "_on_cuda", lambda: cuda)
-    pf._env_bucket.cache_clear()
-    try:
-        assert pf.kv_bucket() == want
-    finally:
-        pf._env_bucket.cache_clear()
+    model, _ = load(str(make(model_root, "llama-gqa")))
+    runner = ModelRunner(model, CacheConfig(block_size=4, slab_tokens=16,
+                                            kv_budget_bytes=1 << 24),
+                         RunnerConfig(prefill_kv_bucket=raw))
+    assert runner.attention.prefill_bucket == want

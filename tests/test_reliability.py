@@ -11,6 +11,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from slabserve.reliability import soak
 from slabserve.reliability.observe import wait_idle
 from slabserve.reliability.overload import overload

@@ -9,6 +9,7 @@ import json
 import random
 
 import httpx
+
 from slabserve.reliability import badinput, traffic
 from slabserve.reliability.observe import ServerState, integrity_verdict, parse_metrics, state_from
 from slabserve.reliability.report import MIB, SoakReport

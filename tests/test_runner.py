@@ -5,6 +5,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import CONFIGS, make
+
 from slabserve.engine.config import CacheConfig
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner
@@ -129,6 +130,7 @@ def test_equal_chunks_of_several_sequences_share_one_forward(arch_model):
     (``merge_prefills``): same logits, same pages written and the same greedy tokens as
     mlx-lm, whatever each row's start; a chunk of another length runs on its own."""
     import numpy as np
+
     from slabserve.attention import DecodeBatch
     from slabserve.engine.runner import SeqInput
 
@@ -170,6 +172,7 @@ def test_dispatching_every_few_layers_changes_nothing(arch_model):
     """``dispatch_every`` hands the partial graph to the device while the host builds the
     rest: the same prefill and decode logits and the same greedy tokens as one eval."""
     import numpy as np
+
     from slabserve.engine.runner import SeqInput
 
     _, model = arch_model

@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from slabserve.engine.sampling import RowSpec, mix, sample
 from slabserve.scheduler.api import SamplingParams
 
@@ -105,6 +106,7 @@ def test_logprobs_per_row_only_where_asked(k):
 def test_batched_filters_equal_mlx_lm_applied_row_by_row(vocab, candidates, monkeypatch):
     """Candidates path, its full-sort fallback (flat rows), and the full sort alone (GPU)."""
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
     from slabserve.engine import sampling
     from slabserve.engine.sampling import _filter
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from sched_fakes import EOS, make, reference, req
+
+from slabserve.engine.step import SampledToken, StepOutput
 from slabserve.scheduler.api import RequestError
-from slabserve.scheduler.plan import SampledToken, StepOutput
 
 
 def step(s, ex):

@@ -9,8 +9,9 @@ import time
 
 import pytest
 from sched_fakes import ShadowExecutor, make, reference, req
+
 from slabserve.scheduler.api import RequestError
-from slabserve.scheduler.engine import AsyncLLMEngine
+from slabserve.scheduler.loop import ThreadedServingLoop
 
 
 class Flaky(ShadowExecutor):
@@ -30,7 +31,7 @@ class Flaky(ShadowExecutor):
 
 async def engine(fail_at=-1, delay=0.0, **cfg):
     s, ex = make(num_blocks=32, **cfg)
-    eng = AsyncLLMEngine(s, Flaky(ex, fail_at, delay))
+    eng = ThreadedServingLoop(s, Flaky(ex, fail_at, delay))
     await eng.start()
     return eng
 
@@ -120,7 +121,7 @@ class Switchable(ShadowExecutor):
 async def test_attention_path_switch_runs_between_steps_on_the_engine_thread():
     s, ex = make(num_blocks=32)
     sw = Switchable(ex)
-    eng = AsyncLLMEngine(s, sw)
+    eng = ThreadedServingLoop(s, sw)
     await eng.start()
     try:
         r = req("long", 3, max_tokens=6)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
+from slabserve.engine.step import SampledToken
 from slabserve.scheduler.api import SamplingParams
 from slabserve.scheduler.output import OutputStream
-from slabserve.scheduler.plan import SampledToken
 
 PIECES = {1: "he", 2: "llo", 3: " wo", 4: "rld", 5: "!", 6: "<eos>"}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sched_fakes import make, reference, req
+
 from slabserve.scheduler.api import RequestError
 
 ops = st.lists(

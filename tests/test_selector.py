@@ -7,6 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from attention_cases import make_case
+
+from slabserve import attention
 from slabserve.attention import selector as sel_mod
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.attention.profile import (
@@ -17,9 +19,8 @@ from slabserve.attention.profile import (
     profile_path,
 )
 from slabserve.attention.reference import reference_decode
+from slabserve.serve import make_selector
 from slabserve.attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
-
-from slabserve import attention
 
 ENV_OURS = "SLABSERVE_PAGED_ATTENTION_NATIVE"
 ENV_MLXCEL = "MLXCEL_PAGED_ATTENTION_NATIVE"
@@ -32,19 +33,18 @@ def case():
 
 @pytest.fixture
 def fresh_default(monkeypatch):
-    """A default selector rebuilt from the (monkeypatched) environment, then restored."""
+    """A clean environment for the selector that ``slabserve serve`` builds from it."""
     monkeypatch.delenv(ENV_OURS, raising=False)
     monkeypatch.delenv(ENV_MLXCEL, raising=False)
     monkeypatch.delenv("SLABSERVE_ATTENTION_TRACE", raising=False)
-    old = attention.set_selector(None)
-    yield monkeypatch
-    attention.set_selector(old)
+    return monkeypatch
 
 
-def run_step(q, pool, batch, layers=3):
-    """One decode step through the public entry: every layer, then evaluate."""
+def run_step(sel, q, pool, batch, layers=3):
+    """One decode step through a runner's attention runtime: every layer, then evaluate."""
+    runtime = attention.AttentionRuntime(sel)
     step = DecodeBatch(batch.geom, batch.tables, batch.lengths)
-    outs = [attention.decode_attention(q, pool, layer, step, 0.125) for layer in range(layers)]
+    outs = [runtime.decode(q, pool, layer, step, 0.125) for layer in range(layers)]
     mx.eval(outs)
     return outs
 
@@ -61,8 +61,9 @@ def run_step(q, pool, batch, layers=3):
 def test_env_forces_path_and_counts_show_it(fresh_default, case, name, value, label):
     fresh_default.setenv(name, value)
     q, pool, batch = case
-    outs = run_step(q, pool, batch)
-    assert attention.path_counts() == {label: 3}
+    sel = make_selector()
+    outs = run_step(sel, q, pool, batch)
+    assert sel.path_counts() == {label: 3}
     ref = reference_decode(q, pool, 2, batch, 0.125)
     assert np.abs(np.array(outs[2]) - ref).max() < 1e-5
 
@@ -70,27 +71,24 @@ def test_env_forces_path_and_counts_show_it(fresh_default, case, name, value, la
 def test_our_variable_wins_over_mlxcel(fresh_default, case):
     fresh_default.setenv(ENV_MLXCEL, "1")
     fresh_default.setenv(ENV_OURS, "0")
-    run_step(*case)
-    assert attention.path_counts() == {("gather", "env_gather"): 3}
+    sel = make_selector()
+    run_step(sel, *case)
+    assert sel.path_counts() == {("gather", "env_gather"): 3}
 
 
 def test_per_layer_cache_is_hit_after_first_step(case):
     q, pool, batch = case
     s = Selector()
-    attention.set_selector(s)
-    try:
-        run_step(q, pool, batch)
-        assert (s.misses, s.hits) == (3, 0)
-        for _ in range(4):
-            run_step(q, pool, batch)
-        assert (s.misses, s.hits) == (3, 12)
-        # a new bucket (batch of one) is a new key: misses once per layer, then hits
-        one = DecodeBatch(batch.geom, batch.tables[:1], batch.lengths[:1])
-        run_step(q[:1], pool, one)
-        run_step(q[:1], pool, one)
-        assert (s.misses, s.hits) == (6, 15)
-    finally:
-        attention.set_selector(None)
+    run_step(s, q, pool, batch)
+    assert (s.misses, s.hits) == (3, 0)
+    for _ in range(4):
+        run_step(s, q, pool, batch)
+    assert (s.misses, s.hits) == (3, 12)
+    # a new bucket (batch of one) is a new key: misses once per layer, then hits
+    one = DecodeBatch(batch.geom, batch.tables[:1], batch.lengths[:1])
+    run_step(s, q[:1], pool, one)
+    run_step(s, q[:1], pool, one)
+    assert (s.misses, s.hits) == (6, 15)
 
 
 class Declining(DecodeAttention):
@@ -209,8 +207,9 @@ def test_trace_writes_one_line_per_step_and_layer(tmp_path, case):
 
 def test_trace_path_from_environment(fresh_default, tmp_path, case):
     fresh_default.setenv("SLABSERVE_ATTENTION_TRACE", str(tmp_path / "t.jsonl"))
-    run_step(*case)
-    attention.default_selector().close()
+    sel = make_selector()
+    run_step(sel, *case)
+    sel.close()
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
 
 

@@ -3,6 +3,7 @@ attention benchmark runs end to end on a tiny grid and writes its three outputs.
 
 import json
 
+from slabserve import calibrate as calibrate_cmd
 from slabserve.attention import calibrate
 from slabserve.attention.profile import TIE, load_for_device, profile_path
 from slabserve.attention.selector import Path, Reason, Selector
@@ -13,13 +14,13 @@ def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_pat
     monkeypatch.setenv("SLABSERVE_CACHE_DIR", str(tmp_path))
     argv = ["--geometry", "8/2/64", "--dtype", "float32", "--batches", "1,2",
             "--contexts", "48", "--layers", "1", "--reps", "1"]
-    assert calibrate.main(argv) == 0
+    assert calibrate_cmd.main(argv) == 0
     prof = load_for_device(tmp_path)
     assert {(e.batch, e.ctx, e.slabs) for e in prof.entries} == {
         (1, 48, "1"), (1, 48, "many"), (2, 48, "1"), (2, 48, "many")}
     assert all(e.gather_ms > 0 and e.native_ms > 0 for e in prof.entries)
     # re-measuring one point replaces it and keeps the others
-    assert calibrate.main(argv[:4] + ["--batches", "1", "--contexts", "48", "--slabs", "one",
+    assert calibrate_cmd.main(argv[:4] + ["--batches", "1", "--contexts", "48", "--slabs", "one",
                                       "--layers", "1", "--reps", "1"]) == 0
     assert len(load_for_device(tmp_path).entries) == 4
     for e in prof.entries:
@@ -35,22 +36,17 @@ def test_calibrate_main_writes_profile_the_selector_follows(monkeypatch, tmp_pat
 def test_startup_calibration_installs_profile(monkeypatch, tmp_path):
     from slabserve.kvcache.pool import PoolGeometry
 
-    from slabserve import attention
-
     monkeypatch.setitem(calibrate.SHORT, "contexts", [40])
     monkeypatch.setitem(calibrate.SHORT, "batches", [1])
-    old = attention.set_selector(Selector())
-    try:
-        geom = PoolGeometry(2, 2, 64, 16, 8)
-        prof = calibrate.calibrate_startup(4, geom, tmp_path, log=lambda *_: None)
-        assert attention.default_selector().profile is prof
-        assert load_for_device(tmp_path).entries == prof.entries and len(prof.entries) == 2
-    finally:
-        attention.set_selector(old)
+    sel = Selector()
+    geom = PoolGeometry(2, 2, 64, 16, 8)
+    prof = calibrate.calibrate_startup(4, geom, tmp_path, sel, log=lambda *_: None)
+    assert sel.profile is prof
+    assert load_for_device(tmp_path).entries == prof.entries and len(prof.entries) == 2
 
 
 def test_model_geometry_reads_config():
-    assert calibrate.model_geometry("embedded:tiny", None) == (4, 2, 32, "float32")
+    assert calibrate_cmd.model_geometry("embedded:tiny", None) == (4, 2, 32, "float32")
 
 
 def test_bench_attention_writes_markdown_json_png(monkeypatch, tmp_path):

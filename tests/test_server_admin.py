@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from server_fixtures import serve, tiny_engine
+
 from slabserve.loadtest.traces import parse_prometheus, path_delta
 
 KEY = "admin-test-key"

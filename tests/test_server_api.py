@@ -12,6 +12,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server_fixtures import serve, tiny_engine
+
+from slabserve import env
 from slabserve.scheduler.api import Request, SamplingParams
 
 PROMPT = "The slab allocator"
@@ -43,9 +45,10 @@ def mlx_lm_greedy(ids: list[int], n: int) -> list[int]:
     """Reference: mlx-lm's own greedy decoding of the same model directory."""
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load
+
     from slabserve.engine.loader import resolve_model_path
 
-    model, _ = load(str(resolve_model_path(None)))
+    model, _ = load(str(resolve_model_path(None, cache_dir=env.cache_dir())))
     return [int(token) for token, _ in generate_step(mx.array(ids), model, max_tokens=n)]
 
 

@@ -8,7 +8,8 @@ import json
 import httpx
 import pytest
 from server_fixtures import LiveServer
-from slabserve.scheduler.api import AsyncEngine, Delta, EngineStats, Request, RequestError
+
+from slabserve.scheduler.api import Delta, Request, RequestError, ServingLoop, ServingStats
 from slabserve.server.app import create_app
 from slabserve.server.config import ServerConfig
 
@@ -29,7 +30,7 @@ class ByteTokenizer:
         return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
 
 
-class ScriptedEngine(AsyncEngine):
+class ScriptedEngine(ServingLoop):
     """Answers with the prompt's last byte repeated; prompts starting with a command
     byte misbehave: ``!`` fails after two tokens, ``%`` raises after one, ``?`` is refused
     with the kind named by the rest of the prompt, ``#`` raises a bug."""
@@ -48,8 +49,8 @@ class ScriptedEngine(AsyncEngine):
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0, 1, 0, 0, 0)
+    def stats(self) -> ServingStats:
+        return ServingStats(0, 0, 0, 1, 0, 0, 0)
 
     def generate(self, request: Request):
         head = bytes(request.prompt_tokens[:1]).decode()
@@ -103,9 +104,9 @@ def test_engine_failure_without_stream_is_a_500_with_message(http):
 def test_engine_iterator_raising_ends_its_choice_with_an_error(http):
     r = http.post("/v1/completions", json={"prompt": "%y", "max_tokens": 5, "stream": True})
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
-    assert '"message":"the engine failed"' in r.text and "broken iterator" not in r.text
+    assert '"message":"the serving loop failed"' in r.text and "broken iterator" not in r.text
     r = http.post("/v1/completions", json={"prompt": "%y", "max_tokens": 5})
-    assert r.status_code == 500 and r.json()["error"]["message"] == "the engine failed"
+    assert r.status_code == 500 and r.json()["error"]["message"] == "the serving loop failed"
     served(http)
 
 
@@ -144,9 +145,10 @@ def test_n_choices_stream_and_finish_each(http):
 
 
 def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
-    from slabserve.server import cli
+    from slabserve import serve as cli
 
     monkeypatch.setenv("SLABSERVE_API_KEY", "from-env")
+    monkeypatch.setenv("SLABSERVE_MLX_CACHE_LIMIT", "3G")
     args = cli.parser().parse_args([
         "--port", "0", "--kv-budget", "256M", "--block-size", "32", "--max-running", "4",
         "--max-queued", "8", "--shutdown-timeout", "2.5", "--max-body-bytes", "64k",
@@ -158,7 +160,9 @@ def test_cli_flags_become_frozen_configs(monkeypatch, capsys):
     assert engine.cache.block_size == 32 and engine.scheduler.max_running == 4
     assert engine.scheduler.max_queued == 8 and engine.runner.prefill_kv_bucket == 1024
     assert engine.runner.dispatch_every == 6
-    assert engine.scheduler.prefill_chunk == engine.runner.prefill_chunk
+    assert engine.mlx_cache_limit_bytes == 3 << 30  # applied by build_serving
+    flag = cli.configs(cli.parser().parse_args(["--cache-limit", "1G"]))[1]
+    assert flag.mlx_cache_limit_bytes == 1 << 30  # the flag wins
     with pytest.raises(AttributeError):
         server.port = 1  # frozen
     assert cli.main(["--block-size", "3"]) == 2  # invalid: refused before loading anything

@@ -1,9 +1,9 @@
-"""The score scratch of the xred / lean kernels (attention/kernels/pooled_decode.cu,
+"""The score scratch of the lean kernel (attention/kernels/pooled_decode.cu,
 consume_unit_x), its index arithmetic replayed in Python: every partial a lane reads back
 is the one written for its score, row groups of a warp never share a float, the scratch
-stays inside the warp's U pieces of its K stage, and the lean form's per-thread write
-pointers plus compile-time offsets land where the swizzled slot says.  (Running the kernels
-needs CUDA: bench.cuda_kernel --check.)"""
+stays inside the warp's U pieces of its K stage, and the per-thread write pointers plus
+compile-time offsets land where the swizzled slot says.  (Running the kernels needs CUDA:
+bench.cuda_kernel --check.)"""
 
 import pytest
 
@@ -16,13 +16,12 @@ def at(area: int, f: int, pstride: int) -> int:
 
 
 @pytest.mark.parametrize("tpr, gb", [(8, 4), (8, 2), (16, 4)])  # D 64 / 64 / 128
-@pytest.mark.parametrize("swz", [False, True])
-def test_scratch_slots_round_trip(tpr, gb, swz):
+def test_scratch_slots_round_trip(tpr, gb):
     n, rw, pstride = gb * U, 32 // tpr, 128 * 4  # pstride: NT * 4 floats at 128 threads
     assert rw * n * tpr <= U * PIECE
 
     def slot(sl, rgw):
-        return (sl ^ rgw) if swz else (sl + rgw) % n
+        return sl ^ rgw
 
     written = {}
     for rgw in range(rw):
@@ -31,9 +30,8 @@ def test_scratch_slots_round_trip(tpr, gb, swz):
             wp = [at(area, lane + (b ^ rgw) * tpr, pstride) for b in range(4)]
             for sl in range(n):
                 addr = at(area, slot(sl, rgw) * tpr + lane, pstride)
-                if swz:  # the lean kernel's pointer + compile-time offset
-                    hi = (sl & ~3) * tpr
-                    assert wp[sl & 3] + (hi >> 7) * pstride + (hi & 127) == addr
+                hi = (sl & ~3) * tpr  # the kernel's pointer + compile-time offset
+                assert wp[sl & 3] + (hi >> 7) * pstride + (hi & 127) == addr
                 assert addr not in written, "two partials share a float"
                 assert (addr // pstride) < U and addr % pstride < PIECE
                 written[addr] = (rgw, sl, lane)

@@ -190,11 +190,8 @@ __device__ __forceinline__ float merge_column(const float* ls, const float* op, 
 // (sequence b, its GB heads) into `out` and resets the counter to 0 for the next launch, so
 // no separate merge launch is needed (threadFenceReduction pattern: fence, then count;
 // the last block fences again and reads the partials past L1 with ld.global.cg).
-#ifndef SLABSERVE_FINISH_INLINE  // bench/block_stamps.py --finish-noinline overrides it
-#define SLABSERVE_FINISH_INLINE __forceinline__
-#endif
 template <typename TQ, int D, int GB, int NT>
-__device__ SLABSERVE_FINISH_INLINE void finish_split(const float* opart, const float* lse,
+__device__ __forceinline__ void finish_split(const float* opart, const float* lse,
                                              int* counters, int b, int hq, int h0, int nchunk,
                                              TQ* out) {
   __shared__ int last;

@@ -1,13 +1,8 @@
-// Pooled decode attention (header part 2 of 2: follows pooled_common.cu): the FMA variants.
+// Pooled decode attention (header part 2 of 2: follows pooled_common.cu): the FMA kernel,
+// "async" (row-group reduction by shuffles) and its "lean" form (the reduction through
+// shared memory, consume_unit_x).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-// Timing marks of the async variants for bench/block_stamps.py (which defines the macro
-// before this file); empty otherwise.
-#ifndef SLABSERVE_MARK
-#define SLABSERVE_MARK(k)
-#define SLABSERVE_MARK_AFTER(k, x)
-#endif
 
 namespace slabserve {
 
@@ -110,49 +105,6 @@ struct BlockSetup {
   }
 };
 
-// Variant 1: loads straight into registers, no pipelining across units.
-template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
-          bool DIRECT>
-__device__ __forceinline__ void pooled_decode(
-    const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
-    const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
-    int* counters) {
-  using S = BlockSetup<TQ, T, D, G, GB, HKV, NT>;
-  constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
-  static_assert(BS % U == 0 && G % GB == 0, "bad tiling");
-  S st;
-  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
-  float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
-  st.load_q(q, qscale, qv, m, l, acc);
-  const int* trow = table + (size_t)st.b * nblk;
-  // The loop bound depends on the warp only, so every lane reaches the shuffles.
-  for (int base = st.tok_begin + st.warp * RW * U; base < st.tok_end; base += R * U) {
-    const int u0 = base + st.rgw * U;
-    const bool active = u0 < st.tok_end;
-    uint4 kr[U], vr[U];
-    if (active) {
-      const int blk = trow[u0 / BS];
-      const int s = NS == 1 ? 0 : blk / sb;
-      const size_t off = st.template offset<BS>(blk, s, sb, u0);
-      const T* kp = ktab[s] + off;
-      const T* vp = vtab[s] + off;
-#pragma unroll
-      for (int j = 0; j < U; ++j) kr[j] = ld16(kp + j * D);
-#pragma unroll
-      for (int j = 0; j < U; ++j) vr[j] = ld16(vp + j * D);
-    } else {
-#pragma unroll
-      for (int j = 0; j < U; ++j) kr[j] = vr[j] = make_uint4(0u, 0u, 0u, 0u);
-    }
-    const int nvalid = active ? min(U, st.tok_end - u0) : 0;
-    consume_unit<T, GB, U, VEC, S::TPR>(kr, [&](int j) { return vr[j]; }, nvalid, qv, m, l,
-                                        acc);
-  }
-  __shared__ float sm_acc[R * GB * D];
-  __shared__ float sm_ml[2 * R * GB];
-  st.template merge<DIRECT>(m, l, acc, sm_acc, sm_ml, out, opart, lse, counters);
-}
-
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
@@ -165,7 +117,7 @@ __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// consume_unit with the row-group reduction through shared memory ("xred"): TPR = 8 or 16
+// consume_unit with the row-group reduction through shared memory ("lean"): TPR = 8 or 16
 // lanes per K row (D = 64 or 128, 16-bit K/V), U = 4 tokens, N = GB * U scores per unit with
 // N a multiple of TPR (GB in {2, 4} at D 64, 4 at D 128), N / TPR of them per lane.  Each
 // lane writes its N partial dot products to scratch, then sums the TPR partials of the
@@ -175,13 +127,11 @@ __device__ __forceinline__ void cp_wait() {
 // and lane and GB*U exp2 per lane: N/TPR reductions and N/TPR exp2 per lane.
 // Scratch: the warp's K vectors of the current ring stage (all read before; __syncwarp),
 // U pieces of 128 floats `pstride` floats apart, N*TPR floats per row group; slots are
-// rotated by the row group so the 32 lanes of a warp hit 32 banks.  Same online softmax
-// as consume_unit.  SWZ ("lean"): the slots are swizzled by XOR with the row group instead
-// (slot s at s ^ rgw: the same banks apart), so each of the N partial stores is one of four
-// per-thread pointers (by s & 3) plus a compile-time offset; the rotation modulo N cost
-// about 4 integer instructions per store, and by its instruction count the loop is close
-// to issue-bound (ninth session: 822 -> 685 SASS instructions per loop iteration with the
-// "lean" changes; docs/benchmarks/cuda-attention.md).
+// swizzled by XOR with the row group (slot s at s ^ rgw) so the 32 lanes of a warp hit 32
+// banks, and each of the N partial stores is one of four per-thread pointers (by s & 3)
+// plus a compile-time offset (a rotation modulo N, the first form "xred", cost about 4
+// integer instructions per store: 822 -> 685 SASS instructions per loop iteration with the
+// "lean" changes; docs/adr/0004-cuda-kernel.md).  Same online softmax as consume_unit.
 template <int GB>
 __device__ __forceinline__ float pick(const float (&a)[GB], int i) {
   float r = a[0];
@@ -190,36 +140,29 @@ __device__ __forceinline__ float pick(const float (&a)[GB], int i) {
   return r;
 }
 
-template <typename T, int GB, int U, int VEC, int TPR, bool SWZ, typename VRow>
+template <typename T, int GB, int U, int VEC, int TPR, typename VRow>
 __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, int nvalid,
                                                const float (&qv)[GB][VEC], float (&m)[GB],
                                                float (&l)[GB], float (&acc)[GB][VEC],
                                                float* wscr, int pstride, int lane, int rgw) {
   constexpr int N = GB * U, PPL = N / TPR, QPL = TPR / U;
   static_assert(U == 4 && VEC == 8 && (TPR == 8 || TPR == 16) && N % TPR == 0 &&
-                    (32 / TPR) * N * TPR <= U * 128, "xred: D 64 / 128, 16-bit, GB * 4 % TPR");
+                    (32 / TPR) * N * TPR <= U * 128, "lean: D 64 / 128, 16-bit, GB * 4 % TPR");
   const int area = rgw * N * TPR;  // this row group's first float in the warp's scratch
   auto at = [&](int f) -> float* {
     const int x = area + f;
     return wscr + (x >> 7) * pstride + (x & 127);
   };
-  // the position of slot sl (rotated, or swizzled by XOR)
-  auto slot = [&](int sl) { return SWZ ? (sl ^ rgw) : (sl + rgw) % N; };
-  if constexpr (SWZ) {
-    // slot sl = 4a + b sits at wp[b] + 4a * TPR floats (offsets inside a row group's area
-    // never cross a piece from wp[b]: lane + b' * TPR < 4 * TPR and 4a * TPR is a multiple)
-    float* wp[4];
+  auto slot = [&](int sl) { return sl ^ rgw; };  // the position of slot sl
+  // slot sl = 4a + b sits at wp[b] + 4a * TPR floats (offsets inside a row group's area
+  // never cross a piece from wp[b]: lane + b' * TPR < 4 * TPR and 4a * TPR is a multiple)
+  float* wp[4];
 #pragma unroll
-    for (int b = 0; b < 4; ++b) wp[b] = at(lane + (b ^ rgw) * TPR);
-    partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
-      const int sl = g * U + j, hi = (sl & ~3) * TPR;
-      wp[sl & 3][(hi >> 7) * pstride + (hi & 127)] = d;
-    });
-  } else {
-    partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
-      *at(slot(g * U + j) * TPR + lane) = d;
-    });
-  }
+  for (int b = 0; b < 4; ++b) wp[b] = at(lane + (b ^ rgw) * TPR);
+  partial_scores<T, GB, U, VEC>(kr, qv, [&](int g, int j, float d) {
+    const int sl = g * U + j, hi = (sl & ~3) * TPR;
+    wp[sl & 3][(hi >> 7) * pstride + (hi & 127)] = d;
+  });
   __syncwarp();
   const int qd = lane / U;  // owned score k is head qd + QPL * k, token lane % U
   float s[PPL], mn[PPL];
@@ -269,12 +212,12 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
   accumulate_v<T, GB, U, VEC>(vrow, nvalid, p, acc);
 }
 
-// Variant 2: an ST-stage cp.async pipeline per thread.  Each thread copies its own 16-byte
+// An ST-stage cp.async pipeline per thread.  Each thread copies its own 16-byte
 // vectors of unit it+ST-1 into shared memory while it computes unit it, and reads back
 // only what it copied itself, so no block barrier is needed inside the loop.  Block ids
 // are loaded one unit further ahead.  smem: dynamic, max(ST*2*U*NT*16, merge) bytes.
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
-          int ST, bool DIRECT, bool XRED = false, bool LEAN = false>
+          int ST, bool DIRECT, bool LEAN = false>
 __device__ __forceinline__ void pooled_decode_async(
     const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
     const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
@@ -283,12 +226,9 @@ __device__ __forceinline__ void pooled_decode_async(
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0 && ST >= 2, "bad tiling");
   S st;
-  SLABSERVE_MARK(4);
   if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
-  SLABSERVE_MARK(5);
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
-  SLABSERVE_MARK_AFTER(6, qv[GB - 1][VEC - 1]);
   const int* trow = table + (size_t)st.b * nblk;
   const int span = R * U;
   const int first = st.tok_begin + st.warp * RW * U + st.rgw * U;  // this row group's unit 0
@@ -324,13 +264,11 @@ __device__ __forceinline__ void pooled_decode_async(
 #pragma unroll
   for (int p = 0; p < ST - 1; ++p) issue(p, blk_of(p));
   int blk_next = blk_of(ST - 1);
-  SLABSERVE_MARK(1);
   for (int it = 0; it < n_it; ++it) {  // n_it is warp-uniform: shuffles stay converged
     const int blk_cur = blk_next;
     blk_next = blk_of(it + ST);
     issue(it + ST - 1, blk_cur);
     cp_wait<ST - 1>();
-    if (it == 0) SLABSERVE_MARK(2);
     const uint4* src = smem + (it % ST) * 2 * U * NT + tid;
     uint4 kr[U];
 #pragma unroll
@@ -338,16 +276,15 @@ __device__ __forceinline__ void pooled_decode_async(
     const int u0 = first + it * span;
     const int nvalid = u0 < st.tok_end ? min(U, st.tok_end - u0) : 0;
     auto vrow = [&](int j) { return src[(U + j) * NT]; };
-    if constexpr (XRED) {  // scratch: the warp's K vectors of the stage (all read)
+    if constexpr (LEAN) {  // scratch: the warp's K vectors of the stage (all read)
       __syncwarp();
       float* wscr = reinterpret_cast<float*>(smem + (it % ST) * 2 * U * NT + st.warp * 32);
-      consume_unit_x<T, GB, U, VEC, S::TPR, LEAN>(kr, vrow, nvalid, qv, m, l, acc, wscr, NT * 4,
+      consume_unit_x<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc, wscr, NT * 4,
                                             st.lane, st.rgw);
     } else {
       consume_unit<T, GB, U, VEC, S::TPR>(kr, vrow, nvalid, qv, m, l, acc);
     }
   }
-  SLABSERVE_MARK(3);
   cp_wait<0>();
   __syncthreads();  // the stage buffers are reused by the merge
   float* sm_acc = reinterpret_cast<float*>(smem);

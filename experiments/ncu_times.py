@@ -1,15 +1,17 @@
-"""Summarise ``ncu --metrics gpu__time_duration.sum --csv`` output of ``bench.ncu_cell``:
-per kernel name (shortened), the launches and their median duration in microseconds, in
-the order first seen.  ``python -m slabserve.bench.ncu_times FILE.csv``"""
+"""Summarise ``ncu --metrics gpu__time_duration.sum --csv`` output of
+``experiments.ncu_cell``: per kernel name (shortened), the launches and their median
+duration in microseconds, in the order first seen.  ``python -m experiments.ncu_times
+FILE.csv`` (no GPU needed)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
-import sys
 
 
 def summarise(lines: list[str]) -> list[tuple[str, int, float]]:
+    """(kernel name, launches, median us) per kernel of ncu's CSV ``lines``."""
     start = next((i for i, s in enumerate(lines) if s.startswith('"ID"')), None)
     if start is None:
         return []
@@ -26,7 +28,10 @@ def summarise(lines: list[str]) -> list[tuple[str, int, float]]:
 
 
 def main(argv=None) -> int:
-    path = (argv or sys.argv[1:])[0]
+    ap = argparse.ArgumentParser(prog="python -m experiments.ncu_times",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", help="ncu --csv output")
+    path = ap.parse_args(argv).csv
     with open(path, errors="replace") as f:
         rows = summarise(f.read().splitlines())
     for name, n, us in rows:

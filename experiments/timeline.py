@@ -1,6 +1,8 @@
 """Where a chained layer's time goes on the GPU: a kernel timeline of the per-layer table.
 
-``python -m slabserve.bench.timeline --cells 8:16384,8:4096 --natives auto3 [--layers 16]``
+``python -m experiments.timeline --cells 8:16384,8:4096 --natives auto [--layers 16]``
+(from the repository root; on the GPU machine with ``PYTHONPATH=$PWD:/tmp/site``; needs
+PyTorch with CUDA for its profiler).
 
 Runs the same chain as ``bench.cuda_kernel --table`` (16 layers in one graph, built before
 ``mx.eval``) for each native and for MLX SDPA on contiguous K/V, under PyTorch's profiler
@@ -28,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+
 from slabserve.bench.cuda_kernel import (
     chain,
     cuda_args,
@@ -129,9 +132,9 @@ def cell_timeline(b: int, ctx: int, layers: int, natives: dict, reps: int,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.timeline")
+    ap = argparse.ArgumentParser(prog="python -m experiments.timeline")
     ap.add_argument("--cells", default="8:16384,8:4096,16:4096,4:16384,1:32768")
-    ap.add_argument("--natives", default="auto3")
+    ap.add_argument("--natives", default="auto")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunks", default="", help="also these forced chunk counts")

@@ -2,9 +2,9 @@
 
 ``ncu --kernel-name regex:slabserve_pooled --launch-skip 2 --launch-count 1 --section
 SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis
-python -m slabserve.bench.ncu_cell --natives async3,mma3 --batch 8 --ctx 16384``
-(bench/gpu/kernel.sh ``ncu`` runs it; ``ncutime`` times every kernel at the GPU's own clocks
-with ``--sdpa``).  Each native runs ``--reps`` times on the same
+python -m experiments.ncu_cell --natives lean,mma --batch 8 --ctx 16384`` from the
+repository root (experiments/gpu_kernel.sh ``ncu`` runs it; ``ncutime`` times every kernel
+at the GPU's own clocks with ``--sdpa``).  Each native runs ``--reps`` times on the same
 shuffled multi-slab pool (32/8/64 fp16, block 16) as the per-layer table.
 """
 
@@ -14,18 +14,21 @@ import argparse
 import math
 
 import mlx.core as mx
-from slabserve.bench.cuda_kernel import make_case, make_natives
+
+from slabserve.bench.cuda_kernel import cuda_args, make_case, make_natives
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.ncu_cell")
-    ap.add_argument("--natives", default="async3")
+    ap = argparse.ArgumentParser(prog="python -m experiments.ncu_cell")
+    ap.add_argument("--natives", default="auto", help="bench.cuda_kernel --natives names")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--sdpa", action="store_true",
                     help="then MLX SDPA on contiguous K/V of the same shape (the peer)")
-    a = ap.parse_args(argv)
+    a = cuda_args(ap, argv)
+    if a is None:
+        return 1
     pool, batch, q = make_case([a.ctx] * a.batch, 32, 8, 64, 16, mx.float16, 4096)
     scale = 1.0 / math.sqrt(64)
     for name, nat in make_natives(a.natives).items():

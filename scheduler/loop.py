@@ -1,4 +1,4 @@
-"""The asyncio front: ``AsyncEngine`` over a ``Scheduler`` and an ``Executor``.
+"""The asyncio front: ``ServingLoop`` over a ``Scheduler`` and an ``Executor``.
 
 Threads: the event loop only queues commands (add, abort) and reads deltas; one
 dedicated engine thread owns the scheduler and the executor and runs
@@ -26,19 +26,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from slabserve.engine.step import Executor
 from slabserve.scheduler.api import (
     ATTENTION_PATHS,
-    AsyncEngine,
     AttentionPath,
     Delta,
-    EngineStats,
     Request,
     RequestError,
+    ServingLoop,
+    ServingStats,
 )
-from slabserve.scheduler.executor import Executor
 from slabserve.scheduler.output import OutputStream
-from slabserve.scheduler.plan import SeqUpdate
-from slabserve.scheduler.scheduler import Scheduler
+from slabserve.scheduler.scheduler import Scheduler, SeqUpdate
 
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None
@@ -75,7 +74,7 @@ class _Live:
         self.out = out
 
 
-class AsyncLLMEngine(AsyncEngine):
+class ThreadedServingLoop(ServingLoop):
     """See the module docstring.  ``tokenizer`` (mlx-lm ``TokenizerWrapper``) gives
     streaming detokenization; without one, deltas carry token ids and empty text."""
 
@@ -163,9 +162,9 @@ class AsyncLLMEngine(AsyncEngine):
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> ServingStats:
         s, a = self.scheduler, self.scheduler.allocator
-        return EngineStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
+        return ServingStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
                            s.preemptions, s.prompt_tokens, s.generated_tokens,
                            self.integrity_checks, self.integrity_failures)
 
@@ -186,6 +185,9 @@ class AsyncLLMEngine(AsyncEngine):
 
     def attention_path(self) -> AttentionPath | None:
         return self.executor.attention_path()
+
+    def attention_path_counts(self) -> dict[tuple[str, str], int]:
+        return self.executor.attention_path_counts()
 
     async def set_attention_path(self, path: AttentionPath) -> AttentionPath:
         if path not in ATTENTION_PATHS:

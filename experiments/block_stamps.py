@@ -1,10 +1,12 @@
 """Where a launch of the native split kernel spends its time, block by block (CUDA only).
 
-``python -m slabserve.bench.block_stamps --cells 8:1024:8,8:4096:8,8:16384:8 [--layers 16]``
+``python -m experiments.block_stamps --cells 8:1024:8,8:4096:8,8:16384:8 [--layers 16]``
+(from the repository root; on the GPU machine with ``PYTHONPATH=$PWD:/tmp/site``).
 
-Cells are ``B:ctx:chunks`` (chunks 0: the plan's).  The async / xred kernel is built with
-timing marks (``SLABSERVE_MARK`` in attention/kernels/pooled_decode.cu, empty in the
-served kernel): thread 0 of every block reads the GPU's global timer (ns) at the block's
+Cells are ``B:ctx:chunks`` (chunks 0: the plan's).  The FMA kernel (``pooled_decode_async``:
+variants async and lean) is built with timing marks that ``instrument`` writes into a copy
+of the shipped source at fixed places (``MARKS_AT``; the served kernel has none): thread 0
+of every block reads the GPU's global timer (ns) at the block's
 start, at each step of its prologue (``summarize_launch``), when its first stage of K/V
 arrived, after its token loop and at its end (after the block's merge), and its
 multiprocessor id.  The layers run chained as in ``bench.cuda_kernel --table``; launches
@@ -32,10 +34,11 @@ import statistics
 
 import mlx.core as mx
 import numpy as np
+
 from slabserve.attention.native_cuda import NativeCUDA
 from slabserve.bench.cuda_kernel import cuda_args, int_cells, make_case
 
-MARKS = 8  # SLABSERVE_MARK slots (attention/kernels/pooled_decode.cu's; 0: block start)
+MARKS = 8  # SLABSERVE_MARK slots (0: block start; the others: MARKS_AT)
 FIELDS = MARKS + 2  # per block: the marks, then its end and its SM id
 
 PRELUDE = f"#define SLABSERVE_STAMP_MARKS {MARKS}\n" + r"""namespace slabserve {
@@ -51,6 +54,44 @@ __device__ __forceinline__ unsigned long long gtimer() {
 #define SLABSERVE_MARK_AFTER(k, x) \
   do { asm volatile("" ::"f"(x)); SLABSERVE_MARK(k); } while (0)
 """
+
+# (text of pooled_decode_async in attention/kernels/pooled_decode.cu, the same with its
+# marks): 4 entry, 5 lengths read, 6 q read, 1 first stages issued, 2 first stage in,
+# 3 loop done.  Each text must occur exactly once (tests/test_block_stamps.py checks it).
+MARKS_AT = [
+    ("  S st;\n  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, "
+     "out)) return;\n  float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];\n"
+     "  st.load_q(q, qscale, qv, m, l, acc);\n",
+     "  S st;\n  SLABSERVE_MARK(4);\n  if (!st.template begin<BS, DIRECT>(lengths, nblk, "
+     "opart, lse, counters, out)) return;\n  SLABSERVE_MARK(5);\n"
+     "  float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];\n"
+     "  st.load_q(q, qscale, qv, m, l, acc);\n  SLABSERVE_MARK_AFTER(6, qv[GB - 1][VEC - 1]);\n"),
+    ("  int blk_next = blk_of(ST - 1);\n  for (int it = 0; it < n_it; ++it) {  // n_it is "
+     "warp-uniform: shuffles stay converged\n",
+     "  int blk_next = blk_of(ST - 1);\n  SLABSERVE_MARK(1);\n  for (int it = 0; it < n_it; "
+     "++it) {  // n_it is warp-uniform: shuffles stay converged\n"),
+    ("    cp_wait<ST - 1>();\n    const uint4* src = smem + (it % ST) * 2 * U * NT + tid;\n",
+     "    cp_wait<ST - 1>();\n    if (it == 0) SLABSERVE_MARK(2);\n"
+     "    const uint4* src = smem + (it % ST) * 2 * U * NT + tid;\n"),
+    ("  cp_wait<0>();\n  __syncthreads();  // the stage buffers are reused by the merge\n",
+     "  SLABSERVE_MARK(3);\n  cp_wait<0>();\n"
+     "  __syncthreads();  // the stage buffers are reused by the merge\n"),
+]
+FINISH_INLINE = "__device__ __forceinline__ void finish_split("
+
+
+def instrument(header: str, finish_noinline: bool = False) -> str:
+    """The kernel header with PRELUDE before it and the marks of MARKS_AT in it;
+    ``finish_noinline``: the fused kernel's last-block merge (``finish_split``) as a call.
+    ValueError when the shipped source no longer has a text where a mark goes."""
+    patches = [*MARKS_AT]
+    if finish_noinline:
+        patches.append((FINISH_INLINE, FINISH_INLINE.replace("__forceinline__", "__noinline__")))
+    for old, new in patches:
+        if header.count(old) != 1:
+            raise ValueError(f"kernel source changed: {old.strip()[:60]!r} not found once")
+        header = header.replace(old, new)
+    return PRELUDE + header
 
 HEAD = r"""  if (threadIdx.x == 0) {
     for (int k = 1; k < SLABSERVE_STAMP_MARKS; ++k) ::slabserve::stamp_marks[k] = 0;
@@ -78,8 +119,10 @@ class StampedCUDA(NativeCUDA):
     launch order, while the graph is built) and to return the outputs NativeCUDA expects."""
 
     def __init__(self, gpu_meta: bool = False, spare_input: bool = False,
-                 finish_noinline: bool = False, **kw) -> None:
+                 finish_noinline: bool = False, stages: int | None = None, **kw) -> None:
         super().__init__(**kw)
+        if stages is not None:
+            self.stages = stages  # cp.async ring depth (the shipped one: STAGES)
         self.stamps: list[mx.array] = []
         self.gpu_meta = gpu_meta  # table and lengths as copies written by a GPU kernel
         # the split kernel takes one more (unused) int32 input, as the fused one takes its
@@ -97,8 +140,7 @@ class StampedCUDA(NativeCUDA):
         return hit[1]
 
     def _header(self, variant: str) -> str:
-        noinline = "#define SLABSERVE_FINISH_INLINE __noinline__\n" if self.finish_noinline else ""
-        return PRELUDE + noinline + super()._header(variant)
+        return instrument(super()._header(variant), self.finish_noinline)
 
     def _body(self, kind: str, ns: int, variant: str, scale: float = 1.0, sb: int = 0) -> str:
         body = super()._body(kind, ns, variant, scale, sb)
@@ -244,14 +286,14 @@ def persistence(raw: list[np.ndarray]) -> dict:
 
 
 def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: bool,
-                same_layer: bool = False, contiguous: bool = False, stages: int = 3,
+                same_layer: bool = False, contiguous: bool = False, stages: int | None = None,
                 gpu_meta: bool = False, spare_input: bool = False,
                 finish_noinline: bool = False, sm_report: bool = False,
                 gap_op: bool = False, variant: str = "auto") -> dict:
     """``same_layer``: every layer reads layer 0's K/V; ``contiguous``: tables of
     consecutive blocks (default shuffled over the slab, as the table); ``gap_op``: a tiny
     kernel (a negation of the layer's output) between layers, as the merge launch is
-    between split launches."""
+    between split launches; ``stages``: the cp.async ring depth (None: the shipped one)."""
     pool, batch, q = make_case([ctx] * b, 32, 8, 64, 16, mx.float16, 4096,
                                layers=1 if same_layer else layers, contiguous=contiguous)
     scale = 1.0 / math.sqrt(64)
@@ -279,7 +321,7 @@ def cell_stamps(b: int, ctx: int, chunks: int, layers: int, evals: int, fused: b
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slabserve.bench.block_stamps")
+    ap = argparse.ArgumentParser(prog="python -m experiments.block_stamps")
     ap.add_argument("--cells", default="8:1024:8,8:4096:8,8:16384:8,8:4096:16,1:32768:0")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--evals", type=int, default=3)
@@ -287,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--same-layer", action="store_true",
                     help="every layer reads layer 0's K/V (warm translations)")
     ap.add_argument("--contiguous", action="store_true", help="tables of consecutive blocks")
-    ap.add_argument("--stages", type=int, default=3, help="cp.async ring depth")
+    ap.add_argument("--stages", type=int, default=None,
+                    help="cp.async ring depth (default: the shipped one)")
     ap.add_argument("--gpu-meta", action="store_true",
                     help="table and lengths as copies written by a GPU kernel")
     ap.add_argument("--spare-input", action="store_true",
@@ -298,7 +341,8 @@ def main(argv=None) -> int:
                     help="a tiny kernel between layers (as the merge is between splits)")
     ap.add_argument("--finish-noinline", action="store_true",
                     help="the fused kernel's last-block merge as a call, not inlined")
-    ap.add_argument("--variant", default="auto", help="NativeCUDA's variant (auto, lean, ...)")
+    ap.add_argument("--variant", default="auto",
+                    help="NativeCUDA's variant (auto, lean, async; mma has no marks)")
     a = cuda_args(ap, argv)
     if a is None:
         return 1

@@ -1,9 +1,10 @@
-"""``slabserve serve``: flags -> frozen configs (``ServerConfig``, ``EngineConfig``), build
-the engine, serve the app with uvicorn; SIGTERM/SIGINT drain gracefully and exit 0.
+"""``slabserve serve``: flags and environment -> frozen configs (``ServerConfig``,
+``ServeConfig``), build the serving loop, serve the app with uvicorn; SIGTERM/SIGINT
+drain gracefully and exit 0.
 
 Shutdown: the first signal stops admitting (new requests get 503 ``shutting_down``,
 ``/ready`` turns 503) and gives in-flight requests ``--shutdown-timeout`` seconds; the
-engine then ends the rest (their streams get a last chunk with ``finish_reason: abort``
+serving loop then ends the rest (their streams get a last chunk with ``finish_reason: abort``
 and ``[DONE]``), uvicorn closes the connections and the process exits 0.  A second
 signal exits at once.
 """
@@ -20,6 +21,8 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+
+from slabserve import env
 from slabserve.server.config import ServerConfig
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -71,12 +74,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-budget", type=size, default=1 << 30, help="bytes (e.g. 2G)")
     g.add_argument("--initial-slabs", type=int, default=1)
     g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    g.add_argument("--cache-limit", type=size, default=None, help="MLX buffer cache limit")
+    g.add_argument("--cache-limit", type=size, default=None, help="MLX buffer cache limit "
+                   "(default SLABSERVE_MLX_CACHE_LIMIT, else a quarter of memory on CPU)")
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-running", type=int, default=64)
     g.add_argument("--max-queued", type=int, default=256)
     g.add_argument("--max-step-tokens", type=int, default=None,
-                   help="tokens per engine step (default 512 on CPU; on a GPU room for 8 "
+                   help="tokens per serving step (default 512 on CPU; on a GPU room for 8 "
                         "prefill chunks beside max-running decodes)")
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="most prompt tokens of one sequence per step (default 256 on CPU, "
@@ -111,18 +115,21 @@ def _gpu() -> bool:
     return mx.default_device().type == mx.gpu
 
 
-def _tristate(choice: str | None) -> bool | None:
-    """``on`` -> True, ``off`` -> False, ``auto`` or None -> None (the environment)."""
-    return {"on": True, "off": False}.get(choice or "auto")
+def _switch(choice: str | None, from_env: bool | None) -> bool:
+    """A flag ``on``/``off`` wins; ``auto`` or no flag takes the environment's value, and
+    unset there means on (the feature still applies only where it can)."""
+    flag = {"on": True, "off": False}.get(choice or "auto")
+    if flag is not None:
+        return flag
+    return from_env is not False
 
 
 def configs(args: argparse.Namespace):
-    """(ServerConfig, EngineConfig) from parsed flags; ValueError when invalid."""
-    from slabserve.engine.build import EngineConfig
+    """(ServerConfig, ServeConfig) from parsed flags and the environment (read here, once);
+    ValueError when invalid."""
+    from slabserve.build import ServeConfig
     from slabserve.engine.config import CacheConfig, RunnerConfig
     from slabserve.scheduler.config import SchedulerConfig
-
-    from slabserve import env
 
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or env.api_key(),
@@ -137,15 +144,27 @@ def configs(args: argparse.Namespace):
         max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,
         prefill_align=args.prefill_align, max_context=args.max_context,
         watermark_blocks=args.watermark_blocks)
-    engine = EngineConfig(model=args.model, dtype=args.dtype, cache=cache,
-                          runner=RunnerConfig(prefill_chunk=sched.prefill_chunk,
-                                              prefill_kv_bucket=args.prefill_kv_bucket,
-                                              dispatch_every=args.dispatch_every,
-                                              host_math=_tristate(args.host_math),
-                                              linear_layout=_tristate(args.linear_layout)),
-                          scheduler=sched, cache_limit_bytes=args.cache_limit,
-                          served_name=args.served_model_name)
-    return server, engine
+    bucket = args.prefill_kv_bucket
+    runner = RunnerConfig(
+        prefill_kv_bucket=env.prefill_kv_bucket() if bucket is None else bucket,
+        dispatch_every=args.dispatch_every,
+        host_math=_switch(args.host_math, env.host_math()),
+        linear_layout=_switch(args.linear_layout, env.linear_layout()))
+    limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
+    serving = ServeConfig(model=args.model, dtype=args.dtype, cache_dir=env.cache_dir(),
+                          cache=cache, runner=runner, scheduler=sched,
+                          mlx_cache_limit_bytes=limit, served_name=args.served_model_name)
+    return server, serving
+
+
+def make_selector():
+    """The decode-path selector from the environment: override
+    (``SLABSERVE_PAGED_ATTENTION_NATIVE``), trace path, and this device's profile."""
+    from slabserve.attention import Selector
+    from slabserve.attention.profile import load_for_device
+
+    return Selector(env.paged_attention_native(), load_for_device(env.cache_dir()),
+                    env.attention_trace_path())
 
 
 class DrainingServer(uvicorn.Server):
@@ -188,23 +207,24 @@ class DrainingServer(uvicorn.Server):
         task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
-def calibrate(engine_cfg, engine) -> None:
+def calibrate(serve_cfg, serving) -> None:
     """``--calibrate``: the short attention grid for the served model's geometry, merged
-    into this device's profile and installed in the process's selector."""
-    from slabserve.attention.calibrate import calibrate_startup, model_geometry
+    into this device's profile and installed in the runner's selector."""
+    from slabserve.attention.calibrate import calibrate_startup
+    from slabserve.calibrate import model_geometry
 
-    from slabserve import env
-
-    q_heads = model_geometry(engine_cfg.model, engine_cfg.dtype)[0]
+    q_heads = model_geometry(serve_cfg.model, serve_cfg.dtype)[0]
     log = logging.getLogger("slabserve.calibrate")
     log.info("calibrating decode attention (short grid)...")
-    calibrate_startup(q_heads, engine.executor.runner.geom, env.cache_dir(), log=log.info)
+    runner = serving.executor.runner
+    calibrate_startup(q_heads, runner.geom, serve_cfg.cache_dir, runner.attention.selector,
+                      log=log.info)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        server_cfg, engine_cfg = configs(args)
+        server_cfg, serve_cfg = configs(args)
     except ValueError as e:
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
@@ -213,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("slabserve.server").warning(
             "binding %s without an API key: anyone who can reach it can use it "
             "(set --api-key or SLABSERVE_API_KEY)", server_cfg.host)
-    from slabserve.engine.build import build_engine
+    from slabserve.build import build_serving
     from slabserve.server.app import create_app
 
-    engine = build_engine(engine_cfg)
+    serving = build_serving(serve_cfg, make_selector())
     if args.calibrate:
-        calibrate(engine_cfg, engine)
-    app = create_app(engine, server_cfg)
+        calibrate(serve_cfg, serving)
+    app = create_app(serving, server_cfg)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
                             log_level=server_cfg.log_level, lifespan="on",
                             timeout_graceful_shutdown=int(server_cfg.shutdown_timeout) + 10)

@@ -1,7 +1,7 @@
-"""slabserve.bench.timeline's trace arithmetic on a synthetic Chrome trace (the profiling itself needs
-CUDA and PyTorch)."""
+"""experiments.timeline's trace arithmetic on a synthetic Chrome trace (the profiling
+itself needs CUDA and PyTorch)."""
 
-from slabserve.bench.timeline import _median_per_layer, summarize
+from experiments.timeline import _median_per_layer, summarize
 
 
 def _x(name, cat, ts, dur):

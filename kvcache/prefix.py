@@ -1,0 +1,205 @@
+"""Automatic prefix caching: block keys (a hash chain) and the index of cached blocks.
+
+Pure Python, no MLX.  The ``BlockAllocator`` owns one ``PrefixIndex`` (when built with
+``enable_caching=True``); callers compute keys with ``block_keys`` and talk to the
+allocator (``lookup`` / ``retain`` / ``register`` / ``free``), never to the index.
+
+Keys.  Only FULL blocks are keyed.  Full block ``i`` of a sequence has the key
+
+    key_i    = H(key_{i-1} || tokens_i)        tokens_i: its ``block_size`` token ids as
+    key_{-1} = root_key(salt)                  native int64 (``array('q').tobytes()``)
+
+with ``H`` = BLAKE2b with a 16-byte digest, so ``key_i`` digests the salt and every
+token of blocks ``0..i``: two sequences share ``key_i`` iff they share the salt and the
+first ``(i + 1) * block_size`` tokens (barring a 128-bit collision).  ``cache_salt``
+(per request, optional) only seeds the root, so tenants with different salts never share
+a key; ``None`` (no salt) and ``""`` are different salts.  Keys are process-local (native
+byte order, never persisted).
+
+Collisions.  A hit does not trust the digest alone: the index stores, per cached block,
+its token ids and its parent key (the previous block's key; ``None`` for a sequence's
+first block) and ``lookup`` walks the chain from block 0, accepting block ``i`` only if
+its stored tokens equal the caller's ``tokens_i`` and its stored parent equals the
+caller's ``key_{i-1}`` (``None`` for ``i == 0``).  So a block computed under a different
+prefix is returned only if its parent key equals ours although the prefixes differ:
+somewhere down the parent chain (salt included) two different inputs gave one BLAKE2b
+digest, a 128-bit collision (about n^2 / 2^129 for n keys ever made).  A colliding
+digest alone (``key_i`` equal, tokens or parent different) gives a miss, never a wrong
+block: tests/test_prefix_cache.py forces every digest equal and checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple, NewType
+
+BlockKey = NewType("BlockKey", bytes)
+
+DIGEST_BYTES = 16
+_DOMAIN = b"slabserve/prefix-cache/v1"
+
+
+def _digest(data: bytes) -> bytes:
+    """The chain's hash ``H`` (tests monkeypatch it to force collisions)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def root_key(salt: str | None = None) -> BlockKey:
+    """``key_{-1}``: the parent of a sequence's first block, seeded by the cache salt."""
+    if salt is None:
+        return BlockKey(_digest(_DOMAIN))
+    return BlockKey(_digest(_DOMAIN + b"\x00salt\x00" + salt.encode("utf-8")))
+
+
+def block_keys(
+    tokens: Sequence[int],
+    block_size: int,
+    salt: str | None = None,
+    parent: BlockKey | None = None,
+) -> list[BlockKey]:
+    """Keys of the full blocks of ``tokens`` (a trailing partial block gets none).
+
+    ``parent`` None: ``tokens`` start a sequence (block 0), chained from
+    ``root_key(salt)``.  Incremental use: ``parent`` = the key of the last full block
+    already keyed and ``tokens`` = the tokens after it; ``salt`` is then ignored (the
+    parent already carries it).  So ``block_keys(a + b, bs, salt)`` equals
+    ``ka + block_keys(b, bs, parent=ka[-1])`` with ``ka = block_keys(a, bs, salt)`` when
+    ``len(a)`` is a multiple of ``bs``.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    n = len(tokens) // block_size
+    if n == 0:
+        return []
+    data = array("q", tokens[: n * block_size]).tobytes()
+    step = 8 * block_size
+    key = root_key(salt) if parent is None else parent
+    digest = _digest
+    out: list[BlockKey] = []
+    for start in range(0, n * step, step):
+        key = digest(key + data[start : start + step])
+        out.append(key)
+    return out
+
+
+def block_tokens(tokens: Sequence[int], block_size: int) -> list[tuple[int, ...]]:
+    """The token ids of each full block of ``tokens`` (what ``lookup`` / ``register``
+    compare), aligned with ``block_keys(tokens, block_size, ...)``."""
+    n = len(tokens) // block_size
+    return [tuple(tokens[i * block_size : (i + 1) * block_size]) for i in range(n)]
+
+
+class CachedBlock(NamedTuple):
+    """What the index knows of a cached block: enough to verify a hit."""
+
+    key: BlockKey
+    parent: BlockKey | None  # the previous block's key; None for a sequence's first block
+    tokens: tuple[int, ...]
+
+
+class PrefixIndex:
+    """Cached blocks by key, and the least-recently-used order of the evictable ones.
+
+    Owned by ``BlockAllocator``, which alone knows refcounts: it calls ``park`` when a
+    cached block's refcount drops to 0 and ``unpark`` when it rises from 0.
+
+    Invariants (``check``): ``key -> block`` and ``block -> entry.key`` are inverse
+    bijections between cached keys and cached blocks; evictable blocks are cached.
+    """
+
+    def __init__(self) -> None:
+        self._block_of: dict[BlockKey, int] = {}
+        self._entry: dict[int, CachedBlock] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, oldest first
+        self.evictions = 0
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._entry)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._lru)
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._entry
+
+    def is_evictable(self, block: int) -> bool:
+        return block in self._lru
+
+    def entry(self, block: int) -> CachedBlock | None:
+        return self._entry.get(block)
+
+    def match(
+        self, keys: Sequence[BlockKey], tokens_per_block: Sequence[Sequence[int]]
+    ) -> list[int]:
+        """Blocks of the longest verified cached prefix of ``keys`` (module docstring)."""
+        if len(keys) != len(tokens_per_block):
+            raise ValueError("keys and tokens_per_block differ in length")
+        out: list[int] = []
+        parent: BlockKey | None = None
+        for key, toks in zip(keys, tokens_per_block, strict=True):
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            e = self._entry[block]
+            if e.parent != parent or e.tokens != tuple(toks):
+                break
+            out.append(block)
+            parent = key
+        return out
+
+    def add(
+        self, block: int, key: BlockKey, tokens: Sequence[int], parent: BlockKey | None
+    ) -> bool:
+        """Cache ``block`` (in use) under ``key``; False, changing nothing, if ``key`` is
+        already cached with another block."""
+        toks = tuple(tokens)
+        old = self._entry.get(block)
+        if old is not None:
+            if old != (key, parent, toks):
+                raise ValueError(f"block {block} is already cached with other contents")
+            return True
+        if key in self._block_of:
+            return False
+        self._block_of[key] = block
+        self._entry[block] = CachedBlock(key, parent, toks)
+        return True
+
+    def park(self, block: int) -> None:
+        """``block`` (cached) lost its last reference: it becomes the most recent
+        evictable block."""
+        self._lru[block] = None
+
+    def unpark(self, block: int) -> None:
+        """``block`` (evictable) gained a reference: it is no longer evictable."""
+        del self._lru[block]
+
+    def evict(self) -> int:
+        """Uncache the least recently parked block and return it (now free)."""
+        block, _ = self._lru.popitem(last=False)
+        self._drop(block)
+        self.evictions += 1
+        return block
+
+    def drop_evictable(self) -> list[int]:
+        """Uncache every evictable block (not counted as evictions); return them."""
+        out = list(self._lru)
+        self._lru.clear()
+        for block in out:
+            self._drop(block)
+        return out
+
+    def _drop(self, block: int) -> None:
+        del self._block_of[self._entry.pop(block).key]
+
+    def check(self) -> None:
+        """Raise AssertionError on a broken invariant (class docstring)."""
+        assert len(self._block_of) == len(self._entry), "keys and cached blocks differ"
+        for block, e in self._entry.items():
+            assert self._block_of.get(e.key) == block, f"block {block}: key maps elsewhere"
+        for block in self._lru:
+            assert block in self._entry, f"evictable block {block} is not cached"
