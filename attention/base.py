@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import mlx.core as mx
+
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool
 

@@ -4,6 +4,7 @@ with a mask for ragged lengths.  Portable: runs on every backend, declines nothi
 from __future__ import annotations
 
 import mlx.core as mx
+
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.kvcache.pool import SlabPool
 

@@ -25,6 +25,7 @@ from enum import Enum
 
 import mlx.core as mx
 import numpy as np
+
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.kvcache.pool import SlabPool
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+
 from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams
 from slabserve.attention.native_cuda import NativeCUDA
 

@@ -59,6 +59,7 @@ def device_id() -> str:
     """A file-name-safe id of the default device: backend, model name, and (on CPU) the
     number of cores, e.g. ``cpu-AMD-EPYC-2cores`` or ``cuda-NVIDIA-H100-80GB-HBM3``."""
     import mlx.core as mx
+
     from slabserve.attention.selector import current_backend
 
     backend = current_backend()

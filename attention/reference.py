@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+
 from slabserve.attention.base import DecodeBatch
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
+
 from slabserve.attention.base import DecodeBatch
 from slabserve.attention.calibrate import build_case, time_chain, time_paths
 from slabserve.attention.gather import GatherSDPA, length_mask

@@ -53,6 +53,7 @@ def _time_mlx_lm(model, prompt: list[int], n_decode: int) -> dict:
 
 def _time_engine(model, prompt: list[int], n_decode: int) -> dict:
     import mlx.core as mx
+
     from slabserve.engine.config import CacheConfig
     from slabserve.engine.runner import ModelRunner, SeqInput
     from slabserve.kvcache import blocks_needed
@@ -87,9 +88,9 @@ def worker(args: argparse.Namespace) -> dict:
     """Run inside the configured subprocess; returns the JSON-able result."""
     import mlx.core as mx
     from mlx_lm.utils import load
-    from slabserve.engine.embedded import ensure_model
 
-    from slabserve import blas, mlxmem
+    from slabserve import blas, env, mlxmem
+    from slabserve.engine.embedded import ensure_model
 
     st = blas.status()
     if st["blas"] != args.worker:
@@ -97,7 +98,7 @@ def worker(args: argparse.Namespace) -> dict:
     mem = mlxmem.configure_memory(None)
     out = {"config": args.worker, "blas": st, "cache_limit_bytes": mem.cache_limit_bytes,
            "sgemm_n": args.sgemm, "sgemm_gflops": _sgemm_gflops(args.sgemm)}
-    model, _ = load(str(ensure_model(args.model, args.dtype)))
+    model, _ = load(str(ensure_model(args.model, args.dtype, cache_dir=env.cache_dir())))
     mx.random.seed(1)
     prompt = mx.random.randint(0, 256, (args.prompt,)).tolist()
     timers = {"mlx_lm": _time_mlx_lm, "engine": _time_engine}

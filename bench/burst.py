@@ -35,12 +35,13 @@ def add_runner_args(ap: argparse.ArgumentParser) -> None:
 
 def load_runner(args):
     """(ModelRunner, tokenizer, served name) for ``args.model`` / ``--dtype`` / ``--kv-gib``."""
+    from slabserve import env
     from slabserve.engine.loader import load
     from slabserve.engine.runner import ModelRunner
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)
-    model, tok, _ = load(args.model, args.dtype)
+    model, tok, _ = load(args.model, args.dtype, cache_dir=env.cache_dir())
     runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=args.kv_gib << 30))
     return runner, tok, model_name(ServeConfig(model=args.model, dtype=args.dtype))
 

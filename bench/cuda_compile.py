@@ -48,6 +48,7 @@ namespace mlx::core::cu { struct Shape { int v[8];
 
 
 def nvcc_path() -> str | None:
+    """nvcc on PATH, or None."""
     return shutil.which("nvcc")
 
 
@@ -116,6 +117,7 @@ def compile_one(name: str, src: str, arch: str, sass_dir: Path | None = None) ->
 
 
 def resources(log: str) -> str:
+    """Registers, spill stores and static shared memory per kernel from ``ptxas -v``."""
     regs = re.findall(r"Used (\d+) registers", log)
     spill = re.findall(r"(\d+) bytes spill stores", log)
     smem = re.findall(r"(\d+) bytes smem", log)

@@ -224,6 +224,7 @@ def op_overhead(layers: int, repeat: int = 1) -> tuple[float, float | None]:
 
 
 def gpu_name() -> str:
+    """The GPU's name from nvidia-smi, or "unknown"."""
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=20).stdout.strip()
@@ -256,6 +257,8 @@ def parse_shape(spec: str) -> dict:
 
 def table(cells, layers, natives, sweep=None, shape="32/8/64/f16", contiguous=False,
           max_slabs=None, repeat=1) -> list:
+    """Rows of ``cell`` for every (batch, context) in ``cells`` at one head shape, printed
+    as JSON lines as they come, after a header with the copy bandwidth and op overhead."""
     bw = max(copy_bandwidth(), torch_copy_bandwidth())
     ovh, ovh_m = op_overhead(layers, repeat)
     marg = "" if ovh_m is None else f" ({ovh_m:.1f} marginal, {repeat}x chains)"
@@ -300,6 +303,8 @@ def torch_copy_bandwidth() -> float:
 
 
 def print_table(rows, name):
+    """Markdown tables of native ``name`` against gather, SDPA and the floor (and the
+    marginal costs where the rows have them)."""
     print(f"\n{rows[0]['shape']} {rows[0]['dtype']}")
     print(f"| B | ctx | native ({name}) us | gather us | MLX SDPA contig us | floor us "
           "| native/floor | gather/native | native/SDPA |")
@@ -334,8 +339,9 @@ def int_cells(spec: str) -> list[tuple[int, ...]]:
     return [tuple(int(x) for x in cell.split(":")) for cell in spec.split(",") if cell]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="slabserve bench cuda-kernel")
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slabserve bench cuda-kernel",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
@@ -356,7 +362,12 @@ def main(argv=None) -> int:
     ap.add_argument("--contiguous", action="store_true",
                     help="tables of consecutive blocks (default: shuffled over all slabs)")
     ap.add_argument("--out", default=None)
-    a = cuda_args(ap, argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    """Run the steps asked for; 1 where MLX has no CUDA device."""
+    a = cuda_args(_parser(), argv)
     if a is None:
         return 1
     out = Path(a.out) if a.out else None

@@ -123,15 +123,16 @@ def load_runner(cfg: BenchConfig):
     """(runner, executor, weight bytes) for the embedded model, the pool capped at what
     ``mem_bytes`` leaves after the weights."""
     from mlx.utils import tree_flatten
+
+    from slabserve import env
     from slabserve.engine.config import CacheConfig
     from slabserve.engine.executor import ModelExecutor
     from slabserve.engine.loader import load
     from slabserve.engine.runner import ModelRunner
-
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)
-    model, _tok, _path = load(f"embedded:{cfg.model}", cfg.dtype)
+    model, _tok, _path = load(f"embedded:{cfg.model}", cfg.dtype, cache_dir=env.cache_dir())
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = max(cfg.mem_bytes - weights, 1)
     cache = CacheConfig(cfg.block_size, cfg.slab_tokens, budget)
@@ -195,8 +196,8 @@ def fast_fill(runner, batch: int, ctx: int, seed: int) -> list[list[int]]:
 # ---- timing ----------------------------------------------------------------------------
 def _plan(runner, tables, tokens, pos: int, step: int, params):
     """The scheduler's part of a step: grow tables to cover ``pos``, one chunk each."""
-    from slabserve.kvcache import blocks_needed
     from slabserve.engine.step import ScheduledChunk, StepPlan
+    from slabserve.kvcache import blocks_needed
 
     need = blocks_needed(pos + 1, runner.block_size)
     for t in tables:
@@ -211,8 +212,6 @@ def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ct
     """Fill, decode ``cfg.rounds`` interleaved rounds per path, release; one result dict."""
     from slabserve.scheduler.api import SamplingParams
 
-    from slabserve import attention
-
     free0 = runner.allocator.num_free
     tables = fast_fill(runner, batch, ctx, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -223,12 +222,12 @@ def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ct
     times: dict[str, list[tuple[float, float]]] = {p: [] for p in cfg.paths}
     before = {p: selectors[p].path_counts() for p in cfg.paths}
     params = SamplingParams(max_tokens=cfg.rounds + 1, temperature=0.0, ignore_eos=True)
-    old = attention.set_selector(None)
+    old = runner.attention.selector
     try:
         for r in range(cfg.rounds):
             k = r % len(cfg.paths)
             for p in cfg.paths[k:] + cfg.paths[:k]:
-                attention.set_selector(selectors[p])
+                runner.attention.selector = selectors[p]
                 t0 = time.perf_counter()
                 plan = _plan(runner, tables, tokens[p], ctx + r, r, params)
                 out = executor.execute(plan)
@@ -238,7 +237,7 @@ def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ct
                 if r >= cfg.warmup:
                     times[p].append((dt, executor.last_forward_s))
     finally:
-        attention.set_selector(old)
+        runner.attention.selector = old
         for t in tables:
             runner.allocator.free(t)
     runner.allocator.check_integrity()
@@ -281,10 +280,9 @@ def used_label(res: dict) -> str:
 def run(cfg: BenchConfig, runner, executor, weights: int = 0, log=print) -> list[dict]:
     """Every cell (ascending batch, then context); skipped cells carry the reason.
     ``weights``: bytes of the model's weights (counted against ``cfg.mem_bytes``)."""
+    from slabserve import env
     from slabserve.attention.profile import load_for_device
     from slabserve.attention.selector import Selector
-
-    from slabserve import env
 
     profile = load_for_device(env.cache_dir())
     selectors = {p: Selector(OVERRIDES[p], profile if p == "auto" else None)

@@ -39,6 +39,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
+
 from slabserve.attention import prefill as pf  # noqa: E402
 from slabserve.attention.base import DecodeBatch  # noqa: E402
 from slabserve.kvcache.pool import PoolGeometry, SlabPool, WritePlan  # noqa: E402
@@ -181,15 +182,16 @@ def prefill_mlx_lm(model, tokens: list[int], chunk: int) -> list[float]:
 
 
 def runner_part(args) -> dict:
+    """The runner part of the benchmark: chunks through ``ModelRunner.forward``."""
+    from slabserve import env
     from slabserve.engine.config import CacheConfig
     from slabserve.engine.loader import load
     from slabserve.engine.runner import ModelRunner
-
     from slabserve.mlxmem import configure_memory
 
     configure_memory(None)
     name, _, dtype = args.embedded.partition(":")
-    model, _tok, _ = load(f"embedded:{name}", dtype or "float32")
+    model, _tok, _ = load(f"embedded:{name}", dtype or "float32", cache_dir=env.cache_dir())
     runner = ModelRunner(model, CacheConfig(block_size=BLOCK, slab_tokens=4096,
                                             kv_budget_bytes=int(args.kv_gib * (1 << 30))))
     vocab = min(model.args.vocab_size, 30_000)
@@ -203,7 +205,7 @@ def runner_part(args) -> dict:
     out: dict = {"model": args.embedded, "prompt": args.prompt, "chunk": c,
                  "cached_prefix": shift, "runs": {}}
     for tag, bucket in (("off", 0), ("on", args.bucket)):
-        old = pf.set_kv_bucket(bucket)
+        old, runner.attention.prefill_bucket = runner.attention.prefill_bucket, bucket
         try:
             for scen, toks, first in (("A cold", a, None), ("A warm", a, None),
                                       ("B shift", b, shift)):
@@ -217,7 +219,7 @@ def runner_part(args) -> dict:
                 print(f"runner bucket={tag:3s} {scen:8s} total {sum(t):9.1f} ms  chunks "
                       + " ".join(f"{x:.1f}" for x in t), flush=True)
         finally:
-            pf.set_kv_bucket(old)
+            runner.attention.prefill_bucket = old
     if args.mlx_lm:
         for scen in ("cold", "warm"):
             t = prefill_mlx_lm(model, a, c)

@@ -12,13 +12,16 @@ class CacheConfig:
     ``kv_budget_bytes`` caps the pool (K and V, all layers); it grows a slab of
     ``slab_tokens`` tokens at a time, starting at ``initial_slabs``.  ``slab_tokens`` of
     None: ``auto_slab_tokens`` (the budget in at most AUTO_MAX_SLABS slabs).  ``dtype`` of
-    None uses the model's K/V dtype."""
+    None uses the model's K/V dtype.  ``prefix_caching``: full blocks stay cached by their
+    tokens after their sequences end and later prompts that start with the same tokens
+    reuse them (kvcache/prefix.py, scheduler/prefix.py)."""
 
     block_size: int = 16
     slab_tokens: int | None = None
     kv_budget_bytes: int = 1 << 30
     initial_slabs: int = 1
     dtype: str | None = None
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

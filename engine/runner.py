@@ -111,6 +111,7 @@ class ModelRunner:
             max_slabs * slab_blocks,
             initial_slabs=cache_cfg.initial_slabs,
             on_grow=self.pool.grow,
+            enable_caching=cache_cfg.prefix_caching,
         )
         self.caches = [PagedLayerCache(i) for i in range(num_layers)]
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
 from slabserve.reliability.traffic import Outcome, Target, token_prompt
 
 OUT_OF_RANGE = (

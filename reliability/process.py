@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from slabserve.loadtest.servers import ROOT, ServerSubprocess
 
 

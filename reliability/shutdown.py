@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
 from slabserve.loadtest.sse import parse_line, sse_lines
 from slabserve.reliability.process import ServerProcess
 from slabserve.reliability.traffic import limits

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from slabserve.reliability import badinput, overload, traffic
 from slabserve.reliability.observe import parse_metrics, wait_idle
 from slabserve.reliability.process import ServerOptions, ServerProcess

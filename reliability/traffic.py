@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
+
 from slabserve.loadtest.sse import parse_line, sse_lines
 
 FINISHED = ("stop", "length")

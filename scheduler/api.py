@@ -30,9 +30,13 @@ ErrorKind = Literal["queue_full", "too_long", "invalid", "shutting_down", "kv_ca
 
 @dataclass(frozen=True)
 class Request:
+    """``cache_salt``: requests reuse each other's cached prompt blocks only when their
+    salts are equal (tenants keep their prefix caches apart)."""
+
     request_id: str
     prompt_tokens: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Delta:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class RequestError(Exception):
@@ -68,6 +73,9 @@ class ServingStats:
     generated_tokens: int
     integrity_checks: int = 0
     integrity_failures: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found cached
+    prefix_cache_blocks: int = 0  # blocks cached now (in use or evictable)
 
 
 class ServingLoop(ABC):

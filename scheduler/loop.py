@@ -165,8 +165,9 @@ class ThreadedServingLoop(ServingLoop):
     def stats(self) -> ServingStats:
         s, a = self.scheduler, self.scheduler.allocator
         return ServingStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
-                           s.preemptions, s.prompt_tokens, s.generated_tokens,
-                           self.integrity_checks, self.integrity_failures)
+                            s.preemptions, s.prompt_tokens, s.generated_tokens,
+                            self.integrity_checks, self.integrity_failures,
+                            s.prefix.queries, s.prefix.hits, a.num_cached)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))
@@ -285,7 +286,7 @@ class ThreadedServingLoop(ServingLoop):
         live = self._live.get(upd.request_id)
         if live is None or upd.token is None:
             return
-        delta, stop_hit = live.out.push(upd.token, upd.finish_reason)
+        delta, stop_hit = live.out.push(upd.token, upd.finish_reason, upd.cached_tokens)
         if stop_hit and upd.finish_reason is None:
             self.scheduler.finish(upd.request_id, "stop")
         if delta.finish_reason is not None:

@@ -31,13 +31,17 @@ class OutputStream:
         self.prompt_tokens = prompt_tokens
         self.detok = detokenizer if detokenizer is not None else _NoText()
         self.generated = 0
+        self.cached_tokens = 0
         self.finished = False
         self._held = ""
 
-    def push(self, tok: SampledToken, finish: FinishReason | None) -> tuple[Delta, bool]:
+    def push(self, tok: SampledToken, finish: FinishReason | None,
+             cached_tokens: int = 0) -> tuple[Delta, bool]:
         """Delta for one new token; the bool is True when a stop string ended the
-        request here (the caller must then finish it in the scheduler)."""
+        request here (the caller must then finish it in the scheduler).
+        ``cached_tokens``: prompt tokens the prefix cache supplied."""
         self.generated += 1
+        self.cached_tokens = cached_tokens
         if finish != "stop":
             self.detok.add_token(tok.token_id)
         if finish is not None:
@@ -47,14 +51,16 @@ class OutputStream:
             finish = "stop"
         self.finished = finish is not None
         logprobs = (tok.logprob,) if tok.logprob is not None else None
-        delta = Delta((tok.token_id,), text, logprobs, finish, self.prompt_tokens, self.generated)
+        delta = Delta((tok.token_id,), text, logprobs, finish, self.prompt_tokens, self.generated,
+                      None, self.cached_tokens)
         return delta, hit
 
     def close(self, reason: FinishReason, error: str | None = None) -> Delta:
         """The last delta of a request ended from outside (abort, error): held text is
         dropped when aborting, as it may be part of a stop string."""
         self.finished = True
-        return Delta((), "", None, reason, self.prompt_tokens, self.generated, error)
+        return Delta((), "", None, reason, self.prompt_tokens, self.generated, error,
+                     self.cached_tokens)
 
     def _emit(self, new: str, final: bool) -> tuple[str, bool]:
         buf = self._held + new

@@ -19,8 +19,13 @@ of the queue; it resumes later by recomputing ``prompt + output`` (so, by arriva
 older requests never lose their blocks to newer ones).  A request that could not fit
 even alone is refused at ``add`` (``kv_capacity``), so a lone sequence always fits.
 
-Invariants (``check_integrity``): the allocator's own; blocks of live sequences are
-disjoint and exactly the allocator's used blocks; a running sequence's table covers its
+Prefix caching (scheduler/prefix.py): an admitted sequence starts past the longest
+cached prefix of its tokens, sharing those blocks; cached blocks no sequence holds are
+evicted (least recently used) before any running sequence is preempted.
+
+Invariants (``check_integrity``): the allocator's own; each used block's refcount is the
+number of live sequences holding it (shared only through the prefix cache), and used
+blocks are exactly those held; a running sequence's table covers its
 computed tokens; a waiting sequence holds no blocks and has nothing computed.
 """
 
@@ -36,6 +41,7 @@ from slabserve.engine.step import SampledToken, ScheduledChunk, StepOutput, Step
 from slabserve.kvcache import BlockAllocator, blocks_needed
 from slabserve.scheduler.api import FinishReason, Request, RequestError
 from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.prefix import PrefixCaching
 from slabserve.scheduler.sequence import SeqStatus, Sequence
 
 
@@ -47,6 +53,7 @@ class SeqUpdate:
     token: SampledToken | None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    cached_tokens: int = 0
 
 
 class Scheduler:
@@ -73,6 +80,7 @@ class Scheduler:
         self.preemptions = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.prefix = PrefixCaching(allocator, block_size)
 
     # ---- requests -----------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -186,19 +194,33 @@ class Scheduler:
             return  # blocks are short this step: admitting would only thrash
         while self.waiting and st.budget > 0 and len(self.running) < self.cfg.max_running:
             seq = self.waiting[0]
-            n = self._chunk_len(seq, st.budget, st)
-            if n <= 0:
-                return
-            need = blocks_needed(n, self.block_size)
-            reserve = self.cfg.watermark_blocks if self.running else 0
-            if need + reserve > self.allocator.num_available:
+            hits = self.prefix.match(seq)
+            if hits is None or not self._fits(seq, hits, st):
                 return
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            if not self._reserve(seq, n):  # cannot happen: checked above
+            self.allocator.retain(hits)
+            self.prefix.admitted(seq, hits)
+            n = self._chunk_len(seq, st.budget, st)
+            if not self._reserve(seq, n):  # cannot happen: _fits checked it
                 raise AssertionError("allocator refused blocks it reported available")
             st.add(self._chunk(seq, n))
+
+    def _fits(self, seq: Sequence, hits: list[int], st: _Planning) -> bool:
+        """Whether ``seq``'s first chunk after its cached prefix ``hits`` fits now: a
+        chunk at all, and its new blocks plus the cached ones that leave the evictable
+        pool, plus ``watermark_blocks`` when others run."""
+        start = len(hits) * self.block_size
+        seq.num_computed = start  # for _chunk_len; a waiting sequence keeps 0
+        n = self._chunk_len(seq, st.budget, st)
+        seq.num_computed = 0
+        if n <= 0:
+            return False
+        reclaimed = sum(1 for b in hits if self.allocator.refcount(b) == 0)
+        need = blocks_needed(start + n, self.block_size) - len(hits) + reclaimed
+        reserve = self.cfg.watermark_blocks if self.running else 0
+        return need + reserve <= self.allocator.num_available
 
     def _chunk_len(self, seq: Sequence, room: int, st: _Planning) -> int:
         """Tokens of ``seq``'s next prefill chunk within ``room``: at most ``prefill_chunk``;
@@ -227,6 +249,7 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed
+        self.prefix.planned(seq, start, n)
         sample = start + n == seq.num_tokens
         p = seq.params
         history = sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
@@ -246,8 +269,9 @@ class Scheduler:
         return seq.request_id
 
     def _release(self, seq: Sequence) -> None:
-        if seq.blocks:
-            self.allocator.free(seq.blocks)
+        if seq.blocks:  # tail first: a cached prompt's tail is evicted before its head
+            self.allocator.free(reversed(seq.blocks))
+        self.prefix.released(seq)
         seq.blocks = []
         seq.num_computed = 0
 
@@ -261,6 +285,7 @@ class Scheduler:
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # finished or aborted after planning
             seq.num_computed = chunk.start + len(chunk.tokens)
+            self.prefix.computed(seq)
             if not chunk.sample:
                 continue
             tok = out.sampled[chunk.request_id]
@@ -269,7 +294,8 @@ class Scheduler:
             reason = self._finish_reason(seq, tok.token_id)
             if reason is not None:
                 self.finish(seq.request_id, reason)
-            updates.append(SeqUpdate(seq.request_id, tok, reason))
+            updates.append(SeqUpdate(seq.request_id, tok, reason, None,
+                                     seq.cached_tokens or 0))
         return updates
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -284,16 +310,18 @@ class Scheduler:
     def check_integrity(self) -> bool:
         """Raise AssertionError on any broken invariant (module docstring); True otherwise."""
         self.allocator.check_integrity()
-        seen: set[int] = set()
+        held: dict[int, int] = {}
         for seq in self.running:
             assert seq.status is SeqStatus.RUNNING, f"{seq.request_id}: not running"
             assert len(seq.blocks) >= blocks_needed(seq.num_computed, self.block_size)
             assert 0 <= seq.num_computed < seq.num_tokens or not seq.output
+            assert len(set(seq.blocks)) == len(seq.blocks), f"{seq.request_id}: repeats"
+            assert seq.registered * self.block_size <= seq.num_computed
             for b in seq.blocks:
-                assert b not in seen, f"block {b} held twice"
-                assert self.allocator.refcount(b) == 1, f"block {b}: refcount != 1"
-                seen.add(b)
-        assert len(seen) == self.allocator.num_used, "allocator used != blocks held"
+                held[b] = held.get(b, 0) + 1
+        for b, n in held.items():
+            assert self.allocator.refcount(b) == n, f"block {b}: refcount != {n} holders"
+        assert len(held) == self.allocator.num_used, "allocator used != blocks held"
         assert len(self.running) <= self.cfg.max_running, "too many running"
         arrivals = [s.arrival for s in self.running]
         assert arrivals == sorted(arrivals), "running not in arrival order"

@@ -17,7 +17,8 @@ class SeqStatus(enum.Enum):
 @dataclass
 class Sequence:
     """Tokens ``prompt + output``; the first ``num_computed`` of them have K/V in
-    ``blocks``.  A sequence whose ``num_computed == len(tokens) - 1`` is decoding;
+    ``blocks`` (the leading ``registered`` of which may be shared with other sequences
+    through the prefix cache).  A sequence whose ``num_computed == len(tokens) - 1`` is decoding;
     one further behind is prefilling (a new prompt, or a recompute after preemption)."""
 
     request_id: str
@@ -31,10 +32,15 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     preemptions: int = 0
+    cache_salt: str | None = None
+    keys: list = field(default_factory=list)  # prefix-cache keys of full blocks (lazy)
+    registered: int = 0  # leading blocks known cached (matched or registered)
+    cached_tokens: int | None = None  # prompt tokens found cached at first admission
 
     @classmethod
     def from_request(cls, req: Request, arrival: int, seed: int) -> Sequence:
-        return cls(req.request_id, tuple(req.prompt_tokens), req.params, arrival, seed)
+        return cls(req.request_id, tuple(req.prompt_tokens), req.params, arrival, seed,
+                   cache_salt=req.cache_salt)
 
     @property
     def num_tokens(self) -> int:

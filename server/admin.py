@@ -37,7 +37,7 @@ def _no_switch(ctx: ServerContext) -> APIError:
 @router.get("/admin/attention-path")
 async def get_attention_path(request: Request) -> dict:
     ctx: ServerContext = request.app.state.ctx
-    path = ctx.engine.attention_path()
+    path = ctx.serving.attention_path()
     if path is None:
         raise _no_switch(ctx)
     return {"path": path}
@@ -46,10 +46,10 @@ async def get_attention_path(request: Request) -> dict:
 @router.post("/admin/attention-path")
 async def set_attention_path(body: AttentionPathBody, request: Request) -> dict:
     ctx: ServerContext = request.app.state.ctx
-    if ctx.engine.attention_path() is None:
+    if ctx.serving.attention_path() is None:
         raise _no_switch(ctx)
     try:
-        previous = await ctx.engine.set_attention_path(body.path)
+        previous = await ctx.serving.set_attention_path(body.path)
     except RequestError as e:
         raise from_engine(e, ctx.config.retry_after_s) from None
     return {"previous": previous, "path": body.path}

@@ -113,12 +113,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: HTTPReque
     params = bound_max_tokens(base_params(body, body.logprobs_k, ctx.codec.vocab_size),
                               len(ids), body.max_new, None, ctx.max_context)
     job = Job.new("chatcmpl", ctx.model_name)
-    choices = [Choice(j, Request(f"{job.id}-{j}", tuple(ids), choice_params(params, j)),
+    choices = [Choice(j, Request(f"{job.id}-{j}", tuple(ids), choice_params(params, j),
+                                 body.cache_salt),
                       ChoiceTimer(ctx.metrics, t0)) for j in range(body.n)]
     fmt = ChatFormat(job, body, ctx.codec)
     await ctx.admit(choices)
     if body.stream:
-        return ctx.stream(stream_events(ctx.engine, choices, fmt, len(ids),
+        return ctx.stream(stream_events(ctx.serving, choices, fmt, len(ids),
                                         body.include_usage), choices)
     if not await ctx.collect(request, choices):
         return Response(status_code=499)

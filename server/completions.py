@@ -116,7 +116,8 @@ def _choices(body: CompletionRequest, ctx: ServerContext, job: Job,
                                   ctx.max_context)
         for j in range(body.n):
             index = pi * body.n + j
-            req = Request(f"{job.id}-{index}", tuple(ids), choice_params(params, j))
+            req = Request(f"{job.id}-{index}", tuple(ids), choice_params(params, j),
+                          body.cache_salt)
             out.append(Choice(index, req, ChoiceTimer(ctx.metrics, t0)))
     return out
 
@@ -138,7 +139,7 @@ async def create_completion(body: CompletionRequest, request: HTTPRequest) -> Re
     prompt_tokens = sum(len(p) for p in prompts)
     await ctx.admit(choices)
     if body.stream:
-        return ctx.stream(stream_events(ctx.engine, choices, fmt, prompt_tokens,
+        return ctx.stream(stream_events(ctx.serving, choices, fmt, prompt_tokens,
                                         body.include_usage), choices)
     if not await ctx.collect(request, choices):
         return Response(status_code=499)

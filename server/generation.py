@@ -50,6 +50,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     aborted: bool = False
+    cached_tokens: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -67,6 +68,7 @@ class Choice:
         self.timer.on_delta(delta)
         self.text.append(delta.text)
         self.token_ids.extend(delta.token_ids)
+        self.cached_tokens = delta.cached_tokens
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
@@ -184,10 +186,14 @@ class Format(Protocol):
     def chunk(self, choice_objs: list[dict]) -> dict: ...
 
 
-def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix
+    cache supplied (the prompt is counted once: the least any choice found cached)."""
     completion = sum(c.completion_tokens for c in choices)
+    cached = min((c.cached_tokens for c in choices), default=0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def error_event(message: str) -> str:

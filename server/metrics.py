@@ -3,7 +3,9 @@
 
 Read from the serving loop at scrape time: ``num_requests_running``, ``num_requests_waiting``,
 ``kv_cache_usage_perc`` (a fraction, as vLLM's), ``kv_blocks_used``/``kv_blocks_total``,
-``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``, and the
+``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``,
+``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens, vLLM's names) and the
+``prefix_cache_blocks`` gauge, and the
 attention-path counters ``attention_path_total{path, reason}`` from
 ``ServingLoop.attention_path_counts()``.  Observed by the server per choice:
 ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
@@ -63,6 +65,12 @@ class _ServingCollector(Collector):
         yield self._counter("prompt_tokens", "Prefilled prompt tokens.", s.prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", s.generated_tokens)
         yield self._counter("num_preemptions", "Preempted requests.", s.preemptions)
+        yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                            "cache.", s.prefix_cache_queries)
+        yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                            s.prefix_cache_hits)
+        yield self._gauge("prefix_cache_blocks", "KV blocks held by the prefix cache (in use "
+                          "or evictable).", s.prefix_cache_blocks)
         yield self._counter("kv_integrity_checks", "Idle-time KV cache integrity checks.",
                             s.integrity_checks)
         yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",

@@ -58,7 +58,7 @@ class ServerContext:
     the first shutdown request on (new requests get 503 ``shutting_down``)."""
 
     def __init__(self, serving: ServingLoop, config: ServerConfig, codec: TextCodec) -> None:
-        self.engine = serving
+        self.serving = serving
         self.config = config
         self.codec = codec
         self.model_name = config.served_model_name or serving.model_name
@@ -79,7 +79,7 @@ class ServerContext:
                            None, "not_ready", {"Retry-After": str(self.config.retry_after_s)})
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.model_name, self.engine.model_name):
+        if model is not None and model not in (self.model_name, self.serving.model_name):
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                            f"'{self.model_name}'.", param="model", code="model_not_found")
 
@@ -91,19 +91,19 @@ class ServerContext:
 
     async def admit(self, choices: list[generation.Choice]) -> None:
         try:
-            await generation.admit(self.engine, choices)
+            await generation.admit(self.serving, choices)
         except RequestError as e:
             raise from_engine(e, self.config.retry_after_s) from None
 
     # ---- responses -------------------------------------------------------------------
     def stream(self, events, choices: list[generation.Choice]) -> StreamingResponse:
-        return EventStream(events, lambda: generation.abort_all(self.engine, choices, True))
+        return EventStream(events, lambda: generation.abort_all(self.serving, choices, True))
 
     async def collect(self, request: HTTPRequest, choices: list[generation.Choice]) -> bool:
         """Run the choices to their end; False if the client went away first (the
         choices are then aborted).  An serving failure is a 500, an abort (shutdown) a 503."""
         done = await generation.while_connected(
-            request.receive, generation.collect(self.engine, choices))
+            request.receive, generation.collect(self.serving, choices))
         if done is None:
             return False
         failed = [c for c in choices if c.finish_reason == "error"]
@@ -117,7 +117,7 @@ class ServerContext:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        await self.engine.start()
+        await self.serving.start()
         self.ready = True
         log.info("serving %s (context %d tokens)", self.model_name, self.max_context)
 
@@ -128,5 +128,5 @@ class ServerContext:
             self.draining = True
             log.info("draining: in-flight requests have %.1f s", self.config.shutdown_timeout)
             self._drain = asyncio.ensure_future(
-                self.engine.shutdown(self.config.shutdown_timeout))
+                self.serving.shutdown(self.config.shutdown_timeout))
         return self._drain

@@ -74,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-budget", type=size, default=1 << 30, help="bytes (e.g. 2G)")
     g.add_argument("--initial-slabs", type=int, default=1)
     g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse cached full KV blocks of earlier prompts that "
+                   "start with the same tokens (--no-enable-prefix-caching or "
+                   "--no-prefix-caching turns it off)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help=argparse.SUPPRESS)
     g.add_argument("--cache-limit", type=size, default=None, help="MLX buffer cache limit "
                    "(default SLABSERVE_MLX_CACHE_LIMIT, else a quarter of memory on CPU)")
     g = p.add_argument_group("scheduler")
@@ -138,7 +144,7 @@ def configs(args: argparse.Namespace):
         admin_endpoints=args.admin_endpoints)
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
                         kv_budget_bytes=args.kv_budget, initial_slabs=args.initial_slabs,
-                        dtype=args.kv_dtype)
+                        dtype=args.kv_dtype, prefix_caching=args.enable_prefix_caching)
     sched = SchedulerConfig.for_device(
         _gpu(), max_running=args.max_running, max_queued=args.max_queued,
         max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,

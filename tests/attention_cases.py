@@ -49,5 +49,6 @@ def make_case(q_heads: int, kv_heads: int, head_dim: int, block_size: int,
 
 
 def slabs_touched(pool: SlabPool, batch: DecodeBatch) -> int:
+    """How many slabs the batch's tables reach into."""
     sb = pool.geom.slab_blocks
     return len({b // sb for t in batch.tables for b in t})

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
-from slabserve import attention, env
+from slabserve import env
 from slabserve.attention.selector import Selector
 from slabserve.engine.config import CacheConfig
 from slabserve.engine.embedded import ensure_model

@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from slabserve import attention
 from slabserve.attention.base import DecodeBatch
 from slabserve.attention.gather import gather_kv
+from slabserve.attention.selector import Selector
 from slabserve.bench import decode_step as ds
 from slabserve.scheduler.api import SamplingParams
 
@@ -25,12 +25,9 @@ def loaded():
 
 
 def test_main_writes_a_row_per_path_and_forces_each_path(tmp_path, capsys):
-    before = attention.set_selector(None)
-    attention.set_selector(before)
     argv = ["--embedded", "tiny", "--batches", "2", "--contexts", "40", "--steps", "2",
             "--warmup", "1", "--mem-gb", "1", "--out", str(tmp_path)]
     assert ds.main(argv) == 0
-    assert attention.set_selector(before) is before  # the process's selector is restored
     data = json.loads((tmp_path / "cpu-tiny-float32.json").read_text())
     layers = data["meta"]["geometry"]["layers"]
     (cell,) = data["cells"]
@@ -58,8 +55,7 @@ def test_fast_fill_is_random_everywhere_and_decode_writes_position_ctx(loaded):
     free0 = runner.allocator.num_free
     ctx, batch = 47, 2
     tables = ds.fast_fill(runner, batch, ctx, seed=3)
-    old = attention.set_selector(None)
-    attention.set_selector(old)
+    old = runner.attention.selector
     try:
         view = DecodeBatch(runner.geom, [list(t) for t in tables], [ctx + 1] * batch)
         before = []
@@ -70,7 +66,7 @@ def test_fast_fill_is_random_everywhere_and_decode_writes_position_ctx(loaded):
                 assert 0.8 < x[:, :, :ctx].std() < 1.2
             before.append(k)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        old = attention.set_selector(attention.Selector(override=True))
+        runner.attention.selector = Selector(override=True)
         plan = ds._plan(runner, tables, [5, 7], ctx, 0, params)
         executor.execute(plan)
         for layer in range(runner.geom.num_layers):
@@ -78,7 +74,7 @@ def test_fast_fill_is_random_everywhere_and_decode_writes_position_ctx(loaded):
             np.testing.assert_array_equal(k[:, :, :ctx], before[layer][:, :, :ctx])
             assert np.all(k[:, :, ctx] != before[layer][:, :, ctx])
     finally:
-        attention.set_selector(old)
+        runner.attention.selector = old
         for t in tables:
             runner.allocator.free(t)
     assert runner.allocator.num_free == free0
@@ -88,7 +84,9 @@ def test_run_cell_releases_every_block_even_after_growing_tables(loaded):
     cfg, runner, executor, weights = loaded
     free0 = runner.allocator.num_free
     # ctx 47 + 3 rounds: positions 47..49 cross into a fourth block during the steps
+    selector = runner.attention.selector
     cells = ds.run(cfg, runner, executor, weights, log=lambda s: None)
+    assert runner.attention.selector is selector  # the runner's own selector is restored
     (cell,) = cells
     assert cell["free_blocks_before"] == free0 == runner.allocator.num_free
     assert runner.allocator.check_integrity()

@@ -19,12 +19,12 @@ from slabserve.kvcache.pool import PoolGeometry
     [
         (mx.float16, mx.float16, 32, 8, "lean"),  # 4 q heads per kv head: FMA measured faster
         (mx.bfloat16, mx.bfloat16, 16, 8, "lean"),
-        (mx.float32, mx.float32, 32, 8, "async"),  # float32 pool: no xred
+        (mx.float32, mx.float32, 32, 8, "async"),  # float32 pool: no lean
         (mx.bfloat16, mx.bfloat16, 14, 2, "mma"),  # 7: tensor cores measured faster
         (mx.float16, mx.float16, 64, 4, "mma"),
         (mx.float32, mx.float32, 14, 2, "async"),  # no f32 tensor-core path
         (mx.float16, mx.float32, 14, 2, "async"),  # mixed dtypes
-        (mx.float16, mx.float32, 32, 8, "lean"),  # mixed dtypes: xred reads q as TQ
+        (mx.float16, mx.float32, 32, 8, "lean"),  # mixed dtypes: lean reads q as TQ
     ],
 )
 def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):

@@ -19,8 +19,8 @@ from slabserve.attention.profile import (
     profile_path,
 )
 from slabserve.attention.reference import reference_decode
-from slabserve.serve import make_selector
 from slabserve.attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
+from slabserve.serve import make_selector
 
 ENV_OURS = "SLABSERVE_PAGED_ATTENTION_NATIVE"
 ENV_MLXCEL = "MLXCEL_PAGED_ATTENTION_NATIVE"

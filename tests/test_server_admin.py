@@ -27,7 +27,7 @@ def test_admin_routes_are_off_by_default():
     with serve(tiny_engine()) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert_error(http.get(URL), 404, "unknown_url")
         assert_error(http.post(URL, json={"path": "gather"}), 404, "unknown_url")
-        assert srv.ctx.engine.attention_path() == "auto"  # nothing was switched
+        assert srv.ctx.serving.attention_path() == "auto"  # nothing was switched
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def engine_direct(srv, ids: list[int], params: SamplingParams) -> tuple[list[int
     """(token ids, text) of the engine itself, bypassing HTTP, on the server's loop."""
     async def run() -> tuple[list[int], str]:
         out, text = [], []
-        async for d in srv.ctx.engine.generate(Request("direct", tuple(ids), params)):
+        async for d in srv.ctx.serving.generate(Request("direct", tuple(ids), params)):
             out.extend(d.token_ids)
             text.append(d.text)
         return out, "".join(text)

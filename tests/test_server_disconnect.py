@@ -55,7 +55,7 @@ async def drop_midway(client: httpx.AsyncClient, path: str, body: dict) -> int:
 
 
 async def test_twenty_dropped_streams_free_every_block(srv):
-    engine = srv.ctx.engine
+    engine = srv.ctx.serving
     chat = {"messages": [{"role": "user", "content": "go on"}], **GEN}
     async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
         jobs = [drop_midway(client, "/v1/completions", LONG) for _ in range(10)]
@@ -75,7 +75,7 @@ async def test_twenty_dropped_streams_free_every_block(srv):
 
 
 def test_dropped_non_streaming_request_is_aborted(srv):
-    engine = srv.ctx.engine
+    engine = srv.ctx.serving
     before = engine.stats().generated_tokens
     with httpx.Client(base_url=srv.url, timeout=httpx.Timeout(60, read=0.5)) as client:
         with pytest.raises(httpx.ReadTimeout):

@@ -1,6 +1,7 @@
 // Pooled decode attention over the slab pool, for mx.fast.metal_kernel.  UNVERIFIED: written
-// alongside the CUDA kernel (pooled_decode.cu, "sync" variant) and never compiled or run on
-// Apple silicon; attention/native_metal.py declines with the reason if it fails.
+// alongside the CUDA kernel's register-load ("sync") variant (no longer shipped as CUDA: git
+// history of pooled_decode.cu) and never compiled or run on Apple silicon;
+// attention/native_metal.py declines with the reason if it fails.
 //
 // This file holds the header (helpers); native_metal.py generates the kernel body from the
 // BODY section below, replacing /*SELECT*/ with the slab pick and /*STORE*/ with the output.
