@@ -258,7 +258,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bandwidth-mb", type=int, default=256, help="copy-bandwidth buffer")
     p.add_argument("--no-profile", action="store_true",
                    help="ignore this device's calibration profile (rules only)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/attention"))
+    p.add_argument("--out", type=Path, default=Path("out/attention"))
     args = p.parse_args(argv)
     gpu = current_backend() != "cpu"
     args.geometries = [tuple(int(x) for x in g.split("/")) for g in args.geometries.split(",")]

@@ -1,7 +1,8 @@
 """``slabserve bench NAME [args]``: run the benchmark module ``slabserve.bench.NAME`` (dashes
 become underscores).  Every module of bench/ is a command, except this one and helpers
 whose names start with an underscore; kernel-work tools live in experiments/ instead.
-Benchmarks write their results under docs/benchmarks/ or --out."""
+Benchmarks write their results under out/ (git-ignored) or --out; docs/benchmarks/ keeps
+the latest tables."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ import numpy as np
 
 PATHS = ("native", "gather", "auto")
 OVERRIDES = {"native": True, "gather": False, "auto": None}
-DEFAULT_OUT = Path("docs/benchmarks/decode-step")
+DEFAULT_OUT = Path("out/decode-step")
 
 
 # ---- configuration ---------------------------------------------------------------------

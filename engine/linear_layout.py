@@ -3,7 +3,7 @@
 ``nn.Linear`` keeps ``W`` as ``[out, in]`` and computes ``x @ W.T``.  For the few-row
 products of a decode step, OpenBLAS on this CPU streams the same weight faster when it is a
 contiguous ``[in, out]`` matrix multiplied as ``x @ Wt`` (Qwen2.5-0.5B's shapes at 8 rows:
-1.1-1.4x, the tied LM head 1.4x; ``slabserve bench cpu-ops --decode --shapes qwen``).
+1.1-1.4x, the tied LM head 1.4x; docs/adr/0009-cpu-linear-layout.md).
 
 ``apply(model, enabled)`` replaces, in place, every float32 ``nn.Linear`` of the model by a
 ``TransposedLinear`` holding ``contiguous(W.T)`` (and the bias), and an ``nn.Embedding`` by

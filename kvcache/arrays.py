@@ -4,7 +4,7 @@ read, kept out of MLX's scalar pool.
 MLX's CUDA allocator serves every buffer of at most 8 bytes from one managed
 (``cudaMallocManaged``) pool marked read-mostly.  A kernel whose first reads are such a
 buffer (a 4-byte scale, the lengths of a one-sequence batch, its one position) waited
-~9 us for them on an H200, at every launch (bench/block_stamps.py;
+~9 us for them on an H200, at every launch (experiments/block_stamps.py;
 docs/benchmarks/cuda-attention.md, "Eighth session").  ``host_array`` gives arrays of at
 most 8 bytes a 16-byte backing buffer and returns a view of its first elements: the same
 values, shape and dtype, allocated like any other buffer.  Elsewhere (CPU, Metal) the

@@ -8,7 +8,7 @@ local block ``b % slab_blocks``.  Growing appends slabs; old slabs are never cop
 
 Writes cost O(new tokens): MLX's scatter donates the slab's buffer when the slab array
 is held by nothing but the pool, so the update happens in place (see
-``bench/kv_write.py`` and docs/benchmarks/kv-write.md).
+docs/adr/0001-slab-pool-layout.md).
 """
 
 from __future__ import annotations

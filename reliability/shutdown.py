@@ -127,8 +127,8 @@ async def sigterm_under_load(srv: ServerProcess, streams: int = 6, plain: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m slabserve.reliability.shutdown``: SIGTERM a server with long streams in flight and
-    print how each request ended; exit 1 if one was cut or the exit status was not 0."""
+    """``python -m slabserve.reliability.shutdown``: SIGTERM a server with long streams in
+    flight and print how each request ended; exit 1 if one was cut or the exit status was not 0."""
     import argparse
     import tempfile
     from pathlib import Path

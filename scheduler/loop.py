@@ -49,7 +49,7 @@ T = TypeVar("T")
 class StepRecord:
     """Where one engine step's time went (seconds): planning, the model forward, the
     rest of execute (sampling, host glue), update + detokenize + stop strings, and handing
-    deltas to the loop.  ``step_log`` keeps the latest ones (bench/step_overhead.py)."""
+    deltas to the loop.  ``step_log`` keeps the latest ones (docs/adr/0005-scheduler.md)."""
 
     decodes: int
     prefill_tokens: int

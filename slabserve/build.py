@@ -27,7 +27,8 @@ class ServeConfig:
 
     ``model``: None = the embedded tiny model, ``embedded:NAME`` an embedded shape, else
     a local mlx-lm model directory.  ``dtype`` applies to embedded models (a local
-    directory keeps its own).  ``cache_dir``: where embedded models are written (``SLABSERVE_CACHE_DIR``).
+    directory keeps its own).  ``cache_dir``: where embedded models are written
+    (``SLABSERVE_CACHE_DIR``).
     ``mlx_cache_limit_bytes``: MLX buffer cache limit (None = ``slabserve.mlxmem``'s
     default).  ``served_name`` overrides the model name reported."""
 
