@@ -76,6 +76,7 @@ class ServingStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found cached
     prefix_cache_blocks: int = 0  # blocks cached now (in use or evictable)
+    kv_capacity_tokens: int = 0  # tokens the KV pool's budget holds
 
 
 class ServingLoop(ABC):

@@ -167,7 +167,8 @@ class ThreadedServingLoop(ServingLoop):
         return ServingStats(s.num_running, s.num_waiting, a.num_used, a.max_blocks,
                             s.preemptions, s.prompt_tokens, s.generated_tokens,
                             self.integrity_checks, self.integrity_failures,
-                            s.prefix.queries, s.prefix.hits, a.num_cached)
+                            s.prefix.queries, s.prefix.hits, a.num_cached,
+                            a.max_blocks * s.block_size)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))

@@ -51,8 +51,11 @@ async def get_model(model_id: str, request: Request) -> dict:
 async def health(request: Request) -> dict:
     """Liveness: the process answers.  Says whether it is ready or draining."""
     ctx: ServerContext = request.app.state.ctx
+    stats = ctx.serving.stats()
     return {"status": "ok", "ready": ctx.ready and not ctx.draining,
-            "draining": ctx.draining, "model": ctx.model_name, "blas": _blas_status()}
+            "draining": ctx.draining, "model": ctx.model_name, "blas": _blas_status(),
+            "kv_capacity_tokens": stats.kv_capacity_tokens,
+            "kv_blocks_total": stats.kv_blocks_total}
 
 
 @router.get("/ready")

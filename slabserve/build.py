@@ -9,6 +9,8 @@ themselves; everything they need arrives here, as frozen configs or built object
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from slabserve.scheduler.config import SchedulerConfig
 from slabserve.scheduler.loop import ThreadedServingLoop
 
 _DTYPES = ("float32", "float16", "bfloat16")
+log = logging.getLogger("slabserve.build")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class ServeConfig:
     directory keeps its own).  ``cache_dir``: where embedded models are written
     (``SLABSERVE_CACHE_DIR``).
     ``mlx_cache_limit_bytes``: MLX buffer cache limit (None = ``slabserve.mlxmem``'s
-    default).  ``served_name`` overrides the model name reported."""
+    default).  ``served_name`` overrides the model name reported.  ``kv_memory_fraction``:
+    on a GPU, size the KV pool from the device (``slabserve.mlxmem.device_kv_budget``)
+    instead of ``cache.kv_budget_bytes``; None keeps the configured budget."""
 
     model: str | None = None
     dtype: str = "float32"
@@ -40,12 +45,16 @@ class ServeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     mlx_cache_limit_bytes: int | None = None
     served_name: str | None = None
+    kv_memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}")
         if self.mlx_cache_limit_bytes is not None and self.mlx_cache_limit_bytes < 0:
             raise ValueError("mlx_cache_limit_bytes must be >= 0")
+        f = self.kv_memory_fraction
+        if f is not None and not 0 < f <= 1:
+            raise ValueError("kv_memory_fraction must be in (0, 1]")
 
 
 def model_name(cfg: ServeConfig) -> str:
@@ -78,8 +87,36 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
 
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir)
-    runner = ModelRunner(model, cfg.cache, cfg.runner, selector)
+    runner = ModelRunner(model, kv_cache_config(cfg, model), cfg.runner, selector)
+    g = runner.geom
+    log.info("KV pool: %d tokens (%d blocks of %d, %.2f GiB, %s, slabs of %d blocks)",
+             runner.allocator.max_blocks * g.block_size, runner.allocator.max_blocks,
+             g.block_size, runner.allocator.max_blocks * g.block_bytes / 2**30,
+             str(g.dtype).rsplit(".", 1)[-1], g.slab_blocks)
     return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg))
+
+
+def kv_cache_config(cfg: ServeConfig, model) -> CacheConfig:
+    """``cfg.cache``, with its budget sized from the device when ``kv_memory_fraction``
+    is set and MLX computes on a GPU (the weights are loaded: what is in use now counts as
+    weights)."""
+    import mlx.core as mx
+
+    from slabserve.mlxmem import activation_reserve_bytes, device_kv_budget
+
+    if cfg.kv_memory_fraction is None:
+        return cfg.cache
+    args = getattr(model, "args", None)
+    hidden = getattr(args, "hidden_size", 4096)
+    inter = getattr(args, "intermediate_size", 4 * hidden)
+    reserve = activation_reserve_bytes(cfg.scheduler.max_step_tokens, hidden, inter, 4)
+    budget = device_kv_budget(cfg.kv_memory_fraction, mx.get_active_memory(), reserve)
+    if budget is None:
+        return cfg.cache
+    if budget <= 0:
+        raise ValueError("no device memory left for the KV pool after the weights and "
+                         "activations: lower the load or pass --kv-budget")
+    return dataclasses.replace(cfg.cache, kv_budget_bytes=budget)
 
 
 def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str) -> ThreadedServingLoop:

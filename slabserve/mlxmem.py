@@ -71,3 +71,38 @@ def configure_memory(cache_limit_bytes: int | None = None) -> MemorySettings:
     limit = min(default_cache_limit(), mx.get_memory_limit())
     prev = mx.set_cache_limit(limit)
     return MemorySettings(limit, prev, "default")
+
+
+def device_memory_bytes() -> int | None:
+    """Memory the default GPU device offers this process (Metal's recommended working set,
+    CUDA's total memory, capped by MLX's memory limit); None on the CPU."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.cpu:
+        return None
+    info = mx.device_info()
+    total = next((int(info[k]) for k in ("max_recommended_working_set_size", "total_memory",
+                                         "memory_size") if info.get(k)), 0)
+    limit = mx.get_memory_limit()
+    return min(total, limit) if total and limit else (total or limit or None)
+
+
+def activation_reserve_bytes(step_tokens: int, hidden: int, intermediate: int,
+                             itemsize: int) -> int:
+    """Memory kept free for one step's activations: the widest layer's inputs and outputs
+    (hidden states, the MLP's gate / up / product) for ``step_tokens`` tokens, doubled for
+    the graph's temporaries, plus 512 MiB for the framework."""
+    per_token = (4 * hidden + 3 * intermediate) * itemsize
+    return 2 * step_tokens * per_token + (512 << 20)
+
+
+def device_kv_budget(fraction: float, weights_bytes: int, reserve_bytes: int) -> int | None:
+    """The KV pool's byte budget sized from the device, as vLLM's
+    ``gpu_memory_utilization``: ``fraction`` of the device memory, less the weights and
+    the activation reserve.  None on the CPU (the caller keeps its bounded default)."""
+    if not 0 < fraction <= 1:
+        raise ValueError("fraction must be in (0, 1]")
+    total = device_memory_bytes()
+    if total is None:
+        return None
+    return max(0, int(total * fraction) - weights_bytes - reserve_bytes)

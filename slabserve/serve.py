@@ -71,7 +71,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--slab-tokens", type=int, default=None,
                    help="tokens per slab (default: the KV budget in at most 32 slabs, "
                         "at least 4096)")
-    g.add_argument("--kv-budget", type=size, default=1 << 30, help="bytes (e.g. 2G)")
+    g.add_argument("--kv-budget", type=size, default=None,
+                   help="KV pool bytes (e.g. 2G); default: on a GPU --kv-memory-fraction of "
+                        "its memory less the weights and an activation reserve, on a CPU 1G")
+    g.add_argument("--kv-memory-fraction", type=float, default=0.9,
+                   help="on a GPU without --kv-budget: the share of device memory the "
+                        "process may use (weights + activations + KV pool), like vLLM's "
+                        "--gpu-memory-utilization")
     g.add_argument("--initial-slabs", type=int, default=1)
     g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
@@ -143,7 +149,8 @@ def configs(args: argparse.Namespace):
         served_model_name=args.served_model_name, max_n=args.max_n, log_level=args.log_level,
         admin_endpoints=args.admin_endpoints)
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
-                        kv_budget_bytes=args.kv_budget, initial_slabs=args.initial_slabs,
+                        kv_budget_bytes=args.kv_budget or CacheConfig.kv_budget_bytes,
+                        initial_slabs=args.initial_slabs,
                         dtype=args.kv_dtype, prefix_caching=args.enable_prefix_caching)
     sched = SchedulerConfig.for_device(
         _gpu(), max_running=args.max_running, max_queued=args.max_queued,
@@ -159,7 +166,8 @@ def configs(args: argparse.Namespace):
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
     serving = ServeConfig(model=args.model, dtype=args.dtype, cache_dir=env.cache_dir(),
                           cache=cache, runner=runner, scheduler=sched,
-                          mlx_cache_limit_bytes=limit, served_name=args.served_model_name)
+                          mlx_cache_limit_bytes=limit, served_name=args.served_model_name,
+                          kv_memory_fraction=None if args.kv_budget else args.kv_memory_fraction)
     return server, serving
 
 
