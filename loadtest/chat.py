@@ -10,9 +10,12 @@ greedy, ``reply_tokens`` forced as the other runs force them (``ignore_eos`` /
 ``k`` thus sends ``2k`` messages.  A failed turn ends its session (its history has no reply
 to go on with).
 
-Before the measured sessions, ``warmup`` single-turn requests with system prompts of their
-own (no prefix shared with the measured ones beyond the chat template's first tokens) run
-concurrently and are discarded, so that compiled shapes are warm for every server alike.
+Before the measured sessions, ``warmup`` warm-up sessions run the same scenario (every
+turn) on texts of their own: another shared system prompt and other user messages (no
+prefix shared with the measured ones beyond the chat template's first tokens); they are
+discarded, so that shapes compiled on first use (a GPU's attention graphs and kernels for
+each batch and context) are warm for every server alike and the measured turns show the
+steady state.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from slabserve.loadtest.client import Endpoint, build_chat_body, stream_post
 from slabserve.loadtest.metrics import Dist, RequestRecord
 from slabserve.loadtest.prompts import Tokenizer, make_prompt
 from slabserve.loadtest.runner import _Progress
+from slabserve.loadtest.traces import snapshot
 
 CHAT_PATH = "/v1/chat/completions"
 
 
 @dataclass(frozen=True)
 class ChatSpec:
-    """The scenario's shape; ``warmup`` None means one warm-up request per session."""
+    """The scenario's shape; ``warmup``: warm-up sessions (None: as many as measured)."""
 
     sessions: int = 4
     turns: int = 4
@@ -63,11 +67,12 @@ class ChatSpec:
 @dataclass(frozen=True)
 class ChatTexts:
     """The scenario's text: the shared system prompt, ``users[session][turn - 1]``, and
-    (system, user) of each warm-up request."""
+    the warm-up sessions' own system prompt and user messages (same shapes)."""
 
     system: str
     users: tuple[tuple[str, ...], ...]
-    warmup: tuple[tuple[str, str], ...] = ()
+    warmup_system: str = ""
+    warmup: tuple[tuple[str, ...], ...] = ()
 
 
 def build_chat_texts(spec: ChatSpec, tok: Tokenizer) -> ChatTexts:
@@ -78,10 +83,11 @@ def build_chat_texts(spec: ChatSpec, tok: Tokenizer) -> ChatTexts:
 
     users = tuple(tuple(text(spec.user_tokens, 1 + s * spec.turns + t)
                         for t in range(spec.turns)) for s in range(spec.sessions))
-    base = 1 + spec.sessions * spec.turns
-    warm = tuple((text(spec.system_tokens, base + 2 * i), text(spec.user_tokens, base + 2 * i + 1))
-                 for i in range(spec.warmup_requests))
-    return ChatTexts(text(spec.system_tokens, 0), users, warm)
+    base = 2 + spec.sessions * spec.turns
+    warm = tuple(tuple(text(spec.user_tokens, base + s * spec.turns + t)
+                       for t in range(spec.turns)) for s in range(spec.warmup_requests))
+    return ChatTexts(text(spec.system_tokens, 0), users, text(spec.system_tokens, base - 1),
+                     warm)
 
 
 @dataclass(frozen=True)
@@ -180,17 +186,15 @@ class ChatResult:
     turns: tuple[TurnRecord, ...]
     warmup_failed: int = 0
     server: str = ""  # --compare: the server process that served it ("pid P port N")
+    preemptions: float | None = None  # the server's preemptions in the measured part
 
 
 async def _warm(client: httpx.AsyncClient, ep: Endpoint, spec: ChatSpec,
                 texts: ChatTexts) -> int:
-    """The warm-up requests, concurrently; how many failed."""
-    def one(system: str, user: str):
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        return send_chat(client, ep, msgs, spec.reply_tokens)
-
-    done = await asyncio.gather(*(one(s, u) for s, u in texts.warmup))
-    return sum(1 for rec, _, _ in done if not rec.ok)
+    """The warm-up sessions, concurrently, every turn; how many requests failed."""
+    done = await asyncio.gather(*(run_session(client, ep, spec, texts.warmup_system, users, s)
+                                  for s, users in enumerate(texts.warmup)))
+    return sum(1 for session in done for t in session if not t.record.ok)
 
 
 async def run_chat(ep: Endpoint, spec: ChatSpec, texts: ChatTexts, label: str = "",
@@ -202,6 +206,7 @@ async def run_chat(ep: Endpoint, spec: ChatSpec, texts: ChatTexts, label: str = 
     timeout = httpx.Timeout(spec.timeout_s, connect=10.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         warm_failed = await _warm(client, ep, spec, texts)
+        before = await _preemptions(client, ep)
         bar = _Progress(spec.sessions * spec.turns, f"{label} chat", show_progress)
         try:
             done = await asyncio.gather(*(
@@ -209,9 +214,21 @@ async def run_chat(ep: Endpoint, spec: ChatSpec, texts: ChatTexts, label: str = 
                 for s in range(spec.sessions)))
         finally:
             bar.close()
+        after = await _preemptions(client, ep)
     turns = tuple(t for session in done for t in session)
+    preempted = None if before is None or after is None else after - before
     return ChatResult(label, spec, summarize_chat(turns, spec.reply_tokens), turns,
-                      warm_failed)
+                      warm_failed, preemptions=preempted)
+
+
+async def _preemptions(client: httpx.AsyncClient, ep: Endpoint) -> float | None:
+    """The server's preemption counter from /metrics (vLLM's and our name), or None."""
+    samples = await snapshot(client, ep.base_url, ep.metrics_path)
+    if samples is None:
+        return None
+    found = [v for (name, _), v in samples.items()
+             if name.endswith(":num_preemptions_total") or name.endswith(":num_preemptions")]
+    return sum(found) if found else None
 
 
 def print_chat(res: ChatResult, tag: str = "") -> None:

@@ -77,12 +77,13 @@ def _share(v: float | None) -> str:
 
 
 RUNS_HEADER = ("| config | ok/fail | TTFT turn 1 p50 / p90 ms | TTFT turns 2+ p50 / p90 ms "
-               "| TPOT p50 ms | out tok/s | wall s | prompt tokens | cached share |")
+               "| TPOT p50 ms | out tok/s | wall s | prompt tokens | cached share "
+               "| preemptions |")
 
 
 def chat_runs_markdown(results: Sequence[ChatResult]) -> str:
     """One row per run."""
-    lines = [RUNS_HEADER, "|" + "---|" * 9]
+    lines = [RUNS_HEADER, "|" + "---|" * 10]
     for r in results:
         s = r.summary
         fails = "".join(f" ({k}:{v})" for k, v in s.failures.items())
@@ -91,7 +92,8 @@ def chat_runs_markdown(results: Sequence[ChatResult]) -> str:
             f"| {fmt(s.first_ttft.p50, 0)} / {fmt(s.first_ttft.p90, 0)} "
             f"| {fmt(s.later_ttft.p50, 0)} / {fmt(s.later_ttft.p90, 0)} "
             f"| {fmt(s.tpot.p50)} | {fmt(s.output_tok_s, 2)} | {fmt(s.wall_s, 2)} "
-            f"| {s.prompt_tokens} | {_share(s.cached_share)} |")
+            f"| {s.prompt_tokens} | {_share(s.cached_share)} "
+            f"| {'n/a' if r.preemptions is None else f'{r.preemptions:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 

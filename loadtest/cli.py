@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=int, default=None,
                       help="warm-up requests per run (default: the run's concurrency, sent "
                            "concurrently, so batched shapes are warm before measuring; "
-                           "--scenario chat: one single-turn request per session, with system "
-                           "prompts of their own)")
+                           "--scenario chat: warm-up sessions, as many as measured, every turn, "
+                           "on texts of their own)")
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--length-spread", type=float, default=0.0,

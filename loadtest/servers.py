@@ -67,8 +67,9 @@ def kv_bytes_per_token(model_dir: Path) -> int:
 def kv_budget_args(model_dir: Path, tokens: int, given: tuple[str, ...]) -> tuple[str, ...]:
     """``--kv-budget`` for ``slabserve serve`` big enough for ``tokens`` resident tokens
     (plus 25% and at least 1 GiB, the server's default), unless ``given`` sets one: mlx_lm's
-    server has no KV limit, so ours must not be starved into preemption by the default."""
-    if any(a.startswith("--kv-budget") for a in given):
+    server has no KV limit, so ours must not be starved into preemption by the default.
+    ``--kv-memory-fraction`` in ``given`` asks for the server's own device-sized pool."""
+    if any(a.startswith(("--kv-budget", "--kv-memory-fraction")) for a in given):
         return ()
     need = int(kv_bytes_per_token(model_dir) * tokens * 1.25)
     return ("--kv-budget", str(max(need, 1 << 30)))

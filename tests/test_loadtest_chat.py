@@ -102,10 +102,12 @@ def test_each_turn_sends_the_whole_history_as_a_chat_client_does():
                     warmup=2)
     with fake_server() as (url, bodies):
         res, texts = _run(url, spec)
-    assert len(bodies) == 2 + 9 and res.summary.requests_ok == 9
-    warm, measured = bodies[:2], bodies[2:]
-    assert all(len(b["messages"]) == 2 for b in warm)
-    assert {b["messages"][0]["content"] for b in warm}.isdisjoint({texts.system})
+    assert len(bodies) == 2 * 3 + 9 and res.summary.requests_ok == 9
+    warm, measured = bodies[:6], bodies[6:]
+    assert sorted(len(b["messages"]) for b in warm) == [2, 2, 4, 4, 6, 6]  # every turn
+    assert {b["messages"][0]["content"] for b in warm} == {texts.warmup_system}
+    assert texts.warmup_system != texts.system
+    assert not {b["messages"][1]["content"] for b in warm} & {u for r in texts.users for u in r}
     for b in bodies:
         assert b["stream"] is True and b["temperature"] == 0.0 and b["max_tokens"] == 4
         assert b["ignore_eos"] is True and b["stream_options"] == {"include_usage": True}
