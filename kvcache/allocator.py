@@ -29,7 +29,8 @@ Prefix caching (``enable_caching=True``; keys from ``slabserve.kvcache.prefix``)
     evictable in the order freed and are evicted oldest first, so a prompt's tail goes
     before its head (a tail block is useless without its head: lookups walk from block
     0, and a head block serves every prompt that starts with it).
-  * ``allocate`` uses the free list, then grows by slabs, then evicts (LRU).
+  * ``allocate`` uses the free list, then evicts (LRU) onto it, then grows by slabs: the
+    cache holds only blocks of slabs that live sequences needed.
 """
 
 from __future__ import annotations
@@ -136,18 +137,22 @@ class BlockAllocator:
 
     def allocate(self, n: int) -> list[int] | None:
         """Return ``n`` fresh, uncached block ids (refcount 1 each), or ``None`` if
-        impossible.  Order of supply: free list (lowest ids first), growth by whole
-        slabs, then eviction of the least recently freed cached blocks."""
+        impossible.  Order of supply: the free list; when it is short, the least recently
+        freed cached blocks are evicted onto it; only then does the pool grow by whole
+        slabs.  The handout is lowest ids first either way, so live blocks stay packed in
+        the fewest slabs, and the cache never makes the pool grow: with nothing shared,
+        the pool grows exactly as it would without caching."""
         if n < 0:
             raise ValueError("n must be >= 0")
         if n > self.num_available:
             return None
+        evict = min(n - len(self._free), self._cache.num_evictable)
+        for _ in range(max(0, evict)):
+            heapq.heappush(self._free, self._cache.evict())
         if n > len(self._free):
             short = n - len(self._free)
             self._grow_to(self.num_slabs + -(-short // self.slab_blocks))
-        take = min(n, len(self._free))
-        out = [heapq.heappop(self._free) for _ in range(take)]
-        out.extend(self._cache.evict() for _ in range(n - take))
+        out = [heapq.heappop(self._free) for _ in range(n)]
         for b in out:
             self._refcount[b] = 1
         return out

@@ -109,16 +109,19 @@ def test_prefix_survives_partial_eviction():
     assert a.check_integrity()
 
 
-def test_free_list_then_growth_then_eviction():
+def test_free_list_then_eviction_then_growth():
+    """The cache never grows the pool: cached blocks are evicted onto the free list
+    before a slab is added, and the handout is lowest ids first."""
     grown = []
     a = BlockAllocator(slab_blocks=2, max_blocks=6, enable_caching=True, on_grow=grown.append)
     blocks, _, _ = _seq(a, [1, 1, 2, 2])  # slab 0, cached
     a.free(reversed(blocks))
     assert a.num_available == 6 and a.num_free == 2 and a.num_free_uncached == 0
-    assert a.allocate(4) == [2, 3, 4, 5] and grown == [1, 3]  # grew: cache intact
-    assert a.num_cached == 2 and a.evictions == 0
-    assert a.allocate(3) is None and a.num_cached == 2  # refused: nothing changed
-    assert a.allocate(2) == blocks[::-1] and a.evictions == 2 and a.num_cached == 0
+    assert a.allocate(7) is None and a.num_cached == 2  # refused: nothing changed
+    assert a.allocate(1) == [blocks[1]] and grown == [1]  # the LRU block (tail), no growth
+    assert a.evictions == 1 and a.num_cached == 1
+    assert a.allocate(3) == [blocks[0], 2, 3] and grown == [1, 2]  # evict, then grow
+    assert a.num_cached == 0 and a.evictions == 2
     assert a.check_integrity()
 
 
