@@ -163,7 +163,8 @@ def write_chat_outputs(out: Path, results: Sequence[ChatResult], spec: ChatSpec,
           f"machine: {meta['machine']}; versions: {meta['versions']}", "",
           f"Scenario: {spec.sessions} sessions x {spec.turns} turns, shared system prompt "
           f"{spec.system_tokens} tokens, user messages {spec.user_tokens} tokens, replies "
-          f"{spec.reply_tokens} tokens, {spec.warmup_requests} warm-up requests.", "",
+          f"{spec.reply_tokens} tokens, {spec.warmup_requests} warm-up sessions (every turn, "
+          "texts of their own).", "",
           "## Runs", "", chat_runs_markdown(results),
           "## Ratios", "", chat_ratio_markdown(results)]
     if meta.get("stopped_early"):
