@@ -57,8 +57,12 @@ def reference(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
 
 
 def make(num_blocks: int = 16, block_size: int = 4, max_context: int = 10_000,
-         slab_blocks: int | None = None, **cfg) -> tuple[Scheduler, ShadowExecutor]:
-    alloc = BlockAllocator(slab_blocks or num_blocks, num_blocks)
+         slab_blocks: int | None = None, caching: bool = False,
+         **cfg) -> tuple[Scheduler, ShadowExecutor]:
+    """A scheduler over a fresh allocator (``caching``: automatic prefix caching on) and
+    the shadow executor.  The shadow KV store checks sharing too: a shared block holding
+    other tokens changes every later sampled token."""
+    alloc = BlockAllocator(slab_blocks or num_blocks, num_blocks, enable_caching=caching)
     s = Scheduler(SchedulerConfig(**cfg), alloc, block_size, max_context, eos_token_ids={EOS})
     return s, ShadowExecutor(alloc, block_size)
 

@@ -1,6 +1,8 @@
 """Hypothesis: thousands of random steps (adds, aborts, steps) on a tiny block budget,
 ``check_integrity()`` after each; outputs equal the schedule-free reference; all blocks
-come back."""
+come back.  With prefix caching on, prompts of the same base share prefixes (one is a
+prefix of every longer one), so sequences share cached blocks, are preempted and aborted
+while sharing, and must still produce the reference and leak nothing."""
 
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ configs = st.fixed_dictionaries(dict(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=configs, script=ops)
-def test_random_schedules_keep_invariants(cfg, script):
-    s, ex = make(**cfg)
+@given(cfg=configs, script=ops, caching=st.booleans())
+def test_random_schedules_keep_invariants(cfg, script, caching):
+    s, ex = make(caching=caching, **cfg)
     budget, reqs, outs, aborted = cfg["max_step_tokens"], {}, {}, set()
     steps = 0
 
@@ -69,6 +71,8 @@ def test_random_schedules_keep_invariants(cfg, script):
             break
         one_step()
     assert not s.has_work and s.allocator.num_used == 0
+    assert not s.prefix._in_flight, "in-flight prefix keys leaked"
+    assert s.allocator.check_integrity()
     for rid, r in reqs.items():
         got = outs.get(rid, [])
         want = reference(r.prompt_tokens, r.params.max_tokens)
