@@ -14,8 +14,31 @@ import shutil
 from pathlib import Path
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML with Hermes/Qwen-style tools: the tool list in a system turn, calls as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, results as <tool_response>.
+# (No newline right after a block tag: Hugging Face renders with trim_blocks.)
+_NL = '{{ "\\n" }}'
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n" + _NL + "{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}" + _NL + "{{ tool | tojson }}{% endfor %}" + _NL + "</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if tools and loop.first and m['role'] == 'system' %}"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<|im_start|>assistant\n"
+    "{% if m['content'] %}{{ m['content'] }}" + _NL + "{% endif %}"
+    "{% for tc in m['tool_calls'] %}<tool_call>\n"
+    "{\"name\": {{ tc['function']['name'] | tojson }}, \"arguments\": "
+    "{{ tc['function']['arguments'] | tojson }}}\n</tool_call>"
+    "{% if not loop.last %}" + _NL + "{% endif %}{% endfor %}<|im_end|>\n"
+    "{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}"
+    "\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

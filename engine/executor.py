@@ -1,20 +1,26 @@
-"""``engine.step.Executor`` on the paged ``ModelRunner`` and ``engine.sampling``."""
+"""``engine.step.Executor`` on the paged ``ModelRunner`` and ``engine.sampling``, with
+grammar-constrained rows through ``engine.constraint`` (masks computed while the forward
+runs)."""
 
 from __future__ import annotations
 
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from slabserve.engine import sampling
+from slabserve.engine.constraint import ConstraintEngine, StepMasks, StepRow
 from slabserve.engine.runner import ModelRunner, SeqInput
 from slabserve.engine.step import (
     AttentionPath,
     Executor,
+    GrammarSpec,
     SampledToken,
     ScheduledChunk,
     StepOutput,
     StepPlan,
+    TokenLogprob,
 )
 from slabserve.kvcache.arrays import host_array
 
@@ -27,12 +33,22 @@ def _seq_input(c: ScheduledChunk) -> SeqInput:
     return SeqInput(list(c.tokens), c.start, list(c.blocks), want_logits=c.sample)
 
 
+def _vocab(runner: ModelRunner, tokenizer) -> int:
+    """The width of the model's logits (the config's ``vocab_size``, else the tokenizer's)."""
+    n = getattr(getattr(runner.model, "args", None), "vocab_size", None)
+    return int(n) if isinstance(n, int) and n > 0 else len(tokenizer)
+
+
 class ModelExecutor(Executor):
     """Runs a plan as one ``ModelRunner.forward`` (prefill chunks + one batched decode),
     then samples every row that wants a token in one batch.
 
     ``forward_seconds``/``steps`` accumulate the time inside ``runner.forward`` so the
-    step-overhead benchmark can subtract it from the whole step."""
+    step-overhead benchmark can subtract it from the whole step.  Constrained steps:
+    ``last_mask_s`` the worker's time on the masks (overlapping the forward),
+    ``last_mask_wait_s`` what the step still waited for them after the forward,
+    ``last_commit_s`` advancing the grammars after sampling (``mask_wait_seconds`` sums
+    the waits).  Constrained sampling needs ``bind_tokenizer`` first."""
 
     def __init__(self, runner: ModelRunner, max_context: int) -> None:
         self.runner = runner
@@ -40,7 +56,30 @@ class ModelExecutor(Executor):
         self.block_size = runner.block_size
         self.max_context = max_context
         self.forward_seconds = 0.0
+        self.mask_wait_seconds = 0.0
+        self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         self.steps = 0
+        self.constraints: ConstraintEngine | None = None
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Enable constrained sampling against ``tokenizer`` (its llguidance view is built
+        on the first constrained request)."""
+        from slabserve.engine.grammar import GrammarCompiler
+
+        if self.constraints is not None:
+            self.constraints.close()
+        compiler = GrammarCompiler(tokenizer, _vocab(self.runner, tokenizer),
+                                   tokenizer.eos_token_ids)
+        self.constraints = ConstraintEngine(compiler)
+
+    def check_constraint(self, spec: GrammarSpec) -> None:
+        if self.constraints is None:
+            raise ValueError("this engine has no tokenizer bound: it cannot constrain output")
+        self.constraints.check(spec)
+
+    def release(self, request_id: str) -> None:
+        if self.constraints is not None:
+            self.constraints.drop(request_id)
 
     def bind_thread(self) -> None:
         """MLX 0.32 keeps streams per thread: give the engine thread its own."""
@@ -57,29 +96,84 @@ class ModelExecutor(Executor):
         return self.runner.attention.selector.path_counts()
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         if plan.empty:
             return StepOutput()
+        for rid in plan.preempted:  # rebuilt by replay when it samples again
+            self.release(rid)
+        chunks = [c for c in plan.prefills if c.sample] + [c for c in plan.decodes if c.sample]
+        masks = self._begin_masks(chunks)
         t0 = time.perf_counter()
         pre, dec = self.runner.forward(
             [_seq_input(c) for c in plan.prefills], [_seq_input(c) for c in plan.decodes])
         self.last_forward_s = time.perf_counter() - t0
         self.forward_seconds += self.last_forward_s
         self.steps += 1
-        rows: list[mx.array] = []
-        chunks: list[ScheduledChunk] = []
-        for c, lg in zip(plan.prefills, pre, strict=True):
-            if c.sample:
-                rows.append(lg[None])
-                chunks.append(c)
+        rows: list[mx.array] = [lg[None] for c, lg in zip(plan.prefills, pre, strict=True)
+                                if c.sample]
         want = [i for i, c in enumerate(plan.decodes) if c.sample]
         if want:
             rows.append(dec if len(want) == len(plan.decodes) else dec[host_array(want)])
-            chunks.extend(plan.decodes[i] for i in want)
         if not chunks:
             return StepOutput()
         logits = rows[0] if len(rows) == 1 else mx.concatenate(rows)
         specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output, c.output_index)
                  for c in chunks]
-        picked = sampling.sample(logits, specs)
-        pairs = zip(chunks, picked, strict=True)
-        return StepOutput({c.request_id: SampledToken(tok, lp) for c, (tok, lp) in pairs})
+        allowed = self._allowed(masks, len(chunks), logits.shape[-1])
+        picked = sampling.sample(logits, specs, allowed)
+        if masks is not None:
+            tokens = self._commit(chunks, masks, picked)
+        else:
+            tokens = [SampledToken(tok, lp) for tok, lp in picked]
+        return StepOutput({c.request_id: t for c, t in zip(chunks, tokens, strict=True)})
+
+    # ---- constrained rows ----------------------------------------------------------
+    def _begin_masks(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[StepRow],
+                                                                   StepMasks] | None:
+        idx = [i for i, c in enumerate(chunks) if c.params.constraint is not None]
+        if not idx:
+            return None
+        if self.constraints is None:
+            raise RuntimeError("a constrained request reached an engine without a tokenizer")
+        rows = [StepRow(chunks[i].request_id, chunks[i].params.constraint,
+                        chunks[i].output_index,
+                        chunks[i].params.max_tokens - chunks[i].output_index,
+                        chunks[i].output) for i in idx]
+        vocab = self.constraints.compiler.tokenizer.vocab_size  # the masks' width
+        return idx, rows, self.constraints.begin(rows, vocab)
+
+    def _allowed(self, masks, batch: int, vocab: int) -> mx.array | None:
+        if masks is None:
+            return None
+        idx, _, step = masks
+        t0 = time.perf_counter()
+        part = step.allowed()
+        self.last_mask_wait_s = time.perf_counter() - t0
+        self.last_mask_s = step.compute_s
+        self.mask_wait_seconds += self.last_mask_wait_s
+        if part.shape[1] != vocab:  # logits wider than the mask: the rest is never allowed
+            fit = np.zeros((part.shape[0], vocab), dtype=bool)
+            n = min(vocab, part.shape[1])
+            fit[:, :n] = part[:, :n]
+            part = fit
+        if len(idx) == batch:
+            return mx.array(part)
+        full = np.ones((batch, vocab), dtype=bool)
+        full[idx] = part
+        return mx.array(full)
+
+    def _commit(self, chunks, masks, picked) -> list[SampledToken]:
+        idx, rows, step = masks
+        t0 = time.perf_counter()
+        done = self.constraints.commit(rows, step, [picked[i][0] for i in idx])
+        self.last_commit_s = time.perf_counter() - t0
+        eos = self.constraints.eos
+        out = [SampledToken(tok, lp) for tok, lp in picked]
+        for i, c in zip(idx, done, strict=True):
+            lp = picked[i][1]
+            if c.replaced and lp is not None:  # the only token left that finishes in time
+                lp = TokenLogprob(c.token, 0.0, ((c.token, 0.0),))
+            # an end token that completes the grammar ends the request as eos does
+            final = c.final and (c.token not in eos or chunks[i].params.ignore_eos)
+            out[i] = SampledToken(c.token, lp, final)
+        return out

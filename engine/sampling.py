@@ -3,7 +3,9 @@ sampled with its own request's parameters.
 
 Per row, in mlx-lm's order: logits processors (logit_bias, then repetition, presence and
 frequency penalties: mlx-lm's own ``make_*`` factories, applied only to rows that set
-them), log-softmax, then for temperature > 0 mlx-lm's filters (top_p, min_p, top_k: the
+them), the grammar mask of constrained rows (``allowed``: -inf where a row's grammar
+forbids the token; rows without a constraint pass through unchanged), log-softmax, then
+for temperature > 0 mlx-lm's filters (top_p, min_p, top_k: the
 formulas of ``apply_top_p``/``apply_min_p``/``apply_top_k``, vectorised over rows because
 mlx-lm's take one scalar parameter for the whole batch) and a categorical draw at
 ``1 / temperature`` (Gumbel-max, as ``mx.random.categorical``); temperature 0 is argmax.
@@ -11,7 +13,8 @@ The whole batch is one graph and one ``mx.eval``.
 
 Semantics: the repetition penalty looks at prompt + output, presence and frequency
 penalties at the output only (as OpenAI defines them).  Reported logprobs are those of
-the processed distribution (after penalties and bias, before temperature and filters).
+the processed distribution (after penalties, bias and grammar mask, before temperature
+and filters).
 
 Reproducibility: the draw for a request's ``t``-th token uses the key
 ``mix(seed, t)`` alone, so it does not depend on the batch, on the row, or on how often
@@ -158,15 +161,21 @@ def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
     return mx.argmax(lp * _column([1.0 / p.temperature for p in params]) + noise, axis=-1)
 
 
-def sample(logits: mx.array, specs: Sequence[RowSpec]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(logits: mx.array, specs: Sequence[RowSpec],
+           allowed: mx.array | None = None) -> list[tuple[int, TokenLogprob | None]]:
     """Sample one token per row; returns (token id, logprob or None) per row.
-    ``logits`` is ``[len(specs), vocab]``."""
+    ``logits`` is ``[len(specs), vocab]``; ``allowed`` (optional, bool, same shape) masks
+    the tokens a row may take (all True on unconstrained rows).  The mask does not touch
+    the random draw: a seeded request samples the same tokens under the same mask alone or
+    batched."""
     logits = logits.astype(mx.float32)
     if any(_needs_processing(s.params) for s in specs):
         vocab = logits.shape[-1]
         logits = mx.concatenate([
             _process(logits[i : i + 1], s, vocab) if _needs_processing(s.params)
             else logits[i : i + 1] for i, s in enumerate(specs)])
+    if allowed is not None:
+        logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
     wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
     # argmax, Gumbel-max, min_p and top_k are shift-invariant: normalise only for
     # top_p and reported logprobs

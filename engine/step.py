@@ -15,13 +15,34 @@ from typing import Literal
 
 AttentionPath = Literal["auto", "native", "gather"]
 ATTENTION_PATHS: tuple[AttentionPath, ...] = ("auto", "native", "gather")
+GrammarKind = Literal["json_schema", "regex", "choice", "lark"]
+GRAMMAR_KINDS: tuple[GrammarKind, ...] = ("json_schema", "regex", "choice", "lark")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a constrained request's output must match, as plain data (the grammar engine
+    lives in ``engine.constraint``; nothing above the engine knows it).
+
+    ``kind``/``source``: ``json_schema`` (the schema as JSON text), ``regex`` (a regular
+    expression the whole output matches), ``choice`` (a JSON list of strings: the output is
+    one of them) or ``lark`` (an llguidance Lark grammar, EBNF-like).  Equal specs compile
+    once (the engine caches by value)."""
+
+    kind: GrammarKind
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling and stopping.  ``logprobs``: None = none; k >= 0 = the chosen
     token's logprob plus the top k alternatives.  ``seed`` makes sampling reproducible
-    whether the request runs alone or batched."""
+    whether the request runs alone or batched.  ``constraint``: the output must match this
+    grammar (each step samples only tokens it allows; see ``engine.constraint``)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -37,6 +58,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -110,8 +132,12 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class SampledToken:
+    """``final``: the request's constraint is complete with this token (its grammar admits
+    nothing more), so the request finishes with ``stop`` whatever ``ignore_eos`` says."""
+
     token_id: int
     logprob: TokenLogprob | None = None
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,16 @@ class Executor(ABC):
 
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget any per-request state (called when a request finishes or aborts)."""
+
+    def bind_tokenizer(self, tokenizer) -> None:  # noqa: B027 - optional hook
+        """The tokenizer of the served model (an mlx-lm ``TokenizerWrapper``), given once
+        before the first step; executors that constrain sampling need it."""
+
+    def check_constraint(self, spec: GrammarSpec) -> None:
+        """Raise ``ValueError`` (with the reason) if ``spec`` cannot be enforced.  May be
+        called from any thread, before the request is added; may take a while (a grammar
+        compiles), so callers run it off the event loop."""
+        raise ValueError("this engine cannot constrain its output")
 
     def bind_thread(self) -> None:  # noqa: B027 - optional hook
         """Called once on the engine thread before its first step (MLX needs a stream

@@ -17,11 +17,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from slabserve.engine.step import ATTENTION_PATHS, AttentionPath, SamplingParams, TokenLogprob
+from slabserve.engine.step import (
+    ATTENTION_PATHS,
+    AttentionPath,
+    GrammarSpec,
+    SamplingParams,
+    TokenLogprob,
+)
 
 __all__ = [
-    "ATTENTION_PATHS", "AttentionPath", "Delta", "ErrorKind", "FinishReason", "Request",
-    "RequestError", "SamplingParams", "ServingLoop", "ServingStats", "TokenLogprob",
+    "ATTENTION_PATHS", "AttentionPath", "Delta", "ErrorKind", "FinishReason", "GrammarSpec",
+    "Request", "RequestError", "SamplingParams", "ServingLoop", "ServingStats", "TokenLogprob",
 ]
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -95,6 +101,13 @@ class ServingLoop(ABC):
 
     @abstractmethod
     def abort(self, request_id: str) -> None: ...
+
+    async def check_constraint(self, spec: GrammarSpec) -> None:
+        """Raise ``RequestError`` ``invalid`` (with the reason) unless the engine can
+        enforce ``spec`` (a grammar that does not compile, or an engine without grammar
+        support).  Compiling may take a while; the compiled grammar is cached, so the
+        request that follows starts at once."""
+        raise RequestError("invalid", "this engine cannot constrain its output")
 
     @abstractmethod
     def stats(self) -> ServingStats: ...

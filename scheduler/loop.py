@@ -31,6 +31,7 @@ from slabserve.scheduler.api import (
     ATTENTION_PATHS,
     AttentionPath,
     Delta,
+    GrammarSpec,
     Request,
     RequestError,
     ServingLoop,
@@ -99,6 +100,8 @@ class ThreadedServingLoop(ServingLoop):
         self._idle = asyncio.Event()
         self.steps = 0
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
+        if tokenizer is not None:
+            executor.bind_tokenizer(tokenizer)
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,6 +164,13 @@ class ThreadedServingLoop(ServingLoop):
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
+
+    async def check_constraint(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` on a worker thread (not the event loop, not the engine thread)."""
+        try:
+            await asyncio.to_thread(self.executor.check_constraint, spec)
+        except ValueError as e:
+            raise RequestError("invalid", str(e)) from None
 
     def stats(self) -> ServingStats:
         s, a = self.scheduler, self.scheduler.allocator
@@ -245,6 +255,7 @@ class ThreadedServingLoop(ServingLoop):
             kind, item = self._inbox.popleft()
             if kind == "add":
                 try:
+                    self._check_spec(item)
                     self.scheduler.add(item, enforce_queue_limit=False)
                 except RequestError as e:
                     out.append(self._close(item.request_id, "error", e.message))
@@ -253,6 +264,15 @@ class ThreadedServingLoop(ServingLoop):
             elif self.scheduler.finish(item, "abort") is not None or item in self._live:
                 self.executor.release(item)
                 out.append(self._close(item, "abort"))
+
+    def _check_spec(self, req: Request) -> None:
+        """A constraint that does not compile fails its request here, not the step it
+        would join (free when the server checked it first: compiled grammars are cached)."""
+        if req.params.constraint is not None:
+            try:
+                self.executor.check_constraint(req.params.constraint)
+            except ValueError as e:
+                raise RequestError("invalid", str(e)) from None
 
     @staticmethod
     def _call(fn: Callable[[], object], fut: asyncio.Future) -> None:

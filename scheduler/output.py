@@ -24,7 +24,7 @@ class OutputStream:
     that could still be the start of a stop string is held back until it cannot, and a
     matched stop string (and anything after it) is never emitted.  A token that ends
     the request by id (eos, ``stop_token_ids``) is counted in ``token_ids`` but adds no
-    text."""
+    text; one that completes the request's grammar (``SampledToken.final``) does."""
 
     def __init__(self, params: SamplingParams, prompt_tokens: int, detokenizer=None) -> None:
         self.params = params
@@ -42,7 +42,7 @@ class OutputStream:
         ``cached_tokens``: prompt tokens the prefix cache supplied."""
         self.generated += 1
         self.cached_tokens = cached_tokens
-        if finish != "stop":
+        if finish != "stop" or tok.final:  # a final token completes a grammar: it is text
             self.detok.add_token(tok.token_id)
         if finish is not None:
             self.detok.finalize()

@@ -252,8 +252,11 @@ class Scheduler:
         self.prefix.planned(seq, start, n)
         sample = start + n == seq.num_tokens
         p = seq.params
-        history = sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                              or p.frequency_penalty != 0.0)
+        replay = sample and seq.replay and p.constraint is not None
+        history = replay or sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                        or p.frequency_penalty != 0.0)
+        if sample:
+            seq.replay = False
         return ScheduledChunk(
             seq.request_id, seq.token_slice(start, start + n), start, tuple(seq.blocks),
             sample, p, seq.prompt if history else (), tuple(seq.output) if history else (),
@@ -263,6 +266,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.WAITING
+        seq.replay = True
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -278,7 +282,8 @@ class Scheduler:
     # ---- results ------------------------------------------------------------------
     def update(self, plan: StepPlan, out: StepOutput) -> list[SeqUpdate]:
         """Record a step's results: advance computed counts, append sampled tokens, and
-        finish sequences on eos / stop token / max_tokens / context limit."""
+        finish sequences on eos / stop token / a completed constraint (``final``) /
+        max_tokens / context limit."""
         updates: list[SeqUpdate] = []
         for chunk in plan.chunks():
             seq = self._seqs.get(chunk.request_id)
@@ -291,7 +296,7 @@ class Scheduler:
             tok = out.sampled[chunk.request_id]
             seq.output.append(tok.token_id)
             self.generated_tokens += 1
-            reason = self._finish_reason(seq, tok.token_id)
+            reason = "stop" if tok.final else self._finish_reason(seq, tok.token_id)
             if reason is not None:
                 self.finish(seq.request_id, reason)
             updates.append(SeqUpdate(seq.request_id, tok, reason, None,

@@ -36,6 +36,7 @@ class Sequence:
     keys: list = field(default_factory=list)  # prefix-cache keys of full blocks (lazy)
     registered: int = 0  # leading blocks known cached (matched or registered)
     cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    replay: bool = False  # preempted since it last sampled: send its output once
 
     @classmethod
     def from_request(cls, req: Request, arrival: int, seed: int) -> Sequence:

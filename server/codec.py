@@ -38,11 +38,14 @@ class TextCodec:
         """The text of one token on its own (a partial UTF-8 character decodes to U+FFFD)."""
         return self.tokenizer.decode([token_id])
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        """Token ids of ``messages`` through the tokenizer's chat template.  The template
-        places any BOS itself, so the text is encoded without special tokens."""
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` (and ``tools``, OpenAI's tool objects, when given)
+        through the tokenizer's chat template.  The template places any BOS itself, so the
+        text is encoded without special tokens."""
+        kw = {"tools": tools} if tools else {}
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
         )
         if not isinstance(text, str):  # some wrappers return token ids regardless
             return [int(t) for t in text]

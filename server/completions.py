@@ -1,15 +1,18 @@
 """POST /v1/completions: prompts as a string, strings, token ids or lists of token ids;
-``n`` choices each; echo; legacy logprobs; streaming with optional usage."""
+``n`` choices each; echo; legacy logprobs; streaming with optional usage; structured
+outputs (``server.structured``)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from slabserve.scheduler.api import Request, TokenLogprob
+from slabserve.server import structured
 from slabserve.server.codec import TextCodec, finite_logprob
 from slabserve.server.generation import Choice, stream_events, usage
 from slabserve.server.metrics import ChoiceTimer
@@ -106,10 +109,14 @@ class CompletionFormat:
         return body
 
 
-def _choices(body: CompletionRequest, ctx: ServerContext, job: Job,
-             prompts: list[list[int]], t0: float) -> list[Choice]:
+async def _choices(body: CompletionRequest, ctx: ServerContext, job: Job,
+                   prompts: list[list[int]], t0: float) -> list[Choice]:
     ctx.check_fanout(body.n * len(prompts))
     base = base_params(body, body.logprobs, ctx.codec.vocab_size)
+    found = structured.requested_spec(body)
+    if found is not None:
+        await structured.check(ctx.serving, *found)
+        base = replace(base, constraint=found[0])
     out = []
     for pi, ids in enumerate(prompts):
         params = bound_max_tokens(base, len(ids), body.max_tokens, DEFAULT_MAX_TOKENS,
@@ -130,7 +137,7 @@ async def create_completion(body: CompletionRequest, request: HTTPRequest) -> Re
     ctx.check_admitting()
     prompts, texts = prompt_ids(body.prompt, ctx.codec)
     job = Job.new("cmpl", ctx.model_name)
-    choices = _choices(body, ctx, job, prompts, t0)
+    choices = await _choices(body, ctx, job, prompts, t0)
     echo = [""] * len(choices)
     if body.echo:
         echo = [texts[c.index // body.n] if texts[c.index // body.n] is not None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,10 @@ class ServerConfig:
     decode attention path at run time, for benchmarks); off, those routes are 404.
     ``max_body_bytes`` bounds a request body (413 beyond it).  ``shutdown_timeout`` is how
     long in-flight requests may run after SIGTERM before they are ended.  ``max_n`` bounds
-    the choices of one request (n times the number of prompts)."""
+    the choices of one request (n times the number of prompts).  ``model_aliases``: other
+    names a request may give the model by (``model_aliases`` below).
+    ``tool_call_parser``: the tool-call format (``server.toolcalls``); ``auto`` picks it
+    from the chat template."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -27,8 +34,12 @@ class ServerConfig:
     max_n: int = 16
     log_level: str = "info"
     admin_endpoints: bool = False
+    model_aliases: tuple[str, ...] = ()
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
         if not 0 <= self.port < 65536:
             raise ValueError("port must be in [0, 65535]")
         if self.api_key is not None and not self.api_key:
@@ -39,3 +50,15 @@ class ServerConfig:
             raise ValueError("shutdown_timeout and retry_after_s must be >= 0")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+
+
+def model_aliases(model: str | None, served_names: Sequence[str] = ()) -> tuple[str, ...]:
+    """Names besides the first served name that a request may use: the other served names,
+    and the ``--model`` argument as given and as an absolute path (what vLLM accepts)."""
+    names = list(served_names[1:])
+    if model:
+        names.append(model)
+        if not model.startswith("embedded:"):
+            names.append(str(Path(model).expanduser().resolve()))
+            names.append(model.rstrip("/"))
+    return tuple(dict.fromkeys(n for n in names if n))

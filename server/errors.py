@@ -89,11 +89,16 @@ def from_engine(err: RequestError, retry_after_s: int) -> APIError:
 _UNION_TAGS = {"str", "int", "float", "bool", "none"}
 
 
+# discriminated unions: the field, then the tag pydantic puts in the path
+_TAGGED = {"response_format": {"text", "json_object", "json_schema"}}
+
+
 def _clean_loc(loc: tuple) -> str | None:
     """Dotted field path without pydantic's ``body`` root and union-member tags."""
     parts = [str(p) for p in loc if p != "body"]
-    parts = [p for p in parts if p not in _UNION_TAGS and "[" not in p
-             and not p.startswith("function-")]
+    parts = [p for i, p in enumerate(parts)
+             if p not in _UNION_TAGS and "[" not in p and not p.startswith("function-")
+             and not (i and p in _TAGGED.get(parts[i - 1], ()))]
     return ".".join(parts) or None
 
 

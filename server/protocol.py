@@ -3,7 +3,11 @@
 Unknown fields are refused (400) so that nothing a client sends is silently ignored;
 fields the serving loop cannot honour are refused by ``server.sampling`` with their name.
 Extensions shared with vLLM: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``stop_token_ids`` and ``return_token_ids`` (token ids of prompt and output per choice).
+``stop_token_ids`` and ``return_token_ids`` (token ids of prompt and output per choice),
+and the structured-output fields ``structured_outputs`` / ``guided_json``,
+``guided_regex``, ``guided_choice``, ``guided_grammar`` (``server.structured``).
+Text anywhere in a body must be valid Unicode: a lone surrogate (``"\ud800"``) is a 400.
+Tool models (``tools``, ``tool_choice``, messages with ``tool_calls``): ``server.tooltypes``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from pydantic import (
     model_validator,
 )
 
+from slabserve.server.tooltypes import (
+    ChatMessage,
+    NamedToolChoice,
+    TextPart,
+    Tool,
+    check_text,
+)
+
 MAX_STOP = 4
 
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
@@ -30,6 +42,47 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's ``json_schema``: ``schema`` (the SDK's ``parse`` sends a pydantic model's),
+    ``strict`` accepted (the schema is always enforced)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat,
+                           Field(discriminator="type")]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class SamplingFields(_Strict):
@@ -55,6 +108,20 @@ class SamplingFields(_Strict):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     return_token_ids: bool = False
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # structured outputs: OpenAI's, then vLLM's
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]],
+                             Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
@@ -132,41 +199,6 @@ class CompletionRequest(SamplingFields):
         return self
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    """One message; content as a string or a list of text parts.  Fields the OpenAI SDK
-    echoes back on assistant messages (``refusal``, ``tool_calls``...) are accepted only
-    when null."""
-
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @model_validator(mode="after")
-    def _no_extras(self) -> ChatMessage:
-        extra = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
-        if extra:
-            raise ValueError(f"unsupported message field(s): {', '.join(sorted(extra))}")
-        return self
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -175,18 +207,34 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice: names a tool use but no tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} "
+                             "in tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """"none" (no tools, or tool_choice none), "auto", "required", or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     @property
     def max_new(self) -> int | None:
@@ -195,3 +243,7 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "JsonObjectFormat",
+           "JsonSchemaFormat", "SamplingFields", "StructuredOutputs", "TextPart", "Tool"]

@@ -79,7 +79,10 @@ class ServerContext:
                            None, "not_ready", {"Retry-After": str(self.config.retry_after_s)})
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.model_name, self.serving.model_name):
+        """404 unless ``model`` is None, the served name, or one of its aliases (other
+        ``--served-model-name`` values, the ``--model`` path)."""
+        known = (self.model_name, self.serving.model_name, *self.config.model_aliases)
+        if model is not None and model not in known:
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                            f"'{self.model_name}'.", param="model", code="model_not_found")
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from slabserve import env
-from slabserve.server.config import ServerConfig
+from slabserve.server.config import TOOL_CALL_PARSERS, ServerConfig, model_aliases
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -50,7 +50,10 @@ def parser() -> argparse.ArgumentParser:
       "none = the embedded tiny model")
     a("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
       help="dtype of an embedded model")
-    a("--served-model-name", default=None, help="model name reported and accepted")
+    a("--served-model-name", nargs="+", default=None, help="model name reported and "
+      "accepted (more names: aliases; the --model path is accepted too)")
+    a("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
+      help="tool-call format of the model's output; auto = from its chat template")
     a("--host", default="127.0.0.1", help="bind address (loopback by default)")
     a("--port", type=int, default=8000, help="TCP port")
     a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
@@ -143,11 +146,14 @@ def configs(args: argparse.Namespace):
     from slabserve.engine.config import CacheConfig, RunnerConfig
     from slabserve.scheduler.config import SchedulerConfig
 
+    served = args.served_model_name[0] if args.served_model_name else None
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or env.api_key(),
         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-        served_model_name=args.served_model_name, max_n=args.max_n, log_level=args.log_level,
-        admin_endpoints=args.admin_endpoints)
+        served_model_name=served, max_n=args.max_n, log_level=args.log_level,
+        admin_endpoints=args.admin_endpoints,
+        model_aliases=model_aliases(args.model, args.served_model_name or ()),
+        tool_call_parser=args.tool_call_parser)
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
                         kv_budget_bytes=args.kv_budget or CacheConfig.kv_budget_bytes,
                         initial_slabs=args.initial_slabs,
@@ -166,7 +172,7 @@ def configs(args: argparse.Namespace):
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
     serving = ServeConfig(model=args.model, dtype=args.dtype, cache_dir=env.cache_dir(),
                           cache=cache, runner=runner, scheduler=sched,
-                          mlx_cache_limit_bytes=limit, served_name=args.served_model_name,
+                          mlx_cache_limit_bytes=limit, served_name=served,
                           kv_memory_fraction=None if args.kv_budget else args.kv_memory_fraction)
     return server, serving
 

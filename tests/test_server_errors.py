@@ -85,7 +85,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      None),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     "tools"),
+     "tools.0.function"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, None),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json"}},
