@@ -20,7 +20,7 @@ from slabserve.server.errors import bad_request
 from slabserve.server.generation import Choice, stream_events, usage
 from slabserve.server.metrics import ChoiceTimer
 from slabserve.server.protocol import ChatCompletionRequest
-from slabserve.server.sampling import base_params, bound_max_tokens, choice_params
+from slabserve.server.request_params import base_params, bound_max_tokens, choice_params
 from slabserve.server.state import Job, ServerContext
 
 router = APIRouter()

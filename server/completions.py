@@ -17,7 +17,12 @@ from slabserve.server.codec import TextCodec, finite_logprob
 from slabserve.server.generation import Choice, stream_events, usage
 from slabserve.server.metrics import ChoiceTimer
 from slabserve.server.protocol import CompletionRequest
-from slabserve.server.sampling import base_params, bound_max_tokens, check_token_ids, choice_params
+from slabserve.server.request_params import (
+    base_params,
+    bound_max_tokens,
+    check_token_ids,
+    choice_params,
+)
 from slabserve.server.state import Job, ServerContext
 
 router = APIRouter()

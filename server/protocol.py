@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API as pydantic models.
 
 Unknown fields are refused (400) so that nothing a client sends is silently ignored;
-fields the serving loop cannot honour are refused by ``server.sampling`` with their name.
+fields the serving loop cannot honour are refused by ``server.request_params`` with their name.
 Extensions shared with vLLM: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
 ``stop_token_ids`` and ``return_token_ids`` (token ids of prompt and output per choice),
 and the structured-output fields ``structured_outputs`` / ``guided_json``,

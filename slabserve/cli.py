@@ -11,9 +11,9 @@ import sys
 # command -> (module, function taking argv list, returns exit code), whether it runs MLX
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "serve": ("slabserve.serve", "main", True),
-    "bench": ("slabserve.bench.cli", "main", True),
+    "bench": ("slabserve.bench.__main__", "main", True),
     "calibrate": ("slabserve.calibrate", "main", True),
-    "loadtest": ("slabserve.loadtest.cli", "main", True),
+    "loadtest": ("slabserve.loadtest.__main__", "main", True),
     "info": ("slabserve.info", "main", True),
 }
 

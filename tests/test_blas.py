@@ -321,7 +321,7 @@ GENERATE = """
     from slabserve.engine.embedded import ensure_model
     from slabserve.engine.generate import greedy_generate
     from slabserve.engine.runner import ModelRunner
-    from slabserve import blas, mlxmem
+    from slabserve import blas, env, mlxmem
     mlxmem.configure_memory(None)
     model, _ = load(str(ensure_model("tiny", "float32", cache_dir=env.cache_dir())))
     prompts = [[(7 * i + 3 * j) % 256 for j in range(n)] for i, n in enumerate((5, 23, 61))]

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from slabserve.loadtest.__main__ import main
 from slabserve.loadtest.chat import (
     ChatResult,
     ChatSpec,
@@ -23,7 +24,6 @@ from slabserve.loadtest.chat import (
     summarize_chat,
 )
 from slabserve.loadtest.chatcompare import chat_ratio_rows, chat_runs_markdown
-from slabserve.loadtest.cli import main
 from slabserve.loadtest.client import Endpoint
 from slabserve.loadtest.metrics import RequestRecord
 from slabserve.loadtest.prompts import char_tokenizer

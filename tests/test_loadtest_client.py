@@ -119,7 +119,7 @@ def test_variants_add_our_servers_with_extra_args():
 
     import pytest
 
-    from slabserve.loadtest.cli import _configs, parse_variants
+    from slabserve.loadtest.__main__ import _configs, parse_variants
     from slabserve.loadtest.grid import GridSpec
 
     assert parse_variants(["s8k=--max-step-tokens 8256 --max-running 16"], ["auto"]) == [
@@ -137,7 +137,7 @@ def test_variants_add_our_servers_with_extra_args():
 
 
 def test_compare_only_options_are_refused_in_url_mode(capsys):
-    from slabserve.loadtest.cli import main
+    from slabserve.loadtest.__main__ import main
 
     for extra in (["--rounds", "2"], ["--variant", "x=--max-running 4"], ["--rounds", "0"],
                   ["--one-server"]):

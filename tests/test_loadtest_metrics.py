@@ -225,9 +225,12 @@ def test_rounds_compare_each_cells_median_run():
 
 
 def test_loadtest_imports_no_mlx_engine_scheduler_attention():
-    code = ("import sys, loadtest.cli, loadtest.servers, loadtest.grid; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('mlx', 'mlx_lm', 'engine', 'scheduler', 'attention')]; print(bad)")
+    code = ("import sys, slabserve.loadtest.__main__, slabserve.loadtest.servers, "
+            "slabserve.loadtest.grid, slabserve.loadtest.chat; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm') or "
+            "m.split('.')[:2] in (['slabserve', p] for p in "
+            "('engine', 'scheduler', 'attention', 'kvcache', 'server'))]; "
+            "assert 'slabserve.loadtest.grid' in sys.modules; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(__import__("conftest").ROOT)).stdout
     assert out.strip() == "[]"

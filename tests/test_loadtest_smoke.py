@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from slabserve.loadtest.cli import main
+from slabserve.loadtest.__main__ import main
 from slabserve.loadtest.servers import mlx_lm_installed
 
 MAX_TOKENS = 8

@@ -13,7 +13,7 @@ import pytest
 
 from slabserve.loadtest import grid as grid_mod
 from slabserve.loadtest import oneserver
-from slabserve.loadtest.cli import main
+from slabserve.loadtest.__main__ import main
 from slabserve.loadtest.grid import GridSpec, Stopped, run_compare, run_grid
 from slabserve.loadtest.metrics import summarize
 from slabserve.loadtest.runner import RunResult

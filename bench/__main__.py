@@ -1,6 +1,7 @@
-"""``slabserve bench NAME [args]``: run the benchmark module ``slabserve.bench.NAME`` (dashes
-become underscores).  Every module of bench/ is a command, except this one and helpers
-whose names start with an underscore; kernel-work tools live in experiments/ instead.
+"""``slabserve bench NAME [args]`` (or ``python -m slabserve.bench NAME``): run the module
+``slabserve.bench.NAME`` (dashes become underscores).  Every module of bench/ is a command,
+except this one and helpers whose names start with an underscore; kernel-work tools live
+in experiments/ instead.
 Benchmarks write their results under out/ (git-ignored) or --out; docs/benchmarks/ keeps
 the latest tables."""
 
@@ -15,7 +16,7 @@ from slabserve import bench
 def available() -> list[str]:
     """The benchmark names, dashed, sorted."""
     return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__)
-                  if m.name != "cli" and not m.name.startswith("_"))
+                  if not m.name.startswith("_"))
 
 
 def main(argv: list[str]) -> int:
@@ -25,3 +26,9 @@ def main(argv: list[str]) -> int:
         return 2
     mod = importlib.import_module(f"{bench.__name__}.{argv[0].replace('-', '_')}")
     return int(mod.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

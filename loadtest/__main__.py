@@ -385,3 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md.read_text())
     failed = sum(r.summary.requests_failed for r in results)
     return 0 if results and not failed and not skipped and not stopped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
