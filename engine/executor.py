@@ -95,6 +95,9 @@ class ModelExecutor(Executor):
     def attention_path_counts(self) -> dict[tuple[str, str], int]:
         return self.runner.attention.selector.path_counts()
 
+    def kv_dtype(self) -> str:
+        return str(self.runner.geom.dtype).rsplit(".", 1)[-1]
+
     def execute(self, plan: StepPlan) -> StepOutput:
         self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         if plan.empty:

@@ -195,3 +195,7 @@ class Executor(ABC):
     def attention_path_counts(self) -> dict[tuple[str, str], int]:
         """(path, reason) -> decode layer-steps so far, for /metrics (empty: none)."""
         return {}
+
+    def kv_dtype(self) -> str:
+        """The KV pool's element type (``float16``, ...; empty: unknown)."""
+        return ""

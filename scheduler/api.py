@@ -83,6 +83,8 @@ class ServingStats:
     prefix_cache_hits: int = 0  # of which found cached
     prefix_cache_blocks: int = 0  # blocks cached now (in use or evictable)
     kv_capacity_tokens: int = 0  # tokens the KV pool's budget holds
+    kv_dtype: str = ""  # the KV pool's element type
+    kv_block_size: int = 0
 
 
 class ServingLoop(ABC):

@@ -54,7 +54,7 @@ async def health(request: Request) -> dict:
     stats = ctx.serving.stats()
     return {"status": "ok", "ready": ctx.ready and not ctx.draining,
             "draining": ctx.draining, "model": ctx.model_name, "blas": _blas_status(),
-            "kv_capacity_tokens": stats.kv_capacity_tokens,
+            "kv_capacity_tokens": stats.kv_capacity_tokens, "kv_dtype": stats.kv_dtype,
             "kv_blocks_total": stats.kv_blocks_total}
 
 

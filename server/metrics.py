@@ -75,6 +75,10 @@ class _ServingCollector(Collector):
                             s.integrity_checks)
         yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",
                             s.integrity_failures)
+        info = GaugeMetricFamily(P + "cache_config_info", "KV cache configuration (vLLM's "
+                                 "name).", labels=["block_size", "cache_dtype", "num_gpu_blocks"])
+        info.add_metric([str(s.kv_block_size), s.kv_dtype, str(s.kv_blocks_total)], 1.0)
+        yield info
         paths = CounterMetricFamily(P + "attention_path", "Decode attention calls by path "
                                     "and the reason it was chosen.", labels=["path", "reason"])
         for (path, reason), n in sorted(self.path_counts().items()):

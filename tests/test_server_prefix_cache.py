@@ -82,6 +82,11 @@ def test_health_shows_kv_capacity(http, srv):
     health = http.get("/health").json()
     stats = srv.ctx.serving.stats()
     assert health["kv_capacity_tokens"] == stats.kv_blocks_total * 16 > 0
+    assert health["kv_dtype"] == "float32"  # the tiny model's K/V dtype
+    info = [line for line in http.get("/metrics").text.splitlines()
+            if line.startswith("slabserve:cache_config_info{")]
+    assert len(info) == 1 and 'cache_dtype="float32"' in info[0] and 'block_size="16"' in info[0]
+    assert f'num_gpu_blocks="{stats.kv_blocks_total}"' in info[0]
 
 
 def test_device_sized_budget(monkeypatch):
