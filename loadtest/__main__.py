@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "interleaved; ratios use each cell's median run by tok/s")
     tgt.add_argument("--ready-timeout", type=float, default=300.0,
                      help="seconds a launched server may take to answer /health")
+    _load_arguments(p)
+    _chat_arguments(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default loadtest-results/UTC-TIMESTAMP)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _load_arguments(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--contexts", default="1k,4k,16k", help="prompt + output tokens")
     load.add_argument("--concurrency", default="1,4,8")
@@ -120,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--length-spread", type=float, default=0.0,
                       help="prompt lengths uniform in [(1-F) x, x] of the context's prompt "
                       "(default 0: all exactly the context; e.g. 0.5 for mixed traffic)")
-    _chat_arguments(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default loadtest-results/UTC-TIMESTAMP)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
