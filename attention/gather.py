@@ -1,5 +1,6 @@
 """Gather-SDPA: gather each sequence's pages into contiguous K/V, then MLX's fused SDPA
-with a mask for ragged lengths.  Portable: runs on every backend, declines nothing."""
+with a mask for ragged lengths.  Portable: runs on every backend, declines nothing.
+An int8 pool's pages are dequantized as they are gathered, to the query's dtype."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.kvcache.pool import SlabPool
 
 
-def gather_kv(pool: SlabPool, layer: int, batch: DecodeBatch) -> tuple[mx.array, mx.array]:
-    """K and V of the batch's tables as ``[B, kv_heads, nblk * block_size, head_dim]``."""
+def gather_kv(pool: SlabPool, layer: int, batch: DecodeBatch,
+              dtype: mx.Dtype | None = None) -> tuple[mx.array, mx.array]:
+    """K and V of the batch's tables as ``[B, kv_heads, nblk * block_size, head_dim]``:
+    the pool's dtype, or ``dtype`` for a quantized pool (dequantized; its raw int8 values
+    when None)."""
     plan = batch.gather_plan
     out = []
     for side in (0, 1):
-        x = pool.gather(layer, side, plan)  # [B, nblk, H, bs, D]
+        x = pool.gather(layer, side, plan, dtype)  # [B, nblk, H, bs, D]
         b, n, h, bs, d = x.shape
         out.append(x.transpose(0, 2, 1, 3, 4).reshape(b, h, n * bs, d))
     return out[0], out[1]
@@ -35,6 +39,6 @@ class GatherSDPA(DecodeAttention):
         return None
 
     def __call__(self, q, pool, layer, batch, scale):
-        k, v = gather_kv(pool, layer, batch)
+        k, v = gather_kv(pool, layer, batch, q.dtype)
         mask = length_mask(batch, k.shape[2])
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -10,7 +10,12 @@ Why this shape (docs/benchmarks/attention-cpu.md, /work/shared/measurements):
     per slab the chunk touches, never the whole table at once, never a slab copy) and
     consumed by its two matmuls: the gathered K/V of a sequence never exist as a whole;
   * one matmul per (sequence, kv head) with its group of query heads as rows beats
-    MLX's CPU SDPA fallback (one single-row matmul per query head) for f16/bf16.
+    MLX's CPU SDPA fallback (one single-row matmul per query head) for f16/bf16;
+  * an int8 pool (kvcache/quant.py) is read in place like any other: each chunk's int8 pages
+    are cast to the compute dtype (float32 by default) for the matmuls and the per-token
+    scales are applied to the ``[G, C * block_size]`` scores and probabilities (K's scale on
+    a score column, V's on a probability column), never to the ``[C * block_size, D]``
+    pages: ``q.(s k) = s (q.k)`` and ``sum p (s v) = sum (p s) v``.
 
 Invariants: any slab count, any block table order, ragged lengths (each sequence
 attends to exactly its first ``lengths[b]`` tokens); output has ``q``'s shape and dtype;
@@ -33,6 +38,7 @@ from slabserve.kvcache.pool import SlabPool
 # gives weight exp(-1e30 - m) = 0 at the merge instead of NaN).
 _MASKED = -1e30
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+_POOL_DTYPES = (*_FLOATS, mx.int8)
 
 
 class Decline(str, Enum):
@@ -98,14 +104,19 @@ def _chunk(batch: DecodeBatch, rows: np.ndarray, c0: int, c1: int) -> _Chunk:
     return _Chunk(shape, groups, inverse, bias)
 
 
-def _pages(pool: SlabPool, layer: int, side: int, chunk: _Chunk) -> mx.array:
-    """The chunk's K or V as ``[B, kv_heads, C * block_size, D]``."""
-    g = pool.geom
-    src = pool.k[layer] if side == 0 else pool.v[layer]
-    parts = [src[s].reshape(-1, g.block_size, g.head_dim)[rows] for s, rows in chunk.groups]
+def _pages(src: list[mx.array], block_size: int, chunk: _Chunk) -> mx.array:
+    """The chunk's rows of one layer's value (or scale) slabs ``src`` as
+    ``[B, kv_heads, C * block_size, width]``."""
+    width = src[0].shape[-1]
+    parts = [src[s].reshape(-1, block_size, width)[rows] for s, rows in chunk.groups]
     x = parts[0] if chunk.inverse is None else mx.concatenate(parts)[chunk.inverse]
     b, h, c = chunk.shape
-    return x.reshape(b, h, c * g.block_size, g.head_dim)
+    return x.reshape(b, h, c * block_size, width)
+
+
+def _columns(src: list[mx.array], block_size: int, chunk: _Chunk) -> mx.array:
+    """The chunk's per-token scales as float32 ``[B, kv_heads, 1, C * block_size]``."""
+    return _pages(src, block_size, chunk).swapaxes(-1, -2).astype(mx.float32)
 
 
 def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int,
@@ -129,15 +140,22 @@ def build_plan(batch: DecodeBatch, streams: int, chunk_blocks: int,
 
 def _partial(qg, pool: SlabPool, layer: int, chunk: _Chunk):
     """(max, sum, unnormalised out) of one chunk: ``[B,H,G,1]``, ``[B,H,G,1]``,
-    ``[B,H,G,D]``, all float32."""
-    k, v = _pages(pool, layer, 0, chunk), _pages(pool, layer, 1, chunk)
+    ``[B,H,G,D]``, all float32.  ``qg`` is in the compute dtype (an int8 pool's pages are
+    cast to it, their scales applied to score and probability columns)."""
+    bs, quantized = pool.geom.block_size, pool.geom.quantized
+    k, v = _pages(pool.k[layer], bs, chunk), _pages(pool.v[layer], bs, chunk)
+    if quantized:
+        k, v = k.astype(qg.dtype), v.astype(qg.dtype)
     s = (qg @ k.swapaxes(-1, -2)).astype(mx.float32)
+    if quantized:
+        s = s * _columns(pool.k_scale[layer], bs, chunk)
     if chunk.bias is not None:
         s = s + chunk.bias
     m = s.max(axis=-1, keepdims=True)
     p = mx.exp(s - m)
     den = p.sum(axis=-1, keepdims=True)
-    out = (p.astype(qg.dtype) @ v).astype(mx.float32)
+    pv = p * _columns(pool.v_scale[layer], bs, chunk) if quantized else p
+    out = (pv.astype(qg.dtype) @ v).astype(mx.float32)
     return m, den, out
 
 
@@ -159,8 +177,10 @@ class NativeCPU(DecodeAttention):
     name = "native"
 
     def __init__(self, streams: int = 2, chunk_blocks: int = 64,
-                 min_stream_tokens: int = 1024) -> None:
+                 min_stream_tokens: int = 1024,
+                 int8_compute: mx.Dtype | None = mx.float32) -> None:
         self.num_streams = streams
+        self.int8_compute = int8_compute
         self.chunk_blocks = chunk_blocks
         self.min_stream_tokens = min_stream_tokens
         # MLX streams belong to the thread that made them: one set per thread
@@ -177,13 +197,21 @@ class NativeCPU(DecodeAttention):
         g = pool.geom
         if q.ndim != 4 or q.shape[2] != 1:
             return Decline.NOT_SINGLE_QUERY
-        if q.dtype not in _FLOATS or g.dtype not in _FLOATS:
+        if q.dtype not in _FLOATS or g.dtype not in _POOL_DTYPES:
             return Decline.DTYPE_UNSUPPORTED
         if q.shape[1] % g.kv_heads or q.shape[-1] != g.head_dim:
             return Decline.HEAD_GEOMETRY_MISMATCH
         if batch.batch == 0 or min(batch.lengths) < 1:
             return Decline.EMPTY_SEQUENCE
         return None
+
+    def compute_dtype(self, q: mx.array, pool: SlabPool) -> mx.Dtype:
+        """The matmuls' dtype: the pool's, or for an int8 pool ``int8_compute`` (None:
+        q's dtype).  float32 by default: MLX's CPU float32 matmuls (BLAS) beat its float16
+        ones by more than the wider cast costs (docs/benchmarks/kv-int8.md)."""
+        if not pool.geom.quantized:
+            return pool.geom.dtype
+        return self.int8_compute or q.dtype
 
     def plan(self, batch: DecodeBatch) -> CpuPlan:
         key = ("native_cpu", self.num_streams, self.chunk_blocks, self.min_stream_tokens)
@@ -196,7 +224,7 @@ class NativeCPU(DecodeAttention):
     def __call__(self, q, pool, layer, batch, scale):
         b, hq, _, d = q.shape
         h = pool.geom.kv_heads
-        qg = (q * scale).astype(pool.geom.dtype).reshape(b, h, hq // h, d)
+        qg = (q * scale).astype(self.compute_dtype(q, pool)).reshape(b, h, hq // h, d)
         partials = []
         for part, stream in zip(self.plan(batch).parts, self.streams(), strict=False):
             with mx.stream(stream):

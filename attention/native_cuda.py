@@ -55,6 +55,10 @@ from slabserve.attention.cuda_source import (
 from slabserve.attention.gather import gather_kv
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
+# An int8 pool (kvcache/quant.py) has no kernel here (nor in the Metal subclass) yet: the
+# selector falls back to gather-SDPA, which dequantizes the pages it gathers.
+QUANTIZED_DECLINE = "int8 pool: no quantized kernel (gather dequantizes)"
+
 
 class NativeCUDA(DecodeAttention):
     """The native pooled decode path on MLX's CUDA backend.
@@ -100,6 +104,8 @@ class NativeCUDA(DecodeAttention):
 
     # ---- decline ------------------------------------------------------------------------
     def decline(self, q: mx.array, pool: SlabPool, batch: DecodeBatch) -> str | None:
+        if pool.geom.quantized:  # issue 24: the int8 kernel is not written yet
+            return QUANTIZED_DECLINE
         reason = shape_decline(q.shape, q.dtype, pool.geom, pool.num_slabs)
         if reason:
             return reason

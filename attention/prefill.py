@@ -1,5 +1,7 @@
 """Prefill attention for one sequence: a chunk of new queries over the cached prefix and
-the chunk itself, causal.  The chunk's K/V are already written to the pool.
+the chunk itself, causal.  The chunk's K/V are already written to the pool.  An int8 pool's
+prefix is dequantized to the query's dtype as it is gathered (a chunk without prefix
+attends to its own unquantized K/V).
 
 Shape bucketing (``RunnerConfig.prefill_kv_bucket`` tokens, 0 = off; by default
 ``default_bucket()``: ``CUDA_DEFAULT_BUCKET`` tokens where MLX computes on a CUDA GPU, off
@@ -89,7 +91,7 @@ def prefill_attention(
     if prefix is None:
         k, v = k_new, v_new
     else:
-        k, v = gather_kv(pool, layer, prefix)
+        k, v = gather_kv(pool, layer, prefix, q.dtype)  # an int8 pool: dequantized to q's
         n = prefix.lengths[0]
         k, v = k[:, :, :n], v[:, :, :n]
     if host is not None and host.attention_applies(q, k, v):
@@ -113,9 +115,10 @@ def _bucketed(q, k_new, v_new, pool, layer, prefix, scale, bucket) -> mx.array:
             _pad_rows(q, lq), _pad_rows(k_new, lq), _pad_rows(v_new, lq),
             scale=scale, mask="causal")
         return out[:, :, :length]
-    same = q.dtype == prefix.geom.dtype  # else a boolean mask: MLX promotes the types
+    # an int8 pool is dequantized to q's dtype; else a dtype mismatch takes a boolean mask
+    same = q.dtype == prefix.geom.dtype or prefix.geom.quantized
     padded, mask = _bucket_plan(prefix, length, lq, bucket, q.dtype if same else None)
-    k, v = gather_kv(pool, layer, padded)
+    k, v = gather_kv(pool, layer, padded, q.dtype)
     out = mx.fast.scaled_dot_product_attention(_pad_rows(q, lq), k, v, scale=scale, mask=mask)
     return out[:, :, :length]
 

@@ -5,8 +5,10 @@ bench/cuda_kernel.py).
 
 ``reference_decode`` reads the pool block by block through the block tables, independently
 of every MLX path, so a bug shared by gather and native (e.g. in ``GatherPlan``) still
-shows.  ``random_case`` never touches MLX's global random state (its draws take keys from
-``seed``).
+shows; an int8 pool's pages are dequantized in float64 (values times scales), so the paths'
+own arithmetic is checked at float tolerance, and ``quantized_copy`` gives the int8 pool of
+a float pool, to check the quantization error against the float data. ``random_case`` never
+touches MLX's global random state (its draws take keys from ``seed``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import numpy as np
 
 from slabserve.attention.base import DecodeBatch
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
+from slabserve.kvcache.quant import QUANT_DTYPE, quantize
 
 
 def _page(pool: SlabPool, layer: int, side: int, block: int) -> np.ndarray:
     """Block ``block`` of ``layer``/``side`` as float64 ``[kv_heads, block_size, D]``."""
     sb = pool.geom.slab_blocks
     slab = pool.slab(layer, side, block // sb)[block % sb]
-    return np.array(slab.astype(mx.float32), dtype=np.float64)
+    page = np.array(slab.astype(mx.float32), dtype=np.float64)
+    if pool.geom.quantized:
+        scale = pool.scale_slab(layer, side, block // sb)[block % sb]
+        page = page * np.array(scale.astype(mx.float32), dtype=np.float64)
+    return page
 
 
 def reference_decode(
@@ -58,6 +65,21 @@ def causal_reference(q, k, v, start: int, scale: float) -> np.ndarray:
     return np.einsum("hln,hnd->hld", p / p.sum(-1, keepdims=True), v)
 
 
+def quantized_copy(pool: SlabPool) -> SlabPool:
+    """An int8 pool of ``pool``'s geometry holding its float pages quantized (every
+    layer, side and slab; same block ids), everything evaluated."""
+    geom = PoolGeometry(*(getattr(pool.geom, f) for f in (
+        "num_layers", "kv_heads", "head_dim", "block_size", "slab_blocks")), QUANT_DTYPE)
+    out = SlabPool(geom, max_slabs=pool.max_slabs)
+    for layer in range(geom.num_layers):
+        for src, dst, scales in ((pool.k, out.k, out.k_scale), (pool.v, out.v, out.v_scale)):
+            pairs = [quantize(x) for x in src[layer]]
+            dst[layer] = [p[0] for p in pairs]
+            scales[layer] = [p[1] for p in pairs]
+            mx.eval(dst[layer], scales[layer])
+    return out
+
+
 def random_case(lengths, q_heads: int, kv_heads: int, head_dim: int, block_size: int = 16,
                 dtype=mx.float32, *, slabs: int | None = None, slab_blocks: int | None = None,
                 layers: int = 1, seed: int = 0, contiguous: bool = False,
@@ -69,7 +91,15 @@ def random_case(lengths, q_heads: int, kv_heads: int, head_dim: int, block_size:
     consecutive runs of a random permutation of every block of the pool, so a sequence's
     pages are out of order and spread over the slabs; ``contiguous``: consecutive block ids
     instead (what the server's lowest-id-first allocator hands a prompt prefilled alone).
-    ``max_slabs``: the pool's declared capacity (sets the CUDA kernel's slab inputs)."""
+    ``max_slabs``: the pool's declared capacity (sets the CUDA kernel's slab inputs).
+    ``dtype`` int8: the float16 case's pages quantized (``quantized_copy``), q float16."""
+    if dtype == QUANT_DTYPE:
+        q, pool, batch = random_case(
+            lengths, q_heads, kv_heads, head_dim, block_size, mx.float16, slabs=slabs,
+            slab_blocks=slab_blocks, layers=layers, seed=seed, contiguous=contiguous,
+            max_slabs=max_slabs)
+        qpool = quantized_copy(pool)
+        return q, qpool, DecodeBatch(qpool.geom, batch.tables, batch.lengths)
     need = sum(-(-n // block_size) for n in lengths)
     if (slabs is None) == (slab_blocks is None):
         raise ValueError("give exactly one of slabs and slab_blocks")

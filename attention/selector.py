@@ -132,6 +132,8 @@ def _rule_cpu(key: SelectorKey) -> tuple[Path, str]:
     # docs/benchmarks/attention-cpu.md: native won 94 of 96 cells (median 1.77x; the two
     # others flip between runs) for structural reasons: a matmul per kv head with the
     # q-head group as rows, and a second stream on the second core for long steps.
+    # int8 pools too: native reads half the bytes and scales scores, not pages, where
+    # gather dequantizes whole pages (docs/benchmarks/kv-int8.md).
     return Path.NATIVE, "cpu_native_all"
 
 
@@ -141,6 +143,8 @@ def _rule_cuda(key: SelectorKey) -> tuple[Path, str]:
     # where the two are within ~10 us per layer and the winner flips between runs; gather
     # won both runs only for the small-head geometry (14/2/64) at ctx 1k.  Worst regret
     # of this rule over both runs: 1.033 (always-native: 1.133).
+    if key.dtype == "int8":  # no int8 CUDA kernel yet (issue 24): gather dequantizes
+        return Path.GATHER, "cuda_int8_no_kernel"
     if (key.dtype == "float32" and key.batch_bucket == 1 and key.slabs_bucket == "1"
             and key.ctx_bucket <= 1024 and key.q_heads <= 16):
         return Path.GATHER, "cuda_f32_single_short_small"

@@ -1,6 +1,7 @@
 """``slabserve bench attention``: gather-SDPA vs the native pooled decode, per cell.
 
-Cells: geometry (q/kv/head_dim) x dtype x batch x context x slabs ("one": the whole
+Cells: geometry (q/kv/head_dim) x K/V dtype (float32, float16, bfloat16, int8: q float16
+for int8, its pages quantized from float16 ones) x batch x context x slabs ("one": the whole
 pool is one slab; "many": the pool is 8 slabs), block tables shuffled across the pool,
 every sequence at the full context.  Each path is timed as ``--layers`` decode layers
 chained in one graph (cycling over as many distinct pool layers as fit ``--mem-gb``),
@@ -32,7 +33,7 @@ from slabserve.attention.calibrate import build_case, time_chain, time_paths
 from slabserve.attention.gather import GatherSDPA, length_mask
 from slabserve.attention.profile import device_id, load_for_device
 from slabserve.attention.selector import Selector, current_backend, make_key
-from slabserve.kvcache.pool import SlabPool
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,11 @@ class Cell:
                 f"B{self.batch} ctx{self.ctx} {self.slabs}")
 
     def kv_bytes(self, block_size: int) -> int:
-        """K+V bytes one layer reads (whole blocks)."""
+        """K+V bytes one layer reads (whole blocks; an int8 pool's scales included)."""
         nblk = -(-self.ctx // block_size)
-        size = getattr(mx, self.dtype).size
-        return 2 * self.batch * nblk * block_size * self.kv_heads * self.head_dim * size
+        geom = PoolGeometry(1, self.kv_heads, self.head_dim, block_size, 1,
+                            getattr(mx, self.dtype))
+        return 2 * self.batch * nblk * block_size * self.kv_heads * geom.token_head_bytes
 
 
 @dataclass
@@ -97,7 +99,7 @@ def contiguous_fn(q, pool: SlabPool, batch: DecodeBatch, scale: float):
     """SDPA over K/V gathered once beforehand (untimed): attention without paging."""
     from slabserve.attention.gather import gather_kv
 
-    kv = [gather_kv(pool, layer, batch) for layer in range(pool.geom.num_layers)]
+    kv = [gather_kv(pool, layer, batch, q.dtype) for layer in range(pool.geom.num_layers)]
     mx.eval(kv)
     mask = length_mask(batch, kv[0][0].shape[2])
     return lambda x, layer: mx.fast.scaled_dot_product_attention(

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+KV_DTYPES = ("float32", "float16", "bfloat16", "int8")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     """KV cache shape and budget.
 
-    ``kv_budget_bytes`` caps the pool (K and V, all layers); it grows a slab of
-    ``slab_tokens`` tokens at a time, starting at ``initial_slabs``.  ``slab_tokens`` of
-    None: ``auto_slab_tokens`` (the budget in at most AUTO_MAX_SLABS slabs).  ``dtype`` of
-    None uses the model's K/V dtype.  ``prefix_caching``: full blocks stay cached by their
-    tokens after their sequences end and later prompts that start with the same tokens
-    reuse them (kvcache/prefix.py, scheduler/prefix.py)."""
+    ``kv_budget_bytes`` caps the pool (K and V, all layers); it grows a slab of ``slab_tokens``
+    tokens at a time, starting at ``initial_slabs``. ``slab_tokens`` of None:
+    ``auto_slab_tokens`` (the budget in at most AUTO_MAX_SLABS slabs). ``dtype`` of None
+    uses the model's K/V dtype; one of KV_DTYPES otherwise ("int8": symmetric int8 with a
+    float16 scale per token and kv head, kvcache/quant.py). ``prefix_caching``: full blocks
+    stay cached by their tokens after their sequences end and later prompts that start with
+    the same tokens reuse them (kvcache/prefix.py, scheduler/prefix.py)."""
 
     block_size: int = 16
     slab_tokens: int | None = None
@@ -29,6 +32,8 @@ class CacheConfig:
         st = self.slab_tokens
         if st is not None and (st < self.block_size or st % self.block_size):
             raise ValueError("slab_tokens must be a positive multiple of block_size")
+        if self.dtype is not None and self.dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(KV_DTYPES)}, not {self.dtype!r}")
         if self.kv_budget_bytes <= 0 or self.initial_slabs < 1:
             raise ValueError("kv_budget_bytes and initial_slabs must be positive")
 

@@ -9,6 +9,11 @@ local block ``b % slab_blocks``.  Growing appends slabs; old slabs are never cop
 Writes cost O(new tokens): MLX's scatter donates the slab's buffer when the slab array
 is held by nothing but the pool, so the update happens in place (see
 docs/adr/0001-slab-pool-layout.md).
+
+Quantized pools (``dtype`` int8, kvcache/quant.py): every value slab has a float16 scale
+slab of ``[rows, 1]`` with the same row addressing (``k_scale`` / ``v_scale``); a write
+quantizes the new tokens and scatters values and scales with the same plan rows, and
+``block_bytes`` counts the scales, so budgets and capacity stay exact.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import mlx.core as mx
 import numpy as np
 
 from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.quant import SCALE_DTYPE, dequantize, is_quantized, quantize
 
 
 @dataclass(frozen=True)
 class PoolGeometry:
-    """Shape of one pool.  ``dtype`` is an MLX dtype."""
+    """Shape of one pool.  ``dtype`` is an MLX dtype: float32, float16, bfloat16, or int8
+    (quantized: values plus one float16 scale per token and kv head)."""
 
     num_layers: int
     kv_heads: int
@@ -38,9 +45,19 @@ class PoolGeometry:
                 raise ValueError(f"{name} must be positive")
 
     @property
+    def quantized(self) -> bool:
+        return is_quantized(self.dtype)
+
+    @property
+    def token_head_bytes(self) -> int:
+        """Bytes of one token of one kv head on one side: values, plus its scale."""
+        scale = SCALE_DTYPE.size if self.quantized else 0
+        return self.head_dim * self.dtype.size + scale
+
+    @property
     def block_bytes(self) -> int:
-        """Bytes of one block, K and V, all layers."""
-        per_side = self.kv_heads * self.block_size * self.head_dim * self.dtype.size
+        """Bytes of one block, K and V, all layers (scales included)."""
+        per_side = self.kv_heads * self.block_size * self.token_head_bytes
         return 2 * self.num_layers * per_side
 
     @property
@@ -118,6 +135,9 @@ class SlabPool:
         self.max_slabs = max_slabs
         self.k: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self.v: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
+        # quantized pools only: [rows, 1] float16 scales per value slab (else stay empty)
+        self.k_scale: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
+        self.v_scale: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self._dirty: dict[tuple[int, int, int], mx.array] = {}
         self.grow(initial_slabs)
 
@@ -138,6 +158,10 @@ class SlabPool:
                 while len(side) < num_slabs:
                     side.append(mx.zeros((rows, g.head_dim), dtype=g.dtype))
                     new.append(side[-1])
+            for side in (self.k_scale[layer], self.v_scale[layer]) if g.quantized else ():
+                while len(side) < num_slabs:
+                    side.append(mx.zeros((rows, 1), dtype=SCALE_DTYPE))
+                    new.append(side[-1])
         if new:
             mx.eval(new)
 
@@ -147,18 +171,33 @@ class SlabPool:
         arr = (self.k if side == 0 else self.v)[layer][s]
         return arr.reshape(g.slab_blocks, g.kv_heads, g.block_size, g.head_dim)
 
+    def scale_slab(self, layer: int, side: int, s: int) -> mx.array:
+        """Scales of slab ``s`` (quantized pools) as ``[slab_blocks, kv_heads, bs, 1]``."""
+        g = self.geom
+        arr = (self.k_scale if side == 0 else self.v_scale)[layer][s]
+        return arr.reshape(g.slab_blocks, g.kv_heads, g.block_size, 1)
+
     def slabs(self, layer: int, side: int) -> list[mx.array]:
         return [self.slab(layer, side, s) for s in range(self.num_slabs)]
 
     def write(self, layer: int, plan: WritePlan, k: mx.array, v: mx.array) -> None:
         """Write new tokens' K and V, each ``[T, kv_heads, head_dim]``, in place (one
-        scatter per slab touched and side; the plan's ``[T, heads]`` rows index the
-        ``[T, heads, head_dim]`` update directly)."""
+        scatter per slab touched and side, plus one for the scales of a quantized pool;
+        the plan's ``[T, heads]`` rows index the ``[T, heads, head_dim]`` update
+        directly).  Quantizing costs O(new tokens)."""
+        quantized = self.geom.quantized
+        scales = (self.k_scale[layer], self.v_scale[layer])
         for i, (side, new) in enumerate(((self.k[layer], k), (self.v[layer], v))):
-            new = new.astype(self.geom.dtype)
-            for s, idx, rows in plan.groups:
-                side[s][rows] = new if idx is None else new[idx]
-                self._dirty[(layer, i, s)] = side[s]
+            if quantized:
+                new, scale = quantize(new)
+                self._scatter(scales[i], (layer, i + 2), plan, scale)
+            self._scatter(side, (layer, i), plan, new.astype(self.geom.dtype))
+
+    def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
+                 new: mx.array) -> None:
+        for s, idx, rows in plan.groups:
+            side[s][rows] = new if idx is None else new[idx]
+            self._dirty[(*key, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:
         """Slabs written since the last call: evaluate them with the step's outputs so
@@ -167,9 +206,19 @@ class SlabPool:
         self._dirty.clear()
         return out
 
-    def gather(self, layer: int, side: int, plan: GatherPlan) -> mx.array:
-        """Blocks of a table as ``[B, nblk, kv_heads, block_size, head_dim]``."""
+    def gather(self, layer: int, side: int, plan: GatherPlan,
+               dtype: mx.Dtype | None = None) -> mx.array:
+        """Blocks of a table as ``[B, nblk, kv_heads, block_size, head_dim]``, in the
+        pool's dtype; a quantized pool's pages dequantized to ``dtype`` when given (else
+        its raw int8 values)."""
         g = self.geom
-        parts = [self.slab(layer, side, s)[ids] for s, ids in plan.groups]
-        out = parts[0] if len(parts) == 1 else mx.concatenate(parts)[plan.inverse]
-        return out.reshape(*plan.shape, g.kv_heads, g.block_size, g.head_dim)
+        out = self._take(plan, lambda s: self.slab(layer, side, s))
+        if g.quantized and dtype is not None:
+            scale = self._take(plan, lambda s: self.scale_slab(layer, side, s))
+            out = dequantize(out, scale, dtype)
+        return out.reshape(*plan.shape, g.kv_heads, g.block_size, out.shape[-1])
+
+    @staticmethod
+    def _take(plan: GatherPlan, slab) -> mx.array:
+        parts = [slab(s)[ids] for s, ids in plan.groups]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)[plan.inverse]
