@@ -14,9 +14,10 @@ message, the others zeros, so every backend that sums int32 carries it; no side 
     scheduler.schedule() -> plan
     ModelExecutor.execute(plan)
       ShardedRunner.forward(prefills, decodes)
-        header [op, seq, #pre, #dec, slabs, path, len] ---> Follower.run: recv header
-        payload  (tokens, positions, block tables)  ---> recv payload, grow pool to ``slabs``
+        header [op, seq, #pre, #dec, slabs, path, len]
+          + payload (tokens, positions, blocks) ---> Follower.run: recv, grow pool to ``slabs``
         ModelRunner.forward  <---- all-sums inside ---->   ModelRunner.forward (same inputs)
+        ack (checked: every rank took part)     <--->   ack
       sample on rank 0 (only it has the grammars,
       penalties and seeds); the tokens reach the
       others as the next step's decode inputs
@@ -32,7 +33,11 @@ Invariants:
     the other ranks' pools are plain storage indexed by the same block ids, grown to rank
     0's slab count before each step, so they hold the same blocks for their own KV heads.
     Followers keep no per-request state: ``release`` and aborts need no message;
-  * messages carry a sequence number; a follower that sees another one fails;
+  * messages carry a sequence number and per-rank check words (``dist_wire.Channel``): a
+    message some rank missed fails on rank 0, one out of order fails on the follower;
+  * on rank 0, once ``Leader.start`` ran, every collective goes through the ``Leader`` and
+    its lock (steps with their forwards, heartbeats, stop): any other would interleave with
+    a heartbeat (the check words then fail it);
   * a wait on the other ranks (a step, a message, a heartbeat) that outlasts
     ``DistConfig.timeout_s`` calls ``on_fault`` from a watchdog thread (the waiting thread is
     blocked inside MLX and cannot be interrupted); a collective that raises (a peer's
@@ -48,23 +53,31 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from slabserve.engine.dist_wire import (
+    OP_HEARTBEAT,
+    OP_STEP,
+    OP_STOP,
+    Channel,
+    Fault,
+    Watchdog,
+    decode_inputs,
+    encode_inputs,
+    make_header,
+)
 from slabserve.engine.runner import ModelRunner, SeqInput
 
 log = logging.getLogger("slabserve.distributed")
 
-OP_STEP, OP_HEARTBEAT, OP_STOP = 1, 2, 3
-HEADER_WORDS = 7  # op, seq, prefills, decodes, pool slabs, attention override, payload words
 EXIT_GROUP_LOST = 3  # a rank's exit status when the group failed under it
 # the selector's override as one int32 word: auto, force native, force gather
 _OVERRIDE_CODES: dict[bool | None, int] = {None: 0, True: 1, False: 2}
 _OVERRIDES = {v: k for k, v in _OVERRIDE_CODES.items()}
-Fault = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ class DistConfig:
     ``heartbeat_s``: an idle rank 0 sends a heartbeat this often (None: a quarter of the
     timeout, at most 2 s)."""
 
-    timeout_s: float = 120.0
+    timeout_s: float = 60.0
     heartbeat_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -88,98 +101,193 @@ class DistConfig:
         return self.heartbeat_s or min(2.0, self.timeout_s / 4)
 
 
-# ---- the step message ----------------------------------------------------------------
-def encode_inputs(prefills: Sequence[SeqInput], decodes: Sequence[SeqInput]) -> np.ndarray:
-    """One step's forward inputs as int32 words: per sequence (prefills, then decodes)
-    ``[len(tokens), start, len(blocks), want_logits, *tokens, *blocks]``."""
-    words: list[int] = []
-    for s in (*prefills, *decodes):
-        words += (len(s.tokens), s.start, len(s.blocks), int(s.want_logits))
-        words += s.tokens
-        words += s.blocks
-    return np.asarray(words, dtype=np.int32)
+class Leader:
+    """Rank 0's end of the group: sends each step's inputs (``step``), heartbeats while
+    idle and ``stop`` at shutdown, all under one lock (one message at a time, and a step's
+    forward, whose all-sums the others join, inside it).  ``fault`` is the first failure's
+    reason (None while healthy); after one, every ``step`` raises at once."""
 
-
-def decode_inputs(words: np.ndarray, prefills: int, decodes: int
-                  ) -> tuple[list[SeqInput], list[SeqInput]]:
-    """Inverse of ``encode_inputs``; ValueError when the words do not parse exactly."""
-    w, i, seqs = words.tolist(), 0, []
-    for _ in range(prefills + decodes):
-        if i + 4 > len(w):
-            raise ValueError("step message ends inside a sequence header")
-        n, start, nb, want = w[i : i + 4]
-        i += 4
-        seqs.append(SeqInput(w[i : i + n], start, w[i + n : i + n + nb], bool(want)))
-        i += n + nb
-    if i != len(w):
-        raise ValueError(f"step message has {len(w)} words, its sequences {i}")
-    return seqs[:prefills], seqs[prefills:]
-
-
-class _Channel:
-    """Rank 0 -> every rank, through ``all_sum`` (the others add zeros): a fixed header,
-    then a payload of ``header[-1]`` words when that is not zero."""
-
-    def __init__(self, group: mx.distributed.Group) -> None:
-        self.group = group
-
-    def _sum(self, words: np.ndarray) -> np.ndarray:
-        return np.array(mx.distributed.all_sum(mx.array(words), group=self.group))
-
-    def send(self, header: Sequence[int], payload: np.ndarray | None = None) -> None:
-        self._sum(np.asarray(header, dtype=np.int32))
-        if header[-1]:
-            self._sum(payload)
-
-    def recv(self) -> tuple[list[int], np.ndarray]:
-        header = self._sum(np.zeros(HEADER_WORDS, dtype=np.int32)).tolist()
-        n = header[-1]
-        payload = self._sum(np.zeros(n, dtype=np.int32)) if n else np.zeros(0, np.int32)
-        return header, payload
-
-
-class Watchdog:
-    """Bounds every wait on the other ranks: ``with dog.waiting("step 7"):`` marks one;
-    one that lasts past ``timeout_s`` calls ``on_fault(reason)`` once, from the watchdog's
-    daemon thread."""
-
-    def __init__(self, timeout_s: float, on_fault: Fault, who: str) -> None:
-        self.timeout_s = timeout_s
-        self.on_fault = on_fault
-        self.who = who
-        self.fired = False
+    def __init__(self, group: mx.distributed.Group, cfg: DistConfig, on_fault: Fault) -> None:
+        self.channel = Channel(group)
+        self.cfg = cfg
+        self.fault: str | None = None
+        self._on_fault = on_fault
         self._lock = threading.Lock()
-        self._what: str | None = None
-        self._since = 0.0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="slabserve-dist-watchdog",
-                                        daemon=True)
-        self._thread.start()
+        self._seq = 0
+        self._last_send = time.monotonic()
+        self._stopped = threading.Event()
+        self._stop_sent = False
+        self._watchdog = Watchdog(cfg.timeout_s, self._fail, "rank 0")
+        self._beat: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the heartbeat thread (idempotent)."""
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeats, daemon=True,
+                                          name="slabserve-dist-heartbeat")
+            self._beat.start()
 
     @contextlib.contextmanager
-    def waiting(self, what: str) -> Iterator[None]:
+    def step(self, prefills: Sequence[SeqInput], decodes: Sequence[SeqInput], slabs: int,
+             override: bool | None) -> Iterator[None]:
+        """Send the step to every rank, then run the body (rank 0's own forward) while
+        holding the channel: an exception there leaves the ranks out of step, a fault."""
+        words = encode_inputs(prefills, decodes)
         with self._lock:
-            self._what, self._since = what, time.monotonic()
+            if self.fault is not None or self._stopped.is_set():
+                raise RuntimeError(f"the distributed group is down: {self.fault or 'stopped'}")
+            seq = self._next()
+            head = make_header(OP_STEP, seq, len(prefills), len(decodes), slabs,
+                               _OVERRIDE_CODES[override], len(words))
+            try:
+                with self._watchdog.waiting(f"step message {seq}"):
+                    self.channel.send(head, words)
+                    yield
+                    self.channel.ack(seq)
+            except Exception as e:
+                self._fail(f"rank 0: step message {seq} failed ({e}): a rank died or left the "
+                           "group, the ranks are out of step")
+                raise
+
+    def stop(self) -> None:
+        """End the heartbeats and send every rank ``stop`` (they exit 0); idempotent."""
+        self._stopped.set()
+        if self._beat is not None:
+            self._beat.join()
+        with self._lock:
+            if self.fault is None and not self._stop_sent:
+                self._stop_sent = True
+                self._control(OP_STOP, "stop")
+        self._watchdog.close()
+
+    def _next(self) -> int:
+        self._seq += 1
+        self._last_send = time.monotonic()
+        return self._seq
+
+    def _control(self, op: int, what: str) -> None:
+        seq = self._next()
         try:
-            yield
-        finally:
-            with self._lock:
-                self._what = None
+            with self._watchdog.waiting(f"{what} message {seq}"):
+                self.channel.send(make_header(op, seq), np.zeros(0, dtype=np.int32))
+        except Exception as e:
+            self._fail(f"rank 0: {what} message {seq} failed ({e}): a rank died or left the "
+                       "group")
 
-    def close(self) -> None:
-        self._closed.set()
-
-    def _watch(self) -> None:
-        while not self._closed.wait(min(0.5, self.timeout_s / 10)):
-            with self._lock:
-                what, waited = self._what, time.monotonic() - self._since
-            if what is not None and waited > self.timeout_s:
-                self.fired = True
-                self.on_fault(f"{self.who}: {what} waited {waited:.0f}s on the other ranks "
-                              f"(timeout {self.timeout_s:g}s): a rank died or hangs")
+    def _heartbeats(self) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))  # streams are per thread
+        period = self.cfg.heartbeat
+        while not self._stopped.wait(period / 4):
+            if self.fault is not None:
                 return
+            if time.monotonic() - self._last_send < period:
+                continue
+            if self._lock.acquire(blocking=False):  # a step in flight is a heartbeat too
+                try:
+                    if not self._stopped.is_set():
+                        self._control(OP_HEARTBEAT, "heartbeat")
+                finally:
+                    self._lock.release()
+
+    def _fail(self, reason: str) -> None:
+        if self.fault is None:
+            self.fault = reason
+            self._on_fault(reason)
 
 
-def _header(op: int, seq: int, prefills: int = 0, decodes: int = 0, slabs: int = 0,
-            override: int = 0, words: int = 0) -> list[int]:
-    return [op, seq, prefills, decodes, slabs, override, words]
+class Follower:
+    """A rank other than 0: runs every step rank 0 sends on its own shard until ``stop``.
+    ``run`` returns 0 after ``stop`` and ``EXIT_GROUP_LOST`` when the group fails under it
+    (logged); a wait past the timeout calls ``on_fault`` from the watchdog instead."""
+
+    def __init__(self, runner: ShardedRunner, group: mx.distributed.Group, cfg: DistConfig,
+                 on_fault: Fault) -> None:
+        self.runner = runner
+        self.rank = group.rank()
+        self.channel = Channel(group)
+        self.cfg = cfg
+        self.on_fault = on_fault
+        self.steps = 0
+
+    def run(self) -> int:
+        dog = Watchdog(self.cfg.timeout_s, self.on_fault, f"rank {self.rank}")
+        expect = 1
+        try:
+            while True:
+                with dog.waiting("the wait for rank 0's next message"):
+                    header, payload = self.channel.recv(expect)
+                op, seq, n_pre, n_dec, slabs, override, _ = header
+                if seq != expect:
+                    raise RuntimeError(f"message {seq} from rank 0, expected {expect}")
+                expect += 1
+                if op == OP_STOP:
+                    log.info("rank %d: stop from rank 0 after %d steps", self.rank, self.steps)
+                    return 0
+                if op == OP_STEP:
+                    prefills, decodes = decode_inputs(payload, n_pre, n_dec)
+                    with dog.waiting(f"step message {seq}"):
+                        self.runner.follow(prefills, decodes, slabs, _OVERRIDES[override])
+                        self.channel.ack(seq)
+                    self.steps += 1
+                elif op != OP_HEARTBEAT:
+                    raise RuntimeError(f"unknown message {op} from rank 0")
+        except Exception as e:
+            log.critical("rank %d: lost the group (%s): rank 0 or another rank died; exiting "
+                         "with %d", self.rank, e, EXIT_GROUP_LOST)
+            return EXIT_GROUP_LOST
+        finally:
+            dog.close()
+
+
+class ShardedRunner(ModelRunner):
+    """A ``ModelRunner`` over one rank's shard of the model.  On rank 0 (``leader`` set)
+    ``forward`` first sends its inputs to the other ranks; the others call ``follow``
+    with what rank 0 sent.  Every rank's pool holds its own KV heads (the geometry is
+    probed from the sharded model) and is checked equal in shape across ranks at start."""
+
+    def __init__(self, model, cache_cfg, cfg, selector, group: mx.distributed.Group,
+                 leader: Leader | None = None) -> None:
+        super().__init__(model, cache_cfg, cfg, selector)
+        self.eval_each_forward = True  # one chain of all-sums at a time (module docstring)
+        self.group = group
+        self.leader = leader
+        check_same_geometry(group, self)
+
+    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput]):
+        if self.leader is None:
+            raise RuntimeError("only rank 0 plans steps; other ranks call follow()")
+        override = self.attention.selector.override
+        with self.leader.step(prefills, decodes, self.pool.num_slabs, override):
+            return super().forward(prefills, decodes)
+
+    def follow(self, prefills: list[SeqInput], decodes: list[SeqInput], slabs: int,
+               override: bool | None) -> None:
+        """Run the step rank 0 sent: same pool size, same attention override, same forward
+        (its logits are dropped: rank 0 samples)."""
+        self.pool.grow(slabs)
+        selector = self.attention.selector
+        if selector.override is not override:
+            selector.set_override(override)
+        super().forward(prefills, decodes)
+
+
+def agree_min(group: mx.distributed.Group, value: int, unit: int = 1 << 10) -> int:
+    """The smallest ``value`` over the ranks, in whole ``unit``s (a KV budget sized from
+    each device's free memory must be one number, or the pools differ)."""
+    x = mx.distributed.all_min(mx.array([value // unit], dtype=mx.int32), group=group)
+    return int(x.item()) * unit
+
+
+def check_same_geometry(group: mx.distributed.Group, runner: ModelRunner) -> None:
+    """ValueError unless every rank's KV pool has the same shape (layers, KV heads per
+    rank, head size, block size, slab size, most slabs, element size)."""
+    g = runner.geom
+    mine = [g.num_layers, g.kv_heads, g.head_dim, g.block_size, g.slab_blocks,
+            runner.pool.max_slabs or 0, g.dtype.size]
+    x = mx.array(mine, dtype=mx.int32)
+    lo = mx.distributed.all_min(x, group=group).tolist()
+    hi = mx.distributed.all_max(x, group=group).tolist()
+    if lo != hi:
+        raise ValueError(f"the ranks' KV pools differ (layers, kv heads, head dim, block, "
+                         f"slab blocks, slabs, bytes: {lo} .. {hi}); give every rank the "
+                         "same model, --kv-budget and cache flags")

@@ -31,4 +31,39 @@ def load(model: str | None, dtype: str = "float32", *, cache_dir: Path):
     return m, tok, path
 
 
-__all__ = ["SHAPES", "load", "resolve_model_path"]
+def check_tensor_parallel(config: dict, ranks: int) -> None:
+    """ValueError unless a model with this ``config.json`` can be split over ``ranks`` by
+    heads: every rank needs whole attention and KV heads (mlx-lm's ``shard`` divides them)."""
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    kind = config.get("model_type", "?")
+    if not isinstance(heads, int) or not isinstance(kv, int):
+        raise ValueError(f"{kind}: config.json has no num_attention_heads; cannot shard it")
+    if heads % ranks or kv % ranks:
+        raise ValueError(f"{kind}: {heads} attention heads and {kv} KV heads do not divide by "
+                         f"{ranks} ranks; tensor parallel needs both to (use fewer ranks)")
+
+
+def load_sharded(model: str | None, dtype: str = "float32", *, cache_dir: Path, group):
+    """(model, tokenizer wrapper, path) with the model split over ``group``'s ranks by
+    mlx-lm's ``sharded_load`` (its ``shard()``: attention and MLP weights split by heads
+    and columns, layers all-summing their outputs).  Every rank must pass the same model:
+    the same directory, or an embedded model (written identically from its seed).
+    ValueError with the reason when the architecture has no ``shard()`` or its heads do
+    not divide by the group size."""
+    import json
+
+    from mlx_lm.utils import _get_classes, sharded_load
+
+    path = resolve_model_path(model, dtype, cache_dir=cache_dir)
+    config = json.loads((path / "config.json").read_text())
+    check_tensor_parallel(config, group.size())
+    model_cls, _ = _get_classes(config)
+    if not hasattr(model_cls, "shard"):
+        raise ValueError(f"{config.get('model_type')}: mlx-lm has no tensor-parallel shard() "
+                         "for this architecture; serve it in one process")
+    m, tok = sharded_load(str(path), tensor_group=group)
+    return m, tok, path
+
+
+__all__ = ["SHAPES", "check_tensor_parallel", "load", "load_sharded", "resolve_model_path"]

@@ -91,6 +91,9 @@ class ModelRunner:
         self.attention = AttentionRuntime(selector or Selector(), bucket,
                                           HostMath(cfg.host_math))
         self.merge_prefills = True  # equally long chunks share a forward (_prefill_rows)
+        # evaluate each forward of a step (and its K/V writes) before building the next:
+        # a sharded model's all-sums then run in one order on every rank (engine/distributed)
+        self.eval_each_forward = False
         # > 0: hand the graph to the device every this many layers while building the rest
         # (``mx.async_eval``), so host building overlaps device work; 0 = one eval per step
         self.dispatch_every = cfg.dispatch_every
@@ -121,6 +124,12 @@ class ModelRunner:
 
     # ---- one forward ---------------------------------------------------------------
     def _run(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
+        out = self._build(inputs, ctx, head_rows)
+        if self.eval_each_forward:
+            mx.eval([] if out is None else out, self.pool.take_pending())
+        return out
+
+    def _build(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
         every, n = self.dispatch_every, len(self.caches)
         for c in self.caches:
             c.ctx = ctx

@@ -13,12 +13,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slabserve import env
 from slabserve.attention import Selector
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.scheduler.config import SchedulerConfig
 from slabserve.scheduler.loop import ThreadedServingLoop
+
+if TYPE_CHECKING:
+    from slabserve.engine.distributed import DistConfig, Follower, Leader
 
 _DTYPES = ("float32", "float16", "bfloat16")
 log = logging.getLogger("slabserve.build")
@@ -88,12 +92,54 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir)
     runner = ModelRunner(model, kv_cache_config(cfg, model), cfg.runner, selector)
-    g = runner.geom
-    log.info("KV pool: %d tokens (%d blocks of %d, %.2f GiB, %s, slabs of %d blocks)",
-             runner.allocator.max_blocks * g.block_size, runner.allocator.max_blocks,
-             g.block_size, runner.allocator.max_blocks * g.block_bytes / 2**30,
-             str(g.dtype).rsplit(".", 1)[-1], g.slab_blocks)
+    _log_pool(runner)
     return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg))
+
+
+@dataclass
+class RankRole:
+    """What one rank of a tensor-parallel server runs (``build_sharded``): rank 0 the
+    serving loop, whose runner sends every step to the others through ``leader``; every
+    other rank a ``follower`` that runs those steps on its shard until ``leader.stop()``."""
+
+    rank: int
+    loop: ThreadedServingLoop | None = None
+    leader: Leader | None = None
+    follower: Follower | None = None
+
+
+def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
+                  selector: Selector | None = None) -> RankRole:
+    """This rank's part of one server over ``group`` (an ``mx.distributed`` group of more
+    than one rank; every rank calls this with the same ``cfg``).  ``on_fault(reason)`` is
+    called when the group fails (a rank died or hangs): the caller ends the process.
+    Rank 0's heartbeats start here, so followers wait on a live rank 0 from now on."""
+    from slabserve.engine.distributed import Follower, Leader, ShardedRunner, agree_min
+    from slabserve.engine.loader import load_sharded
+    from slabserve.mlxmem import configure_memory
+
+    configure_memory(cfg.mlx_cache_limit_bytes)
+    model, tokenizer, _path = load_sharded(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir,
+                                           group=group)
+    cache = kv_cache_config(cfg, model)
+    cache = dataclasses.replace(cache, kv_budget_bytes=agree_min(group, cache.kv_budget_bytes))
+    rank = group.rank()
+    leader = Leader(group, dist, on_fault) if rank == 0 else None
+    runner = ShardedRunner(model, cache, cfg.runner, selector, group, leader)
+    _log_pool(runner, f"rank {rank}/{group.size()}: ")
+    if leader is None:
+        return RankRole(rank, follower=Follower(runner, group, dist, on_fault))
+    leader.start()
+    return RankRole(rank, assemble(runner, tokenizer, cfg.scheduler, model_name(cfg)), leader)
+
+
+def _log_pool(runner, prefix: str = "") -> None:
+    g = runner.geom
+    log.info("%sKV pool: %d tokens (%d blocks of %d, %d KV heads, %.2f GiB, %s, slabs of %d "
+             "blocks)", prefix, runner.allocator.max_blocks * g.block_size,
+             runner.allocator.max_blocks, g.block_size, g.kv_heads,
+             runner.allocator.max_blocks * g.block_bytes / 2**30,
+             str(g.dtype).rsplit(".", 1)[-1], g.slab_blocks)
 
 
 def kv_cache_config(cfg: ServeConfig, model) -> CacheConfig:

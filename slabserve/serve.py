@@ -7,6 +7,10 @@ Shutdown: the first signal stops admitting (new requests get 503 ``shutting_down
 serving loop then ends the rest (their streams get a last chunk with ``finish_reason: abort``
 and ``[DONE]``), uvicorn closes the connections and the process exits 0.  A second
 signal exits at once.
+
+Under ``mlx.launch`` (an MLX distributed group of more than one rank) ``slabserve.ranks``
+takes over once the configs are read: rank 0 serves as above, the other ranks follow its
+steps (tensor parallel, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from slabserve import env
+from slabserve.engine.config import KV_DTYPES
 from slabserve.server.config import TOOL_CALL_PARSERS, ServerConfig, model_aliases
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -69,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
       "switch decode attention at run time, for benchmarks; behind --api-key if one is set")
     a("--calibrate", action="store_true", help="time the decode-attention paths for this "
       "model at start-up (short grid), save and use the device profile")
+    g = p.add_argument_group("across processes (under mlx.launch; docs/distributed.md)")
+    g.add_argument("--pipeline", action="store_true", help="pipeline parallel instead of "
+                   "tensor parallel: not supported yet (refused with the reason)")
+    g.add_argument("--distributed-timeout", type=float, default=60.0,
+                   help="seconds any rank waits on the others (a step, or rank 0's next "
+                        "message) before the server ends, non-zero: a rank died or hangs")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--slab-tokens", type=int, default=None,
@@ -82,7 +93,9 @@ def parser() -> argparse.ArgumentParser:
                         "process may use (weights + activations + KV pool), like vLLM's "
                         "--gpu-memory-utilization")
     g.add_argument("--initial-slabs", type=int, default=1)
-    g.add_argument("--kv-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES),
+                   help="KV pool element type (default: the model's K/V dtype); int8: a float16 "
+                        "scale per token and kv head (docs/benchmarks/kv-int8.md)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="reuse cached full KV blocks of earlier prompts that "
                    "start with the same tokens (--no-enable-prefix-caching or "
@@ -241,24 +254,48 @@ def calibrate(serve_cfg, serving) -> None:
                       log=log.info)
 
 
+PIPELINE_REFUSED = (
+    "--pipeline: pipeline parallel is not supported yet: mlx-lm offers it only for a few "
+    "architectures (not llama or qwen2) and slabserve's paged runner does not run a stage "
+    "of layers; serve tensor parallel (the default) instead")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         server_cfg, serve_cfg = configs(args)
+        if args.pipeline:
+            raise ValueError(PIPELINE_REFUSED)
     except ValueError as e:
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if server_cfg.host not in ("127.0.0.1", "localhost", "::1") and not server_cfg.api_key:
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    rank = f"[rank {group.rank()}/{group.size()}] " if group.size() > 1 else ""
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(levelname)s {rank}%(name)s: %(message)s")
+    public = server_cfg.host not in ("127.0.0.1", "localhost", "::1")
+    if public and not server_cfg.api_key and group.rank() == 0:
         logging.getLogger("slabserve.server").warning(
             "binding %s without an API key: anyone who can reach it can use it "
             "(set --api-key or SLABSERVE_API_KEY)", server_cfg.host)
+    if group.size() > 1:
+        from slabserve import ranks
+
+        return ranks.serve_rank(group, args, server_cfg, serve_cfg, make_selector(), serve_http)
     from slabserve.build import build_serving
-    from slabserve.server.app import create_app
 
     serving = build_serving(serve_cfg, make_selector())
     if args.calibrate:
         calibrate(serve_cfg, serving)
+    return serve_http(serving, server_cfg)
+
+
+def serve_http(serving, server_cfg: ServerConfig) -> int:
+    """Serve the OpenAI app around ``serving`` until a signal drains it; 0 when it ran."""
+    from slabserve.server.app import create_app
+
     app = create_app(serving, server_cfg)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
                             log_level=server_cfg.log_level, lifespan="on",
