@@ -82,9 +82,13 @@ class ServingStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found cached
     prefix_cache_blocks: int = 0  # blocks cached now (in use or evictable)
-    kv_capacity_tokens: int = 0  # tokens the KV pool's budget holds
     kv_dtype: str = ""  # the KV pool's element type
     kv_block_size: int = 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool's budget holds."""
+        return self.kv_blocks_total * self.kv_block_size
 
 
 class ServingLoop(ABC):

@@ -178,8 +178,7 @@ class ThreadedServingLoop(ServingLoop):
                             s.preemptions, s.prompt_tokens, s.generated_tokens,
                             self.integrity_checks, self.integrity_failures,
                             s.prefix.queries, s.prefix.hits, a.num_cached,
-                            a.max_blocks * s.block_size, self.executor.kv_dtype(),
-                            s.block_size)
+                            self.executor.kv_dtype(), s.block_size)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))

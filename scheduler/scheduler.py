@@ -184,7 +184,7 @@ class Scheduler:
             if seq.num_pending <= 1 or seq.request_id in st.planned:
                 continue
             fit = (len(seq.blocks) + self.allocator.num_available) * self.block_size
-            n = self._chunk_len(seq, min(st.budget, fit - seq.num_computed), st)
+            n = self._chunk_len(seq.num_pending, min(st.budget, fit - seq.num_computed), st)
             if n <= 0 or not self._reserve(seq, n):
                 continue
             st.add(self._chunk(seq, n))
@@ -202,7 +202,7 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             self.allocator.retain(hits)
             self.prefix.admitted(seq, hits)
-            n = self._chunk_len(seq, st.budget, st)
+            n = self._chunk_len(seq.num_pending, st.budget, st)
             if not self._reserve(seq, n):  # cannot happen: _fits checked it
                 raise AssertionError("allocator refused blocks it reported available")
             st.add(self._chunk(seq, n))
@@ -212,9 +212,7 @@ class Scheduler:
         chunk at all, and its new blocks plus the cached ones that leave the evictable
         pool, plus ``watermark_blocks`` when others run."""
         start = len(hits) * self.block_size
-        seq.num_computed = start  # for _chunk_len; a waiting sequence keeps 0
-        n = self._chunk_len(seq, st.budget, st)
-        seq.num_computed = 0
+        n = self._chunk_len(seq.num_tokens - start, st.budget, st)
         if n <= 0:
             return False
         reclaimed = sum(1 for b in hits if self.allocator.refcount(b) == 0)
@@ -222,18 +220,19 @@ class Scheduler:
         reserve = self.cfg.watermark_blocks if self.running else 0
         return need + reserve <= self.allocator.num_available
 
-    def _chunk_len(self, seq: Sequence, room: int, st: _Planning) -> int:
-        """Tokens of ``seq``'s next prefill chunk within ``room``: at most ``prefill_chunk``;
+    def _chunk_len(self, pending: int, room: int, st: _Planning) -> int:
+        """Tokens of a sequence's next prefill chunk, ``pending`` tokens before it, within
+        ``room``: at most ``prefill_chunk``;
         a chunk that is not the prompt's last is cut to a multiple of ``prefill_align``.
         Shorter than that it is 0 (the prompt waits a step) when another prompt already
         prefills in this step: a sliver of left-over budget would shift every later chunk
         start of the prompt off the alignment (on a GPU, each new prefill shape costs a
         cuDNN graph build: docs/adr/0006).  With no other prefill it runs, so some prompt
         always progresses."""
-        n = min(seq.num_pending, room, self.cfg.prefill_chunk)
-        if n < seq.num_pending and n >= self.cfg.prefill_align:
+        n = min(pending, room, self.cfg.prefill_chunk)
+        if n < pending and n >= self.cfg.prefill_align:
             n -= n % self.cfg.prefill_align
-        elif n < seq.num_pending and st.prefills:
+        elif n < pending and st.prefills:
             return 0
         return n
 
