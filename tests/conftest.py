@@ -26,3 +26,26 @@ def _cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def client(srv, request):
+    """The openai SDK against the module's live server ``srv`` (server_fixtures.serve);
+    the module's ``CLIENT_TIMEOUT`` (seconds, default 60) bounds each request."""
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0,
+                         timeout=_timeout(request))
+
+
+@pytest.fixture(scope="module")
+def http(srv, request):
+    """httpx against the module's live server ``srv``; ``CLIENT_TIMEOUT`` as for ``client``."""
+    import httpx
+
+    with httpx.Client(base_url=srv.url, timeout=_timeout(request)) as c:
+        yield c
+
+
+def _timeout(request) -> float:
+    return getattr(request.module, "CLIENT_TIMEOUT", 60)

@@ -7,7 +7,6 @@ import json
 
 import httpx
 import mlx.core as mx
-import openai
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -23,17 +22,6 @@ PROMPT = "The slab allocator"
 def srv():
     with serve(tiny_engine()) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

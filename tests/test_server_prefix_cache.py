@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from server_fixtures import serve, tiny_engine
 
@@ -19,12 +18,6 @@ SYSTEM = "You are a careful assistant. " * 12  # ~330 bytes: 20 full blocks of 1
 def srv():
     with serve(tiny_engine()) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        yield c
 
 
 def _chat(http, user: str, **extra) -> dict:

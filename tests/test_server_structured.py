@@ -46,21 +46,13 @@ SCHEMAS = {
 MESSAGES = [{"role": "user", "content": "Reply in JSON."}]
 
 
+CLIENT_TIMEOUT = 120
+
+
 @pytest.fixture(scope="module")
 def srv():
     with serve(tiny_engine(), model_aliases=("/models/tiny", "tiny-alias")) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=120) as c:
-        yield c
 
 
 def json_schema_format(name: str) -> dict:

@@ -10,7 +10,6 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from server_fixtures import serve, tiny_engine
 
@@ -32,15 +31,13 @@ TOOLS = [{"type": "function", "function": {"name": n, "description": f"{n} tool"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+CLIENT_TIMEOUT = 120
+
+
 @pytest.fixture(scope="module")
 def srv():
     with serve(tiny_engine()) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def valid_calls(message, names=None) -> list:
