@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from slabserve.loadtest.chat import ChatResult, ChatSpec, ChatTexts, print_chat, run_chat
 from slabserve.loadtest.client import Endpoint
-from slabserve.loadtest.grid import Stopped, endpoint_for
+from slabserve.loadtest.grid import Stopped, endpoint_for, on_each_server
 from slabserve.loadtest.report import fmt
 from slabserve.loadtest.servers import ManagedServer, ServerConfig
 
@@ -46,24 +45,13 @@ def run_chat_compare(configs: Sequence[ServerConfig], model_dir: Path, spec: Cha
                      ) -> tuple[list[ChatResult], dict[str, str]]:
     """Each configuration on its own loopback server, one after another; one that fails
     to start is skipped (label -> reason).  Interrupted: ``Stopped`` with the finished."""
-    results: list[ChatResult] = []
-    skipped: dict[str, str] = {}
-    try:
-        for cfg in configs:
-            print(f"[{cfg.label}] starting {cfg.kind} ...", file=sys.stderr)
-            try:
-                with ManagedServer(cfg, model_dir, log_dir / f"server-{cfg.label}.log",
-                                   ready_timeout_s) as srv:
-                    ep = endpoint_for(srv, eos_ids)
-                    res = asyncio.run(run_chat(ep, spec, texts, cfg.label, show_progress))
-                    results.append(replace(res, server=srv.identity))
-                    print_chat(res)
-            except (RuntimeError, TimeoutError) as exc:
-                print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
-                skipped[cfg.label] = str(exc).splitlines()[0]
-    except (Stopped, KeyboardInterrupt):
-        raise Stopped(results, skipped) from None
-    return results, skipped
+    def run(srv: ManagedServer, _rnd: int, results: list) -> None:
+        ep = endpoint_for(srv, eos_ids)
+        res = asyncio.run(run_chat(ep, spec, texts, srv.cfg.label, show_progress))
+        results.append(replace(res, server=srv.identity))
+        print_chat(res)
+
+    return on_each_server(configs, model_dir, log_dir, ready_timeout_s, run)
 
 
 def _ratio(a: float | None, b: float | None) -> float:

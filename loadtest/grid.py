@@ -134,7 +134,20 @@ def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec
     drifts over minutes drifts for all of them alike) and each result carries its round.
     A server that fails to start is skipped (label -> reason in the second value) for the
     rest of the comparison; the others still run."""
-    results: list[RunResult] = []
+    def run(srv: ManagedServer, rnd: int, results: list) -> None:
+        _tagged_grid(srv, rnd, srv.cfg.label, grid, prompts, eos_ids, show_progress, results)
+
+    return on_each_server(configs, model_dir, log_dir, ready_timeout_s, run, rounds)
+
+
+def on_each_server(configs: Sequence[ServerConfig], model_dir: Path, log_dir: Path,
+                   ready_timeout_s: float, run, rounds: int = 1) -> tuple[list, dict[str, str]]:
+    """Each configuration on its own loopback server in turn: start it, ``run(srv, round,
+    results)`` (which appends to ``results``, also what an interrupted run finished), stop
+    it; ``rounds`` passes, configurations interleaved.  A server that fails to start is
+    skipped for the rest (label -> reason in the second value); interrupted: ``Stopped``
+    with what finished."""
+    results: list = []
     skipped: dict[str, str] = {}
     try:
         for rnd in range(rounds):
@@ -147,8 +160,7 @@ def run_compare(configs: Sequence[ServerConfig], model_dir: Path, grid: GridSpec
                 print(f"[{cfg.label}] starting {cfg.kind}{tag} ...", file=sys.stderr)
                 try:
                     with ManagedServer(cfg, model_dir, log, ready_timeout_s) as srv:
-                        _tagged_grid(srv, rnd, cfg.label, grid, prompts, eos_ids,
-                                     show_progress, results)
+                        run(srv, rnd, results)
                 except (RuntimeError, TimeoutError) as exc:
                     print(f"[{cfg.label}] could not start: {exc}", file=sys.stderr)
                     skipped[cfg.label] = str(exc).splitlines()[0]
