@@ -5,7 +5,8 @@ use, so they are tested everywhere (attention/native_cuda.py launches them).
 
 Shipped variants (docs/adr/0004-cuda-kernel.md): "mma" (tensor cores), "lean" (FMA, the
 row-group reduction through shared memory) and "async" (FMA, shuffle reduction: the
-fallback wherever neither applies), all over a cp.async stage ring of STAGES stages.  The
+fallback wherever neither applies), all over a cp.async stage ring of STAGES stages; an
+int8 pool always runs INT8_VARIANT (tensor cores over int8 pages and scale slabs).  The
 variants measured and not adopted (register loads, bulk copies, the first shared-memory
 reduction) are in git history and the ADR."""
 
@@ -21,11 +22,17 @@ from slabserve.kvcache.pool import PoolGeometry, SlabPool
 COMMON_FILE = Path(__file__).parent / "kernels" / "pooled_common.cu"
 KERNEL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.cu"
 MMA_FILE = Path(__file__).parent / "kernels" / "pooled_decode_mma.cu"
+INT8_FILE = Path(__file__).parent / "kernels" / "pooled_decode_int8.cu"
+# The kernel of an int8 pool (kvcache/quant.py), whatever variant is asked for: tensor-core
+# products over the int8 pages and their scale slabs (kernels/pooled_decode_int8.cu).
+INT8_VARIANT = "int8"
 # sources a variant appends to the common and main kernel files
-VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,)}
+VARIANT_FILES: dict[str, tuple[Path, ...]] = {"mma": (MMA_FILE,),
+                                              INT8_VARIANT: (MMA_FILE, INT8_FILE)}
 VARIANTS = ("auto", "mma", "async", "lean")
 RING_VARIANTS = ("async", "lean")  # FMA products over a shared-memory ring
-SLAB_LITERAL_VARIANTS = ("lean",)  # the slab size a literal of the source
+TENSOR_VARIANTS = ("mma", INT8_VARIANT)  # 16-token tiles, up to 16 q heads a block
+SLAB_LITERAL_VARIANTS = ("lean", INT8_VARIANT)  # the slab size a literal of the source
 # The register-load work split (U = 8 tokens for up to 4 heads a block, no shared-memory
 # ring) has no CUDA source: NativeMetal's own kernel runs it under this name.
 REGISTER_VARIANT = "sync"
@@ -34,6 +41,7 @@ MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (se
 MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+POOL_DTYPES = (*DTYPES, mx.int8)
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32, 64)
 MAX_SLABS = 512
@@ -83,7 +91,10 @@ def case_variant(variant: str, q_dtype, pool_dtype, group: int = 1,
     with at least MMA_MIN_GROUP q heads per kv head (15-32% faster than the FMA kernel at 7,
     Qwen2.5-0.5B's 14/2; 5 is unmeasured; 15-37% slower than "lean" at 4), else "lean" where
     it applies (32/8/64 fp16: 5-16% faster per layer than "async" at B >= 4 and 16-32k in
-    its first form, faster again chained in its lean form), else "async"."""
+    its first form, faster again chained in its lean form), else "async".  An int8 pool
+    always gets INT8_VARIANT (its only kernel)."""
+    if pool_dtype == mx.int8:
+        return INT8_VARIANT
     mma_ok = pool_dtype in MMA_DTYPES and q_dtype == pool_dtype
     lean_ok = lean_applies(pool_dtype, group, head_dim)
     if variant == "auto":
@@ -120,8 +131,8 @@ def shape_decline(q_shape, q_dtype, geom: PoolGeometry, num_slabs: int) -> str |
         return f"head_dim {geom.head_dim} unsupported (only {HEAD_DIMS})"
     if geom.block_size not in BLOCK_SIZES:
         return f"block_size {geom.block_size} unsupported (only {BLOCK_SIZES})"
-    if geom.dtype not in DTYPES:
-        return f"pool dtype {geom.dtype} unsupported (float16, bfloat16, float32)"
+    if geom.dtype not in POOL_DTYPES:
+        return f"pool dtype {geom.dtype} unsupported (float16, bfloat16, float32, int8)"
     if q_dtype not in DTYPES:
         return f"q dtype {q_dtype} unsupported (float16, bfloat16, float32)"
     if q_shape[1] % geom.kv_heads:
@@ -154,7 +165,14 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
     fill = "\n".join(f"    ktab[{i}] = k{i}; vtab[{i}] = v{i};" for i in range(ns))
     sb = str(slab_blocks) if slab_blocks > 0 else "k0_shape[0] / (HKV * BS)"
     outs, flag = KIND_OUTPUTS[kind]
-    if variant == "mma":
+    scales = ""
+    if variant == INT8_VARIANT:  # the scale slabs ks0.., vs0.. beside the value slabs
+        fill += "\n" + "\n".join(f"    kstab[{i}] = ks{i}; vstab[{i}] = vs{i};"
+                                  for i in range(ns))
+        scales = "  __shared__ const __half* kstab[NS];\n  __shared__ const __half* vstab[NS];\n"
+        call = f"pooled_decode_int8<TQ, T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
+        outs = f"kstab, vstab, {outs}"
+    elif variant == "mma":
         call = f"pooled_decode_mma<T, D, BS, HKV, G, GB, NS, NT, ST, {flag}>"
     elif variant in RING_VARIANTS:
         lean = ", true" if variant == "lean" else ""
@@ -164,7 +182,7 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
     return f"""  extern __shared__ uint4 slabserve_smem[];
   __shared__ const T* ktab[NS];
   __shared__ const T* vtab[NS];
-  if (threadIdx.x == 0) {{
+{scales}  if (threadIdx.x == 0) {{
 {fill}
   }}
   __syncthreads();
@@ -178,9 +196,11 @@ def smem_bytes(variant: str, dtype_size: int, d: int, gb: int, unit: int, stages
                threads: int = THREADS) -> int:
     """Dynamic shared memory of a variant: the stage ring, reused by the merge (0 for the
     register-load split)."""
-    if variant == "mma":
+    if variant in TENSOR_VARIANTS:
         warps = threads // 32
-        return max(stages * (d // 8) * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
+        # 16-byte slots per lane and tile: K and V (mma); K, V and the scales (int8)
+        slots = d // 8 if variant == "mma" else d // 32 + d // 32 + 1
+        return max(stages * slots * threads * 16, (warps * gb * d + 2 * warps * gb) * 4)
     if variant not in RING_VARIANTS:
         return 0
     rows = threads // (d * dtype_size // 16)

@@ -5,7 +5,10 @@ Algorithm (attention/kernels/*.cu, docs/adr/0004-cuda-kernel.md): one GPU block 
 loads, fp32 accumulation with an exp2 online softmax, and a log-sum-exp merge pass when the
 host plan (attention/cuda_plan.py) splits the context into several chunks.  Products by FMA
 or, for float16/bfloat16 with >= 6 q heads per kv head, by tensor cores (variant "auto";
-choices and sources: attention/cuda_source.py).  Kernel experiments (other variants, ring
+choices and sources: attention/cuda_source.py).  An int8 pool (kvcache/quant.py) gets
+the int8 kernel (kernels/pooled_decode_int8.cu): the same work split over int8 pages and
+their float16 scale slabs, which are kernel inputs too (``ks0..``, ``vs0..``), read in
+place; scales multiply score and probability columns.  Kernel experiments (other variants, ring
 depths, timing marks) subclass this class from experiments/, not here.
 
 Any slab count without copying: every slab of the layer is a kernel input (the count is
@@ -32,6 +35,7 @@ from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
 from slabserve.attention.cuda_source import (
     COMMON_FILE,
+    INT8_VARIANT,
     KERNEL_FILE,
     MAX_GROUP,
     MERGE_BODY,
@@ -40,6 +44,7 @@ from slabserve.attention.cuda_source import (
     REGISTER_VARIANT,
     SM_SMEM,
     STAGES,
+    TENSOR_VARIANTS,
     THREADS,
     VARIANT_FILES,
     VARIANTS,
@@ -54,10 +59,7 @@ from slabserve.attention.cuda_source import (
 )
 from slabserve.attention.gather import gather_kv
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
-
-# An int8 pool (kvcache/quant.py) has no kernel here (nor in the Metal subclass) yet: the
-# selector falls back to gather-SDPA, which dequantizes the pages it gathers.
-QUANTIZED_DECLINE = "int8 pool: no quantized kernel (gather dequantizes)"
+from slabserve.kvcache.quant import quantize
 
 
 class NativeCUDA(DecodeAttention):
@@ -104,8 +106,6 @@ class NativeCUDA(DecodeAttention):
 
     # ---- decline ------------------------------------------------------------------------
     def decline(self, q: mx.array, pool: SlabPool, batch: DecodeBatch) -> str | None:
-        if pool.geom.quantized:  # issue 24: the int8 kernel is not written yet
-            return QUANTIZED_DECLINE
         reason = shape_decline(q.shape, q.dtype, pool.geom, pool.num_slabs)
         if reason:
             return reason
@@ -139,16 +139,13 @@ class NativeCUDA(DecodeAttention):
         g = pool.geom
         ns = pool_slab_inputs(pool)
         geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
-        probe_pool = SlabPool(geom)
-        rows = 2 * g.kv_heads * g.block_size
-        kv = mx.random.normal((2, ns, rows, g.head_dim), key=mx.random.key(7)).astype(g.dtype)
-        probe_pool.k[0] = [kv[0, i] for i in range(ns)]
-        probe_pool.v[0] = [kv[1, i] for i in range(ns)]
+        probe_pool = _random_pool(geom, ns, mx.random.key(7))
         n = g.block_size + 3
         batch = DecodeBatch(geom, [[2 * ns - 1, 0]], [n])
         q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim), key=mx.random.key(8))
         scale = 1.0 / math.sqrt(g.head_dim)
-        k, v = (x[:, :, :n].astype(mx.float32) for x in gather_kv(probe_pool, 0, batch))
+        k, v = (x[:, :, :n].astype(mx.float32)
+                for x in gather_kv(probe_pool, 0, batch, mx.float32))
         want = mx.fast.scaled_dot_product_attention(
             q1.astype(q.dtype).astype(mx.float32), k, v, scale=scale)
         tol = 2e-2 * (1.0 + mx.max(mx.abs(want)).item())
@@ -188,7 +185,8 @@ class NativeCUDA(DecodeAttention):
         """(variant, q heads per GPU block) for a case."""
         grp = q.shape[1] // g.kv_heads
         variant = case_variant(self.variant, q.dtype, g.dtype, grp, g.head_dim)
-        return variant, group_block(grp, MMA_MAX_GROUP if variant == "mma" else MAX_GROUP)
+        return variant, group_block(grp, MMA_MAX_GROUP if variant in TENSOR_VARIANTS
+                                    else MAX_GROUP)
 
     def _head_blocks(self, q: mx.array, g: PoolGeometry) -> int:
         grp = q.shape[1] // g.kv_heads
@@ -244,6 +242,9 @@ class NativeCUDA(DecodeAttention):
         # reshape on either side would be one more graph node per layer for the host
         inputs = [q, batch.table_array, batch.lengths_array,
                   *([self._scale(scale)] if self.scale_input else []), *ks, *vs]
+        if pool.geom.quantized:  # the scale slabs, padded like the value slabs
+            kss, vss = pool.k_scale[layer], pool.v_scale[layer]
+            inputs += [*kss, *([kss[0]] * pad), *vss, *([vss[0]] * pad)]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
             return main[0](inputs=inputs, **main[1])[2]
@@ -321,6 +322,8 @@ class NativeCUDA(DecodeAttention):
                 names, outs = ["opart", "lse"], ["out"]
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
+                if variant == INT8_VARIANT:
+                    slabs += [f"ks{i}" for i in range(ns)] + [f"vs{i}" for i in range(ns)]
                 scalar = ["qscale"] if self.scale_input else []
                 names = ["q", "table", "lengths", *scalar, *slabs]
                 names += ["counters"] if kind == "fused" else []
@@ -342,3 +345,19 @@ class NativeCUDA(DecodeAttention):
                  header: str):
         return mx.fast.cuda_kernel(name=name, input_names=names, output_names=outs,
                                    source=body, header=header, shared_memory=smem)
+
+
+def _random_pool(geom: PoolGeometry, ns: int, key: mx.array) -> SlabPool:
+    """A one-layer pool of ``ns`` slabs of standard normal pages in ``geom``'s dtype, or
+    quantized (with their scales) for an int8 geometry."""
+    pool = SlabPool(geom)
+    rows = geom.slab_blocks * geom.kv_heads * geom.block_size
+    kv = mx.random.normal((2, ns, rows, geom.head_dim), key=key)
+    for side, scales, x in ((pool.k, pool.k_scale, kv[0]), (pool.v, pool.v_scale, kv[1])):
+        if geom.quantized:
+            vals, scale = quantize(x)
+            side[0] = [vals[i] for i in range(ns)]
+            scales[0] = [scale[i] for i in range(ns)]
+        else:
+            side[0] = [x[i].astype(geom.dtype) for i in range(ns)]
+    return pool

@@ -18,6 +18,10 @@ import mlx.core as mx
 from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams
 from slabserve.attention.native_cuda import NativeCUDA
 
+# An int8 pool (kvcache/quant.py) has no Metal kernel (the CUDA one is
+# kernels/pooled_decode_int8.cu): the selector's Metal rule keeps gather-SDPA, which
+# dequantizes the pages it gathers; forced native declines with this reason.
+QUANTIZED_DECLINE = "int8 pool: no Metal kernel (gather dequantizes)"
 METAL_FILE = Path(__file__).parent / "kernels" / "pooled_decode.metal"
 METAL_THREADS = 64
 
@@ -63,6 +67,11 @@ class NativeMetal(NativeCUDA):
     def __init__(self, params: PlanParams = DEFAULT_PARAMS) -> None:
         super().__init__(params, variant="sync", fused_merge=False)  # no fused Metal body
         self._parts: dict[str, str] | None = None
+
+    def decline(self, q, pool, batch) -> str | None:
+        if pool.geom.quantized:  # before touching a device
+            return QUANTIZED_DECLINE
+        return super().decline(q, pool, batch)
 
     def _device_reason(self) -> str | None:
         if not mx.metal.is_available():

@@ -143,8 +143,10 @@ def _rule_cuda(key: SelectorKey) -> tuple[Path, str]:
     # where the two are within ~10 us per layer and the winner flips between runs; gather
     # won both runs only for the small-head geometry (14/2/64) at ctx 1k.  Worst regret
     # of this rule over both runs: 1.033 (always-native: 1.133).
-    if key.dtype == "int8":  # no int8 CUDA kernel yet (issue 24): gather dequantizes
-        return Path.GATHER, "cuda_int8_no_kernel"
+    # int8 pools: the int8 kernel reads half the bytes in place where gather dequantizes
+    # every gathered page (docs/benchmarks/kv-int8.md, "GPU").
+    if key.dtype == "int8":
+        return Path.NATIVE, "cuda_int8_native"
     if (key.dtype == "float32" and key.batch_bucket == 1 and key.slabs_bucket == "1"
             and key.ctx_bucket <= 1024 and key.q_heads <= 16):
         return Path.GATHER, "cuda_f32_single_short_small"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from slabserve.attention.cuda_source import (
     COMMON_FILE,
+    INT8_VARIANT,
     KERNEL_FILE,
     MERGE_BODY,
     STAGES,
@@ -35,8 +36,9 @@ from slabserve.attention.cuda_source import (
     unit_tokens,
 )
 
-CTYPE = {"f16": "__half", "bf16": "__nv_bfloat16", "f32": "float"}
-PRELUDE = """#include <cuda_fp16.h>
+CTYPE = {"f16": "__half", "bf16": "__nv_bfloat16", "f32": "float", "i8": "int8_t"}
+PRELUDE = """#include <cstdint>
+#include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <math_constants.h>
 #ifndef INFINITY
@@ -68,34 +70,40 @@ def wrap(name: str, header: str, body: str, inputs: list[tuple[str, str, bool]],
 
 
 def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int,
-            stages: int = STAGES):
+            stages: int = STAGES, qdt: str | None = None):
     """(name, source) of the direct, split and fused kernels and the merge for one case
-    (``variant`` as NativeCUDA takes it, resolved per case by cuda_source.case_variant)."""
+    (``variant`` as NativeCUDA takes it, resolved per case by cuda_source.case_variant);
+    ``dt`` the pool's dtype ("i8": the int8 kernel with its scale slabs), ``qdt`` q's
+    (default: ``dt``, float16 for an int8 pool)."""
     import mlx.core as mx
 
-    mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}[dt]
-    v = case_variant(variant, mdt, mdt, hq // hkv, d)
+    mdt = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32, "i8": mx.int8}
+    qdt = qdt or ("f16" if dt == "i8" else dt)
+    v = case_variant(variant, mdt[qdt], mdt[dt], hq // hkv, d)
     files = [COMMON_FILE, KERNEL_FILE, *VARIANT_FILES.get(v, ())]
     header = "\n".join(f.read_text() for f in files)
     grp = hq // hkv
-    gb = group_block(grp, 16 if v == "mma" else 8)
-    t = CTYPE[dt]
-    consts = [("TQ", t), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
+    gb = group_block(grp, 16 if v in ("mma", INT8_VARIANT) else 8)
+    t, tq = CTYPE[dt], CTYPE[qdt]
+    consts = [("TQ", tq), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
               ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
               ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
     slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
-    ins = [("q", t, False), ("table", "int", True), ("lengths", "int", False), *slabs]
+    if v == INT8_VARIANT:
+        slabs += [(f"{s}{i}", "__half", False) for s in ("ks", "vs") for i in range(ns)]
+    ins = [("q", tq, False), ("table", "int", True), ("lengths", "int", False), *slabs]
     out = []
     part = [("opart", "float"), ("lse", "float")]
-    for kind, outs in (("direct", [("out", t)]), ("split", part), ("fused", [*part, ("out", t)])):
-        name = f"k_{v}_{dt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
+    for kind, outs in (("direct", [("out", tq)]), ("split", part),
+                       ("fused", [*part, ("out", tq)])):
+        name = f"k_{v}_{dt}_q{qdt}_d{d}_bs{bs}_{hq}x{hkv}_{kind}"
         kins = ins + ([("counters", "int", False)] if kind == "fused" else [])
         body = kernel_body(ns, kind, v, 0.125, slab_literal(v, COMPILE_SLAB_BLOCKS))
         out.append((name, wrap(name, header, body, kins, outs, consts)))
-    mname = f"k_merge_{dt}_d{d}"
+    mname = f"k_merge_{qdt}_d{d}"
     out.append((mname, wrap(mname, header, MERGE_BODY,
                             [("opart", "float", False), ("lse", "float", True)],
-                            [("out", t)], [("TQ", t), ("D", str(d))])))
+                            [("out", tq)], [("TQ", tq), ("D", str(d))])))
     return out
 
 
@@ -129,7 +137,8 @@ COMPILE_SLAB_BLOCKS = 4096  # the slab size of variants that compile it in (slab
 CASES = [  # (dtype, head_dim, block, q heads, kv heads, slabs)
     ("f16", 64, 16, 32, 8, 1), ("bf16", 64, 16, 14, 2, 4), ("f16", 128, 32, 32, 8, 2),
     ("bf16", 128, 16, 8, 8, 1), ("f16", 64, 64, 64, 4, 8), ("f16", 64, 16, 16, 1, 1),
-    ("f32", 64, 16, 32, 8, 1),
+    ("f32", 64, 16, 32, 8, 1), ("i8", 64, 16, 32, 8, 2), ("i8", 128, 32, 14, 2, 1),
+    ("i8", 64, 16, 64, 4, 4),
 ]
 
 

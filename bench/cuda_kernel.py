@@ -8,6 +8,8 @@
 * ``--table``: per-layer time, many layers chained in one graph (eval only, graph built
   first), of native, gather-SDPA, MLX SDPA on contiguous K/V, and the floor = K+V bytes /
   copy bandwidth measured in the same run; 32 q / 8 kv heads, head_dim 64, fp16, block 16.
+* ``--int8``: native over a float16 pool against native over the same pages in int8, each
+  with its floor (bench/cuda_int8.py).
 Results go to stdout (a short table last) and ``--out`` as JSON.
 """
 
@@ -302,29 +304,6 @@ def torch_copy_bandwidth() -> float:
     return 2 * (1 << 30) / statistics.median(ts)
 
 
-def print_table(rows, name):
-    """Markdown tables of native ``name`` against gather, SDPA and the floor (and the
-    marginal costs where the rows have them)."""
-    print(f"\n{rows[0]['shape']} {rows[0]['dtype']}")
-    print(f"| B | ctx | native ({name}) us | gather us | MLX SDPA contig us | floor us "
-          "| native/floor | gather/native | native/SDPA |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for r in rows:
-        n, g, s, f = r[f"{name}_us"], r["gather_us"], r["sdpa_contig_us"], r["floor_us"]
-        print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {g:.1f} | {s:.1f} | {f:.1f} | "
-              f"{n / f:.2f} | {g / n:.1f} | {n / s:.2f} |")
-    if f"{name}_m_us" not in rows[0]:
-        return
-    print(f"\nmarginal cost per layer (longer chains less the {rows[0]['layers']}-layer one)")
-    print(f"| B | ctx | native ({name}) us | MLX SDPA contig us | floor us | native/floor "
-          "| native/SDPA |")
-    print("|--:|--:|--:|--:|--:|--:|--:|")
-    for r in rows:
-        n, s, f = r[f"{name}_m_us"], r["sdpa_contig_m_us"], r["floor_us"]
-        print(f"| {r['B']} | {r['ctx']} | {n:.1f} | {s:.1f} | {f:.1f} | {n / f:.2f} | "
-              f"{n / s:.2f} |")
-
-
 def cuda_args(ap: argparse.ArgumentParser, argv) -> argparse.Namespace | None:
     """The parsed arguments, or None (saying why) where MLX has no CUDA device."""
     a = ap.parse_args(argv)
@@ -345,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="float16 vs int8 native (cuda_int8)")
+    ap.add_argument("--int8-stages", default="", help="int8: also these ring depths, e.g. 4")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1,
                     help="table: also chains of this many times --layers calls (cycling over "
@@ -391,9 +372,20 @@ def main(argv=None) -> int:
             result["table"][shape] = table(cells, a.layers, natives, shape=shape,
                                            contiguous=a.contiguous, max_slabs=a.max_slabs,
                                            repeat=a.repeat)
+        from slabserve.bench.cuda_tables import print_table
+
         for rows in result["table"].values():
             for name in natives:
                 print_table(rows, name)
+    if a.int8:
+        from slabserve.bench.cuda_int8 import int8_table
+        from slabserve.bench.cuda_tables import print_int8_table
+
+        bw = max(copy_bandwidth(), torch_copy_bandwidth())
+        print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+        depths = tuple(int(x) for x in a.int8_stages.split(",") if x)
+        result["int8"] = int8_table(cells, a.layers, a.repeat, bw, depths)
+        print_int8_table(result["int8"])
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cuda_kernel.json").write_text(json.dumps(result, indent=1))

@@ -19,7 +19,10 @@ needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA to
                                                       ("async", "f32", 64, 32, 8),
                                                       ("lean", "f16", 64, 32, 8),
                                                       ("lean", "bf16", 64, 16, 8),
-                                                      ("lean", "f16", 128, 32, 8)])
+                                                      ("lean", "f16", 128, 32, 8),
+                                                      ("auto", "i8", 64, 32, 8),
+                                                      ("auto", "i8", 128, 14, 2),
+                                                      ("auto", "i8", 64, 64, 4)])
 def test_kernel_sources_compile_without_spills(variant, dt, d, hq, hkv):
     name, src = sources(variant, dt, d, 16, hq, hkv, 2)[2]  # the fused kernel, 2 slabs
     ok, log = compile_one(name, src, "sm_90")
@@ -44,3 +47,13 @@ def test_sass_of_a_kernel_is_written(tmp_path):
     ok, log = compile_one(name, src, "sm_90", tmp_path)
     assert ok, log[-2000:]
     assert "LDGSTS" in (tmp_path / f"{name}.sass").read_text()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("qdt", ["f16", "bf16", "f32"])
+def test_int8_kernels_compile_for_every_query_dtype(qdt):
+    """The int8 kernel (i8 pool, any q dtype): direct, split, fused and the merge."""
+    for name, src in sources("auto", "i8", 64, 16, 32, 8, 2, qdt=qdt):
+        ok, log = compile_one(name, src, "sm_90")
+        assert ok, log[-2000:]
+        assert "spill 0" in resources(log) or "merge" in name, resources(log)

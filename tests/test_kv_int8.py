@@ -1,7 +1,7 @@
 """The int8 KV cache (issue 24), CPU side: quantize-on-write bound, the pool's scale slabs and
 byte accounting, every decode path and prefill against float64 references on random data
 (the dequantized pool at float tolerance; the float data within the int8 bound), and the
-selector / CUDA / Metal declines."""
+selector rules (the CUDA int8 kernel: tests/test_cuda_int8.py) and the Metal decline."""
 
 import itertools
 from dataclasses import replace
@@ -15,12 +15,19 @@ from slabserve.attention.base import DecodeBatch
 from slabserve.attention.calibrate import measure
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.native_cpu import NativeCPU
-from slabserve.attention.native_cuda import QUANTIZED_DECLINE, NativeCUDA
-from slabserve.attention.native_metal import NativeMetal
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.attention.native_metal import QUANTIZED_DECLINE, NativeMetal
 from slabserve.attention.prefill import prefill_attention
 from slabserve.attention.profile import Profile
 from slabserve.attention.reference import quantized_copy, random_case, reference_decode
-from slabserve.attention.selector import Path, Reason, Selector, make_key
+from slabserve.attention.selector import (
+    RULES,
+    Path,
+    Reason,
+    Selector,
+    current_backend,
+    make_key,
+)
 from slabserve.engine.config import CacheConfig
 from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool, WritePlan
 from slabserve.kvcache.quant import dequantize, quantize
@@ -173,19 +180,25 @@ def test_prefill_reads_the_quantized_prefix(dtype, bucket):
 
 def test_selector_learns_int8():
     q, pool, batch = random_case([300, 40], 8, 2, 64, 16, mx.int8, slabs=1, seed=2)
-    cpu = Selector(natives={"cpu": NativeCPU()})
+    sel = Selector(natives={"cpu": NativeCPU(), "cuda": NativeCUDA()})
     key = make_key(q, pool, batch, "cpu")
     assert key.dtype == "int8"
-    assert cpu.fresh(q, pool, batch, key).path is Path.NATIVE
+    assert sel.fresh(q, pool, batch, key).path is Path.NATIVE
     cuda_key = make_key(q, pool, batch, "cuda")
+    assert RULES["cuda"](cuda_key) == (Path.NATIVE, "cuda_int8_native")
     rule = Selector(natives={"cuda": NativeCUDA()}).fresh(q, pool, batch, cuda_key)
-    assert (rule.path, rule.detail) == (Path.GATHER, "cuda_int8_no_kernel")
-    forced = Selector(override=True, natives={"cuda": NativeCUDA()})
-    d = forced.fresh(q, pool, batch, cuda_key)
+    if mx.cuda.is_available():
+        assert (rule.path, rule.detail) == (Path.NATIVE, "cuda_int8_native")
+    else:  # the rule asks for native, which declines without a CUDA device
+        assert (rule.path, rule.reason) == (Path.GATHER, Reason.DECLINED)
+    metal_key = make_key(q, pool, batch, "metal")
+    forced = Selector(override=True, natives={"metal": NativeMetal()})
+    d = forced.fresh(q, pool, batch, metal_key)
     assert (d.path, d.reason, d.detail) == (Path.GATHER, Reason.DECLINED, QUANTIZED_DECLINE)
-    assert d.label == ("gather", "declined:int_pool_no_quantized_kernel_gather_dequantizes")
-    out = cpu.run(q, pool, 0, batch, 0.125)
-    assert cpu.path_counts() == {("native", "rule:cpu_native_all"): 1}
+    assert d.label == ("gather", "declined:int_pool_no_metal_kernel_gather_dequantizes")
+    out = sel.run(q, pool, 0, batch, 0.125)  # on this process's backend
+    rule_name = "cuda_int8_native" if current_backend() == "cuda" else "cpu_native_all"
+    assert sel.path_counts() == {("native", f"rule:{rule_name}"): 1}
     assert rel(np.array(out.astype(mx.float32)), reference_decode(q, pool, 0, batch, 0.125)) < 4e-3
 
 
@@ -200,10 +213,9 @@ def test_calibration_measures_int8_and_its_profile_decides_int8_keys_only():
     assert slow_native.choose(key._replace(dtype="float16")) is None
 
 
-@pytest.mark.parametrize("native", [NativeCUDA, NativeMetal])
-def test_gpu_natives_decline_int8_before_touching_a_device(native):
+def test_metal_declines_int8_before_touching_a_device():
     q, pool, batch = random_case([20], 4, 2, 64, 16, mx.int8, slabs=1)
-    assert native().decline(q, pool, batch) == QUANTIZED_DECLINE
+    assert NativeMetal().decline(q, pool, batch) == QUANTIZED_DECLINE
 
 
 def test_cache_config_validates_the_dtype():

@@ -89,7 +89,7 @@ def _geom(**kw):
     [
         ({"head_dim": 96}, (2, 32, 1, 96), mx.float16, 1, "head_dim 96"),
         ({"block_size": 8}, (2, 32, 1, 128), mx.float16, 1, "block_size 8"),
-        ({"dtype": mx.int8}, (2, 32, 1, 128), mx.float16, 1, "pool dtype"),
+        ({"dtype": mx.int32}, (2, 32, 1, 128), mx.float16, 1, "pool dtype"),
         ({}, (2, 32, 1, 128), mx.int32, 1, "q dtype"),
         ({}, (2, 12, 1, 128), mx.float16, 1, "multiple of kv_heads"),
         ({}, (2, 32, 2, 128), mx.float16, 1, "q must be"),

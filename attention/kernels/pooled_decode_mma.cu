@@ -136,12 +136,12 @@ struct MmaTile {
   }
 };
 
-// Online-softmax update of one row (the 4 scores this lane holds for it, masked by `valid`),
-// reduced over the 4 lanes of the row; returns P's two packed registers for the row.
-template <typename T, int NJ>
-__device__ __forceinline__ void softmax_row(float (&s)[4], unsigned valid, float& m, float& l,
-                                            float (&o)[NJ][4], int ci, unsigned& p01,
-                                            unsigned& p23) {
+// Online-softmax update of one row (the 4 scores this lane holds for it, masked by
+// `valid`), reduced over the 4 lanes of the row: s[k] becomes the probability (0 where
+// masked), the row's max, sum and accumulator columns ci, ci+1 are updated.
+template <int NJ>
+__device__ __forceinline__ void online_row(float (&s)[4], unsigned valid, float& m, float& l,
+                                           float (&o)[NJ][4], int ci) {
   float mx = -INFINITY;
 #pragma unroll
   for (int k = 0; k < 4; ++k) mx = (valid >> k & 1u) ? fmaxf(mx, s[k]) : mx;
@@ -163,6 +163,14 @@ __device__ __forceinline__ void softmax_row(float (&s)[4], unsigned valid, float
     s[k] = (valid >> k & 1u) ? exp2f(s[k] - ms) : 0.f;
     l += s[k];
   }
+}
+
+// online_row, then P's two packed registers for the row.
+template <typename T, int NJ>
+__device__ __forceinline__ void softmax_row(float (&s)[4], unsigned valid, float& m, float& l,
+                                            float (&o)[NJ][4], int ci, unsigned& p01,
+                                            unsigned& p23) {
+  online_row<NJ>(s, valid, m, l, o, ci);
   p01 = pack2(s[0], s[1], (const T*)nullptr);
   p23 = pack2(s[2], s[3], (const T*)nullptr);
 }
