@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import mlx.core as mx
+import numpy as np
 
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool
@@ -56,14 +57,19 @@ class DecodeBatch:
 
     @cached_property
     def num_blocks(self) -> int:
-        return self.gather_plan.shape[1]
+        """The widest table's block count (the padded tables' width)."""
+        return max((len(t) for t in self.tables), default=0)
 
     @cached_property
     def table_array(self) -> mx.array:
-        """``[B, nblk]`` int32 block ids, padded with the sequence's first block."""
-        nblk = self.num_blocks
-        rows = [t + [t[0]] * (nblk - len(t)) for t in self.tables]
-        return host_array(rows, mx.int32)
+        """``[B, nblk]`` int32 block ids, padded with the sequence's first block.  Filled
+        row by row in numpy and handed over as one buffer: converting a nested list of
+        B x nblk Python ints cost milliseconds per step at B=32, 16k tokens."""
+        table = np.empty((self.batch, self.num_blocks), dtype=np.int32)
+        for i, t in enumerate(self.tables):
+            table[i, : len(t)] = t
+            table[i, len(t) :] = t[0] if t else 0
+        return host_array(table, mx.int32)
 
 
 class DecodeAttention(ABC):

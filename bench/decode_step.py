@@ -119,9 +119,10 @@ def free_memory_bytes() -> int:
 
 
 # ---- model and fill --------------------------------------------------------------------
-def load_runner(cfg: BenchConfig):
+def load_runner(cfg: BenchConfig, runner_cfg=None):
     """(runner, executor, weight bytes) for the embedded model, the pool capped at what
-    ``mem_bytes`` leaves after the weights."""
+    ``mem_bytes`` leaves after the weights; ``runner_cfg``: a ``RunnerConfig`` (default
+    the runner's)."""
     from mlx.utils import tree_flatten
 
     from slabserve import env
@@ -136,7 +137,7 @@ def load_runner(cfg: BenchConfig):
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = max(cfg.mem_bytes - weights, 1)
     cache = CacheConfig(cfg.block_size, cfg.slab_tokens, budget)
-    runner = ModelRunner(model, cache)
+    runner = ModelRunner(model, cache, runner_cfg)
     return runner, ModelExecutor(runner, 1 << 30), weights
 
 
@@ -194,7 +195,7 @@ def fast_fill(runner, batch: int, ctx: int, seed: int) -> list[list[int]]:
 
 
 # ---- timing ----------------------------------------------------------------------------
-def _plan(runner, tables, tokens, pos: int, step: int, params):
+def plan_step(runner, tables, tokens, pos: int, step: int, params):
     """The scheduler's part of a step: grow tables to cover ``pos``, one chunk each."""
     from slabserve.engine.step import ScheduledChunk, StepPlan
     from slabserve.kvcache import blocks_needed
@@ -229,7 +230,7 @@ def run_cell(runner, executor, cfg: BenchConfig, selectors: dict, batch: int, ct
             for p in cfg.paths[k:] + cfg.paths[:k]:
                 runner.attention.selector = selectors[p]
                 t0 = time.perf_counter()
-                plan = _plan(runner, tables, tokens[p], ctx + r, r, params)
+                plan = plan_step(runner, tables, tokens[p], ctx + r, r, params)
                 out = executor.execute(plan)
                 dt = time.perf_counter() - t0
                 tokens[p] = [out.sampled[c.request_id].token_id for c in plan.decodes]

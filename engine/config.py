@@ -37,10 +37,24 @@ class CacheConfig:
         if self.kv_budget_bytes <= 0 or self.initial_slabs < 1:
             raise ValueError("kv_budget_bytes and initial_slabs must be positive")
 
-    def slab_blocks(self, token_bytes: int) -> int:
-        """Blocks per slab for a model whose K and V take ``token_bytes`` per token."""
-        tokens = self.slab_tokens or auto_slab_tokens(self.kv_budget_bytes, token_bytes)
-        return max(1, tokens // self.block_size)
+    def slab_blocks(self, token_bytes: int, scale_bytes: int | None = None) -> int:
+        """Blocks per slab for a model whose K and V values take ``token_bytes`` per token.
+
+        An automatic int8 slab is sized in bytes: the bytes of the 16-bit pool's automatic
+        slab (values of 2 bytes), filled with int8 tokens of ``token_bytes`` plus their
+        scales, ``scale_bytes`` per token (None: one float16 scale per 64 values, exact
+        for head_dim 64 and a slab 1.5% short at 128).  Both pools then hold the same
+        number of whole slabs of a budget, the int8 one 1.94x the blocks (head_dim 64;
+        whole-slab rounding of equal token counts gave 1.875x at 1 GiB for Llama-3.2-1B,
+        docs/benchmarks/kv-int8.md)."""
+        if self.slab_tokens:
+            return max(1, self.slab_tokens // self.block_size)
+        if self.dtype != "int8":
+            return max(1, auto_slab_tokens(self.kv_budget_bytes, token_bytes) // self.block_size)
+        wide = 2 * token_bytes  # the 16-bit pool's bytes per token
+        slab = auto_slab_tokens(self.kv_budget_bytes, wide) * wide
+        per = token_bytes + (token_bytes // 32 if scale_bytes is None else scale_bytes)
+        return max(1, slab // per // self.block_size)
 
 
 AUTO_MAX_SLABS = 32
@@ -67,12 +81,16 @@ class RunnerConfig:
     the host builds the rest (0 = one evaluation per step).  ``host_math``: float32 prefill
     softmax and SiLU in numpy on CPU (attention/host_math.py; it still applies only where
     it can).  ``linear_layout``: float32 Linear weights stored transposed on CPU
-    (engine/linear_layout.py), applied to the runner's model when the runner starts."""
+    (engine/linear_layout.py), applied to the runner's model when the runner starts.
+    ``compile_decode``: decode forwards run each layer as compiled stages around the paged
+    cache (engine/staged.py; the server turns it on on a GPU unless ``--enforce-eager``);
+    False runs every layer's Python each step."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
     host_math: bool = True
     linear_layout: bool = True
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:

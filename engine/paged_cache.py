@@ -29,7 +29,8 @@ class ForwardContext:
     ``row_prefixes``: a prefill forward of several equally long chunks, one per batch
     row, each with its own prefix (or None); ``writes`` then lists row 0's tokens, then
     row 1's, ...  ``runtime``: the runner's attention runtime (selector, prefill bucket,
-    host math) that every layer's attention goes through.
+    host math) that every layer's attention goes through.  ``staged``: a decode forward
+    whose layers run as compiled stages (engine/staged.py).
     """
 
     pool: SlabPool
@@ -39,6 +40,7 @@ class ForwardContext:
     decode: DecodeBatch | None = None
     prefix: DecodeBatch | None = None
     row_prefixes: tuple[DecodeBatch | None, ...] | None = None
+    staged: bool = False  # decode layers run as compiled stages (engine/staged.py)
 
 
 class PagedLayerCache:

@@ -3,11 +3,13 @@ whose attention goes through mlx-lm's cache protocol and SDPA function.
 
 The runner owns the slab pool (MLX memory) and creates the block allocator that feeds
 it; who allocates blocks (the scheduler, or ``engine.generate`` in tests) passes plain
-block tables in.  ``forward`` evaluates the step: outputs and every slab written.
+block tables in.  ``forward`` hands the step to the device: outputs and every slab
+written.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,6 +21,7 @@ from slabserve.engine import linear_layout as linear_layout_mod
 from slabserve.engine import patch
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
+from slabserve.engine.staged import stage_layers
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import WritePlan
@@ -103,7 +106,9 @@ class ModelRunner:
         num_layers = len(model.layers)
         if cache_cfg.dtype is not None:
             dtype = getattr(mx, cache_cfg.dtype)
-        slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size)
+        scales = 2 * num_layers * kvh * 2  # float16 scale per token and kv head (int8)
+        slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size,
+                                            scales if dtype == mx.int8 else 0)
         self.geom = PoolGeometry(
             num_layers, kvh, head_dim, cache_cfg.block_size, slab_blocks, dtype
         )
@@ -117,6 +122,9 @@ class ModelRunner:
             enable_caching=cache_cfg.prefix_caching,
         )
         self.caches = [PagedLayerCache(i) for i in range(num_layers)]
+        self.last_build_s = 0.0
+        # decode forwards replay compiled per-layer stages (engine/staged.py)
+        self.compile_decode = cfg.compile_decode and stage_layers(model) > 0
 
     @property
     def block_size(self) -> int:
@@ -134,7 +142,9 @@ class ModelRunner:
         for c in self.caches:
             c.ctx = ctx
             c.dispatch = every > 0 and (c.layer + 1) % every == 0 and c.layer + 1 < n
-        with patch.host_math_scope(self.patched_modules, self.attention.host_math):
+        # compiled stages are traced, never run on the host's numpy path
+        host = None if ctx.staged else self.attention.host_math
+        with patch.host_math_scope(self.patched_modules, host):
             if head_rows is None or self.model_type not in _HEAD_SPLIT:
                 out = self.model(inputs, cache=self.caches)
                 return None if head_rows is None else out[:, head_rows, :]
@@ -208,19 +218,26 @@ class ModelRunner:
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
+        # a sharded forward evaluates layer by layer (engine/distributed): never staged
+        staged = self.compile_decode and not self.eval_each_forward
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
-                             batch)
+                             batch, staged=staged)
         inputs = host_array([s.tokens for s in seqs])
         return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
 
     def forward(
         self, prefills: list[SeqInput], decodes: list[SeqInput]
     ) -> tuple[list[mx.array | None], mx.array | None]:
-        """Run prefill chunks (one forward each) and one batched decode forward, then
-        evaluate: returns (last-token logits per prefill or None, ``[B, vocab]`` decode
-        logits or None)."""
+        """Run prefill chunks (one forward each) and one batched decode forward: returns
+        (last-token logits per prefill or None, ``[B, vocab]`` decode logits or None).
+        The step is handed to the device (``mx.async_eval``) with every slab it writes,
+        not waited for: the caller builds on the logits (sampling) while it runs, and its
+        first evaluation synchronises the whole step.  ``last_build_s``: the host's time
+        building this step's graph."""
+        t0 = time.perf_counter()
         pre = self._prefills(prefills)
         dec = self._decode(decodes) if decodes else None
+        self.last_build_s = time.perf_counter() - t0
         outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
-        mx.eval(outs, self.pool.take_pending())
+        mx.async_eval(outs, self.pool.take_pending())
         return pre, dec

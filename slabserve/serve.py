@@ -131,6 +131,10 @@ def parser() -> argparse.ArgumentParser:
                         "decode products); default SLABSERVE_LINEAR_LAYOUT or auto (on where "
                         "it applies)")
     g.add_argument("--dispatch-every", type=int, default=0,
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every decode layer's Python each step instead of its compiled "
+                        "stages (engine/staged.py; compiled by default on a GPU, eager on "
+                        "CPU)")
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
     return p
@@ -181,7 +185,8 @@ def configs(args: argparse.Namespace):
         prefill_kv_bucket=env.prefill_kv_bucket() if bucket is None else bucket,
         dispatch_every=args.dispatch_every,
         host_math=_switch(args.host_math, env.host_math()),
-        linear_layout=_switch(args.linear_layout, env.linear_layout()))
+        linear_layout=_switch(args.linear_layout, env.linear_layout()),
+        compile_decode=_gpu() and not args.enforce_eager)
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
     serving = ServeConfig(model=args.model, dtype=args.dtype, cache_dir=env.cache_dir(),
                           cache=cache, runner=runner, scheduler=sched,

@@ -67,7 +67,7 @@ def test_fast_fill_is_random_everywhere_and_decode_writes_position_ctx(loaded):
             before.append(k)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         runner.attention.selector = Selector(override=True)
-        plan = ds._plan(runner, tables, [5, 7], ctx, 0, params)
+        plan = ds.plan_step(runner, tables, [5, 7], ctx, 0, params)
         executor.execute(plan)
         for layer in range(runner.geom.num_layers):
             k = np.array(gather_kv(runner.pool, layer, view)[0].astype(mx.float32))

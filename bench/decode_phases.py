@@ -1,0 +1,174 @@
+"""``slabserve bench decode-phases``: where a decode step's time goes, eager vs compiled.
+
+For an embedded model (``--embedded NAME[:DTYPE]``), each batch ``B`` and context, ``B``
+sequences holding ``ctx`` cached tokens (decode_step's fast fill: real allocator blocks,
+random K/V) decode one token per step through ``ModelExecutor.execute``, the engine
+thread's call, with the selector on auto.  Two modes interleaved step by step in one
+runner (order rotated each round): ``eager`` runs every layer's Python each step (what
+``--enforce-eager`` serves), ``compiled`` replays each layer's compiled stages
+(engine/staged.py; the default).  The same positions are decoded in both modes, so their
+first sampled tokens must agree (reported).
+
+Phases of a step, medians over ``--steps`` after ``--warmup`` (``wall`` is their sum):
+
+- ``plan``: the scheduler's part (block tables grown, one ``ScheduledChunk`` each);
+- ``build``: the host building the forward's graph (``ModelRunner.last_build_s``);
+- ``launch``: ``mx.async_eval`` of the forward handing it to the device;
+- ``sync``: sampling (its graph, then the one wait for the device and the token ids):
+  on a GPU mostly the device's time not hidden behind building.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slabserve.bench.decode_step import (
+    BenchConfig,
+    cell_fits,
+    fast_fill,
+    free_memory_bytes,
+    load_runner,
+    machine,
+    parse_model,
+    parse_tokens,
+    plan_step,
+)
+
+MODES = ("eager", "compiled")
+PHASES = ("plan", "build", "launch", "sync")
+DEFAULT_OUT = Path("out/decode-phases")
+
+
+@dataclass(frozen=True)
+class Step:
+    plan: float
+    build: float
+    launch: float
+    sync: float
+
+    @property
+    def wall(self) -> float:
+        return self.plan + self.build + self.launch + self.sync
+
+
+def one_step(runner, executor, tables, tokens, pos, index, params) -> tuple[Step, list[int]]:
+    t0 = time.perf_counter()
+    plan = plan_step(runner, tables, tokens, pos, index, params)
+    t1 = time.perf_counter()
+    out = executor.execute(plan)
+    t2 = time.perf_counter()
+    build, fwd = runner.last_build_s, executor.last_forward_s
+    toks = [out.sampled[c.request_id].token_id for c in plan.decodes]
+    return Step(t1 - t0, build, fwd - build, (t2 - t1) - fwd), toks
+
+
+def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
+    from slabserve.scheduler.api import SamplingParams
+
+    tables = fast_fill(runner, batch, ctx, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    start = [int(x) for x in rng.integers(0, runner.model.args.vocab_size, batch)]
+    tokens = {m: list(start) for m in MODES}
+    first: dict[str, list[int]] = {}
+    steps: dict[str, list[Step]] = {m: [] for m in MODES}
+    params = SamplingParams(max_tokens=cfg.rounds + 1, temperature=0.0, ignore_eos=True)
+    try:
+        for r in range(cfg.rounds):
+            order = MODES[r % 2:] + MODES[: r % 2]
+            for m in order:
+                runner.compile_decode = m == "compiled"
+                st, tokens[m] = one_step(runner, executor, tables, tokens[m], ctx + r, r,
+                                         params)
+                first.setdefault(m, tokens[m])
+                if r >= cfg.warmup:
+                    steps[m].append(st)
+    finally:
+        runner.compile_decode = True
+        for t in tables:
+            runner.allocator.free(t)
+    runner.allocator.check_integrity()
+    modes = {m: _summary(batch, steps[m]) for m in MODES}
+    return dict(batch=batch, ctx=ctx, skipped=None, modes=modes,
+                same_first_tokens=first["eager"] == first["compiled"],
+                compiled_over_eager=modes["compiled"]["wall_ms"] / modes["eager"]["wall_ms"])
+
+
+def _summary(batch: int, steps: list[Step]) -> dict:
+    ms = {p: float(np.median([getattr(s, p) for s in steps])) * 1e3 for p in PHASES}
+    wall = float(np.median([s.wall for s in steps])) * 1e3
+    return dict(**{f"{p}_ms": v for p, v in ms.items()}, wall_ms=wall,
+                tok_s=batch / wall * 1e3)
+
+
+def table(cells: list[dict]) -> str:
+    head = ["| B | ctx | mode | plan ms | build ms | launch ms | sync ms | step ms | tok/s |"
+            " compiled / eager | same tokens |",
+            "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for c in cells:
+        if c["skipped"]:
+            head.append(f"| {c['batch']} | {c['ctx']} | skipped: {c['skipped']} |")
+            continue
+        for m, r in c["modes"].items():
+            tail = (f"{c['compiled_over_eager']:.2f} | {c['same_first_tokens']}"
+                    if m == "compiled" else " | ")
+            head.append(f"| {c['batch']} | {c['ctx']} | {m} | " + " | ".join(
+                f"{r[f'{p}_ms']:.2f}" for p in PHASES) + f" | {r['wall_ms']:.2f} | "
+                f"{r['tok_s']:.1f} | {tail} |")
+    return "\n".join(head)
+
+
+def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
+    ap = argparse.ArgumentParser(prog="slabserve bench decode-phases", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16", help="NAME[:DTYPE]")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--contexts", default="1k,4k,16k")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--mem-gb", type=float, default=None,
+                    help="weights + KV (default: 60%% of free memory)")
+    ap.add_argument("--slab-tokens", type=int, default=65536)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = ap.parse_args(argv)
+    name, dtype = parse_model(a.embedded)
+    mem = int(a.mem_gb * 2**30) if a.mem_gb is not None else int(0.6 * free_memory_bytes())
+    cfg = BenchConfig(name, dtype, tuple(int(x) for x in a.batches.split(",")),
+                      tuple(parse_tokens(x) for x in a.contexts.split(",")), ("auto",),
+                      a.steps, a.warmup, mem, 16, a.slab_tokens, 0)
+    return cfg, a.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, out = parse_args(argv)
+    from slabserve.engine.config import RunnerConfig
+
+    runner, executor, weights = load_runner(cfg, RunnerConfig(compile_decode=True))
+    print(f"model {cfg.model} {cfg.dtype}, {runner.geom.num_layers} layers", flush=True)
+    cells = []
+    for b in sorted(cfg.batches):
+        for ctx in sorted(cfg.contexts):
+            why = cell_fits(runner, cfg, weights, b, ctx)
+            cells.append(dict(batch=b, ctx=ctx, skipped=why) if why else
+                         run_cell(runner, executor, cfg, b, ctx))
+            print(table(cells[-1:]).splitlines()[-1], flush=True)
+    md = table(cells)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{cfg.model}-{cfg.dtype}"
+    meta = dict(config=asdict(cfg), machine=machine(),
+                command=" ".join(["slabserve bench decode-phases", *argv]))
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, cells=cells), indent=1))
+    (out / f"{stem}.md").write_text(md + "\n")
+    print(f"\n{md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
