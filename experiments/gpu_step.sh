@@ -6,7 +6,9 @@
 #   compare  streamed load, ours (compiled stages) vs ours --enforce-eager vs mlx_lm.server,
 #            Llama-3.2-1B shape, concurrency 1 and 8 at 1k and 4k;
 #   prefix   prefix cache on vs off with nothing shared, in one process
-#            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8.
+#            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8;
+#   spread   four processes of the same decode-phases cell, two of them pinned to one
+#            core (taskset), to see how far processes of one tree differ.
 # Results under $OUT.
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site:$PWD/.extra" PYTHONUNBUFFERED=1 SLABSERVE_CACHE_DIR=/tmp/sscache
@@ -29,5 +31,12 @@ for STEP in "${@:-phases}"; do
     timeout 300 $SS bench prefix-overhead --embedded llama-3.2-1b:bfloat16 --out "$OUT/prefix" \
       > "$OUT/prefix.log" 2>&1
     tail -15 "$OUT/prefix.log" ;;
+  spread)
+    for i in 1 2 3 4; do
+      pin=""; [[ $((i % 2)) == 0 ]] && pin="taskset -c 3"
+      timeout 100 $pin $SS bench decode-phases --embedded llama-3.2-1b:bfloat16 --batches 1,8 \
+        --contexts 1k --steps 30 --warmup 5 --out "$OUT/spread-$i" > "$OUT/spread-$i.log" 2>&1
+      echo "process $i ${pin:-unpinned}"; grep -E "^\| (1|8) \| 1024" "$OUT/spread-$i.log" | tail -4
+    done ;;
   esac
 done
