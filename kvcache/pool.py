@@ -73,24 +73,38 @@ class WritePlan:
     """Where each of ``T`` new tokens goes, grouped by slab; shared by all layers.
 
     ``slots`` is a list of (global block id, row in block), one per token, in the order
-    of the token axis of the K/V passed to ``SlabPool.write``.
+    of the token axis of the K/V passed to ``SlabPool.write``.  Tokens are ordered by slab
+    (``perm``, None when they already are), so each slab's tokens are one contiguous run
+    ``[lo, hi)`` of the reordered update: ``groups`` holds ``(slab, lo, hi, rows)`` with
+    ``rows`` the run's ``[hi - lo, heads]`` slab rows.  The permutation and every group's
+    rows are views of ONE host-built array: a step's writes cost one host-to-MLX transfer
+    however many slabs they touch (each transfer cost 50-150 us inside a serving loop on
+    an H100, docs/adr/0011-prefix-caching.md).
     """
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
-        groups: dict[int, tuple[list[int], list[int]]] = {}
-        for t, (block, row) in enumerate(slots):
-            tok, base = groups.setdefault(block // sb, ([], []))
-            tok.append(t)
-            base.append(((block % sb) * h) * bs + row)
-        heads = np.arange(h, dtype=np.int32) * bs
-        self.num_tokens = len(slots)
-        self.groups: list[tuple[int, mx.array | None, mx.array]] = []
-        for slab, (tok, base) in sorted(groups.items()):
-            # [tokens, heads] slab rows, built on the host: one input, no graph nodes
-            rows = host_array(np.asarray(base, dtype=np.int32)[:, None] + heads[None, :])
-            idx = None if len(tok) == len(slots) else host_array(tok)
-            self.groups.append((slab, idx, rows))
+        self.num_tokens = n = len(slots)
+        self.groups: list[tuple[int, int, int, mx.array]] = []
+        self.perm: mx.array | None = None
+        if n == 0:
+            return
+        pairs = np.asarray(slots, dtype=np.int64).reshape(n, 2)
+        slab = pairs[:, 0] // sb
+        base = (pairs[:, 0] % sb) * (h * bs) + pairs[:, 1]
+        order = np.argsort(slab, kind="stable")
+        ordered = bool(np.all(order == np.arange(n)))
+        rows = base[order][:, None] + (np.arange(h, dtype=np.int64) * bs)[None, :]
+        parts = [rows.reshape(-1)] if ordered else [order, rows.reshape(-1)]
+        packed = host_array(np.concatenate(parts).astype(np.int32))
+        off = 0 if ordered else n
+        if not ordered:
+            self.perm = packed[:n]
+        all_rows = packed[off : off + n * h].reshape(n, h)
+        cuts = np.flatnonzero(np.diff(slab[order])) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True):
+            group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo:hi]
+            self.groups.append((int(slab[order[lo]]), lo, hi, group_rows))
 
 
 class GatherPlan:
@@ -195,8 +209,10 @@ class SlabPool:
 
     def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
                  new: mx.array) -> None:
-        for s, idx, rows in plan.groups:
-            side[s][rows] = new if idx is None else new[idx]
+        src = new if plan.perm is None else new[plan.perm]
+        whole = len(plan.groups) == 1
+        for s, lo, hi, rows in plan.groups:
+            side[s][rows] = src if whole else src[lo:hi]
             self._dirty[(*key, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:
