@@ -1,13 +1,15 @@
 """``slabserve bench tensor-parallel``: one model served by one process and by N ranks
-under ``mlx.launch`` (ours and ``mlx_lm.server``), the same closed-loop load against each,
-ratios from this one invocation (docs/benchmarks/tensor-parallel.md).
+under ``mlx.launch`` (ours tensor and pipeline parallel, and ``mlx_lm.server``), the same
+closed-loop load against each, ratios from this one invocation
+(docs/benchmarks/tensor-parallel.md).
 
 Configurations (``--configs``): ``ours-1`` (``slabserve serve``), ``ours-N`` (the same under
-``mlx.launch -n N --backend ring``), ``mlx_lm-N`` (``mlx_lm.server`` under the same launcher),
-``mlx_lm-1``.  Each starts on loopback in turn, runs the load tester's grid
-(``slabserve.loadtest``: streamed ``/v1/completions``, greedy, exactly ``--max-tokens`` output
-tokens, the same prompts for every configuration), and stops.  Ours also reports its KV pool
-in tokens (``/metrics``): at one ``--kv-budget`` per rank it grows with N.
+``mlx.launch -n N --backend ring``, tensor parallel), ``pipe-N`` (the same with
+``--pipeline``), ``mlx_lm-N`` (``mlx_lm.server`` under the same launcher), ``mlx_lm-1``.
+Each starts on loopback in turn, runs the load tester's grid (``slabserve.loadtest``:
+streamed ``/v1/completions``, greedy, exactly ``--max-tokens`` output tokens, the same
+prompts for every configuration), and stops.  Ours also reports its KV pool in tokens
+(``/metrics``): at one ``--kv-budget`` per rank it grows with N.
 
 The launcher gets a pipe as stdin (``mlx.launch`` spins on a closed one); ranks under it get
 ``--rank-env`` (default ``OPENBLAS_NUM_THREADS=1``: one core per rank on a small CPU).
@@ -99,39 +101,44 @@ def _end_group(pgid: int, grace_s: float) -> None:
 
 
 def parse_configs(text: str, ranks: int) -> list[tuple[str, ServerConfig, int]]:
+    """``ours-1``, ``ours-N`` (tensor parallel), ``pipe-N`` (ours with ``--pipeline``),
+    ``mlx_lm-N``, ``mlx_lm-1`` -> (label, server config without the KV budget, ranks)."""
     out = []
     for label in (x.strip() for x in text.split(",") if x.strip()):
         kind, _, n = label.partition("-")
-        if kind not in ("ours", "mlx_lm") or n not in ("1", "N"):
-            raise SystemExit(f"--configs: {label!r}; choose from ours-1, ours-N, mlx_lm-N, "
-                             "mlx_lm-1")
+        if kind not in ("ours", "pipe", "mlx_lm") or n not in ("1", "N") or label == "pipe-1":
+            raise SystemExit(f"--configs: {label!r}; choose from ours-1, ours-N, pipe-N, "
+                             "mlx_lm-N, mlx_lm-1")
         n_ranks = 1 if n == "1" else ranks
         name = f"{kind}-{n_ranks}"
-        out.append((name, ServerConfig(name, "slabserve" if kind == "ours" else "mlx_lm"),
-                    n_ranks))
+        extra = ("--pipeline",) if kind == "pipe" else ()
+        out.append((name, ServerConfig(name, "mlx_lm" if kind == "mlx_lm" else "slabserve",
+                                       extra_args=extra), n_ranks))
     return out
 
 
 def table(results, labels: list[str], kv: dict[str, int | None]) -> str:
     """Markdown: per cell, each configuration's tok/s, TTFT p50 and TPOT p50, then the
-    ratios of ours-N to ours-1 and to mlx_lm-N."""
+    ratio of each multi-rank configuration of ours (tensor, pipeline) to ours-1, and of
+    ours-N to mlx_lm-N."""
     by: dict[tuple[int, int], dict[str, object]] = {}
     for r in results:
         by.setdefault((r.spec.context, r.spec.concurrency), {})[r.label] = r.summary
-    multi = [lab for lab in labels if lab.startswith("ours-") and lab != "ours-1"]
-    ours_n = multi[0] if multi else None
+    multi = [lab for lab in labels if lab.startswith(("ours-", "pipe-")) and lab != "ours-1"]
+    ours_n = next((lab for lab in multi if lab.startswith("ours-")), None)
     mlx_n = next((lab for lab in labels if lab.startswith("mlx_lm-") and lab != "mlx_lm-1"),
                  None)
+    pairs = [(lab, "ours-1") for lab in multi] + ([(ours_n, mlx_n)] if ours_n and mlx_n else [])
     head = ["ctx", "conc"] + [f"{lab} tok/s" for lab in labels]
     head += [f"{lab} TTFT / TPOT p50 ms" for lab in labels]
-    head += [f"{ours_n} / ours-1 tok/s", f"{ours_n} / {mlx_n} tok/s"]
+    head += [f"{a} / {b} tok/s" for a, b in pairs]
     rows = ["| " + " | ".join(head) + " |", "|" + "--:|" * len(head)]
     for (ctx, conc), cell in sorted(by.items()):
         toks = [cell[lab].output_tok_s if lab in cell else float("nan") for lab in labels]
         lat = [f"{cell[lab].ttft.p50:.0f} / {cell[lab].tpot.p50:.0f}" if lab in cell else "-"
                for lab in labels]
         t = dict(zip(labels, toks, strict=True))
-        ratio = [_ratio(t.get(ours_n), t.get("ours-1")), _ratio(t.get(ours_n), t.get(mlx_n))]
+        ratio = [_ratio(t.get(a), t.get(b)) for a, b in pairs]
         rows.append("| " + " | ".join([str(ctx), str(conc)] + [f"{x:.2f}" for x in toks]
                                       + lat + ratio) + " |")
     pools = ", ".join(f"{lab} {n} tokens" for lab, n in kv.items() if n is not None)
@@ -148,7 +155,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, default=None, help="model directory")
     p.add_argument("--embedded", default="qwen2.5-0.5b:float32", help="NAME[:DTYPE]")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--configs", default="ours-1,ours-N,mlx_lm-N")
+    p.add_argument("--configs", default="ours-1,ours-N,pipe-N,mlx_lm-N")
     p.add_argument("--contexts", default="512")
     p.add_argument("--concurrency", default="1,4")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -171,7 +178,8 @@ def main(argv: list[str]) -> int:
     results, kv = [], {}
     for label, cfg, ranks in configs:
         if cfg.kind == "slabserve":
-            cfg = ServerConfig(label, "slabserve", extra_args=("--kv-budget", a.kv_budget))
+            cfg = ServerConfig(label, "slabserve",
+                               extra_args=(*cfg.extra_args, "--kv-budget", a.kv_budget))
         print(f"[{label}] starting ...", file=sys.stderr)
         with LaunchedServer(cfg, model, a.out / f"server-{label}.log", ranks, rank_env,
                             a.ready_timeout) as srv:

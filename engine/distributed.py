@@ -1,11 +1,15 @@
-"""Tensor-parallel serving over MLX distributed: rank 0 plans every step, every rank runs it.
+"""Serving over MLX distributed (tensor or pipeline parallel): rank 0 plans every step,
+every rank runs it.
 
-One logical server spans the ranks of an ``mlx.launch`` group.  Each rank loads the model
-sharded by mlx-lm (``engine.loader.load_sharded``: attention heads, KV heads and MLP columns
-split N ways; the sharded layers all-sum their outputs, so every rank ends a forward with the
-complete hidden state and logits).  Rank 0 runs the HTTP server, the scheduler and the
-``ModelExecutor`` on a ``ShardedRunner`` with a ``Leader``; every other rank runs a
-``Follower`` over its own ``ShardedRunner``.
+One logical server spans the ranks of an ``mlx.launch`` group.  Each rank loads its part of
+the model (``engine.loader.load_sharded``).  Tensor parallel: sharded by mlx-lm (attention
+heads, KV heads and MLP columns split N ways; the sharded layers all-sum their outputs, so
+every rank ends a forward with the complete hidden state and logits).  Pipeline parallel
+(``engine.pipeline``): a slice of the layers per rank, the hidden state sent rank to rank
+inside the forward, ending on rank 0, the only rank with logits.  Either way rank 0 runs the
+HTTP server, the scheduler and the ``ModelExecutor`` on a ``ShardedRunner`` with a
+``Leader``; every other rank runs a ``Follower`` over its own ``ShardedRunner``, and the
+protocol below is the same (only the collectives inside the forward differ).
 
 One step, as messages (all through ``mx.distributed.all_sum``: rank 0 contributes the
 message, the others zeros, so every backend that sums int32 carries it; no side channel)::
@@ -16,7 +20,8 @@ message, the others zeros, so every backend that sums int32 carries it; no side 
       ShardedRunner.forward(prefills, decodes)
         header [op, seq, #pre, #dec, slabs, path, len]
           + payload (tokens, positions, blocks) ---> Follower.run: recv, grow pool to ``slabs``
-        ModelRunner.forward  <---- all-sums inside ---->   ModelRunner.forward (same inputs)
+        ModelRunner.forward  <-- all-sums (TP) or -->   ModelRunner.forward (same inputs)
+                             send/recv (pipeline)
         ack (checked: every rank took part)     <--->   ack
       sample on rank 0 (only it has the grammars,
       penalties and seeds); the tokens reach the
@@ -27,11 +32,12 @@ Invariants:
   * every rank evaluates the same collectives in the same order: followers run
     ``ModelRunner.forward`` on exactly the inputs rank 0 ran (``want_logits`` included), and
     ``eval_each_forward`` evaluates each forward of a step before building the next, so two
-    independent forwards never interleave their all-sums differently on two ranks (the
+    independent forwards never interleave their collectives differently on two ranks (the
     attention path chosen per rank may differ; it holds no collective);
   * block decisions are rank 0's alone (allocation, prefix caching, preemption, aborts);
     the other ranks' pools are plain storage indexed by the same block ids, grown to rank
-    0's slab count before each step, so they hold the same blocks for their own KV heads.
+    0's slab count before each step, so they hold the same blocks for their own KV heads
+    (tensor parallel) or layers (pipeline).
     Followers keep no per-request state: ``release`` and aborts need no message;
   * messages carry a sequence number and per-rank check words (``dist_wire.Channel``): a
     message some rank missed fails on rank 0, one out of order fails on the follower;
@@ -242,16 +248,19 @@ class Follower:
 class ShardedRunner(ModelRunner):
     """A ``ModelRunner`` over one rank's shard of the model.  On rank 0 (``leader`` set)
     ``forward`` first sends its inputs to the other ranks; the others call ``follow``
-    with what rank 0 sent.  Every rank's pool holds its own KV heads (the geometry is
-    probed from the sharded model) and is checked equal in shape across ranks at start."""
+    with what rank 0 sent.  Every rank's pool holds its own KV heads (tensor parallel) or
+    its own layers (``pipeline``: the model is an ``engine.pipeline.PipelineModel``); the
+    geometry is probed from the rank's model and checked equal across ranks at start (all
+    but the layer count for a pipeline)."""
 
     def __init__(self, model, cache_cfg, cfg, selector, group: mx.distributed.Group,
-                 leader: Leader | None = None) -> None:
+                 leader: Leader | None = None, pipeline: bool = False) -> None:
         super().__init__(model, cache_cfg, cfg, selector)
-        self.eval_each_forward = True  # one chain of all-sums at a time (module docstring)
+        self.eval_each_forward = True  # one chain of collectives at a time (module docstring)
         self.group = group
         self.leader = leader
-        check_same_geometry(group, self)
+        # a pipeline stage (engine/pipeline.py) holds its own number of layers
+        check_same_geometry(group, self, layers=not pipeline)
 
     def forward(self, prefills: list[SeqInput], decodes: list[SeqInput]):
         if self.leader is None:
@@ -278,12 +287,14 @@ def agree_min(group: mx.distributed.Group, value: int, unit: int = 1 << 10) -> i
     return int(x.item()) * unit
 
 
-def check_same_geometry(group: mx.distributed.Group, runner: ModelRunner) -> None:
-    """ValueError unless every rank's KV pool has the same shape (layers, KV heads per
-    rank, head size, block size, slab size, most slabs, element size)."""
+def check_same_geometry(group: mx.distributed.Group, runner: ModelRunner,
+                        layers: bool = True) -> None:
+    """ValueError unless every rank's KV pool has the same shape (layers unless ``layers``
+    is False, KV heads per rank, head size, block size, slab size, most slabs, element
+    size): the same block id must exist on every rank."""
     g = runner.geom
-    mine = [g.num_layers, g.kv_heads, g.head_dim, g.block_size, g.slab_blocks,
-            runner.pool.max_slabs or 0, g.dtype.size]
+    mine = [g.num_layers if layers else 0, g.kv_heads, g.head_dim, g.block_size,
+            g.slab_blocks, runner.pool.max_slabs or 0, g.dtype.size]
     x = mx.array(mine, dtype=mx.int32)
     lo = mx.distributed.all_min(x, group=group).tolist()
     hi = mx.distributed.all_max(x, group=group).tolist()

@@ -1,4 +1,5 @@
-"""Load a local mlx-lm model directory (or an embedded model by name) with mlx-lm's loader."""
+"""Load a local mlx-lm model directory (or an embedded model by name) with mlx-lm's loader,
+whole, tensor-parallel sharded, or as one rank's pipeline stage."""
 
 from __future__ import annotations
 
@@ -44,19 +45,26 @@ def check_tensor_parallel(config: dict, ranks: int) -> None:
                          f"{ranks} ranks; tensor parallel needs both to (use fewer ranks)")
 
 
-def load_sharded(model: str | None, dtype: str = "float32", *, cache_dir: Path, group):
-    """(model, tokenizer wrapper, path) with the model split over ``group``'s ranks by
-    mlx-lm's ``sharded_load`` (its ``shard()``: attention and MLP weights split by heads
-    and columns, layers all-summing their outputs).  Every rank must pass the same model:
-    the same directory, or an embedded model (written identically from its seed).
-    ValueError with the reason when the architecture has no ``shard()`` or its heads do
-    not divide by the group size."""
+def load_sharded(model: str | None, dtype: str = "float32", *, cache_dir: Path, group,
+                 pipeline: bool = False):
+    """(model, tokenizer wrapper, path) with the model split over ``group``'s ranks.
+    Tensor parallel (default): mlx-lm's ``sharded_load`` (its ``shard()``: attention and
+    MLP weights split by heads and columns, layers all-summing their outputs).
+    ``pipeline``: each rank keeps a contiguous slice of the decoder layers
+    (``engine.pipeline``), and reads only those layers' weights from disk (plus the
+    embeddings on the first stage and the norm and head on rank 0).  Every rank must pass
+    the same model: the same directory, or an embedded model (written identically from
+    its seed).  ValueError with the reason when the architecture cannot be split this way
+    (no ``shard()``, heads that do not divide by the group size; for pipeline an
+    architecture outside ``engine.pipeline.SUPPORTED`` or fewer layers than ranks)."""
     import json
 
     from mlx_lm.utils import _get_classes, sharded_load
 
     path = resolve_model_path(model, dtype, cache_dir=cache_dir)
     config = json.loads((path / "config.json").read_text())
+    if pipeline:
+        return (*_load_pipeline(path, config, group), path)
     check_tensor_parallel(config, group.size())
     model_cls, _ = _get_classes(config)
     if not hasattr(model_cls, "shard"):
@@ -64,6 +72,27 @@ def load_sharded(model: str | None, dtype: str = "float32", *, cache_dir: Path, 
                          "for this architecture; serve it in one process")
     m, tok = sharded_load(str(path), tensor_group=group)
     return m, tok, path
+
+
+def _load_pipeline(path: Path, config: dict, group):
+    """mlx-lm's lazy ``load_model`` (weights stay on disk until evaluated), reduced to this
+    rank's stage, then only the stage's weights evaluated."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from slabserve.engine.pipeline import PipelineModel, agree_wire, check_pipeline
+
+    split = check_pipeline(config, group.size())
+    full, _ = load_model(path, lazy=True)
+    if len(full.model.layers) != split.layers:
+        raise ValueError(f"{config.get('model_type')}: the model has {len(full.model.layers)} "
+                         f"layers, its config {split.layers}")
+    stage = PipelineModel(full, split, group)
+    del full  # the other ranks' layers were never read
+    mx.eval(stage.parameters())
+    agree_wire(stage.model, group)
+    tok = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return stage, tok
 
 
 __all__ = ["SHAPES", "check_tensor_parallel", "load", "load_sharded", "resolve_model_path"]

@@ -98,7 +98,7 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
 
 @dataclass
 class RankRole:
-    """What one rank of a tensor-parallel server runs (``build_sharded``): rank 0 the
+    """What one rank of a multi-rank server runs (``build_sharded``): rank 0 the
     serving loop, whose runner sends every step to the others through ``leader``; every
     other rank a ``follower`` that runs those steps on its shard until ``leader.stop()``."""
 
@@ -109,9 +109,10 @@ class RankRole:
 
 
 def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
-                  selector: Selector | None = None) -> RankRole:
+                  selector: Selector | None = None, pipeline: bool = False) -> RankRole:
     """This rank's part of one server over ``group`` (an ``mx.distributed`` group of more
-    than one rank; every rank calls this with the same ``cfg``).  ``on_fault(reason)`` is
+    than one rank; every rank calls this with the same ``cfg``): tensor parallel, or
+    pipeline parallel with ``pipeline`` (engine/pipeline.py).  ``on_fault(reason)`` is
     called when the group fails (a rank died or hangs): the caller ends the process.
     Rank 0's heartbeats start here, so followers wait on a live rank 0 from now on."""
     from slabserve.engine.distributed import Follower, Leader, ShardedRunner, agree_min
@@ -120,12 +121,15 @@ def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
 
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load_sharded(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir,
-                                           group=group)
+                                           group=group, pipeline=pipeline)
     cache = kv_cache_config(cfg, model)
-    cache = dataclasses.replace(cache, kv_budget_bytes=agree_min(group, cache.kv_budget_bytes))
+    budget = agree_min(group, cache.kv_budget_bytes)
+    if pipeline:  # every rank's pool gets the same blocks, each for its own layers
+        budget = budget // model.split.most * len(model.layers)
+    cache = dataclasses.replace(cache, kv_budget_bytes=budget)
     rank = group.rank()
     leader = Leader(group, dist, on_fault) if rank == 0 else None
-    runner = ShardedRunner(model, cache, cfg.runner, selector, group, leader)
+    runner = ShardedRunner(model, cache, cfg.runner, selector, group, leader, pipeline)
     _log_pool(runner, f"rank {rank}/{group.size()}: ")
     if leader is None:
         return RankRole(rank, follower=Follower(runner, group, dist, on_fault))
@@ -135,9 +139,9 @@ def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
 
 def _log_pool(runner, prefix: str = "") -> None:
     g = runner.geom
-    log.info("%sKV pool: %d tokens (%d blocks of %d, %d KV heads, %.2f GiB, %s, slabs of %d "
-             "blocks)", prefix, runner.allocator.max_blocks * g.block_size,
-             runner.allocator.max_blocks, g.block_size, g.kv_heads,
+    log.info("%sKV pool: %d tokens (%d blocks of %d, %d layers, %d KV heads, %.2f GiB, %s, "
+             "slabs of %d blocks)", prefix, runner.allocator.max_blocks * g.block_size,
+             runner.allocator.max_blocks, g.block_size, g.num_layers, g.kv_heads,
              runner.allocator.max_blocks * g.block_bytes / 2**30,
              str(g.dtype).rsplit(".", 1)[-1], g.slab_blocks)
 

@@ -1,9 +1,10 @@
-"""One rank of ``slabserve serve`` under ``mlx.launch``: tensor parallel over the ranks of an
-MLX distributed group (engine/distributed.py has the protocol; docs/distributed.md the use).
+"""One rank of ``slabserve serve`` under ``mlx.launch``: tensor parallel (or pipeline parallel,
+``--pipeline``) over the ranks of an MLX distributed group (engine/distributed.py has the
+protocol, engine/pipeline.py the stages; docs/distributed.md the use).
 
 Rank 0 builds the serving loop and serves HTTP exactly as a single process does; every other
-rank loads its shard and follows rank 0's steps, never binding a port.  What the process does
-around that lives here, in the composition root:
+rank loads its shard (or its layers) and follows rank 0's steps, never binding a port.  What
+the process does around that lives here, in the composition root:
 
   * SIGINT / SIGTERM to rank 0 drain as in one process (``serve.DrainingServer``), then rank 0
     sends ``stop`` and every rank exits 0;
@@ -51,15 +52,15 @@ def serve_rank(group, args, server_cfg, serve_cfg, selector,
     watch_parent(_drain_self if rank == 0 else _nothing)
     try:
         dist = DistConfig(timeout_s=args.distributed_timeout)
-        role = build_sharded(serve_cfg, group, dist, on_fault, selector)
+        role = build_sharded(serve_cfg, group, dist, on_fault, selector, args.pipeline)
     except (ValueError, OSError) as e:  # the same on every rank: each refuses, with why
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
+    mode = "pipeline parallel" if args.pipeline else "tensor parallel"
     if role.follower is not None:
-        log.info("tensor parallel: following rank 0")
+        log.info("%s: following rank 0", mode)
         return role.follower.run()
-    log.info("tensor parallel over %d ranks: rank 0 serves HTTP and plans every step",
-             group.size())
+    log.info("%s over %d ranks: rank 0 serves HTTP and plans every step", mode, group.size())
     try:
         code = serve_http(role.loop, server_cfg)
     finally:

@@ -10,7 +10,7 @@ signal exits at once.
 
 Under ``mlx.launch`` (an MLX distributed group of more than one rank) ``slabserve.ranks``
 takes over once the configs are read: rank 0 serves as above, the other ranks follow its
-steps (tensor parallel, docs/distributed.md).
+steps (tensor parallel, or pipeline parallel with ``--pipeline``; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
       "model at start-up (short grid), save and use the device profile")
     g = p.add_argument_group("across processes (under mlx.launch; docs/distributed.md)")
     g.add_argument("--pipeline", action="store_true", help="pipeline parallel instead of "
-                   "tensor parallel: not supported yet (refused with the reason)")
+                   "tensor parallel: each rank holds a contiguous slice of the layers (llama, "
+                   "mistral, qwen2, qwen3)")
     g.add_argument("--distributed-timeout", type=float, default=60.0,
                    help="seconds any rank waits on the others (a step, or rank 0's next "
                         "message) before the server ends, non-zero: a rank died or hangs")
@@ -130,11 +131,11 @@ def parser() -> argparse.ArgumentParser:
                    help="store float32 Linear weights transposed on CPU (faster few-row "
                         "decode products); default SLABSERVE_LINEAR_LAYOUT or auto (on where "
                         "it applies)")
-    g.add_argument("--dispatch-every", type=int, default=0,
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every decode layer's Python each step instead of its compiled "
                         "stages (engine/staged.py; compiled by default on a GPU, eager on "
                         "CPU)")
+    g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
     return p
@@ -259,18 +260,15 @@ def calibrate(serve_cfg, serving) -> None:
                       log=log.info)
 
 
-PIPELINE_REFUSED = (
-    "--pipeline: pipeline parallel is not supported yet: mlx-lm offers it only for a few "
-    "architectures (not llama or qwen2) and slabserve's paged runner does not run a stage "
-    "of layers; serve tensor parallel (the default) instead")
+PIPELINE_ALONE = (
+    "--pipeline splits the model's layers over the ranks of mlx.launch, and this process is "
+    "alone: start it under `mlx.launch -n N`, or drop --pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         server_cfg, serve_cfg = configs(args)
-        if args.pipeline:
-            raise ValueError(PIPELINE_REFUSED)
     except ValueError as e:
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
@@ -289,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         from slabserve import ranks
 
         return ranks.serve_rank(group, args, server_cfg, serve_cfg, make_selector(), serve_http)
+    if args.pipeline:
+        print(f"slabserve serve: {PIPELINE_ALONE}", file=sys.stderr)
+        return 2
     from slabserve.build import build_serving
 
     serving = build_serving(serve_cfg, make_selector())

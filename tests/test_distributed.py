@@ -1,6 +1,7 @@
-"""Tensor parallel over MLX distributed (engine/distributed.py): the step message, the
-start-up refusals, and ``mlx.launch -n 2 --backend ring`` on loopback serving the same
-greedy tokens as one process on llama and qwen2, with twice the KV tokens per rank."""
+"""Serving over MLX distributed (engine/distributed.py): the step message, the start-up
+refusals, and ``mlx.launch -n 2 --backend ring`` on loopback serving the same greedy tokens
+as one process on llama and qwen2, tensor parallel and pipeline parallel (``--pipeline``,
+engine/pipeline.py), with twice the KV tokens per rank either way."""
 
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def test_architecture_without_shard_is_refused(model_root, tmp_path):
         load_sharded(str(make(model_root, "phi3")), cache_dir=tmp_path, group=group)
 
 
-def test_pipeline_is_refused(capsys):
+def test_pipeline_in_one_process_is_refused(capsys):
     assert serve.main(["--pipeline"]) == 2
-    assert "pipeline parallel is not supported yet" in capsys.readouterr().err
+    assert "this process is alone: start it under `mlx.launch -n N`" in capsys.readouterr().err
 
 
 # ---- two ranks on loopback vs one process ------------------------------------------
@@ -111,23 +112,37 @@ def _run_load(url: str) -> dict:
             "blocks": blocks}
 
 
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    """Model name -> the single-process server's ``_run_load`` (run once per model)."""
+    return {}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
-def test_two_ranks_serve_the_single_process_greedy_tokens(model_root, name):
+def test_two_ranks_serve_the_single_process_greedy_tokens(model_root, one_process, name, mode):
     model = make(model_root, name)
-    with Server(model, *FLAGS, ranks=1) as one:
-        one.wait_healthy()
-        ref = _run_load(one.url)
-    with Server(model, *FLAGS, ranks=2) as two:
+    if name not in one_process:
+        with Server(model, *FLAGS, ranks=1) as one:
+            one.wait_healthy()
+            one_process[name] = _run_load(one.url)
+    ref = one_process[name]
+    flags = FLAGS + (("--pipeline",) if mode == "pipeline" else ())
+    with Server(model, *flags, ranks=2) as two:
         two.wait_healthy()
         got = _run_load(two.url)
         out = two.output()
     assert got["alone"] == ref["alone"]
     assert got["together"] == ref["alone"] and ref["together"] == ref["alone"]
     assert got["again"] == ref["alone"][1] and got["cached"] > 0
-    assert got["blocks"] == 2 * ref["blocks"]  # half the KV heads per rank, same budget
+    # half the KV heads (tensor) or half the layers (pipeline) per rank, same budget
+    assert got["blocks"] == 2 * ref["blocks"]
     assert "[rank 1/2] slabserve.build: rank 1/2: KV pool" in out
-    assert "1 KV heads" in out and "tensor parallel over 2 ranks" in out
+    if mode == "tensor":
+        assert "2 layers, 1 KV heads" in out and "tensor parallel over 2 ranks" in out
+    else:
+        assert "1 layers, 2 KV heads" in out and "pipeline parallel over 2 ranks" in out
 
 
 def _metric(url: str, name: str) -> float:
@@ -137,12 +152,13 @@ def _metric(url: str, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_preemption_and_cancellation_across_ranks(model_root):
+@pytest.mark.parametrize("mode", [(), ("--pipeline",)], ids=["tensor", "pipeline"])
+def test_preemption_and_cancellation_across_ranks(model_root, mode):
     """A pool of 16 blocks per rank under four 100-token requests: rank 0 preempts and
     recomputes, and the greedy texts equal the ones each request got alone; a stream cut
     off mid-way frees its blocks on every rank (the next requests still run exactly)."""
     flags = ("--kv-budget", "64K", "--slab-tokens", "64", "--prefill-chunk", "24",
-             "--max-step-tokens", "64")
+             "--max-step-tokens", "64", *mode)
     prompts = [f"{i} the quick brown fox jumps over the lazy dog" for i in range(4)]
     with Server(make(model_root, "llama-gqa"), *flags, ranks=2) as srv:
         srv.wait_healthy()

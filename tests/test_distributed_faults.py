@@ -1,6 +1,7 @@
 """Faults and ends of a two-rank server under ``mlx.launch -n 2 --backend ring``: a killed
 or hung rank ends the server (a CRITICAL line, rank 0 exits 3) instead of hanging, and
-SIGTERM to the launcher drains the in-flight request and ends every rank."""
+SIGTERM to the launcher drains the in-flight request and ends every rank.  Tensor parallel
+throughout; pipeline parallel (``--pipeline``) for a rank killed mid-stream and SIGTERM."""
 
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ def _start_stream(url: str, max_tokens: int) -> tuple[threading.Thread, list]:
     return t, events
 
 
-@pytest.mark.parametrize("when", ["idle", "mid-stream"])
-def test_killed_rank_ends_the_server(model_root, when):
-    with Server(make(model_root, "llama-gqa"), *FLAGS) as srv:
+@pytest.mark.parametrize(("when", "mode"), [("idle", ()), ("mid-stream", ()),
+                                            ("mid-stream", ("--pipeline",))],
+                         ids=["idle", "mid-stream", "mid-stream-pipeline"])
+def test_killed_rank_ends_the_server(model_root, when, mode):
+    with Server(make(model_root, "llama-gqa"), *FLAGS, *mode) as srv:
         srv.wait_healthy()
         pids = srv.rank_pids()
         try:
@@ -80,8 +83,9 @@ def test_hung_rank_ends_the_server(model_root):
     assert "waited" in out and "on the other ranks (timeout 8s): a rank died or hangs" in out
 
 
-def test_sigterm_to_the_launcher_drains_and_ends_every_rank(model_root):
-    with Server(make(model_root, "llama-gqa"), *FLAGS) as srv:
+@pytest.mark.parametrize("mode", [(), ("--pipeline",)], ids=["tensor", "pipeline"])
+def test_sigterm_to_the_launcher_drains_and_ends_every_rank(model_root, mode):
+    with Server(make(model_root, "llama-gqa"), *FLAGS, *mode) as srv:
         srv.wait_healthy()
         pids = srv.rank_pids()
         try:
