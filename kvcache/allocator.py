@@ -71,7 +71,8 @@ class BlockAllocator:
         self._on_grow = on_grow
         self._refcount: list[int] = []
         self._free: list[int] = []  # a min-heap: lowest ids first; never cached blocks
-        self._cache = PrefixIndex()  # stays empty without enable_caching
+        # stays empty without enable_caching; evicts a slab at a time (PrefixIndex)
+        self._cache = PrefixIndex(group_of=lambda block: block // slab_blocks)
         self.num_slabs = 0
         self._grow_to(max(1, min(initial_slabs, self.max_slabs)))
 

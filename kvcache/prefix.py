@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, NewType
 
 BlockKey = NewType("BlockKey", bytes)
@@ -106,14 +106,25 @@ class PrefixIndex:
     Owned by ``BlockAllocator``, which alone knows refcounts: it calls ``park`` when a
     cached block's refcount drops to 0 and ``unpark`` when it rises from 0.
 
+    Eviction is LRU at the granularity of ``group_of`` (the allocator's slab of a block):
+    ``evict`` takes the least recently parked block of one group, the group of the oldest
+    evictable block, and stays on that group while it has evictable blocks.  Evicted blocks
+    are the next ones handed out, so new blocks stay packed in few slabs, as the free list
+    keeps them without caching: with plain LRU they came from every slab, and a step's
+    K/V writes and prefix gathers split into one operation per slab touched.
+
     Invariants (``check``): ``key -> block`` and ``block -> entry.key`` are inverse
-    bijections between cached keys and cached blocks; evictable blocks are cached.
+    bijections between cached keys and cached blocks; evictable blocks are cached, and
+    each is in the LRU order of exactly its own group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group_of: Callable[[int], int] = lambda block: 0) -> None:
         self._block_of: dict[BlockKey, int] = {}
         self._entry: dict[int, CachedBlock] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, oldest first
+        self._by_group: dict[int, OrderedDict[int, None]] = {}  # the same, per group
+        self._group_of = group_of
+        self._evicting: int | None = None  # the group ``evict`` takes blocks from
         self.evictions = 0
 
     @property
@@ -173,14 +184,22 @@ class PrefixIndex:
         """``block`` (cached) lost its last reference: it becomes the most recent
         evictable block."""
         self._lru[block] = None
+        self._by_group.setdefault(self._group_of(block), OrderedDict())[block] = None
 
     def unpark(self, block: int) -> None:
         """``block`` (evictable) gained a reference: it is no longer evictable."""
         del self._lru[block]
+        del self._by_group[self._group_of(block)][block]
 
     def evict(self) -> int:
-        """Uncache the least recently parked block and return it (now free)."""
-        block, _ = self._lru.popitem(last=False)
+        """Uncache the least recently parked block of the group being evicted (the
+        oldest evictable block's group once that one has none left) and return it."""
+        group = self._by_group.get(self._evicting) if self._evicting is not None else None
+        if not group:
+            self._evicting = self._group_of(next(iter(self._lru)))
+            group = self._by_group[self._evicting]
+        block, _ = group.popitem(last=False)
+        del self._lru[block]
         self._drop(block)
         self.evictions += 1
         return block
@@ -189,6 +208,7 @@ class PrefixIndex:
         """Uncache every evictable block (not counted as evictions); return them."""
         out = list(self._lru)
         self._lru.clear()
+        self._by_group.clear()
         for block in out:
             self._drop(block)
         return out
@@ -203,3 +223,6 @@ class PrefixIndex:
             assert self._block_of.get(e.key) == block, f"block {block}: key maps elsewhere"
         for block in self._lru:
             assert block in self._entry, f"evictable block {block} is not cached"
+            group = self._by_group.get(self._group_of(block), {})
+            assert block in group, f"evictable block {block} is not in its group's order"
+        assert sum(map(len, self._by_group.values())) == len(self._lru), "group orders differ"

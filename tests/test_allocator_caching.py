@@ -99,6 +99,20 @@ def test_lru_evicts_tail_before_head_and_least_recent_first():
     assert a.check_integrity()
 
 
+def test_eviction_stays_on_one_slab_until_it_has_none():
+    """Eviction is LRU a slab at a time: the oldest evictable block's slab is drained
+    (least recent first) before the next oldest block's slab, so the blocks handed out
+    stay packed in few slabs."""
+    a = BlockAllocator(slab_blocks=3, max_blocks=9, initial_slabs=3, enable_caching=True)
+    seqs = [_seq(a, [10 * i + j for j in range(2 * 3)])[0] for i in range(3)]
+    assert [b // 3 for s in seqs for b in s] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i in range(3):  # park one block of each slab in turn: 0, 3, 6, 1, 4, 7, 2, 5, 8
+        a.free([s[i] for s in seqs])
+    order = [a.allocate(1)[0] for _ in range(9)]
+    assert order == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # plain LRU gave 0, 3, 6, 1, ...
+    assert a.evictions == 9 and a.check_integrity()
+
+
 def test_prefix_survives_partial_eviction():
     a = BlockAllocator(slab_blocks=3, max_blocks=3, enable_caching=True)
     toks = [1, 1, 2, 2, 3, 3]
