@@ -51,3 +51,13 @@ def test_cli_flag_reaches_runner_config(flag, field):
             assert getattr(serve.runner, field) is auto
         finally:
             mp.undo()
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_decode_stages_compiled_on_a_gpu_unless_enforce_eager(monkeypatch, gpu):
+    from slabserve import serve
+    from slabserve.serve import configs, parser
+
+    monkeypatch.setattr(serve, "_gpu", lambda: gpu)
+    assert configs(parser().parse_args([]))[1].runner.compile_decode is gpu
+    assert configs(parser().parse_args(["--enforce-eager"]))[1].runner.compile_decode is False
