@@ -95,16 +95,14 @@ class Stack:
 
 
 # ---- engines ---------------------------------------------------------------------------
-def kv_budget(cfg: BenchConfig, model) -> int:
-    """``cfg.kv_budget_bytes``, or the load tester's sizing (loadtest/servers.py)."""
-    from slabserve.engine.runner import probe_geometry
+def kv_budget(cfg: BenchConfig, model_dir: Path) -> int:
+    """``cfg.kv_budget_bytes``, or what the load tester gives a server (loadtest/servers.py)
+    for ``concurrency`` sequences of prompt + output tokens."""
+    from slabserve.loadtest.servers import kv_budget_bytes
 
     if cfg.kv_budget_bytes is not None:
         return cfg.kv_budget_bytes
-    kvh, head_dim, dtype = probe_geometry(model)
-    token_bytes = 2 * len(model.layers) * kvh * head_dim * dtype.size
-    need = int(token_bytes * cfg.concurrency * (cfg.prompt + cfg.max_tokens) * 1.25)
-    return max(need, 1 << 30)
+    return kv_budget_bytes(model_dir, cfg.concurrency * (cfg.prompt + cfg.max_tokens))
 
 
 def scheduler_config(cfg: BenchConfig):
@@ -116,9 +114,10 @@ def scheduler_config(cfg: BenchConfig):
                                       prefill_align=cfg.prefill_align)
 
 
-def build_stacks(cfg: BenchConfig, model, tokenizer) -> dict[str, Stack]:
-    """The two engines, built as ``slabserve serve`` builds one (slabserve/build.py,
-    slabserve/serve.py), runner settings and selector read from the environment alike."""
+def build_stacks(cfg: BenchConfig, model, tokenizer, model_dir: Path) -> dict[str, Stack]:
+    """The two engines over ``model`` (loaded from ``model_dir``), built as ``slabserve
+    serve`` builds one (slabserve/build.py, slabserve/serve.py), runner settings and
+    selector read from the environment alike."""
     from slabserve import env
     from slabserve.attention import Selector
     from slabserve.attention.profile import load_for_device
@@ -133,7 +132,7 @@ def build_stacks(cfg: BenchConfig, model, tokenizer) -> dict[str, Stack]:
                         host_math=env.host_math() is not False,
                         linear_layout=env.linear_layout() is not False, compile_decode=gpu)
     scfg = scheduler_config(cfg)
-    budget = kv_budget(cfg, model)
+    budget = kv_budget(cfg, model_dir)
     profile = load_for_device(env.cache_dir())
     max_context = min(model_context(model, tokenizer), scfg.max_context or 1 << 62)
     stacks = {}
@@ -362,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, out = parse_args(argv)
     configure_memory(None)
-    model, tok, _ = load(f"embedded:{cfg.model}", cfg.dtype, cache_dir=env.cache_dir())
-    stacks = build_stacks(cfg, model, tok)
+    model, tok, path = load(f"embedded:{cfg.model}", cfg.dtype, cache_dir=env.cache_dir())
+    stacks = build_stacks(cfg, model, tok, path)
     head = _header(cfg, stacks)
     print(f"model {cfg.model} {cfg.dtype} on {mx.default_device()}: "
           + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"

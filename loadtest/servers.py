@@ -64,15 +64,20 @@ def kv_bytes_per_token(model_dir: Path) -> int:
     return 2 * c["num_hidden_layers"] * kv_heads * head_dim * width
 
 
+def kv_budget_bytes(model_dir: Path, tokens: int) -> int:
+    """A KV budget big enough for ``tokens`` resident tokens of the model in ``model_dir``,
+    plus 25% and at least 1 GiB (the server's default)."""
+    return max(int(kv_bytes_per_token(model_dir) * tokens * 1.25), 1 << 30)
+
+
 def kv_budget_args(model_dir: Path, tokens: int, given: tuple[str, ...]) -> tuple[str, ...]:
-    """``--kv-budget`` for ``slabserve serve`` big enough for ``tokens`` resident tokens
-    (plus 25% and at least 1 GiB, the server's default), unless ``given`` sets one: mlx_lm's
-    server has no KV limit, so ours must not be starved into preemption by the default.
-    ``--kv-memory-fraction`` in ``given`` asks for the server's own device-sized pool."""
+    """``--kv-budget`` for ``slabserve serve`` of ``kv_budget_bytes``, unless ``given`` sets
+    one: mlx_lm's server has no KV limit, so ours must not be starved into preemption by the
+    default.  ``--kv-memory-fraction`` in ``given`` asks for the server's own device-sized
+    pool."""
     if any(a.startswith(("--kv-budget", "--kv-memory-fraction")) for a in given):
         return ()
-    need = int(kv_bytes_per_token(model_dir) * tokens * 1.25)
-    return ("--kv-budget", str(max(need, 1 << 30)))
+    return ("--kv-budget", str(kv_budget_bytes(model_dir, tokens)))
 
 
 def mlx_lm_installed() -> bool:

@@ -48,8 +48,8 @@ def test_engines_differ_only_in_caching_and_prompts_never_share_a_first_token():
 
     cfg = po.BenchConfig(model="tiny", dtype="float32", requests=40, prompt=20, rounds=3,
                          warmup=1)
-    model, tok, _ = load("embedded:tiny", "float32", cache_dir=env.cache_dir())
-    stacks = po.build_stacks(cfg, model, tok)
+    model, tok, path = load("embedded:tiny", "float32", cache_dir=env.cache_dir())
+    stacks = po.build_stacks(cfg, model, tok, path)
     on, off = stacks["on"].runner, stacks["off"].runner
     assert on.allocator.caching and not off.allocator.caching
     assert on.geom == off.geom and on.allocator.max_blocks == off.allocator.max_blocks
