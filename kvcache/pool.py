@@ -107,6 +107,16 @@ class WritePlan:
             self.groups.append((int(slab[order[lo]]), lo, hi, group_rows))
 
 
+def padded_table(table: list[list[int]]) -> np.ndarray:
+    """``[B, nblk]`` int64 block ids, ``nblk`` the longest row; shorter rows padded with
+    their first block (the paths mask padding by lengths)."""
+    out = np.empty((len(table), max((len(r) for r in table), default=0)), dtype=np.int64)
+    for i, r in enumerate(table):
+        out[i, : len(r)] = r
+        out[i, len(r) :] = r[0] if r else 0
+    return out
+
+
 class GatherPlan:
     """Block ids of a ``[B, nblk]`` table grouped by slab, to gather without copying
     the pool: one ``take`` per slab touched, then one permutation if several were.
@@ -114,13 +124,9 @@ class GatherPlan:
 
     def __init__(self, geom: PoolGeometry, table: list[list[int]]) -> None:
         sb = geom.slab_blocks
-        nblk = max((len(r) for r in table), default=0)
-        self.shape = (len(table), nblk)
-        flat = np.empty((len(table), nblk), dtype=np.int64)
-        for i, r in enumerate(table):
-            flat[i, : len(r)] = r
-            flat[i, len(r) :] = r[0] if r else 0
-        flat = flat.reshape(-1)
+        padded = padded_table(table)
+        self.shape = padded.shape
+        flat = padded.reshape(-1)
         slab = flat // sb
         self.groups: list[tuple[int, mx.array]] = []
         self.inverse: mx.array | None = None
