@@ -25,6 +25,7 @@ from slabserve.engine.staged import stage_layers
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import WritePlan
+from slabserve.kvcache.quant import SCALE_DTYPE, is_quantized
 
 # Architectures whose forward is ``model.model(inputs, cache)`` then a head, so prefill
 # can skip the LM head for all but the last position.  Others run the full model.
@@ -106,9 +107,10 @@ class ModelRunner:
         num_layers = len(model.layers)
         if cache_cfg.dtype is not None:
             dtype = getattr(mx, cache_cfg.dtype)
-        scales = 2 * num_layers * kvh * 2  # float16 scale per token and kv head (int8)
+        # a quantized pool adds one scale per token and kv head (kvcache/quant.py)
+        scales = 2 * num_layers * kvh * SCALE_DTYPE.size if is_quantized(dtype) else 0
         slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size,
-                                            scales if dtype == mx.int8 else 0)
+                                            scales)
         self.geom = PoolGeometry(
             num_layers, kvh, head_dim, cache_cfg.block_size, slab_blocks, dtype
         )
