@@ -13,7 +13,9 @@ compiled graphs; everything between two attentions is compiled:
 - ``post`` (x, positions, attention output) -> the layer's output: the rest of the layer
   (output projection, residuals, MLP).
 
-Both stages are traced from the layer's own ``__call__`` (any mlx-lm architecture whose
+Llama-family layers (llama, mistral, qwen2, qwen3) run hand-written stages with fused
+projections on two-dimensional activations (engine/fused.py: about half the graph nodes).
+Other layers' stages are traced from the layer's own ``__call__`` (any mlx-lm architecture whose
 attention goes through the cache protocol and mlx-lm's SDPA name, the same contract as
 engine/patch.py), with a ``StageCache`` that records what the layer hands the cache and
 returns the attention output it is given; ``mx.compile`` drops the unused half of each
@@ -31,6 +33,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from slabserve.engine.fused import FusedDecodeStages
 from slabserve.engine.paged_cache import PagedLayerCache
 
 
@@ -67,9 +70,15 @@ class StagedLayer(nn.Module):
         super().__init__()
         self.inner = inner
         self._index = index
-        self._scale: float | None = None
-        self._pre = mx.compile(self._trace_pre)
-        self._post = mx.compile(self._trace_post)
+        self.fused = FusedDecodeStages.match(inner)
+        if self.fused is not None:  # llama family: hand-written stages, fewer nodes
+            self._scale: float | None = self.fused.scale
+            self._pre = mx.compile(self.fused.pre)
+            self._post = mx.compile(self._fused_post)
+        else:
+            self._scale = None
+            self._pre = mx.compile(self._trace_pre)
+            self._post = mx.compile(self._trace_post)
 
     def __getattr__(self, key: str):
         # the model's loop reads layer attributes (``use_sliding``, ...): the inner layer's
@@ -85,6 +94,9 @@ class StagedLayer(nn.Module):
         self.inner(x, None, cache=cache)
         self._scale = cache.scale
         return cache.queries, cache.keys, cache.values
+
+    def _fused_post(self, x: mx.array, offset: mx.array, attention: mx.array):
+        return self.fused.post(x, attention)
 
     def _trace_post(self, x: mx.array, offset: mx.array, attention: mx.array):
         return self.inner(x, None, cache=StageCache(self._index, offset, attention))
