@@ -39,14 +39,15 @@ class PrefixCaching:
         self._in_flight: dict[BlockKey, str] = {}  # key -> request computing it
 
     def _keys(self, seq: Sequence, blocks: int) -> list[BlockKey]:
-        """``seq``'s keys for its first ``blocks`` full blocks (extended lazily)."""
+        """``seq.keys``, extended lazily to cover at least its first ``blocks`` full
+        blocks (the list itself, not a copy: a decode step must not cost O(context))."""
         have = len(seq.keys)
         if have < blocks:
             bs = self.block_size
             parent = seq.keys[-1] if have else None
             tokens = seq.token_slice(have * bs, blocks * bs)
             seq.keys.extend(block_keys(tokens, bs, seq.cache_salt, parent))
-        return seq.keys[:blocks]
+        return seq.keys
 
     def _tokens(self, seq: Sequence, first: int, end: int) -> list[tuple[int, ...]]:
         bs = self.block_size
@@ -58,7 +59,7 @@ class PrefixCaching:
         if not self.enabled:
             return []
         full = (seq.num_tokens - 1) // self.block_size
-        keys = self._keys(seq, full)
+        keys = self._keys(seq, full)[:full]
         hits = self.allocator.lookup(keys, self._tokens(seq, 0, full))
         if len(hits) < full:
             owner = self._in_flight.get(keys[len(hits)])
@@ -80,8 +81,11 @@ class PrefixCaching:
         if not self.enabled:
             return
         end = (start + n) // self.block_size
-        for key in self._keys(seq, end)[seq.registered:]:
-            self._in_flight.setdefault(key, seq.request_id)
+        if end <= seq.registered:  # a decode step inside a block: nothing new in flight
+            return
+        keys = self._keys(seq, end)
+        for i in range(seq.registered, end):
+            self._in_flight.setdefault(keys[i], seq.request_id)
 
     def computed(self, seq: Sequence) -> None:
         """Register the full blocks ``seq`` has K/V for now."""
