@@ -80,8 +80,9 @@ class NativeCUDA(DecodeAttention):
     layers reading at most ``params.fused_max_bytes`` of K/V (one launch less where the
     launches are the cost), split + merge above (cuda_plan.plan_fused;
     docs/adr/0004-cuda-kernel.md); ``True`` / ``False``: always / never.  Subclasses for
-    other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_body``
-    and ``_compile``; experiments may also set ``stages``."""
+    other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_case``,
+    ``_body``, ``_compile`` and ``quant_variants`` (the variants whose kernels take an int8
+    pool's scale slabs); experiments may also set ``stages``."""
 
     name = "native"
     scale_input = False  # CUDA bodies carry the scale as a literal (cuda_source.kernel_body)
@@ -89,6 +90,7 @@ class NativeCUDA(DecodeAttention):
     stages = STAGES
     kernel_file = KERNEL_FILE
     common_files: tuple[Path, ...] = (COMMON_FILE,)
+    quant_variants: tuple[str, ...] = (INT8_VARIANT,)  # variants that take the scale slabs
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  fused_merge: bool | None = None) -> None:
@@ -322,7 +324,7 @@ class NativeCUDA(DecodeAttention):
                 names, outs = ["opart", "lse"], ["out"]
             else:
                 slabs = [f"k{i}" for i in range(ns)] + [f"v{i}" for i in range(ns)]
-                if variant == INT8_VARIANT:
+                if variant in self.quant_variants:
                     slabs += [f"ks{i}" for i in range(ns)] + [f"vs{i}" for i in range(ns)]
                 scalar = ["qscale"] if self.scale_input else []
                 names = ["q", "table", "lengths", *scalar, *slabs]

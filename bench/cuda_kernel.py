@@ -325,7 +325,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--int8", action="store_true", help="float16 vs int8 native (cuda_int8)")
-    ap.add_argument("--int8-stages", default="", help="int8: also these ring depths, e.g. 4")
+    ap.add_argument("--int8-extra", default="",
+                    help="int8: also these forms, comma-separated: st<n> ring depth, c<n> "
+                    "chunks, s / f merge split / fused, combinable (c16s); cuda_int8.parse_extra")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1,
                     help="table: also chains of this many times --layers calls (cycling over "
@@ -383,9 +385,9 @@ def main(argv=None) -> int:
 
         bw = max(copy_bandwidth(), torch_copy_bandwidth())
         print(f"# {gpu_name()}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-        depths = tuple(int(x) for x in a.int8_stages.split(",") if x)
-        result["int8"] = int8_table(cells, a.layers, a.repeat, bw, depths)
-        print_int8_table(result["int8"])
+        extras = tuple(x for x in a.int8_extra.split(",") if x)
+        result["int8"] = int8_table(cells, a.layers, a.repeat, bw, extras)
+        print_int8_table(result["int8"], extras)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cuda_kernel.json").write_text(json.dumps(result, indent=1))

@@ -27,9 +27,10 @@ def print_table(rows, name):
               f"{n / s:.2f} |")
 
 
-def print_int8_table(rows: list[dict]) -> None:
+def print_int8_table(rows: list[dict], extras: tuple[str, ...] = ()) -> None:
     """Markdown: chained and (where measured) marginal per-layer times, the ratio int8 /
-    float16 and each dtype's time over its floor."""
+    float16 and each dtype's time over its floor; then the int8 forms of ``extras``
+    (bench/cuda_int8.py parse_extra) beside the plan's."""
     for kind, suffix in (("chained", "_us"), ("marginal", "_m_us")):
         if rows[0].get(f"int8{suffix}") is None:
             continue
@@ -42,13 +43,13 @@ def print_int8_table(rows: list[dict]) -> None:
             ff, fi = r["float16_floor_us"], r["int8_floor_us"]
             print(f"| {r['B']} | {r['ctx']} | {f:.1f} | {i:.1f} | {i / f:.2f} | {ff:.1f} | "
                   f"{fi:.1f} | {f / ff:.2f} | {i / fi:.2f} |")
-    depths = sorted(k[len("int8_st"):-len("_m_us")] for k in rows[0]
-                    if k.startswith("int8_st") and k.endswith("_m_us"))
-    if depths:
-        print("\nint8 ring depth, marginal us per layer (chained in parentheses)")
-        print("| B | ctx | 3 (default) | " + " | ".join(depths) + " |")
-        print("|--:|--:|--:|" + "--:|" * len(depths))
-        for r in rows:
-            cells = [f"{r[f'int8_st{n}_m_us']:.1f} ({r[f'int8_st{n}_us']:.1f})" for n in depths]
-            print(f"| {r['B']} | {r['ctx']} | {r['int8_m_us']:.1f} ({r['int8_us']:.1f}) | "
-                  + " | ".join(cells) + " |")
+    if not extras or rows[0].get("int8_m_us") is None:
+        return
+    print("\nint8 forms, marginal us per layer (chained in parentheses); plan = the plan's "
+          "chunks, f/s = merge fused/split")
+    print("| B | ctx | plan | " + " | ".join(extras) + " |")
+    print("|--:|--:|--:|" + "--:|" * len(extras))
+    for r in rows:
+        cells = [f"{r[f'int8_{n}_m_us']:.1f} ({r[f'int8_{n}_us']:.1f})" for n in extras]
+        print(f"| {r['B']} | {r['ctx']} | {r['int8_plan']}: {r['int8_m_us']:.1f} "
+              f"({r['int8_us']:.1f}) | " + " | ".join(cells) + " |")

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The CUDA kernel's checks and timings in one GPU call, from the repository root:
-#   bash experiments/gpu_kernel.sh [check] [table] [shapes] [ncu] [ncutime] [stamps] [timeline]
+#   bash experiments/gpu_kernel.sh [check] [table] [shapes] [int8] [int8test] [ncu] [ncutime]
+#                                  [stamps] [timeline]
 # Needs MLX's CUDA build importable: in /tmp/site (added to PYTHONPATH below) or installed.
 # Logs and JSON go under $OUT (default /tmp/out); short tables are printed last.
 #   check:    the float64 matrix (bench.cuda_kernel --check), 8 shards in parallel
 #   table:    per layer, 16 layers chained, and marginal cost (--repeat 4), at the goal cells
 #   shapes:   other head shapes and dtypes, fewer cells and layers
+#   int8:     float16 vs int8 native per layer (bench.cuda_kernel --int8), with the int8 forms
+#             of INT8_EXTRA (default s,f,c5,c10,c16: merge split / fused, chunk counts)
+#   int8test: tests/test_cuda_int8.py (the int8 kernel against float64; CUDA cases)
 #   ncu:      Nsight Compute sections of the split kernel at B=8 / 16k (needs ncu)
 #   ncutime:  every kernel's duration at the GPU's own clocks, with MLX SDPA (needs ncu)
 #   stamps:   per-block timer marks (experiments.block_stamps)
@@ -38,6 +42,14 @@ for step in "$@"; do
       timeout 420 $K --table --natives "$NAT" --layers 8 --batches 1,8,16 --ctxs 4096,16384 \
         --shapes 32/8/128/bf16,14/2/64/bf16,32/8/64/f32 --out "$OUT/shapes" > "$OUT/shapes.log" 2>&1
       grep -v "^{" "$OUT/shapes.log" | tail -45 ;;
+    int8)
+      timeout 400 $K --int8 --batches "${INT8_BATCHES:-8,16}" --ctxs 16384,32768 --repeat 4 \
+        --int8-extra "${INT8_EXTRA:-s,f,c5,c10,c16}" --out "$OUT/int8" > "$OUT/int8.log" 2>&1
+      grep -v "^{" "$OUT/int8.log" | tail -40 ;;
+    int8test)
+      timeout 300 python -m pytest -q -p no:cacheprovider tests/test_cuda_int8.py \
+        > "$OUT/int8test.log" 2>&1
+      tail -3 "$OUT/int8test.log" ;;
     ncu)
       for v in ${NAT//,/ }; do
         timeout 150 ncu --kernel-name regex:slabserve_pooled_split --launch-skip 2 \

@@ -122,6 +122,38 @@ def test_probe_builds_a_quantized_pool(monkeypatch):
     assert "wrong" in nat._probe(q, pool)
 
 
+def test_int8_merge_form_follows_the_value_bytes():
+    """An int8 layer fuses its chunk merge up to 128 MiB of values (its scales not counted):
+    at 32/8/64, B=8 / 16k (128 MiB + 4 MiB of scales) stays fused, measured on an H100 at
+    62.5 us marginal / 76.7 chained per layer against 60.2-61.7 / 81.5-84.7 split
+    (docs/benchmarks/kv-int8.md); B=8 / 32k and B=16 / 16k split."""
+    from slabserve.attention.base import DecodeBatch
+
+    for b, ctx, want in ((4, 16384, True), (8, 16384, True), (8, 32768, False),
+                         (16, 16384, False)):
+        geom = PoolGeometry(1, 8, 64, 16, 4096, mx.int8)
+        batch = DecodeBatch(geom, [[0] * (ctx // 16)] * b, [ctx] * b)
+        assert NativeCUDA()._fused(batch, geom) is want
+
+
+def test_int8_bench_forms_parse_and_print(capsys):
+    from slabserve.bench.cuda_int8 import parse_extra
+    from slabserve.bench.cuda_tables import print_int8_table
+
+    assert parse_extra("st2") == (2, None, None) and parse_extra("s") == (None, None, False)
+    assert parse_extra("c16f") == (None, 16, True) and parse_extra("st4c8s") == (4, 8, False)
+    for bad in ("", "x", "c", "16", "sf"):
+        with pytest.raises(ValueError, match="bad int8 form"):
+            parse_extra(bad)
+    row = dict(B=8, ctx=16384, shape="32/8/64", layers=16, int8_plan="8s",
+               float16_us=140.0, int8_us=84.0, float16_m_us=100.0, int8_m_us=55.0,
+               float16_floor_us=90.0, int8_floor_us=46.0, int8_c10_us=83.0, int8_c10_m_us=54.0)
+    print_int8_table([row], ("c10",))
+    out = capsys.readouterr().out
+    assert "| 8 | 16384 | 100.0 | 55.0 | 0.55 |" in out and "| 1.20 |" in out
+    assert "| 8 | 16384 | 8s: 55.0 (84.0) | 54.0 (83.0) |" in out
+
+
 # ---- the kernel against float64 (CUDA only) ----------------------------------------------
 @needs_cuda
 @pytest.mark.cuda

@@ -1,7 +1,8 @@
 """The int8 KV cache (issue 24), CPU side: quantize-on-write bound, the pool's scale slabs and
 byte accounting, every decode path and prefill against float64 references on random data
 (the dequantized pool at float tolerance; the float data within the int8 bound), and the
-selector rules (the CUDA int8 kernel: tests/test_cuda_int8.py) and the Metal decline."""
+selector rules (the CUDA int8 kernel: tests/test_cuda_int8.py; the unverified Metal one:
+tests/test_metal_int8.py)."""
 
 import itertools
 from dataclasses import replace
@@ -16,7 +17,7 @@ from slabserve.attention.calibrate import measure
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.native_cpu import NativeCPU
 from slabserve.attention.native_cuda import NativeCUDA
-from slabserve.attention.native_metal import QUANTIZED_DECLINE, NativeMetal
+from slabserve.attention.native_metal import NativeMetal
 from slabserve.attention.prefill import prefill_attention
 from slabserve.attention.profile import Profile
 from slabserve.attention.reference import quantized_copy, random_case, reference_decode
@@ -194,8 +195,9 @@ def test_selector_learns_int8():
     metal_key = make_key(q, pool, batch, "metal")
     forced = Selector(override=True, natives={"metal": NativeMetal()})
     d = forced.fresh(q, pool, batch, metal_key)
-    assert (d.path, d.reason, d.detail) == (Path.GATHER, Reason.DECLINED, QUANTIZED_DECLINE)
-    assert d.label == ("gather", "declined:int_pool_no_metal_kernel_gather_dequantizes")
+    if not mx.metal.is_available():  # forced native Metal over int8 declines here: gather
+        assert (d.path, d.reason) == (Path.GATHER, Reason.DECLINED)
+        assert d.detail.startswith("no Metal device")
     out = sel.run(q, pool, 0, batch, 0.125)  # on this process's backend
     rule_name = "cuda_int8_native" if current_backend() == "cuda" else "cpu_native_all"
     assert sel.path_counts() == {("native", f"rule:{rule_name}"): 1}
@@ -211,11 +213,6 @@ def test_calibration_measures_int8_and_its_profile_decides_int8_keys_only():
     d = Selector(profile=slow_native, natives={"cpu": NativeCPU()}).fresh(q, pool, batch, key)
     assert (d.path, d.reason) == (Path.GATHER, Reason.PROFILE)
     assert slow_native.choose(key._replace(dtype="float16")) is None
-
-
-def test_metal_declines_int8_before_touching_a_device():
-    q, pool, batch = random_case([20], 4, 2, 64, 16, mx.int8, slabs=1)
-    assert NativeMetal().decline(q, pool, batch) == QUANTIZED_DECLINE
 
 
 def test_cache_config_validates_the_dtype():

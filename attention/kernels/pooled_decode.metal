@@ -5,6 +5,12 @@
 //
 // This file holds the header (helpers); native_metal.py generates the kernel body from the
 // BODY section below, replacing /*SELECT*/ with the slab pick and /*STORE*/ with the output.
+// The same body serves int8 pools (kvcache/quant.py; UNVERIFIED as well): native_metal.py
+// then fills /*SCALESLABS*/ with the float16 scale slabs ks0.., vs0.. (one scale per (token,
+// kv head), the value slabs' row addressing), /*KSCALE*/ and /*VSCALE*/ with the token's
+// scales: int8 values are read in place and converted to float in the inner loop, K's scale
+// multiplies the score and V's the probability (the sum of probabilities stays unscaled), as
+// on CPU and CUDA.  With float pools the markers vanish and the scales are 1.0f.
 // Same algorithm as CUDA: one threadgroup per (kv head [x q-head subgroup], chunk,
 // sequence); row groups of TPR = D / VEC lanes, each lane VEC elements of a K/V row;
 // online exp2 softmax per row group; row groups merged in threadgroup memory; chunks merged
@@ -18,7 +24,7 @@ inline float to_f(T x) {
 }
 }  // namespace slabserve
 // ---- BODY ----
-  constexpr int VEC = 16 / sizeof(T);
+  constexpr int VEC = sizeof(T) == 1 ? 8 : 16 / sizeof(T);  // int8: 8 values, as float16
   constexpr int TPR = D / VEC;
   constexpr int RW = 32 / TPR;
   constexpr int R = NT / TPR;
@@ -60,16 +66,19 @@ inline float to_f(T x) {
     const int s = blk / sb;
     const device T* kb = k0;
     const device T* vb = v0;
+/*SCALESLABS*/
 /*SELECT*/
-    const size_t off = (size_t((blk - s * sb) * HKV + kvh) * BS + (u0 % BS)) * D + lane * VEC;
+    const size_t row = size_t((blk - s * sb) * HKV + kvh) * BS + (u0 % BS);
+    const size_t off = row * D + lane * VEC;
     float sc[GB][U];
     for (int j = 0; j < U; ++j) {
       float kf[VEC];
       for (int i = 0; i < VEC; ++i) kf[i] = active ? slabserve::to_f(kb[off + j * D + i]) : 0.0f;
+      const float ksc = /*KSCALE*/1.0f;  // rows past the end: masked below, never used
       for (int g = 0; g < GB; ++g) {
         float d = 0.0f;
         for (int i = 0; i < VEC; ++i) d = fma(qv[g][i], kf[i], d);
-        sc[g][j] = d;
+        sc[g][j] = d * ksc;
       }
     }
     for (int o = TPR / 2; o > 0; o >>= 1) {
@@ -97,8 +106,10 @@ inline float to_f(T x) {
     for (int j = 0; j < nvalid; ++j) {
       float vf[VEC];
       for (int i = 0; i < VEC; ++i) vf[i] = slabserve::to_f(vb[off + j * D + i]);
+      const float vsc = /*VSCALE*/1.0f;
       for (int g = 0; g < GB; ++g) {
-        for (int i = 0; i < VEC; ++i) acc[g][i] = fma(sc[g][j], vf[i], acc[g][i]);
+        const float w = sc[g][j] * vsc;
+        for (int i = 0; i < VEC; ++i) acc[g][i] = fma(w, vf[i], acc[g][i]);
       }
     }
   }
