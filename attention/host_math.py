@@ -11,6 +11,13 @@ a small thread pool, on row blocks that fit in L2.
   last positions ``[n - L, n)`` of its ``n`` keys (MLX's causal mask, aligned
   bottom-right): query ``i`` sees keys ``j <= n - L + i``.
 * ``silu_mul(gate, x)``: ``silu(gate) * x`` (mlx-lm's ``swiglu``).
+* ``host_product(x, w, bias)``: ``x @ w (+ bias)`` by numpy's BLAS.  Where MLX's float32
+  products run on the reference BLAS bundled in its Linux wheel (``mlx_blas()``: no
+  OpenBLAS preloaded, ADR 0003; 4.3 GFLOP/s for a 256^3 sgemm on the 2-core test machine
+  against 48.7 with OpenBLAS, docs/benchmarks/loadtest-cpu.md), ``HostMath.products`` takes
+  the attention's two products to numpy's own OpenBLAS, and the linear layout
+  (engine/linear_layout.py) its multi-token Linear products.  With a fast BLAS behind MLX
+  they stay in MLX (faster there: no evaluation, no copy back).
 
 Both evaluate the MLX graph they depend on (a synchronisation point), so they are used
 only when ``HostMath.attention_applies`` / ``silu_applies`` say so: host math enabled,
@@ -28,12 +35,19 @@ not writable and contiguous (another MLX build), it works on a copy instead.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
+
+log = logging.getLogger(__name__)
 
 try:
     import numpy as np
@@ -48,6 +62,46 @@ def workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+@dataclass(frozen=True)
+class MlxBlas:
+    """Which BLAS serves MLX's CPU float32 products in this process: ``reference`` when it
+    is the reference BLAS bundled in MLX's Linux wheel; ``detail`` says how that was read."""
+
+    reference: bool
+    detail: str
+
+
+_BUNDLED_BLAS = re.compile(r"/mlx[^/]*\.libs/libblas[^/]*\.so")
+
+
+def read_blas(has_global_sgemm: bool, maps: str | None) -> MlxBlas:
+    """A global ``cblas_sgemm`` (a preloaded or RTLD_GLOBAL OpenBLAS/MKL/BLIS, Accelerate
+    on macOS) is what libmlx's products bind to (ADR 0003); without one, a mapped
+    ``mlx*.libs/libblas*.so`` (``maps``: /proc/self/maps text) is the bundled reference
+    BLAS serving them."""
+    if has_global_sgemm:
+        return MlxBlas(False, "a global cblas_sgemm (a preloaded BLAS) serves MLX")
+    found = _BUNDLED_BLAS.search(maps or "")
+    if found is None:
+        return MlxBlas(False, "no global cblas_sgemm and no bundled MLX libblas mapped")
+    return MlxBlas(True, f"MLX's bundled reference BLAS ({found.group(0).lstrip('/')})")
+
+
+@cache
+def mlx_blas() -> MlxBlas:
+    """``read_blas`` of this process, as ``slabserve.blas.status()`` reads it.  Fixed once
+    mlx is imported (its references are bound at load), so cached."""
+    try:
+        has_global = hasattr(ctypes.CDLL(None), "cblas_sgemm")
+    except (OSError, TypeError):  # no CDLL(None): Windows
+        return MlxBlas(False, "no dynamic symbol lookup here")
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = None
+    return read_blas(has_global, maps)
+
+
 class HostMath:
     """The numpy path's switch, threshold and thread pool; one per model runner (its
     ``AttentionRuntime``), built from ``RunnerConfig.host_math`` at the edge.
@@ -55,13 +109,20 @@ class HostMath:
     ``enabled``: whether the host path may be used at all (it still applies only to
     float32 on CPU).  ``min_elements``: the smallest amount of work it takes (0 sends
     every float32 CPU call through it: tests).  The pool is created on first use and
-    shut down by ``close``."""
+    shut down by ``close``.  ``products``: the host attention's two matrix products in
+    numpy too (None: where ``mlx_blas()`` finds MLX on its bundled reference BLAS)."""
 
-    def __init__(self, enabled: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS) -> None:
+    def __init__(self, enabled: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
+                 products: bool | None = None) -> None:
         if min_elements < 0:
             raise ValueError("min_elements must be >= 0")
         self.enabled = enabled
         self.min_elements = min_elements
+        blas = mlx_blas()
+        self.products = enabled and (blas.reference if products is None else products)
+        log.info("host math: %s; attention products: %s (%s)", "on" if enabled else "off",
+                 "numpy" if self.products else "MLX",
+                 blas.detail if products is None else "set by the caller")
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -83,7 +144,7 @@ class HostMath:
 
     def causal_attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float):
         """See the module docstring; split over this object's pool."""
-        return causal_attention(q, k, v, scale, self.run_parts)
+        return causal_attention(q, k, v, scale, self.run_parts, self.products)
 
     def silu_mul(self, gate: mx.array, x: mx.array) -> mx.array:
         return silu_mul(gate, x, self.run_parts)
@@ -143,15 +204,18 @@ def _softmax_heads(a, start: int, lo: int, hi: int) -> None:
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                     run_parts=_serial) -> mx.array:
+                     run_parts=_serial, products: bool = False) -> mx.array:
     """``q`` ``[1, H, L, D]``, ``k``/``v`` ``[1, Hkv, n, D]`` float32 with ``H % Hkv ==
     0`` and ``n >= L`` (every query sees at least key 0: no row is fully masked).
-    Returns ``[1, H, L, D]`` float32, MLX's causal SDPA up to rounding."""
+    Returns ``[1, H, L, D]`` float32, MLX's causal SDPA up to rounding.  ``products``:
+    the two matrix products by numpy's BLAS as well (``HostMath.products``)."""
     b, h, length, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     if b != 1 or h % hkv or n < length or v.shape[2] != n:
         raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}")
     rep = h // hkv
+    if products:
+        return _host_causal_attention(q, k, v, scale, run_parts)
     s = (q * scale).reshape(1, hkv, rep * length, d) @ k.swapaxes(-1, -2)
     mx.eval(s)
     a = np.asarray(s)  # writable view of the fresh scores (module docstring)
@@ -162,6 +226,29 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     run_parts(lambda lo, hi: _softmax_heads(a, n - length, lo, hi), h)
     p = s if in_place else mx.array(a.reshape(s.shape))
     return (p @ v).reshape(1, h, length, d)
+
+
+def _host_causal_attention(q, k, v, scale: float, run_parts) -> mx.array:
+    """``causal_attention`` with both products in numpy (one fresh ``[H, L, n]`` score
+    array, softmax in place, ``@ v`` into the output)."""
+    _, h, length, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    mx.eval(q, k, v)
+    qn = np.asarray(q).reshape(hkv, h // hkv * length, d) * np.float32(scale)
+    a = np.matmul(qn, np.asarray(k)[0].swapaxes(-1, -2)).reshape(h, length, n)
+    run_parts(lambda lo, hi: _softmax_heads(a, n - length, lo, hi), h)
+    out = np.matmul(a.reshape(hkv, -1, n), np.asarray(v)[0])
+    return mx.array(out).reshape(1, h, length, d)
+
+
+def host_product(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
+    """``x @ w (+ bias)`` for float32 ``x`` ``[..., K]``, ``w`` ``[K, N]`` by numpy's
+    BLAS (evaluates ``x``: only outside ``mx.compile`` / ``vmap``)."""
+    mx.eval(x, w, *([] if bias is None else [bias]))
+    y = np.matmul(np.asarray(x).reshape(-1, x.shape[-1]), np.asarray(w))
+    if bias is not None:
+        y += np.asarray(bias)
+    return mx.array(y).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _silu_rows(g, x, out, lo: int, hi: int) -> None:

@@ -12,6 +12,15 @@ then ``x @ Et``, and its lookup gathers columns of ``Et``.  Each weight is trans
 evaluated one at a time and the original dropped, so the model takes the same memory (one
 extra weight at the peak), not a second copy.
 
+Multi-token products by numpy's BLAS: where MLX's float32 products run on the reference
+BLAS bundled in its Linux wheel (``host_math.mlx_blas()``: no OpenBLAS preloaded, ADR
+0003), a prefill chunk's products (a ``[B, L > 1, in]`` input, at least
+``MIN_HOST_WORK`` multiply-adds) go to numpy's own OpenBLAS (``host_math.host_product``;
+docs/adr/0009); decode products (one token per sequence) stay in MLX (no faster on
+the host at a tiny model's step, and the only forward the runner compiles, engine/staged.py,
+is a decode).  Invariant: a multi-token call evaluates its input, so a converted model with
+host products must not be run under ``mx.compile`` / ``vmap`` / ``grad`` on several tokens.
+
 Where it applies: default device CPU (MLX's GPU backends keep their own layout untouched),
 float32 weights (float16 / bfloat16 products have no BLAS on CPU and run slower transposed),
 exact ``nn.Linear`` / ``nn.Embedding`` (quantized layers are other classes and stay as they
@@ -27,6 +36,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+from slabserve.attention import host_math
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +65,44 @@ class _WeightView:
         super().__setattr__(key, val)
 
 
+# multiply-adds: a prefill chunk's products are far above it; a tiny model's decode step
+# (at most 2^18 per product at 8 sequences) gained nothing on the host
+MIN_HOST_WORK = 1 << 20
+
+
 class TransposedLinear(_WeightView, nn.Module):
     """``x @ weight_t (+ bias)`` with ``weight_t`` a contiguous ``[in, out]`` matrix: the
-    same function as the ``nn.Linear`` it replaces."""
+    same function as the ``nn.Linear`` it replaces.  ``host_products``: multi-token
+    products by numpy's BLAS (module docstring)."""
 
-    def __init__(self, weight_t: mx.array, bias: mx.array | None = None) -> None:
+    def __init__(self, weight_t: mx.array, bias: mx.array | None = None,
+                 host_products: bool = False) -> None:
         super().__init__()
         self.weight_t = weight_t
         if bias is not None:
             self.bias = bias
+        self.host_products = host_products
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> TransposedLinear:
-        return cls(_transposed(linear.weight), linear["bias"] if "bias" in linear else None)
+    def from_linear(cls, linear: nn.Linear, host_products: bool = False) -> TransposedLinear:
+        return cls(_transposed(linear.weight), linear["bias"] if "bias" in linear else None,
+                   host_products)
+
+    def on_host(self, x: mx.array) -> bool:
+        """Whether this call's product goes to numpy: host products on, a float32
+        ``[B, L > 1, in]`` input, enough work."""
+        return (self.host_products and x.ndim == 3 and x.shape[1] > 1
+                and x.dtype == mx.float32
+                and x.shape[0] * x.shape[1] * self["weight_t"].size >= MIN_HOST_WORK)
 
     def _extra_repr(self) -> str:
         d_in, d_out = self.weight_t.shape
         return f"input_dims={d_in}, output_dims={d_out}, bias={'bias' in self}"
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.on_host(x):
+            bias = self["bias"] if "bias" in self else None
+            return host_math.host_product(x, self["weight_t"], bias)
         if "bias" in self:
             return mx.addmm(self["bias"], x, self["weight_t"])
         return x @ self["weight_t"]
@@ -112,12 +142,15 @@ class Reason(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
-    """What ``apply`` did: modules replaced and the weight bytes they hold."""
+    """What ``apply`` did: modules replaced and the weight bytes they hold; whether their
+    multi-token products go to numpy's BLAS (``host_products``) and why (``blas``)."""
 
     reason: Reason
     linears: int = 0
     embeddings: int = 0
     bytes: int = 0
+    host_products: bool = False
+    blas: str = ""
 
 
 def on_cpu() -> bool:
@@ -129,22 +162,29 @@ def _eligible(m: nn.Module) -> bool:
     return type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32
 
 
-def apply(model: nn.Module, enabled: bool = True) -> Decision:
+def apply(model: nn.Module, enabled: bool = True,
+          host_products: bool | None = None) -> Decision:
     """Store the model's float32 Linear / Embedding weights transposed, in place, where
     that applies (see the module docstring).  ``enabled``: False = never, True = wherever
-    it applies."""
+    it applies.  ``host_products``: multi-token products by numpy's BLAS; None = where
+    ``mlx_blas()`` finds MLX on its bundled reference BLAS."""
     if not enabled:
         decision = Decision(Reason.SWITCHED_OFF)
     elif not on_cpu():
         decision = Decision(Reason.NOT_CPU)
     else:
-        decision = _replace_all(model)
-    log.info("linear layout: %s (%d linear, %d embedding, %.0f MB)", decision.reason.value,
-             decision.linears, decision.embeddings, decision.bytes / 1e6)
+        blas = host_math.mlx_blas()
+        host = blas.reference if host_products is None else host_products
+        decision = _replace_all(model, host,
+                                blas.detail if host_products is None else "set by the caller")
+    log.info("linear layout: %s (%d linear, %d embedding, %.0f MB); multi-token products: "
+             "%s%s", decision.reason.value, decision.linears, decision.embeddings,
+             decision.bytes / 1e6, "numpy" if decision.host_products else "MLX",
+             f" ({decision.blas})" if decision.blas else "")
     return decision
 
 
-def _replace_all(model: nn.Module) -> Decision:
+def _replace_all(model: nn.Module, host: bool, blas: str) -> Decision:
     names = [name for name, m in model.named_modules() if name and _eligible(m)]
     if not names:
         return Decision(Reason.NOTHING_FLOAT32)
@@ -153,10 +193,10 @@ def _replace_all(model: nn.Module) -> Decision:
     for name in names:  # one at a time: the original is dropped before the next copy
         old = lookup.pop(name)
         if type(old) is nn.Linear:
-            new, linears = TransposedLinear.from_linear(old), linears + 1
+            new, linears = TransposedLinear.from_linear(old, host), linears + 1
         else:
             new, embeddings = TransposedEmbedding.from_embedding(old), embeddings + 1
         nbytes += new.weight_t.nbytes
         del old
         model.update_modules(tree_unflatten([(name, new)]))
-    return Decision(Reason.APPLIED, linears, embeddings, nbytes)
+    return Decision(Reason.APPLIED, linears, embeddings, nbytes, host, blas)

@@ -1,9 +1,14 @@
 """Host math (attention/host_math.py): numpy causal attention and SiLU against float64
 references, when the host path applies, the ``swiglu`` dispatcher, the switch's flow
-from flags to the process, and greedy generation with the host path forced on."""
+from flags to the process, greedy generation with the host path forced on, and the matrix
+products in numpy where MLX runs on its bundled reference BLAS (decided from the process)."""
 
+import json
+import os
 import random
+import subprocess
 import sys
+import textwrap
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,7 +18,7 @@ from attention_cases import causal_reference64, filled_pool, nonzero_f32
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
-from slabserve import env
+from slabserve import blas, env
 from slabserve.attention import host_math as hm
 from slabserve.attention import prefill as pf
 from slabserve.attention.base import DecodeBatch
@@ -37,14 +42,16 @@ def forced():
 @pytest.mark.parametrize("rep", [1, 7])
 @pytest.mark.parametrize("length", [1, 5, 64])
 @pytest.mark.parametrize("extra", [0, 1, 2])  # n = L + extra * L + 3 * extra: up to ~3L
-def test_causal_attention_matches_float64(rep, length, extra):
+@pytest.mark.parametrize("products", [False, True], ids=["mlx-products", "numpy-products"])
+def test_causal_attention_matches_float64(rep, length, extra, products):
     rng = np.random.default_rng(rep * 100 + length * 10 + extra)
     n = length + extra * (length + 3)
     hkv = 2
     q = nonzero_f32(rng, hkv * rep, length, D)
     k, v = nonzero_f32(rng, hkv, n, D), nonzero_f32(rng, hkv, n, D)
     scale = D**-0.5
-    got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], scale)
+    got = hm.causal_attention(mx.array(q)[None], mx.array(k)[None], mx.array(v)[None], scale,
+                              hm._serial, products)
     assert got.shape == (1, hkv * rep, length, D) and got.dtype == mx.float32
     want = causal_reference64(q, k, v, n - length, scale)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=2e-5, atol=2e-5)
@@ -145,6 +152,31 @@ def test_predicates(forced):
         hm.HostMath(min_elements=-1)
 
 
+BUNDLED = "7f00-7f10 r-xp 0 08:01 5 /v/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0"
+OPENBLAS = "7f00-7f10 r-xp 0 08:01 6 /usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def test_read_blas():
+    assert hm.read_blas(False, f"{OPENBLAS}\n{BUNDLED}\n").reference
+    assert "mlx_cpu.libs/libblas-bd8a282c.so" in hm.read_blas(False, BUNDLED).detail
+    assert not hm.read_blas(True, BUNDLED).reference  # a global cblas_sgemm wins (ADR 0003)
+    assert not hm.read_blas(False, OPENBLAS).reference  # MLX linked to another BLAS
+    assert not hm.read_blas(False, None).reference
+
+
+def test_mlx_blas_agrees_with_the_launchers_status():
+    """Two readings of the same process: ours (attention layer, no env) and blas.status()."""
+    assert hm.mlx_blas().reference == (blas.status()["blas"] == "reference")
+
+
+def test_products_follow_mlx_blas_unless_set(monkeypatch):
+    monkeypatch.setattr(hm, "mlx_blas", lambda: hm.MlxBlas(True, "bundled"))
+    assert hm.HostMath().products and not hm.HostMath(enabled=False).products
+    assert not hm.HostMath(products=False).products
+    monkeypatch.setattr(hm, "mlx_blas", lambda: hm.MlxBlas(False, "preloaded"))
+    assert not hm.HostMath().products and hm.HostMath(products=True).products
+
+
 def test_swiglu_dispatcher_routes(forced, monkeypatch):
     """The patched swiglu takes the host path only inside ``host_math_scope`` (a runner's
     forward, on its thread) and only where the scope's ``HostMath`` applies."""
@@ -169,7 +201,8 @@ def test_swiglu_dispatcher_routes(forced, monkeypatch):
 MAX_TOKENS = 8
 
 
-def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch):
+@pytest.mark.parametrize("products", [False, True], ids=["mlx-products", "numpy-products"])
+def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch, products):
     model, _ = load(str(ensure_model("tiny", cache_dir=env.cache_dir())))
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 70)]
@@ -194,9 +227,51 @@ def test_forced_host_path_is_token_exact_with_mlx_lm(forced, monkeypatch):
     runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
                          RunnerConfig(host_math=True))
     runner.attention.host_math.min_elements = 0
+    runner.attention.host_math.products = products
     assert hasattr(sys.modules[type(model).__module__].swiglu, "__slabserve_original__")
     got = greedy_generate(runner, prompts, MAX_TOKENS, chunk=32)
     assert got == refs
     layers = len(model.layers)
     assert counts["attn"] == layers * (1 + 3)  # prefill chunks: 5 | 32 + 32 + 6
     assert counts["silu"] >= counts["attn"]  # and every decode step's MLP
+
+
+DECISION = """
+    import json, random
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load
+    from slabserve import env
+    from slabserve.attention import host_math as hm
+    from slabserve.engine.config import CacheConfig, RunnerConfig
+    from slabserve.engine.embedded import ensure_model
+    from slabserve.engine.generate import greedy_generate
+    from slabserve.engine.runner import ModelRunner
+    model, _ = load(str(ensure_model("tiny", cache_dir=env.cache_dir())))
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (70, 300)]
+    refs = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=8)]
+            for p in prompts]
+    runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
+                         RunnerConfig())
+    got = greedy_generate(runner, prompts, 8, chunk=256)
+    print(json.dumps(dict(reference=hm.mlx_blas().reference, same=got == refs,
+                          layout=runner.linear_layout.host_products,
+                          attention=runner.attention.host_math.products)))
+"""
+
+
+def test_bundled_blas_process_decides_numpy_products_and_stays_token_exact(tmp_path):
+    """A process where MLX runs on its bundled reference BLAS (nothing preloaded): the
+    runner decides numpy products for attention and multi-token Linear layers, and its
+    greedy tokens equal mlx-lm's in that process."""
+    environ = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    environ.setdefault("SLABSERVE_CACHE_DIR", str(tmp_path))
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(DECISION)], env=environ,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if not out["reference"]:
+        pytest.skip("MLX here does not run on a bundled reference BLAS")
+    assert out == dict(reference=True, same=True, layout=True, attention=True)

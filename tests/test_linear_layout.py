@@ -2,7 +2,8 @@
 where ``apply`` replaces what (float32 Linear / Embedding on CPU; quantized and half
 precision layers, other devices and the off switch leave the model alone), the switch's flow
 from flags and environment, and greedy generation with the layout on token-exact with
-mlx-lm's own output on the original model."""
+mlx-lm's own output on the original model; multi-token products by numpy's BLAS where MLX
+runs on its bundled reference BLAS (the decision, the modules, token-exact generation)."""
 
 import random
 
@@ -16,6 +17,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 from models import CONFIGS, make
 
+from slabserve.attention import host_math as hm
 from slabserve.engine import linear_layout as ll
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.generate import greedy_generate
@@ -83,9 +85,10 @@ def test_apply_replaces_float32_layers_and_keeps_the_function():
     toy = _Toy()
     ids = mx.array([[1, 2, 63]])
     before = toy(ids)
-    d = ll.apply(toy, True)
+    d = ll.apply(toy, True, host_products=False)
     assert d == ll.Decision(ll.Reason.APPLIED, linears=3, embeddings=1,
-                            bytes=4 * (64 * 64 + 64 * 64 + 64 * 128 + 128 * 64))
+                            bytes=4 * (64 * 64 + 64 * 64 + 64 * 128 + 128 * 64),
+                            host_products=False, blas="set by the caller")
     assert all(isinstance(m, ll.TransposedLinear) for m in (*toy.layers, toy.head))
     assert isinstance(toy.embed, ll.TransposedEmbedding)
     assert not any(k.endswith(".weight") or k == "weight"
@@ -145,21 +148,79 @@ def test_off_on_gpu_and_when_switched_off(monkeypatch):
     assert ll.apply(toy, True).reason is ll.Reason.APPLIED
 
 
+REFERENCE = hm.MlxBlas(True, "MLX's bundled reference BLAS (test)")
+
+
+@pytest.fixture
+def host_calls(monkeypatch):
+    """Counts ``host_math.host_product`` calls (still computing them)."""
+    calls = []
+    real = hm.host_product
+
+    def counted(x, w, bias=None):
+        calls.append(x.shape)
+        return real(x, w, bias)
+
+    monkeypatch.setattr(hm, "host_product", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_host_products_match_float64_for_multi_token_inputs_only(bias, host_calls):
+    rng = np.random.default_rng(7)
+    t = ll.TransposedLinear.from_linear(_linear(rng, 128, 256, bias), host_products=True)
+    w = np.array(t.weight_t, dtype=np.float64)
+    b = np.array(t.bias, dtype=np.float64) if bias else 0.0
+    for shape, host in [((2, 32, 128), True), ((8, 1, 128), False), ((2, 4, 128), False),
+                        ((64, 128), False)]:  # [B, 1] decode, too little work, 2-D
+        x = nonzero_f32(rng, *shape)
+        got = t(mx.array(x))
+        assert got.shape == (*shape[:-1], 256) and got.dtype == mx.float32
+        np.testing.assert_allclose(np.array(got), x.astype(np.float64) @ w + b,
+                                   rtol=1e-5, atol=1e-5)
+        assert bool(host_calls) == host, shape
+        host_calls.clear()
+
+
+def test_host_products_decided_by_mlx_blas(monkeypatch):
+    monkeypatch.setattr(hm, "mlx_blas", lambda: REFERENCE)
+    toy = _Toy()
+    d = ll.apply(toy, True)
+    assert (d.host_products, d.blas) == (True, REFERENCE.detail)
+    assert all(m.host_products for m in (*toy.layers, toy.head))
+    fast = hm.MlxBlas(False, "a global cblas_sgemm (a preloaded BLAS) serves MLX")
+    monkeypatch.setattr(hm, "mlx_blas", lambda: fast)
+    assert ll.apply(_Toy(), True).host_products is False
+    monkeypatch.setattr(hm, "mlx_blas", lambda: REFERENCE)
+    assert ll.apply(_Toy(), True, host_products=False).host_products is False
+
+
 MAX_TOKENS = 20
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["mlx-products", "host-products"])
 @pytest.mark.parametrize("arch", list(CONFIGS))
-def test_runner_with_layout_is_token_exact_with_mlx_lm(arch, model_root):
+def test_runner_with_layout_is_token_exact_with_mlx_lm(arch, host, model_root, monkeypatch,
+                                                       host_calls):
     """mlx-lm's greedy tokens on the model as loaded, then the runner's on the same model
-    with every float32 Linear (and the embedding: tied heads) stored transposed."""
+    with every float32 Linear (and the embedding: tied heads) stored transposed; with
+    ``host``, as decided where MLX runs on its bundled reference BLAS (every multi-token
+    product by numpy's BLAS: threshold 0)."""
     model, _ = load(str(make(model_root, arch)))
     rng = random.Random(11)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (4, 37)]
     refs = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)]
             for p in prompts]
     assert all(len(set(r)) > 2 for r in refs), "degenerate output makes the test weak"
+    if host:
+        monkeypatch.setattr(hm, "mlx_blas", lambda: REFERENCE)
+        monkeypatch.setattr(ll, "MIN_HOST_WORK", 0)
     runner = ModelRunner(model, CacheConfig(block_size=16, kv_budget_bytes=1 << 24),
                          RunnerConfig(linear_layout=True))
     assert runner.linear_layout.reason is ll.Reason.APPLIED
+    assert runner.linear_layout.host_products is host
+    assert runner.attention.host_math.products is host
     assert not any(type(m) in (nn.Linear, nn.Embedding) for _, m in model.named_modules())
     assert greedy_generate(runner, prompts, MAX_TOKENS, chunk=16) == refs
+    # prefill chunks (4 | 16 + 16 + 5 tokens) went to numpy, decode steps did not
+    assert bool(host_calls) == host and all(shape[1] > 1 for shape in host_calls)
