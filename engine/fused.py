@@ -88,8 +88,10 @@ def _concat(arrays: list[mx.array]) -> mx.array:
 class FusedDecodeStages:
     """A llama-family layer's decode stages (module docstring): ``pre(x, offset)`` ->
     (queries ``[B, heads, 1, D]``, keys, values ``[B, kv_heads, 1, D]``) for ``x`` of
-    shape ``[B, 1, hidden]``; ``post(x, attention)`` -> the layer's output ``[B, 1,
-    hidden]`` given the attention output ``[B, heads, 1, D]``."""
+    shape ``[B, 1, hidden]`` or ``[B, hidden]``; ``post(x, attention)`` -> the layer's
+    output as ``[B, hidden]`` given the attention output ``[B, heads, 1, D]`` (the
+    caller restores ``[B, 1, hidden]`` after the model's last layer: between layers the
+    activations stay two-dimensional, no reshape node on either side)."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -103,8 +105,6 @@ class FusedDecodeStages:
         self.o = Projection([attn.o_proj])
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
         self.down = Projection([mlp.down_proj])
-        self.q_rows = attn.q_proj.weight.shape[0]
-        self.kv_rows = attn.k_proj.weight.shape[0]
         self.inter = mlp.gate_proj.weight.shape[0]
 
     @staticmethod
@@ -127,10 +127,11 @@ class FusedDecodeStages:
     def pre(self, x: mx.array, offset: mx.array):
         b = x.shape[0]
         qkv = self.qkv(self.in_norm(x.reshape(b, -1)))
-        nq, nk = self.q_rows, self.kv_rows
-        q = qkv[:, :nq].reshape(b, self.heads, 1, -1)
-        k = qkv[:, nq : nq + nk].reshape(b, self.kv_heads, 1, -1)
-        v = qkv[:, nq + nk :].reshape(b, self.kv_heads, 1, -1)
+        # one reshape to [B, q + 2 kv heads, 1, D], then head slices (views): 4 graph nodes
+        # where a reshape per slice took 6
+        hq, hk = self.heads, self.kv_heads
+        qkv = qkv.reshape(b, hq + 2 * hk, 1, -1)
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rope(q, offset=offset), self.rope(k, offset=offset), v
@@ -139,5 +140,4 @@ class FusedDecodeStages:
         b = x.shape[0]
         h = x.reshape(b, -1) + self.o(attention.reshape(b, -1))
         gu = self.gate_up(self.post_norm(h))
-        out = h + self.down(swiglu(gu[:, : self.inter], gu[:, self.inter :]))
-        return out.reshape(b, 1, -1)
+        return h + self.down(swiglu(gu[:, : self.inter], gu[:, self.inter :]))

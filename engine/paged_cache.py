@@ -60,8 +60,8 @@ class PagedLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         b, h, n, d = keys.shape
-        if n == 1:  # decode: [B, H, 1, D] is already token-major
-            k, v = keys.reshape(b, h, d), values.reshape(b, h, d)
+        if n == 1:  # decode: [B, H, 1, D] is already token-major: the pool's flat rows
+            k, v = keys.reshape(b * h, d), values.reshape(b * h, d)
         else:
             k = keys.transpose(0, 2, 1, 3).reshape(b * n, h, d)
             v = values.transpose(0, 2, 1, 3).reshape(b * n, h, d)

@@ -66,10 +66,11 @@ class StagedLayer(nn.Module):
     """A decoder layer whose decode forwards run as compiled stages (module docstring).
     ``inner`` is the original layer (its parameters stay in the model's tree under it)."""
 
-    def __init__(self, inner: nn.Module, index: int) -> None:
+    def __init__(self, inner: nn.Module, index: int, last: bool = True) -> None:
         super().__init__()
         self.inner = inner
         self._index = index
+        self.last = last  # the model's last layer: its output goes to the final norm
         self.fused = FusedDecodeStages.match(inner)
         if self.fused is not None:  # llama family: hand-written stages, fewer nodes
             self._scale: float | None = self.fused.scale
@@ -96,7 +97,8 @@ class StagedLayer(nn.Module):
         return cache.queries, cache.keys, cache.values
 
     def _fused_post(self, x: mx.array, offset: mx.array, attention: mx.array):
-        return self.fused.post(x, attention)
+        out = self.fused.post(x, attention)  # [B, hidden] between layers (engine/fused.py)
+        return out.reshape(x.shape[0], 1, -1) if self.last else out
 
     def _trace_post(self, x: mx.array, offset: mx.array, attention: mx.array):
         return self.inner(x, None, cache=StageCache(self._index, offset, attention))
@@ -105,6 +107,8 @@ class StagedLayer(nn.Module):
         ctx = getattr(cache, "ctx", None)
         if not isinstance(cache, PagedLayerCache) or ctx is None or not ctx.staged:
             return self.inner(x, mask, cache=cache, **kwargs)
+        if x.ndim == 2 and self.fused is None:  # after a fused layer (two-dimensional)
+            x = x.reshape(x.shape[0], 1, -1)
         q, k, v = self._pre(x, ctx.offset)
         cache.update_and_fetch(k, v)
         out = cache.attend(q, k, v, self._scale)
@@ -126,6 +130,6 @@ def stage_layers(model: nn.Module) -> int:
         if i is None:
             continue
         if not isinstance(layer, StagedLayer):
-            holder[i] = StagedLayer(layer, i)
+            holder[i] = StagedLayer(layer, i, last=i == len(holder) - 1)
         staged += 1
     return staged

@@ -21,11 +21,12 @@ BACKING_BYTES = 16
 
 
 def host_array(values, dtype: mx.Dtype = mx.int32) -> mx.array:
-    """``mx.array(values, dtype=dtype)``, backed by at least BACKING_BYTES bytes."""
-    arr = mx.array(values, dtype=dtype)
-    if arr.nbytes > POOL_MAX_BYTES or arr.size == 0:
-        return arr
-    n = arr.size
-    pad = np.zeros(BACKING_BYTES // dtype.size - n, dtype=np.int64).tolist()
-    flat = np.asarray(values).reshape(-1).tolist()
-    return mx.array(flat + pad, dtype=dtype)[:n].reshape(arr.shape)
+    """``mx.array(values, dtype=dtype)``, backed by at least BACKING_BYTES bytes.  The
+    size is read on the host (numpy), so a small array never takes a scalar-pool buffer,
+    not even a throwaway one."""
+    host = np.asarray(values)
+    n = host.size
+    if n * dtype.size > POOL_MAX_BYTES or n == 0:
+        return mx.array(host, dtype=dtype)
+    pad = [0] * (BACKING_BYTES // dtype.size - n)
+    return mx.array(host.reshape(-1).tolist() + pad, dtype=dtype)[:n].reshape(host.shape)

@@ -73,13 +73,16 @@ class WritePlan:
     """Where each of ``T`` new tokens goes, grouped by slab; shared by all layers.
 
     ``slots`` is a list of (global block id, row in block), one per token, in the order
-    of the token axis of the K/V passed to ``SlabPool.write``.  Tokens are ordered by slab
-    (``perm``, None when they already are), so each slab's tokens are one contiguous run
-    ``[lo, hi)`` of the reordered update: ``groups`` holds ``(slab, lo, hi, rows)`` with
-    ``rows`` the run's ``[hi - lo, heads]`` slab rows.  The permutation and every group's
-    rows are views of ONE host-built array: a step's writes cost one host-to-MLX transfer
-    however many slabs they touch (each transfer cost 50-150 us inside a serving loop on
-    an H100, docs/adr/0011-prefix-caching.md).
+    of the token axis of the K/V passed to ``SlabPool.write``.  A token's ``heads`` slab
+    rows are flat: the update is written as ``[T * heads, head_dim]`` rows (one scatter
+    whose index is one-dimensional: a ``[T, heads]`` index costs MLX two more graph nodes
+    per scatter at T = 1).  Rows are ordered by slab (``perm``, None when they already
+    are), so each slab's rows are one contiguous run ``[lo, hi)`` of the reordered update:
+    ``groups`` holds ``(slab, lo, hi, rows)`` with ``rows`` the run's ``[hi - lo]`` slab
+    rows.  The permutation and every group's rows are views of ONE host-built array: a
+    step's writes cost one host-to-MLX transfer however many slabs they touch (each
+    transfer cost 50-150 us inside a serving loop on an H100,
+    docs/adr/0011-prefix-caching.md).
     """
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
@@ -94,17 +97,19 @@ class WritePlan:
         base = (pairs[:, 0] % sb) * (h * bs) + pairs[:, 1]
         order = np.argsort(slab, kind="stable")
         ordered = bool(np.all(order == np.arange(n)))
-        rows = base[order][:, None] + (np.arange(h, dtype=np.int64) * bs)[None, :]
-        parts = [rows.reshape(-1)] if ordered else [order, rows.reshape(-1)]
-        packed = host_array(np.concatenate(parts).astype(np.int32))
-        off = 0 if ordered else n
+        heads = np.arange(h, dtype=np.int64)
+        rows = (base[order][:, None] + heads[None, :] * bs).reshape(-1)
+        perm = (order[:, None] * h + heads[None, :]).reshape(-1)
+        packed = host_array(np.concatenate([rows] if ordered else [perm, rows])
+                            .astype(np.int32))
+        off = 0 if ordered else n * h
         if not ordered:
-            self.perm = packed[:n]
-        all_rows = packed[off : off + n * h].reshape(n, h)
+            self.perm = packed[: n * h]
+        all_rows = packed[off : off + n * h]
         cuts = np.flatnonzero(np.diff(slab[order])) + 1
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True):
-            group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo:hi]
-            self.groups.append((int(slab[order[lo]]), lo, hi, group_rows))
+            group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo * h : hi * h]
+            self.groups.append((int(slab[order[lo]]), lo * h, hi * h, group_rows))
 
 
 def padded_table(table: list[list[int]]) -> np.ndarray:
@@ -201,13 +206,15 @@ class SlabPool:
         return [self.slab(layer, side, s) for s in range(self.num_slabs)]
 
     def write(self, layer: int, plan: WritePlan, k: mx.array, v: mx.array) -> None:
-        """Write new tokens' K and V, each ``[T, kv_heads, head_dim]``, in place (one
-        scatter per slab touched and side, plus one for the scales of a quantized pool;
-        the plan's ``[T, heads]`` rows index the ``[T, heads, head_dim]`` update
-        directly).  Quantizing costs O(new tokens)."""
+        """Write new tokens' K and V, each ``[T, kv_heads, head_dim]`` or already flat
+        ``[T * kv_heads, head_dim]``, in place (one scatter per slab touched and side,
+        plus one for the scales of a quantized pool, by the plan's flat rows).
+        Quantizing costs O(new tokens)."""
         quantized = self.geom.quantized
         scales = (self.k_scale[layer], self.v_scale[layer])
-        for i, (side, new) in enumerate(((self.k[layer], k), (self.v[layer], v))):
+        d = self.geom.head_dim
+        for i, (side, new) in enumerate(((self.k[layer], k.reshape(-1, d)),
+                                         (self.v[layer], v.reshape(-1, d)))):
             if quantized:
                 new, scale = quantize(new)
                 self._scatter(scales[i], (layer, i + 2), plan, scale)

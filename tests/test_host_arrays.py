@@ -30,5 +30,5 @@ def test_step_arrays_use_it():
     assert batch.lengths_array.tolist() == [5] and batch.table_array.tolist() == [[3]]
     plan = WritePlan(geom, [(3, 4)])
     (slab, lo, hi, rows), = plan.groups
-    assert (slab, lo, hi) == (0, 0, 1) and plan.perm is None
-    assert rows.tolist() == [[3 * 2 * 16 + 4, 3 * 2 * 16 + 20]]
+    assert (slab, lo, hi) == (0, 0, 2) and plan.perm is None
+    assert rows.tolist() == [3 * 2 * 16 + 4, 3 * 2 * 16 + 20]
