@@ -3,10 +3,12 @@
 # after the two-part MLX install; llguidance's abi3 wheel contents in ./.extra):
 #   phases   per-phase step times, eager vs compiled stages (slabserve bench decode-phases),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
-#   compare  streamed load, ours (compiled stages) vs ours --enforce-eager vs mlx_lm.server,
-#            Llama-3.2-1B shape, concurrency 1 and 8 at 1k and 4k;
+#   compare  streamed load, ours vs a second process of ours (twin) vs mlx_lm.server, both
+#            shapes: concurrency 1 at 1k / 4k / 16k, concurrency 8 at 1k;
 #   prefix   prefix cache on vs off with nothing shared, in one process
 #            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8;
+#   graphs   decode-phases (Llama-3.2-1B shape) once per MLX CUDA graph setting
+#            (MLX_MAX_OPS_PER_BUFFER 50 / 100 / 250 / 8, MLX_USE_CUDA_GRAPHS=0), one process each;
 #   spread   four processes of the same decode-phases cell, two of them pinned to one
 #            core (taskset), to see how far processes of one tree differ.
 # Results under $OUT.
@@ -23,14 +25,30 @@ for STEP in "${@:-phases}"; do
       tail -19 "$OUT/phases-$m.log"
     done ;;
   compare)
-    timeout 420 $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 --configs auto,mlx_lm \
-      --variant eager=--enforce-eager --contexts 1k,4k --concurrency 1,8 --max-tokens 64 \
-      --requests 8,16 --out "$OUT/compare" > "$OUT/compare.log" 2>&1
-    sed -n '/## Comparison/,/## Goals/p' "$OUT/compare/results.md" ;;
+    for m in llama-3.2-1b qwen2.5-0.5b; do
+      timeout 280 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
+        --variant twin= --contexts 1k,4k,16k --concurrency 1 --max-tokens 64 --requests 6 \
+        --no-progress --out "$OUT/c1-$m" > "$OUT/c1-$m.log" 2>&1
+      timeout 200 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
+        --variant twin= --contexts 1k --concurrency 8 --max-tokens 64 --requests 16 \
+        --no-progress --out "$OUT/c8-$m" > "$OUT/c8-$m.log" 2>&1
+      for g in c1 c8; do sed -n '/## Comparison/,/## Goals/p' "$OUT/$g-$m/results.md"; done
+    done ;;
   prefix)
     timeout 300 $SS bench prefix-overhead --embedded llama-3.2-1b:bfloat16 --out "$OUT/prefix" \
       > "$OUT/prefix.log" 2>&1
     tail -15 "$OUT/prefix.log" ;;
+  graphs)
+    for setting in default MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=100 \
+        MLX_MAX_OPS_PER_BUFFER=250 MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=8; do
+      envs=(); [[ $setting != default ]] && envs=("$setting")
+      tag=${setting//=/-}
+      echo "== $setting"
+      env "${envs[@]}" timeout 100 $SS bench decode-phases --embedded llama-3.2-1b:bfloat16 \
+        --batches 1,8,32 --contexts 1k,16k --steps 10 --warmup 3 --out "$OUT/graphs-$tag" \
+        > "$OUT/graphs-$tag.log" 2>&1
+      grep -E "^\| [0-9]+ \| [0-9]+ \|" "$OUT/graphs-$tag.log" | tail -12
+    done ;;
   spread)
     for i in 1 2 3 4; do
       pin=""; [[ $((i % 2)) == 0 ]] && pin="taskset -c 3"
