@@ -20,7 +20,6 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
-from slabserve.attention.host_math import HostMath
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool, padded_table
 
@@ -29,14 +28,11 @@ from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool, padded_ta
 class DecodeBatch:
     """Per-step metadata shared by every layer: host block tables and lengths
     (each length counts the token being decoded), plus lazily built device arrays (never
-    in MLX's scalar pool: kvcache.arrays).  ``host``: the runner's ``HostMath`` when this
-    step's forward is eager, so a path may evaluate and compute on the host (the native
-    CPU path's numpy variant); None inside compiled stages and wherever nobody says so."""
+    in MLX's scalar pool: kvcache.arrays)."""
 
     geom: PoolGeometry
     tables: list[list[int]]
     lengths: list[int]
-    host: HostMath | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -32,7 +32,6 @@ import mlx.core as mx
 import numpy as np
 
 from slabserve.attention.base import DecodeAttention, DecodeBatch
-from slabserve.attention.native_cpu_host import HOST_MAX_BYTES, HostDecoder, host_decode_applies
 from slabserve.kvcache.pool import SlabPool
 
 # Masked positions get this (finite, so a chunk that is all padding for a sequence
@@ -186,7 +185,6 @@ class NativeCPU(DecodeAttention):
         self.min_stream_tokens = min_stream_tokens
         # MLX streams belong to the thread that made them: one set per thread
         self._local = threading.local()
-        self._host = HostDecoder()
 
     def streams(self) -> list:
         streams = getattr(self._local, "streams", None)
@@ -215,16 +213,6 @@ class NativeCPU(DecodeAttention):
             return pool.geom.dtype
         return self.int8_compute or q.dtype
 
-    def _on_host(self, q, pool, batch: DecodeBatch) -> bool:
-        """The numpy variant (attention/native_cpu_host.py) takes float32 steps of an
-        eager forward whose pages fit ``HOST_MAX_BYTES`` at once."""
-        host = batch.host
-        if host is None or not host.enabled or not host_decode_applies(q, pool):
-            return False
-        g = pool.geom
-        pages = batch.batch * g.kv_heads * batch.num_blocks * g.block_size * g.head_dim
-        return 2 * 4 * pages <= HOST_MAX_BYTES
-
     def plan(self, batch: DecodeBatch) -> CpuPlan:
         key = ("native_cpu", self.num_streams, self.chunk_blocks, self.min_stream_tokens)
         plan = batch._cache.get(key)
@@ -234,8 +222,6 @@ class NativeCPU(DecodeAttention):
         return plan
 
     def __call__(self, q, pool, layer, batch, scale):
-        if self._on_host(q, pool, batch):
-            return self._host(q, pool, layer, batch, scale)
         b, hq, _, d = q.shape
         h = pool.geom.kv_heads
         qg = (q * scale).astype(self.compute_dtype(q, pool)).reshape(b, h, hq // h, d)

@@ -216,14 +216,12 @@ class ModelRunner:
             slots += self._slots(s)
             tables.append(s.blocks[: blocks_needed(s.start + 1, bs)])
             lengths.append(s.start + 1)
-        # a sharded forward evaluates layer by layer (engine/distributed): never staged
-        staged = self.compile_decode and not self.eval_each_forward
-        # an eager forward's attention may compute on the host (compiled stages are traced)
-        batch = DecodeBatch(self.geom, tables, lengths,
-                            host=None if staged else self.attention.host_math)
+        batch = DecodeBatch(self.geom, tables, lengths)
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
+        # a sharded forward evaluates layer by layer (engine/distributed): never staged
+        staged = self.compile_decode and not self.eval_each_forward
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
                              batch, staged=staged)
         inputs = host_array([s.tokens for s in seqs])

@@ -3,7 +3,6 @@ GQA ratios 1/2/4/7, head_dim 64/128, block sizes 16/32, one and several slabs, s
 tables, float32/float16/bfloat16."""
 
 import itertools
-from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 from attention_cases import make_case, slabs_touched
 
 from slabserve.attention.gather import GatherSDPA
-from slabserve.attention.host_math import HostMath
 from slabserve.attention.native_cpu import NativeCPU
 from slabserve.attention.reference import reference_decode
 
@@ -20,25 +18,8 @@ HEADS = [(4, 4), (4, 2), (8, 2), (14, 2)]
 LENGTHS = [37, 1, 96, 150]  # ragged; 96 fills whole blocks of 16 and 32
 TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}  # relative to max |ref|
 
-class HostVariant:
-    """NativeCPU on a step whose forward is eager (``DecodeBatch.host`` set): float32 steps
-    take its numpy variant (attention/native_cpu_host.py), others its MLX path."""
-
-    name = "native-host"
-
-    def __init__(self) -> None:
-        self.inner, self.host = NativeCPU(), HostMath()
-
-    def decline(self, q, pool, batch):
-        return self.inner.decline(q, pool, batch)
-
-    def __call__(self, q, pool, layer, batch, scale):
-        return self.inner(q, pool, layer, replace(batch, host=self.host), scale)
-
-
 PATHS = {
     "gather": GatherSDPA(),
-    "native-host": HostVariant(),
     "native": NativeCPU(),  # defaults: 2 streams, 64-block chunks
     # many chunks to merge, on two streams even for small cases
     "native-small-chunks": NativeCPU(streams=2, chunk_blocks=2, min_stream_tokens=0),
@@ -69,7 +50,6 @@ def test_paths_match_reference_f32(heads, head_dim, block_size, slabs):
     outs = {name: check(p, q, pool, batch, mx.float32) for name, p in PATHS.items()}
     # the paths agree with each other as closely as with the reference
     assert np.abs(outs["native"] - outs["gather"]).max() < 1e-5
-    assert np.abs(outs["native-host"] - outs["native"]).max() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
@@ -86,7 +66,7 @@ def test_long_context_many_chunks_and_slabs():
     q, pool, batch = make_case(8, 2, 64, 16, [2500, 1100, 17], 5, seed=7)
     native = PATHS["native"]
     assert len(native.plan(batch).parts) == 2 and len(native.plan(batch).parts[0]) == 2
-    for p in (PATHS["gather"], native, PATHS["native-host"]):
+    for p in (PATHS["gather"], native):
         check(p, q, pool, batch, mx.float32)
 
 
@@ -127,34 +107,3 @@ def test_native_cpu_declines_with_reason(bad, reason):
         q = q[:, :3]
     assert NativeCPU().decline(q, pool, batch) == reason
     assert GatherSDPA().decline(q, pool, batch) is None
-
-
-def test_host_variant_takes_float32_eager_steps_only(monkeypatch):
-    """The numpy variant runs for float32 steps that carry a HostMath (eager forwards), never
-    for other dtypes, a disabled HostMath, no HostMath (compiled stages) or pages over
-    HOST_MAX_BYTES; the result is the reference either way."""
-    from slabserve.attention import native_cpu, native_cpu_host
-
-    calls = []
-    real = native_cpu_host.HostDecoder.__call__
-    monkeypatch.setattr(native_cpu_host.HostDecoder, "__call__",
-                        lambda self, *a: calls.append(1) or real(self, *a))
-    path, host = NativeCPU(), HostMath()
-    q, pool, batch = make_case(8, 2, 64, 16, LENGTHS, 3, seed=3)
-    ref = reference_decode(q, pool, 0, batch, 0.125)
-
-    def run(b):
-        before = len(calls)
-        out = np.array(path(q, pool, 0, b, 0.125), dtype=np.float64)
-        assert np.abs(out - ref).max() / np.abs(ref).max() < TOL[mx.float32]
-        return len(calls) > before
-
-    assert run(replace(batch, host=host))
-    assert not run(batch)
-    assert not run(replace(batch, host=HostMath(enabled=False)))
-    monkeypatch.setattr(native_cpu, "HOST_MAX_BYTES", 1024)
-    assert not run(replace(batch, host=host))
-    qh, poolh, batchh = make_case(8, 2, 64, 16, LENGTHS, 1, dtype=mx.float16, seed=3)
-    before = len(calls)
-    path(qh, poolh, 0, replace(batchh, host=host), 0.125)
-    assert len(calls) == before

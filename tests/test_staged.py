@@ -50,12 +50,8 @@ def test_staged_generation_is_token_exact(arch_model):
 
 
 def test_staged_and_eager_logits_agree_bitwise(arch_model):
-    """The same decode step, staged and eager, in one runner: identical logits.  Host math
-    off: an eager CPU step's attention would otherwise take the numpy variant
-    (attention/native_cpu_host.py), equal only to rounding; staged steps never do."""
+    """The same decode step, staged and eager, in one runner: identical logits."""
     _, _, model, runner = arch_model
-    host = runner.attention.host_math
-    host.enabled = False
     table = runner.allocator.allocate(4)
     runner.forward([SeqInput(list(range(1, 40)), 0, table, want_logits=False)], [])
     seqs = [SeqInput([7], 39, table)]
@@ -65,7 +61,6 @@ def test_staged_and_eager_logits_agree_bitwise(arch_model):
         _, logits = runner.forward([], seqs)
         out.setdefault(mode, []).append(logits)
     mx.eval(out)
-    host.enabled = True
     assert mx.array_equal(out[True][0], out[False][0])
     assert mx.array_equal(out[True][0], out[True][1])
     runner.allocator.free(table)
@@ -87,7 +82,6 @@ def test_fused_stages_of_a_quantized_model(arch, model_root):
     assert all(layer.fused is not None and layer.fused.qkv.quantized for layer in model.layers)
     ps = prompts(3, seed=5)
     assert greedy_generate(runner, ps, 10) == [reference(model, p, 10) for p in ps]
-    runner.attention.host_math.enabled = False  # bitwise: no numpy attention when eager
     table = runner.allocator.allocate(4)
     runner.forward([SeqInput(list(range(1, 30)), 0, table, want_logits=False)], [])
     out = []
