@@ -219,13 +219,14 @@ class BlockAllocator:
         tokens_per_block: Sequence[Sequence[int]],
         start: int = 0,
     ) -> int:
-        """``register`` full blocks ``start .. len(keys) - 1`` of one sequence (its block
-        table, keys and per-block tokens from block 0), chaining the parents.  Returns
-        how many of them are now cached."""
+        """``register`` full blocks ``start .. start + len(tokens_per_block) - 1`` of one
+        sequence, chaining the parents: ``blocks`` and ``keys`` are its block table and
+        keys from block 0 (at least that long), ``tokens_per_block`` the token ids of the
+        blocks registered, from ``start`` on.  Returns how many of them are now cached."""
         n = 0
-        for i in range(start, len(keys)):
+        for i, tokens in enumerate(tokens_per_block, start=start):
             parent = keys[i - 1] if i else None
-            n += self.register(blocks[i], keys[i], tokens_per_block[i], parent)
+            n += self.register(blocks[i], keys[i], tokens, parent)
         return n
 
     def reset_cache(self) -> int:

@@ -93,11 +93,11 @@ class PrefixCaching:
         if not self.enabled or full <= seq.registered:
             return
         keys = self._keys(seq, full)
-        tokens = self._tokens(seq, seq.registered, full)
-        for i, toks in enumerate(tokens, start=seq.registered):
-            self.allocator.register(seq.blocks[i], keys[i], toks, keys[i - 1] if i else None)
-            if self._in_flight.get(keys[i]) == seq.request_id:
-                del self._in_flight[keys[i]]
+        self.allocator.register_chain(seq.blocks, keys, self._tokens(seq, seq.registered, full),
+                                      start=seq.registered)
+        for key in keys[seq.registered : full]:
+            if self._in_flight.get(key) == seq.request_id:
+                del self._in_flight[key]
         seq.registered = full
 
     def released(self, seq: Sequence) -> None:

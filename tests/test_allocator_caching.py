@@ -219,7 +219,7 @@ class PrefixSharingMachine(RuleBasedStateMachine):
         s = self.seqs[i % len(self.seqs)]
         for j in range(s["done"], len(s["keys"])):
             self.content[s["blocks"][j]] = (s["salt"], tuple(s["toks"][: (j + 1) * BS]))
-        n = self.a.register_chain(s["blocks"], s["keys"], s["bt"], start=s["done"])
+        n = self.a.register_chain(s["blocks"], s["keys"], s["bt"][s["done"]:], start=s["done"])
         assert n == sum(map(self.a.is_cached, s["blocks"][s["done"] : len(s["keys"])]))
         s["done"] = len(s["keys"])
 
