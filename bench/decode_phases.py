@@ -31,13 +31,12 @@ import numpy as np
 
 from slabserve.bench.decode_step import (
     BenchConfig,
+    add_grid_args,
     cell_fits,
     fast_fill,
-    free_memory_bytes,
+    grid_config,
     load_runner,
     machine,
-    parse_model,
-    parse_tokens,
     plan_step,
 )
 
@@ -127,22 +126,10 @@ def table(cells: list[dict]) -> str:
 def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
     ap = argparse.ArgumentParser(prog="slabserve bench decode-phases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16", help="NAME[:DTYPE]")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--contexts", default="1k,4k,16k")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--mem-gb", type=float, default=None,
-                    help="weights + KV (default: 60%% of free memory)")
-    ap.add_argument("--slab-tokens", type=int, default=65536)
+    add_grid_args(ap, "1,8,32", "1k,4k,16k", 65536, "weights + KV")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
-    name, dtype = parse_model(a.embedded)
-    mem = int(a.mem_gb * 2**30) if a.mem_gb is not None else int(0.6 * free_memory_bytes())
-    cfg = BenchConfig(name, dtype, tuple(int(x) for x in a.batches.split(",")),
-                      tuple(parse_tokens(x) for x in a.contexts.split(",")), ("auto",),
-                      a.steps, a.warmup, mem, 16, a.slab_tokens, 0)
-    return cfg, a.out
+    return grid_config(a, ("auto",)), a.out
 
 
 def main(argv: list[str] | None = None) -> int:

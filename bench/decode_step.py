@@ -340,29 +340,40 @@ def machine() -> dict:
                 cpus=os.cpu_count(), platform=platform.platform())
 
 
-def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
-    ap = argparse.ArgumentParser(prog="slabserve bench decode-step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_grid_args(ap: argparse.ArgumentParser, batches: str, contexts: str,
+                  slab_tokens: int, mem_help: str) -> None:
+    """The model and batch x context grid arguments this benchmark shares with
+    ``bench decode-phases``; ``grid_config`` reads them back."""
     ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16", help="NAME[:DTYPE]")
-    ap.add_argument("--batches", default="1,4,8,16")
-    ap.add_argument("--contexts", default="1k,4k,16k,32k")
-    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--batches", default=batches)
+    ap.add_argument("--contexts", default=contexts)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--mem-gb", type=float, default=None,
-                    help="weights + KV + gather buffers (default: 60%% of free memory)")
+                    help=f"{mem_help} (default: 60%% of free memory)")
+    ap.add_argument("--slab-tokens", type=int, default=slab_tokens)
+
+
+def grid_config(a: argparse.Namespace, paths: tuple[str, ...], block_size: int = 16,
+                seed: int = 0) -> BenchConfig:
+    """The ``BenchConfig`` of ``add_grid_args``'s parsed arguments."""
+    name, dtype = parse_model(a.embedded)
+    mem = int(a.mem_gb * 2**30) if a.mem_gb is not None else int(0.6 * free_memory_bytes())
+    return BenchConfig(name, dtype, tuple(int(x) for x in a.batches.split(",")),
+                       tuple(parse_tokens(x) for x in a.contexts.split(",")), paths,
+                       a.steps, a.warmup, mem, block_size, a.slab_tokens, seed)
+
+
+def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
+    ap = argparse.ArgumentParser(prog="slabserve bench decode-step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grid_args(ap, "1,4,8,16", "1k,4k,16k,32k", 4096, "weights + KV + gather buffers")
+    ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--slab-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
-    name, dtype = parse_model(a.embedded)
-    mem = int(a.mem_gb * 2**30) if a.mem_gb is not None else int(0.6 * free_memory_bytes())
-    cfg = BenchConfig(
-        name, dtype, tuple(int(x) for x in a.batches.split(",")),
-        tuple(parse_tokens(x) for x in a.contexts.split(",")),
-        tuple(a.paths.split(",")), a.steps, a.warmup, mem, a.block_size, a.slab_tokens, a.seed)
-    return cfg, a.out
+    return grid_config(a, tuple(a.paths.split(",")), a.block_size, a.seed), a.out
 
 
 def main(argv: list[str] | None = None) -> int:
