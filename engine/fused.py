@@ -35,8 +35,8 @@ class Projection:
     """One or more projections of the same input as one matmul: ``__call__(x)`` is the
     concatenation of each projection's output along the last axis.  Plain ``nn.Linear``
     (against a transposed view of the weight, so no transpose node per call) or
-    ``nn.QuantizedLinear`` with equal quantization; after ``fuse`` each layer's own
-    weight (scales, biases) is a row slice of the concatenated one."""
+    ``nn.QuantizedLinear`` with equal quantization; once built, each layer's own weight
+    (scales, biases) is a row slice of the concatenated one."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.quantized = isinstance(layers[0], nn.QuantizedLinear)
