@@ -60,7 +60,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -255,7 +255,9 @@ class ShardedRunner(ModelRunner):
 
     def __init__(self, model, cache_cfg, cfg, selector, group: mx.distributed.Group,
                  leader: Leader | None = None, pipeline: bool = False) -> None:
-        super().__init__(model, cache_cfg, cfg, selector)
+        # evaluated layer by layer, never as compiled stages: the layers stay unstaged and
+        # unfused (no start-up work for stages that would never run)
+        super().__init__(model, cache_cfg, replace(cfg, compile_decode=False), selector)
         self.eval_each_forward = True  # one chain of collectives at a time (module docstring)
         self.group = group
         self.leader = leader

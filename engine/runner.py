@@ -220,10 +220,8 @@ class ModelRunner:
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
-        # a sharded forward evaluates layer by layer (engine/distributed): never staged
-        staged = self.compile_decode and not self.eval_each_forward
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
-                             batch, staged=staged)
+                             batch, staged=self.compile_decode)
         inputs = host_array([s.tokens for s in seqs])
         return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
 
