@@ -12,15 +12,17 @@ process-to-process spread of a two-server load test drops out of the comparison.
 Workload, nothing shared: ``--requests`` prompts of ``--prompt`` random token ids, every
 prompt with its own first token (so no block of one can match a block of another), each
 generating ``--max-tokens`` tokens (greedy, ``ignore_eos``), at most ``--concurrency`` in
-flight: a closed loop that adds the next request when one finishes.  ``--warmup`` untimed
-runs per engine first (compiles, graph builds, pool growth), then ``--rounds`` rounds of one
-run per engine, the order alternating (on/off, off/on, ...).  Within a round both engines get
-the same prompts (under fresh request ids); every run has prompts of its own, so the caching
-engine, whose pool keeps every finished prompt's blocks cached, never hits (asserted: 0 hit
-tokens).
+flight: a closed loop that adds the next request when one finishes.  The two engines run in
+lockstep: one step of each per turn, the order reversed every turn (``lockstep``), so drifts
+of the machine over a run (clocks, other load) fall on both alike; each engine's time is the
+sum of its own steps.  ``--warmup`` untimed pairs of runs first (compiles, graph builds, pool
+growth), then ``--rounds`` timed pairs, the engine that steps first alternating by round.
+Within a round both engines get the same prompts (under their own request ids); every round
+has prompts of its own, so the caching engine, whose pool keeps every finished prompt's
+blocks cached, never hits (asserted: 0 hit tokens).
 
-Per run: output tokens/s (output tokens / wall time of the run), steps, mean step time split
-into schedule / execute (of it, ``runner.forward``) / update, prefill tokens computed,
+Per run: output tokens/s (output tokens / the engine's own step time), steps, mean step time
+split into schedule / execute (of it, ``runner.forward``) / update, prefill tokens computed,
 preemptions, prefix-cache queries and hits (tokens), evictions, the mean number of slabs a
 step's block tables touch, the pool's slabs, and the decode paths run.  Per round: the on/off
 tok/s ratio and whether every request's greedy tokens were equal on and off (they are by
@@ -60,7 +62,7 @@ class BenchConfig:
     prompt: int = 4032
     max_tokens: int = 64
     concurrency: int = 8
-    rounds: int = 3
+    rounds: int = 5
     warmup: int = 1
     kv_budget_bytes: int | None = None
     slab_tokens: int | None = None
@@ -181,87 +183,119 @@ def _counters(st: Stack) -> dict:
                 paths=dict(st.runner.attention.selector.path_counts()))
 
 
-def drive(st: Stack, prompts, tag: str, concurrency: int, max_tokens: int):
-    """Run ``prompts`` closed-loop, at most ``concurrency`` in flight.  Returns (wall
-    seconds, trace, output tokens per prompt index)."""
-    from slabserve.scheduler.api import Request, SamplingParams
+class EngineRun:
+    """One engine's closed loop over ``prompts`` (at most ``concurrency`` in flight),
+    advanced one engine step at a time by ``step`` so that two engines run in lockstep.
+    ``busy_s``: the time of its own steps (admitting requests, schedule, execute, update,
+    releasing finished ones), the bench's own bookkeeping excluded."""
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    sched, ex = st.scheduler, st.executor
-    slab_blocks = st.runner.allocator.slab_blocks
-    queue, live = deque(enumerate(prompts)), {}
-    outputs: dict[int, list[int]] = {}
-    tr, aside = _Trace(), 0.0
-    t_start = time.perf_counter()
-    while queue or live:
-        while queue and len(live) < concurrency:
-            i, prompt = queue.popleft()
-            live[f"{tag}-{i}"] = i
-            sched.add(Request(f"{tag}-{i}", prompt, params))
+    def __init__(self, st: Stack, prompts, tag: str, concurrency: int, max_tokens: int):
+        from slabserve.scheduler.api import SamplingParams
+
+        self.st, self.tag, self.concurrency = st, tag, concurrency
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.queue, self.live = deque(enumerate(prompts)), {}
+        self.outputs: dict[int, list[int]] = {}
+        self.trace, self.busy_s = _Trace(), 0.0
+        self._slab_blocks = st.runner.allocator.slab_blocks
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.live
+
+    def step(self) -> None:
+        from slabserve.scheduler.api import Request
+
+        sched, ex, tr = self.st.scheduler, self.st.executor, self.trace
+        t_start = time.perf_counter()
+        while self.queue and len(self.live) < self.concurrency:
+            i, prompt = self.queue.popleft()
+            self.live[f"{self.tag}-{i}"] = i
+            sched.add(Request(f"{self.tag}-{i}", prompt, self.params))
         t0 = time.perf_counter()
         plan = sched.schedule()
         t1 = time.perf_counter()
         if plan.empty:
-            raise RuntimeError(f"{st.label}: an empty plan with {len(live)} requests in flight")
+            raise RuntimeError(f"{self.st.label}: an empty plan, {len(self.live)} in flight")
         out = ex.execute(plan)
         t2 = time.perf_counter()
         updates = sched.update(plan, out)
         t3 = time.perf_counter()
         for u in updates:
-            outputs.setdefault(live[u.request_id], []).append(u.token.token_id)
+            self.outputs.setdefault(self.live[u.request_id], []).append(u.token.token_id)
             if u.finish_reason is not None:
                 ex.release(u.request_id)
-                del live[u.request_id]
+                del self.live[u.request_id]
+        self.busy_s += time.perf_counter() - t_start
         tr.schedule.append(t1 - t0)
         tr.execute.append(t2 - t1)
         tr.forward.append(ex.last_forward_s)
         tr.update.append(t3 - t2)
         tr.prefill_tokens += plan.num_tokens - len(plan.decodes)
         tr.output_tokens += len(updates)
-        t4 = time.perf_counter()  # the slab count is ours, not the engine's: off the clock
-        tr.slabs.append(len({b // slab_blocks for c in plan.chunks() for b in c.blocks}))
-        aside += time.perf_counter() - t4
-    return time.perf_counter() - t_start - aside, tr, outputs
+        sb = self._slab_blocks
+        tr.slabs.append(len({b // sb for c in plan.chunks() for b in c.blocks}))
 
 
-def run_one(st: Stack, prompts, tag: str, cfg: BenchConfig) -> tuple[dict, dict]:
-    """One timed run on ``st``; (result row, outputs).  Checks integrity and that every
-    block came back."""
-    before = _counters(st)
-    wall, tr, outputs = drive(st, prompts, tag, cfg.concurrency, cfg.max_tokens)
+def lockstep(runs: list[EngineRun]) -> None:
+    """Step every unfinished run once per turn, in the given order on even turns and the
+    reverse on odd ones, until all are done: slow drifts of the machine (clocks, other
+    load) fall on both engines alike, step by step."""
+    turn = 0
+    while not all(r.done for r in runs):
+        for r in runs if turn % 2 == 0 else runs[::-1]:
+            if not r.done:
+                r.step()
+        turn += 1
+
+
+def run_pair(stacks: dict[str, Stack], order, prompts, suffix: str,
+             cfg: BenchConfig) -> tuple[dict, dict]:
+    """Both engines in lockstep over the same ``prompts``; ({setting: result row},
+    {setting: outputs}).  Checks integrity and that every block came back."""
+    before = {s: _counters(stacks[s]) for s in order}
+    runs = [EngineRun(stacks[s], prompts, f"{s}-{suffix}", cfg.concurrency, cfg.max_tokens)
+            for s in order]
+    lockstep(runs)
+    rows = {r.st.label: _row(r, before[r.st.label]) for r in runs}
+    return rows, {r.st.label: r.outputs for r in runs}
+
+
+def _row(run: EngineRun, before: dict) -> dict:
+    st, tr = run.st, run.trace
     after = _counters(st)
     st.scheduler.check_integrity()  # the allocator's own check included
     alloc = st.runner.allocator
     assert alloc.num_used == 0 and not st.scheduler.has_work, "blocks held after the run"
     delta = {k: after[k] - before[k] for k in ("preemptions", "queries", "hits", "evictions")}
-    assert delta["hits"] == 0, f"{tag}: {delta['hits']} prompt tokens hit the prefix cache"
+    assert delta["hits"] == 0, f"{run.tag}: {delta['hits']} prompt tokens hit the prefix cache"
     paths = {f"{p}:{r}": n - before["paths"].get((p, r), 0)
              for (p, r), n in after["paths"].items() if n > before["paths"].get((p, r), 0)}
     n = len(tr.schedule)
-    row = dict(setting=st.label, tag=tag, wall_s=wall, output_tokens=tr.output_tokens,
-               tok_s=tr.output_tokens / wall, steps=n, prefill_tokens=tr.prefill_tokens,
-               schedule_ms=1e3 * sum(tr.schedule) / n, execute_ms=1e3 * sum(tr.execute) / n,
-               forward_ms=1e3 * sum(tr.forward) / n, update_ms=1e3 * sum(tr.update) / n,
-               slabs_per_step=sum(tr.slabs) / n, pool_slabs=alloc.num_slabs,
-               cached_blocks=alloc.num_cached, paths=paths, **delta)
-    return row, outputs
+    return dict(setting=st.label, tag=run.tag, busy_s=run.busy_s,
+                output_tokens=tr.output_tokens, tok_s=tr.output_tokens / run.busy_s, steps=n,
+                prefill_tokens=tr.prefill_tokens, schedule_ms=1e3 * sum(tr.schedule) / n,
+                execute_ms=1e3 * sum(tr.execute) / n, forward_ms=1e3 * sum(tr.forward) / n,
+                update_ms=1e3 * sum(tr.update) / n, slabs_per_step=sum(tr.slabs) / n,
+                pool_slabs=alloc.num_slabs, cached_blocks=alloc.num_cached, paths=paths,
+                **delta)
 
 
 # ---- the benchmark ---------------------------------------------------------------------
 def run(cfg: BenchConfig, stacks: dict[str, Stack], vocab: int, log=print) -> dict:
-    """Warm-up runs, then the interleaved rounds; the result dict (see ``summarize``)."""
+    """Warm-up pairs, then the rounds (both engines in lockstep, which one steps first
+    alternating by round); the result dict (see ``summarize``)."""
     sets = make_prompts(cfg, vocab)
     warmups, rounds = [], []
     for w in range(cfg.warmup):
+        rows, _ = run_pair(stacks, SETTINGS, sets[w], f"w{w}", cfg)
         for s in SETTINGS:
-            row, _ = run_one(stacks[s], sets[w], f"{s}-w{w}", cfg)
-            warmups.append(row)
-            log(_run_line(row))
+            warmups.append(rows[s])
+            log(_run_line(rows[s]))
     for r in range(cfg.rounds):
         order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
-        rows, outs = {}, {}
+        rows, outs = run_pair(stacks, order, sets[cfg.warmup + r], f"r{r}", cfg)
         for s in order:
-            rows[s], outs[s] = run_one(stacks[s], sets[cfg.warmup + r], f"{s}-r{r}", cfg)
             log(_run_line(rows[s]))
         rounds.append(dict(round=r, order=list(order), runs=rows,
                            on_over_off=rows["on"]["tok_s"] / rows["off"]["tok_s"],
@@ -322,8 +356,8 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
     ap.add_argument("--prompt", type=int, default=4032, help="prompt tokens")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed pairs of runs first")
     ap.add_argument("--kv-gb", type=float, default=None,
                     help="KV pool budget per engine (default: the load tester's sizing)")
     ap.add_argument("--slab-tokens", type=int, default=None, help="default: automatic")

@@ -72,7 +72,7 @@ class BlockAllocator:
         self._refcount: list[int] = []
         self._free: list[int] = []  # a min-heap: lowest ids first; never cached blocks
         # stays empty without enable_caching; evicts a slab at a time (PrefixIndex)
-        self._cache = PrefixIndex(group_of=lambda block: block // slab_blocks)
+        self._cache = PrefixIndex(group_blocks=slab_blocks)
         self.num_slabs = 0
         self._grow_to(max(1, min(initial_slabs, self.max_slabs)))
 
@@ -148,8 +148,9 @@ class BlockAllocator:
         if n > self.num_available:
             return None
         evict = min(n - len(self._free), self._cache.num_evictable)
-        for _ in range(max(0, evict)):
-            heapq.heappush(self._free, self._cache.evict())
+        if evict > 0:
+            for b in self._cache.evict(evict):
+                heapq.heappush(self._free, b)
         if n > len(self._free):
             short = n - len(self._free)
             self._grow_to(self.num_slabs + -(-short // self.slab_blocks))
@@ -177,17 +178,24 @@ class BlockAllocator:
         reference not held raises ValueError and nothing changes.  Free a sequence's
         blocks as ``reversed(blocks)`` (module docstring)."""
         blocks = list(blocks)
-        for b, k in Counter(blocks).items():
-            if self._refcount[b] < k:
-                raise ValueError(f"double free of block {b}")
+        refcount = self._refcount
+        if len(set(blocks)) == len(blocks):  # the usual case: each block once
+            for b in blocks:
+                if refcount[b] < 1:
+                    raise ValueError(f"double free of block {b}")
+        else:
+            for b, k in Counter(blocks).items():
+                if refcount[b] < k:
+                    raise ValueError(f"double free of block {b}")
+        cached, park, free = self._cache.is_cached, self._cache.park, self._free
         for b in blocks:
-            rc = self._refcount[b] - 1
-            self._refcount[b] = rc
+            rc = refcount[b] - 1
+            refcount[b] = rc
             if rc == 0:
-                if self._cache.is_cached(b):
-                    self._cache.park(b)
+                if cached(b):
+                    park(b)
                 else:
-                    heapq.heappush(self._free, b)
+                    heapq.heappush(free, b)
 
     # ---- prefix caching -----------------------------------------------------------
     def lookup(
@@ -223,11 +231,13 @@ class BlockAllocator:
         sequence, chaining the parents: ``blocks`` and ``keys`` are its block table and
         keys from block 0 (at least that long), ``tokens_per_block`` the token ids of the
         blocks registered, from ``start`` on.  Returns how many of them are now cached."""
-        n = 0
-        for i, tokens in enumerate(tokens_per_block, start=start):
-            parent = keys[i - 1] if i else None
-            n += self.register(blocks[i], keys[i], tokens, parent)
-        return n
+        end = start + len(tokens_per_block)
+        for b in blocks[start:end]:
+            if self._refcount[b] <= 0:
+                raise ValueError(f"register of free block {b}")
+        if not self.caching:
+            return 0
+        return self._cache.add_chain(blocks, keys, tokens_per_block, start)
 
     def reset_cache(self) -> int:
         """Uncache every evictable block (they become free); blocks in use stay cached.

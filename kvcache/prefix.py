@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, NewType
 
 BlockKey = NewType("BlockKey", bytes)
@@ -106,24 +106,31 @@ class PrefixIndex:
     Owned by ``BlockAllocator``, which alone knows refcounts: it calls ``park`` when a
     cached block's refcount drops to 0 and ``unpark`` when it rises from 0.
 
-    Eviction is LRU at the granularity of ``group_of`` (the allocator's slab of a block):
-    ``evict`` takes the least recently parked block of one group, the group of the oldest
-    evictable block, and stays on that group while it has evictable blocks.  Evicted blocks
-    are the next ones handed out, so new blocks stay packed in few slabs, as the free list
-    keeps them without caching: with plain LRU they came from every slab, and a step's
-    K/V writes and prefix gathers split into one operation per slab touched.
+    Eviction is LRU at the granularity of a group of ``group_blocks`` consecutive block
+    ids (the allocator's slab): ``evict`` takes the least recently parked blocks of one
+    group, the group of the oldest evictable block, and stays on that group while it has
+    evictable blocks.  Evicted blocks are the next ones handed out, so new blocks stay
+    packed in few slabs, as the free list keeps them without caching: with plain LRU they
+    came from every slab, and a step's K/V writes and prefix gathers split into one
+    operation per slab touched.
+
+    Every block of a prompt passes through ``add``, ``park`` and ``evict`` once, so they
+    are written as plain loops over local names (docs/adr/0011-prefix-caching.md: their
+    cost per step is what caching costs where nothing is shared).
 
     Invariants (``check``): ``key -> block`` and ``block -> entry.key`` are inverse
     bijections between cached keys and cached blocks; evictable blocks are cached, and
     each is in the LRU order of exactly its own group.
     """
 
-    def __init__(self, group_of: Callable[[int], int] = lambda block: 0) -> None:
+    def __init__(self, group_blocks: int = 1 << 62) -> None:
+        if group_blocks <= 0:
+            raise ValueError("group_blocks must be positive")
         self._block_of: dict[BlockKey, int] = {}
-        self._entry: dict[int, CachedBlock] = {}
+        self._entry: dict[int, tuple] = {}  # block -> CachedBlock's fields, as a tuple
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, oldest first
         self._by_group: dict[int, OrderedDict[int, None]] = {}  # the same, per group
-        self._group_of = group_of
+        self._group_blocks = group_blocks
         self._evicting: int | None = None  # the group ``evict`` takes blocks from
         self.evictions = 0
 
@@ -142,7 +149,8 @@ class PrefixIndex:
         return block in self._lru
 
     def entry(self, block: int) -> CachedBlock | None:
-        return self._entry.get(block)
+        e = self._entry.get(block)
+        return None if e is None else CachedBlock._make(e)
 
     def match(
         self, keys: Sequence[BlockKey], tokens_per_block: Sequence[Sequence[int]]
@@ -156,8 +164,8 @@ class PrefixIndex:
             block = self._block_of.get(key)
             if block is None:
                 break
-            e = self._entry[block]
-            if e.parent != parent or e.tokens != tuple(toks):
+            _, stored_parent, stored_tokens = self._entry[block]
+            if stored_parent != parent or stored_tokens != tuple(toks):
                 break
             out.append(block)
             parent = key
@@ -167,42 +175,72 @@ class PrefixIndex:
         self, block: int, key: BlockKey, tokens: Sequence[int], parent: BlockKey | None
     ) -> bool:
         """Cache ``block`` (in use) under ``key``; False, changing nothing, if ``key`` is
-        already cached with another block."""
-        toks = tuple(tokens)
+        already cached with another block.  Caching a block again with the same entry
+        is a no-op; with another entry, ValueError."""
+        entry = (key, parent, tuple(tokens))
         old = self._entry.get(block)
         if old is not None:
-            if old != (key, parent, toks):
+            if old != entry:
                 raise ValueError(f"block {block} is already cached with other contents")
             return True
         if key in self._block_of:
             return False
         self._block_of[key] = block
-        self._entry[block] = CachedBlock(key, parent, toks)
+        self._entry[block] = entry
         return True
+
+    def add_chain(
+        self,
+        blocks: Sequence[int],
+        keys: Sequence[BlockKey],
+        tokens_per_block: Sequence[Sequence[int]],
+        start: int,
+    ) -> int:
+        """``add`` blocks ``start ..`` of one sequence (``blocks`` / ``keys`` from its
+        block 0; ``tokens_per_block`` from ``start``), each with the previous key as its
+        parent; returns how many are cached now."""
+        add, n = self.add, 0
+        parent = keys[start - 1] if start else None
+        for i, tokens in enumerate(tokens_per_block, start=start):
+            key = keys[i]
+            n += add(blocks[i], key, tokens, parent)
+            parent = key
+        return n
 
     def park(self, block: int) -> None:
         """``block`` (cached) lost its last reference: it becomes the most recent
         evictable block."""
         self._lru[block] = None
-        self._by_group.setdefault(self._group_of(block), OrderedDict())[block] = None
+        group = block // self._group_blocks
+        order = self._by_group.get(group)
+        if order is None:
+            order = self._by_group[group] = OrderedDict()
+        order[block] = None
 
     def unpark(self, block: int) -> None:
         """``block`` (evictable) gained a reference: it is no longer evictable."""
         del self._lru[block]
-        del self._by_group[self._group_of(block)][block]
+        del self._by_group[block // self._group_blocks][block]
 
-    def evict(self) -> int:
-        """Uncache the least recently parked block of the group being evicted (the
-        oldest evictable block's group once that one has none left) and return it."""
-        group = self._by_group.get(self._evicting) if self._evicting is not None else None
-        if not group:
-            self._evicting = self._group_of(next(iter(self._lru)))
-            group = self._by_group[self._evicting]
-        block, _ = group.popitem(last=False)
-        del self._lru[block]
-        self._drop(block)
-        self.evictions += 1
-        return block
+    def evict(self, n: int = 1) -> list[int]:
+        """Uncache the ``n`` (<= ``num_evictable``) least recently parked blocks of the
+        group being evicted (moving to the oldest evictable block's group whenever that
+        one has none left) and return them."""
+        if n > len(self._lru):
+            raise ValueError(f"evict of {n} blocks; {len(self._lru)} are evictable")
+        lru, by_group, entries, block_of = self._lru, self._by_group, self._entry, self._block_of
+        out: list[int] = []
+        group = by_group.get(self._evicting) if self._evicting is not None else None
+        while len(out) < n:
+            if not group:
+                self._evicting = next(iter(lru)) // self._group_blocks
+                group = by_group[self._evicting]
+            block, _ = group.popitem(last=False)
+            del lru[block]
+            del block_of[entries.pop(block)[0]]
+            out.append(block)
+        self.evictions += n
+        return out
 
     def drop_evictable(self) -> list[int]:
         """Uncache every evictable block (not counted as evictions); return them."""
@@ -210,19 +248,16 @@ class PrefixIndex:
         self._lru.clear()
         self._by_group.clear()
         for block in out:
-            self._drop(block)
+            del self._block_of[self._entry.pop(block)[0]]
         return out
-
-    def _drop(self, block: int) -> None:
-        del self._block_of[self._entry.pop(block).key]
 
     def check(self) -> None:
         """Raise AssertionError on a broken invariant (class docstring)."""
         assert len(self._block_of) == len(self._entry), "keys and cached blocks differ"
         for block, e in self._entry.items():
-            assert self._block_of.get(e.key) == block, f"block {block}: key maps elsewhere"
+            assert self._block_of.get(e[0]) == block, f"block {block}: key maps elsewhere"
         for block in self._lru:
             assert block in self._entry, f"evictable block {block} is not cached"
-            group = self._by_group.get(self._group_of(block), {})
+            group = self._by_group.get(block // self._group_blocks, {})
             assert block in group, f"evictable block {block} is not in its group's order"
         assert sum(map(len, self._by_group.values())) == len(self._lru), "group orders differ"

@@ -113,6 +113,36 @@ def test_eviction_stays_on_one_slab_until_it_has_none():
     assert a.evictions == 9 and a.check_integrity()
 
 
+def test_one_allocate_evicts_many_in_the_order_of_single_evictions():
+    """``allocate(n)`` evicting several blocks at once takes them in the order n
+    allocations of one block would (across slabs too), and raises nothing on the way."""
+    def parked():
+        a = BlockAllocator(slab_blocks=3, max_blocks=9, initial_slabs=3, enable_caching=True)
+        seqs = [_seq(a, [10 * i + j for j in range(2 * 3)])[0] for i in range(3)]
+        for i in (2, 0, 1):
+            a.free([s[i] for s in reversed(seqs)])
+        return a
+
+    one = parked()
+    singles = [one.allocate(1)[0] for _ in range(7)]
+    many = parked()
+    assert sorted(many.allocate(7)) == sorted(singles) and many.evictions == 7
+    assert many.num_cached == 2 and many.check_integrity()
+    left = set(range(9)) - set(singles)
+    assert {b for b in range(9) if many.is_cached(b)} == left
+
+
+def test_register_chain_of_a_free_block_changes_nothing():
+    a = BlockAllocator(slab_blocks=4, max_blocks=4, enable_caching=True)
+    toks = [1, 2, 3, 4, 5, 6]
+    keys, bt = block_keys(toks, BS), block_tokens(toks, BS)
+    blocks = a.allocate(3)
+    a.free([blocks[2]])
+    with pytest.raises(ValueError, match="register of free block"):
+        a.register_chain(blocks, keys, bt)
+    assert a.num_cached == 0 and a.check_integrity()
+
+
 def test_prefix_survives_partial_eviction():
     a = BlockAllocator(slab_blocks=3, max_blocks=3, enable_caching=True)
     toks = [1, 1, 2, 2, 3, 3]

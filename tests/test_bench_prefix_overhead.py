@@ -12,7 +12,7 @@ from slabserve.bench import prefix_overhead as po
 
 ARGV = ["--embedded", "tiny:float32", "--requests", "6", "--prompt", "80", "--max-tokens", "4",
         "--concurrency", "2", "--rounds", "1", "--warmup", "1"]
-RUN_FIELDS = {"setting", "tag", "wall_s", "output_tokens", "tok_s", "steps", "prefill_tokens",
+RUN_FIELDS = {"setting", "tag", "busy_s", "output_tokens", "tok_s", "steps", "prefill_tokens",
               "schedule_ms", "execute_ms", "forward_ms", "update_ms", "slabs_per_step",
               "pool_slabs", "cached_blocks", "paths", "preemptions", "queries", "hits",
               "evictions"}
@@ -60,3 +60,22 @@ def test_engines_differ_only_in_caching_and_prompts_never_share_a_first_token():
     assert len(set(firsts)) == 160 and all(len(p) == 20 for s in sets for p in s)
     with pytest.raises(ValueError, match="distinct first tokens"):
         po.make_prompts(po.BenchConfig(requests=100, rounds=2, warmup=1), 259)
+
+
+class _FakeRun:
+    def __init__(self, name, steps, log):
+        self.name, self.left, self.log = name, steps, log
+
+    @property
+    def done(self):
+        return self.left == 0
+
+    def step(self):
+        self.left -= 1
+        self.log.append(self.name)
+
+
+def test_lockstep_alternates_which_engine_steps_first_and_finishes_both():
+    log = []
+    po.lockstep([_FakeRun("a", 3, log), _FakeRun("b", 5, log)])
+    assert log == ["a", "b", "b", "a", "a", "b", "b", "b"]
