@@ -54,10 +54,11 @@ def cells(results: Sequence[RunResult]) -> dict[tuple[int, int], dict[str, dict]
 
 
 def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
-    """Output tok/s, TTFT p50 and TPOT p50 per configuration, then the ratios."""
+    """Output tok/s, TTFT p50, TPOT p50 and the server's mean decode step (ours only:
+    /metrics' ``decode_step_seconds``) per configuration, then the ratios."""
     head = ["ctx", "conc"]
     for lab in labels:
-        head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50"]
+        head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50", f"{lab} step ms"]
     head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (ctx, conc), by in cells(results).items():
@@ -65,7 +66,7 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
         for lab in labels:
             x = by.get(lab, {})
             cols += [fmt(x.get("output_tok_s"), 2), fmt(x.get("ttft_p50_ms"), 0),
-                     fmt(x.get("tpot_p50_ms"), 1)]
+                     fmt(x.get("tpot_p50_ms"), 1), fmt(x.get("server_decode_step_ms"), 2)]
         ours, base = by.get(OURS, {}), by.get(BASE, {})
         best = _best_forced(by)
         cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),

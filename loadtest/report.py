@@ -35,8 +35,14 @@ def row(res: RunResult) -> dict:
     out["paths"] = res.trace.describe() if res.trace is not None else "n/a"
     out["path_reasons"] = res.trace.describe(reasons=True) if res.trace is not None else "n/a"
     out["path_counts"] = json.dumps(res.trace.by_reason) if res.trace is not None else ""
+    c = res.server_counters
     for key in ("num_preemptions", "prompt_tokens", "generation_tokens"):
-        out[f"server_{key}"] = res.server_counters.get(key)
+        out[f"server_{key}"] = c.get(key)
+    steps = c.get("decode_step_seconds_count")  # the server's decode-only steps in the run
+    for key, name in (("decode_step_seconds_sum", "step"), ("decode_forward_seconds_sum",
+                                                             "forward")):
+        total = c.get(key)
+        out[f"server_decode_{name}_ms"] = 1e3 * total / steps if steps and total else None
     return out
 
 

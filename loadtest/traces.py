@@ -79,7 +79,9 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
     return PathTrace(dict(sorted(by_path.items())), dict(sorted(by_reason.items())))
 
 
-SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total")
+SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
+                   "decode_step_seconds_count", "decode_step_seconds_sum",
+                   "decode_forward_seconds_sum")
 
 
 def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],

@@ -84,6 +84,9 @@ class ServingStats:
     prefix_cache_blocks: int = 0  # blocks cached now (in use or evictable)
     kv_dtype: str = ""  # the KV pool's element type
     kv_block_size: int = 0
+    decode_steps: int = 0  # engine steps that decoded only (no prefill token)
+    decode_step_seconds: float = 0.0  # their time, planning to handing the deltas over
+    decode_forward_seconds: float = 0.0  # of it, the model forward
 
     @property
     def kv_capacity_tokens(self) -> int:

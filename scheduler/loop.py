@@ -65,6 +65,23 @@ class StepRecord:
         return self.schedule_s + self.forward_s + self.sample_s + self.update_s + self.deliver_s
 
 
+class DecodeStepTime:
+    """Running totals over the engine's pure decode steps (no prefill token): how many,
+    their whole time (``StepRecord.total_s``: planning to handing the deltas over) and
+    the forward's part of it.  Written by the engine thread only; read at scrape time."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.forward_seconds = 0.0
+
+    def add(self, record: StepRecord) -> None:
+        if record.prefill_tokens == 0 and record.decodes > 0:
+            self.steps += 1
+            self.seconds += record.total_s
+            self.forward_seconds += record.forward_s
+
+
 class _Live:
     """A request the front knows about: its delta queue and output stream."""
 
@@ -100,6 +117,7 @@ class ThreadedServingLoop(ServingLoop):
         self._idle = asyncio.Event()
         self.steps = 0
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
+        self.decode_time = DecodeStepTime()
         if tokenizer is not None:
             executor.bind_tokenizer(tokenizer)
 
@@ -178,7 +196,8 @@ class ThreadedServingLoop(ServingLoop):
                             s.preemptions, s.prompt_tokens, s.generated_tokens,
                             self.integrity_checks, self.integrity_failures,
                             s.prefix.queries, s.prefix.hits, a.num_cached,
-                            self.executor.kv_dtype(), s.block_size)
+                            self.executor.kv_dtype(), s.block_size, self.decode_time.steps,
+                            self.decode_time.seconds, self.decode_time.forward_seconds)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))
@@ -214,8 +233,9 @@ class ThreadedServingLoop(ServingLoop):
         self.executor.bind_thread()
         while not self._stopping:
             out: _Out = []
+            record = None
             try:
-                self._iteration(out)
+                record = self._iteration(out)
             except Exception as e:  # a bug must not leave streams hanging: fail them all
                 log.exception("engine iteration failed; failing every live request")
                 for rid in list(self._live):
@@ -224,8 +244,10 @@ class ThreadedServingLoop(ServingLoop):
             if out:
                 t = time.perf_counter()
                 self._deliver(out)
-                if self.step_log:
-                    self.step_log[-1].deliver_s = time.perf_counter() - t
+                if record is not None:
+                    record.deliver_s = time.perf_counter() - t
+            if record is not None:
+                self.decode_time.add(record)
             if not self.scheduler.has_work and not self._inbox:
                 if self.check_when_idle:
                     self._check_integrity()  # once per idle spell, before sleeping
@@ -235,10 +257,9 @@ class ThreadedServingLoop(ServingLoop):
             if kind == "call":
                 _settle(item[1], None, RequestError("shutting_down", "the engine stopped"))
 
-    def _iteration(self, out: _Out) -> None:
+    def _iteration(self, out: _Out) -> StepRecord | None:
         self._drain(out)
-        if self.scheduler.has_work:
-            self._step(out)
+        return self._step(out) if self.scheduler.has_work else None
 
     def _check_integrity(self) -> None:
         """Idle-time ``check_integrity()``: counted (for /metrics), a failure logged, never
@@ -282,7 +303,7 @@ class ThreadedServingLoop(ServingLoop):
             result, error = None, e
         _settle(fut, result, error)
 
-    def _step(self, out: _Out) -> None:
+    def _step(self, out: _Out) -> StepRecord | None:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -293,15 +314,17 @@ class ThreadedServingLoop(ServingLoop):
             for c in plan.chunks():
                 if self.scheduler.finish(c.request_id, "error") is not None:
                     out.append(self._close(c.request_id, "error", repr(e)))
-            return
+            return None
         t2 = time.perf_counter()
         self.steps += 1
         for upd in self.scheduler.update(plan, result):
             self._emit(upd, out)
         t3 = time.perf_counter()
-        self.step_log.append(StepRecord(
+        record = StepRecord(
             len(plan.decodes), plan.num_tokens - len(plan.decodes), t1 - t0,
-            self.executor.last_forward_s, t2 - t1 - self.executor.last_forward_s, t3 - t2))
+            self.executor.last_forward_s, t2 - t1 - self.executor.last_forward_s, t3 - t2)
+        self.step_log.append(record)
+        return record
 
     def _emit(self, upd: SeqUpdate, out: _Out) -> None:
         live = self._live.get(upd.request_id)

@@ -5,9 +5,11 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 ``kv_cache_usage_perc`` (a fraction, as vLLM's), ``kv_blocks_used``/``kv_blocks_total``,
 ``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``,
 ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens, vLLM's names) and the
-``prefix_cache_blocks`` gauge, and the
-attention-path counters ``attention_path_total{path, reason}`` from
-``ServingLoop.attention_path_counts()``.  Observed by the server per choice:
+``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` and
+``decode_forward_seconds`` (summaries, no vLLM equivalent: the engine's decode-only steps
+and their time, whole and the forward's part; ``_sum / _count`` is the mean step a
+stream's tokens wait on), and the attention-path counters
+``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.  Observed by the server per choice:
 ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``, ``request_success_total{finished_reason}``; per refused
 request ``request_errors_total{status}``.
@@ -20,7 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from slabserve.scheduler.api import Delta, ServingLoop
@@ -53,6 +60,11 @@ class _ServingCollector(Collector):
         c.add_metric([self.model], value)
         return c
 
+    def _summary(self, name: str, doc: str, count: int, total: float) -> SummaryMetricFamily:
+        m = SummaryMetricFamily(P + name, doc, labels=["model_name"])
+        m.add_metric([self.model], count_value=count, sum_value=total)
+        return m
+
     def collect(self) -> Iterator[Metric]:
         s = self.serving.stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
@@ -75,6 +87,11 @@ class _ServingCollector(Collector):
                             s.integrity_checks)
         yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",
                             s.integrity_failures)
+        yield self._summary("decode_step_seconds", "Engine steps that only decoded: count "
+                            "and time, planning to handing the tokens over.", s.decode_steps,
+                            s.decode_step_seconds)
+        yield self._summary("decode_forward_seconds", "Of those steps, the model forward.",
+                            s.decode_steps, s.decode_forward_seconds)
         info = GaugeMetricFamily(P + "cache_config_info", "KV cache configuration (vLLM's "
                                  "name).", labels=["block_size", "cache_dtype", "num_gpu_blocks"])
         info.add_metric([str(s.kv_block_size), s.kv_dtype, str(s.kv_blocks_total)], 1.0)

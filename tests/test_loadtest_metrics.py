@@ -143,12 +143,16 @@ METRICS_BEFORE = """# TYPE slabserve:attention_path counter
 slabserve:attention_path_total{path="native",reason="calibrated"} 10.0
 slabserve:attention_path_total{path="gather",reason="short_context"} 5.0
 slabserve:generation_tokens_total{model_name="m"} 100.0
+slabserve:decode_step_seconds_count{model_name="m"} 10.0
+slabserve:decode_step_seconds_sum{model_name="m"} 0.05
 """
 METRICS_AFTER = """# TYPE slabserve:attention_path counter
 slabserve:attention_path_total{path="native",reason="calibrated"} 70.0
 slabserve:attention_path_total{path="gather",reason="short_context"} 25.0
 slabserve:attention_path_total{path="native",reason="forced"} 20.0
 slabserve:generation_tokens_total{model_name="m"} 900.0
+slabserve:decode_step_seconds_count{model_name="m"} 50.0
+slabserve:decode_step_seconds_sum{model_name="m"} 0.25
 """
 
 
@@ -166,7 +170,8 @@ def test_path_trace_deltas_and_shares():
     assert again.by_path == {"gather": 5.0, "native": 10.0}
     assert path_delta({}, {}).describe() == "-"
     deltas = counter_deltas(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
-    assert deltas == {"generation_tokens": 800.0}
+    assert deltas == {"generation_tokens": 800.0, "decode_step_seconds_count": 40.0,
+                      "decode_step_seconds_sum": 0.2}
 
 
 def _result(label: str, conc: int, tok_s_scale: float, ttft: float) -> RunResult:
@@ -189,6 +194,23 @@ def test_goal_checks_and_tables():
     assert table.count("\n") == 4  # header, rule, two cells
     assert runs_markdown(results).count("| auto |") == 2
     assert row(results[0])["paths"] == "n/a"
+
+
+def test_server_decode_step_mean_from_the_metrics_deltas():
+    """The server's mean decode step over a run (/metrics' decode_step_seconds sum over
+    count) lands in the row and the comparison table; servers without it get '-'."""
+    ours = replace(_result("auto", 1, 1.0, 0.1), server_counters={
+        "decode_step_seconds_count": 40.0, "decode_step_seconds_sum": 0.2,
+        "decode_forward_seconds_sum": 0.12})
+    base = _result("mlx_lm", 1, 1.0, 0.2)
+    x = row(ours)
+    assert x["server_decode_step_ms"] == pytest.approx(5.0)
+    assert x["server_decode_forward_ms"] == pytest.approx(3.0)
+    assert row(base)["server_decode_step_ms"] is None
+    table = comparison_markdown([ours, base], ["auto", "mlx_lm"])
+    head, _, cell = table.splitlines()
+    cols = dict(zip(head.split(" | "), cell.split(" | "), strict=True))
+    assert cols["auto step ms"] == "5.00" and cols["mlx_lm step ms"] == "-"
 
 
 def test_goal_checks_summarise_auto_over_cells():

@@ -82,6 +82,23 @@ async def test_stats_count_tokens_and_requests():
         await eng.shutdown(1)
 
 
+async def test_stats_sum_the_decode_only_steps():
+    """One request of 3 prompt tokens and 6 output tokens: its first step prefills (and
+    samples the first token), the next 5 only decode; their count and time (each at least
+    the executor's 10 ms sleep) are what /metrics' decode_step_seconds reports."""
+    eng = await engine(delay=0.01)
+    try:
+        await run(eng, req("r", 3, max_tokens=6))
+        st = eng.stats()
+        decodes = [r for r in eng.step_log if r.prefill_tokens == 0]
+        assert st.decode_steps == len(decodes) == 5 and len(eng.step_log) == 6
+        assert st.decode_step_seconds == pytest.approx(sum(r.total_s for r in decodes))
+        assert st.decode_step_seconds >= 5 * 0.01
+        assert st.decode_forward_seconds == pytest.approx(sum(r.forward_s for r in decodes))
+    finally:
+        await eng.shutdown(1)
+
+
 class Switchable(ShadowExecutor):
     """Has an attention path setting; records each step's setting, every switch, and the
     thread of every call; a switch during ``execute`` fails.  The second step sets

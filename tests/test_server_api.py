@@ -225,3 +225,7 @@ def test_metrics_after_traffic(http, client):
     paths = [line for line in text.splitlines() if line.startswith("slabserve:attention_path")]
     assert paths and all('path="' in p and 'reason="' in p for p in paths)
     assert total("slabserve:attention_path_total") > 0
+    steps = total("slabserve:decode_step_seconds_count")  # 3 tokens: at least 2 decode steps
+    assert steps >= 2 and total("slabserve:decode_step_seconds_sum") > 0
+    assert 0 < total("slabserve:decode_forward_seconds_sum") <= total(
+        "slabserve:decode_step_seconds_sum")
