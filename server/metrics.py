@@ -9,9 +9,10 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 ``decode_forward_seconds`` (summaries, no vLLM equivalent: the engine's decode-only steps
 and their time, whole and the forward's part; ``_sum / _count`` is the mean step a
 stream's tokens wait on), and the attention-path counters
-``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.  Observed by the server per choice:
-``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
-``e2e_request_latency_seconds``, ``request_success_total{finished_reason}``; per refused
+``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.
+Observed by the server per choice: ``time_to_first_token_seconds``,
+``inter_token_latency_seconds``, ``e2e_request_latency_seconds``,
+``request_success_total{finished_reason}``; per refused
 request ``request_errors_total{status}``.
 """
 
