@@ -5,7 +5,8 @@
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
 #   compare  streamed load, ours vs a second process of ours (twin) vs mlx_lm.server, both
 #            shapes: concurrency 1 at 1k / 4k / 16k, concurrency 8 at 1k;
-#   prefix   prefix cache on vs off with nothing shared, in one process
+#   prefix   the prefix cache's host costs (slabserve bench prefix-lookup), then cache on vs
+#            off with nothing shared, two engines in lockstep in one process
 #            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8;
 #   graphs   decode-phases (Llama-3.2-1B shape) once per MLX CUDA graph setting
 #            (MLX_MAX_OPS_PER_BUFFER 50 / 100 / 250 / 8, MLX_USE_CUDA_GRAPHS=0), one process each;
@@ -35,9 +36,11 @@ for STEP in "${@:-phases}"; do
       for g in c1 c8; do sed -n '/## Comparison/,/## Goals/p' "$OUT/$g-$m/results.md"; done
     done ;;
   prefix)
+    timeout 60 $SS bench prefix-lookup --out "$OUT/prefix-lookup" > "$OUT/prefix-lookup.log" 2>&1
+    cat "$OUT/prefix-lookup.log"
     timeout 300 $SS bench prefix-overhead --embedded llama-3.2-1b:bfloat16 --out "$OUT/prefix" \
       > "$OUT/prefix.log" 2>&1
-    tail -15 "$OUT/prefix.log" ;;
+    tail -17 "$OUT/prefix.log" ;;
   graphs)
     for setting in default MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=100 \
         MLX_MAX_OPS_PER_BUFFER=250 MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=8; do
