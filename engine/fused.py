@@ -7,7 +7,8 @@ is ~55 nodes: seven matmuls, each with a transposed-weight view and a flatten /
 unflatten pair around it, and the head transposes.  Here a layer's decode stages run on
 two-dimensional ``[B, hidden]`` activations with one matmul for q/k/v and one for
 gate/up (weights concatenated along their output rows) against pre-transposed weight
-views: ~25 nodes.
+views: 17 nodes at B = 1 (20 with the K/V writes and the attention kernel between
+them).
 
 The layer keeps computing prefill (and any eager forward) itself: its projections'
 weights become row slices of the concatenated weight, i.e. views of the same memory, so
@@ -87,11 +88,16 @@ def _concat(arrays: list[mx.array]) -> mx.array:
 
 class FusedDecodeStages:
     """A llama-family layer's decode stages (module docstring): ``pre(x, offset)`` ->
-    (queries ``[B, heads, 1, D]``, keys, values ``[B, kv_heads, 1, D]``) for ``x`` of
-    shape ``[B, 1, hidden]`` or ``[B, hidden]``; ``post(x, attention)`` -> the layer's
-    output as ``[B, hidden]`` given the attention output ``[B, heads, 1, D]`` (the
-    caller restores ``[B, 1, hidden]`` after the model's last layer: between layers the
-    activations stay two-dimensional, no reshape node on either side)."""
+    (queries ``[B, heads, 1, D]``, keys, values as the pool's flat token-major rows
+    ``[B * kv_heads, D]``) for ``x`` of shape ``[B, 1, hidden]`` or ``[B, hidden]``;
+    ``post(x, attention)`` -> the layer's output as ``[B, hidden]`` given the attention
+    output ``[B, heads, 1, D]``: the activations stay two-dimensional between layers and
+    after the last one (the model's final norm and head take ``[B, hidden]``; the runner
+    reads such logits as they are), no reshape node on either side.
+
+    Every graph node counts (~3 us each to launch on an H100 host): the head groups and
+    gate/up are one ``split`` node each, and no reshape is issued to a shape an array
+    already has (MLX records even those as nodes)."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -126,18 +132,22 @@ class FusedDecodeStages:
 
     def pre(self, x: mx.array, offset: mx.array):
         b = x.shape[0]
-        qkv = self.qkv(self.in_norm(x.reshape(b, -1)))
-        # one reshape to [B, q + 2 kv heads, 1, D], then head slices (views): 4 graph nodes
-        # where a reshape per slice took 6
+        qkv = self.qkv(self.in_norm(_rows(x)))
+        # one reshape to [B, q + 2 kv heads, 1, D], then one split into the head groups
         hq, hk = self.heads, self.kv_heads
-        qkv = qkv.reshape(b, hq + 2 * hk, 1, -1)
-        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+        q, k, v = mx.split(qkv.reshape(b, hq + 2 * hk, 1, -1), [hq, hq + hk], axis=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+        k = self.rope(k, offset=offset)
+        return self.rope(q, offset=offset), k.reshape(b * hk, -1), v.reshape(b * hk, -1)
 
     def post(self, x: mx.array, attention: mx.array) -> mx.array:
         b = x.shape[0]
-        h = x.reshape(b, -1) + self.o(attention.reshape(b, -1))
-        gu = self.gate_up(self.post_norm(h))
-        return h + self.down(swiglu(gu[:, : self.inter], gu[:, self.inter :]))
+        h = _rows(x) + self.o(attention.reshape(b, -1))
+        gate, up = mx.split(self.gate_up(self.post_norm(h)), [self.inter], axis=1)
+        return h + self.down(swiglu(gate, up))
+
+
+def _rows(x: mx.array) -> mx.array:
+    """``x`` as ``[B, hidden]`` (no node when it already is)."""
+    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)

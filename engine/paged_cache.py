@@ -68,6 +68,12 @@ class PagedLayerCache:
         self.ctx.pool.write(self.layer, self.ctx.writes, k, v)
         return keys, values
 
+    def write_rows(self, keys: mx.array, values: mx.array) -> None:
+        """Write the new tokens' K and V given as the pool's flat token-major rows
+        ``[T * kv_heads, D]`` (what compiled decode stages hand over: no reshape here)."""
+        ctx = self.ctx
+        ctx.pool.write(self.layer, ctx.writes, keys, values)
+
     def make_mask(self, *args, **kwargs):
         return None  # masks are built from lengths inside the attention paths
 

@@ -147,10 +147,16 @@ class ModelRunner:
         # compiled stages are traced, never run on the host's numpy path
         host = None if ctx.staged else self.attention.host_math
         with patch.host_math_scope(self.patched_modules, host):
+            # fused staged decode layers end on [B, hidden] (engine/fused.py): one row per
+            # sequence, already the head's rows (no slice node)
             if head_rows is None or self.model_type not in _HEAD_SPLIT:
                 out = self.model(inputs, cache=self.caches)
-                return None if head_rows is None else out[:, head_rows, :]
-            hidden = self.model.model(inputs, cache=self.caches)[:, head_rows, :]
+                if head_rows is None:
+                    return None
+                return out if out.ndim == 2 else out[:, head_rows, :]
+            hidden = self.model.model(inputs, cache=self.caches)
+            if hidden.ndim == 3:
+                hidden = hidden[:, head_rows, :]
         if getattr(self.model, "lm_head", None) is not None:
             return self.model.lm_head(hidden)
         return self.model.model.embed_tokens.as_linear(hidden)
@@ -223,7 +229,8 @@ class ModelRunner:
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
                              batch, staged=self.compile_decode)
         inputs = host_array([s.tokens for s in seqs])
-        return self._run(inputs, ctx, slice(-1, None))[:, -1, :]
+        logits = self._run(inputs, ctx, slice(-1, None))
+        return logits if logits.ndim == 2 else logits[:, -1, :]
 
     def forward(
         self, prefills: list[SeqInput], decodes: list[SeqInput]

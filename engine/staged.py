@@ -9,7 +9,8 @@ read host-planned block tables and run the selector per layer, so they stay outs
 compiled graphs; everything between two attentions is compiled:
 
 - ``pre`` (x, positions) -> (queries, keys, values): the layer up to its cache write
-  (norms, projections, RoPE at each row's position);
+  (norms, projections, RoPE at each row's position), keys and values as the pool's flat
+  token-major rows ``[B * kv_heads, D]`` (the reshape is part of the compiled graph);
 - ``post`` (x, positions, attention output) -> the layer's output: the rest of the layer
   (output projection, residuals, MLP).
 
@@ -66,11 +67,10 @@ class StagedLayer(nn.Module):
     """A decoder layer whose decode forwards run as compiled stages (module docstring).
     ``inner`` is the original layer (its parameters stay in the model's tree under it)."""
 
-    def __init__(self, inner: nn.Module, index: int, last: bool = True) -> None:
+    def __init__(self, inner: nn.Module, index: int) -> None:
         super().__init__()
         self.inner = inner
         self._index = index
-        self.last = last  # the model's last layer: its output goes to the final norm
         self.fused = FusedDecodeStages.match(inner)
         if self.fused is not None:  # llama family: hand-written stages, fewer nodes
             self._scale: float | None = self.fused.scale
@@ -94,11 +94,11 @@ class StagedLayer(nn.Module):
         cache = StageCache(self._index, offset)
         self.inner(x, None, cache=cache)
         self._scale = cache.scale
-        return cache.queries, cache.keys, cache.values
+        d = cache.keys.shape[-1]
+        return cache.queries, cache.keys.reshape(-1, d), cache.values.reshape(-1, d)
 
     def _fused_post(self, x: mx.array, offset: mx.array, attention: mx.array):
-        out = self.fused.post(x, attention)  # [B, hidden] between layers (engine/fused.py)
-        return out.reshape(x.shape[0], 1, -1) if self.last else out
+        return self.fused.post(x, attention)  # [B, hidden] (engine/fused.py)
 
     def _trace_post(self, x: mx.array, offset: mx.array, attention: mx.array):
         return self.inner(x, None, cache=StageCache(self._index, offset, attention))
@@ -107,10 +107,13 @@ class StagedLayer(nn.Module):
         ctx = getattr(cache, "ctx", None)
         if not isinstance(cache, PagedLayerCache) or ctx is None or not ctx.staged:
             return self.inner(x, mask, cache=cache, **kwargs)
-        if x.ndim == 2 and self.fused is None:  # after a fused layer (two-dimensional)
-            x = x.reshape(x.shape[0], 1, -1)
+        if self.fused is None:
+            if x.ndim == 2:  # after a fused layer (two-dimensional)
+                x = x.reshape(x.shape[0], 1, -1)
+        elif x.ndim != 2:  # the first layer: once here, not in each stage
+            x = x.reshape(x.shape[0], -1)
         q, k, v = self._pre(x, ctx.offset)
-        cache.update_and_fetch(k, v)
+        cache.write_rows(k, v)
         out = cache.attend(q, k, v, self._scale)
         return self._post(x, ctx.offset, out)
 
@@ -130,6 +133,6 @@ def stage_layers(model: nn.Module) -> int:
         if i is None:
             continue
         if not isinstance(layer, StagedLayer):
-            holder[i] = StagedLayer(layer, i, last=i == len(holder) - 1)
+            holder[i] = StagedLayer(layer, i)
         staged += 1
     return staged

@@ -83,13 +83,23 @@ class WritePlan:
     step's writes cost one host-to-MLX transfer however many slabs they touch (each
     transfer cost 50-150 us inside a serving loop on an H100,
     docs/adr/0011-prefix-caching.md).
+
+    One token (a one-sequence decode step): its rows are ``heads`` rows ``block_size``
+    apart, so ``rows`` is that strided ``slice``: the write is one slice-update node per
+    side (a scatter by an index array costs MLX a reshape node too) and the plan makes
+    no host-to-MLX transfer at all.
     """
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
         self.num_tokens = n = len(slots)
-        self.groups: list[tuple[int, int, int, mx.array]] = []
+        self.groups: list[tuple[int, int, int, mx.array | slice]] = []
         self.perm: mx.array | None = None
+        if n == 1:
+            block, row = slots[0]
+            base = (block % sb) * (h * bs) + row
+            self.groups.append((block // sb, 0, h, slice(base, base + (h - 1) * bs + 1, bs)))
+            return
         if n == 0:
             return
         pairs = np.asarray(slots, dtype=np.int64).reshape(n, 2)
@@ -207,18 +217,22 @@ class SlabPool:
 
     def write(self, layer: int, plan: WritePlan, k: mx.array, v: mx.array) -> None:
         """Write new tokens' K and V, each ``[T, kv_heads, head_dim]`` or already flat
-        ``[T * kv_heads, head_dim]``, in place (one scatter per slab touched and side,
-        plus one for the scales of a quantized pool, by the plan's flat rows).
-        Quantizing costs O(new tokens)."""
-        quantized = self.geom.quantized
-        scales = (self.k_scale[layer], self.v_scale[layer])
-        d = self.geom.head_dim
-        for i, (side, new) in enumerate(((self.k[layer], k.reshape(-1, d)),
-                                         (self.v[layer], v.reshape(-1, d)))):
-            if quantized:
-                new, scale = quantize(new)
-                self._scatter(scales[i], (layer, i + 2), plan, scale)
-            self._scatter(side, (layer, i), plan, new.astype(self.geom.dtype))
+        ``[T * kv_heads, head_dim]`` (then no reshape node), in place (one scatter or
+        slice update per slab touched and side, plus one for the scales of a quantized
+        pool, by the plan's flat rows).  Quantizing costs O(new tokens)."""
+        g = self.geom
+        if k.ndim != 2:
+            k, v = k.reshape(-1, g.head_dim), v.reshape(-1, g.head_dim)
+        if g.quantized:
+            for i, new in enumerate((k, v)):
+                vals, scale = quantize(new)
+                self._scatter((self.k_scale, self.v_scale)[i][layer], (layer, i + 2), plan,
+                              scale)
+                self._scatter((self.k, self.v)[i][layer], (layer, i), plan, vals)
+            return
+        dtype = g.dtype  # astype to the pool's dtype is no node when it already is
+        self._scatter(self.k[layer], (layer, 0), plan, k.astype(dtype))
+        self._scatter(self.v[layer], (layer, 1), plan, v.astype(dtype))
 
     def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
                  new: mx.array) -> None:

@@ -28,7 +28,11 @@ def test_step_arrays_use_it():
     geom = PoolGeometry(1, 2, 64, 16, 8, mx.float16)
     batch = DecodeBatch(geom, [[3]], [5])
     assert batch.lengths_array.tolist() == [5] and batch.table_array.tolist() == [[3]]
-    plan = WritePlan(geom, [(3, 4)])
+    plan = WritePlan(geom, [(3, 4), (5, 0)])
     (slab, lo, hi, rows), = plan.groups
-    assert (slab, lo, hi) == (0, 0, 2) and plan.perm is None
-    assert rows.tolist() == [3 * 2 * 16 + 4, 3 * 2 * 16 + 20]
+    assert (slab, lo, hi) == (0, 0, 4) and plan.perm is None
+    assert rows.tolist() == [3 * 2 * 16 + 4, 3 * 2 * 16 + 20, 5 * 2 * 16, 5 * 2 * 16 + 16]
+    # one token: a strided slice of the slab's rows, no host array at all
+    (slab, lo, hi, rows), = WritePlan(geom, [(3, 4)]).groups
+    assert (slab, lo, hi) == (0, 0, 2)
+    assert list(range(rows.start, rows.stop, rows.step)) == [3 * 2 * 16 + 4, 3 * 2 * 16 + 20]
