@@ -179,14 +179,9 @@ class BlockAllocator:
         blocks as ``reversed(blocks)`` (module docstring)."""
         blocks = list(blocks)
         refcount = self._refcount
-        if len(set(blocks)) == len(blocks):  # the usual case: each block once
-            for b in blocks:
-                if refcount[b] < 1:
-                    raise ValueError(f"double free of block {b}")
-        else:
-            for b, k in Counter(blocks).items():
-                if refcount[b] < k:
-                    raise ValueError(f"double free of block {b}")
+        for b, k in Counter(blocks).items():
+            if refcount[b] < k:
+                raise ValueError(f"double free of block {b}")
         cached, park, free = self._cache.is_cached, self._cache.park, self._free
         for b in blocks:
             rc = refcount[b] - 1
