@@ -10,17 +10,18 @@ default 1,000, all of them the prompt's first blocks, evictable): the median ove
 - ``keys``: the hash chain of the prompt's full blocks (``block_keys``);
 - ``lookup hit`` / ``lookup miss``: ``BlockAllocator.lookup`` of those keys, every cached
   block verified by its tokens (the hits), or a prompt of its own (a miss at block 0);
-- ``admit``: what admission costs a sequence of that prompt with the cache on: keys, tokens
-  per block and lookup (``PrefixCaching.match``), then ``retain`` of the hits;
+- ``admit``: what admission costs a new sequence of that prompt with the cache on: keys,
+  tokens per block and lookup (``PrefixCaching.match``), then ``retain`` of the hits;
 - ``register``: ``register_chain`` of ``--cached`` full blocks after their step;
 - ``evict``: one ``allocate`` that evicts ``--cached`` cached blocks.
 
 **Per engine step**: the scheduler's own step (``schedule()``, a stand-in executor that
 samples one fixed token per chunk, ``update()``) over ``bench prefix-overhead``'s workload
-(``--requests`` distinct prompts of ``--step-prompt`` tokens, ``--max-tokens`` each,
-``--concurrency`` in flight, closed loop; the GPU's scheduler defaults), with caching on
-and off in turns, ``--rounds`` each: milliseconds per step of schedule and of update, and
-the on - off difference, which is what caching adds to every step when nothing is shared.
+and closed loop (its ``EngineRun``: ``--requests`` distinct prompts of ``--step-prompt``
+tokens, ``--max-tokens`` each, ``--concurrency`` in flight; the GPU's scheduler defaults),
+caching on and off in lockstep, ``--rounds`` rounds: milliseconds per step of schedule and
+of update, and the on - off difference, which is what caching adds to every step when
+nothing is shared.
 
 Markdown on stdout, JSON under ``--out``.
 """
@@ -32,13 +33,14 @@ import json
 import statistics
 import sys
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from slabserve.bench.decode_step import machine
+from slabserve.bench.prefix_overhead import SETTINGS, EngineRun, Stack, lockstep
 
 DEFAULT_OUT = Path("out/prefix-lookup")
 BLOCK = 16
@@ -57,13 +59,19 @@ class LookupConfig:
     seed: int = 0
 
 
-def _median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
+def _median_ms(timed, repeat: int) -> float:
+    """Median milliseconds over ``repeat`` calls of ``timed``, which returns the seconds
+    of the part it times (setup and clean-up stay off the clock)."""
+    return 1e3 * statistics.median(timed() for _ in range(repeat))
+
+
+def _clock(fn) -> Callable[[], float]:
+    """``fn`` timed whole."""
+    def timed() -> float:
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        return time.perf_counter() - t
+    return timed
 
 
 def _cached_allocator(tokens: list[int], cached: int):
@@ -90,96 +98,90 @@ def per_prompt(cfg: LookupConfig) -> dict[str, float]:
     tokens = rng.integers(1, 100_000, cfg.prompt).tolist()
     other = [0, *tokens[1:]]
     keys, bt = block_keys(tokens, BLOCK), block_tokens(tokens, BLOCK)
-    a = _cached_allocator(tokens, cfg.cached)
-    assert len(a.lookup(keys, bt)) == cfg.cached and not a.lookup(block_keys(other, BLOCK),
-                                                                   block_tokens(other, BLOCK))
     other_keys, other_bt = block_keys(other, BLOCK), block_tokens(other, BLOCK)
+    a = _cached_allocator(tokens, cfg.cached)
+    assert len(a.lookup(keys, bt)) == cfg.cached and not a.lookup(other_keys, other_bt)
     prefix = PrefixCaching(a, BLOCK)
     params = SamplingParams(max_tokens=1)
 
-    def admit() -> None:
+    def admit() -> float:
         seq = Sequence.from_request(Request("r", tokens, params), 0, 0)
+        t = time.perf_counter()
         hits = prefix.match(seq)
         a.retain(hits)
-        a.free(reversed(hits))  # back to evictable for the next repeat (not timed apart)
+        spent = time.perf_counter() - t
+        a.free(reversed(hits))  # evictable again for the next repeat
+        return spent
 
-    def register() -> None:
+    def register() -> float:
         b = BlockAllocator(cfg.cached, cfg.cached, enable_caching=True)
         fresh = b.allocate(cfg.cached)
         t = time.perf_counter()
         b.register_chain(fresh, keys[:cfg.cached], bt[:cfg.cached])
-        spent.append(time.perf_counter() - t)
+        return time.perf_counter() - t
 
-    def evict() -> None:
+    def evict() -> float:
         b = _cached_allocator(tokens, cfg.cached)
         b.allocate(3 * cfg.cached)  # the free list first
         t = time.perf_counter()
         b.allocate(cfg.cached)
-        spent.append(time.perf_counter() - t)
+        return time.perf_counter() - t
 
-    out = dict(keys=_median_ms(lambda: block_keys(tokens, BLOCK), cfg.repeat),
-               lookup_hit=_median_ms(lambda: a.lookup(keys, bt), cfg.repeat),
-               lookup_miss=_median_ms(lambda: a.lookup(other_keys, other_bt), cfg.repeat),
-               admit=_median_ms(admit, cfg.repeat))
-    for name, fn in (("register", register), ("evict", evict)):
-        spent: list[float] = []
-        for _ in range(cfg.repeat):
-            fn()
-        out[name] = 1e3 * statistics.median(spent)
-    return out
+    ops = dict(keys=_clock(lambda: block_keys(tokens, BLOCK)),
+               lookup_hit=_clock(lambda: a.lookup(keys, bt)),
+               lookup_miss=_clock(lambda: a.lookup(other_keys, other_bt)),
+               admit=admit, register=register, evict=evict)
+    return {name: _median_ms(timed, cfg.repeat) for name, timed in ops.items()}
 
 
-def _scheduler_run(caching: bool, prompt_sets, cfg: LookupConfig) -> tuple[float, float, int]:
-    """Seconds of schedule and of update, and steps, over every set in ``prompt_sets``."""
-    from slabserve.engine.step import SampledToken, StepOutput
+class _FixedToken:
+    """A stand-in executor: token 7 for every chunk that samples, no model."""
+
+    last_forward_s = 0.0
+
+    def execute(self, plan):
+        from slabserve.engine.step import SampledToken, StepOutput
+
+        return StepOutput({c.request_id: SampledToken(7) for c in plan.chunks() if c.sample})
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+def _stack(label: str, cfg: LookupConfig):
+    """A scheduler over a fresh allocator (caching on or off) room for ``concurrency``
+    whole sequences in 256-block slabs, and the stand-in executor."""
     from slabserve.kvcache import BlockAllocator
-    from slabserve.scheduler.api import Request, SamplingParams
     from slabserve.scheduler.config import SchedulerConfig
     from slabserve.scheduler.scheduler import Scheduler
 
     need = cfg.concurrency * -(-(cfg.step_prompt + cfg.max_tokens) // BLOCK)
     slab = 256
-    alloc = BlockAllocator(slab, -(-need // slab) * slab, enable_caching=caching)
+    alloc = BlockAllocator(slab, -(-need // slab) * slab, enable_caching=label == "on")
     sched = Scheduler(SchedulerConfig.for_device(True), alloc, BLOCK, 1 << 20, [])
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
-    t_sched = t_upd = 0.0
-    steps = 0
-    for r, prompts in enumerate(prompt_sets):
-        queue, live = deque(enumerate(prompts)), set()
-        while queue or live:
-            while queue and len(live) < cfg.concurrency:
-                i, p = queue.popleft()
-                live.add(f"{r}-{i}")
-                sched.add(Request(f"{r}-{i}", p, params))
-            t0 = time.perf_counter()
-            plan = sched.schedule()
-            t1 = time.perf_counter()
-            out = StepOutput({c.request_id: SampledToken(7) for c in plan.chunks() if c.sample})
-            t2 = time.perf_counter()
-            for u in sched.update(plan, out):
-                if u.finish_reason is not None:
-                    live.discard(u.request_id)
-            t3 = time.perf_counter()
-            t_sched, t_upd, steps = t_sched + t1 - t0, t_upd + t3 - t2, steps + 1
-    sched.check_integrity()
-    return t_sched, t_upd, steps
+    return Stack(label, None, _FixedToken(), sched)
 
 
 def per_step(cfg: LookupConfig) -> dict[str, dict[str, float]]:
     """Schedule and update milliseconds per step, caching on and off (module docstring)."""
     rng = np.random.default_rng(cfg.seed + 1)
-    res: dict[str, list[tuple[float, float, int]]] = {"on": [], "off": []}
+    traces: dict[str, list] = {s: [] for s in SETTINGS}
     for r in range(cfg.rounds):
-        sets = [[tuple(rng.integers(1, 100_000, cfg.step_prompt).tolist())
-                 for _ in range(cfg.requests)]]
-        for label in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            res[label].append(_scheduler_run(label == "on", sets, cfg))
+        prompts = [tuple(rng.integers(1, 100_000, cfg.step_prompt).tolist())
+                   for _ in range(cfg.requests)]
+        order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
+        runs = [EngineRun(_stack(s, cfg), prompts, f"{s}-r{r}", cfg.concurrency,
+                          cfg.max_tokens) for s in order]
+        lockstep(runs)
+        for run in runs:
+            run.st.scheduler.check_integrity()
+            traces[run.st.label].append(run.trace)
     out = {}
-    for label, runs in res.items():
-        steps = sum(n for _, _, n in runs)
-        out[label] = dict(schedule_ms=1e3 * sum(s for s, _, _ in runs) / steps,
-                          update_ms=1e3 * sum(u for _, u, _ in runs) / steps,
-                          steps_per_run=steps / len(runs))
+    for label, trs in traces.items():
+        steps = sum(len(t.schedule) for t in trs)
+        out[label] = dict(schedule_ms=1e3 * sum(sum(t.schedule) for t in trs) / steps,
+                          update_ms=1e3 * sum(sum(t.update) for t in trs) / steps,
+                          steps_per_run=steps / len(trs))
     return out
 
 

@@ -197,7 +197,7 @@ class EngineRun:
         self.queue, self.live = deque(enumerate(prompts)), {}
         self.outputs: dict[int, list[int]] = {}
         self.trace, self.busy_s = _Trace(), 0.0
-        self._slab_blocks = st.runner.allocator.slab_blocks
+        self._slab_blocks = st.scheduler.allocator.slab_blocks
 
     @property
     def done(self) -> bool:
