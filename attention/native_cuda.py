@@ -165,17 +165,35 @@ class NativeCUDA(DecodeAttention):
 
     # ---- run ----------------------------------------------------------------------------
     def __call__(self, q, pool, layer, batch, scale):
-        # the plan and launch arguments are shared by every layer of a step
+        return self._execute(self._step_launch(q, pool, batch, scale)[1], q, pool, layer,
+                             batch, scale)
+
+    def graph_key(self, q, pool: SlabPool, batch: DecodeBatch, scale: float,
+                  layers: int) -> tuple:
+        """What a layer's launch this step depends on besides its inputs' shapes (variant,
+        chunk count, merge form, slab inputs), so a compiled step graph traced through
+        ``__call__`` is reused only where it would launch the same; the fused merge's
+        counters of ``layers`` layers are made here, outside any trace.  ``q`` needs only
+        ``shape`` and ``dtype``."""
+        key, (_, main, merge) = self._step_launch(q, pool, batch, scale)
+        if merge == "fused":
+            for layer in range(layers):
+                self._counter(layer, batch.batch * main[1]["grid"][0] // self.threads)
+        return key
+
+    def _step_launch(self, q, pool, batch, scale) -> tuple:
+        """(launch key, launch) of this step: the plan and launch arguments are shared by
+        every layer of a step."""
         key = (self, q.shape, q.dtype, pool.num_slabs, scale)
-        launch = batch._cache.get(key)
-        if launch is None:
+        found = batch._cache.get(key)
+        if found is None:
             chunks = plan_chunks(
                 batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
                 self._plan_params(q, pool.geom),
             )
-            launch = batch._cache[key] = self._launch_for(
+            found = batch._cache[key] = self._launch_for(
                 q, pool, chunks, self._fused(batch, pool.geom), scale)
-        return self._execute(launch, q, pool, layer, batch, scale)
+        return found
 
     def _fused(self, batch: DecodeBatch, g: PoolGeometry) -> bool:
         if self.fused_merge is not None:
@@ -219,11 +237,12 @@ class NativeCUDA(DecodeAttention):
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps);
         ``fused`` None: as ``__call__`` would decide for this batch."""
         fused = self._fused(batch, pool.geom) if fused is None else fused
-        return self._execute(self._launch_for(q, pool, chunks, fused, scale), q, pool, layer,
-                             batch, scale)
+        return self._execute(self._launch_for(q, pool, chunks, fused, scale)[1], q, pool,
+                             layer, batch, scale)
 
     def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool,
                     scale: float) -> tuple:
+        """(key, launch): the launch of a chunk count and merge form, built once per key."""
         ns = pool_slab_inputs(pool)
         fused = fused and chunks > 1  # one chunk: the direct kernel either way
         key = (q.shape, q.dtype, pool.geom, ns, chunks, fused, scale)
@@ -231,7 +250,7 @@ class NativeCUDA(DecodeAttention):
         if launch is None:
             launch = self._launches[key] = (
                 ns, *self._launch(q, pool.geom, ns, chunks, fused, scale))
-        return launch
+        return key, launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
         b = q.shape[0]

@@ -326,6 +326,27 @@ class Selector:
             self._log_once(d.label, st.key)
         return slot
 
+    def plan_layers(self, q, pool: SlabPool, batch: DecodeBatch, layers: int) -> list | None:
+        """Every layer's slot for this step at once, not yet counted (``count_layers``
+        counts them; a step that then runs layer by layer through ``run`` is counted
+        there instead), for a caller that runs the chosen paths inside one compiled step
+        (engine/step_graph.py).  ``q`` needs only ``shape`` and ``dtype``.  None while a
+        trace file is written (its records are per layer run)."""
+        if self._trace_path is not None:
+            return None
+        st = batch._cache.get(self) or self._new_step(q, pool, batch)
+        slots = st.slots
+        if len(slots) >= layers and None not in slots[:layers]:
+            return slots[:layers]
+        return [slots[i] if i < len(slots) and slots[i] is not None
+                else self._miss(q, pool, i, batch, st) for i in range(layers)]
+
+    @staticmethod
+    def count_layers(slots: list) -> None:
+        """Count one layer-step for each slot ``plan_layers`` gave."""
+        for slot in slots:
+            slot.count += 1
+
     def run(self, q, pool: SlabPool, layer: int, batch: DecodeBatch, scale: float):
         """Decide, then run the chosen path (a native failure falls back to gather)."""
         slot = self._slot(q, pool, layer, batch)

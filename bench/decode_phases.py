@@ -3,11 +3,13 @@
 For an embedded model (``--embedded NAME[:DTYPE]``), each batch ``B`` and context, ``B``
 sequences holding ``ctx`` cached tokens (decode_step's fast fill: real allocator blocks,
 random K/V) decode one token per step through ``ModelExecutor.execute``, the engine
-thread's call, with the selector on auto.  Two modes interleaved step by step in one
+thread's call, with the selector on auto.  Three modes interleaved step by step in one
 runner (order rotated each round): ``eager`` runs every layer's Python each step (what
 ``--enforce-eager`` serves), ``compiled`` replays each layer's compiled stages
-(engine/staged.py; the default).  The same positions are decoded in both modes, so their
-first sampled tokens must agree (reported).
+(engine/staged.py), ``graph`` runs the whole step as one compiled graph
+(engine/step_graph.py; the default where every layer's path has one, else it runs the
+stages).  The same positions are decoded in every mode, so their first sampled tokens must
+agree (reported).
 
 Phases of a step, medians over ``--steps`` after ``--warmup`` (``wall`` is their sum):
 
@@ -40,7 +42,7 @@ from slabserve.bench.decode_step import (
     plan_step,
 )
 
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "graph")
 PHASES = ("plan", "build", "launch", "sync")
 DEFAULT_OUT = Path("out/decode-phases")
 
@@ -80,9 +82,10 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
     params = SamplingParams(max_tokens=cfg.rounds + 1, temperature=0.0, ignore_eos=True)
     try:
         for r in range(cfg.rounds):
-            order = MODES[r % 2:] + MODES[: r % 2]
+            order = MODES[r % 3:] + MODES[: r % 3]
             for m in order:
-                runner.compile_decode = m == "compiled"
+                runner.compile_decode = m != "eager"
+                runner.step_graph = m == "graph" and runner.step_graphs is not None
                 st, tokens[m] = one_step(runner, executor, tables, tokens[m], ctx + r, r,
                                          params)
                 first.setdefault(m, tokens[m])
@@ -90,13 +93,15 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
                     steps[m].append(st)
     finally:
         runner.compile_decode = True
+        runner.step_graph = runner.step_graphs is not None
         for t in tables:
             runner.allocator.free(t)
     runner.allocator.check_integrity()
     modes = {m: _summary(batch, steps[m]) for m in MODES}
     return dict(batch=batch, ctx=ctx, skipped=None, modes=modes,
-                same_first_tokens=first["eager"] == first["compiled"],
-                compiled_over_eager=modes["compiled"]["wall_ms"] / modes["eager"]["wall_ms"])
+                same_first_tokens=first["eager"] == first["compiled"] == first["graph"],
+                compiled_over_eager=modes["compiled"]["wall_ms"] / modes["eager"]["wall_ms"],
+                graph_over_eager=modes["graph"]["wall_ms"] / modes["eager"]["wall_ms"])
 
 
 def _summary(batch: int, steps: list[Step]) -> dict:
@@ -108,15 +113,15 @@ def _summary(batch: int, steps: list[Step]) -> dict:
 
 def table(cells: list[dict]) -> str:
     head = ["| B | ctx | mode | plan ms | build ms | launch ms | sync ms | step ms | tok/s |"
-            " compiled / eager | same tokens |",
+            " / eager | same tokens |",
             "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for c in cells:
         if c["skipped"]:
             head.append(f"| {c['batch']} | {c['ctx']} | skipped: {c['skipped']} |")
             continue
         for m, r in c["modes"].items():
-            tail = (f"{c['compiled_over_eager']:.2f} | {c['same_first_tokens']}"
-                    if m == "compiled" else " | ")
+            tail = (f"{c[f'{m}_over_eager']:.2f} | {c['same_first_tokens']}"
+                    if m != "eager" else " | ")
             head.append(f"| {c['batch']} | {c['ctx']} | {m} | " + " | ".join(
                 f"{r[f'{p}_ms']:.2f}" for p in PHASES) + f" | {r['wall_ms']:.2f} | "
                 f"{r['tok_s']:.1f} | {tail} |")

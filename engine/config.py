@@ -84,13 +84,16 @@ class RunnerConfig:
     (engine/linear_layout.py), applied to the runner's model when the runner starts.
     ``compile_decode``: decode forwards run each layer as compiled stages around the paged
     cache (engine/staged.py; the server turns it on on a GPU unless ``--enforce-eager``);
-    False runs every layer's Python each step."""
+    False runs every layer's Python each step.  ``step_graph``: with ``compile_decode``,
+    a model whose layers all have fused stages (the llama family) runs each decode step as
+    one compiled graph (engine/step_graph.py) where every layer's path can be traced."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
     host_math: bool = True
     linear_layout: bool = True
     compile_decode: bool = False
+    step_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:

@@ -30,7 +30,10 @@ class ForwardContext:
     row, each with its own prefix (or None); ``writes`` then lists row 0's tokens, then
     row 1's, ...  ``runtime``: the runner's attention runtime (selector, prefill bucket,
     host math) that every layer's attention goes through.  ``staged``: a decode forward
-    whose layers run as compiled stages (engine/staged.py).
+    whose layers run as compiled stages (engine/staged.py).  ``graph_paths``: the decode
+    path object of each layer while a whole step is traced into one compiled graph
+    (engine/step_graph.py): attention runs them directly (the selector decided and counts
+    outside the trace) and the staged layers run their stages' Python.
     """
 
     pool: SlabPool
@@ -41,6 +44,7 @@ class ForwardContext:
     prefix: DecodeBatch | None = None
     row_prefixes: tuple[DecodeBatch | None, ...] | None = None
     staged: bool = False  # decode layers run as compiled stages (engine/staged.py)
+    graph_paths: list | None = None  # per layer, inside a step graph's trace
 
 
 class PagedLayerCache:
@@ -93,6 +97,8 @@ class PagedLayerCache:
 
     def _attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
         ctx = self.ctx
+        if ctx.graph_paths is not None:
+            return ctx.graph_paths[self.layer](queries, ctx.pool, self.layer, ctx.decode, scale)
         if ctx.decode is not None:
             return ctx.runtime.decode(queries, ctx.pool, self.layer, ctx.decode, scale)
         if ctx.row_prefixes is not None:  # one chunk per row: attention row by row

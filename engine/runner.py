@@ -22,6 +22,7 @@ from slabserve.engine import patch
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
 from slabserve.engine.staged import stage_layers
+from slabserve.engine.step_graph import StepGraphs, query_dtype
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import WritePlan
@@ -125,8 +126,21 @@ class ModelRunner:
         )
         self.caches = [PagedLayerCache(i) for i in range(num_layers)]
         self.last_build_s = 0.0
-        # decode forwards replay compiled per-layer stages (engine/staged.py)
+        # decode forwards replay compiled per-layer stages (engine/staged.py), and where
+        # every layer has fused stages one compiled graph per step (engine/step_graph.py)
         self.compile_decode = cfg.compile_decode and stage_layers(model) > 0
+        self.step_graphs = self._step_graphs() if self.compile_decode else None
+        self.step_graph = cfg.step_graph and self.step_graphs is not None
+
+    def _step_graphs(self) -> StepGraphs | None:
+        layers = self.model.layers
+        fused = [getattr(layer, "fused", None) for layer in layers]
+        if None in fused or not hasattr(getattr(self.model, "model", None), "embed_tokens"):
+            return None
+        if len({(f.heads, f.scale) for f in fused}) != 1:
+            return None
+        return StepGraphs(self._build, self.pool, self.attention, len(layers), fused[0].heads,
+                          query_dtype(self.model, layers[0]), fused[0].scale)
 
     @property
     def block_size(self) -> int:
@@ -141,6 +155,8 @@ class ModelRunner:
 
     def _build(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
         every, n = self.dispatch_every, len(self.caches)
+        if ctx.graph_paths is not None:  # traced into a step graph: nothing evaluated
+            every = 0
         for c in self.caches:
             c.ctx = ctx
             c.dispatch = every > 0 and (c.layer + 1) % every == 0 and c.layer + 1 < n
@@ -226,9 +242,13 @@ class ModelRunner:
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
+        inputs = host_array([s.tokens for s in seqs])
+        if self.step_graph and self.compile_decode:
+            logits = self.step_graphs.run(inputs, offsets, batch, slots)
+            if logits is not None:
+                return logits
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
                              batch, staged=self.compile_decode)
-        inputs = host_array([s.tokens for s in seqs])
         logits = self._run(inputs, ctx, slice(-1, None))
         return logits if logits.ndim == 2 else logits[:, -1, :]
 

@@ -112,6 +112,10 @@ class StagedLayer(nn.Module):
                 x = x.reshape(x.shape[0], 1, -1)
         elif x.ndim != 2:  # the first layer: once here, not in each stage
             x = x.reshape(x.shape[0], -1)
+        if ctx.graph_paths is not None:  # traced into a whole-step graph: the stages' Python
+            q, k, v = self.fused.pre(x, ctx.offset)
+            cache.write_rows(k, v)
+            return self.fused.post(x, cache.attend(q, k, v, self._scale))
         q, k, v = self._pre(x, ctx.offset)
         cache.write_rows(k, v)
         out = cache.attend(q, k, v, self._scale)

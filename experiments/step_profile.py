@@ -53,13 +53,15 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="compiled stages, no step graph")
     ap.add_argument("--fake-cuda", action="store_true")
     ap.add_argument("--no-cprofile", action="store_true")
     a = ap.parse_args()
     name, dtype = parse_model(a.embedded)
     cfg = BenchConfig(name, dtype, (a.batch,), (a.ctx,), ("auto",), a.steps, 3, 8 << 30, 16,
                       65536, 0)
-    runner, executor, _ = load_runner(cfg, RunnerConfig(compile_decode=not a.eager))
+    runner, executor, _ = load_runner(cfg, RunnerConfig(compile_decode=not a.eager,
+                                                            step_graph=not a.stages))
     if a.fake_cuda:
         runner.attention.selector = Selector(natives={"cpu": FakeLaunchCUDA()})
     tables = fast_fill(runner, a.batch, a.ctx, 0)

@@ -90,15 +90,24 @@ class WritePlan:
     no host-to-MLX transfer at all.
     """
 
-    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
+    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]],
+                 indexed: bool = False) -> None:
+        """``indexed``: rows as an index array even for one token (no strided slice), so
+        the plan's only per-step input is ``packed`` (compiled step graphs rebind it)."""
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
         self.num_tokens = n = len(slots)
         self.groups: list[tuple[int, int, int, mx.array | slice]] = []
         self.perm: mx.array | None = None
+        self.packed: mx.array | None = None  # perm (if any) then rows, one host array
+        self.layout: tuple = ()  # (ordered, ((slab, lo, hi), ...)): the plan less its rows
         if n == 1:
             block, row = slots[0]
             base = (block % sb) * (h * bs) + row
-            self.groups.append((block // sb, 0, h, slice(base, base + (h - 1) * bs + 1, bs)))
+            if not indexed:
+                self.groups.append((block // sb, 0, h, slice(base, base + (h - 1) * bs + 1, bs)))
+                return
+            self.layout = (True, ((block // sb, 0, h),))
+            self._bind(host_array(np.arange(base, base + h * bs, bs, dtype=np.int32)))
             return
         if n == 0:
             return
@@ -110,22 +119,39 @@ class WritePlan:
         heads = np.arange(h, dtype=np.int64)
         rows = (base[order][:, None] + heads[None, :] * bs).reshape(-1)
         perm = (order[:, None] * h + heads[None, :]).reshape(-1)
-        packed = host_array(np.concatenate([rows] if ordered else [perm, rows])
-                            .astype(np.int32))
-        off = 0 if ordered else n * h
-        if not ordered:
-            self.perm = packed[: n * h]
-        all_rows = packed[off : off + n * h]
         cuts = np.flatnonzero(np.diff(slab[order])) + 1
-        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True):
-            group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo * h : hi * h]
-            self.groups.append((int(slab[order[lo]]), lo * h, hi * h, group_rows))
+        spans = tuple((int(slab[order[lo]]), lo * h, hi * h)
+                      for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True))
+        self.layout = (ordered, spans)
+        self._bind(host_array(np.concatenate([rows] if ordered else [perm, rows])
+                              .astype(np.int32)))
+
+    def _bind(self, packed: mx.array) -> None:
+        ordered, spans = self.layout
+        rows = spans[-1][2]
+        off = 0 if ordered else rows
+        self.packed, self.perm = packed, None if ordered else packed[:rows]
+        all_rows = packed[off : off + rows]
+        self.groups = [(s, lo, hi, all_rows if (lo, hi) == (0, rows) else all_rows[lo:hi])
+                       for s, lo, hi in spans]
+
+    def rebind(self, packed: mx.array) -> WritePlan:
+        """The same plan over ``packed`` in place of its own rows (an indexed plan's
+        layout; a compiled step graph's input of the same shape)."""
+        if not self.layout:
+            raise ValueError("only a plan with index rows can be rebound")
+        plan = object.__new__(WritePlan)
+        plan.num_tokens, plan.layout = self.num_tokens, self.layout
+        plan._bind(packed)
+        return plan
 
 
-def padded_table(table: list[list[int]]) -> np.ndarray:
-    """``[B, nblk]`` int64 block ids, ``nblk`` the longest row; shorter rows padded with
-    their first block (the paths mask padding by lengths)."""
-    out = np.empty((len(table), max((len(r) for r in table), default=0)), dtype=np.int64)
+def padded_table(table: list[list[int]], width: int | None = None) -> np.ndarray:
+    """``[B, nblk]`` int64 block ids, ``nblk`` the longest row (or ``width``, at least
+    that); shorter rows padded with their first block (the paths mask padding by
+    lengths)."""
+    longest = max((len(r) for r in table), default=0)
+    out = np.empty((len(table), longest if width is None else width), dtype=np.int64)
     for i, r in enumerate(table):
         out[i, : len(r)] = r
         out[i, len(r) :] = r[0] if r else 0
@@ -199,6 +225,43 @@ class SlabPool:
                     new.append(side[-1])
         if new:
             mx.eval(new)
+
+    # ---- whole-pool views (compiled step graphs: engine/step_graph.py) -------------------
+    def arrays(self) -> list[mx.array]:
+        """Every slab array: K, V, then a quantized pool's K and V scales, each layer by
+        layer and slab by slab (``num_slabs`` per layer)."""
+        return [a for side in (self.k, self.v, self.k_scale, self.v_scale)
+                for layer in side for a in layer]
+
+    def view(self, arrays: list[mx.array]) -> SlabPool:
+        """A pool of this geometry over ``arrays`` (``arrays()``'s order): what a traced
+        step writes to; ``written()`` then lists the arrays its writes replaced."""
+        pool = object.__new__(SlabPool)
+        pool.geom, pool.max_slabs, pool._dirty = self.geom, self.max_slabs, {}
+        layers, n = self.geom.num_layers, self.num_slabs
+        sides = [[arrays[(i * layers + layer) * n:(i * layers + layer + 1) * n]
+                  for layer in range(layers)] for i in range(len(arrays) // (layers * n))]
+        pool.k, pool.v = sides[0], sides[1]
+        pool.k_scale, pool.v_scale = (sides[2], sides[3]) if len(sides) == 4 else (
+            [[] for _ in range(layers)], [[] for _ in range(layers)])
+        return pool
+
+    def written(self) -> list[int]:
+        """Positions in ``arrays()`` of the slabs written since ``take_pending``."""
+        layers, n = self.geom.num_layers, self.num_slabs
+        # _dirty keys: (layer, side, slab), side 0 / 1 values, 2 / 3 scales
+        return sorted((side * layers + layer) * n + s for layer, side, s in self._dirty)
+
+    def adopt(self, written: list[int], arrays: list[mx.array]) -> None:
+        """Take ``arrays`` as the slabs at positions ``written`` of ``arrays()``, pending
+        like any write."""
+        layers, n = self.geom.num_layers, self.num_slabs
+        sides = (self.k, self.v, self.k_scale, self.v_scale)
+        for i, arr in zip(written, arrays, strict=True):
+            side, rest = divmod(i, layers * n)
+            layer, s = divmod(rest, n)
+            sides[side][layer][s] = arr
+            self._dirty[(layer, side, s)] = arr
 
     def slab(self, layer: int, side: int, s: int) -> mx.array:
         """Slab ``s`` of ``layer`` (side 0 = K, 1 = V) as ``[slab_blocks, kv_heads, bs, D]``."""

@@ -1,0 +1,165 @@
+"""Whole decode steps as one compiled graph: embedding, every layer's stages, K/V writes
+and decode attention, final norm and head in one ``mx.compile``d function per step
+signature.
+
+With compiled layer stages (engine/staged.py) a GPU decode step still ran ~70 us of Python
+per layer around them (the K/V write, the selector, the kernel call: ~1.1 ms of a 3.1 ms
+Llama-3.2-1B step at B=1, docs/adr/0012-decode-step-host-cost.md).  Here the host decides
+what the Python would decide (each layer's path, the kernel launch's plan, where the new
+tokens go) and replays a graph traced once through the same code with those decisions;
+what changes from step to step is an input:
+
+- ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), ``table [B, W]`` (block ids, the
+  width padded to a bucket: ``width_bucket``), ``lengths [B]``, the write plan's one index
+  array, and every slab of the pool (``SlabPool.arrays``);
+- outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
+  (the old ones are then referenced by the graph only, so MLX writes in place as in the
+  eager step).
+
+The signature (``StepGraphs.key``): batch size, bucketed table width, the write plan's
+layout (which slabs, how many rows each), the pool's slab count, and each layer's path
+with the ``graph_key`` it gives (native CUDA: variant, chunks, merge form).  A step whose
+paths are not all graph-capable (gather-SDPA reads host-planned gathers), while the
+selector writes a trace, or whose trace failed runs the staged layers as before.
+
+Invariants: a step graph computes what the staged step computes (the same stage functions,
+writes and kernels, traced); the selector's decisions are taken and counted once per layer
+and step, outside the trace; a signature's graph is reused only with equal host decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from slabserve.attention import AttentionRuntime, DecodeBatch
+from slabserve.engine.paged_cache import ForwardContext
+from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.pool import SlabPool, WritePlan, padded_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """The shape and dtype of a layer's decode queries, all a path's plan reads of them."""
+
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def width_bucket(blocks: int) -> int:
+    """Table width for ``blocks`` blocks: rounded up to an eighth of its power of two (at
+    least 8): a sequence's graph is retraced every 1/8 doubling of its context, not every
+    block, for at most 1/8 more (masked) table columns."""
+    step = max(8, 1 << max(0, blocks.bit_length() - 4))
+    return -(-blocks // step) * step
+
+
+class _Graph:
+    """One signature's compiled function and which pool arrays its trace wrote."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.written: list[int] | None = None
+
+
+class StepGraphs:
+    """Compiled whole decode steps of one runner (module docstring).
+
+    ``build(inputs, ctx, head_rows)`` is the runner's forward builder; ``heads`` /
+    ``head_dim`` / ``dtype`` its layers' decode query shape; ``scale`` their softmax scale.
+    ``max_graphs`` signatures are kept (least recently used dropped)."""
+
+    def __init__(self, build, pool: SlabPool, runtime: AttentionRuntime, num_layers: int,
+                 heads: int, dtype: mx.Dtype, scale: float, max_graphs: int = 64) -> None:
+        self._build = build
+        self.pool = pool
+        self.runtime = runtime
+        self.num_layers = num_layers
+        self.heads, self.dtype, self.scale = heads, dtype, scale
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._failed: set[tuple] = set()
+        self.traces = 0  # graphs traced so far (a new signature each)
+
+    def run(self, inputs: mx.array, offsets: mx.array, batch: DecodeBatch,
+            slots: list[tuple[int, int]]) -> mx.array | None:
+        """The step's ``[B, vocab]`` logits from its graph, the pool's written slabs
+        adopted; None (nothing run, nothing counted) where the step has no graph."""
+        selector, pool = self.runtime.selector, self.pool
+        q = QuerySpec((batch.batch, self.heads, 1, pool.geom.head_dim), self.dtype)
+        layer_slots = selector.plan_layers(q, pool, batch, self.num_layers)
+        if layer_slots is None:
+            return None
+        paths = [s.impl for s in layer_slots]
+        path_keys = {}
+        for p in paths:
+            if p not in path_keys:
+                graph_key = getattr(p, "graph_key", None)
+                if graph_key is None:
+                    return None
+                path_keys[p] = graph_key(q, pool, batch, self.scale, self.num_layers)
+        writes = WritePlan(pool.geom, slots, indexed=True)
+        width = width_bucket(batch.num_blocks)
+        key = (batch.batch, width, writes.layout, pool.num_slabs, inputs.dtype,
+               tuple(map(id, paths)), tuple(path_keys.values()))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if key in self._failed:
+                return None
+            graph = self._new_graph(key, batch, writes, paths)
+        else:
+            self._graphs.move_to_end(key)
+        table = host_array(padded_table(batch.tables, width).astype(np.int32), mx.int32)
+        args = [inputs, offsets, table, batch.lengths_array, writes.packed, *pool.arrays()]
+        try:
+            outs = graph.fn(*args)
+        except Exception as exc:  # a failed trace: this signature runs staged from now on
+            del self._graphs[key]
+            self._failed.add(key)
+            log.warning("decode step graph failed to trace, running staged layers: %r", exc)
+            return None
+        del args  # the old slabs: referenced by the graph only, so written in place
+        pool.adopt(graph.written, outs[1:])
+        selector.count_layers(layer_slots)
+        return outs[0]
+
+    def _new_graph(self, key: tuple, batch: DecodeBatch, writes: WritePlan,
+                   paths: list) -> _Graph:
+        graph = _Graph()
+        pool, runtime, build = self.pool, self.runtime, self._build
+        tables, lengths = batch.tables, batch.lengths  # the host plan's inputs, this step's
+
+        def step(inputs, offsets, table, lengths_arr, packed, *arrays):
+            view = pool.view(list(arrays))
+            traced = DecodeBatch(pool.geom, tables, lengths)
+            traced.__dict__.update(table_array=table, lengths_array=lengths_arr)
+            ctx = ForwardContext(view, writes.rebind(packed), offsets, runtime, traced,
+                                 staged=True, graph_paths=paths)
+            logits = build(inputs, ctx, slice(-1, None))
+            graph.written = view.written()
+            return [logits, *(view.arrays()[i] for i in graph.written)]
+
+        graph.fn = mx.compile(step)
+        self._graphs[key] = graph
+        self.traces += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
+
+
+def query_dtype(model, layer) -> mx.Dtype:
+    """The dtype of ``layer``'s (fused stages') decode queries for ``model``'s embedded
+    tokens, read from a lazy graph that is never evaluated."""
+    x = model.model.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))
+    return layer.fused.pre(x, mx.zeros((1,), dtype=mx.int32))[0].dtype
+

@@ -1,0 +1,194 @@
+"""Whole decode steps as one compiled graph (engine/step_graph.py), on CPU.
+
+The native CUDA path's kernels only run on CUDA, so here its Python (plan, launch
+arguments, slab inputs, graph keys) runs with a stand-in kernel that computes the kernel's
+contract with MLX ops from the same inputs (block table, lengths, every slab): attention of
+each sequence's query over its first ``lengths[b]`` tokens, its pages gathered slab by
+slab.  With it the step graph is
+checked against mlx-lm's greedy output, against the staged step's logits, for in-place
+slab writes and for the selector's per-layer counts.  On a GPU the real kernels run
+(test_staged.py's generation through the runner, whose decode steps are graphs there)."""
+
+import gc
+
+import mlx.core as mx
+import pytest
+from mlx_lm.utils import load
+from models import make
+from test_runner import prompts, reference
+
+from slabserve.attention import Selector
+from slabserve.attention.cuda_plan import PlanParams
+from slabserve.attention.native_cuda import NativeCUDA
+from slabserve.engine.config import CacheConfig, RunnerConfig
+from slabserve.engine.generate import greedy_generate
+from slabserve.engine.runner import ModelRunner, SeqInput
+from slabserve.engine.step_graph import width_bucket
+
+
+class ContractKernelCUDA(NativeCUDA):
+    """NativeCUDA whose one-chunk kernel is its contract in MLX ops (module docstring);
+    accepted on any device and shape."""
+
+    def __init__(self) -> None:
+        super().__init__(PlanParams(max_chunks=1))  # the direct kernel only
+
+    def decline(self, q, pool, batch):  # the test models' head_dim 16 is no kernel's
+        return None
+
+    def _kernel(self, kind, ns, smem, variant, scale=1.0, sb=0):
+        assert kind == "direct"
+
+        def kernel(*, inputs, output_shapes, output_dtypes, template, **_):
+            t = dict(template)
+            q, table, lengths, *slabs = inputs
+            ks, vs = slabs[:ns], slabs[ns:]
+            b, w = table.shape
+            hkv, bs, d = t["HKV"], t["BS"], t["D"]
+
+            def pages(side):  # [B, H, W * bs, D], gathered slab by slab (no slab copied)
+                sb = side[0].shape[0] // (hkv * bs)
+                got = None
+                for i, slab in enumerate(side):
+                    part = slab.reshape(sb, hkv, bs, d)[mx.clip(table - i * sb, 0, sb - 1)]
+                    mine = (table // sb == i)[:, :, None, None, None]
+                    got = part if got is None else mx.where(mine, part, got)
+                return got.transpose(0, 2, 1, 3, 4).reshape(b, hkv, w * bs, d)
+
+            keep = mx.arange(w * bs)[None, :] < lengths[:, None]
+            mask = mx.where(keep, 0.0, -1e30).astype(q.dtype)[:, None, None, :]
+            out = mx.fast.scaled_dot_product_attention(q, pages(ks), pages(vs), scale=scale,
+                                                       mask=mask)
+            return [out.astype(output_dtypes[0])]
+        return kernel
+
+
+def graph_runner(model, **cache):
+    cfg = dict(block_size=16, slab_tokens=64, kv_budget_bytes=1 << 24) | cache
+    runner = ModelRunner(model, CacheConfig(**cfg),
+                         RunnerConfig(compile_decode=True, linear_layout=False),
+                         Selector(override=True, natives={"cpu": ContractKernelCUDA()}))
+    assert runner.step_graph
+    return runner
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "qwen3-qknorm"])
+def model(request, model_root):
+    return load(str(make(model_root, request.param)))[0]
+
+
+def test_graph_generation_is_token_exact(model):
+    """Ragged batches over several slabs (4 blocks a slab): mlx-lm's greedy tokens, every
+    decode step a graph, a handful of signatures traced."""
+    runner = graph_runner(model)
+    ps = prompts(5, seed=11)
+    got = greedy_generate(runner, ps, 20)
+    assert got == [reference(model, p, 20) for p in ps]
+    assert 0 < runner.step_graphs.traces <= 40
+    counts = runner.attention.selector.path_counts()
+    assert set(counts) == {("native", "env_native")}
+    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
+
+
+def test_graph_and_staged_logits_agree(model):
+    """One decode step as a graph and as staged layers in one runner: the same logits
+    and the same K/V written (the staged step then overwrites the position identically)."""
+    runner = graph_runner(model)
+    tables = [runner.allocator.allocate(3), runner.allocator.allocate(4)]
+    runner.forward([SeqInput(list(range(1, 40)), 0, tables[0], want_logits=False),
+                    SeqInput(list(range(3, 60)), 0, tables[1], want_logits=False)], [])
+    seqs = [SeqInput([7], 39, tables[0]), SeqInput([9], 57, tables[1])]
+    out = []
+    for mode in (True, False, True):
+        runner.step_graph = mode
+        logits = runner.forward([], seqs)[1]
+        mx.eval(logits)
+        out.append((logits, [mx.array(a) for a in runner.pool.arrays()]))
+    assert runner.step_graphs.traces == 1
+    # one count per layer and step, graph or staged
+    assert runner.attention.selector.path_counts() == {
+        ("native", "env_native"): 3 * len(model.layers)}
+    for logits, arrays in out[1:]:
+        assert mx.allclose(logits, out[0][0], atol=1e-5, rtol=1e-5)
+        assert all(mx.array_equal(a, b) for a, b in zip(arrays, out[0][1], strict=True))
+    for t in tables:
+        runner.allocator.free(t)
+
+
+def test_graph_writes_the_slabs_in_place(model_root):
+    """A step graph's K/V writes do not copy a slab: a step's peak memory stays under half
+    of one slab (8 MiB a layer and side; the stand-in kernel's gathers take ~1 MiB)."""
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    runner = graph_runner(model, slab_tokens=1 << 16, kv_budget_bytes=1 << 30)
+    slab = runner.pool.arrays()[0].nbytes
+    assert slab >= 8 << 20
+    table = runner.allocator.allocate(2)
+    runner.forward([SeqInput(list(range(1, 20)), 0, table, want_logits=False)], [])
+    for pos in range(19, 23):
+        gc.collect()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        logits = runner.forward([], [SeqInput([6], pos, table)])[1]
+        mx.eval(logits, runner.pool.arrays())
+        assert mx.get_peak_memory() - base < slab // 2
+    assert runner.step_graphs.traces >= 1
+    runner.allocator.free(table)
+
+
+def test_paths_without_graphs_run_staged(model_root):
+    """Gather-SDPA (host-planned gathers) has no graph key: the step runs staged layers,
+    counted once per layer."""
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
+                                            kv_budget_bytes=1 << 24),
+                         RunnerConfig(compile_decode=True, linear_layout=False),
+                         Selector(override=False))
+    ps = prompts(2, seed=4)
+    assert greedy_generate(runner, ps, 6) == [reference(model, p, 6) for p in ps]
+    assert runner.step_graphs.traces == 0
+    counts = runner.attention.selector.path_counts()
+    assert counts == {("gather", "env_gather"): 5 * len(model.layers)}  # 5 decode steps
+
+
+def test_width_bucket():
+    assert [width_bucket(n) for n in (1, 8, 9, 64, 65, 1024, 1025)] == [
+        8, 8, 16, 64, 72, 1024, 1152]
+    for n in range(1, 5000):
+        w = width_bucket(n)
+        assert n <= w < n + max(8, n / 8) and w % 8 == 0
+    assert len({width_bucket(n) for n in range(1025, 2049)}) == 8  # 8 widths a doubling
+
+
+HAS_CUDA = mx.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
+# head_dim 64: a shape the CUDA kernels take (the shared test models' 16 is not)
+CUDA_CONFIG = dict(model_type="llama", hidden_size=256, num_hidden_layers=3,
+                   intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                   vocab_size=259, rms_norm_eps=1e-5, rope_theta=10000.0,
+                   max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cuda_graph_generation(kv_dtype, tmp_path):
+    """The real kernels inside step graphs: ragged batches with a context long enough for
+    several chunks (the fused merge's counters), graph tokens equal to the staged layers'
+    and, for the float32 pool, to mlx-lm's greedy output."""
+    from slabserve.engine.embedded import TINY_GAIN, write_model_dir
+
+    write_model_dir(tmp_path / "m", CUDA_CONFIG, "float32", seed=3, gain=TINY_GAIN)
+    model = load(str(tmp_path / "m"))[0]
+    ps = prompts(3, seed=7) + [[(7 * i) % 251 for i in range(700)]]
+    out = {}
+    for graph in (True, False):
+        runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=256,
+                                                kv_budget_bytes=1 << 26, dtype=kv_dtype),
+                             RunnerConfig(compile_decode=True, step_graph=graph))
+        out[graph] = greedy_generate(runner, ps, 24)
+        counts = runner.attention.selector.path_counts()
+        assert [label[0] for label in counts] == ["native"], counts
+        assert (runner.step_graphs.traces > 0) == graph
+    assert out[True] == out[False]
+    if kv_dtype is None:
+        assert out[True] == [reference(model, p, 24) for p in ps]
