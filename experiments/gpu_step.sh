@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Decode steps on the lent GPU (recipe: /work/shared/gpu/README.md; run from the repo root
 # after the two-part MLX install; llguidance's abi3 wheel contents in ./.extra):
+#   tests    the CUDA-side tests of decode steps (step graphs, stages, kernels, pool writes)
+#            and one step's graph nodes (python -m experiments.step_profile);
 #   phases   per-phase step times, eager vs compiled stages (slabserve bench decode-phases),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
 #   compare  streamed load, ours vs a second process of ours (twin) vs mlx_lm.server, both
@@ -19,6 +21,16 @@ OUT="${OUT:-out}"
 SS="python -m slabserve.cli"
 for STEP in "${@:-phases}"; do
   case "$STEP" in
+  tests)
+    timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_step_graph.py \
+      tests/test_staged.py tests/test_native_cuda.py tests/test_cuda_int8.py \
+      tests/test_host_arrays.py tests/test_pool.py > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    for f in "" --stages; do
+      timeout 60 python -m experiments.step_profile --steps 20 --no-cprofile $f \
+        > "$OUT/nodes$f.log" 2>&1
+      grep -E '^nodes|^build' "$OUT/nodes$f.log" | cut -c1-160
+    done ;;
   phases)
     for m in llama-3.2-1b qwen2.5-0.5b; do
       timeout 240 $SS bench decode-phases --embedded "$m:bfloat16" --batches 1,8,32 \
