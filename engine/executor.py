@@ -98,6 +98,10 @@ class ModelExecutor(Executor):
     def kv_dtype(self) -> str:
         return str(self.runner.geom.dtype).rsplit(".", 1)[-1]
 
+    def decode_graph_traces(self) -> int:
+        graphs = self.runner.step_graphs
+        return 0 if graphs is None else graphs.traces
+
     def execute(self, plan: StepPlan) -> StepOutput:
         self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         if plan.empty:

@@ -199,3 +199,8 @@ class Executor(ABC):
     def kv_dtype(self) -> str:
         """The KV pool's element type (``float16``, ...; empty: unknown)."""
         return ""
+
+    def decode_graph_traces(self) -> int:
+        """Decode step graphs traced so far (a new step signature each; 0: none or no
+        graphs).  May be read from any thread."""
+        return 0

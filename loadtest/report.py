@@ -36,7 +36,7 @@ def row(res: RunResult) -> dict:
     out["path_reasons"] = res.trace.describe(reasons=True) if res.trace is not None else "n/a"
     out["path_counts"] = json.dumps(res.trace.by_reason) if res.trace is not None else ""
     c = res.server_counters
-    for key in ("num_preemptions", "prompt_tokens", "generation_tokens"):
+    for key in ("num_preemptions", "prompt_tokens", "generation_tokens", "decode_graph_traces"):
         out[f"server_{key}"] = c.get(key)
     steps = c.get("decode_step_seconds_count")  # the server's decode-only steps in the run
     for key, name in (("decode_step_seconds_sum", "step"), ("decode_forward_seconds_sum",

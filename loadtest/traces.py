@@ -81,7 +81,7 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
 
 SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
                    "decode_step_seconds_count", "decode_step_seconds_sum",
-                   "decode_forward_seconds_sum")
+                   "decode_forward_seconds_sum", "decode_graph_traces_total")
 
 
 def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],

@@ -87,6 +87,7 @@ class ServingStats:
     decode_steps: int = 0  # engine steps that decoded only (no prefill token)
     decode_step_seconds: float = 0.0  # their time, planning to handing the deltas over
     decode_forward_seconds: float = 0.0  # of it, the model forward
+    decode_graph_traces: int = 0  # compiled decode step graphs traced (engine/step_graph.py)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -197,7 +197,8 @@ class ThreadedServingLoop(ServingLoop):
                             self.integrity_checks, self.integrity_failures,
                             s.prefix.queries, s.prefix.hits, a.num_cached,
                             self.executor.kv_dtype(), s.block_size, self.decode_time.steps,
-                            self.decode_time.seconds, self.decode_time.forward_seconds)
+                            self.decode_time.seconds, self.decode_time.forward_seconds,
+                            self.executor.decode_graph_traces())
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))

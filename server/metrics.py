@@ -93,6 +93,8 @@ class _ServingCollector(Collector):
                             s.decode_step_seconds)
         yield self._summary("decode_forward_seconds", "Of those steps, the model forward.",
                             s.decode_steps, s.decode_forward_seconds)
+        yield self._counter("decode_graph_traces", "Compiled decode step graphs traced (one "
+                            "per new step signature).", s.decode_graph_traces)
         info = GaugeMetricFamily(P + "cache_config_info", "KV cache configuration (vLLM's "
                                  "name).", labels=["block_size", "cache_dtype", "num_gpu_blocks"])
         info.add_metric([str(s.kv_block_size), s.kv_dtype, str(s.kv_blocks_total)], 1.0)

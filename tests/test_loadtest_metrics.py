@@ -145,6 +145,7 @@ slabserve:attention_path_total{path="gather",reason="short_context"} 5.0
 slabserve:generation_tokens_total{model_name="m"} 100.0
 slabserve:decode_step_seconds_count{model_name="m"} 10.0
 slabserve:decode_step_seconds_sum{model_name="m"} 0.05
+slabserve:decode_graph_traces_total{model_name="m"} 3.0
 """
 METRICS_AFTER = """# TYPE slabserve:attention_path counter
 slabserve:attention_path_total{path="native",reason="calibrated"} 70.0
@@ -153,6 +154,7 @@ slabserve:attention_path_total{path="native",reason="forced"} 20.0
 slabserve:generation_tokens_total{model_name="m"} 900.0
 slabserve:decode_step_seconds_count{model_name="m"} 50.0
 slabserve:decode_step_seconds_sum{model_name="m"} 0.25
+slabserve:decode_graph_traces_total{model_name="m"} 7.0
 """
 
 
@@ -171,7 +173,7 @@ def test_path_trace_deltas_and_shares():
     assert path_delta({}, {}).describe() == "-"
     deltas = counter_deltas(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
     assert deltas == {"generation_tokens": 800.0, "decode_step_seconds_count": 40.0,
-                      "decode_step_seconds_sum": 0.2}
+                      "decode_step_seconds_sum": 0.2, "decode_graph_traces": 4.0}
 
 
 def _result(label: str, conc: int, tok_s_scale: float, ttft: float) -> RunResult:

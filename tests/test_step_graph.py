@@ -192,3 +192,15 @@ def test_cuda_graph_generation(kv_dtype, tmp_path):
     assert out[True] == out[False]
     if kv_dtype is None:
         assert out[True] == [reference(model, p, 24) for p in ps]
+
+
+def test_executor_reports_traces(model_root):
+    """/metrics' ``decode_graph_traces`` comes from the runner's step graphs."""
+    from slabserve.engine.executor import ModelExecutor
+
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    runner = graph_runner(model)
+    executor = ModelExecutor(runner, 1024)
+    assert executor.decode_graph_traces() == 0
+    greedy_generate(runner, prompts(2, seed=9), 4)
+    assert executor.decode_graph_traces() == runner.step_graphs.traces > 0
