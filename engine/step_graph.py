@@ -11,13 +11,14 @@ what changes from step to step is an input:
 
 - ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), ``table [B, W]`` (block ids, the
   width padded to a bucket: ``width_bucket``), ``lengths [B]``, the write plan's one index
-  array, and every slab of the pool (``SlabPool.arrays``);
+  array (kvcache/spread.py: one scatter of every new row per slab touched), and every
+  slab of the pool (``SlabPool.arrays``);
 - outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
   (the old ones are then referenced by the graph only, so MLX writes in place as in the
   eager step).
 
-The signature (``StepGraphs.key``): batch size, bucketed table width, the write plan's
-layout (which slabs, how many rows each), the pool's slab count, and each layer's path
+The signature: batch size, bucketed table width, the slabs the step writes, the pool's
+slab count, and each layer's path
 with the ``graph_key`` it gives (native CUDA: variant, chunks, merge form).  A step whose
 paths are not all graph-capable (gather-SDPA reads host-planned gathers), while the
 selector writes a trace, or whose trace failed runs the staged layers as before.
@@ -39,7 +40,8 @@ import numpy as np
 from slabserve.attention import AttentionRuntime, DecodeBatch
 from slabserve.engine.paged_cache import ForwardContext
 from slabserve.kvcache.arrays import host_array
-from slabserve.kvcache.pool import SlabPool, WritePlan, padded_table
+from slabserve.kvcache.pool import SlabPool, padded_table
+from slabserve.kvcache.spread import SpreadWritePlan
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class StepGraphs:
                 if graph_key is None:
                     return None
                 path_keys[p] = graph_key(q, pool, batch, self.scale, self.num_layers)
-        writes = WritePlan(pool.geom, slots, indexed=True)
+        writes = SpreadWritePlan(pool.geom, slots)
         width = width_bucket(batch.num_blocks)
         key = (batch.batch, width, writes.layout, pool.num_slabs, inputs.dtype,
                tuple(map(id, paths)), tuple(path_keys.values()))
@@ -133,7 +135,7 @@ class StepGraphs:
         selector.count_layers(layer_slots)
         return outs[0]
 
-    def _new_graph(self, key: tuple, batch: DecodeBatch, writes: WritePlan,
+    def _new_graph(self, key: tuple, batch: DecodeBatch, writes: SpreadWritePlan,
                    paths: list) -> _Graph:
         graph = _Graph()
         pool, runtime, build = self.pool, self.runtime, self._build

@@ -90,24 +90,15 @@ class WritePlan:
     no host-to-MLX transfer at all.
     """
 
-    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]],
-                 indexed: bool = False) -> None:
-        """``indexed``: rows as an index array even for one token (no strided slice), so
-        the plan's only per-step input is ``packed`` (compiled step graphs rebind it)."""
+    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
         self.num_tokens = n = len(slots)
         self.groups: list[tuple[int, int, int, mx.array | slice]] = []
         self.perm: mx.array | None = None
-        self.packed: mx.array | None = None  # perm (if any) then rows, one host array
-        self.layout: tuple = ()  # (ordered, ((slab, lo, hi), ...)): the plan less its rows
         if n == 1:
             block, row = slots[0]
             base = (block % sb) * (h * bs) + row
-            if not indexed:
-                self.groups.append((block // sb, 0, h, slice(base, base + (h - 1) * bs + 1, bs)))
-                return
-            self.layout = (True, ((block // sb, 0, h),))
-            self._bind(host_array(np.arange(base, base + h * bs, bs, dtype=np.int32)))
+            self.groups.append((block // sb, 0, h, slice(base, base + (h - 1) * bs + 1, bs)))
             return
         if n == 0:
             return
@@ -119,31 +110,24 @@ class WritePlan:
         heads = np.arange(h, dtype=np.int64)
         rows = (base[order][:, None] + heads[None, :] * bs).reshape(-1)
         perm = (order[:, None] * h + heads[None, :]).reshape(-1)
+        packed = host_array(np.concatenate([rows] if ordered else [perm, rows])
+                            .astype(np.int32))
+        off = 0 if ordered else n * h
+        if not ordered:
+            self.perm = packed[: n * h]
+        all_rows = packed[off : off + n * h]
         cuts = np.flatnonzero(np.diff(slab[order])) + 1
-        spans = tuple((int(slab[order[lo]]), lo * h, hi * h)
-                      for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True))
-        self.layout = (ordered, spans)
-        self._bind(host_array(np.concatenate([rows] if ordered else [perm, rows])
-                              .astype(np.int32)))
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), n], strict=True):
+            group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo * h : hi * h]
+            self.groups.append((int(slab[order[lo]]), lo * h, hi * h, group_rows))
 
-    def _bind(self, packed: mx.array) -> None:
-        ordered, spans = self.layout
-        rows = spans[-1][2]
-        off = 0 if ordered else rows
-        self.packed, self.perm = packed, None if ordered else packed[:rows]
-        all_rows = packed[off : off + rows]
-        self.groups = [(s, lo, hi, all_rows if (lo, hi) == (0, rows) else all_rows[lo:hi])
-                       for s, lo, hi in spans]
-
-    def rebind(self, packed: mx.array) -> WritePlan:
-        """The same plan over ``packed`` in place of its own rows (an indexed plan's
-        layout; a compiled step graph's input of the same shape)."""
-        if not self.layout:
-            raise ValueError("only a plan with index rows can be rebound")
-        plan = object.__new__(WritePlan)
-        plan.num_tokens, plan.layout = self.num_tokens, self.layout
-        plan._bind(packed)
-        return plan
+    def updates(self, new: mx.array):
+        """(slab, rows, update) per slab touched: ``new``'s rows (``[T * heads, D]``, the
+        token order of ``slots``) as they go into that slab's ``rows``."""
+        src = new if self.perm is None else new[self.perm]
+        whole = len(self.groups) == 1
+        for s, lo, hi, rows in self.groups:
+            yield s, rows, src if whole else src[lo:hi]
 
 
 def padded_table(table: list[list[int]], width: int | None = None) -> np.ndarray:
@@ -299,10 +283,8 @@ class SlabPool:
 
     def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
                  new: mx.array) -> None:
-        src = new if plan.perm is None else new[plan.perm]
-        whole = len(plan.groups) == 1
-        for s, lo, hi, rows in plan.groups:
-            side[s][rows] = src if whole else src[lo:hi]
+        for s, rows, update in plan.updates(new):
+            side[s][rows] = update
             self._dirty[(*key, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:

@@ -41,3 +41,35 @@ def test_growth_keeps_old_slabs_and_counts_bytes():
     assert pool.num_slabs == 3 and pool.k[0][0] is first
     assert pool.nbytes == 3 * 3 * 2 * (2 * 2 * 4 * 2)
     assert geom.slabs_for_budget(pool.nbytes) == 3
+
+
+@pytest.mark.parametrize("slab_blocks,tokens", [(2, 37), (64, 5), (2, 1), (3, 8)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.int8])
+def test_spread_plan_writes_what_the_grouped_plan_writes(slab_blocks, tokens, dtype):
+    """SpreadWritePlan (one scatter of every row per slab touched; compiled step graphs)
+    leaves the pool exactly as WritePlan does, for shuffled tokens over several slabs and
+    for a quantized pool (values and scales); its shape depends on the slabs touched only,
+    and a rebound plan writes the same."""
+    from slabserve.kvcache.spread import SpreadWritePlan
+
+    geom = PoolGeometry(num_layers=2, kv_heads=3, head_dim=8, block_size=4,
+                        slab_blocks=slab_blocks, dtype=dtype)
+    rng = np.random.default_rng(slab_blocks + tokens)
+    blocks = [int(b) for b in rng.permutation(12)]
+    slots = [(blocks[p % 12], int(rng.integers(4))) for p in range(tokens)]
+    slots = list(dict.fromkeys(slots))  # one token per position
+    rng.shuffle(slots)
+    k = mx.array(rng.standard_normal((len(slots), 3, 8)).astype(np.float32))
+    v = mx.array(rng.standard_normal((len(slots), 3, 8)).astype(np.float32))
+    spread = SpreadWritePlan(geom, slots)
+    pools = []
+    for plan in (WritePlan(geom, slots), spread, spread.rebind(mx.array(spread.packed))):
+        pool = SlabPool(geom, initial_slabs=-(-12 // slab_blocks))
+        pool.write(1, plan, k, v)
+        mx.eval(pool.take_pending())
+        pools.append(pool.arrays())
+    for other in pools[1:]:
+        assert all(mx.array_equal(a, b) for a, b in zip(pools[0], other, strict=True))
+    assert spread.layout == tuple(sorted({b // slab_blocks for b, _ in slots}))
+    assert spread.packed.size == len(slots) * 3 * (1 if len(spread.layout) == 1
+                                                   else 2 * len(spread.layout))

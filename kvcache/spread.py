@@ -1,0 +1,69 @@
+"""A write plan whose shape depends only on which slabs a step writes: what compiled decode
+step graphs (engine/step_graph.py) key on.
+
+``WritePlan`` (kvcache/pool.py) groups the new tokens by slab, so its graph depends on how
+many tokens go to each slab: in a continuous-batching run of 8 sequences over 2 slabs
+that split changed every ~25 steps, and each new split is a new graph to trace.  Here each
+slab touched gets a scatter of all ``T * heads`` rows: a row whose token goes to another
+slab is sent to one of this slab's own new rows with that row's own value (a duplicate
+index writing an equal value, so the order of duplicates does not matter).  One host array
+carries every index, so a step costs one host-to-MLX transfer.
+
+Invariants: every new row lands in its slab's row and nowhere else changes; ``layout`` (the
+slabs touched, in order) and the number of rows fix the graph; ``rebind`` gives the same
+plan over another array of ``packed``'s shape.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.pool import PoolGeometry
+
+
+class SpreadWritePlan:
+    """Where each of ``T`` new tokens goes (``slots``: (global block id, row in block) per
+    token), as one scatter of all ``T * heads`` rows per slab touched (module docstring).
+    ``updates(new)`` is ``SlabPool.write``'s view of a plan, as for ``WritePlan``."""
+
+    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
+        h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
+        self.num_tokens = len(slots)
+        pairs = np.asarray(slots, dtype=np.int64).reshape(-1, 2)
+        slab = np.repeat(pairs[:, 0] // sb, h)
+        rows = ((pairs[:, 0] % sb) * (h * bs) + pairs[:, 1])[:, None] + np.arange(h) * bs
+        rows = rows.reshape(-1)
+        self.layout = tuple(int(s) for s in np.unique(slab))
+        if len(self.layout) == 1:  # one slab: the rows as they are, no select
+            self.rebind_from(host_array(rows.astype(np.int32)))
+            return
+        parts = []
+        for s in self.layout:
+            own = slab == s
+            first = int(np.argmax(own))
+            select = np.where(own, np.arange(rows.size), first)
+            parts += [rows[select], select]
+        self.rebind_from(host_array(np.concatenate(parts).astype(np.int32)))
+
+    def rebind_from(self, packed: mx.array) -> None:
+        self.packed = packed
+        n = packed.size if len(self.layout) == 1 else packed.size // (2 * len(self.layout))
+        if len(self.layout) == 1:
+            self.groups = [(self.layout[0], packed, None)]
+            return
+        self.groups = [(s, packed[2 * i * n:(2 * i + 1) * n], packed[(2 * i + 1) * n:(2 * i + 2) * n])
+                       for i, s in enumerate(self.layout)]
+
+    def rebind(self, packed: mx.array) -> SpreadWritePlan:
+        """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
+        plan = object.__new__(SpreadWritePlan)
+        plan.num_tokens, plan.layout = self.num_tokens, self.layout
+        plan.rebind_from(packed)
+        return plan
+
+    def updates(self, new: mx.array):
+        """(slab, rows, update) per slab touched, ``new`` being ``[T * heads, D]``."""
+        for s, rows, select in self.groups:
+            yield s, rows, new if select is None else new[select]
