@@ -48,13 +48,15 @@ class SpreadWritePlan:
         self.rebind_from(host_array(np.concatenate(parts).astype(np.int32)))
 
     def rebind_from(self, packed: mx.array) -> None:
+        """Take ``packed`` as the plan's indices: per slab touched its rows, then (with
+        several slabs) the rows of ``new`` that go there."""
         self.packed = packed
-        n = packed.size if len(self.layout) == 1 else packed.size // (2 * len(self.layout))
         if len(self.layout) == 1:
             self.groups = [(self.layout[0], packed, None)]
             return
-        self.groups = [(s, packed[2 * i * n:(2 * i + 1) * n], packed[(2 * i + 1) * n:(2 * i + 2) * n])
-                       for i, s in enumerate(self.layout)]
+        n = packed.size // (2 * len(self.layout))
+        cut = [packed[i * n:(i + 1) * n] for i in range(2 * len(self.layout))]
+        self.groups = [(s, cut[2 * i], cut[2 * i + 1]) for i, s in enumerate(self.layout)]
 
     def rebind(self, packed: mx.array) -> SpreadWritePlan:
         """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
