@@ -29,23 +29,26 @@ class SpreadWritePlan:
     ``updates(new)`` is ``SlabPool.write``'s view of a plan, as for ``WritePlan``."""
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
+        # plain Python: a decode step has at most a few hundred rows, where numpy's
+        # per-call cost (~0.3 ms for this plan on a slow host) exceeds the work
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
         self.num_tokens = len(slots)
-        pairs = np.asarray(slots, dtype=np.int64).reshape(-1, 2)
-        slab = np.repeat(pairs[:, 0] // sb, h)
-        rows = ((pairs[:, 0] % sb) * (h * bs) + pairs[:, 1])[:, None] + np.arange(h) * bs
-        rows = rows.reshape(-1)
-        self.layout = tuple(int(s) for s in np.unique(slab))
-        if len(self.layout) == 1:  # one slab: the rows as they are, no select
-            self.rebind_from(host_array(rows.astype(np.int32)))
-            return
-        parts = []
-        for s in self.layout:
-            own = slab == s
-            first = int(np.argmax(own))
-            select = np.where(own, np.arange(rows.size), first)
-            parts += [rows[select], select]
-        self.rebind_from(host_array(np.concatenate(parts).astype(np.int32)))
+        rows: list[int] = []
+        slab_of: list[int] = []
+        for block, row in slots:
+            s, local = divmod(block, sb)
+            base = local * h * bs + row
+            rows += range(base, base + h * bs, bs)
+            slab_of += [s] * h
+        self.layout = tuple(sorted(set(slab_of)))
+        packed = rows
+        if len(self.layout) > 1:
+            packed = []
+            for s in self.layout:
+                first = slab_of.index(s)
+                select = [i if t == s else first for i, t in enumerate(slab_of)]
+                packed += [rows[i] for i in select] + select
+        self.rebind_from(host_array(np.array(packed, dtype=np.int32)))
 
     def rebind_from(self, packed: mx.array) -> None:
         """Take ``packed`` as the plan's indices: per slab touched its rows, then (with

@@ -67,7 +67,8 @@ def graph_runner(model, **cache):
     cfg = dict(block_size=16, slab_tokens=64, kv_budget_bytes=1 << 24) | cache
     runner = ModelRunner(model, CacheConfig(**cfg),
                          RunnerConfig(compile_decode=True, linear_layout=False),
-                         Selector(override=True, natives={"cpu": ContractKernelCUDA()}))
+                         Selector(override=True, natives=dict.fromkeys(("cpu", "cuda"),
+                                                                       ContractKernelCUDA())))
     assert runner.step_graph
     return runner
 
