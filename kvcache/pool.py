@@ -121,13 +121,14 @@ class WritePlan:
             group_rows = all_rows if (lo, hi) == (0, n) else all_rows[lo * h : hi * h]
             self.groups.append((int(slab[order[lo]]), lo * h, hi * h, group_rows))
 
-    def updates(self, new: mx.array):
-        """(slab, rows, update) per slab touched: ``new``'s rows (``[T * heads, D]``, the
-        token order of ``slots``) as they go into that slab's ``rows``."""
+    def write_into(self, side: list[mx.array], new: mx.array):
+        """Write ``new``'s rows (``[T * heads, width]``, the token order of ``slots``)
+        into the slabs of ``side``; yields each slab index written."""
         src = new if self.perm is None else new[self.perm]
         whole = len(self.groups) == 1
         for s, lo, hi, rows in self.groups:
-            yield s, rows, src if whole else src[lo:hi]
+            side[s][rows] = src if whole else src[lo:hi]
+            yield s
 
 
 def padded_table(table: list[list[int]], width: int | None = None) -> np.ndarray:
@@ -283,8 +284,7 @@ class SlabPool:
 
     def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
                  new: mx.array) -> None:
-        for s, rows, update in plan.updates(new):
-            side[s][rows] = update
+        for s in plan.write_into(side, new):
             self._dirty[(*key, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:

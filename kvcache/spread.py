@@ -4,14 +4,16 @@ step graphs (engine/step_graph.py) key on.
 ``WritePlan`` (kvcache/pool.py) groups the new tokens by slab, so its graph depends on how
 many tokens go to each slab: in a continuous-batching run of 8 sequences over 2 slabs
 that split changed every ~25 steps, and each new split is a new graph to trace.  Here each
-slab touched gets a scatter of all ``T * heads`` rows: a row whose token goes to another
+slab touched gets one write of all ``T * heads`` rows: a row whose token goes to another
 slab is sent to one of this slab's own new rows with that row's own value (a duplicate
-index writing an equal value, so the order of duplicates does not matter).  One host array
-carries every index, so a step costs one host-to-MLX transfer.
+index writing an equal value, so the order of duplicates does not matter).  The write is
+``put_along_axis`` with an index already ``[rows, head_dim]`` wide: one graph node (a
+scatter by row ids costs MLX a reshape node too).  One host array carries every index, so
+a step costs one host-to-MLX transfer.
 
 Invariants: every new row lands in its slab's row and nowhere else changes; ``layout`` (the
-slabs touched, in order) and the number of rows fix the graph; ``rebind`` gives the same
-plan over another array of ``packed``'s shape.
+slabs touched, in order), the number of rows and ``head_dim`` fix the graph; ``rebind``
+gives the same plan over another array of ``packed``'s shape.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from slabserve.kvcache.pool import PoolGeometry
 
 class SpreadWritePlan:
     """Where each of ``T`` new tokens goes (``slots``: (global block id, row in block) per
-    token), as one scatter of all ``T * heads`` rows per slab touched (module docstring).
-    ``updates(new)`` is ``SlabPool.write``'s view of a plan, as for ``WritePlan``."""
+    token), as one write of all ``T * heads`` rows per slab touched (module docstring).
+    ``write_into(side, new)`` is what ``SlabPool.write`` calls, as for ``WritePlan``."""
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
-        # plain Python: a decode step has at most a few hundred rows, where numpy's
-        # per-call cost (~0.3 ms for this plan on a slow host) exceeds the work
+        # plain Python for the plan: a decode step has at most a few hundred rows, where
+        # numpy's per-call cost (~0.3 ms for this plan on a slow host) exceeds the work
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
-        self.num_tokens = len(slots)
+        self.num_tokens, self.width = len(slots), geom.head_dim
         rows: list[int] = []
         slab_of: list[int] = []
         for block, row in slots:
@@ -41,34 +43,43 @@ class SpreadWritePlan:
             rows += range(base, base + h * bs, bs)
             slab_of += [s] * h
         self.layout = tuple(sorted(set(slab_of)))
-        packed = rows
-        if len(self.layout) > 1:
-            packed = []
+        if len(self.layout) == 1:
+            parts = [np.repeat(np.array(rows, dtype=np.int32), self.width)]
+        else:
+            parts = []
             for s in self.layout:
                 first = slab_of.index(s)
                 select = [i if t == s else first for i, t in enumerate(slab_of)]
-                packed += [rows[i] for i in select] + select
-        self.rebind_from(host_array(np.array(packed, dtype=np.int32)))
+                parts += [np.repeat(np.array([rows[i] for i in select], dtype=np.int32),
+                                    self.width), np.array(select, dtype=np.int32)]
+        self.rebind_from(host_array(np.concatenate(parts)))
 
     def rebind_from(self, packed: mx.array) -> None:
-        """Take ``packed`` as the plan's indices: per slab touched its rows, then (with
-        several slabs) the rows of ``new`` that go there."""
+        """Take ``packed`` as the plan's indices: per slab touched its rows ``[n, width]``,
+        then (with several slabs) which rows of the update go there ``[n]``."""
         self.packed = packed
+        n = len(self.layout) and packed.size // (len(self.layout) * (self.width + 1))
         if len(self.layout) == 1:
-            self.groups = [(self.layout[0], packed, None)]
+            self.groups = [(self.layout[0], packed.reshape(-1, self.width), None)]
             return
-        n = packed.size // (2 * len(self.layout))
-        cut = [packed[i * n:(i + 1) * n] for i in range(2 * len(self.layout))]
-        self.groups = [(s, cut[2 * i], cut[2 * i + 1]) for i, s in enumerate(self.layout)]
+        step = n * (self.width + 1)
+        self.groups = [(s, packed[i * step:i * step + n * self.width].reshape(n, self.width),
+                        packed[i * step + n * self.width:(i + 1) * step])
+                       for i, s in enumerate(self.layout)]
 
     def rebind(self, packed: mx.array) -> SpreadWritePlan:
         """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
         plan = object.__new__(SpreadWritePlan)
-        plan.num_tokens, plan.layout = self.num_tokens, self.layout
+        plan.num_tokens, plan.layout, plan.width = self.num_tokens, self.layout, self.width
         plan.rebind_from(packed)
         return plan
 
-    def updates(self, new: mx.array):
-        """(slab, rows, update) per slab touched, ``new`` being ``[T * heads, D]``."""
-        for s, rows, select in self.groups:
-            yield s, rows, new if select is None else new[select]
+    def write_into(self, side: list[mx.array], new: mx.array):
+        """Write ``new`` (``[T * heads, width]``, or ``[T * heads, 1]``: a quantized pool's
+        scales) into the slabs of ``side``; yields each slab index written."""
+        for s, index, select in self.groups:
+            update = new if select is None else new[select]
+            if update.shape[1] != index.shape[1]:
+                index = index[:, : update.shape[1]]
+            side[s] = mx.put_along_axis(side[s], index, update, axis=0)
+            yield s

@@ -46,7 +46,7 @@ def test_growth_keeps_old_slabs_and_counts_bytes():
 @pytest.mark.parametrize("slab_blocks,tokens", [(2, 37), (64, 5), (2, 1), (3, 8)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.int8])
 def test_spread_plan_writes_what_the_grouped_plan_writes(slab_blocks, tokens, dtype):
-    """SpreadWritePlan (one scatter of every row per slab touched; compiled step graphs)
+    """SpreadWritePlan (one write of every row per slab touched; compiled step graphs)
     leaves the pool exactly as WritePlan does, for shuffled tokens over several slabs and
     for a quantized pool (values and scales); its shape depends on the slabs touched only,
     and a rebound plan writes the same."""
@@ -71,5 +71,6 @@ def test_spread_plan_writes_what_the_grouped_plan_writes(slab_blocks, tokens, dt
     for other in pools[1:]:
         assert all(mx.array_equal(a, b) for a, b in zip(pools[0], other, strict=True))
     assert spread.layout == tuple(sorted({b // slab_blocks for b, _ in slots}))
-    assert spread.packed.size == len(slots) * 3 * (1 if len(spread.layout) == 1
-                                                   else 2 * len(spread.layout))
+    rows = len(slots) * 3
+    assert spread.packed.size == (rows * 8 if len(spread.layout) == 1
+                                  else len(spread.layout) * rows * (8 + 1))
