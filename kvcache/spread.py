@@ -7,9 +7,9 @@ that split changed every ~25 steps, and each new split is a new graph to trace. 
 slab touched gets one write of all ``T * heads`` rows: a row whose token goes to another
 slab is sent to one of this slab's own new rows with that row's own value (a duplicate
 index writing an equal value, so the order of duplicates does not matter).  The write is
-``put_along_axis`` with an index already ``[rows, head_dim]`` wide: one graph node (a
-scatter by row ids costs MLX a reshape node too).  One host array carries every index, so
-a step costs one host-to-MLX transfer.
+``put_along_axis`` with an index broadcast to ``[rows, head_dim]`` once per step: one graph
+node per layer and side (a scatter by row ids costs MLX a reshape node too).  One host
+array carries every index, so a step costs one host-to-MLX transfer.
 
 Invariants: every new row lands in its slab's row and nowhere else changes; ``layout`` (the
 slabs touched, in order), the number of rows and ``head_dim`` fix the graph; ``rebind``
@@ -43,29 +43,28 @@ class SpreadWritePlan:
             rows += range(base, base + h * bs, bs)
             slab_of += [s] * h
         self.layout = tuple(sorted(set(slab_of)))
-        if len(self.layout) == 1:
-            parts = [np.repeat(np.array(rows, dtype=np.int32), self.width)]
-        else:
-            parts = []
+        packed = rows
+        if len(self.layout) > 1:
+            packed = []
             for s in self.layout:
                 first = slab_of.index(s)
                 select = [i if t == s else first for i, t in enumerate(slab_of)]
-                parts += [np.repeat(np.array([rows[i] for i in select], dtype=np.int32),
-                                    self.width), np.array(select, dtype=np.int32)]
-        self.rebind_from(host_array(np.concatenate(parts)))
+                packed += [rows[i] for i in select] + select
+        self.rebind_from(host_array(np.array(packed, dtype=np.int32)))
 
     def rebind_from(self, packed: mx.array) -> None:
-        """Take ``packed`` as the plan's indices: per slab touched its rows ``[n, width]``,
-        then (with several slabs) which rows of the update go there ``[n]``."""
+        """Take ``packed`` as the plan's indices: per slab touched its rows ``[n]``, then
+        (with several slabs) which rows of the update go there ``[n]``.  Each slab's rows
+        are broadcast to ``[n, width]`` once here, for every layer's write."""
         self.packed = packed
-        n = len(self.layout) and packed.size // (len(self.layout) * (self.width + 1))
-        if len(self.layout) == 1:
-            self.groups = [(self.layout[0], packed.reshape(-1, self.width), None)]
-            return
-        step = n * (self.width + 1)
-        self.groups = [(s, packed[i * step:i * step + n * self.width].reshape(n, self.width),
-                        packed[i * step + n * self.width:(i + 1) * step])
-                       for i, s in enumerate(self.layout)]
+        k = len(self.layout)
+        n = packed.size if k == 1 else packed.size // (2 * k)
+        cuts = [packed] if k == 1 else [packed[i * n:(i + 1) * n] for i in range(2 * k)]
+        self.groups = []
+        for i, s in enumerate(self.layout):
+            narrow = cuts[0 if k == 1 else 2 * i].reshape(n, 1)
+            wide = mx.broadcast_to(narrow, (n, self.width))
+            self.groups.append((s, narrow, wide, None if k == 1 else cuts[2 * i + 1]))
 
     def rebind(self, packed: mx.array) -> SpreadWritePlan:
         """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
@@ -77,9 +76,8 @@ class SpreadWritePlan:
     def write_into(self, side: list[mx.array], new: mx.array):
         """Write ``new`` (``[T * heads, width]``, or ``[T * heads, 1]``: a quantized pool's
         scales) into the slabs of ``side``; yields each slab index written."""
-        for s, index, select in self.groups:
+        for s, narrow, wide, select in self.groups:
             update = new if select is None else new[select]
-            if update.shape[1] != index.shape[1]:
-                index = index[:, : update.shape[1]]
+            index = wide if update.shape[1] == self.width else narrow
             side[s] = mx.put_along_axis(side[s], index, update, axis=0)
             yield s

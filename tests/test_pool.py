@@ -72,5 +72,5 @@ def test_spread_plan_writes_what_the_grouped_plan_writes(slab_blocks, tokens, dt
         assert all(mx.array_equal(a, b) for a, b in zip(pools[0], other, strict=True))
     assert spread.layout == tuple(sorted({b // slab_blocks for b, _ in slots}))
     rows = len(slots) * 3
-    assert spread.packed.size == (rows * 8 if len(spread.layout) == 1
-                                  else len(spread.layout) * rows * (8 + 1))
+    assert spread.packed.size == (rows if len(spread.layout) == 1
+                                  else len(spread.layout) * rows * 2)
