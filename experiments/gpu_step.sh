@@ -3,7 +3,7 @@
 # after the two-part MLX install; llguidance's abi3 wheel contents in ./.extra):
 #   tests    the CUDA-side tests of decode steps (step graphs, stages, kernels, pool writes)
 #            and one step's graph nodes (python -m experiments.step_profile);
-#   phases   per-phase step times, eager vs compiled stages (slabserve bench decode-phases),
+#   phases   per-phase step times, eager vs compiled stages vs step graphs (decode-phases),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
 #   compare  streamed load, ours vs a second process of ours (twin) vs mlx_lm.server, both
 #            shapes: concurrency 1 at 1k / 4k / 16k, concurrency 8 at 1k;
@@ -33,9 +33,9 @@ for STEP in "${@:-phases}"; do
     done ;;
   phases)
     for m in llama-3.2-1b qwen2.5-0.5b; do
-      timeout 240 $SS bench decode-phases --embedded "$m:bfloat16" --batches 1,8,32 \
+      timeout 300 $SS bench decode-phases --embedded "$m:bfloat16" --batches 1,8,32 \
         --contexts 1k,4k,16k --steps 10 --warmup 3 --out "$OUT/phases" > "$OUT/phases-$m.log" 2>&1
-      tail -19 "$OUT/phases-$m.log"
+      tail -28 "$OUT/phases-$m.log"
     done ;;
   compare)
     for m in llama-3.2-1b qwen2.5-0.5b; do
