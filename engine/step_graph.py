@@ -67,11 +67,14 @@ def width_bucket(blocks: int) -> int:
 
 
 class _Graph:
-    """One signature's compiled function and which pool arrays its trace wrote."""
+    """One signature's compiled function, which pool arrays its trace wrote, and until its
+    trace the host tables and lengths the kernel's plan reads (dropped after it: a
+    B=32 / 16k step's tables are ~32k Python ints)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: tuple[list, list]) -> None:
         self.fn = None
         self.written: list[int] | None = None
+        self.seed: tuple[list, list] | None = seed
 
 
 class StepGraphs:
@@ -131,19 +134,19 @@ class StepGraphs:
             log.warning("decode step graph failed to trace, running staged layers: %r", exc)
             return None
         del args  # the old slabs: referenced by the graph only, so written in place
+        graph.seed = None
         pool.adopt(graph.written, outs[1:])
         selector.count_layers(layer_slots)
         return outs[0]
 
     def _new_graph(self, key: tuple, batch: DecodeBatch, writes: SpreadWritePlan,
                    paths: list) -> _Graph:
-        graph = _Graph()
+        graph = _Graph((batch.tables, batch.lengths))  # the host plan's inputs, this step's
         pool, runtime, build = self.pool, self.runtime, self._build
-        tables, lengths = batch.tables, batch.lengths  # the host plan's inputs, this step's
 
         def step(inputs, offsets, table, lengths_arr, packed, *arrays):
             view = pool.view(list(arrays))
-            traced = DecodeBatch(pool.geom, tables, lengths)
+            traced = DecodeBatch(pool.geom, *graph.seed)
             traced.__dict__.update(table_array=table, lengths_array=lengths_arr)
             ctx = ForwardContext(view, writes.rebind(packed), offsets, runtime, traced,
                                  staged=True, graph_paths=paths)

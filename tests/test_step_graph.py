@@ -205,3 +205,38 @@ def test_executor_reports_traces(model_root):
     assert executor.decode_graph_traces() == 0
     greedy_generate(runner, prompts(2, seed=9), 4)
     assert executor.decode_graph_traces() == runner.step_graphs.traces > 0
+
+
+class FailsOnceCUDA(ContractKernelCUDA):
+    """Its kernel raises on the first launch it is asked for (inside the first trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def _kernel(self, *args, **kw):
+        kernel = super()._kernel(*args, **kw)
+
+        def once(**launch):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("launch failed")
+            return kernel(**launch)
+        return once
+
+
+def test_a_failed_trace_runs_staged(model_root):
+    """A trace that raises leaves nothing half done: the step runs the staged layers
+    (counted once per layer), the signature is not traced again, output is mlx-lm's."""
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    path = FailsOnceCUDA()
+    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
+                                            kv_budget_bytes=1 << 24),
+                         RunnerConfig(compile_decode=True, linear_layout=False),
+                         Selector(override=True, natives=dict.fromkeys(("cpu", "cuda"), path)))
+    p = prompts(1, seed=12)[0]
+    assert greedy_generate(runner, [p], 8) == [reference(model, p, 8)]
+    assert path.failed and len(runner.step_graphs._failed) == 1
+    assert runner.attention.selector.path_counts() == {
+        ("native", "env_native"): 7 * len(model.layers)}
+    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
