@@ -42,23 +42,27 @@ class ContractKernelCUDA(NativeCUDA):
         def kernel(*, inputs, output_shapes, output_dtypes, template, **_):
             t = dict(template)
             q, table, lengths, *slabs = inputs
-            ks, vs = slabs[:ns], slabs[ns:]
             b, w = table.shape
             hkv, bs, d = t["HKV"], t["BS"], t["D"]
 
-            def pages(side):  # [B, H, W * bs, D], gathered slab by slab (no slab copied)
+            def pages(side):  # [B, H, W * bs, width], gathered slab by slab (no slab copied)
                 sb = side[0].shape[0] // (hkv * bs)
+                width = side[0].shape[1]
                 got = None
                 for i, slab in enumerate(side):
-                    part = slab.reshape(sb, hkv, bs, d)[mx.clip(table - i * sb, 0, sb - 1)]
+                    part = slab.reshape(sb, hkv, bs, width)[mx.clip(table - i * sb, 0, sb - 1)]
                     mine = (table // sb == i)[:, :, None, None, None]
                     got = part if got is None else mx.where(mine, part, got)
-                return got.transpose(0, 2, 1, 3, 4).reshape(b, hkv, w * bs, d)
+                return got.transpose(0, 2, 1, 3, 4).reshape(b, hkv, w * bs, width)
 
+            k, v = pages(slabs[:ns]), pages(slabs[ns:2 * ns])
+            if len(slabs) == 4 * ns:  # int8 values and their float16 scale slabs
+                k = k.astype(mx.float32) * pages(slabs[2 * ns:3 * ns]).astype(mx.float32)
+                v = v.astype(mx.float32) * pages(slabs[3 * ns:]).astype(mx.float32)
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
             keep = mx.arange(w * bs)[None, :] < lengths[:, None]
             mask = mx.where(keep, 0.0, -1e30).astype(q.dtype)[:, None, None, :]
-            out = mx.fast.scaled_dot_product_attention(q, pages(ks), pages(vs), scale=scale,
-                                                       mask=mask)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
             return [out.astype(output_dtypes[0])]
         return kernel
 
@@ -114,6 +118,21 @@ def test_graph_and_staged_logits_agree(model):
         assert all(mx.array_equal(a, b) for a, b in zip(arrays, out[0][1], strict=True))
     for t in tables:
         runner.allocator.free(t)
+
+
+def test_graph_over_an_int8_pool(model_root):
+    """An int8 pool (values and scale slabs, quantized inside the graph): the graph's
+    greedy tokens equal the staged layers' over the same quantized cache."""
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    ps = prompts(4, seed=13)
+    out = []
+    for graph in (True, False):
+        runner = graph_runner(model, dtype="int8")
+        runner.step_graph = graph
+        out.append(greedy_generate(runner, ps, 16))
+        assert (runner.step_graphs.traces > 0) == graph
+        assert len(runner.pool.arrays()) == 4 * 2 * runner.pool.num_slabs
+    assert out[0] == out[1]
 
 
 def test_graph_writes_the_slabs_in_place(model_root):
