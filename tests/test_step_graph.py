@@ -43,7 +43,7 @@ class ContractKernelCUDA(NativeCUDA):
             t = dict(template)
             q, table, lengths, *slabs = inputs
             b, w = table.shape
-            hkv, bs, d = t["HKV"], t["BS"], t["D"]
+            hkv, bs = t["HKV"], t["BS"]
 
             def pages(side):  # [B, H, W * bs, width], gathered slab by slab (no slab copied)
                 sb = side[0].shape[0] // (hkv * bs)
