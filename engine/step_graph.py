@@ -11,17 +11,18 @@ what changes from step to step is an input:
 
 - ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), ``table [B, W]`` (block ids, the
   width padded to a bucket: ``width_bucket``), ``lengths [B]``, the write plan's one index
-  array (kvcache/spread.py: one scatter of every new row per slab touched), and every
-  slab of the pool (``SlabPool.arrays``);
+  array (kvcache/spread.py: one write of every new row per slab touched), and every slab
+  of the pool (``SlabPool.arrays``);
 - outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
   (the old ones are then referenced by the graph only, so MLX writes in place as in the
   eager step).
 
 The signature: batch size, bucketed table width, the slabs the step writes, the pool's
-slab count, and each layer's path
-with the ``graph_key`` it gives (native CUDA: variant, chunks, merge form).  A step whose
-paths are not all graph-capable (gather-SDPA reads host-planned gathers), while the
-selector writes a trace, or whose trace failed runs the staged layers as before.
+slab count, and each layer's path with the ``graph_key`` it gives (native CUDA: variant,
+chunks, merge form).  A step whose paths are not all graph-capable (gather-SDPA reads
+host-planned gathers), while the selector writes a trace, or whose trace failed runs the
+staged layers as before.  A new signature costs a trace (the forward's Python once, then
+MLX's compile): ``traces`` counts them (/metrics ``decode_graph_traces_total``).
 
 Invariants: a step graph computes what the staged step computes (the same stage functions,
 writes and kernels, traced); the selector's decisions are taken and counted once per layer
