@@ -55,11 +55,13 @@ def cells(results: Sequence[RunResult]) -> dict[tuple[int, int], dict[str, dict]
 
 def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     """Output tok/s, TTFT p50, TPOT p50 and the server's mean decode step (ours only:
-    /metrics' ``decode_step_seconds``) per configuration, then the ratios."""
+    /metrics' ``decode_step_seconds``) per configuration, then the ratios, ours' paths
+    and the decode step graphs it traced during the run (``decode_graph_traces``)."""
     head = ["ctx", "conc"]
     for lab in labels:
         head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50", f"{lab} step ms"]
-    head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths"]
+    head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths",
+             "auto traces"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (ctx, conc), by in cells(results).items():
         cols = [str(ctx), str(conc)]
@@ -71,7 +73,8 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
         best = _best_forced(by)
         cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),
                  fmt(_ratio(ours.get("ttft_p50_ms"), base.get("ttft_p50_ms")), 2),
-                 fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-")]
+                 fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-"),
+                 fmt(ours.get("server_decode_graph_traces"), 0)]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 

@@ -203,7 +203,7 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     count) lands in the row and the comparison table; servers without it get '-'."""
     ours = replace(_result("auto", 1, 1.0, 0.1), server_counters={
         "decode_step_seconds_count": 40.0, "decode_step_seconds_sum": 0.2,
-        "decode_forward_seconds_sum": 0.12})
+        "decode_forward_seconds_sum": 0.12, "decode_graph_traces": 3.0})
     base = _result("mlx_lm", 1, 1.0, 0.2)
     x = row(ours)
     assert x["server_decode_step_ms"] == pytest.approx(5.0)
@@ -211,8 +211,9 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     assert row(base)["server_decode_step_ms"] is None
     table = comparison_markdown([ours, base], ["auto", "mlx_lm"])
     head, _, cell = table.splitlines()
-    cols = dict(zip(head.split(" | "), cell.split(" | "), strict=True))
+    cols = dict(zip(head.strip("| ").split(" | "), cell.strip("| ").split(" | "), strict=True))
     assert cols["auto step ms"] == "5.00" and cols["mlx_lm step ms"] == "-"
+    assert cols["auto traces"] == "3"
 
 
 def test_goal_checks_summarise_auto_over_cells():
