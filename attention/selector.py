@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path as FsPath
 from typing import NamedTuple
 
@@ -40,7 +40,7 @@ import mlx.core as mx
 from slabserve.attention.base import DecodeAttention, DecodeBatch
 from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.profile import Profile
-from slabserve.kvcache.pool import SlabPool
+from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 log = logging.getLogger("slabserve.attention")
 
@@ -112,19 +112,18 @@ def current_backend() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
-_STATIC: dict[tuple, tuple] = {}
+@lru_cache(maxsize=256)
+def _static_fields(backend: str, g: PoolGeometry, hq: int) -> tuple:
+    """The key's fields that depend on the model and pool only (a pure function, memoised:
+    a step asks once per layer)."""
+    dtype = str(g.dtype).rsplit(".", 1)[-1]
+    return backend, dtype, g.head_dim, hq, g.kv_heads, g.block_size
 
 
 def make_key(q: mx.array, pool: SlabPool, batch: DecodeBatch, backend: str) -> SelectorKey:
-    g = pool.geom
-    hq = q.shape[1]
-    static = _STATIC.get((backend, g, hq))
-    if static is None:
-        dtype = str(g.dtype).rsplit(".", 1)[-1]
-        static = _STATIC[(backend, g, hq)] = (
-            backend, dtype, g.head_dim, hq, g.kv_heads, g.block_size)
-    return SelectorKey(*static, pow2_bucket(len(batch.lengths)),
-                       pow2_bucket(max(batch.lengths), 256), slabs_touched_bucket(pool, batch))
+    return SelectorKey(*_static_fields(backend, pool.geom, q.shape[1]),
+                       pow2_bucket(len(batch.lengths)), pow2_bucket(max(batch.lengths), 256),
+                       slabs_touched_bucket(pool, batch))
 
 
 # ---- built-in rules ---------------------------------------------------------------------
