@@ -68,13 +68,13 @@ def width_bucket(blocks: int) -> int:
 
 
 class _Graph:
-    """One signature's compiled function, which pool arrays its trace wrote, and until its
+    """One signature's compiled function, which pool slabs its trace wrote, and until its
     trace the host tables and lengths the kernel's plan reads (dropped after it: a
     B=32 / 16k step's tables are ~32k Python ints)."""
 
     def __init__(self, seed: tuple[list, list]) -> None:
         self.fn = None
-        self.written: list[int] | None = None
+        self.written: list[tuple[int, int, int]] | None = None  # (layer, side, slab)
         self.seed: tuple[list, list] | None = seed
 
 
@@ -152,8 +152,9 @@ class StepGraphs:
             ctx = ForwardContext(view, writes.rebind(packed), offsets, runtime, traced,
                                  staged=True, graph_paths=paths)
             logits = build(inputs, ctx, slice(-1, None))
-            graph.written = view.written()
-            return [logits, *(view.arrays()[i] for i in graph.written)]
+            written = view.written()
+            graph.written = [key for key, _ in written]
+            return [logits, *(arr for _, arr in written)]
 
         graph.fn = mx.compile(step)
         self._graphs[key] = graph

@@ -220,7 +220,7 @@ class SlabPool:
 
     def view(self, arrays: list[mx.array]) -> SlabPool:
         """A pool of this geometry over ``arrays`` (``arrays()``'s order): what a traced
-        step writes to; ``written()`` then lists the arrays its writes replaced."""
+        step writes to; ``written()`` then lists what its writes replaced."""
         pool = object.__new__(SlabPool)
         pool.geom, pool.max_slabs, pool._dirty = self.geom, self.max_slabs, {}
         layers, n = self.geom.num_layers, self.num_slabs
@@ -231,20 +231,16 @@ class SlabPool:
             [[] for _ in range(layers)], [[] for _ in range(layers)])
         return pool
 
-    def written(self) -> list[int]:
-        """Positions in ``arrays()`` of the slabs written since ``take_pending``."""
-        layers, n = self.geom.num_layers, self.num_slabs
-        # _dirty keys: (layer, side, slab), side 0 / 1 values, 2 / 3 scales
-        return sorted((side * layers + layer) * n + s for layer, side, s in self._dirty)
+    def written(self) -> list[tuple[tuple[int, int, int], mx.array]]:
+        """(``(layer, side, slab)``, array) of each slab written since ``take_pending``,
+        in key order; side 0 / 1 values K / V, 2 / 3 their scales."""
+        return sorted(self._dirty.items(), key=lambda item: item[0])
 
-    def adopt(self, written: list[int], arrays: list[mx.array]) -> None:
-        """Take ``arrays`` as the slabs at positions ``written`` of ``arrays()``, pending
-        like any write."""
-        layers, n = self.geom.num_layers, self.num_slabs
+    def adopt(self, keys: list[tuple[int, int, int]], arrays: list[mx.array]) -> None:
+        """Take ``arrays`` as the slabs at ``keys`` (``written()``'s), pending like any
+        write."""
         sides = (self.k, self.v, self.k_scale, self.v_scale)
-        for i, arr in zip(written, arrays, strict=True):
-            side, rest = divmod(i, layers * n)
-            layer, s = divmod(rest, n)
+        for (layer, side, s), arr in zip(keys, arrays, strict=True):
             sides[side][layer][s] = arr
             self._dirty[(layer, side, s)] = arr
 

@@ -8,7 +8,8 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 ``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` and
 ``decode_forward_seconds`` (summaries, no vLLM equivalent: the engine's decode-only steps
 and their time, whole and the forward's part; ``_sum / _count`` is the mean step a
-stream's tokens wait on), and the attention-path counters
+stream's tokens wait on), ``decode_graph_traces_total`` (compiled decode step graphs
+traced), and the attention-path counters
 ``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.
 Observed by the server per choice: ``time_to_first_token_seconds``,
 ``inter_token_latency_seconds``, ``e2e_request_latency_seconds``,
