@@ -264,7 +264,13 @@ class ShardedRunner(ModelRunner):
         # a pipeline stage (engine/pipeline.py) holds its own number of layers
         check_same_geometry(group, self, layers=not pipeline)
 
-    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput]):
+    # the other ranks get the step's tokens from rank 0's message: host tokens only
+    device_tokens = False
+
+    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput],
+                decode_tokens: mx.array | None = None):
+        if decode_tokens is not None:
+            raise ValueError("a sharded runner sends its decode tokens from the host")
         if self.leader is None:
             raise RuntimeError("only rank 0 plans steps; other ranks call follow()")
         override = self.attention.selector.override

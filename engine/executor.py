@@ -13,6 +13,7 @@ from slabserve.engine import sampling
 from slabserve.engine.constraint import ConstraintEngine, StepMasks, StepRow
 from slabserve.engine.runner import ModelRunner, SeqInput
 from slabserve.engine.step import (
+    PENDING,
     AttentionPath,
     Executor,
     GrammarSpec,
@@ -41,7 +42,9 @@ def _vocab(runner: ModelRunner, tokenizer) -> int:
 
 class ModelExecutor(Executor):
     """Runs a plan as one ``ModelRunner.forward`` (prefill chunks + one batched decode),
-    then samples every row that wants a token in one batch.
+    then samples every row that wants a token in one batch.  ``submit`` hands both to the
+    device and ``collect`` waits for the tokens, so the next plan can be submitted in
+    between, its decodes fed on the device by this one's samples (``overlaps``).
 
     ``forward_seconds``/``steps`` accumulate the time inside ``runner.forward`` so the
     step-overhead benchmark can subtract it from the whole step.  Constrained steps:
@@ -60,6 +63,11 @@ class ModelExecutor(Executor):
         self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         self.steps = 0
         self.constraints: ConstraintEngine | None = None
+        self.overlaps = runner.device_tokens
+        # step -> (sampled chunks, grammar masks, lazy draw) of submitted, uncollected plans
+        self._submitted: dict[int, tuple] = {}
+        # the last submitted step's sampled tokens (device) and each request's row in them
+        self._last: tuple[mx.array, dict[str, int]] | None = None
 
     def bind_tokenizer(self, tokenizer) -> None:
         """Enable constrained sampling against ``tokenizer`` (its llguidance view is built
@@ -103,36 +111,65 @@ class ModelExecutor(Executor):
         return 0 if graphs is None else graphs.traces
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        self.submit(plan)
+        return self.collect(plan)
+
+    def submit(self, plan: StepPlan) -> None:
+        """Build ``plan``'s forward and its sampling and hand both to the device.  Decode
+        chunks with ``PENDING`` tokens read them from the previous submitted step's
+        sampled tokens (on the device)."""
         self.last_mask_s = self.last_mask_wait_s = self.last_commit_s = 0.0
         if plan.empty:
-            return StepOutput()
+            return
         for rid in plan.preempted:  # rebuilt by replay when it samples again
             self.release(rid)
         chunks = [c for c in plan.prefills if c.sample] + [c for c in plan.decodes if c.sample]
         masks = self._begin_masks(chunks)
         t0 = time.perf_counter()
         pre, dec = self.runner.forward(
-            [_seq_input(c) for c in plan.prefills], [_seq_input(c) for c in plan.decodes])
+            [_seq_input(c) for c in plan.prefills], [_seq_input(c) for c in plan.decodes],
+            self._pending_tokens(plan.decodes))
         self.last_forward_s = time.perf_counter() - t0
         self.forward_seconds += self.last_forward_s
         self.steps += 1
+        if not chunks:
+            return
         rows: list[mx.array] = [lg[None] for c, lg in zip(plan.prefills, pre, strict=True)
                                 if c.sample]
         want = [i for i, c in enumerate(plan.decodes) if c.sample]
         if want:
             rows.append(dec if len(want) == len(plan.decodes) else dec[host_array(want)])
-        if not chunks:
-            return StepOutput()
         logits = rows[0] if len(rows) == 1 else mx.concatenate(rows)
         specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output, c.output_index)
                  for c in chunks]
-        allowed = self._allowed(masks, len(chunks), logits.shape[-1])
-        picked = sampling.sample(logits, specs, allowed)
+        drawn = sampling.draw(logits, specs, self._allowed(masks, len(chunks),
+                                                           logits.shape[-1]))
+        mx.async_eval(drawn.arrays())
+        self._last = (drawn.tokens, {c.request_id: i for i, c in enumerate(chunks)})
+        self._submitted[plan.step] = (chunks, masks, drawn)
+
+    def collect(self, plan: StepPlan) -> StepOutput:
+        entry = self._submitted.pop(plan.step, None)
+        if entry is None:
+            return StepOutput()
+        chunks, masks, drawn = entry
+        picked = drawn.host()
         if masks is not None:
             tokens = self._commit(chunks, masks, picked)
         else:
             tokens = [SampledToken(tok, lp) for tok, lp in picked]
         return StepOutput({c.request_id: t for c, t in zip(chunks, tokens, strict=True)})
+
+    def _pending_tokens(self, decodes: tuple[ScheduledChunk, ...]) -> mx.array | None:
+        """The decodes' tokens from the last submitted step's samples when they are
+        ``PENDING`` (all or none of them are), else None (host tokens)."""
+        pending = [c.tokens[0] == PENDING for c in decodes]
+        if not any(pending):
+            return None
+        if not all(pending) or self._last is None:
+            raise ValueError("a step's decode tokens are either all pending or none")
+        tokens, rows = self._last
+        return tokens[host_array([rows[c.request_id] for c in decodes])]
 
     # ---- constrained rows ----------------------------------------------------------
     def _begin_masks(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[StepRow],

@@ -81,6 +81,9 @@ def probe_geometry(model: nn.Module) -> tuple[int, int, mx.Dtype]:
 
 
 class ModelRunner:
+    # ``forward`` takes decode tokens as a device array (async scheduling's inputs)
+    device_tokens = True
+
     def __init__(
         self, model: nn.Module, cache_cfg: CacheConfig, cfg: RunnerConfig | None = None,
         selector: Selector | None = None,
@@ -229,7 +232,7 @@ class ModelRunner:
                 out[i] = lg
         return out
 
-    def _decode(self, seqs: list[SeqInput]) -> mx.array:
+    def _decode(self, seqs: list[SeqInput], tokens: mx.array | None = None) -> mx.array:
         bs = self.geom.block_size
         slots, tables, lengths = [], [], []
         for s in seqs:
@@ -242,7 +245,7 @@ class ModelRunner:
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
         offsets = host_array([s.start for s in seqs])
-        inputs = host_array([s.tokens for s in seqs])
+        inputs = host_array([s.tokens for s in seqs]) if tokens is None else tokens[:, None]
         if self.step_graph and self.compile_decode:
             logits = self.step_graphs.run(inputs, offsets, batch, slots)
             if logits is not None:
@@ -253,17 +256,20 @@ class ModelRunner:
         return logits if logits.ndim == 2 else logits[:, -1, :]
 
     def forward(
-        self, prefills: list[SeqInput], decodes: list[SeqInput]
+        self, prefills: list[SeqInput], decodes: list[SeqInput],
+        decode_tokens: mx.array | None = None,
     ) -> tuple[list[mx.array | None], mx.array | None]:
         """Run prefill chunks (one forward each) and one batched decode forward: returns
         (last-token logits per prefill or None, ``[B, vocab]`` decode logits or None).
+        ``decode_tokens`` (``[B]`` int32, on the device: an earlier step's sampled tokens)
+        replaces the decodes' host tokens when given (``device_tokens`` runners only).
         The step is handed to the device (``mx.async_eval``) with every slab it writes,
         not waited for: the caller builds on the logits (sampling) while it runs, and its
         first evaluation synchronises the whole step.  ``last_build_s``: the host's time
         building this step's graph."""
         t0 = time.perf_counter()
         pre = self._prefills(prefills)
-        dec = self._decode(decodes) if decodes else None
+        dec = self._decode(decodes, decode_tokens) if decodes else None
         self.last_build_s = time.perf_counter() - t0
         outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
         mx.async_eval(outs, self.pool.take_pending())

@@ -9,7 +9,8 @@ for temperature > 0 mlx-lm's filters (top_p, min_p, top_k: the
 formulas of ``apply_top_p``/``apply_min_p``/``apply_top_k``, vectorised over rows because
 mlx-lm's take one scalar parameter for the whole batch) and a categorical draw at
 ``1 / temperature`` (Gumbel-max, as ``mx.random.categorical``); temperature 0 is argmax.
-The whole batch is one graph and one ``mx.eval``.
+The whole batch is one graph and one ``mx.eval`` (``draw`` builds it lazily, so its
+tokens can feed the next step before the host reads them).
 
 Semantics: the repetition penalty looks at prompt + output, presence and frequency
 penalties at the output only (as OpenAI defines them).  Reported logprobs are those of
@@ -161,9 +162,42 @@ def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
     return mx.argmax(lp * _column([1.0 / p.temperature for p in params]) + noise, axis=-1)
 
 
+class Drawn:
+    """One batch's sampled tokens as lazy arrays: ``tokens`` (``[B]`` int32, row order of
+    the specs) can feed the next step on the device before ``host`` waits for them; the
+    logprobs asked for ride along (``chosen``/``top_ids``/``top_lp`` over the ``wanted``
+    rows)."""
+
+    def __init__(self, tokens: mx.array, specs: Sequence[RowSpec], wanted: list[int],
+                 chosen: mx.array | None = None, top_ids: mx.array | None = None,
+                 top_lp: mx.array | None = None) -> None:
+        self.tokens = tokens
+        self.specs = specs
+        self.wanted = wanted
+        self.chosen, self.top_ids, self.top_lp = chosen, top_ids, top_lp
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.tokens, self.chosen, self.top_ids, self.top_lp)
+                if a is not None]
+
+    def host(self) -> list[tuple[int, TokenLogprob | None]]:
+        """(token id, logprob or None) per row; waits for the device."""
+        mx.eval(self.arrays())
+        return _assemble(self.tokens.tolist(), self.specs, self.wanted, self.chosen,
+                         self.top_ids, self.top_lp)
+
+
 def sample(logits: mx.array, specs: Sequence[RowSpec],
            allowed: mx.array | None = None) -> list[tuple[int, TokenLogprob | None]]:
-    """Sample one token per row; returns (token id, logprob or None) per row.
+    """Sample one token per row; returns (token id, logprob or None) per row (``draw``,
+    then waits for it)."""
+    return draw(logits, specs, allowed).host()
+
+
+def draw(logits: mx.array, specs: Sequence[RowSpec],
+         allowed: mx.array | None = None) -> Drawn:
+    """One token per row, as lazy arrays (nothing evaluated, except a top_p batch on the
+    CPU whose candidates may not cover its nucleus: ``_filter`` checks that on the host).
     ``logits`` is ``[len(specs), vocab]``; ``allowed`` (optional, bool, same shape) masks
     the tokens a row may take (all True on unconstrained rows).  The mask does not touch
     the random draw: a seeded request samples the same tokens under the same mask alone or
@@ -191,19 +225,17 @@ def sample(logits: mx.array, specs: Sequence[RowSpec],
         if rand:
             idx = mx.array(rand)
             tokens[idx] = _draw(logprobs[idx], [specs[i] for i in rand])
+    tokens = tokens.astype(mx.int32)  # the next step's input dtype
     if not wanted:
-        mx.eval(tokens)
-        return [(t, None) for t in tokens.tolist()]
+        return Drawn(tokens, specs, wanted)
     rows = mx.array(wanted)
     lp = logprobs[rows]
     chosen = mx.take_along_axis(lp, tokens[rows][:, None], axis=-1)[:, 0]
     k = max(specs[i].params.logprobs for i in wanted)
-    top_ids = top_lp = None
-    if k > 0:
-        top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
-        top_lp = mx.take_along_axis(lp, top_ids, axis=-1)
-    mx.eval(tokens, chosen, *([top_ids, top_lp] if k > 0 else []))
-    return _assemble(tokens.tolist(), specs, wanted, chosen, top_ids, top_lp)
+    if k == 0:
+        return Drawn(tokens, specs, wanted, chosen)
+    top_ids = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+    return Drawn(tokens, specs, wanted, chosen, top_ids, mx.take_along_axis(lp, top_ids, -1))
 
 
 def _assemble(tokens, specs, wanted, chosen, top_ids, top_lp):

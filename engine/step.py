@@ -17,6 +17,9 @@ AttentionPath = Literal["auto", "native", "gather"]
 ATTENTION_PATHS: tuple[AttentionPath, ...] = ("auto", "native", "gather")
 GrammarKind = Literal["json_schema", "regex", "choice", "lark"]
 GRAMMAR_KINDS: tuple[GrammarKind, ...] = ("json_schema", "regex", "choice", "lark")
+# A decode chunk's token that the step before it samples (async scheduling): the executor
+# feeds that step's sampled token for the sequence, read on the device, never the host.
+PENDING = -1
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class ScheduledChunk:
     (``params.seed``, or one drawn once when the request was added); ``output_index``
     the number of tokens generated so far.  ``prompt``/``output`` (the token history)
     are filled only when a penalty needs them, and only on chunks that sample.
+    ``tokens == (PENDING,)``: a decode chunk planned while the step before it runs (see
+    ``Executor.overlaps``); its token is the one that step samples for this sequence.
     """
 
     request_id: str
@@ -161,9 +166,22 @@ class Executor(ABC):
     block_size: int
     max_context: int
     last_forward_s: float = 0.0  # seconds of the last step inside the model forward
+    # True: ``submit`` takes a plan whose decode chunks carry ``PENDING`` tokens while the
+    # plan before it is still in flight (submitted, not collected), reading them from
+    # that plan's sampled tokens on the device (async scheduling)
+    overlaps: bool = False
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> StepOutput: ...
+
+    def submit(self, plan: StepPlan) -> None:  # noqa: B027 - optional split of execute
+        """Hand ``plan`` to the device without waiting for it; ``collect(plan)`` returns its
+        output.  Plans are collected in the order submitted.  The default runs nothing
+        here and the whole ``execute`` in ``collect``."""
+
+    def collect(self, plan: StepPlan) -> StepOutput:
+        """The output of a submitted ``plan`` (waits for its sampled tokens)."""
+        return self.execute(plan)
 
     def release(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Forget any per-request state (called when a request finishes or aborts)."""

@@ -25,6 +25,10 @@ class SchedulerConfig:
     of this many tokens (when that leaves any), so chunk shapes repeat: on CUDA every new
     attention shape costs a cuDNN graph build (~60 ms on an H200, docs/adr/0006).
 
+    ``async_scheduling``: plan and submit a pure-decode step while the one before it
+    still runs (``Scheduler.schedule_next``), so the host's work of a step overlaps the
+    device's work of the previous one (vLLM's ``--async-scheduling``).
+
     ``for_device`` gives the defaults measured per device: small chunks on CPU (a chunk
     there costs in proportion to its size, so small ones keep running streams decoding),
     large aligned ones on a GPU (a chunk's cost there is mostly per step and per shape)."""
@@ -36,6 +40,7 @@ class SchedulerConfig:
     max_context: int | None = None
     watermark_blocks: int = 1
     prefill_align: int = 1
+    async_scheduling: bool = True
 
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:

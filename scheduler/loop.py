@@ -2,10 +2,15 @@
 
 Threads: the event loop only queues commands (add, abort) and reads deltas; one
 dedicated engine thread owns the scheduler and the executor and runs
-``schedule -> execute -> update`` back to back, posting each step's deltas to the loop
-in one ``call_soon_threadsafe``.  MLX releases the GIL inside ``mx.eval``, so the loop
-stays responsive while a step computes (see docs/adr/0005-scheduler.md for why the
-step is evaluated synchronously rather than overlapped with ``mx.async_eval``).
+``schedule -> submit -> collect -> update`` back to back, posting each step's deltas to
+the loop in one ``call_soon_threadsafe``.  MLX releases the GIL while it waits for the
+device, so the loop stays responsive while a step computes.
+
+Async scheduling (``SchedulerConfig.async_scheduling``, executors that ``overlap``):
+after submitting step t the thread plans and submits step t+1
+(``Scheduler.schedule_next``, decode tokens fed on the device by step t's samples), and
+only then waits for step t's tokens, updates and emits them, so the host's work on
+t+1 overlaps the device's on t (docs/adr/0013-async-scheduling.md).
 
 Cancellation: closing a stream's iterator, cancelling its task, or ``abort(id)`` queues
 an abort; the engine thread applies it before planning the next step, freeing the
@@ -18,6 +23,7 @@ runs on the engine thread with no step in flight (``set_attention_path`` uses it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -26,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from slabserve.engine.step import Executor
+from slabserve.engine.step import Executor, StepPlan
 from slabserve.scheduler.api import (
     ATTENTION_PATHS,
     AttentionPath,
@@ -49,8 +55,11 @@ T = TypeVar("T")
 @dataclass
 class StepRecord:
     """Where one engine step's time went (seconds): planning, the model forward, the
-    rest of execute (sampling, host glue), update + detokenize + stop strings, and handing
-    deltas to the loop.  ``step_log`` keeps the latest ones (docs/adr/0005-scheduler.md)."""
+    rest of execute (sampling, host glue, waiting for the tokens), update + detokenize +
+    stop strings, and handing deltas to the loop.  With async scheduling an iteration
+    collects one step and submits the next: planning and forward are then the next
+    step's, the wait is this one's.  ``step_log`` keeps the latest ones
+    (docs/adr/0005-scheduler.md)."""
 
     decodes: int
     prefill_tokens: int
@@ -116,6 +125,11 @@ class ThreadedServingLoop(ServingLoop):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self.steps = 0
+        # async scheduling: the step submitted ahead, collected by the next iteration
+        self.overlap = scheduler.cfg.async_scheduling and executor.overlaps
+        self.ahead_steps = 0  # steps submitted while the one before them ran
+        self._inflight: StepPlan | None = None
+        self._ahead_s = 0.0
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
         self.decode_time = DecodeStepTime()
         if tokenizer is not None:
@@ -249,7 +263,7 @@ class ThreadedServingLoop(ServingLoop):
                     record.deliver_s = time.perf_counter() - t
             if record is not None:
                 self.decode_time.add(record)
-            if not self.scheduler.has_work and not self._inbox:
+            if not self.scheduler.has_work and not self._inbox and self._inflight is None:
                 if self.check_when_idle:
                     self._check_integrity()  # once per idle spell, before sleeping
                 self._wake.wait()
@@ -260,7 +274,8 @@ class ThreadedServingLoop(ServingLoop):
 
     def _iteration(self, out: _Out) -> StepRecord | None:
         self._drain(out)
-        return self._step(out) if self.scheduler.has_work else None
+        busy = self.scheduler.has_work or self._inflight is not None
+        return self._step(out) if busy else None
 
     def _check_integrity(self) -> None:
         """Idle-time ``check_integrity()``: counted (for /metrics), a failure logged, never
@@ -305,27 +320,77 @@ class ThreadedServingLoop(ServingLoop):
         _settle(fut, result, error)
 
     def _step(self, out: _Out) -> StepRecord | None:
+        """Collect the step in flight (or plan and submit one), then update and emit.
+        With async scheduling the next pure-decode step is planned and submitted before
+        this one's tokens are waited for, and stays in flight into the next iteration."""
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        t1 = time.perf_counter()
+        plan, self._inflight = self._inflight, None
+        schedule_s = forward_s = 0.0
+        if plan is None:
+            plan = self.scheduler.schedule()
+            schedule_s = time.perf_counter() - t0
+            if not self._submit(plan, out):
+                return None
+            forward_s = self.executor.last_forward_s
+        nxt = self._plan_ahead(plan)
+        schedule_s += self._ahead_s
+        if nxt is not None:
+            forward_s += self.executor.last_forward_s
         try:
-            result = self.executor.execute(plan)
-        except Exception as e:  # a failed step fails its requests, not the engine
-            log.exception("step %d failed", plan.step)
-            for c in plan.chunks():
-                if self.scheduler.finish(c.request_id, "error") is not None:
-                    out.append(self._close(c.request_id, "error", repr(e)))
+            result = self.executor.collect(plan)
+        except Exception as e:  # nxt reads plan's tokens: it fails with it
+            self._fail(plan, e, out)
+            if nxt is not None:
+                with contextlib.suppress(Exception):
+                    self.executor.collect(nxt)
+                self._fail(nxt, e, out)
             return None
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         self.steps += 1
         for upd in self.scheduler.update(plan, result):
             self._emit(upd, out)
-        t3 = time.perf_counter()
-        record = StepRecord(
-            len(plan.decodes), plan.num_tokens - len(plan.decodes), t1 - t0,
-            self.executor.last_forward_s, t2 - t1 - self.executor.last_forward_s, t3 - t2)
+        self._inflight = nxt
+        record = StepRecord(len(plan.decodes), plan.num_tokens - len(plan.decodes), schedule_s,
+                            forward_s, max(t1 - t0 - schedule_s - forward_s, 0.0),
+                            time.perf_counter() - t1)
         self.step_log.append(record)
         return record
+
+    def _submit(self, plan: StepPlan, out: _Out) -> bool:
+        try:
+            self.executor.submit(plan)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            self._fail(plan, e, out)
+            return False
+        return True
+
+    def _plan_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The next step, planned and submitted while ``plan`` runs, or None (async
+        scheduling off, commands waiting, or ``Scheduler.schedule_next`` declines).  A
+        submit that fails leaves nothing behind: the blocks it reserved cover the
+        sequences' next positions, which the next ``schedule`` plans again."""
+        self._ahead_s = 0.0
+        if not self.overlap or self._inbox:
+            return None
+        t0 = time.perf_counter()
+        nxt = self.scheduler.schedule_next(plan)
+        self._ahead_s = time.perf_counter() - t0
+        if nxt is None:
+            return None
+        try:
+            self.executor.submit(nxt)
+        except Exception:
+            log.exception("step %d failed to submit ahead; planning it after the update",
+                          nxt.step)
+            return None
+        self.ahead_steps += 1
+        return nxt
+
+    def _fail(self, plan: StepPlan, e: Exception, out: _Out) -> None:
+        log.error("step %d failed: %r", plan.step, e, exc_info=e)
+        for c in plan.chunks():
+            if self.scheduler.finish(c.request_id, "error") is not None:
+                out.append(self._close(c.request_id, "error", repr(e)))
 
     def _emit(self, upd: SeqUpdate, out: _Out) -> None:
         live = self._live.get(upd.request_id)

@@ -1,6 +1,8 @@
 """Continuous-batching scheduler: pure Python around plain data, no MLX.
 
 Each step: ``schedule() -> StepPlan``, the executor runs it, then ``update(plan, out)``.
+With async scheduling, ``schedule_next(plan)`` plans a pure-decode step while ``plan``
+still runs (its tokens ``PENDING``), and the updates follow in step order.
 
 There is no prefill phase or decode phase.  Every running sequence has ``num_pending``
 tokens that are known but have no K/V yet (1 when decoding; more for a new prompt or a
@@ -37,7 +39,14 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from slabserve.engine.step import SampledToken, ScheduledChunk, StepOutput, StepPlan
+from slabserve.engine.step import (
+    PENDING,
+    SampledToken,
+    SamplingParams,
+    ScheduledChunk,
+    StepOutput,
+    StepPlan,
+)
 from slabserve.kvcache import BlockAllocator, blocks_needed
 from slabserve.scheduler.api import FinishReason, Request, RequestError
 from slabserve.scheduler.config import SchedulerConfig
@@ -162,6 +171,43 @@ class Scheduler:
             self._plan_prefills(state)
         return StepPlan(self._step, tuple(state.prefills), tuple(state.decodes),
                         tuple(state.preempted))
+
+    def schedule_next(self, plan: StepPlan) -> StepPlan | None:
+        """Plan the step after ``plan`` while ``plan`` runs, before ``update(plan)``
+        (async scheduling): every running sequence decodes once more, fed the token
+        ``plan`` samples for it (``PENDING``: the executor reads it on the device).
+
+        None (plan after ``update`` instead) when the next step depends on what only
+        ``plan``'s tokens tell or needs what this cannot do: a prefill in ``plan``, a
+        waiting request, a running sequence ``plan`` does not decode, a row whose grammar
+        mask or penalties need its history, or blocks only a preemption would free.  A
+        sequence that ``plan`` ends by length is left out; one it ends by eos or a stop
+        string runs once more and ``update`` drops that token (one wasted row)."""
+        if plan.prefills or not plan.decodes or self.waiting:
+            return None
+        decoding = {c.request_id: c for c in plan.decodes}
+        nxt: list[tuple[Sequence, ScheduledChunk]] = []
+        for seq in self.running:
+            c = decoding.get(seq.request_id)
+            if c is None or not c.sample or not _history_free(seq.params):
+                return None
+            ends = c.output_index + 1 >= seq.params.max_tokens or c.start + 2 >= self.max_context
+            if not ends:
+                nxt.append((seq, c))
+        bs = self.block_size
+        need = sum(max(0, blocks_needed(c.start + 2, bs) - len(s.blocks)) for s, c in nxt)
+        if not nxt or need > self.allocator.num_available:
+            return None
+        self._step += 1
+        chunks = []
+        for seq, c in nxt:
+            extra = blocks_needed(c.start + 2, bs) - len(seq.blocks)
+            if extra > 0:
+                seq.blocks.extend(self.allocator.allocate(extra))
+            chunks.append(ScheduledChunk(seq.request_id, (PENDING,), c.start + 1,
+                                         tuple(seq.blocks), True, seq.params, seed=seq.seed,
+                                         output_index=c.output_index + 1))
+        return StepPlan(self._step, decodes=tuple(chunks))
 
     def _plan_decodes(self, st: _Planning) -> None:
         i = 0
@@ -334,6 +380,12 @@ class Scheduler:
         live = {s.request_id for s in self.running} | {s.request_id for s in self.waiting}
         assert live == set(self._seqs) and len(live) == len(self.running) + len(self.waiting)
         return True
+
+
+def _history_free(p: SamplingParams) -> bool:
+    """Whether a row samples without its token history (no grammar, no penalty)."""
+    return p.constraint is None and p.repetition_penalty == 1.0 and (
+        p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
 
 
 class _Planning:

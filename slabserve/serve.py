@@ -124,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
                         "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET, "
                         "else 2048 on a CUDA GPU and 0 elsewhere")
     g.add_argument("--watermark-blocks", type=int, default=1)
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and submit each pure-decode step while the previous one runs, "
+                        "its tokens fed on the device (--no-async-scheduling: one step at a "
+                        "time)")
     g.add_argument("--host-math", default=None, choices=["auto", "on", "off"],
                    help="float32 prefill softmax and SiLU in numpy on CPU (faster than MLX's "
                         "scalar exp); default SLABSERVE_HOST_MATH or auto (on where it applies)")
@@ -180,7 +184,7 @@ def configs(args: argparse.Namespace):
         _gpu(), max_running=args.max_running, max_queued=args.max_queued,
         max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,
         prefill_align=args.prefill_align, max_context=args.max_context,
-        watermark_blocks=args.watermark_blocks)
+        watermark_blocks=args.watermark_blocks, async_scheduling=args.async_scheduling)
     bucket = args.prefill_kv_bucket
     runner = RunnerConfig(
         prefill_kv_bucket=env.prefill_kv_bucket() if bucket is None else bucket,

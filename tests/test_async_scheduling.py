@@ -1,0 +1,233 @@
+"""Async scheduling: a pure-decode step planned and submitted while the one before it
+runs (``Scheduler.schedule_next``), its tokens fed from that step's samples.
+
+The scheduler side runs over the shadow executor (a wrong block, a lost or repeated token
+changes every later sample); the engine side on the embedded tiny model against mlx-lm's
+greedy output and against the same engine with async scheduling off."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from sched_fakes import ShadowExecutor, make, reference, req
+
+from slabserve.build import ServeConfig, build_serving
+from slabserve.engine.config import CacheConfig
+from slabserve.engine.step import PENDING, GrammarSpec, StepPlan
+from slabserve.scheduler.api import Request, SamplingParams
+from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.loop import ThreadedServingLoop
+
+
+class AheadShadow(ShadowExecutor):
+    """The shadow executor with ``submit``/``collect``: a submitted plan runs at once
+    (the 'device'), its ``PENDING`` tokens taken from the previous submitted plan's
+    samples, as the model executor reads them on the device."""
+
+    overlaps = True
+
+    def __init__(self, base: ShadowExecutor) -> None:
+        super().__init__(base.allocator, base.block_size)
+        self.outs: dict[int, object] = {}
+        self.last: dict[str, int] = {}
+        self.pending_fed = 0
+
+    def submit(self, plan: StepPlan) -> None:
+        if any(c.tokens == (PENDING,) for c in plan.decodes):
+            self.pending_fed += len(plan.decodes)
+            plan = dataclasses.replace(plan, decodes=tuple(
+                dataclasses.replace(c, tokens=(self.last[c.request_id],))
+                for c in plan.decodes))
+        out = super().execute(plan)
+        self.last = {rid: t.token_id for rid, t in out.sampled.items()}
+        self.outs[plan.step] = out
+
+    def collect(self, plan: StepPlan):
+        return self.outs.pop(plan.step)
+
+
+def drive(s, ex) -> tuple[dict[str, list[int]], dict[str, str], int]:
+    """The engine thread's order with async scheduling, checking integrity after every
+    update: (tokens per request, finish reason per request, steps planned ahead)."""
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    inflight, ahead = None, 0
+    while s.has_work or inflight is not None:
+        plan = inflight
+        if plan is None:
+            plan = s.schedule()
+            ex.submit(plan)
+        inflight = s.schedule_next(plan)
+        if inflight is not None:
+            ahead += 1
+            ex.submit(inflight)
+        for u in s.update(plan, ex.collect(plan)):
+            tokens.setdefault(u.request_id, []).append(u.token.token_id)
+            if u.finish_reason:
+                reasons[u.request_id] = u.finish_reason
+        s.check_integrity()
+    return tokens, reasons, ahead
+
+
+def test_pipelined_decodes_equal_the_reference_and_free_every_block():
+    s, ex = make(num_blocks=64, block_size=4)
+    reqs = [req(f"r{i}", 3 + 2 * i, max_tokens=9 + i) for i in range(4)]
+    for r in reqs:
+        s.add(r)
+    tokens, reasons, ahead = drive(s, AheadShadow(ex))
+    for r in reqs:
+        assert tokens[r.request_id] == reference(r.prompt_tokens, r.params.max_tokens)
+        assert reasons[r.request_id] == "length"
+    assert ahead > 0
+    assert s.allocator.num_used == 0 and s.generated_tokens == sum(9 + i for i in range(4))
+
+
+def test_a_stop_token_while_the_next_step_runs_drops_that_steps_token():
+    s, ex = make(num_blocks=64, block_size=4)
+    plain = req("plain", 5, max_tokens=12)
+    ref = reference(plain.prompt_tokens, 12)
+    stopper = req("stopper", 5, max_tokens=12, stop_token_ids=(ref[4],))
+    s.add(plain)
+    s.add(stopper)
+    shadow = AheadShadow(ex)
+    tokens, reasons, ahead = drive(s, shadow)
+    assert tokens["stopper"] == ref[:5] and reasons["stopper"] == "stop"
+    assert tokens["plain"] == ref and reasons["plain"] == "length"
+    assert ahead > 0 and s.allocator.num_used == 0
+    # the stopper decoded once more than it kept (the step planned while its stop ran)
+    assert shadow.pending_fed > len(ref) - 1
+
+
+def test_schedule_next_declines_what_needs_the_tokens_first():
+    s, ex = make(num_blocks=64, block_size=4)
+    s.add(req("a", 3, max_tokens=8))
+    plan = s.schedule()  # the prompt: a prefill
+    assert s.schedule_next(plan) is None
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()
+    assert plan.decodes and not plan.prefills
+    s.add(req("b", 3, max_tokens=8))  # a waiting request: admit it after the update
+    assert s.schedule_next(plan) is None
+    s.update(plan, ex.execute(plan))
+    for params in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
+                   {"constraint": GrammarSpec("regex", "[a-z]+")}):
+        t, _ = make(num_blocks=64, block_size=4)
+        t.add(req("p", 3, max_tokens=8, **params))
+        first = t.schedule()
+        t.update(first, ex.execute(first))
+        assert t.schedule_next(t.schedule()) is None, params
+
+
+def test_schedule_next_leaves_out_what_ends_by_length_and_reserves_blocks():
+    s, ex = make(num_blocks=64, block_size=4)
+    s.add(req("short", 4, max_tokens=2))
+    s.add(req("long", 4, max_tokens=9))
+    plan = s.schedule()
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()  # decodes the second tokens: 'short' ends there
+    nxt = s.schedule_next(plan)
+    assert [c.request_id for c in nxt.decodes] == ["long"]
+    c = nxt.decodes[0]
+    assert c.tokens == (PENDING,) and c.start == 5 and c.output_index == 2
+    assert len(c.blocks) * 4 >= c.start + 1  # the table covers the position it writes
+
+
+def test_schedule_next_declines_when_blocks_run_short():
+    s, ex = make(num_blocks=2, block_size=4, watermark_blocks=0)
+    s.add(req("a", 3, max_tokens=6))
+    s.add(req("b", 3, max_tokens=6))
+    plan = s.schedule()  # both prompts: one block each, none left
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()  # position 3: still in the first blocks
+    assert len(plan.decodes) == 2 and s.allocator.num_available == 0
+    assert s.schedule_next(plan) is None  # position 4 needs blocks only preemption frees
+    s.update(plan, ex.execute(plan))
+    assert s.schedule().preempted  # the synchronous plan preempts instead
+
+
+async def test_the_loop_pipelines_over_the_shadow_executor():
+    s, ex = make(num_blocks=64, block_size=4)
+    eng = ThreadedServingLoop(s, AheadShadow(ex))
+    await eng.start()
+    try:
+        reqs = [req(f"r{i}", 3 + i, max_tokens=10) for i in range(3)]
+
+        async def run(r):
+            return [t async for d in eng.generate(r) for t in d.token_ids]
+
+        got = await asyncio.gather(*[run(r) for r in reqs])
+        assert got == [reference(r.prompt_tokens, 10) for r in reqs]
+        assert eng.ahead_steps > 0 and eng.stats().kv_blocks_used == 0
+    finally:
+        await eng.shutdown(1)
+
+
+# ---- the model executor on the embedded tiny model ------------------------------------
+async def _engine(async_on: bool):
+    eng = build_serving(ServeConfig(
+        cache=CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22),
+        scheduler=SchedulerConfig(max_step_tokens=96, prefill_chunk=32,
+                                  async_scheduling=async_on),
+        mlx_cache_limit_bytes=1 << 28))
+    await eng.start()
+    return eng
+
+
+async def _outputs(eng, prompts, params, tag="q"):
+    async def one(i, p):
+        out, lps, last = [], [], None
+        async for d in eng.generate(Request(f"{tag}{i}", p, params)):
+            out += d.token_ids
+            lps += [(lp.token_id, round(lp.logprob, 4)) for lp in d.logprobs or ()]
+            last = d
+        return out, lps, last.finish_reason
+    return await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+
+
+PROMPTS = [tuple((7 * i + 3 * j) % 250 + 1 for j in range(5 + 9 * i)) for i in range(5)]
+
+
+async def test_model_engine_async_equals_mlx_lm_and_the_synchronous_engine():
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7,
+                            ignore_eos=True)
+    results = {}
+    for on in (True, False):
+        eng = await _engine(on)
+        try:
+            results[on] = [await _outputs(eng, PROMPTS, p) for p in (greedy, seeded)]
+            assert (eng.ahead_steps > 0) == on
+            assert eng.stats().kv_blocks_used == 0
+            model = eng.executor.runner.model
+        finally:
+            await eng.shutdown(5)
+    assert results[True] == results[False]
+    for p, (tokens, _, reason) in zip(PROMPTS[:2], results[True][0][:2], strict=True):
+        ref = [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=24)]
+        assert tokens == ref and reason == "length"
+
+
+async def test_model_engine_stop_token_mid_flight_keeps_outputs_and_frees_blocks():
+    eng = await _engine(True)
+    try:
+        model = eng.executor.runner.model
+        ref = [int(t) for t, _ in generate_step(mx.array(PROMPTS[1]), model, max_tokens=20)]
+        k = next(i for i in range(6, 20) if ref[i] not in ref[:i])
+        stop = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(ref[k],))
+        plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+        got = await asyncio.gather(_outputs(eng, [PROMPTS[1]], stop, "stop"),
+                                   _outputs(eng, [PROMPTS[1]], plain, "plain"))
+        (tokens, _, reason), = got[0]
+        assert tokens == ref[: k + 1] and reason == "stop"
+        assert got[1][0][0] == ref
+        assert eng.ahead_steps > 0
+        for _ in range(200):
+            if eng.scheduler.allocator.num_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        eng.scheduler.check_integrity()
+    finally:
+        await eng.shutdown(5)
