@@ -5,8 +5,9 @@
 #            and one step's graph nodes (python -m experiments.step_profile);
 #   phases   per-phase step times, eager vs compiled stages vs step graphs (decode-phases),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
-#   compare  streamed load, ours vs a second process of ours (twin) vs mlx_lm.server, both
-#            shapes: concurrency 1 at 1k / 4k / 16k, concurrency 8 at 1k;
+#   compare  streamed load, ours vs ours without async scheduling (sync) vs mlx_lm.server,
+#            concurrency 1 at 1k / 4k / 16k; the same plus a second process of ours (twin)
+#            at concurrency 8, 1k; models from $MODELS (default both shapes);
 #   prefix   the prefix cache's host costs (slabserve bench prefix-lookup), then cache on vs
 #            off with nothing shared, two engines in lockstep in one process
 #            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8;
@@ -32,19 +33,20 @@ for STEP in "${@:-phases}"; do
       grep -E '^nodes|^build' "$OUT/nodes$f.log" | cut -c1-160
     done ;;
   phases)
-    for m in llama-3.2-1b qwen2.5-0.5b; do
+    for m in ${MODELS:-llama-3.2-1b qwen2.5-0.5b}; do
       timeout 300 $SS bench decode-phases --embedded "$m:bfloat16" --batches 1,8,32 \
-        --contexts 1k,4k,16k --steps 10 --warmup 3 --out "$OUT/phases" > "$OUT/phases-$m.log" 2>&1
+        --contexts ${CONTEXTS:-1k,4k,16k} --steps 10 --warmup 3 --out "$OUT/phases-$m" \
+        > "$OUT/phases-$m.log" 2>&1
       tail -28 "$OUT/phases-$m.log"
     done ;;
   compare)
-    for m in llama-3.2-1b qwen2.5-0.5b; do
-      timeout 280 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
-        --variant twin= --contexts 1k,4k,16k --concurrency 1 --max-tokens 64 --requests 6 \
-        --no-progress --out "$OUT/c1-$m" > "$OUT/c1-$m.log" 2>&1
-      timeout 200 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
-        --variant twin= --contexts 1k --concurrency 8 --max-tokens 64 --requests 16 \
-        --no-progress --out "$OUT/c8-$m" > "$OUT/c8-$m.log" 2>&1
+    for m in ${MODELS:-llama-3.2-1b qwen2.5-0.5b}; do
+      timeout 300 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
+        --variant sync=--no-async-scheduling --contexts 1k,4k,16k --concurrency 1 \
+        --max-tokens 64 --requests 6 --no-progress --out "$OUT/c1-$m" > "$OUT/c1-$m.log" 2>&1
+      timeout 250 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
+        --variant sync=--no-async-scheduling --variant twin= --contexts 1k --concurrency 8 \
+        --max-tokens 64 --requests 16 --no-progress --out "$OUT/c8-$m" > "$OUT/c8-$m.log" 2>&1
       for g in c1 c8; do sed -n '/## Comparison/,/## Goals/p' "$OUT/$g-$m/results.md"; done
     done ;;
   prefix)
