@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="compiled stages, no step graph")
     ap.add_argument("--fake-cuda", action="store_true")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--path", choices=["auto", "native", "gather"], default="auto",
+                    help="the decode attention path (the selector's override)")
     a = ap.parse_args()
     name, dtype = parse_model(a.embedded)
     cfg = BenchConfig(name, dtype, (a.batch,), (a.ctx,), ("auto",), a.steps, 3, 8 << 30, 16,
@@ -64,6 +66,8 @@ def main() -> None:
                                                             step_graph=not a.stages))
     if a.fake_cuda:
         runner.attention.selector = Selector(natives={"cpu": FakeLaunchCUDA()})
+    runner.attention.selector.set_override({"auto": None, "native": True,
+                                            "gather": False}[a.path])
     tables = fast_fill(runner, a.batch, a.ctx, 0)
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     toks = [1] * a.batch

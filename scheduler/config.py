@@ -27,7 +27,9 @@ class SchedulerConfig:
 
     ``async_scheduling``: plan and submit a pure-decode step while the one before it
     still runs (``Scheduler.schedule_next``), so the host's work of a step overlaps the
-    device's work of the previous one (vLLM's ``--async-scheduling``).
+    device's work of the previous one (vLLM's ``--async-scheduling``).  ``for_device``
+    turns it off on CPU, where MLX evaluates a step inside ``mx.async_eval`` (nothing is
+    left to overlap: docs/adr/0013-async-scheduling.md).
 
     ``for_device`` gives the defaults measured per device: small chunks on CPU (a chunk
     there costs in proportion to its size, so small ones keep running streams decoding),
@@ -52,7 +54,8 @@ class SchedulerConfig:
         chunk."""
         given = {k: v for k, v in overrides.items() if v is not None}
         base = (dict(prefill_chunk=2048) if gpu
-                else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1))
+                else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1,
+                          async_scheduling=False))
         base.update(given)
         if gpu and "prefill_align" not in given:  # chunk starts at multiples of the chunk
             base["prefill_align"] = base["prefill_chunk"]

@@ -124,10 +124,10 @@ def parser() -> argparse.ArgumentParser:
                         "(fewer CUDA SDPA shapes); 0 = exact; default SLABSERVE_PREFILL_KV_BUCKET, "
                         "else 2048 on a CUDA GPU and 0 elsewhere")
     g.add_argument("--watermark-blocks", type=int, default=1)
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and submit each pure-decode step while the previous one runs, "
-                        "its tokens fed on the device (--no-async-scheduling: one step at a "
-                        "time)")
+                        "its tokens fed on the device (default on a GPU; on CPU MLX computes "
+                        "inside the submit, so there is nothing to overlap)")
     g.add_argument("--host-math", default=None, choices=["auto", "on", "off"],
                    help="float32 prefill softmax and SiLU in numpy on CPU (faster than MLX's "
                         "scalar exp); default SLABSERVE_HOST_MATH or auto (on where it applies)")

@@ -15,7 +15,7 @@ from mlx_lm.generate import generate_step
 from sched_fakes import ShadowExecutor, make, reference, req
 
 from slabserve.build import ServeConfig, build_serving
-from slabserve.engine.config import CacheConfig
+from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.step import PENDING, GrammarSpec, StepPlan
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
@@ -165,12 +165,13 @@ async def test_the_loop_pipelines_over_the_shadow_executor():
         await eng.shutdown(1)
 
 
-# ---- the model executor on the embedded tiny model ------------------------------------
+# ---- the model executor on the embedded tiny model (compiled decode on a GPU) ----------
 async def _engine(async_on: bool):
     eng = build_serving(ServeConfig(
         cache=CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22),
         scheduler=SchedulerConfig(max_step_tokens=96, prefill_chunk=32,
                                   async_scheduling=async_on),
+        runner=RunnerConfig(compile_decode=mx.default_device().type == mx.gpu),
         mlx_cache_limit_bytes=1 << 28))
     await eng.start()
     return eng

@@ -243,6 +243,9 @@ def test_device_defaults():
 
     cpu, gpu = SchedulerConfig.for_device(False), SchedulerConfig.for_device(True)
     assert (cpu.prefill_chunk, cpu.prefill_align) == (256, 1)
+    # async scheduling: on for a GPU, off on CPU (nothing to overlap there), a flag wins
+    assert (cpu.async_scheduling, gpu.async_scheduling) == (False, True)
+    assert SchedulerConfig.for_device(False, async_scheduling=True).async_scheduling
     assert (gpu.max_step_tokens, gpu.prefill_chunk, gpu.prefill_align) == (16448, 2048, 2048)
     # the GPU alignment follows the effective chunk unless given
     assert SchedulerConfig.for_device(True, prefill_chunk=512).prefill_align == 512
