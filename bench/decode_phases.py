@@ -8,8 +8,11 @@ runner (order rotated each round): ``eager`` runs every layer's Python each step
 ``--enforce-eager`` serves), ``compiled`` replays each layer's compiled stages
 (engine/staged.py), ``graph`` runs the whole step as one compiled graph
 (engine/step_graph.py; the default where every layer's path has one, else it runs the
-stages).  The same positions are decoded in every mode, so their first sampled tokens must
-agree (reported).
+stages).  Then ``overlap`` decodes the same positions as ``graph`` does, but as the engine
+thread does with async scheduling: step t+1 is planned and submitted (its tokens read on
+the device from step t's samples) before step t's tokens are waited for, so its plan,
+build and launch overlap step t's device time.  The same positions are decoded in every
+mode, so their first sampled tokens must agree (reported).
 
 Phases of a step, medians over ``--steps`` after ``--warmup`` (``wall`` is their sum):
 
@@ -17,7 +20,9 @@ Phases of a step, medians over ``--steps`` after ``--warmup`` (``wall`` is their
 - ``build``: the host building the forward's graph (``ModelRunner.last_build_s``);
 - ``launch``: ``mx.async_eval`` of the forward handing it to the device;
 - ``sync``: sampling (its graph, then the one wait for the device and the token ids):
-  on a GPU mostly the device's time not hidden behind building.
+  on a GPU mostly the device's time not hidden behind building.  In ``overlap`` the wait
+  is for the previous step, and ``step ms`` (the sum) is one loop iteration: the rate at
+  which steps complete.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from slabserve.bench.decode_step import (
     plan_step,
 )
 
-MODES = ("eager", "compiled", "graph")
+MODES = ("eager", "compiled", "graph")  # interleaved step by step
+ALL_MODES = (*MODES, "overlap")  # overlap runs its steps back to back, after them
 PHASES = ("plan", "build", "launch", "sync")
 DEFAULT_OUT = Path("out/decode-phases")
 
@@ -96,15 +102,47 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
         runner.step_graph = runner.step_graphs is not None
         for t in tables:
             runner.allocator.free(t)
+    steps["overlap"], first["overlap"] = run_overlap(runner, executor, cfg, tables, start,
+                                                     ctx, params)
     runner.allocator.check_integrity()
-    modes = {m: _summary(batch, steps[m]) for m in MODES}
+    modes = {m: _summary(batch, steps[m]) for m in ALL_MODES}
     return dict(batch=batch, ctx=ctx, skipped=None, modes=modes,
                 same_first_tokens=first["eager"] == first["compiled"] == first["graph"],
                 first_tokens=first,  # per mode; the table shows agreement with eager
                 agree={m: sum(x == y for x, y in zip(first[m], first["eager"], strict=True))
-                       for m in MODES},
-                compiled_over_eager=modes["compiled"]["wall_ms"] / modes["eager"]["wall_ms"],
-                graph_over_eager=modes["graph"]["wall_ms"] / modes["eager"]["wall_ms"])
+                       for m in ALL_MODES},
+                **{f"{m}_over_eager": modes[m]["wall_ms"] / modes["eager"]["wall_ms"]
+                   for m in ALL_MODES[1:]})
+
+
+def run_overlap(runner, executor, cfg: BenchConfig, tables, start: list[int], ctx: int,
+                params) -> tuple[list[Step], list[int]]:
+    """``cfg.rounds`` steps at positions ``ctx + r``, each submitted before the previous
+    one is collected (the engine thread's order with async scheduling)."""
+    from slabserve.engine.step import PENDING
+
+    runner.compile_decode = True
+    runner.step_graph = runner.step_graphs is not None
+    steps: list[Step] = []
+    first: list[int] = []
+    plan = plan_step(runner, tables, start, ctx, 0, params)
+    executor.submit(plan)
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        nxt = (plan_step(runner, tables, [PENDING] * len(tables), ctx + r + 1, r + 1, params)
+               if r + 1 < cfg.rounds else None)
+        t1 = time.perf_counter()
+        build = fwd = 0.0
+        if nxt is not None:
+            executor.submit(nxt)
+            build, fwd = runner.last_build_s, executor.last_forward_s
+        out = executor.collect(plan)
+        t2 = time.perf_counter()
+        first = first or [out.sampled[c.request_id].token_id for c in plan.decodes]
+        if r >= cfg.warmup and nxt is not None:
+            steps.append(Step(t1 - t0, build, fwd - build, (t2 - t1) - fwd))
+        plan = nxt
+    return steps, first
 
 
 def _summary(batch: int, steps: list[Step]) -> dict:
