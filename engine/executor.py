@@ -169,7 +169,10 @@ class ModelExecutor(Executor):
         if not all(pending) or self._last is None:
             raise ValueError("a step's decode tokens are either all pending or none")
         tokens, rows = self._last
-        return tokens[host_array([rows[c.request_id] for c in decodes])]
+        idx = [rows[c.request_id] for c in decodes]
+        if idx == list(range(tokens.shape[0])):  # the same rows in the same order
+            return tokens
+        return tokens[host_array(idx)]
 
     # ---- constrained rows ----------------------------------------------------------
     def _begin_masks(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[StepRow],
