@@ -21,6 +21,11 @@ CONFIGS: dict[str, dict] = {
                          num_key_value_heads=2, head_dim=32),
     "phi3": dict(_COMMON, model_type="phi3", num_attention_heads=4, num_key_value_heads=4),
 }
+# head_dim 64: a shape the CUDA kernels take (the models above have 16 or 32)
+CUDA_CONFIG = dict(model_type="llama", hidden_size=256, num_hidden_layers=3,
+                   intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=259, rms_norm_eps=1e-5, rope_theta=10000.0,
+                   max_position_embeddings=4096, tie_word_embeddings=False)
 
 
 def make(root: Path, name: str) -> Path:

@@ -11,11 +11,14 @@ import asyncio
 import dataclasses
 
 import mlx.core as mx
+import pytest
 from mlx_lm.generate import generate_step
+from models import CUDA_CONFIG
 from sched_fakes import ShadowExecutor, make, reference, req
 
 from slabserve.build import ServeConfig, build_serving
 from slabserve.engine.config import CacheConfig, RunnerConfig
+from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.step import PENDING, GrammarSpec, StepPlan
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
@@ -166,8 +169,17 @@ async def test_the_loop_pipelines_over_the_shadow_executor():
 
 
 # ---- the model executor on the embedded tiny model (compiled decode on a GPU) ----------
-async def _engine(async_on: bool):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A llama with head_dim 64 (a shape the CUDA kernels take: on a GPU the decode steps
+    run as step graphs, fed the pending tokens on the device)."""
+    return str(write_model_dir(tmp_path_factory.mktemp("m"), CUDA_CONFIG, "float32", seed=3,
+                               gain=TINY_GAIN))
+
+
+async def _engine(async_on: bool, model: str):
     eng = build_serving(ServeConfig(
+        model=model,
         cache=CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22),
         scheduler=SchedulerConfig(max_step_tokens=96, prefill_chunk=32,
                                   async_scheduling=async_on),
@@ -191,16 +203,22 @@ async def _outputs(eng, prompts, params, tag="q"):
 PROMPTS = [tuple((7 * i + 3 * j) % 250 + 1 for j in range(5 + 9 * i)) for i in range(5)]
 
 
-async def test_model_engine_async_equals_mlx_lm_and_the_synchronous_engine():
+def _traces(eng) -> int:
+    return eng.executor.decode_graph_traces()
+
+
+async def test_model_engine_async_equals_mlx_lm_and_the_synchronous_engine(model_dir):
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
     seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7,
                             ignore_eos=True)
     results = {}
     for on in (True, False):
-        eng = await _engine(on)
+        eng = await _engine(on, model_dir)
         try:
             results[on] = [await _outputs(eng, PROMPTS, p) for p in (greedy, seeded)]
             assert (eng.ahead_steps > 0) == on
+            if mx.default_device().type == mx.gpu:  # the pending tokens fed step graphs
+                assert _traces(eng) > 0
             assert eng.stats().kv_blocks_used == 0
             model = eng.executor.runner.model
         finally:
@@ -211,8 +229,8 @@ async def test_model_engine_async_equals_mlx_lm_and_the_synchronous_engine():
         assert tokens == ref and reason == "length"
 
 
-async def test_model_engine_stop_token_mid_flight_keeps_outputs_and_frees_blocks():
-    eng = await _engine(True)
+async def test_model_engine_stop_token_mid_flight_keeps_outputs_and_frees_blocks(model_dir):
+    eng = await _engine(True, model_dir)
     try:
         model = eng.executor.runner.model
         ref = [int(t) for t, _ in generate_step(mx.array(PROMPTS[1]), model, max_tokens=20)]

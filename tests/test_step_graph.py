@@ -15,7 +15,7 @@ import gc
 import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
-from models import make
+from models import CUDA_CONFIG, make
 from test_runner import prompts, reference
 
 from slabserve.attention import Selector
@@ -29,11 +29,6 @@ from slabserve.engine.step_graph import width_bucket
 
 HAS_CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
-# head_dim 64: a shape the CUDA kernels take (the shared test models' 16 is not)
-CUDA_CONFIG = dict(model_type="llama", hidden_size=256, num_hidden_layers=3,
-                   intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                   vocab_size=259, rms_norm_eps=1e-5, rope_theta=10000.0,
-                   max_position_embeddings=4096, tie_word_embeddings=False)
 # the stand-in kernel's checks: CPU (CI); a CUDA device runs the real kernels' tests
 stand_in = pytest.mark.skipif(HAS_CUDA, reason="kernel stand-in: a CPU check; on CUDA the "
                               "real kernels run (test_cuda_graph_generation)")
