@@ -56,12 +56,13 @@ def cells(results: Sequence[RunResult]) -> dict[tuple[int, int], dict[str, dict]
 def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     """Output tok/s, TTFT p50, TPOT p50 and the server's mean decode step (ours only:
     /metrics' ``decode_step_seconds``) per configuration, then the ratios, ours' paths
-    and the decode step graphs it traced during the run (``decode_graph_traces``)."""
+    and the decode step graphs each of our servers traced during the run
+    (``decode_graph_traces``: ``auto 7 / twin 9``)."""
     head = ["ctx", "conc"]
     for lab in labels:
         head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50", f"{lab} step ms"]
     head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths",
-             "auto traces"]
+             "step graph traces"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (ctx, conc), by in cells(results).items():
         cols = [str(ctx), str(conc)]
@@ -74,9 +75,16 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
         cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),
                  fmt(_ratio(ours.get("ttft_p50_ms"), base.get("ttft_p50_ms")), 2),
                  fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-"),
-                 fmt(ours.get("server_decode_graph_traces"), 0)]
+                 _traces(by, labels)]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _traces(by: dict[str, dict], labels: Sequence[str]) -> str:
+    """Step graph traces per server that reports them, e.g. ``auto 7 / twin 9``."""
+    got = [f"{lab} {fmt(by[lab]['server_decode_graph_traces'], 0)}" for lab in labels
+           if by.get(lab, {}).get("server_decode_graph_traces") is not None]
+    return " / ".join(got) or "-"
 
 
 def _best_forced(by: dict[str, dict]) -> float | None:

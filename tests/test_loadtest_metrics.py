@@ -213,7 +213,7 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     head, _, cell = table.splitlines()
     cols = dict(zip(head.strip("| ").split(" | "), cell.strip("| ").split(" | "), strict=True))
     assert cols["auto step ms"] == "5.00" and cols["mlx_lm step ms"] == "-"
-    assert cols["auto traces"] == "3"
+    assert cols["step graph traces"] == "auto 3"
 
 
 def test_goal_checks_summarise_auto_over_cells():
