@@ -43,6 +43,8 @@ def row(res: RunResult) -> dict:
                                                              "forward")):
         total = c.get(key)
         out[f"server_decode_{name}_ms"] = 1e3 * total / steps if steps and total else None
+    p50 = c.get("decode_step_p50_seconds")
+    out["server_decode_step_p50_ms"] = 1e3 * p50 if p50 is not None else None
     return out
 
 

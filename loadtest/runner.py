@@ -18,7 +18,14 @@ import httpx
 
 from slabserve.loadtest.client import Endpoint, send_one
 from slabserve.loadtest.metrics import RequestRecord, RunSummary, summarize
-from slabserve.loadtest.traces import PathTrace, counter_deltas, path_delta, snapshot
+from slabserve.loadtest.traces import (
+    PathTrace,
+    counter_deltas,
+    histogram_delta,
+    histogram_quantile,
+    path_delta,
+    snapshot,
+)
 
 
 @dataclass(frozen=True)
@@ -128,5 +135,8 @@ async def run_once(ep: Endpoint, spec: RunSpec, prompts: Sequence[str], label: s
     both = before is not None and after is not None
     trace = path_delta(before, after) if both else None
     counters = counter_deltas(before, after) if both else {}
+    p50 = histogram_quantile(0.5, histogram_delta(before, after)) if both else None
+    if p50 is not None:  # the server's median decode step (its histogram, our servers)
+        counters["decode_step_p50_seconds"] = p50
     summary = summarize(records, expected_output_tokens=spec.max_tokens)
     return RunResult(label, spec, summary, trace, tuple(records), counters)

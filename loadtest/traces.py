@@ -8,6 +8,7 @@ while serving this run's requests (warm-up excluded).  The counter is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -96,6 +97,40 @@ def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],
                 key = suf.removesuffix("_total")
                 out[key] = out.get(key, 0.0) + (value - prev if value >= prev else value)
     return out
+
+
+STEP_BUCKETS = "decode_step_seconds_bucket"
+
+
+def histogram_delta(before: Mapping[Key, float], after: Mapping[Key, float],
+                    suffix: str = STEP_BUCKETS) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count increase) of the histogram whose bucket samples are
+    named ``...<suffix>``, summed over its other labels, ascending; empty when absent."""
+    by_le: dict[float, float] = {}
+    for (name, labels), value in after.items():
+        if not (name.endswith(":" + suffix) or name == suffix):
+            continue
+        le = float(dict(labels).get("le", "inf"))
+        prev = before.get((name, labels), 0.0)
+        by_le[le] = by_le.get(le, 0.0) + (value - prev if value >= prev else value)
+    return sorted(by_le.items())
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative ``buckets``: linear inside the
+    bucket that holds rank ``q * count`` (its lower bound if that is the infinite one);
+    None without observations."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo, below = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if math.isinf(le):
+                return lo
+            return le if n == below else lo + (le - lo) * (rank - below) / (n - below)
+        lo, below = le, n
+    return lo
 
 
 async def snapshot(client: httpx.AsyncClient, base_url: str,

@@ -88,6 +88,8 @@ class ServingStats:
     decode_step_seconds: float = 0.0  # their time, planning to handing the deltas over
     decode_forward_seconds: float = 0.0  # of it, the model forward
     decode_graph_traces: int = 0  # compiled decode step graphs traced (engine/step_graph.py)
+    # (upper bound in seconds, decode-only steps at most that long), cumulative
+    decode_step_buckets: tuple[tuple[float, int], ...] = ()
 
     @property
     def kv_capacity_tokens(self) -> int:

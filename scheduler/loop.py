@@ -23,7 +23,9 @@ runs on the engine thread with no step in flight (``set_attention_path`` uses it
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -76,19 +78,31 @@ class StepRecord:
 
 class DecodeStepTime:
     """Running totals over the engine's pure decode steps (no prefill token): how many,
-    their whole time (``StepRecord.total_s``: planning to handing the deltas over) and
-    the forward's part of it.  Written by the engine thread only; read at scrape time."""
+    their whole time (``StepRecord.total_s``: planning to handing the deltas over), the
+    forward's part of it, and how many took at most each of ``BOUNDS`` seconds (not
+    cumulative; the last bound is infinite), so a mean can be told from its tail (a
+    step that traces a graph, a collection).  Written by the engine thread only; read at
+    scrape time."""
+
+    BOUNDS = (0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015,
+              0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
 
     def __init__(self) -> None:
         self.steps = 0
         self.seconds = 0.0
         self.forward_seconds = 0.0
+        self.counts = [0] * len(self.BOUNDS)
 
     def add(self, record: StepRecord) -> None:
         if record.prefill_tokens == 0 and record.decodes > 0:
             self.steps += 1
             self.seconds += record.total_s
             self.forward_seconds += record.forward_s
+            self.counts[bisect.bisect_left(self.BOUNDS, record.total_s)] += 1
+
+    def buckets(self) -> tuple[tuple[float, int], ...]:
+        """(upper bound, steps at most that long) per bound, cumulative."""
+        return tuple(zip(self.BOUNDS, itertools.accumulate(self.counts), strict=True))
 
 
 class _Live:
@@ -212,7 +226,7 @@ class ThreadedServingLoop(ServingLoop):
                             s.prefix.queries, s.prefix.hits, a.num_cached,
                             self.executor.kv_dtype(), s.block_size, self.decode_time.steps,
                             self.decode_time.seconds, self.decode_time.forward_seconds,
-                            self.executor.decode_graph_traces())
+                            self.executor.decode_graph_traces(), self.decode_time.buckets())
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))

@@ -5,8 +5,8 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 ``kv_cache_usage_perc`` (a fraction, as vLLM's), ``kv_blocks_used``/``kv_blocks_total``,
 ``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``,
 ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens, vLLM's names) and the
-``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` and
-``decode_forward_seconds`` (summaries, no vLLM equivalent: the engine's decode-only steps
+``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` (a histogram) and
+``decode_forward_seconds`` (a summary; no vLLM equivalent: the engine's decode-only steps
 and their time, whole and the forward's part; ``_sum / _count`` is the mean step a
 stream's tokens wait on), ``decode_graph_traces_total`` (compiled decode step graphs
 traced), and the attention-path counters
@@ -27,10 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from slabserve.scheduler.api import Delta, ServingLoop
 
@@ -67,6 +69,16 @@ class _ServingCollector(Collector):
         m.add_metric([self.model], count_value=count, sum_value=total)
         return m
 
+    def _step_histogram(self, s) -> HistogramMetricFamily:
+        h = HistogramMetricFamily(P + "decode_step_seconds", "Engine steps that only "
+                                  "decoded: their time, planning to handing the tokens over.",
+                                  labels=["model_name"])
+        buckets = [(floatToGoString(le), float(n)) for le, n in s.decode_step_buckets]
+        if not buckets or buckets[-1][0] != "+Inf":
+            buckets.append(("+Inf", float(s.decode_steps)))
+        h.add_metric([self.model], buckets, sum_value=s.decode_step_seconds)
+        return h
+
     def collect(self) -> Iterator[Metric]:
         s = self.serving.stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
@@ -89,9 +101,7 @@ class _ServingCollector(Collector):
                             s.integrity_checks)
         yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",
                             s.integrity_failures)
-        yield self._summary("decode_step_seconds", "Engine steps that only decoded: count "
-                            "and time, planning to handing the tokens over.", s.decode_steps,
-                            s.decode_step_seconds)
+        yield self._step_histogram(s)
         yield self._summary("decode_forward_seconds", "Of those steps, the model forward.",
                             s.decode_steps, s.decode_forward_seconds)
         yield self._counter("decode_graph_traces", "Compiled decode step graphs traced (one "

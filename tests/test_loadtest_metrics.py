@@ -18,7 +18,13 @@ from slabserve.loadtest.metrics import Dist, RequestRecord, percentile, summariz
 from slabserve.loadtest.report import row, runs_markdown
 from slabserve.loadtest.runner import RunResult, RunSpec
 from slabserve.loadtest.sse import ProtocolError, parse_line
-from slabserve.loadtest.traces import counter_deltas, parse_prometheus, path_delta
+from slabserve.loadtest.traces import (
+    counter_deltas,
+    histogram_delta,
+    histogram_quantile,
+    parse_prometheus,
+    path_delta,
+)
 
 
 def test_percentile_matches_numpy_linear():
@@ -176,6 +182,26 @@ def test_path_trace_deltas_and_shares():
                       "decode_step_seconds_sum": 0.2, "decode_graph_traces": 4.0}
 
 
+def test_step_histogram_deltas_and_median():
+    """The server's decode-step histogram between two snapshots, and its median the way
+    Prometheus' histogram_quantile reads it (linear inside the bucket)."""
+    before = parse_prometheus(
+        'slabserve:decode_step_seconds_bucket{le="0.002",model_name="m"} 1.0\n'
+        'slabserve:decode_step_seconds_bucket{le="0.004",model_name="m"} 2.0\n'
+        'slabserve:decode_step_seconds_bucket{le="+Inf",model_name="m"} 2.0\n')
+    after = parse_prometheus(
+        'slabserve:decode_step_seconds_bucket{le="0.002",model_name="m"} 3.0\n'
+        'slabserve:decode_step_seconds_bucket{le="0.004",model_name="m"} 10.0\n'
+        'slabserve:decode_step_seconds_bucket{le="+Inf",model_name="m"} 12.0\n')
+    buckets = histogram_delta(before, after)
+    assert buckets == [(0.002, 2.0), (0.004, 8.0), (math.inf, 10.0)]
+    # rank 5 of 10: 3 of the 6 steps in (2, 4] ms
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.003)
+    assert histogram_quantile(0.95, buckets) == 0.004  # the infinite bucket: its lower bound
+    assert histogram_quantile(0.5, []) is None
+    assert histogram_quantile(0.5, histogram_delta(after, after)) is None
+
+
 def _result(label: str, conc: int, tok_s_scale: float, ttft: float) -> RunResult:
     recs = _synthetic(4, ttft=ttft, gap=0.1 / tok_s_scale, tokens=8, stagger=0.0)
     spec = RunSpec(context=64, concurrency=conc, max_tokens=8, requests=4)
@@ -213,6 +239,11 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     head, _, cell = table.splitlines()
     cols = dict(zip(head.strip("| ").split(" | "), cell.strip("| ").split(" | "), strict=True))
     assert cols["auto step ms"] == "5.00" and cols["mlx_lm step ms"] == "-"
+    with_median = replace(ours, server_counters={**ours.server_counters,
+                                                 "decode_step_p50_seconds": 0.004})
+    assert row(with_median)["server_decode_step_p50_ms"] == pytest.approx(4.0)
+    table = comparison_markdown([with_median, base], ["auto", "mlx_lm"])
+    assert "| 5.00 (p50 4.00) |" in table
     assert cols["step graph traces"] == "auto 3"
 
 

@@ -95,6 +95,11 @@ async def test_stats_sum_the_decode_only_steps():
         assert st.decode_step_seconds == pytest.approx(sum(r.total_s for r in decodes))
         assert st.decode_step_seconds >= 5 * 0.01
         assert st.decode_forward_seconds == pytest.approx(sum(r.forward_s for r in decodes))
+        # the histogram: every step at least 10 ms, none in the buckets below it
+        bounds = dict(st.decode_step_buckets)
+        assert bounds[0.008] == 0 and bounds[float("inf")] == 5
+        assert [n for _, n in st.decode_step_buckets] == sorted(
+            n for _, n in st.decode_step_buckets)
     finally:
         await eng.shutdown(1)
 

@@ -229,3 +229,9 @@ def test_metrics_after_traffic(http, client):
     assert steps >= 2 and total("slabserve:decode_step_seconds_sum") > 0
     assert 0 < total("slabserve:decode_forward_seconds_sum") <= total(
         "slabserve:decode_step_seconds_sum")
+    # the step histogram: cumulative buckets ending at +Inf with every step
+    buckets = [line for line in text.splitlines()
+               if line.startswith("slabserve:decode_step_seconds_bucket{")]
+    counts = [float(line.rsplit(" ", 1)[1]) for line in buckets]
+    assert 'le="+Inf"' in buckets[-1] and counts[-1] == steps
+    assert counts == sorted(counts)
