@@ -23,15 +23,12 @@ runs on the engine thread with no step in flight (``set_attention_path`` uses it
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from slabserve.engine.step import Executor, StepPlan
@@ -47,62 +44,12 @@ from slabserve.scheduler.api import (
 )
 from slabserve.scheduler.output import OutputStream
 from slabserve.scheduler.scheduler import Scheduler, SeqUpdate
+from slabserve.scheduler.steplog import DecodeStepTime, StepRecord
 
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None
 _Out = list[tuple[_Queue, Delta]]  # (consumer queue, delta) per delta of one step
 T = TypeVar("T")
-
-
-@dataclass
-class StepRecord:
-    """Where one engine step's time went (seconds): planning, the model forward, the
-    rest of execute (sampling, host glue, waiting for the tokens), update + detokenize +
-    stop strings, and handing deltas to the loop.  With async scheduling an iteration
-    collects one step and submits the next: planning and forward are then the next
-    step's, the wait is this one's.  ``step_log`` keeps the latest ones
-    (docs/adr/0005-scheduler.md)."""
-
-    decodes: int
-    prefill_tokens: int
-    schedule_s: float
-    forward_s: float
-    sample_s: float
-    update_s: float
-    deliver_s: float = 0.0
-
-    @property
-    def total_s(self) -> float:
-        return self.schedule_s + self.forward_s + self.sample_s + self.update_s + self.deliver_s
-
-
-class DecodeStepTime:
-    """Running totals over the engine's pure decode steps (no prefill token): how many,
-    their whole time (``StepRecord.total_s``: planning to handing the deltas over), the
-    forward's part of it, and how many took at most each of ``BOUNDS`` seconds (not
-    cumulative; the last bound is infinite), so a mean can be told from its tail (a
-    step that traces a graph, a collection).  Written by the engine thread only; read at
-    scrape time."""
-
-    BOUNDS = (0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015,
-              0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.seconds = 0.0
-        self.forward_seconds = 0.0
-        self.counts = [0] * len(self.BOUNDS)
-
-    def add(self, record: StepRecord) -> None:
-        if record.prefill_tokens == 0 and record.decodes > 0:
-            self.steps += 1
-            self.seconds += record.total_s
-            self.forward_seconds += record.forward_s
-            self.counts[bisect.bisect_left(self.BOUNDS, record.total_s)] += 1
-
-    def buckets(self) -> tuple[tuple[float, int], ...]:
-        """(upper bound, steps at most that long) per bound, cumulative."""
-        return tuple(zip(self.BOUNDS, itertools.accumulate(self.counts), strict=True))
 
 
 class _Live:
