@@ -17,7 +17,8 @@ an abort; the engine thread applies it before planning the next step, freeing th
 request's blocks.
 
 Control: ``between_steps(fn)`` queues ``fn`` the same way and awaits its result, so it
-runs on the engine thread with no step in flight (``set_attention_path`` uses it).
+runs on the engine thread with no step in flight (a step submitted ahead is collected
+first; ``set_attention_path`` uses it).
 """
 
 from __future__ import annotations
@@ -234,6 +235,8 @@ class ThreadedServingLoop(ServingLoop):
                 _settle(item[1], None, RequestError("shutting_down", "the engine stopped"))
 
     def _iteration(self, out: _Out) -> StepRecord | None:
+        if self._inflight is not None and any(k == "call" for k, _ in list(self._inbox)):
+            return self._step(out)  # a queued call runs with no step in flight
         self._drain(out)
         busy = self.scheduler.has_work or self._inflight is not None
         return self._step(out) if busy else None

@@ -168,6 +168,22 @@ async def test_the_loop_pipelines_over_the_shadow_executor():
         await eng.shutdown(1)
 
 
+async def test_calls_between_steps_see_no_step_in_flight():
+    s, ex = make(num_blocks=64, block_size=4)
+    shadow = AheadShadow(ex)
+    eng = ThreadedServingLoop(s, shadow)
+    await eng.start()
+    try:
+        stream = eng.generate(req("long", 3, max_tokens=200))
+        first = asyncio.ensure_future(stream.__anext__())  # decoding goes on meanwhile
+        seen = [await eng.between_steps(lambda: not shadow.outs) for _ in range(20)]
+        await first
+        assert all(seen) and eng.ahead_steps > 0
+        await stream.aclose()
+    finally:
+        await eng.shutdown(1)
+
+
 # ---- the model executor on the embedded tiny model (compiled decode on a GPU) ----------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
