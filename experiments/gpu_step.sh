@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Decode steps on the lent GPU (recipe: /work/shared/gpu/README.md; run from the repo root
-# after the two-part MLX install; llguidance's abi3 wheel contents in ./.extra):
+# after the two-part MLX install; in ./.extra the contents of llguidance's abi3 wheel and
+# pytest-asyncio, which that machine lacks: the async tests fail there without it):
 #   tests    the CUDA-side tests of decode steps (step graphs, stages, kernels, pool writes)
 #            and one step's graph nodes (python -m experiments.step_profile);
 #   phases   per-phase step times, eager vs compiled stages vs step graphs (decode-phases),
