@@ -247,7 +247,7 @@ class ModelRunner:
         offsets = host_array([s.start for s in seqs])
         inputs = host_array([s.tokens for s in seqs]) if tokens is None else tokens[:, None]
         if self.step_graph and self.compile_decode:
-            logits = self.step_graphs.run(inputs, offsets, batch, slots)
+            logits = self.step_graphs.run(inputs, [s.start for s in seqs], batch, slots)
             if logits is not None:
                 return logits
         ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,

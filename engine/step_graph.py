@@ -12,13 +12,15 @@ what changes from step to step is an input:
 - ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), ``table [B, W]`` (block ids, the
   width padded to a bucket: ``width_bucket``), ``lengths [B]``, the write plan's one index
   array (kvcache/spread.py: one write of every new row per slab touched), and every slab
-  of the pool (``SlabPool.arrays``);
+  of the pool (``SlabPool.arrays``), with ``B`` padded to a bucket (``batch_bucket``: 1, 2,
+  4, 8, then multiples of 8) by copies of the first sequence that attend to one token,
+  whose K/V writes put the first sequence's own values and whose logits are dropped;
 - outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
   (the old ones are then referenced by the graph only, so MLX writes in place as in the
   eager step).
 
-The signature: batch size, bucketed table width, the slabs the step writes, the pool's
-slab count, and each layer's path with the ``graph_key`` it gives (native CUDA: variant,
+The signature: bucketed batch size, bucketed table width, the slabs the step writes, the
+pool's slab count, and each layer's path with the ``graph_key`` it gives (native CUDA: variant,
 chunks, merge form).  A step whose paths are not all graph-capable (gather-SDPA reads
 host-planned gathers), while the selector writes a trace, or whose trace failed runs the
 staged layers as before.  A new signature costs a trace (the forward's Python once, then
@@ -59,6 +61,14 @@ class QuerySpec:
         return len(self.shape)
 
 
+def batch_bucket(batch: int) -> int:
+    """Rows a step graph runs for ``batch`` sequences: 1, 2, 4, 8, then multiples of 8 (a
+    signature per bucket, not per batch size, as requests come and go)."""
+    if batch <= 8:
+        return 1 << max(0, batch - 1).bit_length()
+    return -(-batch // 8) * 8
+
+
 def width_bucket(blocks: int) -> int:
     """Table width for ``blocks`` blocks: rounded up to an eighth of its power of two (at
     least 8): a sequence's graph is retraced every 1/8 doubling of its context, not every
@@ -97,11 +107,21 @@ class StepGraphs:
         self._failed: set[tuple] = set()
         self.traces = 0  # graphs traced so far (a new signature each)
 
-    def run(self, inputs: mx.array, offsets: mx.array, batch: DecodeBatch,
+    def run(self, inputs: mx.array, starts: list[int], batch: DecodeBatch,
             slots: list[tuple[int, int]]) -> mx.array | None:
         """The step's ``[B, vocab]`` logits from its graph, the pool's written slabs
-        adopted; None (nothing run, nothing counted) where the step has no graph."""
+        adopted; None (nothing run, nothing counted) where the step has no graph.
+        ``inputs`` ``[B, 1]`` tokens, ``starts`` their positions; the batch is padded to
+        ``batch_bucket(B)`` rows (copies of row 0 attending to one token, their writes
+        token 0's own values)."""
         selector, pool = self.runtime.selector, self.pool
+        b = batch.batch
+        pad = batch_bucket(b) - b
+        if pad:
+            # extra rows attend to one token (their logits are dropped: no KV reads)
+            batch = DecodeBatch(pool.geom, batch.tables + [batch.tables[0]] * pad,
+                                batch.lengths + [1] * pad)
+            starts, slots = starts + [starts[0]] * pad, slots + [slots[0]] * pad
         q = QuerySpec((batch.batch, self.heads, 1, pool.geom.head_dim), self.dtype)
         layer_slots = selector.plan_layers(q, pool, batch, self.num_layers)
         if layer_slots is None:
@@ -114,9 +134,9 @@ class StepGraphs:
                 if graph_key is None:
                     return None
                 path_keys[p] = graph_key(q, pool, batch, self.scale, self.num_layers)
-        writes = SpreadWritePlan(pool.geom, slots)
+        writes = SpreadWritePlan(pool.geom, slots, pad)
         width = width_bucket(batch.num_blocks)
-        key = (batch.batch, width, writes.layout, pool.num_slabs, inputs.dtype,
+        key = (batch.batch, width, writes.key, pool.num_slabs, inputs.dtype,
                tuple(map(id, paths)), tuple(path_keys.values()))
         graph = self._graphs.get(key)
         if graph is None:
@@ -125,8 +145,11 @@ class StepGraphs:
             graph = self._new_graph(key, batch, writes, paths)
         else:
             self._graphs.move_to_end(key)
+        if pad:
+            inputs = mx.concatenate([inputs, mx.broadcast_to(inputs[:1], (pad, 1))])
         table = host_array(padded_table(batch.tables, width).astype(np.int32), mx.int32)
-        args = [inputs, offsets, table, batch.lengths_array, writes.packed, *pool.arrays()]
+        args = [inputs, host_array(starts), table, batch.lengths_array, writes.packed,
+                *pool.arrays()]
         try:
             outs = graph.fn(*args)
         except Exception as exc:  # a failed trace: this signature runs staged from now on
@@ -138,7 +161,7 @@ class StepGraphs:
         graph.seed = None
         pool.adopt(graph.written, outs[1:])
         selector.count_layers(layer_slots)
-        return outs[0]
+        return outs[0][:b] if pad else outs[0]
 
     def _new_graph(self, key: tuple, batch: DecodeBatch, writes: SpreadWritePlan,
                    paths: list) -> _Graph:

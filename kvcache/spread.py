@@ -11,9 +11,13 @@ index writing an equal value, so the order of duplicates does not matter).  The 
 node per layer and side (a scatter by row ids costs MLX a reshape node too).  One host
 array carries every index, so a step costs one host-to-MLX transfer.
 
-Invariants: every new row lands in its slab's row and nowhere else changes; ``layout`` (the
-slabs touched, in order), the number of rows and ``head_dim`` fix the graph; ``rebind``
-gives the same plan over another array of ``packed``'s shape.
+A padded batch's extra rows (step graphs pad the batch to a bucket) write token 0's slot
+with token 0's own values, so whatever they computed never lands.
+
+Invariants: every new row lands in its slab's row and nowhere else changes; ``key`` (the
+slabs touched, in order, and whether rows are selected), the number of rows and
+``head_dim`` fix the graph; ``rebind`` gives the same plan over another array of
+``packed``'s shape.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ class SpreadWritePlan:
     token), as one write of all ``T * heads`` rows per slab touched (module docstring).
     ``write_into(side, new)`` is what ``SlabPool.write`` calls, as for ``WritePlan``."""
 
-    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]]) -> None:
+    def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]], pad: int = 0) -> None:
+        """``pad``: the last ``pad`` slots are a padded batch's extra rows, each a copy of
+        slot 0, whose writes put token 0's own values (whatever the extra rows computed)."""
         # plain Python for the plan: a decode step has at most a few hundred rows, where
         # numpy's per-call cost (~0.3 ms for this plan on a slow host) exceeds the work
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
@@ -42,15 +48,24 @@ class SpreadWritePlan:
             base = local * h * bs + row
             rows += range(base, base + h * bs, bs)
             slab_of += [s] * h
+        real = (len(slots) - pad) * h
+        source = list(range(real)) + [i % h for i in range(real, len(rows))]
         self.layout = tuple(sorted(set(slab_of)))
+        self.selects = len(self.layout) > 1 or pad > 0
         packed = rows
-        if len(self.layout) > 1:
+        if self.selects:
             packed = []
             for s in self.layout:
                 first = slab_of.index(s)
-                select = [i if t == s else first for i, t in enumerate(slab_of)]
+                select = [source[i] if t == s else first for i, t in enumerate(slab_of)]
                 packed += [rows[i] for i in select] + select
         self.rebind_from(host_array(np.array(packed, dtype=np.int32)))
+
+    @property
+    def key(self) -> tuple:
+        """What fixes this plan's graph besides the row count: the slabs touched and
+        whether rows are selected (several slabs, or padded rows)."""
+        return self.layout, self.selects
 
     def rebind_from(self, packed: mx.array) -> None:
         """Take ``packed`` as the plan's indices: per slab touched its rows ``[n]``, then
@@ -58,18 +73,22 @@ class SpreadWritePlan:
         are broadcast to ``[n, width]`` once here, for every layer's write."""
         self.packed = packed
         k = len(self.layout)
-        n = packed.size if k == 1 else packed.size // (2 * k)
-        cuts = [packed] if k == 1 else [packed[i * n:(i + 1) * n] for i in range(2 * k)]
+        if not self.selects:
+            n, cuts = packed.size, [packed]
+        else:
+            n = packed.size // (2 * k)
+            cuts = [packed[i * n:(i + 1) * n] for i in range(2 * k)]
         self.groups = []
         for i, s in enumerate(self.layout):
-            narrow = cuts[0 if k == 1 else 2 * i].reshape(n, 1)
+            narrow = cuts[2 * i if self.selects else 0].reshape(n, 1)
             wide = mx.broadcast_to(narrow, (n, self.width))
-            self.groups.append((s, narrow, wide, None if k == 1 else cuts[2 * i + 1]))
+            self.groups.append((s, narrow, wide, cuts[2 * i + 1] if self.selects else None))
 
     def rebind(self, packed: mx.array) -> SpreadWritePlan:
         """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
         plan = object.__new__(SpreadWritePlan)
         plan.num_tokens, plan.layout, plan.width = self.num_tokens, self.layout, self.width
+        plan.selects = self.selects
         plan.rebind_from(packed)
         return plan
 

@@ -74,3 +74,12 @@ def test_spread_plan_writes_what_the_grouped_plan_writes(slab_blocks, tokens, dt
     rows = len(slots) * 3
     assert spread.packed.size == (rows if len(spread.layout) == 1
                                   else len(spread.layout) * rows * 2)
+    # a padded batch: two extra copies of token 0 with other values write nothing new
+    pad = 2
+    padded = SpreadWritePlan(geom, slots + [slots[0]] * pad, pad)
+    noise = mx.array(rng.standard_normal((pad, 3, 8)).astype(np.float32))
+    pool = SlabPool(geom, initial_slabs=-(-12 // slab_blocks))
+    pool.write(1, padded, mx.concatenate([k, noise]), mx.concatenate([v, -noise]))
+    mx.eval(pool.take_pending())
+    assert all(mx.array_equal(a, b) for a, b in zip(pools[0], pool.arrays(), strict=True))
+    assert padded.key == (spread.layout, True)

@@ -25,7 +25,7 @@ from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner, SeqInput
-from slabserve.engine.step_graph import width_bucket
+from slabserve.engine.step_graph import batch_bucket, width_bucket
 
 HAS_CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
@@ -186,6 +186,39 @@ def test_paths_without_graphs_run_staged(model_root):
     assert runner.step_graphs.traces == 0
     counts = runner.attention.selector.path_counts()
     assert counts == {("gather", "env_gather"): 5 * len(model.layers)}  # 5 decode steps
+
+
+@stand_in
+def test_padded_batches_share_a_graph_and_write_only_their_rows(model):
+    """Batches of 5 to 7 sequences in one slab run one graph (padded to 8 by copies of the
+    first sequence; 8 runs its own, without the padding's row selection); a padded step's
+    logits and K/V match the staged step's (to float32
+    rounding: a matmul over 8 rows may round differently from one over 5; that the extra
+    rows' writes never land is checked exactly in test_pool.py)."""
+    runner = graph_runner(model, slab_tokens=1024)
+    tables = [runner.allocator.allocate(3) for _ in range(8)]
+    runner.forward([SeqInput(list(range(1 + i, 41 + i)), 0, t, want_logits=False)
+                    for i, t in enumerate(tables)], [])
+    for b in (5, 6, 7, 8):
+        seqs = [SeqInput([7 + i], 40, t) for i, t in enumerate(tables[:b])]
+        out = []
+        for mode in (True, False):
+            runner.step_graph = mode
+            logits = runner.forward([], seqs)[1]
+            mx.eval(logits)
+            out.append((logits, [mx.array(a) for a in runner.pool.arrays()]))
+        assert out[0][0].shape == (b, model.args.vocab_size)
+        assert mx.allclose(out[0][0], out[1][0], atol=1e-5, rtol=1e-5)
+        assert all(mx.allclose(x, y, atol=1e-5, rtol=1e-5)
+                   for x, y in zip(out[0][1], out[1][1], strict=True))
+        assert runner.step_graphs.traces == (1 if b < 8 else 2)
+    for t in tables:
+        runner.allocator.free(t)
+
+
+def test_batch_bucket():
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 24, 40, 64]
 
 
 def test_width_bucket():
