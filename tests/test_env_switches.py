@@ -61,3 +61,15 @@ def test_decode_stages_compiled_on_a_gpu_unless_enforce_eager(monkeypatch, gpu):
     monkeypatch.setattr(serve, "_gpu", lambda: gpu)
     assert configs(parser().parse_args([]))[1].runner.compile_decode is gpu
     assert configs(parser().parse_args(["--enforce-eager"]))[1].runner.compile_decode is False
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_async_scheduling_on_a_gpu_unless_turned_off(monkeypatch, gpu):
+    from slabserve import serve
+    from slabserve.serve import configs, parser
+
+    monkeypatch.setattr(serve, "_gpu", lambda: gpu)
+    sched = lambda *flags: configs(parser().parse_args(list(flags)))[1].scheduler  # noqa: E731
+    assert sched().async_scheduling is gpu
+    assert sched("--no-async-scheduling").async_scheduling is False
+    assert sched("--async-scheduling").async_scheduling is True
