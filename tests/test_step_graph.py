@@ -301,3 +301,40 @@ def test_a_failed_trace_runs_staged(model_root):
     assert runner.attention.selector.path_counts() == {
         ("native", "env_native"): 7 * len(model.layers)}
     assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
+
+
+@stand_in
+def test_pending_tokens_feed_padded_graphs(model):
+    """Async scheduling's order over step graphs: steps planned ahead read their tokens on
+    the device from the step before, in batches of 3 (padded to 4) that shrink as requests
+    end; every request gets mlx-lm's greedy tokens."""
+    from slabserve.engine.executor import ModelExecutor
+    from slabserve.scheduler.api import Request, SamplingParams
+    from slabserve.scheduler.config import SchedulerConfig
+    from slabserve.scheduler.scheduler import Scheduler
+
+    runner = graph_runner(model)
+    executor = ModelExecutor(runner, 4096)
+    sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 4096)
+    ps = prompts(3, seed=21)
+    for i, p in enumerate(ps):
+        sched.add(Request(f"r{i}", tuple(p), SamplingParams(max_tokens=8 + 3 * i,
+                                                            temperature=0.0,
+                                                            ignore_eos=True)))
+    tokens: dict[str, list[int]] = {}
+    inflight, ahead = None, 0
+    while sched.has_work or inflight is not None:
+        plan = inflight
+        if plan is None:
+            plan = sched.schedule()
+            executor.submit(plan)
+        inflight = sched.schedule_next(plan)
+        if inflight is not None:
+            ahead += 1
+            executor.submit(inflight)
+        for u in sched.update(plan, executor.collect(plan)):
+            tokens.setdefault(u.request_id, []).append(u.token.token_id)
+    assert [tokens[f"r{i}"] for i in range(3)] == [
+        reference(model, p, 8 + 3 * i) for i, p in enumerate(ps)]
+    assert ahead > 10 and runner.step_graphs.traces > 0
+    assert runner.allocator.num_used == 0
