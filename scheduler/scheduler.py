@@ -179,12 +179,16 @@ class Scheduler:
 
         None (plan after ``update`` instead) when the next step depends on what only
         ``plan``'s tokens tell or needs what this cannot do: a prefill in ``plan``, a
-        waiting request, a running sequence ``plan`` does not decode, a row whose grammar
+        waiting request with room to run (``max_running`` not reached; when it is, a
+        request that ``plan`` ends makes room one step later than without async
+        scheduling), a running sequence ``plan`` does not decode, a row whose grammar
         mask or penalties need its history, or blocks only a preemption would free.  A
         sequence that ``plan`` ends by length is left out; one it ends by eos or a stop
         string runs once more and ``update`` drops that token (one wasted row)."""
-        if plan.prefills or not plan.decodes or self.waiting:
+        if plan.prefills or not plan.decodes:
             return None
+        if self.waiting and len(self.running) < self.cfg.max_running:
+            return None  # it may be admitted now: plan after the update
         decoding = {c.request_id: c for c in plan.decodes}
         nxt: list[tuple[Sequence, ScheduledChunk]] = []
         for seq in self.running:

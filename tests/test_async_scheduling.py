@@ -124,6 +124,26 @@ def test_schedule_next_declines_what_needs_the_tokens_first():
         assert t.schedule_next(t.schedule()) is None, params
 
 
+def test_a_full_batch_plans_ahead_with_requests_waiting():
+    """At ``max_running`` a waiting request cannot be admitted anyway: steps are planned
+    ahead, and every request still gets the reference tokens."""
+    s, ex = make(num_blocks=64, block_size=4, max_running=2)
+    reqs = [req(f"r{i}", 3 + i, max_tokens=6 + 2 * i) for i in range(4)]
+    for r in reqs:
+        s.add(r)
+    first = s.schedule()
+    s.update(first, ex.execute(first))
+    plan = s.schedule()
+    assert s.waiting and s.schedule_next(plan) is not None
+    s2, ex2 = make(num_blocks=64, block_size=4, max_running=2)
+    for r in reqs:
+        s2.add(r)
+    tokens, reasons, ahead = drive(s2, AheadShadow(ex2))
+    assert [tokens[r.request_id] for r in reqs] == [
+        reference(r.prompt_tokens, r.params.max_tokens) for r in reqs]
+    assert ahead > 0 and s2.allocator.num_used == 0
+
+
 def test_schedule_next_leaves_out_what_ends_by_length_and_reserves_blocks():
     s, ex = make(num_blocks=64, block_size=4)
     s.add(req("short", 4, max_tokens=2))
