@@ -4,6 +4,8 @@ Each chunk writes its token ids into the (block, row) slots of its table; a samp
 is a hash of the tokens read back through the table for all positions so far.  So a
 wrong block table, a block shared by two sequences, or a recompute that feeds the wrong
 tokens changes the sampled tokens, and outputs must not depend on the schedule.
+``drive`` runs a scheduler and an executor in the engine thread's order with async
+scheduling.
 """
 
 from __future__ import annotations
@@ -70,3 +72,26 @@ def make(num_blocks: int = 16, block_size: int = 4, max_context: int = 10_000,
 def req(rid: str, n: int, max_tokens: int = 4, base: int = 1, **params) -> Request:
     prompt = tuple(base + (i * 7) % (VOCAB - 1) for i in range(n))
     return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, **params))
+
+
+def drive(s, ex) -> tuple[dict[str, list[int]], dict[str, str], int]:
+    """The engine thread's order with async scheduling, checking integrity after every
+    update: (tokens per request, finish reason per request, steps planned ahead)."""
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    inflight, ahead = None, 0
+    while s.has_work or inflight is not None:
+        plan = inflight
+        if plan is None:
+            plan = s.schedule()
+            ex.submit(plan)
+        inflight = s.schedule_next(plan)
+        if inflight is not None:
+            ahead += 1
+            ex.submit(inflight)
+        for u in s.update(plan, ex.collect(plan)):
+            tokens.setdefault(u.request_id, []).append(u.token.token_id)
+            if u.finish_reason:
+                reasons[u.request_id] = u.finish_reason
+        s.check_integrity()
+    return tokens, reasons, ahead

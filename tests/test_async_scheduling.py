@@ -14,7 +14,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 from models import CUDA_CONFIG
-from sched_fakes import ShadowExecutor, make, reference, req
+from sched_fakes import ShadowExecutor, drive, make, reference, req
 
 from slabserve.build import ServeConfig, build_serving
 from slabserve.engine.config import CacheConfig, RunnerConfig
@@ -50,29 +50,6 @@ class AheadShadow(ShadowExecutor):
 
     def collect(self, plan: StepPlan):
         return self.outs.pop(plan.step)
-
-
-def drive(s, ex) -> tuple[dict[str, list[int]], dict[str, str], int]:
-    """The engine thread's order with async scheduling, checking integrity after every
-    update: (tokens per request, finish reason per request, steps planned ahead)."""
-    tokens: dict[str, list[int]] = {}
-    reasons: dict[str, str] = {}
-    inflight, ahead = None, 0
-    while s.has_work or inflight is not None:
-        plan = inflight
-        if plan is None:
-            plan = s.schedule()
-            ex.submit(plan)
-        inflight = s.schedule_next(plan)
-        if inflight is not None:
-            ahead += 1
-            ex.submit(inflight)
-        for u in s.update(plan, ex.collect(plan)):
-            tokens.setdefault(u.request_id, []).append(u.token.token_id)
-            if u.finish_reason:
-                reasons[u.request_id] = u.finish_reason
-        s.check_integrity()
-    return tokens, reasons, ahead
 
 
 def test_pipelined_decodes_equal_the_reference_and_free_every_block():

@@ -16,6 +16,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
 from models import CUDA_CONFIG, make
+from sched_fakes import drive
 from test_runner import prompts, reference
 
 from slabserve.attention import Selector
@@ -321,19 +322,7 @@ def test_pending_tokens_feed_padded_graphs(model):
         sched.add(Request(f"r{i}", tuple(p), SamplingParams(max_tokens=8 + 3 * i,
                                                             temperature=0.0,
                                                             ignore_eos=True)))
-    tokens: dict[str, list[int]] = {}
-    inflight, ahead = None, 0
-    while sched.has_work or inflight is not None:
-        plan = inflight
-        if plan is None:
-            plan = sched.schedule()
-            executor.submit(plan)
-        inflight = sched.schedule_next(plan)
-        if inflight is not None:
-            ahead += 1
-            executor.submit(inflight)
-        for u in sched.update(plan, executor.collect(plan)):
-            tokens.setdefault(u.request_id, []).append(u.token.token_id)
+    tokens, _, ahead = drive(sched, executor)
     assert [tokens[f"r{i}"] for i in range(3)] == [
         reference(model, p, 8 + 3 * i) for i, p in enumerate(ps)]
     assert ahead > 10 and runner.step_graphs.traces > 0
