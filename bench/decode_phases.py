@@ -97,13 +97,13 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
                 first.setdefault(m, tokens[m])
                 if r >= cfg.warmup:
                     steps[m].append(st)
+        steps["overlap"], first["overlap"] = run_overlap(runner, executor, cfg, tables,
+                                                         start, ctx, params)
     finally:
         runner.compile_decode = True
         runner.step_graph = runner.step_graphs is not None
         for t in tables:
             runner.allocator.free(t)
-    steps["overlap"], first["overlap"] = run_overlap(runner, executor, cfg, tables, start,
-                                                     ctx, params)
     runner.allocator.check_integrity()
     modes = {m: _summary(batch, steps[m]) for m in ALL_MODES}
     return dict(batch=batch, ctx=ctx, skipped=None, modes=modes,
