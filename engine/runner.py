@@ -242,16 +242,16 @@ class ModelRunner:
             tables.append(s.blocks[: blocks_needed(s.start + 1, bs)])
             lengths.append(s.start + 1)
         batch = DecodeBatch(self.geom, tables, lengths)
+        starts = [s.start for s in seqs]
         # host_array: a one-sequence batch's position and token are 4-byte arrays, which
         # MLX's CUDA allocator would put in its slow-to-read scalar pool (kvcache.arrays)
-        offsets = host_array([s.start for s in seqs])
         inputs = host_array([s.tokens for s in seqs]) if tokens is None else tokens[:, None]
-        if self.step_graph and self.compile_decode:
-            logits = self.step_graphs.run(inputs, [s.start for s in seqs], batch, slots)
+        if self.step_graph and self.compile_decode:  # the graph builds its own positions
+            logits = self.step_graphs.run(inputs, starts, batch, slots)
             if logits is not None:
                 return logits
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
-                             batch, staged=self.compile_decode)
+        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), host_array(starts),
+                             self.attention, batch, staged=self.compile_decode)
         logits = self._run(inputs, ctx, slice(-1, None))
         return logits if logits.ndim == 2 else logits[:, -1, :]
 
