@@ -91,7 +91,6 @@ class ThreadedServingLoop(ServingLoop):
         self.overlap = scheduler.cfg.async_scheduling and executor.overlaps
         self.ahead_steps = 0  # steps submitted while the one before them ran
         self._inflight: StepPlan | None = None
-        self._ahead_s = 0.0
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)
         self.decode_time = DecodeStepTime()
         if tokenizer is not None:
@@ -296,8 +295,8 @@ class ThreadedServingLoop(ServingLoop):
             if not self._submit(plan, out):
                 return None
             forward_s = self.executor.last_forward_s
-        nxt = self._plan_ahead(plan)
-        schedule_s += self._ahead_s
+        nxt, ahead_s = self._plan_ahead(plan)
+        schedule_s += ahead_s
         if nxt is not None:
             forward_s += self.executor.last_forward_s
         try:
@@ -328,27 +327,27 @@ class ThreadedServingLoop(ServingLoop):
             return False
         return True
 
-    def _plan_ahead(self, plan: StepPlan) -> StepPlan | None:
-        """The next step, planned and submitted while ``plan`` runs, or None (async
-        scheduling off, commands waiting, or ``Scheduler.schedule_next`` declines).  A
-        submit that fails leaves nothing behind: the blocks it reserved cover the
-        sequences' next positions, which the next ``schedule`` plans again."""
-        self._ahead_s = 0.0
+    def _plan_ahead(self, plan: StepPlan) -> tuple[StepPlan | None, float]:
+        """(the next step, planned and submitted while ``plan`` runs, or None; seconds
+        spent planning it).  None: async scheduling off, commands waiting, or
+        ``Scheduler.schedule_next`` declines.  A submit that fails leaves nothing behind:
+        the blocks it reserved cover the sequences' next positions, which the next
+        ``schedule`` plans again."""
         if not self.overlap or self._inbox:
-            return None
+            return None, 0.0
         t0 = time.perf_counter()
         nxt = self.scheduler.schedule_next(plan)
-        self._ahead_s = time.perf_counter() - t0
+        planned_s = time.perf_counter() - t0
         if nxt is None:
-            return None
+            return None, planned_s
         try:
             self.executor.submit(nxt)
         except Exception:
             log.exception("step %d failed to submit ahead; planning it after the update",
                           nxt.step)
-            return None
+            return None, planned_s
         self.ahead_steps += 1
-        return nxt
+        return nxt, planned_s
 
     def _fail(self, plan: StepPlan, e: Exception, out: _Out) -> None:
         log.error("step %d failed: %r", plan.step, e, exc_info=e)
