@@ -198,14 +198,12 @@ class Scheduler:
             ends = c.output_index + 1 >= seq.params.max_tokens or c.start + 2 >= self.max_context
             if not ends:
                 nxt.append((seq, c))
-        bs = self.block_size
-        need = sum(max(0, blocks_needed(c.start + 2, bs) - len(s.blocks)) for s, c in nxt)
-        if not nxt or need > self.allocator.num_available:
+        extras = [blocks_needed(c.start + 2, self.block_size) - len(s.blocks) for s, c in nxt]
+        if not nxt or sum(e for e in extras if e > 0) > self.allocator.num_available:
             return None
         self._step += 1
         chunks = []
-        for seq, c in nxt:
-            extra = blocks_needed(c.start + 2, bs) - len(seq.blocks)
+        for (seq, c), extra in zip(nxt, extras, strict=True):
             if extra > 0:
                 seq.blocks.extend(self.allocator.allocate(extra))
             chunks.append(ScheduledChunk(seq.request_id, (PENDING,), c.start + 1,
