@@ -60,6 +60,18 @@ class PathTrace:
         return " / ".join(parts)
 
 
+def _increase(before: Mapping[Key, float], key: Key, value: float) -> float:
+    """A sample's increase since ``before``; one that went down (the server restarted)
+    counts from zero."""
+    prev = before.get(key, 0.0)
+    return value - prev if value >= prev else value
+
+
+def _named(name: str, suffix: str) -> bool:
+    """Whether sample ``name`` is ``suffix`` under any prefix (``slabserve:<suffix>``)."""
+    return name == suffix or name.endswith(":" + suffix)
+
+
 def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathTrace:
     """The attention-path counters' increase from ``before`` to ``after``.  A counter that
     went down (server restarted) counts from zero."""
@@ -68,8 +80,7 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
     for (name, labels), value in after.items():
         if not name.endswith(PATH_COUNTER_SUFFIX):
             continue
-        prev = before.get((name, labels), 0.0)
-        inc = value - prev if value >= prev else value
+        inc = _increase(before, (name, labels), value)
         if inc <= 0:
             continue
         lab = dict(labels)
@@ -92,10 +103,9 @@ def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],
     out: dict[str, float] = {}
     for (name, labels), value in after.items():
         for suf in suffixes:
-            if name.endswith(":" + suf) or name == suf:
-                prev = before.get((name, labels), 0.0)
+            if _named(name, suf):
                 key = suf.removesuffix("_total")
-                out[key] = out.get(key, 0.0) + (value - prev if value >= prev else value)
+                out[key] = out.get(key, 0.0) + _increase(before, (name, labels), value)
     return out
 
 
@@ -108,11 +118,10 @@ def histogram_delta(before: Mapping[Key, float], after: Mapping[Key, float],
     named ``...<suffix>``, summed over its other labels, ascending; empty when absent."""
     by_le: dict[float, float] = {}
     for (name, labels), value in after.items():
-        if not (name.endswith(":" + suffix) or name == suffix):
+        if not _named(name, suffix):
             continue
         le = float(dict(labels).get("le", "inf"))
-        prev = before.get((name, labels), 0.0)
-        by_le[le] = by_le.get(le, 0.0) + (value - prev if value >= prev else value)
+        by_le[le] = by_le.get(le, 0.0) + _increase(before, (name, labels), value)
     return sorted(by_le.items())
 
 
