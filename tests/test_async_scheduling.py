@@ -15,9 +15,9 @@ import pytest
 from mlx_lm.generate import generate_step
 from models import CUDA_CONFIG
 from sched_fakes import ShadowExecutor, drive, make, reference, req
+from test_engine import started
 
-from slabserve.build import ServeConfig, build_serving
-from slabserve.engine.config import CacheConfig, RunnerConfig
+from slabserve.engine.config import RunnerConfig
 from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.step import PENDING, GrammarSpec, StepPlan
 from slabserve.scheduler.api import Request, SamplingParams
@@ -191,15 +191,10 @@ def model_dir(tmp_path_factory):
 
 
 async def _engine(async_on: bool, model: str):
-    eng = build_serving(ServeConfig(
-        model=model,
-        cache=CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22),
+    return await started(
+        model=model, runner=RunnerConfig(compile_decode=mx.default_device().type == mx.gpu),
         scheduler=SchedulerConfig(max_step_tokens=96, prefill_chunk=32,
-                                  async_scheduling=async_on),
-        runner=RunnerConfig(compile_decode=mx.default_device().type == mx.gpu),
-        mlx_cache_limit_bytes=1 << 28))
-    await eng.start()
-    return eng
+                                  async_scheduling=async_on))
 
 
 async def _outputs(eng, prompts, params, tag="q"):

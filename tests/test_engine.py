@@ -26,9 +26,11 @@ def prompts(count: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 async def started(**kw):
+    """A started engine on the small test pool; ``kw``: other ``ServeConfig`` fields."""
     cache = kw.pop("cache", CacheConfig(block_size=16, slab_tokens=256, kv_budget_bytes=1 << 22))
     sched = kw.pop("scheduler", SchedulerConfig(max_step_tokens=96, prefill_chunk=32))
-    eng = build_serving(ServeConfig(cache=cache, scheduler=sched, mlx_cache_limit_bytes=1 << 28))
+    eng = build_serving(ServeConfig(cache=cache, scheduler=sched, mlx_cache_limit_bytes=1 << 28,
+                                    **kw))
     await eng.start()
     return eng
 
