@@ -86,7 +86,10 @@ class RunnerConfig:
     cache (engine/staged.py; the server turns it on on a GPU unless ``--enforce-eager``);
     False runs every layer's Python each step.  ``step_graph``: with ``compile_decode``,
     a model whose layers all have fused stages (the llama family) runs each decode step as
-    one compiled graph (engine/step_graph.py) where every layer's path can be traced."""
+    one compiled graph (engine/step_graph.py) where every layer's path can be traced.
+    ``capture_max_batch``: with ``compile_decode``, the serving process runs throwaway
+    decode steps at start-up for batches up to this size (``ModelRunner.capture_decode``),
+    so their graphs are traced and kernels compiled before the first request; 0 = none."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
@@ -94,9 +97,12 @@ class RunnerConfig:
     linear_layout: bool = True
     compile_decode: bool = False
     step_graph: bool = True
+    capture_max_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:
             raise ValueError("prefill_kv_bucket must be >= 0")
         if self.dispatch_every < 0:
             raise ValueError("dispatch_every must be >= 0")
+        if self.capture_max_batch < 0:
+            raise ValueError("capture_max_batch must be >= 0")

@@ -255,6 +255,24 @@ class ModelRunner:
         logits = self._run(inputs, ctx, slice(-1, None))
         return logits if logits.ndim == 2 else logits[:, -1, :]
 
+    def capture_decode(self, sizes: list[int]) -> int:
+        """Run one throwaway decode step per batch size in ``sizes`` (every sequence one
+        token at position 0, in a block of its own, freed after), so that compiled decode
+        steps (step graphs, compiled stages) are traced and their kernels compiled before
+        serving, as vLLM captures CUDA graphs at start-up; sizes beyond the free blocks are
+        skipped.  Returns how many step graphs were traced.  The blocks used were free
+        before and are free after; no other block is read or written."""
+        fit = [b for b in sizes if b <= self.allocator.num_free_uncached]
+        blocks = self.allocator.allocate(max(fit, default=0)) or []
+        before = self.step_graphs.traces if self.step_graphs is not None else 0
+        try:
+            for b in fit:
+                _, logits = self.forward([], [SeqInput([0], 0, [blk]) for blk in blocks[:b]])
+                mx.eval(logits)
+        finally:
+            self.allocator.free(blocks)
+        return (self.step_graphs.traces if self.step_graphs is not None else 0) - before
+
     def forward(
         self, prefills: list[SeqInput], decodes: list[SeqInput],
         decode_tokens: mx.array | None = None,

@@ -69,6 +69,23 @@ def batch_bucket(batch: int) -> int:
     return -(-batch // 8) * 8
 
 
+def capture_sizes(max_batch: int) -> list[int]:
+    """Batch sizes whose decode steps trace every step-graph signature of batches up to
+    ``max_batch`` at one table width: each bucket's full size (where it is at most
+    ``max_batch``), and one size padded up to it (a padded batch writes through a row
+    selection: a signature of its own).  vLLM's capture sizes follow the same pattern."""
+    sizes: list[int] = []
+    done = 0  # the largest batch whose bucket is covered
+    while done < max_batch:
+        bucket = batch_bucket(done + 1)
+        if bucket - 1 > done:  # sizes done+1 .. bucket-1 pad to this bucket
+            sizes.append(min(bucket - 1, max_batch))
+        if bucket <= max_batch:
+            sizes.append(bucket)
+        done = bucket
+    return sizes
+
+
 def width_bucket(blocks: int) -> int:
     """Table width for ``blocks`` blocks: rounded up to an eighth of its power of two (at
     least 8): a sequence's graph is retraced every 1/8 doubling of its context, not every

@@ -14,6 +14,12 @@
 #            (slabserve bench prefix-overhead), Llama-3.2-1B shape, 4k, concurrency 8;
 #   graphs   decode-phases (Llama-3.2-1B shape) once per MLX CUDA graph setting
 #            (MLX_MAX_OPS_PER_BUFFER 50 / 100 / 250 / 8, MLX_USE_CUDA_GRAPHS=0), one process each;
+#   jit      concurrency 8 at 1k, Llama-3.2-1B shape: ours then a second process of ours
+#            (twin), MLX's on-disk kernel cache emptied first, start-up capture off then on
+#            (--cuda-graph-max-bs 0 / default): kernels compiled and cached by the first
+#            process are what the second one reads;
+#   ties     where the tests' tiny models' greedy tokens leave mlx-lm's on this device, how
+#            close mlx-lm's own top two logits were (python -m experiments.tie_margin);
 #   spread   four processes of the same decode-phases cell, two of them pinned to one
 #            core (taskset), to see how far processes of one tree differ.
 # Results under $OUT.
@@ -24,11 +30,11 @@ SS="python -m slabserve.cli"
 for STEP in "${@:-phases}"; do
   case "$STEP" in
   tests)
-    timeout 240 python -m pytest -q -x -p no:cacheprovider tests/test_step_graph.py \
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_step_graph.py \
       tests/test_async_scheduling.py \
       tests/test_staged.py tests/test_native_cuda.py tests/test_cuda_int8.py \
       tests/test_host_arrays.py tests/test_pool.py > "$OUT/tests.log" 2>&1
-    echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+    echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"; tail -1 "$OUT/tests.log"
     for f in "" --stages; do
       timeout 60 python -m experiments.step_profile --steps 20 --no-cprofile $f \
         > "$OUT/nodes$f.log" 2>&1
@@ -68,6 +74,20 @@ for STEP in "${@:-phases}"; do
         > "$OUT/graphs-$tag.log" 2>&1
       grep -E "^\| [0-9]+ \| [0-9]+ \|" "$OUT/graphs-$tag.log" | tail -12
     done ;;
+  jit)
+    ptx="${TMPDIR:-/tmp}/mlx"
+    for capture in 0 default; do
+      rm -rf "$ptx"; args=(); [[ $capture == 0 ]] && args=(--server-arg=--cuda-graph-max-bs=0)
+      timeout 280 $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 --configs auto \
+        --variant twin= --contexts 1k --concurrency 8 --max-tokens 64 --requests 16 \
+        --no-progress "${args[@]}" --out "$OUT/jit-$capture" > "$OUT/jit-$capture.log" 2>&1
+      echo "== capture $capture: $(find "$ptx" -name '*.ptx' 2>/dev/null | wc -l) kernels cached"
+      grep -h "captured decode" "$OUT/jit-$capture"/server-*.log | cut -c1-200
+      grep -E "^\| 1024 \| 8 \|" "$OUT/jit-$capture/results.md"
+      rm -f "$OUT/jit-$capture"/*.{png,csv,json}
+    done ;;
+  ties)
+    timeout 120 python -m experiments.tie_margin 2>&1 | grep -E "^(llama|qwen|phi)" ;;
   spread)
     for i in 1 2 3 4; do
       pin=""; [[ $((i % 2)) == 0 ]] && pin="taskset -c 3"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,6 +94,8 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
     model, tokenizer, _path = load(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir)
     runner = ModelRunner(model, kv_cache_config(cfg, model), cfg.runner, selector)
     _log_pool(runner)
+    if runner.compile_decode and cfg.runner.capture_max_batch:
+        _capture(runner, cfg.runner.capture_max_batch)
     return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg))
 
 
@@ -135,6 +138,17 @@ def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
         return RankRole(rank, follower=Follower(runner, group, dist, on_fault))
     leader.start()
     return RankRole(rank, assemble(runner, tokenizer, cfg.scheduler, model_name(cfg)), leader)
+
+
+def _capture(runner, max_batch: int) -> None:
+    """Compiled decode steps for batches up to ``max_batch``, traced before serving."""
+    from slabserve.engine.step_graph import capture_sizes
+
+    t0 = time.perf_counter()
+    sizes = capture_sizes(max_batch)
+    graphs = runner.capture_decode(sizes)
+    log.info("captured decode steps for batch sizes %s in %.1f s (%d step graphs)",
+             sizes, time.perf_counter() - t0, graphs)
 
 
 def _log_pool(runner, prefix: str = "") -> None:

@@ -139,6 +139,11 @@ def parser() -> argparse.ArgumentParser:
                    help="run every decode layer's Python each step instead of its compiled "
                         "stages (engine/staged.py; compiled by default on a GPU, eager on "
                         "CPU)")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                   help="on a GPU, trace compiled decode steps for batches up to this size at "
+                        "start-up (batch sizes 1, 2, 4, then multiples of 8, each also "
+                        "padded), so no request waits on a trace or a kernel compile; 0 = "
+                        "none (traced on first use); default --max-running")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
@@ -191,7 +196,9 @@ def configs(args: argparse.Namespace):
         dispatch_every=args.dispatch_every,
         host_math=_switch(args.host_math, env.host_math()),
         linear_layout=_switch(args.linear_layout, env.linear_layout()),
-        compile_decode=_gpu() and not args.enforce_eager)
+        compile_decode=_gpu() and not args.enforce_eager,
+        capture_max_batch=args.max_running if args.cuda_graph_max_bs is None
+        else args.cuda_graph_max_bs)
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
     serving = ServeConfig(model=args.model, dtype=args.dtype, cache_dir=env.cache_dir(),
                           cache=cache, runner=runner, scheduler=sched,

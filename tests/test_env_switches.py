@@ -73,3 +73,14 @@ def test_async_scheduling_on_a_gpu_unless_turned_off(monkeypatch, gpu):
     assert sched().async_scheduling is gpu
     assert sched("--no-async-scheduling").async_scheduling is False
     assert sched("--async-scheduling").async_scheduling is True
+
+
+def test_cuda_graph_max_bs_defaults_to_max_running():
+    from slabserve.serve import configs, parser
+
+    runner = lambda *flags: configs(parser().parse_args(list(flags)))[1].runner  # noqa: E731
+    assert runner().capture_max_batch == 64
+    assert runner("--max-running", "12").capture_max_batch == 12
+    assert runner("--max-running", "12", "--cuda-graph-max-bs", "0").capture_max_batch == 0
+    with pytest.raises(ValueError, match="capture_max_batch"):
+        runner("--cuda-graph-max-bs", "-1")

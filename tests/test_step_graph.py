@@ -26,7 +26,7 @@ from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner, SeqInput
-from slabserve.engine.step_graph import batch_bucket, width_bucket
+from slabserve.engine.step_graph import batch_bucket, capture_sizes, width_bucket
 
 HAS_CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX CUDA build)")
@@ -220,6 +220,33 @@ def test_padded_batches_share_a_graph_and_write_only_their_rows(model):
 def test_batch_bucket():
     assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [
         1, 2, 4, 4, 8, 8, 16, 16, 24, 40, 64]
+
+
+def test_capture_sizes_cover_every_bucket_and_its_padded_form():
+    assert capture_sizes(0) == []
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(10) == [1, 2, 3, 4, 7, 8, 10]
+    assert capture_sizes(16) == [1, 2, 3, 4, 7, 8, 15, 16]
+    for top in range(1, 70):
+        sizes = capture_sizes(top)
+        assert max(sizes) == top and sizes == sorted(set(sizes))
+        # every batch up to top meets a captured size of its bucket and padding
+        forms = {(batch_bucket(b), batch_bucket(b) > b) for b in sizes}
+        assert forms == {(batch_bucket(b), batch_bucket(b) > b) for b in range(1, top + 1)}
+
+
+@stand_in
+def test_captured_steps_leave_nothing_to_trace(model):
+    """``capture_decode`` traces one graph per captured size and frees its blocks; batches
+    of those buckets at short contexts then trace nothing, and their tokens are mlx-lm's."""
+    runner = graph_runner(model, slab_tokens=1024)  # one slab: every write lands in it
+    assert runner.capture_decode(capture_sizes(5)) == 5  # 1, 2, 3 (pads to 4), 4, 5 (to 8)
+    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
+    for n in (5, 3, 2):
+        ps = prompts(n, seed=20 + n)
+        assert greedy_generate(runner, ps, 8) == [reference(model, p, 8) for p in ps]
+    assert runner.step_graphs.traces == 5
+    assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
 
 
 def test_width_bucket():
