@@ -77,12 +77,13 @@ for STEP in "${@:-phases}"; do
   jit)
     ptx="${TMPDIR:-/tmp}/mlx"
     for capture in 0 default; do
-      rm -rf "$ptx"; args=(); [[ $capture == 0 ]] && args=(--server-arg=--cuda-graph-max-bs=0)
+      rm -rf "$ptx"; args=(--server-arg=--log-level=info)
+      [[ $capture == 0 ]] && args+=(--server-arg=--cuda-graph-max-bs=0)
       timeout 280 $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 --configs auto \
         --variant twin= --contexts 1k --concurrency 8 --max-tokens 64 --requests 16 \
         --no-progress "${args[@]}" --out "$OUT/jit-$capture" > "$OUT/jit-$capture.log" 2>&1
       echo "== capture $capture: $(find "$ptx" -name '*.ptx' 2>/dev/null | wc -l) kernels cached"
-      grep -h "captured decode" "$OUT/jit-$capture"/server-*.log | cut -c1-200
+      grep -hE "captured decode|WARNING|rror" "$OUT/jit-$capture"/server-*.log | cut -c1-200
       grep -E "^\| 1024 \| 8 \|" "$OUT/jit-$capture/results.md"
       rm -f "$OUT/jit-$capture"/*.{png,csv,json}
     done ;;
