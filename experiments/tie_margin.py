@@ -21,15 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlx_lm.utils import load  # noqa: E402
 from models import CONFIGS, make  # noqa: E402
-from test_runner import prompts, reference  # noqa: E402
+from test_runner import last_logits, prompts, reference  # noqa: E402
 from test_staged import staged_runner  # noqa: E402
 
 from slabserve.engine.generate import greedy_generate  # noqa: E402
-
-
-def last_logits(model, tokens: list[int]) -> mx.array:
-    """mlx-lm's float32 next-token logits after ``tokens`` (one full forward)."""
-    return model(mx.array([tokens]))[0, -1].astype(mx.float32)
 
 
 def report(arch: str, root: Path, n: int) -> None:
