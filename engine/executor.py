@@ -107,8 +107,7 @@ class ModelExecutor(Executor):
         return str(self.runner.geom.dtype).rsplit(".", 1)[-1]
 
     def decode_graph_traces(self) -> int:
-        graphs = self.runner.step_graphs
-        return 0 if graphs is None else graphs.traces
+        return self.runner.graph_traces
 
     def execute(self, plan: StepPlan) -> StepOutput:
         self.submit(plan)

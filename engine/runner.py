@@ -149,6 +149,11 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.geom.block_size
 
+    @property
+    def graph_traces(self) -> int:
+        """Decode step graphs traced so far (0 without step graphs)."""
+        return 0 if self.step_graphs is None else self.step_graphs.traces
+
     # ---- one forward ---------------------------------------------------------------
     def _run(self, inputs: mx.array, ctx: ForwardContext, head_rows: slice | None):
         out = self._build(inputs, ctx, head_rows)
@@ -264,14 +269,14 @@ class ModelRunner:
         before and are free after; no other block is read or written."""
         fit = [b for b in sizes if b <= self.allocator.num_free_uncached]
         blocks = self.allocator.allocate(max(fit, default=0)) or []
-        before = self.step_graphs.traces if self.step_graphs is not None else 0
+        before = self.graph_traces
         try:
             for b in fit:
                 _, logits = self.forward([], [SeqInput([0], 0, [blk]) for blk in blocks[:b]])
                 mx.eval(logits)
         finally:
             self.allocator.free(blocks)
-        return (self.step_graphs.traces if self.step_graphs is not None else 0) - before
+        return self.graph_traces - before
 
     def forward(
         self, prefills: list[SeqInput], decodes: list[SeqInput],
