@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlx_lm.utils import load  # noqa: E402
 from models import CONFIGS, make  # noqa: E402
-from test_runner import last_logits, prompts, reference  # noqa: E402
+from test_runner import departure, prompts  # noqa: E402
 from test_staged import staged_runner  # noqa: E402
 
 from slabserve.engine.generate import greedy_generate  # noqa: E402
@@ -34,12 +34,11 @@ def report(arch: str, root: Path, n: int) -> None:
     got = greedy_generate(runner, ps, n)
     same = 0
     for i, (p, ours) in enumerate(zip(ps, got, strict=True)):
-        ref = reference(model, p, n)
-        k = next((j for j, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), None)
-        if k is None:
+        left = departure(model, p, ours, n)
+        if left is None:
             same += 1
             continue
-        lg = last_logits(model, p + ref[:k])
+        k, ref, lg = left
         top = mx.sort(lg)[-2:].tolist()
         scale = float(mx.abs(lg).max())
         ours_gap = float(lg[ref[k]] - lg[ours[k]])

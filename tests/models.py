@@ -28,8 +28,16 @@ CUDA_CONFIG = dict(model_type="llama", hidden_size=256, num_hidden_layers=3,
                    max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def make(root: Path, name: str) -> Path:
-    path = root / name
+def _written(path: Path, config: dict, seed: int) -> Path:
     if not (path / "config.json").exists():
-        write_model_dir(path, CONFIGS[name], "float32", seed=1, gain=TINY_GAIN)
+        write_model_dir(path, config, "float32", seed=seed, gain=TINY_GAIN)
     return path
+
+
+def make(root: Path, name: str) -> Path:
+    return _written(root / name, CONFIGS[name], seed=1)
+
+
+def make_cuda(root: Path) -> Path:
+    """The CUDA_CONFIG model (head_dim 64) under ``root``, written once."""
+    return _written(root / "cuda-llama", CUDA_CONFIG, seed=3)

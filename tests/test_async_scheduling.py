@@ -13,12 +13,11 @@ import dataclasses
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from models import CUDA_CONFIG
+from models import make_cuda
 from sched_fakes import ShadowExecutor, drive, make, reference, req
 from test_engine import started
 
 from slabserve.engine.config import RunnerConfig
-from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.step import PENDING, GrammarSpec, StepPlan
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
@@ -183,11 +182,10 @@ async def test_calls_between_steps_see_no_step_in_flight():
 
 # ---- the model executor on the embedded tiny model (compiled decode on a GPU) ----------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(model_root):
     """A llama with head_dim 64 (a shape the CUDA kernels take: on a GPU the decode steps
     run as step graphs, fed the pending tokens on the device)."""
-    return str(write_model_dir(tmp_path_factory.mktemp("m"), CUDA_CONFIG, "float32", seed=3,
-                               gain=TINY_GAIN))
+    return str(make_cuda(model_root))
 
 
 async def _engine(async_on: bool, model: str):

@@ -29,15 +29,22 @@ def last_logits(model, tokens):
 TIE = 0.0 if mx.default_device() == mx.cpu else 2e-3
 
 
+def departure(model, prompt, got, n):
+    """Where ``got`` first leaves mlx-lm's ``n`` greedy tokens for ``prompt``: (position,
+    mlx-lm's tokens, its logits there), or None when they are equal."""
+    ref = reference(model, prompt, n)
+    k = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
+    return None if k is None else (k, ref, last_logits(model, prompt + ref[:k]))
+
+
 def greedy_agrees(model, prompt, got, n, tie=TIE):
     """``got`` is mlx-lm's greedy output for ``prompt``, or first leaves it where mlx-lm's
     own logits put our token within ``tie`` of its choice (relative to the largest
     |logit|); on CPU (``tie`` 0) token-exact."""
-    ref = reference(model, prompt, n)
-    k = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
-    if k is None:
+    left = departure(model, prompt, got, n)
+    if left is None:
         return True
-    lg = last_logits(model, prompt + ref[:k])
+    k, ref, lg = left
     return float(lg[ref[k]] - lg[got[k]]) <= tie * float(mx.abs(lg).max())
 
 

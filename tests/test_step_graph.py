@@ -15,7 +15,7 @@ import gc
 import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
-from models import CUDA_CONFIG, make
+from models import make, make_cuda
 from sched_fakes import drive
 from test_runner import prompts, reference
 
@@ -23,7 +23,6 @@ from slabserve.attention import Selector
 from slabserve.attention.cuda_plan import PlanParams
 from slabserve.attention.native_cuda import NativeCUDA
 from slabserve.engine.config import CacheConfig, RunnerConfig
-from slabserve.engine.embedded import TINY_GAIN, write_model_dir
 from slabserve.engine.generate import greedy_generate
 from slabserve.engine.runner import ModelRunner, SeqInput
 from slabserve.engine.step_graph import batch_bucket, capture_sizes, width_bucket
@@ -146,13 +145,12 @@ def test_graph_over_an_int8_pool(model_root):
     assert out[0] == out[1]
 
 
-def test_graph_writes_the_slabs_in_place(model_root, tmp_path):
+def test_graph_writes_the_slabs_in_place(model_root):
     """A step graph's K/V writes do not copy a slab: a step's peak memory stays under half
     of one slab (8 MiB a layer and side; the stand-in kernel's gathers take ~1 MiB).  On
     CUDA with the real kernels (a head_dim 64 model)."""
     if HAS_CUDA:
-        write_model_dir(tmp_path / "m", CUDA_CONFIG, "float32", seed=3, gain=TINY_GAIN)
-        model = load(str(tmp_path / "m"))[0]
+        model = load(str(make_cuda(model_root)))[0]
         runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=1 << 14,
                                                 kv_budget_bytes=1 << 30),
                              RunnerConfig(compile_decode=True), Selector(override=True))
@@ -261,12 +259,11 @@ def test_width_bucket():
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
-def test_cuda_graph_generation(kv_dtype, tmp_path):
+def test_cuda_graph_generation(kv_dtype, model_root):
     """The real kernels inside step graphs: ragged batches with a context long enough for
     several chunks (the fused merge's counters), graph tokens equal to the staged layers'
     and, for the float32 pool, to mlx-lm's greedy output."""
-    write_model_dir(tmp_path / "m", CUDA_CONFIG, "float32", seed=3, gain=TINY_GAIN)
-    model = load(str(tmp_path / "m"))[0]
+    model = load(str(make_cuda(model_root)))[0]
     ps = prompts(3, seed=7) + [[(7 * i) % 251 for i in range(700)]]
     out = {}
     for graph in (True, False):
