@@ -3,19 +3,23 @@
 The kernel runs one GPU block per (sequence, kv head [x q-head subgroup], chunk).  With few
 sequences and heads the GPU is filled only by splitting the context into chunks, each
 merged afterwards by log-sum-exp; every chunk costs a partial output written and read back,
-so chunks stay long enough to amortise that.  The plan is a pure function of the shape,
-cached per shape bucket (batch, context rounded up to a power of two, head blocks).
+so chunks stay long enough to amortise that.
 
-Invariants: ``1 <= chunks <= max_chunks`` and, for a context of ``n`` tokens,
-``chunks <= max(1, n // min_chunk_tokens)`` (no chunk shorter than the minimum unless the
-whole context is).
+Two halves: the grid's chunk count is planned here from the batch and head blocks only
+(one wave of resident blocks), never from the context, so a compiled step graph's launch
+is the same at every length; each sequence then splits its own pages over at most that many
+chunks of at least ``min_pages`` pages (the kernels' ``chunk_span``), so a short sequence
+uses few chunks and leaves the rest empty.  Whether the merge runs inside the main launch
+(``plan_fused``) still follows the context's bucket.
+
+Invariants: ``1 <= chunks <= max_chunks``; ``chunks > 1`` only within one wave of resident
+blocks; a sequence of ``n`` tokens uses at most ``max(1, pages(n) // min_pages)`` chunks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -52,43 +56,35 @@ def ctx_bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-@lru_cache(maxsize=4096)
-def _chunks_for_bucket(batch: int, bucket: int, head_blocks: int, params: PlanParams) -> int:
-    per_chunk = max(1, batch * head_blocks)
-    # one whole wave of resident blocks: a partial last wave would idle SMs
-    want = math.floor(params.sm_count * params.blocks_per_sm / per_chunk)
-    by_len = max(1, bucket // params.min_chunk_tokens)
-    return max(1, min(want, by_len, params.max_chunks))
+def plan_chunks(batch: int, head_blocks: int, params: PlanParams = DEFAULT_PARAMS) -> int:
+    """The grid's chunks for ``batch`` sequences of ``head_blocks`` GPU blocks per chunk:
+    one whole wave of resident blocks (a partial last wave would idle SMs), at most
+    ``max_chunks``; the same for every context length (module docstring)."""
+    if batch <= 0 or head_blocks <= 0:
+        raise ValueError("batch and head_blocks must be positive")
+    want = math.floor(params.sm_count * params.blocks_per_sm / (batch * head_blocks))
+    return max(1, min(want, params.max_chunks))
 
 
-def plan_chunks(
-    batch: int,
-    max_len: int,
-    head_blocks: int,
-    num_pages: int,
-    params: PlanParams = DEFAULT_PARAMS,
-) -> int:
-    """Chunks for a step: ``batch`` sequences, the longest ``max_len`` tokens over
-    ``num_pages`` table columns, ``head_blocks`` GPU blocks per chunk and sequence.
+def min_pages(params: PlanParams, block_size: int) -> int:
+    """The fewest pages of a chunk a sequence splits into: ``min_chunk_tokens`` in blocks."""
+    return max(1, params.min_chunk_tokens // block_size)
 
-    Computed for the context's bucket (cached), then capped so that no chunk is empty for
-    the longest sequence (at most ``num_pages`` chunks) and no chunk is shorter than
-    ``min_chunk_tokens`` of the actual context."""
-    if batch <= 0 or max_len <= 0 or head_blocks <= 0 or num_pages <= 0:
-        raise ValueError("batch, max_len, head_blocks and num_pages must be positive")
-    c = _chunks_for_bucket(batch, ctx_bucket(max_len), head_blocks, params)
-    return max(1, min(c, num_pages, max(1, max_len // params.min_chunk_tokens)))
+
+def chunk_spans(length: int, chunks: int, pages: int, block_size: int) -> list[range]:
+    """The token ranges of a ``length``-token sequence's ``chunks`` grid chunks with at
+    least ``pages`` pages each (the kernels' ``chunk_span``; empty ranges are chunks the
+    sequence leaves unused)."""
+    n = -(-length // block_size)
+    used = max(1, min(chunks, n // pages))
+    per = -(-n // used) * block_size
+    return [range(min(c * per, length), min(c * per + per, length)) for c in range(chunks)]
 
 
 def plan_fused(batch: int, max_len: int, kv_heads: int, head_dim: int, itemsize: int,
                params: PlanParams = DEFAULT_PARAMS) -> bool:
-    """Whether a step of ``batch`` sequences (the longest ``max_len`` tokens, bucketed like
-    the chunk plan) merges its chunks in the main launch: K and V bytes read per layer at
+    """Whether a step of ``batch`` sequences (the longest ``max_len`` tokens, rounded up to
+    a power of two) merges its chunks in the main launch: K and V bytes read per layer at
     most ``params.fused_max_bytes``."""
     kv_bytes = 2 * batch * ctx_bucket(max_len) * kv_heads * head_dim * itemsize
     return kv_bytes <= params.fused_max_bytes
-
-
-def cache_info():
-    """Hit/miss counts of the per-bucket cache (for tests and traces)."""
-    return _chunks_for_bucket.cache_info()

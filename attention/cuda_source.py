@@ -187,7 +187,7 @@ def kernel_body(ns: int, kind: str, variant: str = "async", scale: float = 1.0,
   }}
   __syncthreads();
   ::slabserve::{call}(
-      q, table, lengths, table_shape[1], {sb}, {scale * LOG2E!r}f,
+      q, table, lengths, table_shape[1], MP, {sb}, {scale * LOG2E!r}f,
       ktab, vtab, {outs}, slabserve_smem);
 """
 

@@ -32,7 +32,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from slabserve.attention.base import DecodeAttention, DecodeBatch
-from slabserve.attention.cuda_plan import DEFAULT_PARAMS, PlanParams, plan_chunks, plan_fused
+from slabserve.attention.cuda_plan import (
+    DEFAULT_PARAMS,
+    PlanParams,
+    min_pages,
+    plan_chunks,
+    plan_fused,
+)
 from slabserve.attention.cuda_source import (
     COMMON_FILE,
     INT8_VARIANT,
@@ -187,12 +193,11 @@ class NativeCUDA(DecodeAttention):
         key = (self, q.shape, q.dtype, pool.num_slabs, scale)
         found = batch._cache.get(key)
         if found is None:
-            chunks = plan_chunks(
-                batch.batch, batch.max_len, self._head_blocks(q, pool.geom), batch.num_blocks,
-                self._plan_params(q, pool.geom),
-            )
+            params = self._plan_params(q, pool.geom)
+            chunks = plan_chunks(batch.batch, self._head_blocks(q, pool.geom), params)
             found = batch._cache[key] = self._launch_for(
-                q, pool, chunks, self._fused(batch, pool.geom), scale)
+                q, pool, chunks, self._fused(batch, pool.geom), scale,
+                min_pages(params, pool.geom.block_size))
         return found
 
     def _fused(self, batch: DecodeBatch, g: PoolGeometry) -> bool:
@@ -233,23 +238,25 @@ class NativeCUDA(DecodeAttention):
                                             MMA_MIN_CHUNK_TOKENS))
 
     def _run(self, q, pool, layer, batch, scale, chunks: int,
-             fused: bool | None = None) -> mx.array:
-        """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps);
+             fused: bool | None = None, pages: int = 1) -> mx.array:
+        """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps),
+        each sequence split into up to ``chunks`` chunks of at least ``pages`` pages;
         ``fused`` None: as ``__call__`` would decide for this batch."""
         fused = self._fused(batch, pool.geom) if fused is None else fused
-        return self._execute(self._launch_for(q, pool, chunks, fused, scale)[1], q, pool,
-                             layer, batch, scale)
+        return self._execute(self._launch_for(q, pool, chunks, fused, scale, pages)[1], q,
+                             pool, layer, batch, scale)
 
     def _launch_for(self, q: mx.array, pool: SlabPool, chunks: int, fused: bool,
-                    scale: float) -> tuple:
-        """(key, launch): the launch of a chunk count and merge form, built once per key."""
+                    scale: float, pages: int) -> tuple:
+        """(key, launch): the launch of a chunk count, merge form and fewest pages a
+        chunk, built once per key."""
         ns = pool_slab_inputs(pool)
         fused = fused and chunks > 1  # one chunk: the direct kernel either way
-        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused, scale)
+        key = (q.shape, q.dtype, pool.geom, ns, chunks, fused, scale, pages)
         launch = self._launches.get(key)
         if launch is None:
             launch = self._launches[key] = (
-                ns, *self._launch(q, pool.geom, ns, chunks, fused, scale))
+                ns, *self._launch(q, pool.geom, ns, chunks, fused, scale, pages))
         return key, launch
 
     def _execute(self, launch: tuple, q, pool, layer, batch, scale) -> mx.array:
@@ -286,9 +293,10 @@ class NativeCUDA(DecodeAttention):
         return arr
 
     def _launch(self, q: mx.array, g: PoolGeometry, ns: int, chunks: int, fused: bool,
-                scale: float):
+                scale: float, pages: int):
         """(kernel, kwargs) of the main launch and of the merge: None with one chunk,
-        "fused" when the main launch merges."""
+        "fused" when the main launch merges.  ``pages``: the template's ``MP``, the fewest
+        pages of a chunk (cuda_plan.min_pages)."""
         b, hq, _, d = q.shape
         grp = hq // g.kv_heads
         variant, gb = self._case(q, g)
@@ -296,7 +304,7 @@ class NativeCUDA(DecodeAttention):
         tmpl = [
             ("TQ", q.dtype), ("T", g.dtype), ("D", d), ("BS", g.block_size),
             ("HKV", g.kv_heads), ("G", grp), ("GB", gb), ("NS", ns), ("U", unit),
-            ("NT", self.threads), ("ST", self.stages),
+            ("NT", self.threads), ("ST", self.stages), ("MP", pages),
         ]
         smem = smem_bytes(variant, g.dtype.size, d, gb, unit, self.stages, self.threads)
         nt = self.threads

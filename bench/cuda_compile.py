@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from slabserve.attention.cuda_plan import DEFAULT_PARAMS, min_pages
 from slabserve.attention.cuda_source import (
     COMMON_FILE,
     INT8_VARIANT,
@@ -87,7 +88,8 @@ def sources(variant: str, dt: str, d: int, bs: int, hq: int, hkv: int, ns: int,
     t, tq = CTYPE[dt], CTYPE[qdt]
     consts = [("TQ", tq), ("T", t), ("D", str(d)), ("BS", str(bs)), ("HKV", str(hkv)),
               ("G", str(grp)), ("GB", str(gb)), ("NS", str(ns)),
-              ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages))]
+              ("U", str(unit_tokens(gb, v))), ("NT", str(THREADS)), ("ST", str(stages)),
+              ("MP", str(min_pages(DEFAULT_PARAMS, bs)))]
     slabs = [(f"k{i}", t, i == 0) for i in range(ns)] + [(f"v{i}", t, False) for i in range(ns)]
     if v == INT8_VARIANT:
         slabs += [(f"{s}{i}", "__half", False) for s in ("ks", "vs") for i in range(ns)]

@@ -49,8 +49,7 @@ def kv_bytes(b: int, ctx: int, hkv: int, d: int, dtype: str) -> int:
 def plan_label(nat: NativeCUDA, q: mx.array, pool, batch) -> str:
     """What ``nat`` plans for this step: chunks, then ``f`` (merge fused) or ``s`` (split)."""
     g = pool.geom
-    chunks = plan_chunks(batch.batch, batch.max_len, nat._head_blocks(q, g), batch.num_blocks,
-                         nat._plan_params(q, g))
+    chunks = plan_chunks(batch.batch, nat._head_blocks(q, g), nat._plan_params(q, g))
     return f"{chunks}{'f' if chunks > 1 and nat._fused(batch, g) else 's'}"
 
 

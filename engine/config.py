@@ -17,7 +17,12 @@ class CacheConfig:
     uses the model's K/V dtype; one of KV_DTYPES otherwise ("int8": symmetric int8 with a
     float16 scale per token and kv head, kvcache/quant.py). ``prefix_caching``: full blocks
     stay cached by their tokens after their sequences end and later prompts that start with
-    the same tokens reuse them (kvcache/prefix.py, scheduler/prefix.py)."""
+    the same tokens reuse them (kvcache/prefix.py, scheduler/prefix.py).  ``preallocate``:
+    the whole budget is allocated at start-up (``initial_slabs`` ignored) and, without
+    ``slab_tokens``, in the fewest slabs whose per-layer arrays hold at most
+    MAX_SLAB_ELEMENTS elements (``whole_pool_slab_blocks``: one slab for most pools), as
+    vLLM allocates its KV cache: the pool never changes shape while serving, so compiled
+    decode step graphs, whose signature holds the slabs, see one pool."""
 
     block_size: int = 16
     slab_tokens: int | None = None
@@ -25,6 +30,7 @@ class CacheConfig:
     initial_slabs: int = 1
     dtype: str | None = None
     prefix_caching: bool = True
+    preallocate: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -57,6 +63,17 @@ class CacheConfig:
         return max(1, slab // per // self.block_size)
 
 
+    def whole_pool_slab_blocks(self, block_bytes: int, block_elements: int) -> int:
+        """Blocks per slab of a preallocated pool without ``slab_tokens``: the budget's
+        blocks (``block_bytes`` each, K and V of every layer) in the fewest slabs whose
+        per-layer, per-side array of ``block_elements`` elements a block stays within
+        MAX_SLAB_ELEMENTS."""
+        blocks = max(1, self.kv_budget_bytes // block_bytes)
+        slabs = max(1, -(-blocks * block_elements // MAX_SLAB_ELEMENTS))
+        return max(1, blocks // slabs)
+
+
+MAX_SLAB_ELEMENTS = 1 << 30  # 2 GiB of a 16-bit slab array: int32 element offsets stay exact
 AUTO_MAX_SLABS = 32
 AUTO_MIN_SLAB_TOKENS = 4096
 
@@ -89,7 +106,9 @@ class RunnerConfig:
     one compiled graph (engine/step_graph.py) where every layer's path can be traced.
     ``capture_max_batch``: with ``compile_decode``, the serving process runs throwaway
     decode steps at start-up for batches up to this size (``ModelRunner.capture_decode``),
-    so their graphs are traced and kernels compiled before the first request; 0 = none."""
+    so their graphs are traced and kernels compiled before the first request; 0 = none.
+    ``max_context``: the longest sequence the server admits (the scheduler's), which sizes
+    step graphs' device block table (kvcache/device_table.py); None: the pool's blocks."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
@@ -98,6 +117,7 @@ class RunnerConfig:
     compile_decode: bool = False
     step_graph: bool = True
     capture_max_batch: int = 0
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:
@@ -106,3 +126,5 @@ class RunnerConfig:
             raise ValueError("dispatch_every must be >= 0")
         if self.capture_max_batch < 0:
             raise ValueError("capture_max_batch must be >= 0")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ValueError("max_context must be positive")

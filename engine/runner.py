@@ -22,7 +22,7 @@ from slabserve.engine import patch
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
 from slabserve.engine.staged import stage_layers
-from slabserve.engine.step_graph import StepGraphs, query_dtype
+from slabserve.engine.step_graph import StepGraphs, batch_bucket, query_dtype
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import WritePlan
@@ -115,6 +115,10 @@ class ModelRunner:
         scales = 2 * num_layers * kvh * SCALE_DTYPE.size if is_quantized(dtype) else 0
         slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size,
                                             scales)
+        if cache_cfg.preallocate and not cache_cfg.slab_tokens:
+            one = PoolGeometry(num_layers, kvh, head_dim, cache_cfg.block_size, 1, dtype)
+            slab_blocks = cache_cfg.whole_pool_slab_blocks(
+                one.block_bytes, kvh * cache_cfg.block_size * head_dim)
         self.geom = PoolGeometry(
             num_layers, kvh, head_dim, cache_cfg.block_size, slab_blocks, dtype
         )
@@ -123,11 +127,12 @@ class ModelRunner:
         self.allocator = BlockAllocator(
             slab_blocks,
             max_slabs * slab_blocks,
-            initial_slabs=cache_cfg.initial_slabs,
+            initial_slabs=max_slabs if cache_cfg.preallocate else cache_cfg.initial_slabs,
             on_grow=self.pool.grow,
             enable_caching=cache_cfg.prefix_caching,
         )
         self.caches = [PagedLayerCache(i) for i in range(num_layers)]
+        self.max_context = cfg.max_context
         self.last_build_s = 0.0
         # decode forwards replay compiled per-layer stages (engine/staged.py), and where
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
@@ -142,8 +147,11 @@ class ModelRunner:
             return None
         if len({(f.heads, f.scale) for f in fused}) != 1:
             return None
+        width = self.allocator.max_blocks
+        if self.max_context is not None:
+            width = min(width, blocks_needed(self.max_context, self.geom.block_size))
         return StepGraphs(self._build, self.pool, self.attention, len(layers), fused[0].heads,
-                          query_dtype(self.model, layers[0]), fused[0].scale)
+                          query_dtype(self.model, layers[0]), fused[0].scale, width)
 
     @property
     def block_size(self) -> int:
@@ -261,19 +269,29 @@ class ModelRunner:
         return logits if logits.ndim == 2 else logits[:, -1, :]
 
     def capture_decode(self, sizes: list[int]) -> int:
-        """Run one throwaway decode step per batch size in ``sizes`` (every sequence one
-        token at position 0, in a block of its own, freed after), so that compiled decode
-        steps (step graphs, compiled stages) are traced and their kernels compiled before
-        serving, as vLLM captures CUDA graphs at start-up; sizes beyond the free blocks are
-        skipped.  Returns how many step graphs were traced.  The blocks used were free
-        before and are free after; no other block is read or written."""
+        """Run throwaway decode steps for each batch size in ``sizes`` so that compiled
+        decode steps (step graphs, compiled stages) are traced and their kernels compiled
+        before serving, as vLLM captures CUDA graphs at start-up; sizes beyond the free
+        blocks are skipped.  Each size runs twice: every sequence one token at position 0,
+        then at the last position of ``max_context`` (where a step's merge form can differ,
+        attention/cuda_plan.plan_fused), each sequence's table that one block repeated.
+        Returns how many step graphs were traced.  The blocks used were free before and
+        are free after; no other block is written."""
         fit = [b for b in sizes if b <= self.allocator.num_free_uncached]
-        blocks = self.allocator.allocate(max(fit, default=0)) or []
+        if not fit:
+            return 0
+        blocks = self.allocator.allocate(max(fit)) or []
         before = self.graph_traces
+        if self.step_graphs is not None:
+            self.step_graphs.tables.reserve(batch_bucket(max(fit)))
+        bs = self.geom.block_size
+        ends = sorted({1, self.max_context or 1})
         try:
             for b in fit:
-                _, logits = self.forward([], [SeqInput([0], 0, [blk]) for blk in blocks[:b]])
-                mx.eval(logits)
+                for n in ends:
+                    seqs = [SeqInput([0], n - 1, [blk] * blocks_needed(n, bs))
+                            for blk in blocks[:b]]
+                    mx.eval(self.forward([], seqs)[1])
         finally:
             self.allocator.free(blocks)
         return self.graph_traces - before

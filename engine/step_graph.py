@@ -9,22 +9,26 @@ what the Python would decide (each layer's path, the kernel launch's plan, where
 tokens go) and replays a graph traced once through the same code with those decisions;
 what changes from step to step is an input:
 
-- ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), ``table [B, W]`` (block ids, the
-  width padded to a bucket: ``width_bucket``), ``lengths [B]``, the write plan's one index
-  array (kvcache/spread.py: one write of every new row per slab touched), and every slab
-  of the pool (``SlabPool.arrays``), with ``B`` padded to a bucket (``batch_bucket``: 1, 2,
-  4, 8, then multiples of 8) by copies of the first sequence that attend to one token,
-  whose K/V writes put the first sequence's own values and whose logits are dropped;
+- ``tokens [B, 1]``, ``offsets [B]`` (RoPE positions), the block table (kept on the
+  device at a fixed shape and updated by the cells that changed: kvcache/device_table.py;
+  the graph reads its first ``B`` rows), ``lengths [B]``, the write plan's one index array
+  (kvcache/spread.py: one write of every new row per slab touched), and every slab of the
+  pool (``SlabPool.arrays``), with ``B`` padded to a bucket (``batch_bucket``: 1, 2, 4, 8,
+  then multiples of 8) by copies of the first sequence that attend to one token, whose K/V
+  writes put the first sequence's own values and whose logits are dropped;
 - outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
   (the old ones are then referenced by the graph only, so MLX writes in place as in the
   eager step).
 
-The signature: bucketed batch size, bucketed table width, the slabs the step writes, the
-pool's slab count, and each layer's path with the ``graph_key`` it gives (native CUDA: variant,
-chunks, merge form).  A step whose paths are not all graph-capable (gather-SDPA reads
-host-planned gathers), while the selector writes a trace, or whose trace failed runs the
-staged layers as before.  A new signature costs a trace (the forward's Python once, then
-MLX's compile): ``traces`` counts them (/metrics ``decode_graph_traces_total``).
+The signature: bucketed batch size, the device table's shape, the slabs the step writes,
+the pool's slab count, and each layer's path with the ``graph_key`` it gives (native CUDA:
+variant, chunks, merge form).  None of these follows a sequence's length except the merge
+form (attention/cuda_plan.py): with a pool allocated whole (one slab), a step at any
+context replays a graph of its batch bucket that start-up capture traced.  A step whose
+paths are not all graph-capable (gather-SDPA reads host-planned gathers), while the
+selector writes a trace, or whose trace failed runs the staged layers as before.  A new
+signature costs a trace (the forward's Python once, then MLX's compile): ``traces`` counts
+them (/metrics ``decode_graph_traces_total``).
 
 Invariants: a step graph computes what the staged step computes (the same stage functions,
 writes and kernels, traced); the selector's decisions are taken and counted once per layer
@@ -38,12 +42,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 
 from slabserve.attention import AttentionRuntime, DecodeBatch
 from slabserve.engine.paged_cache import ForwardContext
 from slabserve.kvcache.arrays import host_array
-from slabserve.kvcache.pool import SlabPool, padded_table
+from slabserve.kvcache.device_table import DeviceBlockTable
+from slabserve.kvcache.pool import SlabPool
 from slabserve.kvcache.spread import SpreadWritePlan
 
 log = logging.getLogger(__name__)
@@ -86,14 +90,6 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
-def width_bucket(blocks: int) -> int:
-    """Table width for ``blocks`` blocks: rounded up to an eighth of its power of two (at
-    least 8): a sequence's graph is retraced every 1/8 doubling of its context, not every
-    block, for at most 1/8 more (masked) table columns."""
-    step = max(8, 1 << max(0, blocks.bit_length() - 4))
-    return -(-blocks // step) * step
-
-
 class _Graph:
     """One signature's compiled function, which pool slabs its trace wrote, and until its
     trace the host tables and lengths the kernel's plan reads (dropped after it: a
@@ -109,11 +105,13 @@ class StepGraphs:
     """Compiled whole decode steps of one runner (module docstring).
 
     ``build(inputs, ctx, head_rows)`` is the runner's forward builder; ``heads`` /
-    ``head_dim`` / ``dtype`` its layers' decode query shape; ``scale`` their softmax scale.
+    ``head_dim`` / ``dtype`` its layers' decode query shape; ``scale`` their softmax scale;
+    ``table_width`` the most blocks a sequence holds (the device table's width).
     ``max_graphs`` signatures are kept (least recently used dropped)."""
 
     def __init__(self, build, pool: SlabPool, runtime: AttentionRuntime, num_layers: int,
-                 heads: int, dtype: mx.Dtype, scale: float, max_graphs: int = 64) -> None:
+                 heads: int, dtype: mx.Dtype, scale: float, table_width: int,
+                 max_graphs: int = 64) -> None:
         self._build = build
         self.pool = pool
         self.runtime = runtime
@@ -123,6 +121,7 @@ class StepGraphs:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._failed: set[tuple] = set()
         self.traces = 0  # graphs traced so far (a new signature each)
+        self.tables = DeviceBlockTable(table_width)
 
     def run(self, inputs: mx.array, starts: list[int], batch: DecodeBatch,
             slots: list[tuple[int, int]]) -> mx.array | None:
@@ -152,8 +151,8 @@ class StepGraphs:
                     return None
                 path_keys[p] = graph_key(q, pool, batch, self.scale, self.num_layers)
         writes = SpreadWritePlan(pool.geom, slots, pad)
-        width = width_bucket(batch.num_blocks)
-        key = (batch.batch, width, writes.key, pool.num_slabs, inputs.dtype,
+        table = self.tables.update(batch.tables)
+        key = (batch.batch, self.tables.shape, writes.key, pool.num_slabs, inputs.dtype,
                tuple(map(id, paths)), tuple(path_keys.values()))
         graph = self._graphs.get(key)
         if graph is None:
@@ -164,7 +163,6 @@ class StepGraphs:
             self._graphs.move_to_end(key)
         if pad:
             inputs = mx.concatenate([inputs, mx.broadcast_to(inputs[:1], (pad, 1))])
-        table = host_array(padded_table(batch.tables, width).astype(np.int32), mx.int32)
         args = [inputs, host_array(starts), table, batch.lengths_array, writes.packed,
                 *pool.arrays()]
         try:
@@ -188,7 +186,7 @@ class StepGraphs:
         def step(inputs, offsets, table, lengths_arr, packed, *arrays):
             view = pool.view(list(arrays))
             traced = DecodeBatch(pool.geom, *graph.seed)
-            traced.__dict__.update(table_array=table, lengths_array=lengths_arr)
+            traced.__dict__.update(table_array=table[:traced.batch], lengths_array=lengths_arr)
             ctx = ForwardContext(view, writes.rebind(packed), offsets, runtime, traced,
                                  staged=True, graph_paths=paths)
             logits = build(inputs, ctx, slice(-1, None))

@@ -59,10 +59,10 @@ __device__ __forceinline__ unsigned long long gtimer() {
 # marks): 4 entry, 5 lengths read, 6 q read, 1 first stages issued, 2 first stage in,
 # 3 loop done.  Each text must occur exactly once (tests/test_block_stamps.py checks it).
 MARKS_AT = [
-    ("  S st;\n  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, "
+    ("  S st;\n  if (!st.template begin<BS, DIRECT>(lengths, mp, opart, lse, counters, "
      "out)) return;\n  float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];\n"
      "  st.load_q(q, qscale, qv, m, l, acc);\n",
-     "  S st;\n  SLABSERVE_MARK(4);\n  if (!st.template begin<BS, DIRECT>(lengths, nblk, "
+     "  S st;\n  SLABSERVE_MARK(4);\n  if (!st.template begin<BS, DIRECT>(lengths, mp, "
      "opart, lse, counters, out)) return;\n  SLABSERVE_MARK(5);\n"
      "  float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];\n"
      "  st.load_q(q, qscale, qv, m, l, acc);\n  SLABSERVE_MARK_AFTER(6, qv[GB - 1][VEC - 1]);\n"),
@@ -165,8 +165,8 @@ class StampedCUDA(NativeCUDA):
 
         return run
 
-    def _launch(self, q, g, ns, chunks, fused, scale):
-        main, merge = super()._launch(q, g, ns, chunks, fused, scale)
+    def _launch(self, q, g, ns, chunks, fused, scale, pages):
+        main, merge = super()._launch(q, g, ns, chunks, fused, scale, pages)
         kern, kw = main
         gx, gy, gz = kw["grid"]
         blocks = gx // kw["threadgroup"][0] * gy * gz

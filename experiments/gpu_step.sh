@@ -30,9 +30,9 @@ SS="python -m slabserve.cli"
 for STEP in "${@:-phases}"; do
   case "$STEP" in
   tests)
-    timeout 480 python -m pytest -q -p no:cacheprovider tests/test_step_graph.py \
-      tests/test_async_scheduling.py \
-      tests/test_staged.py tests/test_native_cuda.py tests/test_cuda_int8.py \
+    timeout ${TESTS_S:-480} python -m pytest -q -p no:cacheprovider tests/test_native_cuda.py \
+      tests/test_cuda_int8.py tests/test_cuda_variants.py tests/test_step_graph.py \
+      tests/test_device_table.py tests/test_async_scheduling.py tests/test_staged.py \
       tests/test_host_arrays.py tests/test_pool.py > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"; tail -1 "$OUT/tests.log"
     for f in "" --stages; do

@@ -83,6 +83,12 @@ def model_context(model, tokenizer) -> int:
     return n if isinstance(n, int) and 0 < n < 1 << 24 else 4096
 
 
+def serving_context(model, tokenizer, sched_cfg: SchedulerConfig) -> int:
+    """The longest sequence served: the model's context, capped by the scheduler's."""
+    n = model_context(model, tokenizer)
+    return n if sched_cfg.max_context is None else min(n, sched_cfg.max_context)
+
+
 def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> ThreadedServingLoop:
     """Load and assemble (not started: ``await loop.start()``).  ``selector``: the decode
     path selector (override, profile, trace; default auto without a profile)."""
@@ -92,7 +98,9 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
 
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir)
-    runner = ModelRunner(model, kv_cache_config(cfg, model), cfg.runner, selector)
+    runner_cfg = dataclasses.replace(
+        cfg.runner, max_context=serving_context(model, tokenizer, cfg.scheduler))
+    runner = ModelRunner(model, kv_cache_config(cfg, model), runner_cfg, selector)
     _log_pool(runner)
     if runner.compile_decode and cfg.runner.capture_max_batch:
         _capture(runner, cfg.runner.capture_max_batch)
@@ -189,9 +197,7 @@ def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str) -> Thread
     from slabserve.engine.executor import ModelExecutor
     from slabserve.scheduler.scheduler import Scheduler
 
-    max_context = model_context(runner.model, tokenizer)
-    if sched_cfg.max_context is not None:
-        max_context = min(max_context, sched_cfg.max_context)
+    max_context = serving_context(runner.model, tokenizer, sched_cfg)
     executor = ModelExecutor(runner, max_context)
     scheduler = Scheduler(sched_cfg, runner.allocator, runner.block_size, max_context,
                           tokenizer.eos_token_ids)

@@ -94,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
                         "process may use (weights + activations + KV pool), like vLLM's "
                         "--gpu-memory-utilization")
     g.add_argument("--initial-slabs", type=int, default=1)
+    g.add_argument("--kv-preallocate", action=argparse.BooleanOptionalAction, default=None,
+                   help="allocate the whole KV pool at start-up, in one slab unless it is "
+                        "too large (default: on a GPU, like vLLM; compiled decode steps then "
+                        "never see the pool change); off: grow a slab at a time from "
+                        "--initial-slabs")
     g.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES),
                    help="KV pool element type (default: the model's K/V dtype); int8: a float16 "
                         "scale per token and kv head (docs/benchmarks/kv-int8.md)")
@@ -184,7 +189,9 @@ def configs(args: argparse.Namespace):
     cache = CacheConfig(block_size=args.block_size, slab_tokens=args.slab_tokens,
                         kv_budget_bytes=args.kv_budget or CacheConfig.kv_budget_bytes,
                         initial_slabs=args.initial_slabs,
-                        dtype=args.kv_dtype, prefix_caching=args.enable_prefix_caching)
+                        dtype=args.kv_dtype, prefix_caching=args.enable_prefix_caching,
+                        preallocate=_gpu() and not args.enforce_eager
+                        if args.kv_preallocate is None else args.kv_preallocate)
     sched = SchedulerConfig.for_device(
         _gpu(), max_running=args.max_running, max_queued=args.max_queued,
         max_step_tokens=args.max_step_tokens, prefill_chunk=args.prefill_chunk,

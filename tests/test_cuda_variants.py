@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from cuda_fakes import FakeKernel
 
-from slabserve.attention.cuda_plan import plan_chunks
+from slabserve.attention.cuda_plan import chunk_spans, min_pages, plan_chunks
 from slabserve.attention.cuda_source import unit_tokens
 from slabserve.attention.native_cuda import NativeCUDA
 from slabserve.kvcache.pool import PoolGeometry
@@ -38,7 +38,9 @@ def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
     assert params.min_chunk_tokens == (1024 if want == "mma" else 256)
     # B=8 at 16k with 14/2 heads: the mma plan keeps chunks >= 1024 tokens (16 chunks)
     if want == "mma" and hq == 14:
-        assert plan_chunks(8, 16384, nat._head_blocks(q, pool.geom), 1024, params) == 16
+        grid = plan_chunks(8, nat._head_blocks(q, pool.geom), params)
+        spans = chunk_spans(16384, grid, min_pages(params, 16), 16)
+        assert sum(1 for r in spans if len(r)) == 16
 
 
 def test_lean_variant_takes_only_its_shapes():
@@ -97,7 +99,7 @@ def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
     assert case_variant("lean", mx.float16, mx.float16, 7, 64) == "async"
     body = kernel_body(2, "split", "lean", 0.125, 4096)
     assert "pooled_decode_async<" in body and "false, true>" in body
-    assert "table_shape[1], 4096," in body
+    assert "table_shape[1], MP, 4096," in body
     plain = kernel_body(2, "split", "async", 0.125)
     assert "k0_shape[0] / (HKV * BS)" in plain and "false>" in plain and ", true>" not in plain
     log: list = []
@@ -106,6 +108,6 @@ def test_lean_variant_compiles_the_slab_size_in(monkeypatch):
     for sb in (64, 128):
         pool, batch, q = make_case((600, 3000), 32, 8, 64, 16, mx.float16, sb)
         nat._run(q, pool, 0, batch, 0.125, 4)
-        assert f"table_shape[1], {sb}," in log[-2]["spec"]["source"]
+        assert f"table_shape[1], MP, {sb}," in log[-2]["spec"]["source"]
     splits = {e["spec"]["name"] for e in log if "_split_" in e["spec"]["name"]}
     assert len(splits) == 2  # one build per slab size

@@ -84,3 +84,23 @@ def test_cuda_graph_max_bs_defaults_to_max_running():
     assert runner("--max-running", "12", "--cuda-graph-max-bs", "0").capture_max_batch == 0
     with pytest.raises(ValueError, match="capture_max_batch"):
         runner("--cuda-graph-max-bs", "-1")
+
+
+def test_kv_preallocate_defaults_to_the_gpu(model_root):
+    """Off on this CPU (the pool grows a slab at a time), on with the flag; a runner over a
+    preallocated pool holds every slab from the start."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+    from models import make
+
+    from slabserve.engine.runner import ModelRunner
+    from slabserve.serve import configs, parser
+
+    cache = lambda *flags: configs(parser().parse_args(list(flags)))[1].cache  # noqa: E731
+    assert cache().preallocate is (mx.default_device().type == mx.gpu)
+    assert cache("--kv-preallocate").preallocate and not cache("--no-kv-preallocate").preallocate
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    runner = ModelRunner(model, cache("--kv-preallocate", "--kv-budget", "4M"))
+    a = runner.allocator
+    assert runner.pool.num_slabs == a.num_slabs == a.max_slabs == 1
+    assert a.capacity == a.max_blocks == 4 * 2**20 // runner.geom.block_bytes

@@ -61,3 +61,36 @@ def test_int8_slab_with_exact_scale_bytes_and_allocation():
     held = sum(a.nbytes for side in (pool.k, pool.v, pool.k_scale, pool.v_scale)
                for layer in side for a in layer)
     assert held == small.slab_bytes
+
+
+def preallocated(shape, budget: int, dtype: str) -> tuple[PoolGeometry, int]:
+    """(geometry, blocks) of a preallocated pool without ``slab_tokens``, as the runner
+    sizes it (``CacheConfig.whole_pool_slab_blocks``)."""
+    layers, kvh, d = shape
+    c = CacheConfig(kv_budget_bytes=budget, dtype=dtype, preallocate=True)
+    mdt = getattr(mx, dtype)
+    one = PoolGeometry(layers, kvh, d, c.block_size, 1, mdt)
+    sb = c.whole_pool_slab_blocks(one.block_bytes, kvh * c.block_size * d)
+    geom = PoolGeometry(layers, kvh, d, c.block_size, sb, mdt)
+    return geom, geom.slabs_for_budget(budget) * sb
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_preallocated_pool_is_the_fewest_slabs_of_the_budget(name, budget, dtype):
+    """One slab unless a layer's array would pass MAX_SLAB_ELEMENTS; the budget's blocks
+    all there (less than a block per slab lost to rounding); int8 still >= 1.9x."""
+    from slabserve.engine.config import MAX_SLAB_ELEMENTS
+
+    layers, kvh, d = SHAPES[name]
+    g, blocks = preallocated(SHAPES[name], budget, dtype)
+    slabs = g.slabs_for_budget(budget)
+    whole = budget // g.block_bytes
+    assert g.slab_blocks * kvh * g.block_size * d <= MAX_SLAB_ELEMENTS
+    assert slabs == max(1, -(-whole * kvh * g.block_size * d // MAX_SLAB_ELEMENTS))
+    assert whole - slabs < blocks <= whole and slabs * g.slab_bytes <= budget
+    if budget <= GIB:
+        assert slabs == 1
+    if dtype == "int8":
+        assert blocks / preallocated(SHAPES[name], budget, "float16")[1] >= 1.9

@@ -234,7 +234,7 @@ def _shim_source(quantized: bool, ns: int = 3) -> str:
     ins = ", ".join(["const device TQ* q", "const device int* table", "const int* table_shape",
                      "const device int* lengths", "const device float* qscale", *slabs])
     tmpl = ("template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, "
-            "int U, int NT, int ST>")
+            "int U, int NT, int ST, int MP>")
     direct = f"{tmpl}\nvoid k_direct({ins}, device TQ* out, {geo}) {{\n" + metal_body(
         parts["BODY"], "direct", ns, quantized) + "}\n"
     split = f"{tmpl}\nvoid k_split({ins}, device float* opart, device float* lse, {geo}) {{\n"
@@ -244,7 +244,7 @@ def _shim_source(quantized: bool, ns: int = 3) -> str:
              + parts["MERGE"] + "}\n")
     t = "int8_t" if quantized else "half"
     inst = "".join(
-        f"template void k_{k}<half, {t}, {d}, 16, 4, 3, 3, {ns}, 8, 64, 3>"
+        f"template void k_{k}<half, {t}, {d}, 16, 4, 3, 3, {ns}, 8, 64, 3, 16>"
         f"({ins.replace('TQ', 'half').replace('const device T*', f'const {t}*')}, {outs}, {geo});\n"
         for d in (64, 128) for k, outs in (("direct", "half* out"),
                                            ("split", "float* opart, float* lse")))

@@ -10,7 +10,7 @@ import pytest
 from cuda_fakes import FakeKernel
 
 from slabserve.attention import cuda_plan
-from slabserve.attention.cuda_plan import PlanParams, ctx_bucket, plan_chunks
+from slabserve.attention.cuda_plan import PlanParams, plan_chunks
 from slabserve.attention.cuda_source import (
     group_block,
     kernel_body,
@@ -27,44 +27,44 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (MLX C
 
 # ---- plan (CPU) ------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [1, 3, 8, 16, 64])
-@pytest.mark.parametrize("max_len", [1, 15, 16, 300, 1024, 4097, 16384, 32768, 131072])
 @pytest.mark.parametrize("head_blocks", [1, 2, 8, 32])
-def test_plan_bounds(batch, max_len, head_blocks):
+def test_plan_bounds(batch, head_blocks):
     p = cuda_plan.DEFAULT_PARAMS
-    pages = -(-max_len // 16)
-    c = plan_chunks(batch, max_len, head_blocks, pages)
-    assert 1 <= c <= min(p.max_chunks, pages)
-    assert c <= max(1, max_len // p.min_chunk_tokens)
+    c = plan_chunks(batch, head_blocks)
+    assert 1 <= c <= p.max_chunks
     # split only within one wave of resident blocks
     if c > 1:
         assert c * batch * head_blocks <= p.sm_count * p.blocks_per_sm
 
 
-def test_plan_fills_gpu_when_context_allows():
-    # one sequence, 8 kv heads, 16k tokens: 8 blocks per chunk, so split into many chunks
-    c = plan_chunks(1, 16384, 8, 1024)
+def test_plan_fills_gpu_at_any_context():
+    # one sequence, 8 kv heads: 8 blocks per chunk, so split into many chunks
+    c = plan_chunks(1, 8)
     assert c * 8 >= 132 * cuda_plan.DEFAULT_PARAMS.blocks_per_sm / 2
     # a large batch already fills the GPU: a single chunk
-    assert plan_chunks(128, 16384, 8, 1024) == 1
-    assert plan_chunks(8, 16384, 8, 1024) * 64 == 512  # B=8: one full wave
+    assert plan_chunks(128, 8) == 1
+    assert plan_chunks(8, 8) * 64 == 512  # B=8: one full wave
 
 
-def test_plan_cached_per_bucket():
-    params = PlanParams(sm_count=97)  # a fresh key, not shared with other tests
-    before = cuda_plan.cache_info()
-    a = plan_chunks(4, 5000, 8, 313, params)
-    mid = cuda_plan.cache_info()
-    b = plan_chunks(4, 7000, 8, 438, params)  # same bucket (8192): a cache hit
-    after = cuda_plan.cache_info()
-    assert mid.misses == before.misses + 1
-    assert after.hits == mid.hits + 1 and after.misses == mid.misses
-    assert a == b
-    assert ctx_bucket(5000) == ctx_bucket(7000) == 8192
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 256, 300, 1024, 4097, 16384, 131072])
+@pytest.mark.parametrize("chunks", [1, 3, 8, 64])
+@pytest.mark.parametrize("pages", [1, 16, 64])
+def test_chunk_spans_cover_each_token_once(length, chunks, pages):
+    """A sequence's own pages over at most ``chunks`` chunks of >= ``pages`` pages each,
+    block-aligned, every token in exactly one chunk (the kernels' chunk_span)."""
+    spans = cuda_plan.chunk_spans(length, chunks, pages, 16)
+    assert len(spans) == chunks
+    assert [t for r in spans for t in r] == list(range(length))
+    used = [r for r in spans if len(r)]
+    assert used and all(r.start % 16 == 0 for r in used)
+    assert len(used) <= max(1, -(-length // 16) // pages)
+    if len(used) > 1:
+        assert min(len(r) for r in used[:-1]) >= pages * 16
 
 
 def test_plan_rejects_bad_input():
     with pytest.raises(ValueError):
-        plan_chunks(0, 10, 8, 1)
+        plan_chunks(0, 8)
     with pytest.raises(ValueError):
         PlanParams(min_chunk_tokens=0)
 
@@ -276,7 +276,7 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
         assert nat(q, pool, layer, batch, 0.125).shape == q.shape
     mine = [k for k in batch._cache if isinstance(k, tuple) and k[0] is nat]
     assert len(mine) == 1
-    want = plan_chunks(2, 3000, 8, 188)
+    want = plan_chunks(2, 8)
     assert want > 1 and all(c["grid"][1] == want for c in log if c["grid"][1] != 1)
     assert len(log) == 3 * 2  # split + merge per layer
     assert {id(c["inputs"][3]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}

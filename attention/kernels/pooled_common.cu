@@ -15,7 +15,9 @@
 // Invariants the host keeps (attention/native_cuda.py):
 //   * D in {64, 128}, BS in {16, 32, 64}, U divides BS, NT a multiple of 32, GB divides G;
 //   * slabs are row-contiguous [sb * HKV * BS, D] (sb = slab_blocks); table rows are [nblk] valid block ids;
-//   * 1 <= lengths[b] <= nblk * BS.
+//   * 1 <= lengths[b] <= nblk * BS; nblk is a table row's stride, not a sequence's extent:
+//     chunks split each sequence's own pages (chunk_span), so a table wider than every row
+//     (a step graph's device table) costs nothing.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,6 +34,19 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) {
 }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
+}
+
+// Tokens [begin, end) of chunk c for a sequence of len tokens: the sequence's own pages
+// split evenly over at most nchunk chunks (the grid's count, planned for any length) of at
+// least mp pages each.  Chunks past what the sequence uses are empty (begin >= end).
+template <int BS>
+__device__ __forceinline__ void chunk_span(int len, int c, int nchunk, int mp, int& begin,
+                                           int& end) {
+  const int pages = (len + BS - 1) / BS;
+  const int used = max(1, min(nchunk, pages / mp));
+  const int ppc = (pages + used - 1) / used;
+  begin = c * ppc * BS;
+  end = min(begin + ppc * BS, len);
 }
 
 // 16 bytes -> VEC floats.

@@ -40,7 +40,7 @@ struct BlockSetup {
   int warp, rgw, lane, rg, kvh, h0, c, nchunk, b, tok_begin, tok_end;
 
   template <int BS>
-  __device__ __forceinline__ bool init(const int* lengths, int nblk) {
+  __device__ __forceinline__ bool init(const int* lengths, int mp) {
     const int tid = threadIdx.x, lane32 = tid & 31;
     warp = tid >> 5;
     rgw = lane32 / TPR;
@@ -51,10 +51,7 @@ struct BlockSetup {
     c = blockIdx.y;
     nchunk = gridDim.y;
     b = blockIdx.z;
-    const int len = lengths[b];
-    const int ppc = (nblk + nchunk - 1) / nchunk;
-    tok_begin = c * ppc * BS;
-    tok_end = min((c + 1) * ppc * BS, len);
+    chunk_span<BS>(lengths[b], c, nchunk, mp, tok_begin, tok_end);
     return tok_begin < tok_end;
   }
 
@@ -76,9 +73,9 @@ struct BlockSetup {
 
   // init(), and for a chunk past the end of a short sequence its empty partial: false.
   template <int BS, bool DIRECT>
-  __device__ __forceinline__ bool begin(const int* lengths, int nblk, float* opart, float* lse,
+  __device__ __forceinline__ bool begin(const int* lengths, int mp, float* opart, float* lse,
                                         int* counters, TQ* out) {
-    if (init<BS>(lengths, nblk)) return true;
+    if (init<BS>(lengths, mp)) return true;
     empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, b, HQ, h0, c, nchunk, out);
     return false;
   }
@@ -219,14 +216,14 @@ __device__ __forceinline__ void consume_unit_x(const uint4 (&kr)[U], VRow vrow, 
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int U, int NT,
           int ST, bool DIRECT, bool LEAN = false>
 __device__ __forceinline__ void pooled_decode_async(
-    const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
-    const T* const* ktab, const T* const* vtab, TQ* out, float* opart, float* lse,
-    int* counters, uint4* smem) {
+    const TQ* q, const int* table, const int* lengths, int nblk, int mp, int sb,
+    float qscale, const T* const* ktab, const T* const* vtab, TQ* out, float* opart,
+    float* lse, int* counters, uint4* smem) {
   using S = BlockSetup<TQ, T, D, G, GB, HKV, NT>;
   constexpr int VEC = S::VEC, R = S::R, RW = S::RW;
   static_assert(BS % U == 0 && G % GB == 0 && ST >= 2, "bad tiling");
   S st;
-  if (!st.template begin<BS, DIRECT>(lengths, nblk, opart, lse, counters, out)) return;
+  if (!st.template begin<BS, DIRECT>(lengths, mp, opart, lse, counters, out)) return;
   float qv[GB][VEC], m[GB], l[GB], acc[GB][VEC];
   st.load_q(q, qscale, qv, m, l, acc);
   const int* trow = table + (size_t)st.b * nblk;

@@ -41,9 +41,13 @@ inline float to_f(T x) {
   const int nblk = int(table_shape[1]);
   const int sb = int(k0_shape[0]) / (HKV * BS);
   const int len = lengths[b];
-  const int ppc = (nblk + nchunk - 1) / nchunk;
+  // the sequence's own pages over at most nchunk chunks of at least MP pages (the CUDA
+  // kernels' chunk_span): nblk is the table's row stride only
+  const int pages = (len + BS - 1) / BS;
+  const int used = max(1, min(nchunk, pages / MP));
+  const int ppc = (pages + used - 1) / used;
   const int tok_begin = c * ppc * BS;
-  const int tok_end = min((c + 1) * ppc * BS, len);
+  const int tok_end = min(tok_begin + ppc * BS, len);
   if (tok_begin >= tok_end) {
 /*EMPTY*/
     return;

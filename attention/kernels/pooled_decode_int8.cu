@@ -163,7 +163,8 @@ __device__ __forceinline__ void softmax_row_i8(float (&s)[4], const float (&vs)[
 template <typename TQ, typename T, int D, int BS, int HKV, int G, int GB, int NS, int NT,
           int ST, bool DIRECT>
 __device__ __forceinline__ void pooled_decode_int8(
-    const TQ* q, const int* table, const int* lengths, int nblk, int sb, float qscale,
+    const TQ* q, const int* table, const int* lengths, int nblk, int mp, int sb,
+    float qscale,
     const T* const* ktab, const T* const* vtab, const __half* const* kstab,
     const __half* const* vstab, TQ* out, float* opart, float* lse, int* counters,
     uint4* smem) {
@@ -174,8 +175,8 @@ __device__ __forceinline__ void pooled_decode_int8(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int kvh = blockIdx.x / (G / GB), h0 = kvh * G + (blockIdx.x % (G / GB)) * GB;
   const int c = blockIdx.y, nchunk = gridDim.y, b = blockIdx.z;
-  const int len = lengths[b], ppc = (nblk + nchunk - 1) / nchunk;
-  const int tok_begin = c * ppc * BS, tok_end = min((c + 1) * ppc * BS, len);
+  int tok_begin, tok_end;
+  chunk_span<BS>(lengths[b], c, nchunk, mp, tok_begin, tok_end);
   if (tok_begin >= tok_end) {  // an empty chunk of a short sequence
     empty_chunk<TQ, D, GB, NT, DIRECT>(opart, lse, counters, b, HQ, h0, c, nchunk, out);
     return;
