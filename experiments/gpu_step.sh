@@ -18,6 +18,10 @@
 #            (twin), MLX's on-disk kernel cache emptied first, start-up capture off then on
 #            (--cuda-graph-max-bs 0 / default): kernels compiled and cached by the first
 #            process are what the second one reads;
+#   twins    ours (auto), a second process of ours (twin) and mlx_lm.server at concurrency
+#            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
+#   kernel   the native kernel's per-layer time against the K/V floor (bench cuda-kernel
+#            --table), batches 1 / 8 / 16 at 1k / 16k / 32k;
 #   ties     where the tests' tiny models' greedy tokens leave mlx-lm's on this device, how
 #            close mlx-lm's own top two logits were (python -m experiments.tie_margin);
 #   spread   four processes of the same decode-phases cell, two of them pinned to one
@@ -87,6 +91,19 @@ for STEP in "${@:-phases}"; do
       grep -E "^\| 1024 \| 8 \|" "$OUT/jit-$capture/results.md"
       rm -f "$OUT/jit-$capture"/*.{png,csv,json}
     done ;;
+  twins)
+    timeout ${TWINS_S:-540} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
+      --configs auto,mlx_lm --variant twin= --contexts 1k,16k --concurrency 1,8 \
+      --max-tokens 64 --requests 6,16 --no-progress --server-arg=--log-level=info \
+      --out "$OUT/twins" > "$OUT/twins.log" 2>&1
+    echo "twins rc=$?"
+    grep -hE "captured decode|WARNING|rror" "$OUT/twins"/server-*.log | cut -c1-200
+    sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
+    rm -f "$OUT/twins"/*.{png,csv,json} ;;
+  kernel)
+    timeout ${KERNEL_S:-120} python -m slabserve.bench.cuda_kernel --table --natives auto \
+      --batches 1,8,16 --ctxs 1024,16384,32768 --repeat 2 > "$OUT/kernel.log" 2>&1
+    echo "kernel rc=$?"; tail -20 "$OUT/kernel.log" ;;
   ties)
     timeout 120 python -m experiments.tie_margin 2>&1 | grep -E "^(llama|qwen|phi)" ;;
   spread)
