@@ -93,8 +93,9 @@ for STEP in "${@:-phases}"; do
     done ;;
   twins)
     timeout ${TWINS_S:-540} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
-      --configs auto,mlx_lm --variant twin= --contexts 1k,16k --concurrency 1,8 \
-      --max-tokens 64 --requests 6,16 --no-progress --server-arg=--log-level=info \
+      --configs auto,mlx_lm --variant twin= --contexts ${TWIN_CTX:-1k,16k} \
+      --concurrency ${TWIN_CONC:-1,8} --max-tokens 64 --requests ${TWIN_REQ:-6,16} \
+      --no-progress --server-arg=--log-level=info \
       --out "$OUT/twins" > "$OUT/twins.log" 2>&1
     echo "twins rc=$?"
     grep -hE "captured decode|WARNING|rror" "$OUT/twins"/server-*.log | cut -c1-200
