@@ -273,7 +273,8 @@ class ModelRunner:
         decode steps (step graphs, compiled stages) are traced and their kernels compiled
         before serving, as vLLM captures CUDA graphs at start-up; sizes beyond the free
         blocks are skipped.  Each size runs twice: every sequence one token at position 0,
-        then at the last position of ``max_context`` (where a step's merge form can differ,
+        then at the last position of the longest sequence served (``max_context``, at most
+        the pool's capacity: where a step's merge form can differ,
         attention/cuda_plan.plan_fused), each sequence's table that one block repeated.
         Returns how many step graphs were traced.  The blocks used were free before and
         are free after; no other block is written."""
@@ -285,7 +286,8 @@ class ModelRunner:
         if self.step_graphs is not None:
             self.step_graphs.tables.reserve(batch_bucket(max(fit)))
         bs = self.geom.block_size
-        ends = sorted({1, self.max_context or 1})
+        longest = min(self.max_context or 1, self.allocator.max_blocks * bs)  # what fits
+        ends = sorted({1, longest})
         try:
             for b in fit:
                 for n in ends:

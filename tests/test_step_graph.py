@@ -241,12 +241,14 @@ def test_captured_steps_leave_nothing_to_trace(model):
     runner = graph_runner(model, slab_tokens=1024)  # one slab: every write lands in it
     assert runner.capture_decode(capture_sizes(5)) == 5  # 1, 2, 3 (pads to 4), 4, 5 (to 8)
     assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
+    shape = runner.step_graphs.tables.shape  # 8 rows (the largest bucket), 512 / 16 blocks
+    assert shape == (8, 32)
     for n in (5, 3, 2):
         ps = prompts(n, seed=20 + n)
         if n == 2:  # contexts from 1 to ~330 tokens: 1 to 21 blocks a table row
             ps = [ps[0][:1], (ps[1] * 5)[:300]]
         assert greedy_generate(runner, ps, 30) == [reference(model, p, 30) for p in ps]
-    assert runner.step_graphs.traces == 5
+    assert runner.step_graphs.traces == 5 and runner.step_graphs.tables.shape == shape
     assert runner.allocator.num_used == 0 and runner.allocator.check_integrity()
 
 
