@@ -4,8 +4,9 @@ A compiled decode step graph (engine/step_graph.py) takes the batch's block tabl
 input whose shape is part of the graph's signature.  Built on the host each step, the
 table's width follows the longest context (a new graph whenever it grows) and the whole
 table crosses to the device every step.  Here the table is one device array of
-``[rows, width]``: ``width`` is every block the pool can hold (no sequence has more), and
-``rows`` grows to the largest batch seen.  Each step compares row ``i`` of the new tables
+``[rows, width]``: ``width`` is the most blocks a sequence can hold (its owner's choice:
+the longest sequence served, at most the pool's blocks), and ``rows`` grows to the largest
+batch seen.  Each step compares row ``i`` of the new tables
 with what row ``i`` holds and writes only the difference (a sequence that grew by a block:
 one cell; a row that now holds another sequence: its blocks), in one scatter.  Columns past
 a row's blocks keep whatever they held: valid block ids, never read (the kernels read a
