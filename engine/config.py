@@ -62,7 +62,6 @@ class CacheConfig:
         per = token_bytes + (token_bytes // 32 if scale_bytes is None else scale_bytes)
         return max(1, slab // per // self.block_size)
 
-
     def whole_pool_slab_blocks(self, block_bytes: int, block_elements: int) -> int:
         """Blocks per slab of a preallocated pool without ``slab_tokens``: the budget's
         blocks (``block_bytes`` each, K and V of every layer) in the fewest slabs whose

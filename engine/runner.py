@@ -113,12 +113,13 @@ class ModelRunner:
             dtype = getattr(mx, cache_cfg.dtype)
         # a quantized pool adds one scale per token and kv head (kvcache/quant.py)
         scales = 2 * num_layers * kvh * SCALE_DTYPE.size if is_quantized(dtype) else 0
-        slab_blocks = cache_cfg.slab_blocks(2 * num_layers * kvh * head_dim * dtype.size,
-                                            scales)
         if cache_cfg.preallocate and not cache_cfg.slab_tokens:
             one = PoolGeometry(num_layers, kvh, head_dim, cache_cfg.block_size, 1, dtype)
             slab_blocks = cache_cfg.whole_pool_slab_blocks(
                 one.block_bytes, kvh * cache_cfg.block_size * head_dim)
+        else:
+            slab_blocks = cache_cfg.slab_blocks(
+                2 * num_layers * kvh * head_dim * dtype.size, scales)
         self.geom = PoolGeometry(
             num_layers, kvh, head_dim, cache_cfg.block_size, slab_blocks, dtype
         )
@@ -147,15 +148,20 @@ class ModelRunner:
             return None
         if len({(f.heads, f.scale) for f in fused}) != 1:
             return None
-        width = self.allocator.max_blocks
-        if self.max_context is not None:
-            width = min(width, blocks_needed(self.max_context, self.geom.block_size))
+        width = blocks_needed(self.longest_sequence, self.geom.block_size)
         return StepGraphs(self._build, self.pool, self.attention, len(layers), fused[0].heads,
                           query_dtype(self.model, layers[0]), fused[0].scale, width)
 
     @property
     def block_size(self) -> int:
         return self.geom.block_size
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens of the longest sequence this runner serves: ``max_context``, at most the
+        pool's capacity (the capacity when ``max_context`` is unset)."""
+        capacity = self.allocator.max_blocks * self.geom.block_size
+        return capacity if self.max_context is None else min(self.max_context, capacity)
 
     @property
     def graph_traces(self) -> int:
@@ -273,9 +279,9 @@ class ModelRunner:
         decode steps (step graphs, compiled stages) are traced and their kernels compiled
         before serving, as vLLM captures CUDA graphs at start-up; sizes beyond the free
         blocks are skipped.  Each size runs twice: every sequence one token at position 0,
-        then at the last position of the longest sequence served (``max_context``, at most
-        the pool's capacity: where a step's merge form can differ,
-        attention/cuda_plan.plan_fused), each sequence's table that one block repeated.
+        then at the last position of ``longest_sequence`` (where a step's merge form can
+        differ, attention/cuda_plan.plan_fused), each sequence's table that one block
+        repeated.
         Returns how many step graphs were traced.  The blocks used were free before and
         are free after; no other block is written."""
         fit = [b for b in sizes if b <= self.allocator.num_free_uncached]
@@ -286,8 +292,7 @@ class ModelRunner:
         if self.step_graphs is not None:
             self.step_graphs.tables.reserve(batch_bucket(max(fit)))
         bs = self.geom.block_size
-        longest = min(self.max_context or 1, self.allocator.max_blocks * bs)  # what fits
-        ends = sorted({1, longest})
+        ends = sorted({1, self.longest_sequence})
         try:
             for b in fit:
                 for n in ends:

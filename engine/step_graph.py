@@ -75,7 +75,7 @@ def batch_bucket(batch: int) -> int:
 
 def capture_sizes(max_batch: int) -> list[int]:
     """Batch sizes whose decode steps trace every step-graph signature of batches up to
-    ``max_batch`` at one table width: each bucket's full size (where it is at most
+    ``max_batch`` at one context: each bucket's full size (where it is at most
     ``max_batch``), and one size padded up to it (a padded batch writes through a row
     selection: a signature of its own).  vLLM's capture sizes follow the same pattern."""
     sizes: list[int] = []

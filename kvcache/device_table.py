@@ -34,7 +34,7 @@ class DeviceBlockTable:
         self.width, self.rows = width, rows
         self.array = mx.zeros((rows, width), dtype=mx.int32)
         self._held: list[list[int]] = []  # what each row starts with, as last written
-        self.cells_written = 0  # cells scattered so far (tests, metrics)
+        self.cells_written = 0  # cells scattered so far (what tests check)
 
     @property
     def shape(self) -> tuple[int, int]:
