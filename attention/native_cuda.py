@@ -140,7 +140,9 @@ class NativeCUDA(DecodeAttention):
         """Run the direct and split variants that ``pool`` needs on a private two-block
         pool of random pages (the live pool may still be zeros): one sequence of
         ``block_size + 3`` tokens over the last slab and slab 0, against SDPA in float32 on
-        the gathered pages.  Fixed random keys: the global random state is not touched.
+        the gathered pages; split at 2 chunks (one page each) and at 4 (the last two past
+        the sequence's pages: the empty partials a short sequence leaves in a grid planned
+        for longer ones).  Fixed random keys: the global random state is not touched.
         The source's literals (the softmax scale; lean's slab size) take the probe's values,
         so the live kernel, which differs from the probed one only in them, compiles on
         first use."""
@@ -159,7 +161,7 @@ class NativeCUDA(DecodeAttention):
         tol = 2e-2 * (1.0 + mx.max(mx.abs(want)).item())
         fused = (False, True) if self.fused_merge is None else (self.fused_merge,)
         try:
-            for chunks, f in [(1, False), *((2, f) for f in fused)]:
+            for chunks, f in [(1, False), *((c, f) for c in (2, 4) for f in fused)]:
                 got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks, f)
                 err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
                 if not err <= tol:

@@ -344,9 +344,9 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     assert mx.array_equal(first, mx.random.normal((4,)))  # global random state untouched
     ns = slab_bucket(slabs_needed)
     # every kernel __call__ may launch: direct, split + merge, and fused (the default
-    # decides per step between the last two)
+    # decides per step between the last two), with and without chunks past the sequence
     assert seen == [(ns, [[2 * ns - 1, 0]], [19], c, f)
-                    for c, f in ((1, False), (2, False), (2, True))]
+                    for c, f in ((1, False), (2, False), (2, True), (4, False), (4, True))]
     monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
     reason = nat._probe(q, pool)
     assert reason is not None and "wrong" in reason
