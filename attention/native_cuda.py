@@ -137,21 +137,23 @@ class NativeCUDA(DecodeAttention):
         return (q.dtype, q.shape[1], g, pool_slab_inputs(pool))
 
     def _probe(self, q: mx.array, pool: SlabPool) -> str | None:
-        """Run the direct and split variants that ``pool`` needs on a private two-block
-        pool of random pages (the live pool may still be zeros): one sequence of
-        ``block_size + 3`` tokens over the last slab and slab 0, against SDPA in float32 on
-        the gathered pages; split at 2 chunks (one page each) and at 4 (the last two past
-        the sequence's pages: the empty partials a short sequence leaves in a grid planned
-        for longer ones).  Fixed random keys: the global random state is not touched.
-        The source's literals (the softmax scale; lean's slab size) take the probe's values,
-        so the live kernel, which differs from the probed one only in them, compiles on
-        first use."""
+        """Run the direct and split variants that ``pool`` needs, with the live kernel's
+        fewest pages a chunk (``MP``: ``mp`` below), on a private two-block pool of random
+        pages (the live pool may still be zeros): one sequence of ``2 mp`` pages, the last
+        slab's block and slab 0's in turn, the last page 3 tokens long, against SDPA in
+        float32 on the gathered pages; split at 2 chunks (``mp`` pages each) and at 4 (the
+        last two past the sequence's pages: the empty partials a short sequence leaves in a
+        grid planned for longer ones).  Fixed random keys: the global random state is not
+        touched.  The source's literals (the softmax scale; lean's slab size) take the
+        probe's values, so the live kernel, which differs from the probed one only in them,
+        compiles on first use."""
         g = pool.geom
         ns = pool_slab_inputs(pool)
+        mp = min_pages(self._plan_params(q, g), g.block_size)
         geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
         probe_pool = _random_pool(geom, ns, mx.random.key(7))
-        n = g.block_size + 3
-        batch = DecodeBatch(geom, [[2 * ns - 1, 0]], [n])
+        n = (2 * mp - 1) * g.block_size + 3
+        batch = DecodeBatch(geom, [[2 * ns - 1, 0] * mp], [n])
         q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim), key=mx.random.key(8))
         scale = 1.0 / math.sqrt(g.head_dim)
         k, v = (x[:, :, :n].astype(mx.float32)
@@ -162,7 +164,8 @@ class NativeCUDA(DecodeAttention):
         fused = (False, True) if self.fused_merge is None else (self.fused_merge,)
         try:
             for chunks, f in [(1, False), *((c, f) for c in (2, 4) for f in fused)]:
-                got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks, f)
+                got = self._run(q1.astype(q.dtype), probe_pool, 0, batch, scale, chunks, f,
+                                mp)
                 err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
                 if not err <= tol:
                     return (f"probe ({chunks} chunk(s){', fused' if f else ''}) wrong: "

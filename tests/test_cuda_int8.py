@@ -109,7 +109,7 @@ def test_probe_builds_a_quantized_pool(monkeypatch):
     q, pool, batch = random_case((40, 30, 50), 12, 4, 64, 16, mx.int8, slab_blocks=3)
     nat, seen = NativeCUDA(), []
 
-    def right(q1, ppool, layer, b, scale, chunks, fused):
+    def right(q1, ppool, layer, b, scale, chunks, fused, pages):
         seen.append(ppool)
         return GatherSDPA()(q1, ppool, layer, b, scale)
 

@@ -332,8 +332,8 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     assert pool.num_slabs == slabs_needed
     nat, seen = NativeCUDA(), []
 
-    def right(q1, ppool, layer, b, scale, chunks, fused):
-        seen.append((ppool.num_slabs, b.tables, b.lengths, chunks, fused))
+    def right(q1, ppool, layer, b, scale, chunks, fused, pages):
+        seen.append((ppool.num_slabs, b.tables, b.lengths, chunks, fused, pages))
         return GatherSDPA()(q1, ppool, layer, b, scale)
 
     monkeypatch.setattr(nat, "_run", right)
@@ -345,7 +345,10 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     ns = slab_bucket(slabs_needed)
     # every kernel __call__ may launch: direct, split + merge, and fused (the default
     # decides per step between the last two), with and without chunks past the sequence
-    assert seen == [(ns, [[2 * ns - 1, 0]], [19], c, f)
+    # (the live kernel's MP: 256 tokens of 16-token pages; the sequence fills 2 chunks)
+    mp = cuda_plan.min_pages(nat._plan_params(q, pool.geom), 16)
+    assert mp == 16
+    assert seen == [(ns, [[2 * ns - 1, 0] * mp], [(2 * mp - 1) * 16 + 3], c, f, mp)
                     for c, f in ((1, False), (2, False), (2, True), (4, False), (4, True))]
     monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
     reason = nat._probe(q, pool)
