@@ -49,12 +49,14 @@ class DeviceBlockTable:
         held = self._held
         for i, new in enumerate(tables):
             old = held[i] if i < len(held) else None
-            keep = len(old) if old is not None and new[:len(old)] == old else 0
+            keep = _prefix_kept(old, new)
             if keep < len(new):
                 rows += [i] * (len(new) - keep)
                 cols += range(keep, len(new))
                 vals += new[keep:]
-            if i < len(held):
+            if old is not None and keep == len(old):
+                old += new[keep:]  # the row grew (or not): extend what it holds, no copy
+            elif old is not None:
                 held[i] = list(new)
             else:
                 held.append(list(new))
@@ -79,3 +81,13 @@ class DeviceBlockTable:
             extra = mx.zeros((rows - self.rows, self.width), dtype=mx.int32)
             self.array = mx.concatenate([self.array, extra])
             self.rows = rows
+
+
+def _prefix_kept(old: list[int] | None, new: list[int]) -> int:
+    """How many of ``new``'s blocks a row holding ``old`` keeps: all of ``old`` when
+    ``new`` starts with it, else none (the row is rewritten)."""
+    if old is None or len(old) > len(new):
+        return 0
+    if len(old) == len(new):  # most steps: no new block, compared without a slice
+        return len(old) if old == new else 0
+    return len(old) if new[:len(old)] == old else 0
