@@ -12,6 +12,7 @@ import numpy as np
 from slabserve.engine import sampling
 from slabserve.engine.constraint import ConstraintEngine, StepMasks, StepRow
 from slabserve.engine.runner import ModelRunner, SeqInput
+from slabserve.engine.sampling_graph import CompiledSampler
 from slabserve.engine.step import (
     PENDING,
     AttentionPath,
@@ -68,6 +69,8 @@ class ModelExecutor(Executor):
         self._submitted: dict[int, tuple] = {}
         # the last submitted step's sampled tokens (device) and each request's row in them
         self._last: tuple[mx.array, dict[str, int]] | None = None
+        # the sampler's compiled graphs, used while the runner compiles decode forwards
+        self.sampler = CompiledSampler()
 
     def bind_tokenizer(self, tokenizer) -> None:
         """Enable constrained sampling against ``tokenizer`` (its llguidance view is built
@@ -141,8 +144,8 @@ class ModelExecutor(Executor):
         logits = rows[0] if len(rows) == 1 else mx.concatenate(rows)
         specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output, c.output_index)
                  for c in chunks]
-        drawn = sampling.draw(logits, specs, self._allowed(masks, len(chunks),
-                                                           logits.shape[-1]))
+        drawn = sampling.draw(logits, specs, self._allowed(masks, len(chunks), logits.shape[-1]),
+                              self.sampler if self.runner.compile_decode else None)
         mx.async_eval(drawn.arrays())
         self._last = (drawn.tokens, {c.request_id: i for i, c in enumerate(chunks)})
         self._submitted[plan.step] = (chunks, masks, drawn)

@@ -148,7 +148,7 @@ def _min_p(lp: mx.array, params: list[SamplingParams], neg: mx.array) -> mx.arra
     return lp
 
 
-_gumbel_rows = mx.vmap(lambda key, like: mx.random.gumbel(like.shape, key=key), in_axes=(0, 0))
+gumbel_rows = mx.vmap(lambda key, like: mx.random.gumbel(like.shape, key=key), in_axes=(0, 0))
 
 
 def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
@@ -158,7 +158,7 @@ def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
     lp = _filter(lp, params)
     seeds = [mix(s.seed, s.index) for s in specs]
     keys = mx.array(np.array([[k >> 32, k & 0xFFFFFFFF] for k in seeds], dtype=np.uint32))
-    noise = _gumbel_rows(keys, lp)
+    noise = gumbel_rows(keys, lp)
     return mx.argmax(lp * _column([1.0 / p.temperature for p in params]) + noise, axis=-1)
 
 
@@ -195,13 +195,15 @@ def sample(logits: mx.array, specs: Sequence[RowSpec],
 
 
 def draw(logits: mx.array, specs: Sequence[RowSpec],
-         allowed: mx.array | None = None) -> Drawn:
+         allowed: mx.array | None = None, compiled=None) -> Drawn:
     """One token per row, as lazy arrays (nothing evaluated, except a top_p batch on the
     CPU whose candidates may not cover its nucleus: ``_filter`` checks that on the host).
     ``logits`` is ``[len(specs), vocab]``; ``allowed`` (optional, bool, same shape) masks
     the tokens a row may take (all True on unconstrained rows).  The mask does not touch
     the random draw: a seeded request samples the same tokens under the same mask alone or
-    batched."""
+    batched.  ``compiled``: an ``engine.sampling_graph.CompiledSampler`` that runs the
+    arithmetic after processors and masks as one compiled graph (the same tokens) for a
+    batch with random rows (an all-greedy batch is an argmax: nothing to fuse)."""
     logits = logits.astype(mx.float32)
     if any(_needs_processing(s.params) for s in specs):
         vocab = logits.shape[-1]
@@ -213,7 +215,12 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
     wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
     # argmax, Gumbel-max, min_p and top_k are shift-invariant: normalise only for
     # top_p and reported logprobs
-    if wanted or any(0 < s.params.top_p < 1 and not s.params.greedy for s in specs):
+    normalise = bool(wanted) or any(0 < s.params.top_p < 1 and not s.params.greedy
+                                    for s in specs)
+    if compiled is not None and not all(s.params.greedy for s in specs):
+        tokens, logprobs = compiled(logits, specs, normalise)
+        return _with_logprobs(tokens, logprobs, specs, wanted)
+    if normalise:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     else:
         logprobs = logits
@@ -226,6 +233,12 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
             idx = mx.array(rand)
             tokens[idx] = _draw(logprobs[idx], [specs[i] for i in rand])
     tokens = tokens.astype(mx.int32)  # the next step's input dtype
+    return _with_logprobs(tokens, logprobs, specs, wanted)
+
+
+def _with_logprobs(tokens: mx.array, logprobs: mx.array, specs: Sequence[RowSpec],
+                   wanted: list[int]) -> Drawn:
+    """``tokens`` with the reported logprobs of the ``wanted`` rows (lazy)."""
     if not wanted:
         return Drawn(tokens, specs, wanted)
     rows = mx.array(wanted)
