@@ -20,6 +20,7 @@
 #            process are what the second one reads;
 #   twins    ours (auto), a second process of ours (twin) and mlx_lm.server at concurrency
 #            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
+#   sampler  one batch's sampling, eager vs the compiled sampler (bench sampler), B 1 / 8 / 32;
 #   kernel   the native kernel's per-layer time against the K/V floor (bench cuda-kernel
 #            --table), batches 1 / 8 / 16 at 1k / 16k / 32k;
 #   ties     where the tests' tiny models' greedy tokens leave mlx-lm's on this device, how
@@ -37,7 +38,7 @@ for STEP in "${@:-phases}"; do
     timeout ${TESTS_S:-480} python -m pytest -q -p no:cacheprovider tests/test_native_cuda.py \
       tests/test_cuda_int8.py tests/test_cuda_variants.py tests/test_step_graph.py \
       tests/test_device_table.py tests/test_async_scheduling.py tests/test_staged.py \
-      tests/test_host_arrays.py tests/test_pool.py > "$OUT/tests.log" 2>&1
+      tests/test_host_arrays.py tests/test_pool.py tests/test_sampling_graph.py > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"; tail -1 "$OUT/tests.log"
     for f in "" --stages; do
       timeout 60 python -m experiments.step_profile --steps 20 --no-cprofile $f \
@@ -101,6 +102,9 @@ for STEP in "${@:-phases}"; do
     grep -hE "captured decode|WARNING|rror" "$OUT/twins"/server-*.log | cut -c1-200
     sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
+  sampler)
+    timeout ${SAMPLER_S:-150} $SS bench sampler --out "$OUT/sampler" > "$OUT/sampler.log" 2>&1
+    echo "sampler rc=$?"; tail -18 "$OUT/sampler.log" ;;
   kernel)
     timeout ${KERNEL_S:-120} python -m slabserve.bench.cuda_kernel --table --natives auto \
       --batches 1,8,16 --ctxs 1024,16384,32768 --repeat 2 > "$OUT/kernel.log" 2>&1
