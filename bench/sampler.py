@@ -80,14 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     names = a.params.split(",")
     if any(n not in PARAMS for n in names):
         ap.error(f"--params must be among {','.join(PARAMS)}")
-    rows = [run_cell(int(b), n, a.vocab, a.repeat, a.warmup, a.seed)
-            for b in a.batches.split(",") for n in names]
     print(f"device {mx.default_device()}, vocab {a.vocab}, median of {a.repeat} rounds\n")
     print("| B | params | eager ms | compiled ms | compiled / eager | same tokens |")
-    print("|--:|---|--:|--:|--:|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['params']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} "
-              f"| {r['ratio']:.2f} | {'yes' if r['match'] else 'NO'} |")
+    print("|--:|---|--:|--:|--:|---|", flush=True)
+    rows = []
+    for b in a.batches.split(","):
+        for n in names:
+            r = run_cell(int(b), n, a.vocab, a.repeat, a.warmup, a.seed)
+            rows.append(r)
+            print(f"| {r['batch']} | {r['params']} | {r['eager_ms']:.3f} | "
+                  f"{r['compiled_ms']:.3f} | {r['ratio']:.2f} | "
+                  f"{'yes' if r['match'] else 'NO'} |", flush=True)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "sampler.json").write_text(json.dumps(rows, indent=1))

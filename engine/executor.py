@@ -4,6 +4,7 @@ runs)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import mlx.core as mx
@@ -25,6 +26,8 @@ from slabserve.engine.step import (
     TokenLogprob,
 )
 from slabserve.kvcache.arrays import host_array
+
+log = logging.getLogger(__name__)
 
 # the selector's override per path setting: True forces native, False gather, None = auto
 _OVERRIDES: dict[AttentionPath, bool | None] = {"auto": None, "native": True, "gather": False}
@@ -54,8 +57,10 @@ class ModelExecutor(Executor):
     ``last_commit_s`` advancing the grammars after sampling (``mask_wait_seconds`` sums
     the waits).  Constrained sampling needs ``bind_tokenizer`` first."""
 
-    def __init__(self, runner: ModelRunner, max_context: int) -> None:
+    def __init__(self, runner: ModelRunner, max_context: int,
+                 capture: tuple[int, ...] = ()) -> None:
         self.runner = runner
+        self.capture = capture  # batch sizes whose decode steps ``prepare`` traces
         self.allocator = runner.allocator
         self.block_size = runner.block_size
         self.max_context = max_context
@@ -95,6 +100,16 @@ class ModelExecutor(Executor):
     def bind_thread(self) -> None:
         """MLX 0.32 keeps streams per thread: give the engine thread its own."""
         mx.set_default_stream(mx.new_stream(mx.default_device()))
+
+    def prepare(self) -> None:
+        """Start-up capture (``ModelRunner.capture_decode``) of the ``capture`` batch sizes
+        on the engine thread, whose stream the served steps run on."""
+        if not (self.capture and self.runner.compile_decode):
+            return
+        t0 = time.perf_counter()
+        graphs = self.runner.capture_decode(list(self.capture))
+        log.info("captured decode steps for batch sizes %s in %.1f s (%d step graphs)",
+                 list(self.capture), time.perf_counter() - t0, graphs)
 
     def attention_path(self) -> AttentionPath:
         """The runner's decode-attention selector's override as a path setting."""

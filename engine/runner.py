@@ -140,6 +140,11 @@ class ModelRunner:
         self.compile_decode = cfg.compile_decode and stage_layers(model) > 0
         self.step_graphs = self._step_graphs() if self.compile_decode else None
         self.step_graph = cfg.step_graph and self.step_graphs is not None
+        # what was built lazily (fused weights, the pool's slabs, the device block table)
+        # is evaluated on this thread's stream now: MLX streams belong to the thread that
+        # made them, and another thread (the serving loop's engine) steps this runner
+        tables = [] if self.step_graphs is None else [self.step_graphs.tables.array]
+        mx.eval(self.model.parameters(), self.pool.arrays(), tables)
 
     def _step_graphs(self) -> StepGraphs | None:
         layers = self.model.layers

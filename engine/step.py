@@ -200,6 +200,10 @@ class Executor(ABC):
         """Called once on the engine thread before its first step (MLX needs a stream
         per thread)."""
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Called once on the engine thread after ``bind_thread``, before serving starts:
+        warm-up that must run on that thread (MLX caches compiled graphs per stream)."""
+
     def attention_path(self) -> AttentionPath | None:
         """The decode attention path setting (None: this executor has no switch).  May
         be read from any thread."""

@@ -91,9 +91,9 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 class _Graph:
-    """One signature's compiled function, which pool slabs its trace wrote, and until its
-    trace the host tables and lengths the kernel's plan reads (dropped after it: a
-    B=32 / 16k step's tables are ~32k Python ints)."""
+    """One signature's compiled function, which pool slabs its trace wrote, and while a
+    step runs it the host tables and lengths the kernel's plan reads if MLX traces it
+    (dropped after the step: a B=32 / 16k step's tables are ~32k Python ints)."""
 
     def __init__(self, seed: tuple[list, list]) -> None:
         self.fn = None
@@ -120,7 +120,7 @@ class StepGraphs:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._failed: set[tuple] = set()
-        self.traces = 0  # graphs traced so far (a new signature each)
+        self.traces = 0  # traces so far: a new signature, or a known one on a new stream
         self.tables = DeviceBlockTable(table_width)
 
     def run(self, inputs: mx.array, starts: list[int], batch: DecodeBatch,
@@ -165,6 +165,9 @@ class StepGraphs:
             inputs = mx.concatenate([inputs, mx.broadcast_to(inputs[:1], (pad, 1))])
         args = [inputs, host_array(starts), table, batch.lengths_array, writes.packed,
                 *pool.arrays()]
+        # what a trace reads on the host: MLX traces again where this thread's stream is not
+        # the one it traced on (compiled functions are cached per default stream)
+        graph.seed = (batch.tables, batch.lengths)
         try:
             outs = graph.fn(*args)
         except Exception as exc:  # a failed trace: this signature runs staged from now on
@@ -184,6 +187,7 @@ class StepGraphs:
         pool, runtime, build = self.pool, self.runtime, self._build
 
         def step(inputs, offsets, table, lengths_arr, packed, *arrays):
+            self.traces += 1
             view = pool.view(list(arrays))
             traced = DecodeBatch(pool.geom, *graph.seed)
             traced.__dict__.update(table_array=table[:traced.batch], lengths_array=lengths_arr)
@@ -196,7 +200,6 @@ class StepGraphs:
 
         graph.fn = mx.compile(step)
         self._graphs[key] = graph
-        self.traces += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return graph

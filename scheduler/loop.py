@@ -16,6 +16,10 @@ Cancellation: closing a stream's iterator, cancelling its task, or ``abort(id)``
 an abort; the engine thread applies it before planning the next step, freeing the
 request's blocks.
 
+Start-up: ``start`` returns once the engine thread has run ``Executor.prepare`` (start-up
+capture of compiled decode steps, which MLX caches per stream: they must be traced on the
+thread that serves them).
+
 Control: ``between_steps(fn)`` queues ``fn`` the same way and awaits its result, so it
 runs on the engine thread with no step in flight (a step submitted ahead is collected
 first; ``set_attention_path`` uses it).
@@ -81,6 +85,7 @@ class ThreadedServingLoop(ServingLoop):
         self._live: dict[str, _Live] = {}
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Event()
+        self._prepared = threading.Event()  # the engine thread's warm-up is over
         self._stopping = False
         self._accepting = True
         self._thread: threading.Thread | None = None
@@ -105,6 +110,7 @@ class ThreadedServingLoop(ServingLoop):
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="slabserve-engine", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self._prepared.wait)  # serve once the engine is warm
 
     async def shutdown(self, timeout: float) -> None:
         self._accepting = False
@@ -207,6 +213,12 @@ class ThreadedServingLoop(ServingLoop):
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         self.executor.bind_thread()
+        try:
+            self.executor.prepare()
+        except Exception:  # warm-up is an optimisation: serve without it
+            log.exception("engine warm-up failed; serving without it")
+        finally:
+            self._prepared.set()
         while not self._stopping:
             out: _Out = []
             record = None

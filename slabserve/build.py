@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,9 +101,8 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
         cfg.runner, max_context=serving_context(model, tokenizer, cfg.scheduler))
     runner = ModelRunner(model, kv_cache_config(cfg, model), runner_cfg, selector)
     _log_pool(runner)
-    if runner.compile_decode and cfg.runner.capture_max_batch:
-        _capture(runner, cfg.runner.capture_max_batch)
-    return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg))
+    return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg),
+                    cfg.runner.capture_max_batch)
 
 
 @dataclass
@@ -148,17 +146,6 @@ def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
     return RankRole(rank, assemble(runner, tokenizer, cfg.scheduler, model_name(cfg)), leader)
 
 
-def _capture(runner, max_batch: int) -> None:
-    """Compiled decode steps for batches up to ``max_batch``, traced before serving."""
-    from slabserve.engine.step_graph import capture_sizes
-
-    t0 = time.perf_counter()
-    sizes = capture_sizes(max_batch)
-    graphs = runner.capture_decode(sizes)
-    log.info("captured decode steps for batch sizes %s in %.1f s (%d step graphs)",
-             sizes, time.perf_counter() - t0, graphs)
-
-
 def _log_pool(runner, prefix: str = "") -> None:
     g = runner.geom
     log.info("%sKV pool: %d tokens (%d blocks of %d, %d layers, %d KV heads, %.2f GiB, %s, "
@@ -191,14 +178,19 @@ def kv_cache_config(cfg: ServeConfig, model) -> CacheConfig:
     return dataclasses.replace(cfg.cache, kv_budget_bytes=budget)
 
 
-def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str) -> ThreadedServingLoop:
+def assemble(runner, tokenizer, sched_cfg: SchedulerConfig, name: str,
+             capture_max_batch: int = 0) -> ThreadedServingLoop:
     """Scheduler + executor + loop around an existing ``ModelRunner`` (whose blocks must
-    all be free); benchmarks use it to try scheduler settings on one loaded model."""
+    all be free); benchmarks use it to try scheduler settings on one loaded model.
+    ``capture_max_batch``: the loop's engine thread captures compiled decode steps for
+    batches up to this size before serving (``capture_sizes``; 0 = none)."""
     from slabserve.engine.executor import ModelExecutor
+    from slabserve.engine.step_graph import capture_sizes
     from slabserve.scheduler.scheduler import Scheduler
 
     max_context = serving_context(runner.model, tokenizer, sched_cfg)
-    executor = ModelExecutor(runner, max_context)
+    sizes = tuple(capture_sizes(capture_max_batch)) if capture_max_batch else ()
+    executor = ModelExecutor(runner, max_context, sizes)
     scheduler = Scheduler(sched_cfg, runner.allocator, runner.block_size, max_context,
                           tokenizer.eos_token_ids)
     return ThreadedServingLoop(scheduler, executor, tokenizer, name)
