@@ -35,7 +35,7 @@ SS="python -m slabserve.cli"
 for STEP in "${@:-phases}"; do
   case "$STEP" in
   tests)
-    timeout ${TESTS_S:-480} python -m pytest -q -p no:cacheprovider tests/test_native_cuda.py \
+    timeout -k 5 ${TESTS_S:-480} python -m pytest -q -p no:cacheprovider tests/test_native_cuda.py \
       tests/test_cuda_int8.py tests/test_cuda_variants.py tests/test_step_graph.py \
       tests/test_device_table.py tests/test_async_scheduling.py tests/test_staged.py \
       tests/test_host_arrays.py tests/test_pool.py tests/test_sampling_graph.py > "$OUT/tests.log" 2>&1
@@ -103,11 +103,13 @@ for STEP in "${@:-phases}"; do
     sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
   sampler)
-    timeout ${SAMPLER_S:-150} $SS bench sampler --out "$OUT/sampler" > "$OUT/sampler.log" 2>&1
+    timeout -k 5 ${SAMPLER_S:-150} $SS bench sampler --out "$OUT/sampler" > "$OUT/sampler.log" 2>&1
     echo "sampler rc=$?"; tail -18 "$OUT/sampler.log" ;;
   kernel)
+    pgrep -af "pytest|slabserve" | grep -v gpu_step | head -3  # nothing else may run
     timeout ${KERNEL_S:-120} python -m slabserve.bench.cuda_kernel --table --natives auto \
-      --batches 1,8,16 --ctxs 1024,16384,32768 --repeat 2 > "$OUT/kernel.log" 2>&1
+      --batches ${KERNEL_B:-1,8,16} --ctxs ${KERNEL_CTX:-1024,16384,32768} --repeat 2 \
+      > "$OUT/kernel.log" 2>&1
     echo "kernel rc=$?"; tail -20 "$OUT/kernel.log" ;;
   ties)
     timeout 120 python -m experiments.tie_margin 2>&1 | grep -E "^(llama|qwen|phi)" ;;
