@@ -86,6 +86,24 @@ def _needs_processing(p: SamplingParams) -> bool:
         p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
 
 
+def key_words(seed: int, index: int) -> tuple[int, int]:
+    """The draw's key for a request's ``index``-th token: ``mix(seed, index)`` as the two
+    uint32 words of an MLX random key."""
+    k = mix(seed, index)
+    return k >> 32, k & 0xFFFFFFFF
+
+
+def top_p_bound(p: SamplingParams) -> float:
+    """A row's top_p as its filter compares it (2: keep all; a top_p that is 0 in float32
+    would keep every token, so it is floored to keep the best)."""
+    return max(p.top_p, 1e-30) if p.top_p < 1 else 2.0
+
+
+def min_p_floor(p: SamplingParams) -> float:
+    """A row's min_p as a log-probability offset from its best token (-inf: none)."""
+    return math.log(p.min_p) if p.min_p > 0 else -math.inf
+
+
 def _column(values: list[float]) -> mx.array:
     return mx.array(values, dtype=mx.float32)[:, None]
 
@@ -120,8 +138,7 @@ def _filter(lp: mx.array, params: list[SamplingParams]) -> mx.array:
         kth = mx.take_along_axis(top, mx.array([max(k, 1) - 1 for k in ks])[:, None], -1)
         drop = (lp < kth) & mx.array([k > 0 for k in ks])[:, None]
     if use_p:  # apply_top_p
-        # a top_p that is 0 in float32 would keep every token: floor it (keeps the best)
-        top_p = _column([max(p.top_p, 1e-30) if p.top_p < 1 else 2.0 for p in params])
+        top_p = _column([top_p_bound(p) for p in params])
         probs = mx.exp(top)
         above = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         kept = (above < top_p).sum(-1, keepdims=True)
@@ -143,7 +160,7 @@ def _top_p_sorted(lp: mx.array, top_p: mx.array) -> mx.array:
 
 def _min_p(lp: mx.array, params: list[SamplingParams], neg: mx.array) -> mx.array:
     if any(p.min_p > 0 for p in params):  # apply_min_p
-        floor = _column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params])
+        floor = _column([min_p_floor(p) for p in params])
         lp = mx.where(lp < lp.max(axis=-1, keepdims=True) + floor, neg, lp)
     return lp
 
@@ -156,8 +173,7 @@ def _draw(lp: mx.array, specs: list[RowSpec]) -> mx.array:
     the row's own key ``mix(seed, token index)``."""
     params = [s.params for s in specs]
     lp = _filter(lp, params)
-    seeds = [mix(s.seed, s.index) for s in specs]
-    keys = mx.array(np.array([[k >> 32, k & 0xFFFFFFFF] for k in seeds], dtype=np.uint32))
+    keys = mx.array(np.array([key_words(s.seed, s.index) for s in specs], dtype=np.uint32))
     noise = gumbel_rows(keys, lp)
     return mx.argmax(lp * _column([1.0 / p.temperature for p in params]) + noise, axis=-1)
 

@@ -26,7 +26,13 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from slabserve.engine.sampling import RowSpec, gumbel_rows, mix
+from slabserve.engine.sampling import (
+    RowSpec,
+    gumbel_rows,
+    key_words,
+    min_p_floor,
+    top_p_bound,
+)
 from slabserve.engine.step_graph import batch_bucket
 
 # parameter columns
@@ -52,11 +58,9 @@ def _params(specs: Sequence[RowSpec], vocab: int, rows: int) -> tuple[np.ndarray
         if p.greedy:
             continue
         k = p.top_k if 0 < p.top_k < vocab else 0
-        par[i] = (1.0 / p.temperature, max(k, 1) - 1, k > 0,
-                  max(p.top_p, 1e-30) if p.top_p < 1 else 2.0,
-                  math.log(p.min_p) if p.min_p > 0 else -math.inf, 1.0)
-        key = mix(s.seed, s.index)
-        keys[i] = (key >> 32, key & 0xFFFFFFFF)
+        par[i] = (1.0 / p.temperature, max(k, 1) - 1, k > 0, top_p_bound(p), min_p_floor(p),
+                  1.0)
+        keys[i] = key_words(s.seed, s.index)
     return par, keys
 
 

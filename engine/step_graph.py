@@ -95,10 +95,10 @@ class _Graph:
     step runs it the host tables and lengths the kernel's plan reads if MLX traces it
     (dropped after the step: a B=32 / 16k step's tables are ~32k Python ints)."""
 
-    def __init__(self, seed: tuple[list, list]) -> None:
+    def __init__(self) -> None:
         self.fn = None
         self.written: list[tuple[int, int, int]] | None = None  # (layer, side, slab)
-        self.seed: tuple[list, list] | None = seed
+        self.seed: tuple[list, list] | None = None  # set by ``StepGraphs.run`` per step
 
 
 class StepGraphs:
@@ -158,7 +158,7 @@ class StepGraphs:
         if graph is None:
             if key in self._failed:
                 return None
-            graph = self._new_graph(key, batch, writes, paths)
+            graph = self._new_graph(key, writes, paths)
         else:
             self._graphs.move_to_end(key)
         if pad:
@@ -181,9 +181,8 @@ class StepGraphs:
         selector.count_layers(layer_slots)
         return outs[0][:b] if pad else outs[0]
 
-    def _new_graph(self, key: tuple, batch: DecodeBatch, writes: SpreadWritePlan,
-                   paths: list) -> _Graph:
-        graph = _Graph((batch.tables, batch.lengths))  # the host plan's inputs, this step's
+    def _new_graph(self, key: tuple, writes: SpreadWritePlan, paths: list) -> _Graph:
+        graph = _Graph()
         pool, runtime, build = self.pool, self.runtime, self._build
 
         def step(inputs, offsets, table, lengths_arr, packed, *arrays):
