@@ -20,11 +20,13 @@ from slabserve.engine.step import (
     Executor,
     GrammarSpec,
     SampledToken,
+    SamplingParams,
     ScheduledChunk,
     StepOutput,
     StepPlan,
     TokenLogprob,
 )
+from slabserve.engine.step_graph import batch_bucket
 from slabserve.kvcache.arrays import host_array
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,25 @@ class ModelExecutor(Executor):
             return
         t0 = time.perf_counter()
         graphs = self.runner.capture_decode(list(self.capture))
-        log.info("captured decode steps for batch sizes %s in %.1f s (%d step graphs)",
-                 list(self.capture), time.perf_counter() - t0, graphs)
+        warmed = self._warm_sampler()
+        log.info("captured decode steps for batch sizes %s in %.1f s (%d step graphs, "
+                 "sampler for %d batch buckets)", list(self.capture),
+                 time.perf_counter() - t0, graphs, warmed)
+
+    def _warm_sampler(self) -> int:
+        """Trace the compiled sampler's most common feature set (temperature only, what
+        an OpenAI request without filters asks for) at each captured batch bucket, so the
+        first sampled request does not pay the trace and kernel compilation.  Returns the
+        buckets warmed (0 where the model does not state its vocabulary size)."""
+        vocab = getattr(getattr(self.runner.model, "args", None), "vocab_size", None)
+        if not isinstance(vocab, int) or vocab <= 0:
+            return 0
+        buckets = sorted({batch_bucket(b) for b in self.capture})
+        for rows in buckets:
+            specs = [sampling.RowSpec(SamplingParams(temperature=1.0), 0, (), ())] * rows
+            tokens, _ = self.sampler(mx.zeros((rows, vocab), dtype=mx.float32), specs, False)
+            mx.eval(tokens)
+        return len(buckets)
 
     def attention_path(self) -> AttentionPath:
         """The runner's decode-attention selector's override as a path setting."""

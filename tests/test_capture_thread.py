@@ -50,6 +50,8 @@ async def test_the_loop_captures_on_its_engine_thread(model_root):
     try:
         captured = runner.graph_traces
         assert captured == 2
+        # the compiled sampler's temperature-only graph is traced with them
+        assert loop.executor.sampler.feature_sets == 1
         p = prompts(1, seed=33)[0]
         out = []
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -57,5 +59,9 @@ async def test_the_loop_captures_on_its_engine_thread(model_root):
             out += d.token_ids
         assert out == reference(model, p, 8)
         assert runner.graph_traces == captured and not runner.step_graphs._failed
+        sampled = SamplingParams(max_tokens=4, temperature=1.0, seed=5, ignore_eos=True)
+        async for _ in loop.generate(Request("b", tuple(p), sampled)):
+            pass
+        assert loop.executor.sampler.feature_sets == 1  # served by the warmed graph
     finally:
         await loop.shutdown(5.0)
