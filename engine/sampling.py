@@ -10,10 +10,16 @@ formulas of ``apply_top_p``/``apply_min_p``/``apply_top_k``, vectorised over row
 mlx-lm's take one scalar parameter for the whole batch) and a categorical draw at
 ``1 / temperature`` (Gumbel-max, as ``mx.random.categorical``); temperature 0 is argmax.
 The whole batch is one graph and one ``mx.eval`` (``draw`` builds it lazily, so its
-tokens can feed the next step before the host reads them).
+tokens can feed the next step before the host reads them).  Given a compiled sampler
+(``engine.sampling_graph``, where decode forwards are compiled), ``draw`` hands it the raw
+logits and the mask instead: processors, mask and the rest run there as one compiled
+function, with the same results bit for bit, for every batch except an all-greedy one
+without processors (an argmax, left eager).
 
 Semantics: the repetition penalty looks at prompt + output, presence and frequency
-penalties at the output only (as OpenAI defines them).  Reported logprobs are those of
+penalties at the output only (as OpenAI defines them; a row without output has none to
+penalise).  logit_bias entries whose token lies outside the vocabulary are dropped; of a
+token given twice, the last bias counts.  Reported logprobs are those of
 the processed distribution (after penalties, bias and grammar mask, before temperature
 and filters).
 
@@ -217,25 +223,27 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
     ``logits`` is ``[len(specs), vocab]``; ``allowed`` (optional, bool, same shape) masks
     the tokens a row may take (all True on unconstrained rows).  The mask does not touch
     the random draw: a seeded request samples the same tokens under the same mask alone or
-    batched.  ``compiled``: an ``engine.sampling_graph.CompiledSampler`` that runs the
-    arithmetic after processors and masks as one compiled graph (the same tokens) for a
-    batch with random rows (an all-greedy batch is an argmax: nothing to fuse)."""
+    batched.  ``compiled``: an ``engine.sampling_graph.CompiledSampler`` that runs
+    processors, mask and the arithmetic after them as one compiled graph (the same tokens)
+    for a batch with random rows or processors (an all-greedy batch without them is an
+    argmax: nothing to fuse)."""
     logits = logits.astype(mx.float32)
-    if any(_needs_processing(s.params) for s in specs):
+    processed = any(_needs_processing(s.params) for s in specs)
+    wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
+    # argmax, Gumbel-max, min_p and top_k are shift-invariant: normalise only for
+    # top_p and reported logprobs
+    normalise = bool(wanted) or any(0 < s.params.top_p < 1 and not s.params.greedy
+                                    for s in specs)
+    if compiled is not None and (processed or not all(s.params.greedy for s in specs)):
+        tokens, logprobs = compiled(logits, specs, normalise, allowed)
+        return _with_logprobs(tokens, logprobs, specs, wanted)
+    if processed:
         vocab = logits.shape[-1]
         logits = mx.concatenate([
             _process(logits[i : i + 1], s, vocab) if _needs_processing(s.params)
             else logits[i : i + 1] for i, s in enumerate(specs)])
     if allowed is not None:
         logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
-    wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
-    # argmax, Gumbel-max, min_p and top_k are shift-invariant: normalise only for
-    # top_p and reported logprobs
-    normalise = bool(wanted) or any(0 < s.params.top_p < 1 and not s.params.greedy
-                                    for s in specs)
-    if compiled is not None and not all(s.params.greedy for s in specs):
-        tokens, logprobs = compiled(logits, specs, normalise)
-        return _with_logprobs(tokens, logprobs, specs, wanted)
     if normalise:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     else:
@@ -252,9 +260,10 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
     return _with_logprobs(tokens, logprobs, specs, wanted)
 
 
-def _with_logprobs(tokens: mx.array, logprobs: mx.array, specs: Sequence[RowSpec],
+def _with_logprobs(tokens: mx.array, logprobs: mx.array | None, specs: Sequence[RowSpec],
                    wanted: list[int]) -> Drawn:
-    """``tokens`` with the reported logprobs of the ``wanted`` rows (lazy)."""
+    """``tokens`` with the reported logprobs of the ``wanted`` rows (lazy; ``logprobs`` is
+    the normalised distribution whenever a row is wanted)."""
     if not wanted:
         return Drawn(tokens, specs, wanted)
     rows = mx.array(wanted)
