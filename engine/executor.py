@@ -40,10 +40,15 @@ def _seq_input(c: ScheduledChunk) -> SeqInput:
     return SeqInput(list(c.tokens), c.start, list(c.blocks), want_logits=c.sample)
 
 
+def _model_vocab(runner: ModelRunner) -> int | None:
+    """The width of the model's logits as its config states it (None: not stated)."""
+    n = getattr(getattr(runner.model, "args", None), "vocab_size", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def _vocab(runner: ModelRunner, tokenizer) -> int:
     """The width of the model's logits (the config's ``vocab_size``, else the tokenizer's)."""
-    n = getattr(getattr(runner.model, "args", None), "vocab_size", None)
-    return int(n) if isinstance(n, int) and n > 0 else len(tokenizer)
+    return _model_vocab(runner) or len(tokenizer)
 
 
 class ModelExecutor(Executor):
@@ -120,8 +125,8 @@ class ModelExecutor(Executor):
         an OpenAI request without filters asks for) at each captured batch bucket, so the
         first sampled request does not pay the trace and kernel compilation.  Returns the
         buckets warmed (0 where the model does not state its vocabulary size)."""
-        vocab = getattr(getattr(self.runner.model, "args", None), "vocab_size", None)
-        if not isinstance(vocab, int) or vocab <= 0:
+        vocab = _model_vocab(self.runner)
+        if vocab is None:
             return 0
         buckets = sorted({batch_bucket(b) for b in self.capture})
         for rows in buckets:

@@ -72,7 +72,7 @@ class RowSpec:
 def _process(row: mx.array, spec: RowSpec, vocab: int) -> mx.array:
     """Logits processors for one ``[1, vocab]`` row (no-op when none is set)."""
     p = spec.params
-    bias = {t: b for t, b in p.logit_bias if 0 <= t < vocab}
+    bias = vocab_bias(p, vocab)
     for proc in make_logits_processors(logit_bias=bias or None):
         row = proc(None, row)
     if p.repetition_penalty != 1.0:
@@ -90,6 +90,12 @@ def _process(row: mx.array, spec: RowSpec, vocab: int) -> mx.array:
 def _needs_processing(p: SamplingParams) -> bool:
     return bool(p.logit_bias) or p.repetition_penalty != 1.0 or (
         p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+
+
+def vocab_bias(p: SamplingParams, vocab: int) -> dict[int, float]:
+    """A row's logit_bias as applied: entries inside the vocabulary, the last of a
+    duplicated token winning."""
+    return {t: b for t, b in p.logit_bias if 0 <= t < vocab}
 
 
 def key_words(seed: int, index: int) -> tuple[int, int]:

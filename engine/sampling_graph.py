@@ -50,6 +50,7 @@ from slabserve.engine.sampling import (
     key_words,
     min_p_floor,
     top_p_bound,
+    vocab_bias,
 )
 from slabserve.engine.step_graph import batch_bucket
 
@@ -140,7 +141,7 @@ def processor_entries(specs: Sequence[RowSpec], vocab: int) -> dict[str, Entries
     parts: dict[str, list[_Part]] = {k: [] for k in KINDS}
     for i, s in enumerate(specs):
         p = s.params
-        bias = {t: b for t, b in p.logit_bias if 0 <= t < vocab}
+        bias = vocab_bias(p, vocab)
         if bias:
             parts["bias"].append(_Part(i, (list(bias),), list(bias.values())))
         if p.repetition_penalty != 1.0:
@@ -169,7 +170,7 @@ def _params(specs: Sequence[RowSpec], vocab: int, rows: int) -> tuple[np.ndarray
     return par, keys
 
 
-def _process(x: mx.array, feat: Features, extra: list[mx.array]) -> mx.array:
+def _process(x: mx.array, feat: Features, extra: Sequence[mx.array]) -> mx.array:
     """Processors then mask on ``x`` ``[rows, vocab]``; ``extra`` holds, in order, the
     mask (``feat.mask``) and each used kind's (element index, value) arrays.  The
     processors work on ``x`` flattened; assignments are ``put_along_axis`` (on the CPU
@@ -222,7 +223,7 @@ def _sampler(feat: Features, traced: Callable[[], None]) -> Callable:
 
     def run(logits: mx.array, par: mx.array, keys: mx.array, *extra: mx.array):
         traced()
-        x = _process(logits, feat, list(extra))
+        x = _process(logits, feat, extra)
         lp = x - mx.logsumexp(x, axis=-1, keepdims=True) if feat.normalise else x
         tokens = mx.argmax(lp, axis=-1) if feat.greedy else None
         if feat.rand:
