@@ -23,6 +23,8 @@
 #   sampler  one batch's sampling, eager vs the compiled sampler (bench sampler), B 1 / 8 / 32;
 #   kernel   the native kernel's per-layer time against the K/V floor (bench cuda-kernel
 #            --table), batches 1 / 8 / 16 at 1k / 16k / 32k;
+#   int8     the int8 kernel against float16's and the int8 floor (bench cuda-kernel --int8),
+#            batches 8 / 16 at 16k / 32k, with forced chunk counts ($INT8_EXTRA);
 #   ties     where the tests' tiny models' greedy tokens leave mlx-lm's on this device, how
 #            close mlx-lm's own top two logits were (python -m experiments.tie_margin);
 #   spread   four processes of the same decode-phases cell, two of them pinned to one
@@ -111,6 +113,11 @@ for STEP in "${@:-phases}"; do
       --batches ${KERNEL_B:-1,8,16} --ctxs ${KERNEL_CTX:-1024,16384,32768} --repeat 2 \
       > "$OUT/kernel.log" 2>&1
     echo "kernel rc=$?"; tail -20 "$OUT/kernel.log" ;;
+  int8)
+    timeout ${INT8_S:-200} python -m slabserve.bench.cuda_kernel --int8 --batches ${KERNEL_B:-8,16} \
+      --ctxs ${KERNEL_CTX:-16384,32768} --repeat 4 --int8-extra ${INT8_EXTRA:-c8,c16,c32} \
+      > "$OUT/int8.log" 2>&1
+    echo "int8 rc=$?"; tail -24 "$OUT/int8.log" ;;
   ties)
     timeout 120 python -m experiments.tie_margin 2>&1 | grep -E "^(llama|qwen|phi)" ;;
   spread)
