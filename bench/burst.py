@@ -24,6 +24,7 @@ from slabserve.build import ServeConfig, assemble, model_name
 from slabserve.engine.config import CacheConfig
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
+from slabserve.scheduler.steplog import PHASES
 
 
 def add_runner_args(ap: argparse.ArgumentParser) -> None:
@@ -72,14 +73,15 @@ async def burst(eng, n: int, prompt: int, max_tokens: int, vocab: int, seed: int
     def med(rs, k):
         return 1e3 * statistics.median(getattr(r, k) for r in rs) if rs else float("nan")
 
-    return dict(wall_s=wall, ttft_p50_ms=1e3 * statistics.median(first.values()),
-                ttft_max_ms=1e3 * max(first.values()), steps=len(recs),
-                prefill_steps=len(pre), prefill_fwd_p50_ms=med(pre, "forward_s"),
-                prefill_fwd_max_ms=1e3 * max((r.forward_s for r in pre), default=0.0),
-                prefill_sample_p50_ms=med(pre, "sample_s"),
-                decode_steps=len(dec), decode_fwd_p50_ms=med(dec, "forward_s"),
-                decode_total_p50_ms=1e3 * statistics.median(r.total_s for r in dec)
-                if dec else float("nan"), records=recs)
+    out = dict(wall_s=wall, ttft_p50_ms=1e3 * statistics.median(first.values()),
+               ttft_max_ms=1e3 * max(first.values()), steps=len(recs),
+               prefill_steps=len(pre), prefill_fwd_p50_ms=med(pre, "forward_s"),
+               prefill_fwd_max_ms=1e3 * max((r.forward_s for r in pre), default=0.0),
+               prefill_sample_p50_ms=med(pre, "sample_s"),
+               decode_steps=len(dec), decode_total_p50_ms=med(dec, "total_s"))
+    for phase in (*PHASES, "host_cpu"):
+        out[f"decode_{phase}_p50_ms"] = med(dec, f"{phase}_s")
+    return out | {"records": recs}
 
 
 async def _main(args) -> None:
@@ -102,10 +104,11 @@ async def _main(args) -> None:
             print(f"round {rnd}: " + ", ".join(
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
                 flush=True)
-        print("last round, first steps: decodes prefill_tokens schedule/forward/sample/update ms")
+        print(f"last round, first steps: decodes prefill_tokens {'/'.join(PHASES)} "
+              "host_cpu ms")
         for x in recs[: args.show]:
-            print(f"  {x.decodes:3d} {x.prefill_tokens:5d}  {1e3 * x.schedule_s:7.1f} "
-                  f"{1e3 * x.forward_s:7.1f} {1e3 * x.sample_s:7.1f} {1e3 * x.update_s:7.1f}")
+            ms = " ".join(f"{1e3 * t:7.2f}" for t in (*x.phases, x.host_cpu_s))
+            print(f"  {x.decodes:3d} {x.prefill_tokens:5d}  {ms}")
     finally:
         await eng.shutdown(10)
 

@@ -20,6 +20,9 @@
 #            process are what the second one reads;
 #   twins    ours (auto), a second process of ours (twin) and mlx_lm.server at concurrency
 #            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
+#   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
+#            server's decode step phases and engine-thread CPU (stall = off the CPU), then
+#            the same engine in process without HTTP (bench burst, 1 and 8 requests);
 #   sampler  one batch's sampling, eager vs the compiled sampler (bench sampler), B 1 / 8 / 32;
 #   kernel   the native kernel's per-layer time against the K/V floor (bench cuda-kernel
 #            --table), batches 1 / 8 / 16 at 1k / 16k / 32k;
@@ -104,6 +107,17 @@ for STEP in "${@:-phases}"; do
     grep -hE "captured decode|WARNING|rror" "$OUT/twins"/server-*.log | cut -c1-200
     sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
+  stall)
+    timeout ${STALL_S:-300} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
+      --configs auto --variant twin= --variant twin2= --contexts 1k --concurrency 1,8 \
+      --max-tokens 64 --requests 8,16 --no-progress --out "$OUT/stall" > "$OUT/stall.log" 2>&1
+    echo "stall rc=$?"; sed -n '/## Comparison/,/## Goals/p' "$OUT/stall/results.md"
+    rm -f "$OUT/stall"/*.{png,csv}
+    for n in 1 8; do
+      timeout 150 $SS bench burst --model embedded:llama-3.2-1b --dtype bfloat16 --requests $n \
+        --prompt 1000 --max-tokens 64 --rounds 3 --show 0 > "$OUT/burst-$n.log" 2>&1
+      echo "burst $n (in process, no HTTP)"; grep -E "^round" "$OUT/burst-$n.log" | cut -c1-400
+    done ;;
   sampler)
     timeout -k 5 ${SAMPLER_S:-150} $SS bench sampler --out "$OUT/sampler" > "$OUT/sampler.log" 2>&1
     echo "sampler rc=$?"; tail -18 "$OUT/sampler.log" ;;

@@ -80,6 +80,34 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
     return "\n".join(lines) + "\n"
 
 
+PHASES = ("schedule", "forward", "sample", "wait", "update", "deliver")  # /metrics' phase labels
+
+
+def phases_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
+    """Per cell and server that reports them (ours): the mean decode step and its
+    phases from /metrics' ``decode_step_phase_seconds``, the engine thread's CPU time
+    outside the wait, and ``stall``, the rest of the host phases' wall time (step - wait
+    - CPU: the engine thread off the CPU, waiting for the GIL or the OS, and on a CPU
+    device for MLX's workers, which evaluate inside the forward), ms.  Empty when no
+    server reported phases."""
+    head = ["ctx", "conc", "server", "step", *PHASES, "engine CPU", "stall"]
+    lines = []
+    for (ctx, conc), by in cells(results).items():
+        for lab in labels:
+            x = by.get(lab, {})
+            step, wait = x.get("server_decode_step_ms"), x.get("server_decode_wait_ms")
+            cpu = x.get("server_decode_step_host_cpu_ms")
+            if step is None or wait is None or cpu is None:
+                continue
+            cols = [str(ctx), str(conc), lab, fmt(step, 2)]
+            cols += [fmt(x.get(f"server_decode_{p}_ms"), 2) for p in PHASES]
+            lines.append("| " + " | ".join(cols + [fmt(cpu, 2), fmt(step - wait - cpu, 2)])
+                         + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]) + "\n"
+
+
 def _step(x: dict) -> str:
     """The server's mean decode step, with its median when the server reports one:
     ``5.71 (p50 4.40)`` (a mean far above the median is a tail: traces, collections)."""

@@ -39,10 +39,11 @@ def row(res: RunResult) -> dict:
     for key in ("num_preemptions", "prompt_tokens", "generation_tokens", "decode_graph_traces"):
         out[f"server_{key}"] = c.get(key)
     steps = c.get("decode_step_seconds_count")  # the server's decode-only steps in the run
-    for key, name in (("decode_step_seconds_sum", "step"), ("decode_forward_seconds_sum",
-                                                             "forward")):
-        total = c.get(key)
-        out[f"server_decode_{name}_ms"] = 1e3 * total / steps if steps and total else None
+    out["server_decode_step_ms"] = None
+    for key, total in c.items():  # decode_step_seconds_sum -> server_decode_step_ms, ...
+        if key.startswith("decode_") and key.endswith("_seconds_sum"):
+            name = key.removeprefix("decode_").removesuffix("_seconds_sum")
+            out[f"server_decode_{name}_ms"] = 1e3 * total / steps if steps else None
     p50 = c.get("decode_step_p50_seconds")
     out["server_decode_step_p50_ms"] = 1e3 * p50 if p50 is not None else None
     return out
@@ -71,7 +72,7 @@ def write_csv(path: Path, results: Sequence[RunResult]) -> None:
         path.write_text("")
         return
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for x in rows for k in x)))
         w.writeheader()
         w.writerows(rows)
 

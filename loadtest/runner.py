@@ -19,10 +19,12 @@ import httpx
 from slabserve.loadtest.client import Endpoint, send_one
 from slabserve.loadtest.metrics import RequestRecord, RunSummary, summarize
 from slabserve.loadtest.traces import (
+    PHASE_SUM,
     PathTrace,
     counter_deltas,
     histogram_delta,
     histogram_quantile,
+    labelled_deltas,
     path_delta,
     snapshot,
 )
@@ -135,6 +137,9 @@ async def run_once(ep: Endpoint, spec: RunSpec, prompts: Sequence[str], label: s
     both = before is not None and after is not None
     trace = path_delta(before, after) if both else None
     counters = counter_deltas(before, after) if both else {}
+    for phase, total in (labelled_deltas(before, after, PHASE_SUM, "phase") if both
+                         else {}).items():
+        counters[f"decode_{phase}_seconds_sum"] = total
     p50 = histogram_quantile(0.5, histogram_delta(before, after)) if both else None
     if p50 is not None:  # the server's median decode step (its histogram, our servers)
         counters["decode_step_p50_seconds"] = p50

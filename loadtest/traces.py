@@ -93,7 +93,8 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
 
 SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
                    "decode_step_seconds_count", "decode_step_seconds_sum",
-                   "decode_forward_seconds_sum", "decode_graph_traces_total")
+                   "decode_step_host_cpu_seconds_sum", "decode_graph_traces_total")
+PHASE_SUM = "decode_step_phase_seconds_sum"  # our servers' decode step phases, by label
 
 
 def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],
@@ -106,6 +107,18 @@ def counter_deltas(before: Mapping[Key, float], after: Mapping[Key, float],
             if _named(name, suf):
                 key = suf.removesuffix("_total")
                 out[key] = out.get(key, 0.0) + _increase(before, (name, labels), value)
+    return out
+
+
+def labelled_deltas(before: Mapping[Key, float], after: Mapping[Key, float], suffix: str,
+                    label: str) -> dict[str, float]:
+    """Increase of the samples named ``...<suffix>`` per value of their ``label`` (summed
+    over their other labels), e.g. the decode step's seconds per ``phase``."""
+    out: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if _named(name, suffix):
+            key = dict(labels).get(label, "?")
+            out[key] = out.get(key, 0.0) + _increase(before, (name, labels), value)
     return out
 
 

@@ -86,7 +86,9 @@ class ServingStats:
     kv_block_size: int = 0
     decode_steps: int = 0  # engine steps that decoded only (no prefill token)
     decode_step_seconds: float = 0.0  # their time, planning to handing the deltas over
-    decode_forward_seconds: float = 0.0  # of it, the model forward
+    # of it, per phase (steplog.PHASES: schedule, forward, sample, wait, update, deliver)
+    decode_phase_seconds: tuple[tuple[str, float], ...] = ()
+    decode_host_cpu_seconds: float = 0.0  # the engine thread's CPU time outside the wait
     decode_graph_traces: int = 0  # compiled decode step graphs traced (engine/step_graph.py)
     # (upper bound in seconds, decode-only steps at most that long), cumulative
     decode_step_buckets: tuple[tuple[float, int], ...] = ()

@@ -178,7 +178,8 @@ class ThreadedServingLoop(ServingLoop):
                             self.integrity_checks, self.integrity_failures,
                             s.prefix.queries, s.prefix.hits, a.num_cached,
                             self.executor.kv_dtype(), s.block_size, self.decode_time.steps,
-                            self.decode_time.seconds, self.decode_time.forward_seconds,
+                            self.decode_time.seconds, self.decode_time.phases(),
+                            self.decode_time.host_cpu_seconds,
                             self.executor.decode_graph_traces(), self.decode_time.buckets())
 
     def _post(self, kind: str, item: object) -> None:
@@ -230,10 +231,11 @@ class ThreadedServingLoop(ServingLoop):
                     self.scheduler.finish(rid, "error")
                     out.append(self._close(rid, "error", f"engine failure: {e!r}"))
             if out:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 self._deliver(out)
                 if record is not None:
                     record.deliver_s = time.perf_counter() - t
+                    record.host_cpu_s += time.thread_time() - c
             if record is not None:
                 self.decode_time.add(record)
             if not self.scheduler.has_work and not self._inbox and self._inflight is None:
@@ -298,7 +300,7 @@ class ThreadedServingLoop(ServingLoop):
         """Collect the step in flight (or plan and submit one), then update and emit.
         With async scheduling the next pure-decode step is planned and submitted before
         this one's tokens are waited for, and stays in flight into the next iteration."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         plan, self._inflight = self._inflight, None
         schedule_s = forward_s = 0.0
         if plan is None:
@@ -311,6 +313,7 @@ class ThreadedServingLoop(ServingLoop):
         schedule_s += ahead_s
         if nxt is not None:
             forward_s += self.executor.last_forward_s
+        t_wait, c_wait = time.perf_counter(), time.thread_time()
         try:
             result = self.executor.collect(plan)
         except Exception as e:  # nxt reads plan's tokens: it fails with it
@@ -320,14 +323,15 @@ class ThreadedServingLoop(ServingLoop):
                     self.executor.collect(nxt)
                 self._fail(nxt, e, out)
             return None
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         self.steps += 1
         for upd in self.scheduler.update(plan, result):
             self._emit(upd, out)
         self._inflight = nxt
         record = StepRecord(len(plan.decodes), plan.num_tokens - len(plan.decodes), schedule_s,
-                            forward_s, max(t1 - t0 - schedule_s - forward_s, 0.0),
-                            time.perf_counter() - t1)
+                            forward_s, max(t_wait - t0 - schedule_s - forward_s, 0.0),
+                            t1 - t_wait, time.perf_counter() - t1,
+                            host_cpu_s=time.thread_time() - c0 - (c1 - c_wait))
         self.step_log.append(record)
         return record
 

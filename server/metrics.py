@@ -5,10 +5,12 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 ``kv_cache_usage_perc`` (a fraction, as vLLM's), ``kv_blocks_used``/``kv_blocks_total``,
 ``prompt_tokens_total``, ``generation_tokens_total``, ``num_preemptions_total``,
 ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens, vLLM's names) and the
-``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` (a histogram) and
-``decode_forward_seconds`` (a summary; no vLLM equivalent: the engine's decode-only steps
-and their time, whole and the forward's part; ``_sum / _count`` is the mean step a
-stream's tokens wait on), ``decode_graph_traces_total`` (compiled decode step graphs
+``prefix_cache_blocks`` gauge, our ``decode_step_seconds`` (a histogram),
+``decode_step_phase_seconds{phase}`` and ``decode_step_host_cpu_seconds`` (summaries; no
+vLLM equivalent: the engine's decode-only steps and their time, whole, per phase
+(schedule, forward, sample, wait, update, deliver) and the engine thread's CPU time
+outside the wait; ``_sum / _count`` is the mean step a stream's tokens wait on),
+``decode_graph_traces_total`` (compiled decode step graphs
 traced), and the attention-path counters
 ``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.
 Observed by the server per choice: ``time_to_first_token_seconds``,
@@ -102,8 +104,15 @@ class _ServingCollector(Collector):
         yield self._counter("kv_integrity_failures", "Failed KV cache integrity checks.",
                             s.integrity_failures)
         yield self._step_histogram(s)
-        yield self._summary("decode_forward_seconds", "Of those steps, the model forward.",
-                            s.decode_steps, s.decode_forward_seconds)
+        phases = SummaryMetricFamily(P + "decode_step_phase_seconds", "Of those steps, each "
+                                     "phase's time.", labels=["model_name", "phase"])
+        for phase, total in s.decode_phase_seconds:
+            phases.add_metric([self.model, phase], count_value=s.decode_steps,
+                              sum_value=total)
+        yield phases
+        yield self._summary("decode_step_host_cpu_seconds", "Of those steps, the engine "
+                            "thread's CPU time outside the wait for tokens.", s.decode_steps,
+                            s.decode_host_cpu_seconds)
         yield self._counter("decode_graph_traces", "Compiled decode step graphs traced (one "
                             "per new step signature).", s.decode_graph_traces)
         info = GaugeMetricFamily(P + "cache_config_info", "KV cache configuration (vLLM's "

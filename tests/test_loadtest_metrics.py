@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from slabserve.loadtest.client import _Stream
-from slabserve.loadtest.compare import comparison_markdown, goal_checks, median_runs, path_checks
+from slabserve.loadtest.compare import (
+    comparison_markdown,
+    goal_checks,
+    median_runs,
+    path_checks,
+    phases_markdown,
+)
 from slabserve.loadtest.metrics import Dist, RequestRecord, percentile, summarize
 from slabserve.loadtest.report import row, runs_markdown
 from slabserve.loadtest.runner import RunResult, RunSpec
@@ -22,6 +28,7 @@ from slabserve.loadtest.traces import (
     counter_deltas,
     histogram_delta,
     histogram_quantile,
+    labelled_deltas,
     parse_prometheus,
     path_delta,
 )
@@ -230,6 +237,7 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     ours = replace(_result("auto", 1, 1.0, 0.1), server_counters={
         "decode_step_seconds_count": 40.0, "decode_step_seconds_sum": 0.2,
         "decode_forward_seconds_sum": 0.12, "decode_graph_traces": 3.0})
+    # (runner.run_once turns /metrics' decode_step_phase_seconds{phase} into these keys)
     base = _result("mlx_lm", 1, 1.0, 0.2)
     x = row(ours)
     assert x["server_decode_step_ms"] == pytest.approx(5.0)
@@ -245,6 +253,39 @@ def test_server_decode_step_mean_from_the_metrics_deltas():
     table = comparison_markdown([with_median, base], ["auto", "mlx_lm"])
     assert "| 5.00 (p50 4.00) |" in table
     assert cols["step graph traces"] == "auto 3"
+
+
+PHASES_BEFORE = """
+slabserve:decode_step_phase_seconds_sum{model_name="m",phase="forward"} 1.0
+slabserve:decode_step_phase_seconds_sum{model_name="m",phase="wait"} 2.0
+"""
+PHASES_AFTER = """
+slabserve:decode_step_phase_seconds_sum{model_name="m",phase="forward"} 1.5
+slabserve:decode_step_phase_seconds_sum{model_name="m",phase="wait"} 2.25
+slabserve:decode_step_phase_seconds_count{model_name="m",phase="wait"} 9
+"""
+
+
+def test_phase_deltas_and_table():
+    """Per-phase increases come out keyed by the label (counts left out); the phase
+    table lists our servers only, with stall = step - wait - engine CPU."""
+    got = labelled_deltas(parse_prometheus(PHASES_BEFORE), parse_prometheus(PHASES_AFTER),
+                          "decode_step_phase_seconds_sum", "phase")
+    assert got == pytest.approx({"forward": 0.5, "wait": 0.25})
+    phases = {f"decode_{p}_seconds_sum": 0.01 for p in
+              ("schedule", "forward", "sample", "update", "deliver")}
+    ours = replace(_result("auto", 1, 1.0, 0.1), server_counters={
+        "decode_step_seconds_count": 10.0, "decode_step_seconds_sum": 0.04,
+        "decode_wait_seconds_sum": 0.015, "decode_step_host_cpu_seconds_sum": 0.02, **phases})
+    x = row(ours)
+    assert x["server_decode_wait_ms"] == pytest.approx(1.5)
+    assert x["server_decode_step_host_cpu_ms"] == pytest.approx(2.0)
+    table = phases_markdown([ours, _result("mlx_lm", 1, 1.0, 0.2)], ["auto", "mlx_lm"])
+    head, _, cell = table.splitlines()
+    cols = dict(zip(head.strip("| ").split(" | "), cell.strip("| ").split(" | "), strict=True))
+    assert cols["server"] == "auto" and cols["step"] == "4.00" and cols["wait"] == "1.50"
+    assert cols["engine CPU"] == "2.00" and cols["stall"] == "0.50"
+    assert phases_markdown([_result("mlx_lm", 1, 1.0, 0.2)], ["mlx_lm"]) == ""
 
 
 def test_goal_checks_summarise_auto_over_cells():

@@ -94,7 +94,13 @@ async def test_stats_sum_the_decode_only_steps():
         assert st.decode_steps == len(decodes) == 5 and len(eng.step_log) == 6
         assert st.decode_step_seconds == pytest.approx(sum(r.total_s for r in decodes))
         assert st.decode_step_seconds >= 5 * 0.01
-        assert st.decode_forward_seconds == pytest.approx(sum(r.forward_s for r in decodes))
+        phases = dict(st.decode_phase_seconds)
+        assert list(phases) == ["schedule", "forward", "sample", "wait", "update", "deliver"]
+        assert phases["forward"] == pytest.approx(sum(r.forward_s for r in decodes))
+        assert sum(phases.values()) == pytest.approx(st.decode_step_seconds)
+        assert phases["wait"] >= 5 * 0.01  # the executor sleeps in collect (execute)
+        # the engine thread's CPU time outside the wait fits in those phases' wall time
+        assert 0 < st.decode_host_cpu_seconds <= st.decode_step_seconds - phases["wait"] + 1e-3
         # the histogram: every step at least 10 ms, none in the buckets below it
         bounds = dict(st.decode_step_buckets)
         assert bounds[0.008] == 0 and bounds[float("inf")] == 5
@@ -184,5 +190,34 @@ async def test_between_steps_returns_errors_and_engines_without_a_switch_refuse(
         r = req("after", 4, max_tokens=3)  # the engine goes on
         assert [t for d in await run(eng, r) for t in d.token_ids] == reference(
             r.prompt_tokens, 3)
+    finally:
+        await eng.shutdown(1)
+
+
+class SlowSubmit(ShadowExecutor):
+    """Sleeps ``delay`` seconds in ``submit``: host time that is not CPU time."""
+
+    def __init__(self, base: ShadowExecutor, delay: float) -> None:
+        super().__init__(base.allocator, base.block_size)
+        self.delay = delay
+
+    def submit(self, plan):
+        time.sleep(self.delay)
+
+
+async def test_host_time_off_the_cpu_shows_as_stall():
+    """A submit that sleeps (as a thread waiting for the GIL would) adds to the host
+    phases' wall time but not to the engine thread's CPU time: step - wait - CPU >= the
+    sleeps, what the load tester reports as ``stall``."""
+    s, ex = make(num_blocks=32)
+    eng = ThreadedServingLoop(s, SlowSubmit(ex, 0.01))
+    await eng.start()
+    try:
+        await run(eng, req("r", 3, max_tokens=6))
+        st = eng.stats()
+        wait = dict(st.decode_phase_seconds)["wait"]
+        stall = st.decode_step_seconds - wait - st.decode_host_cpu_seconds
+        assert st.decode_steps == 5 and stall >= 5 * 0.01 - 1e-3
+        assert wait < 5 * 0.01  # the sleep is not in the wait
     finally:
         await eng.shutdown(1)

@@ -227,7 +227,14 @@ def test_metrics_after_traffic(http, client):
     assert total("slabserve:attention_path_total") > 0
     steps = total("slabserve:decode_step_seconds_count")  # 3 tokens: at least 2 decode steps
     assert steps >= 2 and total("slabserve:decode_step_seconds_sum") > 0
-    assert 0 < total("slabserve:decode_forward_seconds_sum") <= total(
+    phases = [line for line in text.splitlines()
+              if line.startswith("slabserve:decode_step_phase_seconds_sum{")]
+    assert {line.split('phase="')[1].split('"')[0] for line in phases} == {
+        "schedule", "forward", "sample", "wait", "update", "deliver"}
+    assert 0 < total("slabserve:decode_step_phase_seconds_sum") == pytest.approx(
+        total("slabserve:decode_step_seconds_sum"))
+    assert total("slabserve:decode_step_phase_seconds_count") == 6 * steps
+    assert 0 < total("slabserve:decode_step_host_cpu_seconds_sum") <= total(
         "slabserve:decode_step_seconds_sum")
     # the step histogram: cumulative buckets ending at +Inf with every step
     buckets = [line for line in text.splitlines()
