@@ -20,7 +20,7 @@
 #            process are what the second one reads;
 #   twins    ours (auto), a second process of ours (twin) and mlx_lm.server at concurrency
 #            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
-#   stall    four processes of ours (two with a 0.2 ms thread switch interval) at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
+#   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
 #   sampler  one batch's sampling, eager vs the compiled sampler (bench sampler), B 1 / 8 / 32;
@@ -109,8 +109,7 @@ for STEP in "${@:-phases}"; do
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
   stall)
     timeout ${STALL_S:-300} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
-      --configs auto --variant twin= --variant swi=--switch-interval-ms=0.2 \
-      --variant swi2=--switch-interval-ms=0.2 --contexts 1k --concurrency 1,8 \
+      --configs auto --variant twin= --variant twin2= --contexts 1k --concurrency 1,8 \
       --max-tokens 64 --requests 8,16 --no-progress --out "$OUT/stall" > "$OUT/stall.log" 2>&1
     echo "stall rc=$?"; sed -n '/## Comparison/,/## Goals/p' "$OUT/stall/results.md"
     rm -f "$OUT/stall"/*.{png,csv}

@@ -149,11 +149,6 @@ def parser() -> argparse.ArgumentParser:
                         "start-up (batch sizes 1, 2, 4, then multiples of 8, each also "
                         "padded), so no request waits on a trace or a kernel compile; 0 = "
                         "none (traced on first use); default --max-running")
-    g.add_argument("--switch-interval-ms", type=float, default=None,
-                   help="Python's thread switch interval for this process "
-                        "(sys.setswitchinterval): the longest the engine thread waits for "
-                        "the GIL while the event loop's thread runs, and back; default "
-                        "Python's (5 ms)")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
@@ -295,8 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"slabserve serve: {e}", file=sys.stderr)
         return 2
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     import mlx.core as mx
 
     group = mx.distributed.init()
