@@ -169,21 +169,25 @@ def table(cells: list[dict]) -> str:
     return "\n".join(head)
 
 
-def parse_args(argv: list[str]) -> tuple[BenchConfig, Path]:
+def parse_args(argv: list[str]) -> tuple[BenchConfig, Path, bool]:
     ap = argparse.ArgumentParser(prog="slabserve bench decode-phases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(ap, "1,8,32", "1k,4k,16k", 65536, "weights + KV")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=True,
+                    help="projections of 2-16 rows as the few-rows CUDA kernel (the "
+                         "server's default; engine/rows_matmul.py)")
     a = ap.parse_args(argv)
-    return grid_config(a, ("auto",)), a.out
+    return grid_config(a, ("auto",)), a.out, a.rows_matmul
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, out = parse_args(argv)
+    cfg, out, rows_matmul = parse_args(argv)
     from slabserve.engine.config import RunnerConfig
 
-    runner, executor, weights = load_runner(cfg, RunnerConfig(compile_decode=True))
+    runner, executor, weights = load_runner(cfg, RunnerConfig(compile_decode=True,
+                                                              rows_matmul=rows_matmul))
     print(f"model {cfg.model} {cfg.dtype}, {runner.geom.num_layers} layers", flush=True)
     cells = []
     for b in sorted(cfg.batches):

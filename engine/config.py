@@ -107,7 +107,10 @@ class RunnerConfig:
     decode steps at start-up for batches up to this size (``ModelRunner.capture_decode``),
     so their graphs are traced and kernels compiled before the first request; 0 = none.
     ``max_context``: the longest sequence the server admits (the scheduler's), which sizes
-    step graphs' device block table (kvcache/device_table.py); None: the pool's blocks."""
+    step graphs' device block table (kvcache/device_table.py); None: the pool's blocks.
+    ``rows_matmul``: with ``compile_decode``, fused projections of 2-16 rows run as the
+    few-rows CUDA kernel (engine/rows_matmul.py) where it applies and its start-up probe
+    passes; MLX's matmul otherwise."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
@@ -117,6 +120,7 @@ class RunnerConfig:
     step_graph: bool = True
     capture_max_batch: int = 0
     max_context: int | None = None
+    rows_matmul: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:

@@ -26,6 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
+from slabserve.engine.rows_matmul import RowsMatmul
+
 # mlx-lm modules whose TransformerBlock is input_layernorm -> self_attn (q/k/v/o_proj,
 # optional q_norm / k_norm over head_dim, rope) -> residual -> post_attention_layernorm
 # -> mlp (gate/up/down_proj, SwiGLU) -> residual (mistral loads through llama)
@@ -37,9 +39,11 @@ class Projection:
     concatenation of each projection's output along the last axis.  Plain ``nn.Linear``
     (against a transposed view of the weight, so no transpose node per call) or
     ``nn.QuantizedLinear`` with equal quantization; once built, each layer's own weight
-    (scales, biases) is a row slice of the concatenated one."""
+    (scales, biases) is a row slice of the concatenated one.  With ``rows``, plain
+    projections of the few rows it takes run as its kernel (engine/rows_matmul.py)."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, layers: list[nn.Module], rows: RowsMatmul | None = None) -> None:
+        self.rows = rows
         self.quantized = isinstance(layers[0], nn.QuantizedLinear)
         names = ("weight", "scales", "biases", "bias") if self.quantized else ("weight", "bias")
         self.arrays = {n: _concat([lin[n] for lin in layers]) for n in names if n in layers[0]}
@@ -77,6 +81,8 @@ class Projection:
             y = mx.quantized_matmul(x, a["weight"], scales=a["scales"], biases=a.get("biases"),
                                     transpose=True, **self.qargs)
             return y + a["bias"] if "bias" in a else y
+        if self.rows is not None and self.rows.applies(x, a["weight"]):
+            return self.rows(x, a["weight"], a.get("bias"))
         if "bias" in a:
             return mx.addmm(a["bias"], x, a["weight_t"])
         return x @ a["weight_t"]
@@ -99,7 +105,7 @@ class FusedDecodeStages:
     gate/up are one ``split`` node each, and no reshape is issued to a shape an array
     already has (MLX records even those as nodes)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, rows: RowsMatmul | None = None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.heads, self.kv_heads = attn.n_heads, attn.n_kv_heads
         self.scale = attn.scale
@@ -107,14 +113,14 @@ class FusedDecodeStages:
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = Projection([attn.o_proj])
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
-        self.down = Projection([mlp.down_proj])
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], rows)
+        self.o = Projection([attn.o_proj], rows)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], rows)
+        self.down = Projection([mlp.down_proj], rows)
         self.inter = mlp.gate_proj.weight.shape[0]
 
     @staticmethod
-    def match(layer: nn.Module) -> FusedDecodeStages | None:
+    def match(layer: nn.Module, rows: RowsMatmul | None = None) -> FusedDecodeStages | None:
         if type(layer).__module__ not in LLAMA_FAMILY:
             return None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -128,7 +134,7 @@ class FusedDecodeStages:
             return None
         if not all(type(n) is nn.RMSNorm for n in norms):
             return None
-        return FusedDecodeStages(layer)
+        return FusedDecodeStages(layer, rows)
 
     def pre(self, x: mx.array, offset: mx.array):
         b = x.shape[0]

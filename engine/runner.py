@@ -21,6 +21,7 @@ from slabserve.engine import linear_layout as linear_layout_mod
 from slabserve.engine import patch
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.paged_cache import ForwardContext, PagedLayerCache
+from slabserve.engine.rows_matmul import RowsMatmul
 from slabserve.engine.staged import stage_layers
 from slabserve.engine.step_graph import StepGraphs, batch_bucket, query_dtype
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
@@ -137,7 +138,8 @@ class ModelRunner:
         self.last_build_s = 0.0
         # decode forwards replay compiled per-layer stages (engine/staged.py), and where
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
-        self.compile_decode = cfg.compile_decode and stage_layers(model) > 0
+        rows = _rows_matmul(cfg)
+        self.compile_decode = cfg.compile_decode and stage_layers(model, rows) > 0
         self.step_graphs = self._step_graphs() if self.compile_decode else None
         self.step_graph = cfg.step_graph and self.step_graphs is not None
         # what was built lazily (fused weights, the pool's slabs, the device block table)
@@ -327,3 +329,11 @@ class ModelRunner:
         outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
         mx.async_eval(outs, self.pool.take_pending())
         return pre, dec
+
+
+def _rows_matmul(cfg: RunnerConfig) -> RowsMatmul | None:
+    """The few-rows projection kernel when ``cfg`` asks for it and it passes its probe."""
+    if not (cfg.compile_decode and cfg.rows_matmul):
+        return None
+    rows = RowsMatmul()
+    return None if rows.probe() else rows

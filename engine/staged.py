@@ -36,6 +36,7 @@ import mlx.nn as nn
 
 from slabserve.engine.fused import FusedDecodeStages
 from slabserve.engine.paged_cache import PagedLayerCache
+from slabserve.engine.rows_matmul import RowsMatmul
 
 
 class StageCache(PagedLayerCache):
@@ -67,11 +68,11 @@ class StagedLayer(nn.Module):
     """A decoder layer whose decode forwards run as compiled stages (module docstring).
     ``inner`` is the original layer (its parameters stay in the model's tree under it)."""
 
-    def __init__(self, inner: nn.Module, index: int) -> None:
+    def __init__(self, inner: nn.Module, index: int, rows: RowsMatmul | None = None) -> None:
         super().__init__()
         self.inner = inner
         self._index = index
-        self.fused = FusedDecodeStages.match(inner)
+        self.fused = FusedDecodeStages.match(inner, rows)
         if self.fused is not None:  # llama family: hand-written stages, fewer nodes
             self._scale: float | None = self.fused.scale
             self._pre = mx.compile(self.fused.pre)
@@ -122,10 +123,11 @@ class StagedLayer(nn.Module):
         return self._post(x, ctx.offset, out)
 
 
-def stage_layers(model: nn.Module) -> int:
+def stage_layers(model: nn.Module, rows: RowsMatmul | None = None) -> int:
     """Replace each decoder layer the model runs (``model.layers``) by a ``StagedLayer``
     in the list that holds it (the inner model's ``layers``: some architectures' ``layers``
-    is a fresh slice of it per access); returns how many are staged.  Idempotent."""
+    is a fresh slice of it per access), fused projections of few rows through ``rows``;
+    returns how many are staged.  Idempotent (a staged layer keeps its ``rows``)."""
     inner = getattr(model, "model", None)
     holder = getattr(inner, "layers", None)
     if not isinstance(holder, list):
@@ -137,6 +139,6 @@ def stage_layers(model: nn.Module) -> int:
         if i is None:
             continue
         if not isinstance(layer, StagedLayer):
-            holder[i] = StagedLayer(layer, i)
+            holder[i] = StagedLayer(layer, i, rows)
         staged += 1
     return staged

@@ -20,6 +20,9 @@
 #            process are what the second one reads;
 #   twins    ours (auto), a second process of ours (twin) and mlx_lm.server at concurrency
 #            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
+#   rows     the few-rows projection kernel (engine/rows_matmul.py): its CUDA tests, chained
+#            projections against MLX's matmul (experiments/small_m_matmul.py), decode-phases
+#            without and with it, and the server with it (auto) and without (cublas);
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -107,6 +110,25 @@ for STEP in "${@:-phases}"; do
     grep -hE "captured decode|WARNING|rror" "$OUT/twins"/server-*.log | cut -c1-200
     sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
+  rows)
+    timeout 80 python -m pytest -q -p no:cacheprovider tests/test_rows_matmul.py \
+      > "$OUT/rows-tests.log" 2>&1
+    echo "rows tests rc=$?"; grep -E "^(FAILED|ERROR)|Error" "$OUT/rows-tests.log" | head -5
+    tail -1 "$OUT/rows-tests.log"
+    timeout 70 python -m experiments.small_m_matmul > "$OUT/small_m.log" 2>&1
+    echo "small_m rc=$?"; tail -25 "$OUT/small_m.log"
+    for r in --no-rows-matmul --rows-matmul; do
+      timeout 110 $SS bench decode-phases --embedded llama-3.2-1b:bfloat16 --batches 1,4,8,16 \
+        --contexts 1k --steps 10 --warmup 3 $r --out "$OUT/phases$r" > "$OUT/phases$r.log" 2>&1
+      echo "phases $r rc=$?"; grep -E "^\| [0-9]+ \| [0-9]+ \| (graph|overlap)" "$OUT/phases$r.log"
+    done
+    timeout ${ROWS_LT_S:-200} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
+      --configs auto --variant cublas=--no-rows-matmul --contexts 1k --concurrency 1,4,8 \
+      --max-tokens 64 --requests 8,16,16 --no-progress --out "$OUT/rows-lt" \
+      > "$OUT/rows-lt.log" 2>&1
+    echo "rows loadtest rc=$?"; sed -n '/## Comparison/,/## Goals/p' "$OUT/rows-lt/results.md"
+    grep -hE "rows matmul|WARNING|rror" "$OUT/rows-lt"/server-*.log | cut -c1-200 | head -5
+    rm -f "$OUT/rows-lt"/*.{png,csv} ;;
   stall)
     timeout ${STALL_S:-300} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
       --configs auto --variant twin= --variant twin2= --contexts 1k --concurrency 1,8 \

@@ -149,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
                         "start-up (batch sizes 1, 2, 4, then multiples of 8, each also "
                         "padded), so no request waits on a trace or a kernel compile; 0 = "
                         "none (traced on first use); default --max-running")
+    g.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, compiled decode steps of 2-16 sequences run their "
+                        "projections as a few-rows kernel (engine/rows_matmul.py) instead "
+                        "of cuBLAS; declines itself where its start-up probe fails")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
@@ -204,6 +208,7 @@ def configs(args: argparse.Namespace):
         host_math=_switch(args.host_math, env.host_math()),
         linear_layout=_switch(args.linear_layout, env.linear_layout()),
         compile_decode=_gpu() and not args.enforce_eager,
+        rows_matmul=args.rows_matmul,
         capture_max_batch=args.max_running if args.cuda_graph_max_bs is None
         else args.cuda_graph_max_bs)
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit
