@@ -83,6 +83,9 @@ class ModelExecutor(Executor):
         self._last: tuple[mx.array, dict[str, int]] | None = None
         # the sampler's compiled graphs, used while the runner compiles decode forwards
         self.sampler = CompiledSampler()
+        # request -> its prompt as int32, for the compiled sampler's repetition entries
+        # (copied into them each step; a tuple would be converted each step)
+        self._prompts: dict[str, np.ndarray] = {}
 
     def bind_tokenizer(self, tokenizer) -> None:
         """Enable constrained sampling against ``tokenizer`` (its llguidance view is built
@@ -100,7 +103,18 @@ class ModelExecutor(Executor):
             raise ValueError("this engine has no tokenizer bound: it cannot constrain output")
         self.constraints.check(spec)
 
+    def _prompt(self, c: ScheduledChunk):
+        """``c``'s prompt for its row spec: an int32 array, made once per request, where
+        the compiled sampler copies it into repetition entries each step."""
+        if c.params.repetition_penalty == 1.0 or not self.runner.compile_decode:
+            return c.prompt
+        got = self._prompts.get(c.request_id)
+        if got is None or len(got) != len(c.prompt):
+            got = self._prompts[c.request_id] = np.asarray(c.prompt, dtype=np.int32)
+        return got
+
     def release(self, request_id: str) -> None:
+        self._prompts.pop(request_id, None)
         if self.constraints is not None:
             self.constraints.drop(request_id)
 
@@ -181,7 +195,7 @@ class ModelExecutor(Executor):
         if want:
             rows.append(dec if len(want) == len(plan.decodes) else dec[host_array(want)])
         logits = rows[0] if len(rows) == 1 else mx.concatenate(rows)
-        specs = [sampling.RowSpec(c.params, c.seed, c.prompt, c.output, c.output_index)
+        specs = [sampling.RowSpec(c.params, c.seed, self._prompt(c), c.output, c.output_index)
                  for c in chunks]
         drawn = sampling.draw(logits, specs, self._allowed(masks, len(chunks), logits.shape[-1]),
                               self.sampler if self.runner.compile_decode else None)

@@ -184,8 +184,10 @@ def test_traces_stay_bounded_as_histories_grow():
 
 
 def test_executor_samples_through_the_compiled_sampler(model_root):
-    """Seeded random requests through the scheduler: compiled decode (which samples with
-    the compiled sampler) gives the tokens of the eager runner and sampler."""
+    """Seeded random requests through the scheduler, one with a repetition penalty:
+    compiled decode (which samples with the compiled sampler, the prompt as the
+    executor's cached array) gives the tokens of the eager runner and sampler; the
+    cached prompt goes with the request."""
     model = load(str(make(model_root, "llama-gqa")))[0]
     ps = prompts(3, seed=5)
     runs = {}
@@ -197,9 +199,13 @@ def test_executor_samples_through_the_compiled_sampler(model_root):
         sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 1024)
         for i, p in enumerate(ps):
             sched.add(Request(f"r{i}", tuple(p), SamplingParams(
-                max_tokens=6, temperature=0.9, top_p=0.8, seed=i, ignore_eos=True)))
+                max_tokens=6, temperature=0.9, top_p=0.8, seed=i, ignore_eos=True,
+                repetition_penalty=1.3 if i == 1 else 1.0)))
         runs[compiled] = drive(sched, executor)[0]
         assert executor.sampler.feature_sets == int(compiled)
+        assert list(executor._prompts) == (["r1"] if compiled else [])
+        executor.release("r1")
+        assert not executor._prompts
         assert runner.allocator.num_used == 0
     assert runs[True] == runs[False]
     assert any(len(set(t)) > 1 for t in runs[True].values())
