@@ -111,24 +111,26 @@ for STEP in "${@:-phases}"; do
     sed -n '/## Comparison/,/## Goals/p' "$OUT/twins/results.md"
     rm -f "$OUT/twins"/*.{png,csv,json} ;;
   rows)
-    timeout 80 python -m pytest -q -p no:cacheprovider tests/test_rows_matmul.py \
+    timeout ${ROWS_TESTS_S:-70} python -m pytest -q -p no:cacheprovider tests/test_rows_matmul.py \
       > "$OUT/rows-tests.log" 2>&1
     echo "rows tests rc=$?"; grep -E "^(FAILED|ERROR)|Error" "$OUT/rows-tests.log" | head -5
     tail -1 "$OUT/rows-tests.log"
-    timeout 70 python -m experiments.small_m_matmul > "$OUT/small_m.log" 2>&1
-    echo "small_m rc=$?"; tail -25 "$OUT/small_m.log"
     for r in --no-rows-matmul --rows-matmul; do
-      timeout 110 $SS bench decode-phases --embedded llama-3.2-1b:bfloat16 --batches 1,4,8,16 \
-        --contexts 1k --steps 10 --warmup 3 $r --out "$OUT/phases$r" > "$OUT/phases$r.log" 2>&1
+      timeout ${ROWS_PHASES_S:-90} $SS bench decode-phases --embedded llama-3.2-1b:bfloat16 \
+        --batches 1,4,8,16 --contexts 1k --steps 10 --warmup 3 $r --out "$OUT/phases$r" \
+        > "$OUT/phases$r.log" 2>&1
       echo "phases $r rc=$?"; grep -E "^\| [0-9]+ \| [0-9]+ \| (graph|overlap)" "$OUT/phases$r.log"
     done
-    timeout ${ROWS_LT_S:-200} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
+    timeout ${ROWS_LT_S:-170} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
       --configs auto --variant cublas=--no-rows-matmul --contexts 1k --concurrency 1,4,8 \
       --max-tokens 64 --requests 8,16,16 --no-progress --out "$OUT/rows-lt" \
       > "$OUT/rows-lt.log" 2>&1
     echo "rows loadtest rc=$?"; sed -n '/## Comparison/,/## Goals/p' "$OUT/rows-lt/results.md"
     grep -hE "rows matmul|WARNING|rror" "$OUT/rows-lt"/server-*.log | cut -c1-200 | head -5
-    rm -f "$OUT/rows-lt"/*.{png,csv} ;;
+    rm -f "$OUT/rows-lt"/*.{png,csv}
+    timeout ${ROWS_MICRO_S:-50} python -m experiments.small_m_matmul --repeat 15 \
+      > "$OUT/small_m.log" 2>&1
+    echo "small_m rc=$?"; tail -25 "$OUT/small_m.log" ;;
   stall)
     timeout ${STALL_S:-300} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
       --configs auto --variant twin= --variant twin2= --contexts 1k --concurrency 1,8 \
