@@ -16,6 +16,7 @@ random data once; any failure (no CUDA, NVRTC, a wrong result) declines it for g
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -57,8 +58,10 @@ class RowsMatmul:
             body = SOURCE.read_text().replace(
                 "SLABSERVE_BIAS", "static_cast<float>(bias[n])" if with_bias else "0.f")
             names = ["x", "w", "bias"] if with_bias else ["x", "w"]
+            # MLX caches compiled kernels on disk by name: the name carries the source's hash
+            tag = hashlib.sha1((HEADER + body).encode()).hexdigest()[:10]
             self._kernels[with_bias] = mx.fast.cuda_kernel(
-                name="slabserve_rows_matmul" + ("_bias" if with_bias else ""),
+                name=f"slabserve_rows_matmul{'_bias' if with_bias else ''}_{tag}",
                 input_names=names, output_names=["y"], source=body, header=HEADER)
         return self._kernels[with_bias]
 
