@@ -174,9 +174,9 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, Path, bool]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(ap, "1,8,32", "1k,4k,16k", 65536, "weights + KV")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=True,
-                    help="projections of 2-16 rows as the few-rows CUDA kernel (the "
-                         "server's default; engine/rows_matmul.py)")
+    ap.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=False,
+                    help="projections of 2-16 rows as the few-rows CUDA kernel (serve "
+                         "--rows-matmul; engine/rows_matmul.py)")
     a = ap.parse_args(argv)
     return grid_config(a, ("auto",)), a.out, a.rows_matmul
 

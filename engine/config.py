@@ -110,7 +110,8 @@ class RunnerConfig:
     step graphs' device block table (kvcache/device_table.py); None: the pool's blocks.
     ``rows_matmul``: with ``compile_decode``, fused projections of 2-16 rows run as the
     few-rows CUDA kernel (engine/rows_matmul.py) where it applies and its start-up probe
-    passes; MLX's matmul otherwise."""
+    passes; MLX's matmul otherwise (``serve --rows-matmul``; off by default until
+    measured on a GPU)."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0

@@ -22,7 +22,7 @@
 #            1 and 8, 1k and 16k, Llama-3.2-1B shape, servers logging at info (captures);
 #   rows     the few-rows projection kernel (engine/rows_matmul.py): its CUDA tests, chained
 #            projections against MLX's matmul (experiments/small_m_matmul.py), decode-phases
-#            without and with it, and the server with it (auto) and without (cublas);
+#            without and with it, and the server without it (auto) and with it (rows);
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -122,7 +122,7 @@ for STEP in "${@:-phases}"; do
       echo "phases $r rc=$?"; grep -E "^\| [0-9]+ \| [0-9]+ \| (graph|overlap)" "$OUT/phases$r.log"
     done
     timeout ${ROWS_LT_S:-170} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
-      --configs auto --variant cublas=--no-rows-matmul --contexts 1k --concurrency 1,4,8 \
+      --configs auto --variant rows=--rows-matmul --contexts 1k --concurrency 1,4,8 \
       --max-tokens 64 --requests 8,16,16 --no-progress --out "$OUT/rows-lt" \
       > "$OUT/rows-lt.log" 2>&1
     echo "rows loadtest rc=$?"; sed -n '/## Comparison/,/## Goals/p' "$OUT/rows-lt/results.md"

@@ -149,10 +149,11 @@ def parser() -> argparse.ArgumentParser:
                         "start-up (batch sizes 1, 2, 4, then multiples of 8, each also "
                         "padded), so no request waits on a trace or a kernel compile; 0 = "
                         "none (traced on first use); default --max-running")
-    g.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=False,
                    help="on CUDA, compiled decode steps of 2-16 sequences run their "
                         "projections as a few-rows kernel (engine/rows_matmul.py) instead "
-                        "of cuBLAS; declines itself where its start-up probe fails")
+                        "of cuBLAS; declines itself where its start-up probe fails. "
+                        "Not yet run on a GPU: off by default")
     g.add_argument("--dispatch-every", type=int, default=0,
                    help="start evaluating each forward every N layers while the rest is "
                         "built (overlaps host and device work); 0 = one evaluation per step")
