@@ -47,9 +47,10 @@ from slabserve.scheduler.api import (
     ServingLoop,
     ServingStats,
 )
+from slabserve.scheduler.handoff import settle
 from slabserve.scheduler.output import OutputStream
 from slabserve.scheduler.scheduler import Scheduler, SeqUpdate
-from slabserve.scheduler.steplog import DecodeStepTime, StepRecord
+from slabserve.scheduler.steplog import DecodeStepTime, StepClock, StepRecord
 
 log = logging.getLogger("slabserve.engine")
 _Queue = asyncio.Queue | None
@@ -245,7 +246,7 @@ class ThreadedServingLoop(ServingLoop):
                 self._wake.clear()
         for kind, item in list(self._inbox):  # calls queued while stopping: refused
             if kind == "call":
-                _settle(item[1], None, RequestError("shutting_down", "the engine stopped"))
+                settle(item[1], None, RequestError("shutting_down", "the engine stopped"))
 
     def _iteration(self, out: _Out) -> StepRecord | None:
         if self._inflight is not None and any(k == "call" for k, _ in list(self._inbox)):
@@ -294,18 +295,18 @@ class ThreadedServingLoop(ServingLoop):
             result, error = fn(), None
         except Exception as e:  # the caller gets it; the engine goes on
             result, error = None, e
-        _settle(fut, result, error)
+        settle(fut, result, error)
 
     def _step(self, out: _Out) -> StepRecord | None:
         """Collect the step in flight (or plan and submit one), then update and emit.
         With async scheduling the next pure-decode step is planned and submitted before
         this one's tokens are waited for, and stays in flight into the next iteration."""
-        t0, c0 = time.perf_counter(), time.thread_time()
+        clock = StepClock()
         plan, self._inflight = self._inflight, None
         schedule_s = forward_s = 0.0
         if plan is None:
             plan = self.scheduler.schedule()
-            schedule_s = time.perf_counter() - t0
+            schedule_s = clock.elapsed()
             if not self._submit(plan, out):
                 return None
             forward_s = self.executor.last_forward_s
@@ -313,7 +314,7 @@ class ThreadedServingLoop(ServingLoop):
         schedule_s += ahead_s
         if nxt is not None:
             forward_s += self.executor.last_forward_s
-        t_wait, c_wait = time.perf_counter(), time.thread_time()
+        clock.waiting()
         try:
             result = self.executor.collect(plan)
         except Exception as e:  # nxt reads plan's tokens: it fails with it
@@ -323,15 +324,13 @@ class ThreadedServingLoop(ServingLoop):
                     self.executor.collect(nxt)
                 self._fail(nxt, e, out)
             return None
-        t1, c1 = time.perf_counter(), time.thread_time()
+        clock.collected()
         self.steps += 1
         for upd in self.scheduler.update(plan, result):
             self._emit(upd, out)
         self._inflight = nxt
-        record = StepRecord(len(plan.decodes), plan.num_tokens - len(plan.decodes), schedule_s,
-                            forward_s, max(t_wait - t0 - schedule_s - forward_s, 0.0),
-                            t1 - t_wait, time.perf_counter() - t1,
-                            host_cpu_s=time.thread_time() - c0 - (c1 - c_wait))
+        record = clock.record(len(plan.decodes), plan.num_tokens - len(plan.decodes),
+                              schedule_s, forward_s)
         self.step_log.append(record)
         return record
 
@@ -404,20 +403,3 @@ class ThreadedServingLoop(ServingLoop):
         if not self._live:
             self._idle.set()
 
-
-def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
-    """Resolve ``fut`` on its own loop (from the engine thread); a caller that left or a
-    closed loop is ignored."""
-
-    def settle() -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-
-    try:
-        fut.get_loop().call_soon_threadsafe(settle)
-    except RuntimeError:  # loop closed
-        pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from dataclasses import dataclass
 
 
@@ -39,6 +40,36 @@ class StepRecord:
     @property
     def total_s(self) -> float:
         return sum(self.phases)
+
+
+class StepClock:
+    """Wall and engine-thread CPU marks of one engine iteration: made when it starts,
+    ``waiting()`` before it waits for the step's tokens, ``collected()`` after; ``record``
+    then splits the iteration into a ``StepRecord``."""
+
+    __slots__ = ("t0", "c0", "tw", "cw", "t1", "c1")
+
+    def __init__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.thread_time()
+        self.tw = self.cw = self.t1 = self.c1 = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def waiting(self) -> None:
+        self.tw, self.cw = time.perf_counter(), time.thread_time()
+
+    def collected(self) -> None:
+        self.t1, self.c1 = time.perf_counter(), time.thread_time()
+
+    def record(self, decodes: int, prefill_tokens: int, schedule_s: float,
+               forward_s: float) -> StepRecord:
+        """The iteration up to now: planning and forward as measured by the caller, the
+        rest of submitting before the wait, the wait, and the update since."""
+        return StepRecord(decodes, prefill_tokens, schedule_s, forward_s,
+                          max(self.tw - self.t0 - schedule_s - forward_s, 0.0),
+                          self.t1 - self.tw, time.perf_counter() - self.t1,
+                          host_cpu_s=time.thread_time() - self.c0 - (self.c1 - self.cw))
 
 
 PHASES = ("schedule", "forward", "sample", "wait", "update", "deliver")  # StepRecord.phases' names
