@@ -103,7 +103,7 @@ for STEP in "${@:-phases}"; do
   twins)
     timeout ${TWINS_S:-540} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
       --configs auto,mlx_lm --variant twin= --contexts ${TWIN_CTX:-1k,16k} \
-      --concurrency ${TWIN_CONC:-1,8} --max-tokens 64 --requests ${TWIN_REQ:-6,16} \
+      --concurrency ${TWIN_CONC:-1,8} --max-tokens 64 --requests ${TWIN_REQ:-8,32} \
       --no-progress --server-arg=--log-level=info \
       --out "$OUT/twins" > "$OUT/twins.log" 2>&1
     echo "twins rc=$?"
