@@ -142,7 +142,8 @@ class ModelExecutor(Executor):
         vocab = _model_vocab(self.runner)
         if vocab is None:
             return 0
-        buckets = sorted({batch_bucket(b) for b in self.capture})
+        buckets = sorted({batch_bucket(b) for b in self.capture
+                          if b >= sampling.COMPILED_MIN_ROWS})  # one row samples eagerly
         for rows in buckets:
             specs = [sampling.RowSpec(SamplingParams(temperature=1.0), 0, (), ())] * rows
             tokens, _ = self.sampler(mx.zeros((rows, vocab), dtype=mx.float32), specs, False)

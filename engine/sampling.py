@@ -222,8 +222,14 @@ def sample(logits: mx.array, specs: Sequence[RowSpec],
     return draw(logits, specs, allowed).host()
 
 
+# One row samples faster eagerly: on an H200 the compiled sampler took 1.02-1.29x the eager
+# one's time at B = 1 and 0.30-0.99x at B = 8 and 32 (docs/benchmarks/sampler.md).
+COMPILED_MIN_ROWS = 2
+
+
 def draw(logits: mx.array, specs: Sequence[RowSpec],
-         allowed: mx.array | None = None, compiled=None) -> Drawn:
+         allowed: mx.array | None = None, compiled=None,
+         min_rows: int = COMPILED_MIN_ROWS) -> Drawn:
     """One token per row, as lazy arrays (nothing evaluated, except a top_p batch on the
     CPU whose candidates may not cover its nucleus: ``_filter`` checks that on the host).
     ``logits`` is ``[len(specs), vocab]``; ``allowed`` (optional, bool, same shape) masks
@@ -231,8 +237,8 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
     the random draw: a seeded request samples the same tokens under the same mask alone or
     batched.  ``compiled``: an ``engine.sampling_graph.CompiledSampler`` that runs
     processors, mask and the arithmetic after them as one compiled graph (the same tokens)
-    for a batch with random rows or processors (an all-greedy batch without them is an
-    argmax: nothing to fuse)."""
+    for a batch of ``min_rows`` or more with random rows or processors (an all-greedy
+    batch without them is an argmax: nothing to fuse)."""
     logits = logits.astype(mx.float32)
     processed = any(_needs_processing(s.params) for s in specs)
     wanted = [i for i, s in enumerate(specs) if s.params.logprobs is not None]
@@ -240,7 +246,8 @@ def draw(logits: mx.array, specs: Sequence[RowSpec],
     # top_p and reported logprobs
     normalise = bool(wanted) or any(0 < s.params.top_p < 1 and not s.params.greedy
                                     for s in specs)
-    if compiled is not None and (processed or not all(s.params.greedy for s in specs)):
+    if (compiled is not None and len(specs) >= min_rows
+            and (processed or not all(s.params.greedy for s in specs))):
         tokens, logprobs = compiled(logits, specs, normalise, allowed)
         return _with_logprobs(tokens, logprobs, specs, wanted)
     if processed:

@@ -240,12 +240,13 @@ class CompiledSampler:
     """Compiled sampling graphs, one per feature set (see the module docstring); owned by
     the executor, used where decode forwards are compiled (``RunnerConfig.compile_decode``).
     ``feature_sets`` counts compiled functions, ``traces`` their traces (one per feature
-    set, batch bucket and entry buckets seen)."""
+    set, batch bucket and entry buckets seen), ``calls`` the batches sampled."""
 
     def __init__(self) -> None:
         self._fns: dict[Features, Callable] = {}
         self.feature_sets = 0
         self.traces = 0
+        self.calls = 0
 
     def _traced(self) -> None:
         self.traces += 1
@@ -255,6 +256,7 @@ class CompiledSampler:
         """(tokens ``[B]`` int32, the processed and masked logits normalised when
         ``normalise``, else None) for raw ``logits`` ``[B, vocab]`` float32 and the
         optional grammar mask ``allowed`` (bool, same shape); lazy."""
+        self.calls += 1
         b, vocab = logits.shape
         procs = processor_entries(specs, vocab)
         feat = features(specs, vocab, normalise, allowed is not None, procs)

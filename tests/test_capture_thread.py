@@ -5,6 +5,7 @@ serving loop captures on its engine thread before it serves."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import mlx.core as mx
@@ -59,9 +60,16 @@ async def test_the_loop_captures_on_its_engine_thread(model_root):
             out += d.token_ids
         assert out == reference(model, p, 8)
         assert runner.graph_traces == captured and not runner.step_graphs._failed
-        sampled = SamplingParams(max_tokens=4, temperature=1.0, seed=5, ignore_eos=True)
-        async for _ in loop.generate(Request("b", tuple(p), sampled)):
-            pass
+        traces, calls = loop.executor.sampler.traces, loop.executor.sampler.calls
+        sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+
+        async def drain(rid: str) -> None:
+            async for _ in loop.generate(Request(rid, tuple(p), sampled)):
+                pass
+
+        await asyncio.gather(drain("b"), drain("c"))  # two rows: the compiled sampler
         assert loop.executor.sampler.feature_sets == 1  # served by the warmed graph
+        assert loop.executor.sampler.traces == traces
+        assert loop.executor.sampler.calls > calls
     finally:
         await loop.shutdown(5.0)

@@ -15,7 +15,7 @@ from test_runner import prompts
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.executor import ModelExecutor
 from slabserve.engine.runner import ModelRunner
-from slabserve.engine.sampling import RowSpec, draw
+from slabserve.engine.sampling import COMPILED_MIN_ROWS, RowSpec, draw
 from slabserve.engine.sampling_graph import CompiledSampler, entry_bucket
 from slabserve.scheduler.api import Request, SamplingParams
 from slabserve.scheduler.config import SchedulerConfig
@@ -29,7 +29,7 @@ def logits(rows: int, seed: int) -> mx.array:
 
 
 def both(x: mx.array, specs, sampler: CompiledSampler, allowed=None):
-    return draw(x, specs, allowed).host(), draw(x, specs, allowed, sampler).host()
+    return draw(x, specs, allowed).host(), draw(x, specs, allowed, sampler, 1).host()
 
 
 MIXED = [
@@ -65,12 +65,25 @@ def test_batches_share_one_function_across_buckets_and_greedy_ones_stay_eager():
     for rows in (3, 4, 1, 6):
         x = logits(rows, rows)
         specs = [RowSpec(p, i, (), (), rows) for i in range(rows)]
-        assert draw(x, specs, None, sampler).host() == draw(x, specs).host()
+        assert draw(x, specs, None, sampler, 1).host() == draw(x, specs).host()
     assert sampler.feature_sets == 1
     x = logits(3, 0)
     specs = [RowSpec(SamplingParams(temperature=0.0), 0, (), ()) for _ in range(3)]
-    got = [t for t, _ in draw(x, specs, None, sampler).host()]
+    got = [t for t, _ in draw(x, specs, None, sampler, 1).host()]
     assert got == np.array(x).argmax(-1).tolist() and sampler.feature_sets == 1
+
+
+def test_one_row_samples_eagerly_by_default():
+    """Below ``COMPILED_MIN_ROWS`` (one row: faster eagerly on the GPU) ``draw`` does not
+    call the compiled sampler; from it on it does; the tokens are the same either way."""
+    sampler = CompiledSampler()
+    p = SamplingParams(temperature=0.7, repetition_penalty=1.2)
+    for rows in (1, COMPILED_MIN_ROWS):
+        x = logits(rows, 9)
+        specs = [RowSpec(p, i, (1, 2), (3,), 1) for i in range(rows)]
+        before = sampler.calls
+        assert draw(x, specs, None, sampler).host() == draw(x, specs).host()
+        assert sampler.calls - before == (rows >= COMPILED_MIN_ROWS)
 
 
 def test_seeded_row_is_the_same_alone_and_in_a_batch():
@@ -78,9 +91,9 @@ def test_seeded_row_is_the_same_alone_and_in_a_batch():
     p = SamplingParams(temperature=0.8, top_k=40)
     x = logits(3, 7)
     row = RowSpec(p, 1234, (), (), 5)
-    alone = draw(x[1:2], [row], None, sampler).host()[0]
+    alone = draw(x[1:2], [row], None, sampler, 1).host()[0]
     batch = [RowSpec(p, 9, (), (), 5), row, RowSpec(SamplingParams(temperature=0.0), 1, (), ())]
-    assert draw(x, batch, None, sampler).host()[1] == alone
+    assert draw(x, batch, None, sampler, 1).host()[1] == alone
 
 
 PV = 1000  # vocabulary of the processor tests
@@ -136,7 +149,7 @@ def test_processors_are_bitwise_the_eager_sampler():
                  for i, (p, pr, out) in enumerate(rows)]
         for b in (3, 5):  # the last: the whole batch
             mask = mx.array(allowed[:b])
-            eager, comp = draw(x[:b], specs[:b], mask), draw(x[:b], specs[:b], mask, sampler)
+            eager, comp = draw(x[:b], specs[:b], mask), draw(x[:b], specs[:b], mask, sampler, 1)
             assert same_bits(eager, comp), (step, b)
         picked = comp.host()
         assert picked[2][0] % 3 != 0 and picked[2][0] != 7
@@ -157,7 +170,7 @@ def test_processors_move_the_greedy_choice():
              RowSpec(SamplingParams(temperature=0.0, repetition_penalty=1e4), 0,
                      (best[1],), ())]
     sampler = CompiledSampler()
-    got = [t for t, _ in draw(x, specs, None, sampler).host()]
+    got = [t for t, _ in draw(x, specs, None, sampler, 1).host()]
     assert got[0] == 17 and got[1] != best[1]
     assert got == [t for t, _ in draw(x, specs).host()] and sampler.feature_sets == 1
 
@@ -176,7 +189,7 @@ def test_traces_stay_bounded_as_histories_grow():
         x = logits(2, step)
         specs = [RowSpec(p, 0, prompt, tuple(output), step),
                  RowSpec(SamplingParams(temperature=0.0), 0, (), ())]
-        assert same_bits(draw(x, specs), draw(x, specs, None, sampler))
+        assert same_bits(draw(x, specs), draw(x, specs, None, sampler, 1))
         buckets.add((entry_bucket(len(prompt) + len(output)), entry_bucket(len(output))))
         output.append(int(rng.integers(0, 8)))
     assert sampler.feature_sets == 1
