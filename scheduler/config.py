@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Whole prefill chunks a GPU step has room for beside its decodes.  Equally long chunks run
 # as the rows of one forward (docs/adr/0007), whose cost on a GPU grows far slower than its
@@ -10,6 +10,14 @@ from dataclasses import dataclass
 # so a burst of prompts is prefilled in few steps and few steps mix prefill with decodes:
 # 2 -> 8 chunks took concurrency-8 tok/s from 234 to 509 at 4k (docs/adr/0006).
 GPU_STEP_CHUNKS = 8
+
+# A CPU prefill chunk costs about its tokens x the model's parameters: the CPU default
+# (256-token chunks in 512-token steps) was set for a 0.5B model's stalls (docs/adr/0005).
+# A model of at most half that size takes twice the chunk for no longer a stall, in fewer
+# steps: the tiny model's concurrency-8 tok/s went from 1.82-1.98x to 2.13-2.32x
+# mlx_lm.server's (docs/benchmarks/loadtest-cpu.md); 1024-token chunks were no better.
+CPU_SMALL_MODEL_PARAMS = 250_000_000
+CPU_SMALL_MODEL_STEP = dict(max_step_tokens=1024, prefill_chunk=512)
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,9 @@ class SchedulerConfig:
 
     ``for_device`` gives the defaults measured per device: small chunks on CPU (a chunk
     there costs in proportion to its size, so small ones keep running streams decoding),
-    large aligned ones on a GPU (a chunk's cost there is mostly per step and per shape)."""
+    large aligned ones on a GPU (a chunk's cost there is mostly per step and per shape).
+    ``steps_follow_model``: the CPU defaults were taken (no step size given), so
+    ``for_model`` may size them to the loaded model."""
 
     max_running: int = 64
     max_queued: int = 256
@@ -43,6 +53,7 @@ class SchedulerConfig:
     watermark_blocks: int = 1
     prefill_align: int = 1
     async_scheduling: bool = True
+    steps_follow_model: bool = False
 
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> SchedulerConfig:
@@ -55,7 +66,8 @@ class SchedulerConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         base = (dict(prefill_chunk=2048) if gpu
                 else dict(max_step_tokens=512, prefill_chunk=256, prefill_align=1,
-                          async_scheduling=False))
+                          async_scheduling=False, steps_follow_model=not (
+                              {"max_step_tokens", "prefill_chunk"} & set(given))))
         base.update(given)
         if gpu and "prefill_align" not in given:  # chunk starts at multiples of the chunk
             base["prefill_align"] = base["prefill_chunk"]
@@ -63,6 +75,14 @@ class SchedulerConfig:
             running = base.get("max_running", cls.max_running)
             base["max_step_tokens"] = GPU_STEP_CHUNKS * base["prefill_chunk"] + running
         return cls(**base)
+
+    def for_model(self, params: int) -> SchedulerConfig:
+        """These settings for a loaded model of ``params`` parameters: with
+        ``steps_follow_model``, a model of at most ``CPU_SMALL_MODEL_PARAMS`` gets
+        ``CPU_SMALL_MODEL_STEP``; otherwise unchanged."""
+        if not self.steps_follow_model or params > CPU_SMALL_MODEL_PARAMS:
+            return self
+        return replace(self, steps_follow_model=False, **CPU_SMALL_MODEL_STEP)
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_queued < 0:

@@ -97,12 +97,44 @@ def build_serving(cfg: ServeConfig, selector: Selector | None = None) -> Threade
 
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir)
+    cfg = for_model(cfg, model)
     runner_cfg = dataclasses.replace(
         cfg.runner, max_context=serving_context(model, tokenizer, cfg.scheduler))
     runner = ModelRunner(model, kv_cache_config(cfg, model), runner_cfg, selector)
     _log_pool(runner)
     return assemble(runner, tokenizer, cfg.scheduler, model_name(cfg),
                     cfg.runner.capture_max_batch)
+
+
+def parameter_count(model) -> int:
+    """The model's parameters, a quantized layer's packed weight counted as the values
+    it holds (its scales and biases not at all)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    total = 0
+    for _, module in model.named_modules():
+        bits = (module.bits if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                else None)
+        for name, value in module.items():
+            if not isinstance(value, mx.array):
+                continue
+            if bits is None:
+                total += value.size
+            elif name == "weight":
+                total += value.size * 32 // bits
+    return total
+
+
+def for_model(cfg: ServeConfig, model) -> ServeConfig:
+    """``cfg`` with its scheduler sized to the loaded ``model`` (``SchedulerConfig
+    .for_model``: step sizes by parameter count where they were left to the defaults)."""
+    params = parameter_count(model)
+    sched = cfg.scheduler.for_model(params)
+    if sched is not cfg.scheduler:
+        log.info("scheduler: %d-token steps, %d-token prefill chunks for a model of %.1fM "
+                 "parameters", sched.max_step_tokens, sched.prefill_chunk, params / 1e6)
+    return dataclasses.replace(cfg, scheduler=sched)
 
 
 @dataclass

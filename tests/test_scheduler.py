@@ -260,6 +260,42 @@ def test_device_defaults():
         SchedulerConfig(prefill_align=0)
 
 
+def test_cpu_steps_follow_the_model_size():
+    """CPU defaults taken: a model of at most CPU_SMALL_MODEL_PARAMS gets 1024-token steps
+    and 512-token chunks, a larger one keeps 512 / 256; a step size given on the command
+    line, or a GPU, leaves the settings as they are."""
+    from slabserve.scheduler.config import CPU_SMALL_MODEL_PARAMS, SchedulerConfig
+
+    cpu = SchedulerConfig.for_device(False)
+    assert cpu.steps_follow_model
+    small = cpu.for_model(CPU_SMALL_MODEL_PARAMS)
+    assert (small.max_step_tokens, small.prefill_chunk) == (1024, 512)
+    assert not small.steps_follow_model and small.async_scheduling == cpu.async_scheduling
+    assert cpu.for_model(CPU_SMALL_MODEL_PARAMS + 1) is cpu
+    for given in (dict(prefill_chunk=128), dict(max_step_tokens=300)):
+        fixed = SchedulerConfig.for_device(False, **given)
+        assert not fixed.steps_follow_model and fixed.for_model(1000) is fixed
+    gpu = SchedulerConfig.for_device(True)
+    assert gpu.for_model(1000) is gpu
+
+
+def test_parameter_count_counts_quantized_weights_unpacked(model_root):
+    """The composition root's parameter count: a 4-bit quantized model counts as many as
+    its float one (packed words unpacked, scales and biases left out)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+    from models import make
+
+    from slabserve.build import parameter_count
+
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    n = parameter_count(model)
+    assert n == sum(v.size for _, v in tree_flatten(model.parameters()))
+    nn.quantize(model, group_size=32, bits=4)
+    assert parameter_count(model) == n
+
+
 def test_gpu_defaults_keep_chunks_whole_beside_decodes():
     """Eight streams decode while two long prompts prefill: every non-final chunk is a whole
     prefill_chunk, so chunk starts (and attention shapes) repeat across prompts."""
