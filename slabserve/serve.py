@@ -114,11 +114,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-running", type=int, default=64)
     g.add_argument("--max-queued", type=int, default=256)
     g.add_argument("--max-step-tokens", type=int, default=None,
-                   help="tokens per serving step (default 512 on CPU; on a GPU room for 8 "
-                        "prefill chunks beside max-running decodes)")
+                   help="tokens per serving step (default 512 on CPU, 1024 for a model of "
+                        "at most 250M parameters; on a GPU room for 8 prefill chunks "
+                        "beside max-running decodes)")
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="most prompt tokens of one sequence per step (default 256 on CPU, "
-                        "2048 on a GPU)")
+                        "512 for a model of at most 250M parameters; 2048 on a GPU)")
     g.add_argument("--prefill-align", type=int, default=None,
                    help="cut non-final prefill chunks to a multiple of this (default 1 on "
                         "CPU, the prefill chunk on a GPU: repeated shapes reuse CUDA "
