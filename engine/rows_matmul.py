@@ -2,10 +2,12 @@
 sequences as one custom kernel (engine/kernels/rows_matmul.cu: a warp per output column
 reads the weight row once and keeps a float32 sum per input row).
 
-Why: at one row MLX runs its own gemv kernel, above it cuBLASLt, whose host cost per call
-inside MLX's CUDA graphs is several times a kernel node's; a decode step of a small model
-at batch 2-16 is bound by that host work, not by reading the weights
-(experiments/small_m_matmul.py, docs/adr/0012-decode-step-host-cost.md).
+Why: a Llama-1B decode step costs ~1.2 ms more host time at 8 sequences than at one for
+the same graph nodes (docs/benchmarks/loadtest-gpu.md). At one row MLX runs its own gemv
+kernel, above it cuBLASLt, whose host cost per call is the suspect; this kernel is a
+custom kernel node like the gemv.  **Not yet run on a GPU**: `--rows-matmul` is off by
+default until experiments/small_m_matmul.py and `bash experiments/gpu_step.sh rows`
+have measured it.
 
 Invariants: ``applies`` answers True only on a CUDA device, for float16 / bfloat16 ``x``
 ``[M, K]`` with ``2 <= M <= MAX_ROWS`` and a row-major ``w`` ``[N, K]`` of the same dtype,
