@@ -163,6 +163,7 @@ def build_sharded(cfg: ServeConfig, group, dist: DistConfig, on_fault,
     configure_memory(cfg.mlx_cache_limit_bytes)
     model, tokenizer, _path = load_sharded(cfg.model, cfg.dtype, cache_dir=cfg.cache_dir,
                                            group=group, pipeline=pipeline)
+    cfg = for_model(cfg, model)  # this rank's shard: its cost per token
     cache = kv_cache_config(cfg, model)
     budget = agree_min(group, cache.kv_budget_bytes)
     if pipeline:  # every rank's pool gets the same blocks, each for its own layers
