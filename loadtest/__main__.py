@@ -38,13 +38,7 @@ from slabserve.loadtest.chatcompare import (
     write_chat_outputs,
 )
 from slabserve.loadtest.client import Endpoint
-from slabserve.loadtest.compare import (
-    comparison_markdown,
-    goal_checks,
-    median_runs,
-    path_checks,
-    phases_markdown,
-)
+from slabserve.loadtest.compare import comparison_section, median_runs
 from slabserve.loadtest.grid import GridSpec, Stopped, build_prompts, run_compare, run_grid
 from slabserve.loadtest.oneserver import run_one_server
 from slabserve.loadtest.prompts import char_tokenizer, eos_token_ids, load_tokenizer
@@ -204,20 +198,7 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
                ""] + [f"- `{line}`" for line in fails] + [""]
     md += [f"Not run: {lab} ({why})" for lab, why in meta.get("skipped", {}).items()]
     if len(labels) > 1:
-        rounds = 1 + max((r.round for r in results), default=0)
-        how = (f"the median run by tok/s of {rounds} interleaved rounds per cell"
-               if rounds > 1 else "ratios from this one invocation")
-        if meta.get("one_server"):
-            how += "; auto, native and gather on one server process, switched per run"
-        md += [f"## Comparison ({how})", "", comparison_markdown(picked, labels)]
-        phases = phases_markdown(picked, labels)
-        if phases:
-            md += ["### Our servers' decode steps", "", "Mean ms per decode-only step, "
-                   "its phases, the engine thread's CPU time outside the wait, and stall = "
-                   "step - wait - CPU (the thread off the CPU: the GIL, the OS, or on a CPU "
-                   "device MLX's workers evaluating the forward).", "", phases]
-        md += ["## Goals", ""]
-        md += [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]
+        md += comparison_section(results, picked, labels, bool(meta.get("one_server")))
     md += [f"![{p.name}]({p.name})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return out / "results.md"

@@ -245,3 +245,23 @@ def path_checks(results: Sequence[RunResult]) -> list[str]:
 
 def _verdict(ok: bool, r: float) -> str:
     return "n/a" if math.isnan(r) else ("PASS" if ok else "FAIL")
+
+
+def comparison_section(results: Sequence[RunResult], picked: Sequence[RunResult],
+                       labels: Sequence[str], one_server: bool) -> list[str]:
+    """results.md's lines from ``## Comparison`` on: the side-by-side table of the
+    ``picked`` runs (``median_runs``), our servers' decode step phases, the goals."""
+    rounds = 1 + max((r.round for r in results), default=0)
+    how = (f"the median run by tok/s of {rounds} interleaved rounds per cell"
+           if rounds > 1 else "ratios from this one invocation")
+    if one_server:
+        how += "; auto, native and gather on one server process, switched per run"
+    md = [f"## Comparison ({how})", "", comparison_markdown(picked, labels)]
+    phases = phases_markdown(picked, labels)
+    if phases:
+        md += ["### Our servers' decode steps", "", "Mean ms per decode-only step, its "
+               "phases, the engine thread's CPU time outside the wait, and stall = step - "
+               "wait - CPU (the thread off the CPU: the GIL, the OS, or on a CPU device "
+               "MLX's workers evaluating the forward).", "", phases]
+    md += ["## Goals", ""]
+    return md + [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]
