@@ -56,7 +56,8 @@ def mix(seed: int, index: int) -> int:
 
 
 class RowSpec:
-    """What the sampler needs to know about one row: params, seed, token history."""
+    """What the sampler needs to know about one row: params, seed, token history
+    (``prompt``: token ids as a sequence of ints or an int32 array)."""
 
     __slots__ = ("params", "seed", "index", "prompt", "output")
 
@@ -76,7 +77,10 @@ def _process(row: mx.array, spec: RowSpec, vocab: int) -> mx.array:
     for proc in make_logits_processors(logit_bias=bias or None):
         row = proc(None, row)
     if p.repetition_penalty != 1.0:
-        hist = list(spec.prompt) + list(spec.output)
+        # the prompt is a tuple or the executor's cached int32 array (MLX takes no list
+        # of numpy scalars): one int32 history either way
+        hist = np.concatenate([np.asarray(spec.prompt, dtype=np.int32),
+                               np.asarray(spec.output, dtype=np.int32)])
         row = make_repetition_penalty(p.repetition_penalty, len(hist))(mx.array(hist), row)
     if spec.output and p.presence_penalty != 0.0:
         out = list(spec.output)

@@ -222,3 +222,23 @@ def test_executor_samples_through_the_compiled_sampler(model_root):
         assert runner.allocator.num_used == 0
     assert runs[True] == runs[False]
     assert any(len(set(t)) > 1 for t in runs[True].values())
+
+
+def test_one_penalised_row_samples_eagerly_from_the_cached_prompt(model_root):
+    """A lone request with a repetition penalty under compiled decode: each step has one
+    row, which samples eagerly, from the executor's cached int32 prompt; its tokens are
+    the eager runner's."""
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    p = prompts(1, seed=8)[0]
+    runs = {}
+    for compiled in (False, True):
+        runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
+                                                kv_budget_bytes=1 << 24),
+                             RunnerConfig(compile_decode=compiled, linear_layout=False))
+        executor = ModelExecutor(runner, 1024)
+        sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 1024)
+        sched.add(Request("r", tuple(p), SamplingParams(
+            max_tokens=6, temperature=0.9, seed=3, ignore_eos=True, repetition_penalty=1.3)))
+        runs[compiled] = drive(sched, executor)[0]
+        assert executor.sampler.calls == 0
+    assert runs[True] == runs[False]
