@@ -23,6 +23,10 @@
 #   rows     the few-rows projection kernel (engine/rows_matmul.py): its CUDA tests, chained
 #            projections against MLX's matmul (experiments/small_m_matmul.py), decode-phases
 #            without and with it, and the server without it (auto) and with it (rows);
+#   c1       why a one-stream server step waits for its tokens: the engine built as
+#            `slabserve serve` builds it, per variant of serve flags, one request at a time
+#            through the serving loop, then the same runner in decode-phases' overlap loop
+#            (python -m experiments.c1_wait);
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -131,6 +135,9 @@ for STEP in "${@:-phases}"; do
     timeout ${ROWS_MICRO_S:-50} python -m experiments.small_m_matmul --repeat 15 \
       > "$OUT/small_m.log" 2>&1
     echo "small_m rc=$?"; tail -25 "$OUT/small_m.log" ;;
+  c1)
+    timeout ${C1_S:-300} python -m experiments.c1_wait ${C1_ARGS:-} > "$OUT/c1.log" 2>&1
+    echo "c1 rc=$?"; cat "$OUT/c1.log" | grep -vE "^(INFO|WARNING)" | tail -40 ;;
   stall)
     timeout ${STALL_S:-300} $SS loadtest --compare --embedded llama-3.2-1b:bfloat16 \
       --configs auto --variant twin= --variant twin2= --contexts 1k --concurrency 1,8 \

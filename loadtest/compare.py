@@ -88,9 +88,10 @@ def phases_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
     phases from /metrics' ``decode_step_phase_seconds``, the engine thread's CPU time
     outside the wait, and ``stall``, the rest of the host phases' wall time (step - wait
     - CPU: the engine thread off the CPU, waiting for the GIL or the OS, and on a CPU
-    device for MLX's workers, which evaluate inside the forward), ms.  Empty when no
-    server reported phases."""
-    head = ["ctx", "conc", "server", "step", *PHASES, "engine CPU", "stall"]
+    device for MLX's workers, which evaluate inside the forward), ms; ``ahead``: the
+    share of those steps submitted while the one before them ran (async scheduling).
+    Empty when no server reported phases."""
+    head = ["ctx", "conc", "server", "step", *PHASES, "engine CPU", "stall", "ahead"]
     lines = []
     for (ctx, conc), by in cells(results).items():
         for lab in labels:
@@ -101,8 +102,10 @@ def phases_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> str:
                 continue
             cols = [str(ctx), str(conc), lab, fmt(step, 2)]
             cols += [fmt(x.get(f"server_decode_{p}_ms"), 2) for p in PHASES]
-            lines.append("| " + " | ".join(cols + [fmt(cpu, 2), fmt(step - wait - cpu, 2)])
-                         + " |")
+            share = x.get("server_decode_ahead_share")
+            ahead = "-" if share is None else f"{100 * share:.0f}%"
+            lines.append("| " + " | ".join(cols + [fmt(cpu, 2), fmt(step - wait - cpu, 2),
+                                                   ahead]) + " |")
     if not lines:
         return ""
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]) + "\n"
@@ -262,6 +265,8 @@ def comparison_section(results: Sequence[RunResult], picked: Sequence[RunResult]
         md += ["### Our servers' decode steps", "", "Mean ms per decode-only step, its "
                "phases, the engine thread's CPU time outside the wait, and stall = step - "
                "wait - CPU (the thread off the CPU: the GIL, the OS, or on a CPU device "
-               "MLX's workers evaluating the forward).", "", phases]
+               "MLX's workers evaluating the forward), and ahead, the share of steps "
+               "submitted while the one before them ran (async scheduling: a step not "
+               "ahead waits for all its device time).", "", phases]
     md += ["## Goals", ""]
     return md + [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]

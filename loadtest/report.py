@@ -44,6 +44,8 @@ def row(res: RunResult) -> dict:
         if key.startswith("decode_") and key.endswith("_seconds_sum"):
             name = key.removeprefix("decode_").removesuffix("_seconds_sum")
             out[f"server_decode_{name}_ms"] = 1e3 * total / steps if steps else None
+    ahead = c.get("decode_steps_ahead")  # share of them submitted ahead (async scheduling)
+    out["server_decode_ahead_share"] = ahead / steps if ahead is not None and steps else None
     p50 = c.get("decode_step_p50_seconds")
     out["server_decode_step_p50_ms"] = 1e3 * p50 if p50 is not None else None
     return out

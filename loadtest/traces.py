@@ -93,7 +93,8 @@ def path_delta(before: Mapping[Key, float], after: Mapping[Key, float]) -> PathT
 
 SERVER_COUNTERS = ("num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
                    "decode_step_seconds_count", "decode_step_seconds_sum",
-                   "decode_step_host_cpu_seconds_sum", "decode_graph_traces_total")
+                   "decode_step_host_cpu_seconds_sum", "decode_graph_traces_total",
+                   "decode_steps_ahead_total")
 PHASE_SUM = "decode_step_phase_seconds_sum"  # our servers' decode step phases, by label
 
 

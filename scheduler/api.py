@@ -92,6 +92,7 @@ class ServingStats:
     decode_graph_traces: int = 0  # compiled decode step graphs traced (engine/step_graph.py)
     # (upper bound in seconds, decode-only steps at most that long), cumulative
     decode_step_buckets: tuple[tuple[float, int], ...] = ()
+    decode_steps_ahead: int = 0  # of the decode-only steps, those submitted ahead (async)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -181,7 +181,8 @@ class ThreadedServingLoop(ServingLoop):
                             self.executor.kv_dtype(), s.block_size, self.decode_time.steps,
                             self.decode_time.seconds, self.decode_time.phases(),
                             self.decode_time.host_cpu_seconds,
-                            self.executor.decode_graph_traces(), self.decode_time.buckets())
+                            self.executor.decode_graph_traces(), self.decode_time.buckets(),
+                            self.decode_time.ahead_steps)
 
     def _post(self, kind: str, item: object) -> None:
         self._inbox.append((kind, item))
@@ -303,6 +304,7 @@ class ThreadedServingLoop(ServingLoop):
         this one's tokens are waited for, and stays in flight into the next iteration."""
         clock = StepClock()
         plan, self._inflight = self._inflight, None
+        ahead = plan is not None
         schedule_s = forward_s = 0.0
         if plan is None:
             plan = self.scheduler.schedule()
@@ -330,7 +332,7 @@ class ThreadedServingLoop(ServingLoop):
             self._emit(upd, out)
         self._inflight = nxt
         record = clock.record(len(plan.decodes), plan.num_tokens - len(plan.decodes),
-                              schedule_s, forward_s)
+                              schedule_s, forward_s, ahead)
         self.step_log.append(record)
         return record
 

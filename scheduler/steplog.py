@@ -18,8 +18,10 @@ class StepRecord:
     scheduling an iteration collects one step and submits the next: planning, forward
     and sampling are then the next step's, the wait is this one's.  ``host_cpu_s``: the
     engine thread's CPU time outside the wait; the host phases' wall time beyond it is
-    the thread waiting to run (for the GIL, or the OS).  ``step_log`` keeps the latest
-    ones (docs/adr/0005-scheduler.md)."""
+    the thread waiting to run (for the GIL, or the OS).  ``ahead``: the step collected
+    was submitted while the step before it ran (async scheduling), so its device time
+    could hide behind that step's host work.  ``step_log`` keeps the latest ones
+    (docs/adr/0005-scheduler.md)."""
 
     decodes: int
     prefill_tokens: int
@@ -30,6 +32,7 @@ class StepRecord:
     update_s: float
     deliver_s: float = 0.0
     host_cpu_s: float = 0.0
+    ahead: bool = False
 
     @property
     def phases(self) -> tuple[float, ...]:
@@ -63,13 +66,14 @@ class StepClock:
         self.t1, self.c1 = time.perf_counter(), time.thread_time()
 
     def record(self, decodes: int, prefill_tokens: int, schedule_s: float,
-               forward_s: float) -> StepRecord:
+               forward_s: float, ahead: bool = False) -> StepRecord:
         """The iteration up to now: planning and forward as measured by the caller, the
         rest of submitting before the wait, the wait, and the update since."""
         return StepRecord(decodes, prefill_tokens, schedule_s, forward_s,
                           max(self.tw - self.t0 - schedule_s - forward_s, 0.0),
                           self.t1 - self.tw, time.perf_counter() - self.t1,
-                          host_cpu_s=time.thread_time() - self.c0 - (self.c1 - self.cw))
+                          host_cpu_s=time.thread_time() - self.c0 - (self.c1 - self.cw),
+                          ahead=ahead)
 
 
 PHASES = ("schedule", "forward", "sample", "wait", "update", "deliver")  # StepRecord.phases' names
@@ -79,10 +83,11 @@ class DecodeStepTime:
     """Running totals over the engine's pure decode steps (no prefill token): how many,
     their whole time (``StepRecord.total_s``: planning to handing the deltas over), its
     split into ``PHASES``, the engine thread's CPU time outside the wait (the rest of the
-    other phases' wall time is the thread waiting to run: for the GIL, or the OS), and
-    how many took at most each of ``BOUNDS`` seconds (not cumulative; the last bound is
-    infinite), so a mean can be told from its tail (a step that traces a graph, a
-    collection).  Written by the engine thread only; read at scrape time."""
+    other phases' wall time is the thread waiting to run: for the GIL, or the OS), how
+    many were submitted ahead (``StepRecord.ahead``), and how many took at most each of
+    ``BOUNDS`` seconds (not cumulative; the last bound is infinite), so a mean can be
+    told from its tail (a step that traces a graph, a collection).  Written by the
+    engine thread only; read at scrape time."""
 
     BOUNDS = (0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015,
               0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
@@ -92,6 +97,7 @@ class DecodeStepTime:
         self.seconds = 0.0
         self.phase_seconds = [0.0] * len(PHASES)
         self.host_cpu_seconds = 0.0
+        self.ahead_steps = 0
         self.counts = [0] * len(self.BOUNDS)
 
     def add(self, record: StepRecord) -> None:
@@ -101,6 +107,7 @@ class DecodeStepTime:
             for i, t in enumerate(record.phases):
                 self.phase_seconds[i] += t
             self.host_cpu_seconds += record.host_cpu_s
+            self.ahead_steps += record.ahead
             self.counts[bisect.bisect_left(self.BOUNDS, record.total_s)] += 1
 
     def phases(self) -> tuple[tuple[str, float], ...]:

@@ -10,7 +10,8 @@ Read from the serving loop at scrape time: ``num_requests_running``, ``num_reque
 vLLM equivalent: the engine's decode-only steps and their time, whole, per phase
 (schedule, forward, sample, wait, update, deliver) and the engine thread's CPU time
 outside the wait; ``_sum / _count`` is the mean step a stream's tokens wait on),
-``decode_graph_traces_total`` (compiled decode step graphs
+``decode_steps_ahead_total`` (of those steps, the ones async scheduling submitted while the
+step before them ran), ``decode_graph_traces_total`` (compiled decode step graphs
 traced), and the attention-path counters
 ``attention_path_total{path, reason}`` from ``ServingLoop.attention_path_counts()``.
 Observed by the server per choice: ``time_to_first_token_seconds``,
@@ -113,6 +114,9 @@ class _ServingCollector(Collector):
         yield self._summary("decode_step_host_cpu_seconds", "Of those steps, the engine "
                             "thread's CPU time outside the wait for tokens.", s.decode_steps,
                             s.decode_host_cpu_seconds)
+        yield self._counter("decode_steps_ahead", "Of those steps, the ones submitted while "
+                            "the step before them ran (async scheduling).",
+                            s.decode_steps_ahead)
         yield self._counter("decode_graph_traces", "Compiled decode step graphs traced (one "
                             "per new step signature).", s.decode_graph_traces)
         info = GaugeMetricFamily(P + "cache_config_info", "KV cache configuration (vLLM's "

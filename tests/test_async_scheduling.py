@@ -160,6 +160,8 @@ async def test_the_loop_pipelines_over_the_shadow_executor():
         got = await asyncio.gather(*[run(r) for r in reqs])
         assert got == [reference(r.prompt_tokens, 10) for r in reqs]
         assert eng.ahead_steps > 0 and eng.stats().kv_blocks_used == 0
+        st = eng.stats()  # decode-only steps collected after being submitted ahead
+        assert 0 < st.decode_steps_ahead <= min(st.decode_steps, eng.ahead_steps)
     finally:
         await eng.shutdown(1)
 

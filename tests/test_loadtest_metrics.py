@@ -276,7 +276,8 @@ def test_phase_deltas_and_table():
               ("schedule", "forward", "sample", "update", "deliver")}
     ours = replace(_result("auto", 1, 1.0, 0.1), server_counters={
         "decode_step_seconds_count": 10.0, "decode_step_seconds_sum": 0.04,
-        "decode_wait_seconds_sum": 0.015, "decode_step_host_cpu_seconds_sum": 0.02, **phases})
+        "decode_wait_seconds_sum": 0.015, "decode_step_host_cpu_seconds_sum": 0.02,
+        "decode_steps_ahead": 7.0, **phases})
     x = row(ours)
     assert x["server_decode_wait_ms"] == pytest.approx(1.5)
     assert x["server_decode_step_host_cpu_ms"] == pytest.approx(2.0)
@@ -285,6 +286,7 @@ def test_phase_deltas_and_table():
     cols = dict(zip(head.strip("| ").split(" | "), cell.strip("| ").split(" | "), strict=True))
     assert cols["server"] == "auto" and cols["step"] == "4.00" and cols["wait"] == "1.50"
     assert cols["engine CPU"] == "2.00" and cols["stall"] == "0.50"
+    assert cols["ahead"] == "70%"
     assert phases_markdown([_result("mlx_lm", 1, 1.0, 0.2)], ["mlx_lm"]) == ""
 
 

@@ -236,6 +236,7 @@ def test_metrics_after_traffic(http, client):
     assert total("slabserve:decode_step_phase_seconds_count") == 6 * steps
     assert 0 < total("slabserve:decode_step_host_cpu_seconds_sum") <= total(
         "slabserve:decode_step_seconds_sum")
+    assert 0 <= total("slabserve:decode_steps_ahead_total") <= steps
     # the step histogram: cumulative buckets ending at +Inf with every step
     buckets = [line for line in text.splitlines()
                if line.startswith("slabserve:decode_step_seconds_bucket{")]

@@ -1,0 +1,134 @@
+"""Why a one-stream server's decode step waits for its tokens on a GPU.
+
+On an H100 (Llama-3.2-1B shape, 1k) the server's steps at concurrency 1 were 2.8-2.9 ms
+with 0.65-0.86 ms of them waiting for the tokens, while `bench decode-phases`' overlap mode
+(the same executor, submit t+1 then collect t) ran 2.09 ms steps with 0.08 ms of wait.
+This builds the engine as `slabserve serve` does (its flag parser, `configs`,
+`build_serving`), once per variant of serve flags, and in each:
+
+- `loop`: `--requests` greedy requests of a `--prompt`-token random prompt one after the
+  other through the serving loop (its engine thread; no HTTP): medians of the decode-only
+  steps' phases and the share submitted ahead;
+- `direct`: the same runner and executor driven like decode-phases' overlap mode on this
+  thread (B=1 at the same context, fast-filled blocks), then on a fresh thread.
+
+    python -m experiments.c1_wait --embedded llama-3.2-1b:bfloat16 --kv-budget 2G
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import shlex
+import statistics
+import threading
+import time
+
+VARIANTS = ("", "--no-async-scheduling", "--cuda-graph-max-bs 0", "--max-context 4096",
+            "--no-kv-preallocate", "--max-running 8")
+
+
+async def loop_phases(eng, vocab: int, prompt: int, tokens: int, requests: int) -> dict:
+    from slabserve.scheduler.api import Request, SamplingParams
+    from slabserve.scheduler.steplog import PHASES
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    rng = random.Random(0)
+    eng.step_log.clear()
+    t0 = time.perf_counter()
+    for i in range(requests):
+        req = Request(f"c1-{i}", tuple(rng.randrange(vocab) for _ in range(prompt)), params)
+        async for _ in eng.generate(req):
+            pass
+    wall = time.perf_counter() - t0
+    dec = [r for r in eng.step_log if r.decodes and not r.prefill_tokens]
+    out = {p: 1e3 * statistics.median(getattr(r, f"{p}_s") for r in dec) for p in PHASES}
+    out["step"] = 1e3 * statistics.median(r.total_s for r in dec)
+    out["cpu"] = 1e3 * statistics.median(r.host_cpu_s for r in dec)
+    out["ahead"] = sum(r.ahead for r in dec) / len(dec)
+    out["tok_s"] = requests * tokens / wall
+    return out
+
+
+def direct_phases(eng, ctx: int, steps: int) -> dict:
+    """decode-phases' overlap loop on this runner (no serving loop), medians in ms."""
+    from slabserve.bench.decode_phases import run_overlap
+    from slabserve.bench.decode_step import BenchConfig, fast_fill
+    from slabserve.scheduler.api import SamplingParams
+
+    runner, executor = eng.executor.runner, eng.executor
+    cfg = BenchConfig(model="x", steps=steps, warmup=3)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    tables = fast_fill(runner, 1, ctx, 0)
+    try:
+        st, _ = run_overlap(runner, executor, cfg, tables, [1], ctx, params)
+    finally:
+        for t in tables:
+            runner.allocator.free(t)
+    med = {p: 1e3 * statistics.median(getattr(s, p) for s in st)
+           for p in ("plan", "build", "launch", "sync")}
+    med["step"] = 1e3 * statistics.median(s.wall for s in st)
+    return med
+
+
+def on_thread(fn):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", fn()))
+    t.start()
+    t.join()
+    return box["r"]
+
+
+async def one_variant(argv: list[str], args) -> None:
+    from slabserve.build import build_serving
+    from slabserve.serve import configs, make_selector, parser
+
+    _, serve_cfg = configs(parser().parse_args(argv))
+    eng = build_serving(serve_cfg, make_selector())
+    await eng.start()
+    try:
+        vocab = min(eng.executor.runner.model.args.vocab_size, 30_000)
+        r = await loop_phases(eng, vocab, args.prompt, args.tokens, args.requests)
+        print(f"  loop   step {r['step']:.2f} | " + " ".join(
+            f"{p} {r[p]:.2f}" for p in ("schedule", "forward", "sample", "wait", "update",
+                                        "deliver"))
+            + f" | cpu {r['cpu']:.2f} | ahead {100 * r['ahead']:.0f}% | {r['tok_s']:.0f} tok/s",
+            flush=True)
+    finally:
+        await eng.shutdown(10)
+    for where, fn in (("main", lambda: direct_phases(eng, args.prompt, args.steps)),
+                      ("thread", lambda: on_thread(
+                          lambda: direct_phases(eng, args.prompt, args.steps)))):
+        try:
+            d = fn()
+            print(f"  direct {where:6s} step {d['step']:.2f} | " + " ".join(
+                f"{p} {d[p]:.2f}" for p in ("plan", "build", "launch", "sync")), flush=True)
+        except Exception as e:  # a variant that cannot run directly says why
+            print(f"  direct {where}: {type(e).__name__}: {e}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16")
+    ap.add_argument("--kv-budget", default="2G")
+    ap.add_argument("--prompt", type=int, default=1000)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--variants", default="|".join(VARIANTS),
+                    help="serve flags per variant, '|'-separated ('' = the defaults)")
+    args = ap.parse_args()
+    name, _, dtype = args.embedded.partition(":")
+    base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16",
+            "--kv-budget", args.kv_budget]
+    for v in args.variants.split("|"):
+        print(f"== {v or 'defaults'}", flush=True)
+        asyncio.run(one_variant(base + shlex.split(v), args))
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
