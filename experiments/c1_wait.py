@@ -98,6 +98,8 @@ async def one_variant(argv: list[str], args) -> None:
             flush=True)
     finally:
         await eng.shutdown(10)
+    if args.no_direct:
+        return
     for where, fn in (("main", lambda: direct_phases(eng, args.prompt, args.steps)),
                       ("thread", lambda: on_thread(
                           lambda: direct_phases(eng, args.prompt, args.steps)))):
@@ -113,17 +115,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16")
-    ap.add_argument("--kv-budget", default="2G")
+    ap.add_argument("--kv-budget", default="2G", help="'device': serve's own sizing")
     ap.add_argument("--prompt", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--no-direct", action="store_true")
     ap.add_argument("--variants", default="|".join(VARIANTS),
                     help="serve flags per variant, '|'-separated ('' = the defaults)")
     args = ap.parse_args()
     name, _, dtype = args.embedded.partition(":")
-    base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16",
-            "--kv-budget", args.kv_budget]
+    base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16"]
+    if args.kv_budget != "device":  # device: the pool sized from the device (serve's default)
+        base += ["--kv-budget", args.kv_budget]
     for v in args.variants.split("|"):
         print(f"== {v or 'defaults'}", flush=True)
         asyncio.run(one_variant(base + shlex.split(v), args))
