@@ -97,6 +97,7 @@ class NativeCUDA(DecodeAttention):
     kernel_file = KERNEL_FILE
     common_files: tuple[Path, ...] = (COMMON_FILE,)
     quant_variants: tuple[str, ...] = (INT8_VARIANT,)  # variants that take the scale slabs
+    dep_input = True  # main launches take a ``dep`` input (kvcache/inplace.py's token)
 
     def __init__(self, params: PlanParams = DEFAULT_PARAMS, variant: str = "auto",
                  fused_merge: bool | None = None) -> None:
@@ -111,6 +112,9 @@ class NativeCUDA(DecodeAttention):
         self._scales: dict[float, mx.array] = {}
         self._launches: dict[tuple, tuple] = {}
         self._headers: dict[str, str] = {}
+        # the ``dep`` input of a launch with no in-place write before it (16 bytes: ADR 0010)
+        self._no_dep = mx.zeros((4,), dtype=mx.int32)
+        mx.eval(self._no_dep)
 
     # ---- decline ------------------------------------------------------------------------
     def decline(self, q: mx.array, pool: SlabPool, batch: DecodeBatch) -> str | None:
@@ -280,6 +284,9 @@ class NativeCUDA(DecodeAttention):
             inputs += [*kss, *([kss[0]] * pad), *vss, *([vss[0]] * pad)]
         if merge == "fused":
             inputs.append(self._counter(layer, b * main[1]["grid"][0] // self.threads))
+        if self.dep_input:  # this layer's in-place K/V write's token (kvcache/inplace.py)
+            inputs.append(pool.deps.get(layer, self._no_dep))
+        if merge == "fused":
             return main[0](inputs=inputs, **main[1])[2]
         outs = main[0](inputs=inputs, **main[1])
         if merge is None:
@@ -361,6 +368,8 @@ class NativeCUDA(DecodeAttention):
                 scalar = ["qscale"] if self.scale_input else []
                 names = ["q", "table", "lengths", *scalar, *slabs]
                 names += ["counters"] if kind == "fused" else []
+                # unread: orders the launch after the layer's in-place write (CUDA only)
+                names += ["dep"] if self.dep_input else []
                 outs = {"direct": ["out"], "split": ["opart", "lse"],
                         "fused": ["opart", "lse", "out"]}[kind]
             body = self._body(kind, ns, variant, scale, sb)

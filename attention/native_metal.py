@@ -79,6 +79,7 @@ class NativeMetal(NativeCUDA):
     pools."""
 
     scale_input = True  # the Metal body reads the scale from a one-float input
+    dep_input = False  # no in-place K/V writes on Metal
     threads = METAL_THREADS
     kernel_file = METAL_FILE
     common_files = ()

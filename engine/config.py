@@ -111,7 +111,10 @@ class RunnerConfig:
     ``rows_matmul``: with ``compile_decode``, fused projections of 2-16 rows run as the
     few-rows CUDA kernel (engine/rows_matmul.py) where it applies and its start-up probe
     passes; MLX's matmul otherwise (``serve --rows-matmul``; off by default until
-    measured on a GPU)."""
+    measured on a GPU).  ``inplace_kv_writes``: step graphs on CUDA write decode K/V into
+    the pool's own buffers with a kernel (kvcache/inplace.py) where its start-up probe
+    passes, instead of MLX scatters, which copy a whole slab whenever the step before
+    still runs (async scheduling)."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0
@@ -122,6 +125,7 @@ class RunnerConfig:
     capture_max_batch: int = 0
     max_context: int | None = None
     rows_matmul: bool = False
+    inplace_kv_writes: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_kv_bucket is not None and self.prefill_kv_bucket < 0:

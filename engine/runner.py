@@ -9,6 +9,7 @@ written.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,8 +27,11 @@ from slabserve.engine.staged import stage_layers
 from slabserve.engine.step_graph import StepGraphs, batch_bucket, query_dtype
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
+from slabserve.kvcache.inplace import InPlaceWriter
 from slabserve.kvcache.pool import WritePlan
 from slabserve.kvcache.quant import SCALE_DTYPE, is_quantized
+
+log = logging.getLogger("slabserve.engine")
 
 # Architectures whose forward is ``model.model(inputs, cache)`` then a head, so prefill
 # can skip the LM head for all but the last position.  Others run the full model.
@@ -140,7 +144,8 @@ class ModelRunner:
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
         rows = _rows_matmul(cfg)
         self.compile_decode = cfg.compile_decode and stage_layers(model, rows) > 0
-        self.step_graphs = self._step_graphs() if self.compile_decode else None
+        self.step_graphs = (self._step_graphs(_inplace_writer(cfg, self.geom))
+                            if self.compile_decode else None)
         self.step_graph = cfg.step_graph and self.step_graphs is not None
         # what was built lazily (fused weights, the pool's slabs, the device block table)
         # is evaluated on this thread's stream now: MLX streams belong to the thread that
@@ -148,7 +153,7 @@ class ModelRunner:
         tables = [] if self.step_graphs is None else [self.step_graphs.tables.array]
         mx.eval(self.model.parameters(), self.pool.arrays(), tables)
 
-    def _step_graphs(self) -> StepGraphs | None:
+    def _step_graphs(self, writer: InPlaceWriter | None) -> StepGraphs | None:
         layers = self.model.layers
         fused = [getattr(layer, "fused", None) for layer in layers]
         if None in fused or not hasattr(getattr(self.model, "model", None), "embed_tokens"):
@@ -157,7 +162,8 @@ class ModelRunner:
             return None
         width = blocks_needed(self.longest_sequence, self.geom.block_size)
         return StepGraphs(self._build, self.pool, self.attention, len(layers), fused[0].heads,
-                          query_dtype(self.model, layers[0]), fused[0].scale, width)
+                          query_dtype(self.model, layers[0]), fused[0].scale, width,
+                          writer=writer)
 
     @property
     def block_size(self) -> int:
@@ -329,6 +335,20 @@ class ModelRunner:
         outs = [x for x in pre if x is not None] + ([dec] if dec is not None else [])
         mx.async_eval(outs, self.pool.take_pending())
         return pre, dec
+
+
+def _inplace_writer(cfg: RunnerConfig, geom: PoolGeometry) -> InPlaceWriter | None:
+    """The in-place K/V write kernel for step graphs when ``cfg`` asks for it, the device
+    is a CUDA GPU and the kernel passes its probe for ``geom``; None keeps MLX scatters."""
+    if not (cfg.compile_decode and cfg.inplace_kv_writes and mx.cuda.is_available()
+            and mx.default_device().type == mx.gpu):
+        return None
+    writer = InPlaceWriter()
+    reason = writer.probe(geom)
+    if reason:
+        log.warning("in-place KV writes declined (%s): step graphs write by scatter", reason)
+        return None
+    return writer
 
 
 def _rows_matmul(cfg: RunnerConfig) -> RowsMatmul | None:

@@ -16,9 +16,11 @@ what changes from step to step is an input:
   pool (``SlabPool.arrays``), with ``B`` padded to a bucket (``batch_bucket``: 1, 2, 4, 8,
   then multiples of 8) by copies of the first sequence that attend to one token, whose K/V
   writes put the first sequence's own values and whose logits are dropped;
-- outputs: the logits ``[B, vocab]`` and the slabs the step wrote, which the pool adopts
-  (the old ones are then referenced by the graph only, so MLX writes in place as in the
-  eager step).
+- outputs: the logits ``[B, vocab]`` and, where K/V are written by MLX scatters, the slabs
+  the step wrote, which the pool adopts.  On CUDA the writes are an in-place kernel
+  (kvcache/inplace.py, ``writer``; one launch per layer, each layer's attention kernel
+  taking its token): a scatter lands in place only where nothing else holds the slab, and
+  with async scheduling the step before still does, so every scatter copied its slab.
 
 The signature: bucketed batch size, the device table's shape, the slabs the step writes,
 the pool's slab count, and each layer's path with the ``graph_key`` it gives (native CUDA:
@@ -47,6 +49,7 @@ from slabserve.attention import AttentionRuntime, DecodeBatch
 from slabserve.engine.paged_cache import ForwardContext
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.device_table import DeviceBlockTable
+from slabserve.kvcache.inplace import InPlaceWritePlan, InPlaceWriter
 from slabserve.kvcache.pool import SlabPool
 from slabserve.kvcache.spread import SpreadWritePlan
 
@@ -107,17 +110,19 @@ class StepGraphs:
     ``build(inputs, ctx, head_rows)`` is the runner's forward builder; ``heads`` /
     ``head_dim`` / ``dtype`` its layers' decode query shape; ``scale`` their softmax scale;
     ``table_width`` the most blocks a sequence holds (the device table's width).
-    ``max_graphs`` signatures are kept (least recently used dropped)."""
+    ``max_graphs`` signatures are kept (least recently used dropped).  ``writer``: the
+    in-place K/V write kernel (kvcache/inplace.py), None for scatters."""
 
     def __init__(self, build, pool: SlabPool, runtime: AttentionRuntime, num_layers: int,
                  heads: int, dtype: mx.Dtype, scale: float, table_width: int,
-                 max_graphs: int = 64) -> None:
+                 max_graphs: int = 64, writer: InPlaceWriter | None = None) -> None:
         self._build = build
         self.pool = pool
         self.runtime = runtime
         self.num_layers = num_layers
         self.heads, self.dtype, self.scale = heads, dtype, scale
         self.max_graphs = max_graphs
+        self.writer = writer  # in-place K/V writes (kvcache/inplace.py); None: scatters
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._failed: set[tuple] = set()
         self.traces = 0  # traces so far: a new signature, or a known one on a new stream
@@ -150,7 +155,8 @@ class StepGraphs:
                 if graph_key is None:
                     return None
                 path_keys[p] = graph_key(q, pool, batch, self.scale, self.num_layers)
-        writes = SpreadWritePlan(pool.geom, slots, pad)
+        writes = (SpreadWritePlan(pool.geom, slots, pad) if self.writer is None
+                  else InPlaceWritePlan(pool.geom, slots, self.writer, pad))
         table = self.tables.update(batch.tables)
         key = (batch.batch, self.tables.shape, writes.key, pool.num_slabs, inputs.dtype,
                tuple(map(id, paths)), tuple(path_keys.values()))

@@ -27,6 +27,9 @@
 #            `slabserve serve` builds it, per variant of serve flags, one request at a time
 #            through the serving loop, then the same runner in decode-phases' overlap loop
 #            (python -m experiments.c1_wait);
+#   inplace  in-place K/V writes (kvcache/inplace.py): their CUDA tests with the step
+#            graph and async scheduling ones, experiments/inplace_write.py, and c1_wait's
+#            loop with and without them at a 2 and an 8 GiB pool;
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -135,6 +138,17 @@ for STEP in "${@:-phases}"; do
     timeout ${ROWS_MICRO_S:-50} python -m experiments.small_m_matmul --repeat 15 \
       > "$OUT/small_m.log" 2>&1
     echo "small_m rc=$?"; tail -25 "$OUT/small_m.log" ;;
+  inplace)
+    timeout ${INPLACE_TESTS_S:-200} python -m pytest -q -p no:cacheprovider \
+      tests/test_inplace_write.py tests/test_step_graph.py tests/test_async_scheduling.py \
+      > "$OUT/inplace-tests.log" 2>&1
+    echo "inplace tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/inplace-tests.log" | head
+    tail -1 "$OUT/inplace-tests.log"
+    timeout 60 python -m experiments.inplace_write --mib 2048 --steps 30 2>&1 | tail -4
+    timeout ${C1_S:-150} python -m experiments.c1_wait --no-direct --variants \
+      "|--no-inplace-kv-writes|--kv-budget 8G|--kv-budget 8G --no-inplace-kv-writes" \
+      > "$OUT/c1.log" 2>&1
+    echo "c1 rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/c1.log" | tail -12 ;;
   c1)
     timeout ${C1_S:-300} python -m experiments.c1_wait ${C1_ARGS:-} > "$OUT/c1.log" 2>&1
     echo "c1 rc=$?"; cat "$OUT/c1.log" | grep -vE "^(INFO|WARNING)" | tail -40 ;;

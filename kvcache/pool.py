@@ -185,6 +185,8 @@ class SlabPool:
         self.k_scale: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self.v_scale: list[list[mx.array]] = [[] for _ in range(geom.num_layers)]
         self._dirty: dict[tuple[int, int, int], mx.array] = {}
+        # per layer, the token of an in-place write (kvcache/inplace.py) its readers take
+        self.deps: dict[int, mx.array] = {}
         self.grow(initial_slabs)
 
     @property
@@ -222,7 +224,7 @@ class SlabPool:
         """A pool of this geometry over ``arrays`` (``arrays()``'s order): what a traced
         step writes to; ``written()`` then lists what its writes replaced."""
         pool = object.__new__(SlabPool)
-        pool.geom, pool.max_slabs, pool._dirty = self.geom, self.max_slabs, {}
+        pool.geom, pool.max_slabs, pool._dirty, pool.deps = self.geom, self.max_slabs, {}, {}
         layers, n = self.geom.num_layers, self.num_slabs
         sides = [[arrays[(i * layers + layer) * n:(i * layers + layer + 1) * n]
                   for layer in range(layers)] for i in range(len(arrays) // (layers * n))]
@@ -263,7 +265,11 @@ class SlabPool:
         """Write new tokens' K and V, each ``[T, kv_heads, head_dim]`` or already flat
         ``[T * kv_heads, head_dim]`` (then no reshape node), in place (one scatter or
         slice update per slab touched and side, plus one for the scales of a quantized
-        pool, by the plan's flat rows).  Quantizing costs O(new tokens)."""
+        pool, by the plan's flat rows).  Quantizing costs O(new tokens).  A plan that writes
+        in place (kvcache/inplace.py) writes itself and leaves its token in ``deps``."""
+        if getattr(plan, "in_place", False):
+            self.deps[layer] = plan.write_layer(self, layer, k, v)
+            return
         g = self.geom
         if k.ndim != 2:
             k, v = k.reshape(-1, g.head_dim), v.reshape(-1, g.head_dim)

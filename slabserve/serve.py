@@ -150,6 +150,11 @@ def parser() -> argparse.ArgumentParser:
                         "start-up (batch sizes 1, 2, 4, then multiples of 8, each also "
                         "padded), so no request waits on a trace or a kernel compile; 0 = "
                         "none (traced on first use); default --max-running")
+    g.add_argument("--inplace-kv-writes", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, compiled decode steps write K/V into the pool's own "
+                        "buffers with a kernel (kvcache/inplace.py) instead of MLX "
+                        "scatters, which copy a whole slab when the step before still "
+                        "runs; declines itself where its start-up probe fails")
     g.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=False,
                    help="on CUDA, compiled decode steps of 2-16 sequences run their "
                         "projections as a few-rows kernel (engine/rows_matmul.py) instead "
@@ -210,7 +215,7 @@ def configs(args: argparse.Namespace):
         host_math=_switch(args.host_math, env.host_math()),
         linear_layout=_switch(args.linear_layout, env.linear_layout()),
         compile_decode=_gpu() and not args.enforce_eager,
-        rows_matmul=args.rows_matmul,
+        rows_matmul=args.rows_matmul, inplace_kv_writes=args.inplace_kv_writes,
         capture_max_batch=args.max_running if args.cuda_graph_max_bs is None
         else args.cuda_graph_max_bs)
     limit = env.mlx_cache_limit() if args.cache_limit is None else args.cache_limit

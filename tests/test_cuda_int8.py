@@ -87,7 +87,7 @@ def test_int8_launch_passes_values_then_scales(monkeypatch, fused, chunks):
     main, ns = log[0], slab_bucket(pool.num_slabs)
     names = main["spec"]["input_names"]
     slabs = [f"{s}{i}" for s in ("k", "v", "ks", "vs") for i in range(ns)]
-    assert names == ["q", "table", "lengths", *slabs, *(["counters"] if fused else [])]
+    assert names == ["q", "table", "lengths", *slabs, *(["counters"] if fused else []), "dep"]
     assert len(main["inputs"]) == len(names)
     scales = main["inputs"][3 + 2 * ns: 3 + 4 * ns]
     pad = ns - pool.num_slabs

@@ -211,19 +211,22 @@ def test_launch_plumbing(monkeypatch, chunks, fused):
     assert out.shape == q.shape and out.dtype == q.dtype
     main = log[0]
     ns = slab_bucket(pool.num_slabs)
+    # the last input orders the launch after this layer's in-place K/V write, if any
+    assert main["spec"]["input_names"][-1] == "dep" and main["inputs"][-1] is nat._no_dep
     if fused and chunks > 1:  # one launch: partials, then the last chunk's block merges
-        assert len(log) == 1 and main["spec"]["input_names"][-1] == "counters"
-        counters = main["inputs"][-1]
+        assert len(log) == 1 and main["spec"]["input_names"][-2] == "counters"
+        counters = main["inputs"][-2]
         assert counters.dtype == mx.int32 and counters.size >= 3 * 2
         assert not mx.any(counters).item()
         assert main["shapes"] == [(3 * 14 * chunks, 64), (3 * 14, chunks), (3, 14, 1, 64)]
         assert "const_cast<int*>(counters)" in main["spec"]["source"]
+        pool.deps[1] = token = mx.zeros((4,), dtype=mx.int32)
         nat._run(q, pool, 1, batch, 0.125, chunks)  # another layer: its own counters
-        assert log[1]["inputs"][-1] is not counters
+        assert log[1]["inputs"][-2] is not counters and log[1]["inputs"][-1] is token
         return
-    assert pool.num_slabs == 4 and len(main["inputs"]) == 3 + 2 * ns
+    assert pool.num_slabs == 4 and len(main["inputs"]) == 3 + 2 * ns + 1
     assert main["spec"]["input_names"][:3] == ["q", "table", "lengths"]
-    assert main["spec"]["input_names"][3:] == [f"k{i}" for i in range(ns)] + [
+    assert main["spec"]["input_names"][3:-1] == [f"k{i}" for i in range(ns)] + [
         f"v{i}" for i in range(ns)]
     assert main["grid"] == (2 * 1 * 128, chunks, 3) and main["tg"] == (128, 1, 1)
     assert main["template"]["G"] == 7 and main["template"]["GB"] == 7
