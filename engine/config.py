@@ -110,11 +110,12 @@ class RunnerConfig:
     step graphs' device block table (kvcache/device_table.py); None: the pool's blocks.
     ``rows_matmul``: with ``compile_decode``, fused projections of 2-16 rows run as the
     few-rows CUDA kernel (engine/rows_matmul.py) where it applies and its start-up probe
-    passes; MLX's matmul otherwise (``serve --rows-matmul``; off by default until
-    measured on a GPU).  ``inplace_kv_writes``: step graphs on CUDA write decode K/V into
-    the pool's own buffers with a kernel (kvcache/inplace.py) where its start-up probe
-    passes, instead of MLX scatters, which copy a whole slab whenever the step before
-    still runs (async scheduling)."""
+    passes; MLX's matmul otherwise (``serve --rows-matmul``; off by default: on an H100
+    its steps were 0.94x at 4 streams and 1.04x at 8, docs/benchmarks/loadtest-gpu.md).
+    ``inplace_kv_writes``: step graphs on CUDA write decode K/V into the pool's own
+    buffers with a kernel (kvcache/inplace.py) where its start-up probe passes, instead of
+    MLX scatters, which copy a whole slab whenever the step before still holds it (async
+    scheduling; docs/adr/0014-inplace-kv-writes.md)."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0

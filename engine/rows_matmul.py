@@ -5,9 +5,11 @@ reads the weight row once and keeps a float32 sum per input row).
 Why: a Llama-1B decode step costs ~1.2 ms more host time at 8 sequences than at one for
 the same graph nodes (docs/benchmarks/loadtest-gpu.md). At one row MLX runs its own gemv
 kernel, above it cuBLASLt, whose host cost per call is the suspect; this kernel is a
-custom kernel node like the gemv.  **Not yet run on a GPU**: `--rows-matmul` is off by
-default until experiments/small_m_matmul.py and `bash experiments/gpu_step.sh rows`
-have measured it.
+custom kernel node like the gemv.  Measured on an H100 (`bash experiments/gpu_step.sh
+rows`): 64 chained [M, 2048] x [2048, 2048] projections, compiled, took 0.63-0.76x of MLX's
+matmul at M = 2-16; in the server it cut the engine thread's CPU by 0.3-0.4 ms a step at 4
+and 8 streams, but the device's time rose, and steps were 0.94x at 4 streams and 1.04x at
+8 (docs/benchmarks/loadtest-gpu.md): `--rows-matmul` stays off by default.
 
 Invariants: ``applies`` answers True only on a CUDA device, for float16 / bfloat16 ``x``
 ``[M, K]`` with ``2 <= M <= MAX_ROWS`` and a row-major ``w`` ``[N, K]`` of the same dtype,

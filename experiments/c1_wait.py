@@ -1,8 +1,9 @@
-"""Why a one-stream server's decode step waits for its tokens on a GPU.
+"""A one-stream server's decode step on a GPU, phase by phase, per serve configuration.
 
-On an H100 (Llama-3.2-1B shape, 1k) the server's steps at concurrency 1 were 2.8-2.9 ms
-with 0.65-0.86 ms of them waiting for the tokens, while `bench decode-phases`' overlap mode
-(the same executor, submit t+1 then collect t) ran 2.09 ms steps with 0.08 ms of wait.
+Built to find why the server's steps waited for their tokens (0.65-0.86 ms of a 2.9 ms
+step on an H100, against 0.08 ms in decode-phases' overlap mode): the scatter writes
+copied whole slabs (docs/adr/0014-inplace-kv-writes.md).  Still open: the host's
+``forward`` of one configuration differs between processes (1.74-2.62 ms on one H100).
 This builds the engine as `slabserve serve` does (its flag parser, `configs`,
 `build_serving`), once per variant of serve flags, and in each:
 

@@ -23,13 +23,13 @@
 #   rows     the few-rows projection kernel (engine/rows_matmul.py): its CUDA tests, chained
 #            projections against MLX's matmul (experiments/small_m_matmul.py), decode-phases
 #            without and with it, and the server without it (auto) and with it (rows);
-#   c1       why a one-stream server step waits for its tokens: the engine built as
+#   c1       a one-stream server step's phases per serve-flag variant: the engine built as
 #            `slabserve serve` builds it, per variant of serve flags, one request at a time
 #            through the serving loop, then the same runner in decode-phases' overlap loop
 #            (python -m experiments.c1_wait);
-#   inplace  in-place K/V writes (kvcache/inplace.py): their CUDA tests with the step
-#            graph and async scheduling ones, experiments/inplace_write.py, and c1_wait's
-#            loop with and without them at a 2 and an 8 GiB pool;
+#   inplace  in-place K/V writes (kvcache/inplace.py, ADR 0014): their CUDA tests with the
+#            step graph and async scheduling ones, and c1_wait's loop with and without them
+#            at a 2 and an 8 GiB pool;
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -144,7 +144,6 @@ for STEP in "${@:-phases}"; do
       > "$OUT/inplace-tests.log" 2>&1
     echo "inplace tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/inplace-tests.log" | head
     tail -1 "$OUT/inplace-tests.log"
-    timeout 60 python -m experiments.inplace_write --mib 2048 --steps 30 2>&1 | tail -4
     timeout ${C1_S:-150} python -m experiments.c1_wait --no-direct --variants \
       "|--no-inplace-kv-writes|--kv-budget 8G|--kv-budget 8G --no-inplace-kv-writes" \
       > "$OUT/c1.log" 2>&1

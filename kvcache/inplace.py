@@ -5,8 +5,7 @@ to the write's output: nothing else may hold the slab's buffer.  With async sche
 the next decode step is evaluated while the previous one runs, and the previous step's
 in-flight work still holds the slab it wrote, so the write copies the whole slab (on an
 H100, one-row writes into a 2 GiB slab: 1.4-1.5 ms a step, 2-6 GiB of transient memory,
-against 0.06 ms written in place; a server's step at a 8 GiB pool went from ~2.4 to 6.8 ms,
-``python -m experiments.inplace_write`` / ``experiments.c1_wait``).
+against 0.06-0.08 ms written in place: docs/adr/0014-inplace-kv-writes.md).
 
 ``InPlaceWriter`` is a CUDA kernel that writes a step's new K/V rows (and a quantized
 pool's scales) into the slabs it takes as inputs and returns a small token.  The slabs

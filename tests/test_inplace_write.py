@@ -141,7 +141,7 @@ def test_probe_passes_on_cuda(dtype):
 def test_overlapped_steps_write_in_place(model_root):
     """Two decode steps submitted back to back (the second evaluated while the first
     runs, as async scheduling does) write in place: no step's peak memory reaches half a
-    slab (MLX's scatters copied the slab there: experiments/inplace_write.py)."""
+    slab (MLX's scatters copied the slab there: docs/adr/0014-inplace-kv-writes.md)."""
     model = load(str(make_cuda(model_root)))[0]
     runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=1 << 16,
                                             kv_budget_bytes=1 << 30),
