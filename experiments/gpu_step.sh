@@ -30,6 +30,9 @@
 #   inplace  in-place K/V writes (kvcache/inplace.py, ADR 0014): their CUDA tests with the
 #            step graph and async scheduling ones, and c1_wait's loop with and without them
 #            at a 2 and an 8 GiB pool;
+#   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
+#            from the device (one 2 GiB slab a layer and side): prefill chunks still write
+#            by scatter, which copies whole slabs (ADR 0014);
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -148,6 +151,11 @@ for STEP in "${@:-phases}"; do
       "|--no-inplace-kv-writes|--kv-budget 8G|--kv-budget 8G --no-inplace-kv-writes" \
       > "$OUT/c1.log" 2>&1
     echo "c1 rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/c1.log" | tail -12 ;;
+  ttft)
+    for kv in 1G device; do
+      timeout 150 python -m experiments.c1_wait --kv-budget $kv --prompt 4000 --no-direct \
+        --variants "" 2>&1 | grep -vE "^(INFO|WARNING)" | tail -2
+    done ;;
   c1)
     timeout ${C1_S:-300} python -m experiments.c1_wait ${C1_ARGS:-} > "$OUT/c1.log" 2>&1
     echo "c1 rc=$?"; cat "$OUT/c1.log" | grep -vE "^(INFO|WARNING)" | tail -40 ;;
