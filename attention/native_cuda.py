@@ -64,8 +64,8 @@ from slabserve.attention.cuda_source import (
     unit_tokens,
 )
 from slabserve.attention.gather import gather_kv
+from slabserve.attention.reference import random_pool
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
-from slabserve.kvcache.quant import quantize
 
 
 class NativeCUDA(DecodeAttention):
@@ -155,7 +155,7 @@ class NativeCUDA(DecodeAttention):
         ns = pool_slab_inputs(pool)
         mp = min_pages(self._plan_params(q, g), g.block_size)
         geom = PoolGeometry(1, g.kv_heads, g.head_dim, g.block_size, 2, g.dtype)
-        probe_pool = _random_pool(geom, ns, mx.random.key(7))
+        probe_pool = random_pool(geom, ns, mx.random.key(7))
         n = (2 * mp - 1) * g.block_size + 3
         batch = DecodeBatch(geom, [[2 * ns - 1, 0] * mp], [n])
         q1 = mx.random.normal((1, q.shape[1], 1, g.head_dim), key=mx.random.key(8))
@@ -388,19 +388,3 @@ class NativeCUDA(DecodeAttention):
                  header: str):
         return mx.fast.cuda_kernel(name=name, input_names=names, output_names=outs,
                                    source=body, header=header, shared_memory=smem)
-
-
-def _random_pool(geom: PoolGeometry, ns: int, key: mx.array) -> SlabPool:
-    """A one-layer pool of ``ns`` slabs of standard normal pages in ``geom``'s dtype, or
-    quantized (with their scales) for an int8 geometry."""
-    pool = SlabPool(geom)
-    rows = geom.slab_blocks * geom.kv_heads * geom.block_size
-    kv = mx.random.normal((2, ns, rows, geom.head_dim), key=key)
-    for side, scales, x in ((pool.k, pool.k_scale, kv[0]), (pool.v, pool.v_scale, kv[1])):
-        if geom.quantized:
-            vals, scale = quantize(x)
-            side[0] = [vals[i] for i in range(ns)]
-            scales[0] = [scale[i] for i in range(ns)]
-        else:
-            side[0] = [x[i].astype(geom.dtype) for i in range(ns)]
-    return pool

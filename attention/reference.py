@@ -128,3 +128,19 @@ def random_case(lengths, q_heads: int, kv_heads: int, head_dim: int, block_size:
     q = mx.random.normal((len(lengths), q_heads, 1, head_dim), key=next(keys)).astype(dtype)
     mx.eval(q, batch.table_array, batch.lengths_array)
     return q, pool, batch
+
+
+def random_pool(geom: PoolGeometry, ns: int, key: mx.array) -> SlabPool:
+    """A one-layer pool of ``ns`` slabs of standard normal pages in ``geom``'s dtype, or
+    quantized (with their scales) for an int8 geometry."""
+    pool = SlabPool(geom)
+    rows = geom.slab_blocks * geom.kv_heads * geom.block_size
+    kv = mx.random.normal((2, ns, rows, geom.head_dim), key=key)
+    for side, scales, x in ((pool.k, pool.k_scale, kv[0]), (pool.v, pool.v_scale, kv[1])):
+        if geom.quantized:
+            vals, scale = quantize(x)
+            side[0] = [vals[i] for i in range(ns)]
+            scales[0] = [scale[i] for i in range(ns)]
+        else:
+            side[0] = [x[i].astype(geom.dtype) for i in range(ns)]
+    return pool
