@@ -71,17 +71,20 @@ def main() -> None:
     print("| MiB per input | custom kernel host | wall | compiled host | wall | add host |")
     print("|--:|--:|--:|--:|--:|--:|")
     for mib in (int(x) for x in args.mib.split(",")):
-        bufs = [mx.zeros(((mib << 20) // 2,), dtype=mx.bfloat16) for _ in range(args.inputs)]
-        mx.eval(bufs, acc)
-        compiled = mx.compile(lambda a, *b: chain(k, a, list(b), args.launches))
-        eager = timed(lambda: chain(k, acc, bufs, args.launches), args.repeat)
-        comp = timed(lambda: compiled(acc, *bufs), args.repeat)
-        adds = timed(lambda: _adds(acc, bufs, args.launches), args.repeat)
-        per = 1e6 / args.launches
-        print(f"| {mib} | {eager[0] * per:.2f} | {eager[1] * per:.2f} | {comp[0] * per:.2f} | "
-              f"{comp[1] * per:.2f} | {adds[0] * per:.2f} |", flush=True)
-        del bufs, compiled
+        one_size(k, acc, mib, args)
         mx.clear_cache()
+
+
+def one_size(k, acc: mx.array, mib: int, args) -> None:
+    bufs = [mx.zeros(((mib << 20) // 2,), dtype=mx.bfloat16) for _ in range(args.inputs)]
+    mx.eval(bufs, acc)
+    compiled = mx.compile(lambda a, *b: chain(k, a, list(b), args.launches))
+    eager = timed(lambda: chain(k, acc, bufs, args.launches), args.repeat)
+    comp = timed(lambda: compiled(acc, *bufs), args.repeat)
+    adds = timed(lambda: _adds(acc, bufs, args.launches), args.repeat)
+    per = 1e6 / args.launches
+    print(f"| {mib} | {eager[0] * per:.2f} | {eager[1] * per:.2f} | {comp[0] * per:.2f} | "
+          f"{comp[1] * per:.2f} | {adds[0] * per:.2f} |", flush=True)
 
 
 def _adds(acc: mx.array, bufs: list[mx.array], launches: int) -> mx.array:
