@@ -111,28 +111,32 @@ class InPlaceWriter:
             grid=(-(-n // threads) * threads, 1, 1), threadgroup=(threads, 1, 1),
             output_shapes=[(TOKEN_SIZE,)], output_dtypes=[mx.int32])[0]
 
-    def probe(self, geom: PoolGeometry) -> str | None:
-        """None when the kernel writes a small pool of ``geom``'s dtype and head shape (two
-        slabs, skipped rows included) exactly as a reference does, else why not."""
+    def probe(self, geom: PoolGeometry, slab_counts: tuple[int, ...] = (1, 2)) -> str | None:
+        """None when the kernel writes small pools of ``geom``'s dtype and head shape, one
+        per slab count of ``slab_counts`` (the kernel differs by count), rows of every slab
+        and skipped rows included, exactly as a reference does; else why not."""
         try:
-            small = PoolGeometry(1, geom.kv_heads, geom.head_dim, geom.block_size, 4,
-                                 geom.dtype)
-            pool = SlabPool(small, initial_slabs=2)
-            rng = np.random.default_rng(0)
-            rows_per_slab = 4 * geom.kv_heads * geom.block_size
-            rows = rng.choice(2 * rows_per_slab, size=6, replace=False).astype(np.int32)
-            rows[2] = -1
-            before = [_host(a) for a in pool.arrays()]
-            k, v, ks, vs = _random_rows(small, len(rows), rng)
-            token = self.write(pool, 0, host_array(rows), k, v, ks, vs)
-            mx.eval(token)
-            after = [_host(a) for a in pool.arrays()]
-            want = reference_write(before, rows, [k, v, ks, vs], rows_per_slab)
-            if not all(np.array_equal(a, b) for a, b in zip(after, want, strict=True)):
-                return "probe wrote the wrong rows"
+            for n in slab_counts:
+                if not self._probe_one(geom, n):
+                    return f"probe wrote the wrong rows ({n} slab(s))"
         except Exception as e:  # compile or launch failure: the caller keeps scatters
             return f"kernel failed: {type(e).__name__}: {str(e)[:300]}"
         return None
+
+    def _probe_one(self, geom: PoolGeometry, n: int) -> bool:
+        small = PoolGeometry(1, geom.kv_heads, geom.head_dim, geom.block_size, 4, geom.dtype)
+        pool = SlabPool(small, initial_slabs=n)
+        rng = np.random.default_rng(n)
+        per_slab = 4 * geom.kv_heads * geom.block_size
+        rows = rng.choice(n * per_slab, size=min(6 * n, n * per_slab), replace=False)
+        rows = rows.astype(np.int32)
+        rows[rng.integers(len(rows))] = -1
+        before = [_host(a) for a in pool.arrays()]
+        k, v, ks, vs = _random_rows(small, len(rows), rng)
+        mx.eval(self.write(pool, 0, host_array(rows), k, v, ks, vs))
+        after = [_host(a) for a in pool.arrays()]
+        want = reference_write(before, rows, [k, v, ks, vs], per_slab)
+        return all(np.array_equal(a, b) for a, b in zip(after, want, strict=True))
 
 
 def _random_rows(g: PoolGeometry, n: int, rng) -> tuple:

@@ -109,7 +109,7 @@ def test_probe_refuses_a_kernel_that_does_not_write_or_fails(monkeypatch):
     def inert(**_):
         return lambda **kw: [mx.zeros(kw["output_shapes"][0], dtype=mx.int32)]
     monkeypatch.setattr(mx.fast, "cuda_kernel", inert)
-    assert InPlaceWriter().probe(geom) == "probe wrote the wrong rows"
+    assert InPlaceWriter().probe(geom) == "probe wrote the wrong rows (1 slab(s))"
 
     def broken(**_):
         raise RuntimeError("nvrtc: error")
@@ -133,7 +133,7 @@ def test_no_writer_without_cuda(model_root):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.int8])
 def test_probe_passes_on_cuda(dtype):
-    assert InPlaceWriter().probe(PoolGeometry(16, 8, 64, 16, 256, dtype)) is None
+    assert InPlaceWriter().probe(PoolGeometry(16, 8, 64, 16, 256, dtype), (1, 2, 5)) is None
 
 
 @needs_cuda
