@@ -2,8 +2,9 @@
 
 On CPU: the plan's rows put every token where the pool's scatter writes put it (float and
 int8 pools, several slabs, padded rows), the pool hands such a plan's writes to its writer
-and keeps the token for the layer's readers, and the probe refuses a kernel that does not
-write or fails.  On CUDA: the probe passes, and step graphs overlapped as async scheduling
+and keeps the token for the layer's readers, a step graph hands each layer's token to that
+layer's attention launch (the kernel's stand-in), and the probe refuses a kernel that does
+not write or fails.  On CUDA: the probe passes, and step graphs overlapped as async scheduling
 runs them (the next step evaluated before the one before it finished) write in place: no
 step's peak memory reaches a slab, where MLX's scatter copied the whole slab each step."""
 
@@ -163,3 +164,59 @@ def test_overlapped_steps_write_in_place(model_root):
         peaks.append(mx.get_peak_memory() - base)
     runner.allocator.free(table)
     assert max(peaks) < slab // 2, (peaks, slab)
+
+
+class TokenWriter(RecordingWriter):
+    """A writer whose tokens are told apart by identity (no rows written: plumbing)."""
+
+    def write(self, pool, layer, rows, k, v, k_scale=None, v_scale=None):
+        super().write(pool, layer, rows, k, v, k_scale, v_scale)
+        token = mx.full((4,), layer, dtype=mx.int32)
+        self.tokens.append(token)
+        return token
+
+
+def test_step_graph_hands_each_layers_token_to_its_attention(model_root):
+    """With a writer, a CPU step graph (the kernel's stand-in) writes through it once per
+    layer with the step's rows, each layer's attention launch takes that layer's token as
+    its last input, the graph outputs its logits only, and the pool keeps its arrays."""
+    if HAS_CUDA:
+        pytest.skip("the kernel stand-in is a CPU check")
+    from models import make
+    from test_step_graph import ContractKernelCUDA
+
+    from slabserve.attention import Selector
+
+    deps = []
+
+    class RecordingKernel(ContractKernelCUDA):
+        def _kernel(self, kind, ns, smem, variant, scale=1.0, sb=0):
+            inner = super()._kernel(kind, ns, smem, variant, scale, sb)
+
+            def kernel(*, inputs, **kw):
+                deps.append(inputs[-1])
+                return inner(inputs=inputs, **kw)
+            return kernel
+
+    model = load(str(make(model_root, "llama-gqa")))[0]
+    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64, kv_budget_bytes=1 << 24),
+                         RunnerConfig(compile_decode=True, linear_layout=False, max_context=512),
+                         Selector(override=True, natives={"cpu": RecordingKernel()}))
+    writer = TokenWriter()
+    writer.tokens = []
+    runner.step_graphs.writer = writer
+    table = runner.allocator.allocate(2)
+    runner.forward([SeqInput(list(range(1, 20)), 0, table, want_logits=False)], [])
+    arrays = runner.pool.arrays()
+    logits = runner.forward([], [SeqInput([6], 19, table)])[1]
+    mx.eval(logits)
+    layers = len(model.layers)
+    assert [c[0] for c in writer.calls] == list(range(layers))
+    # one rows input for every layer (traced: the step's packed rows), one row a kv head
+    assert all(c[1] is writer.calls[0][1] for c in writer.calls)
+    assert writer.calls[0][1].shape == (runner.geom.kv_heads,)
+    assert len(deps) == layers and all(d is t for d, t in zip(deps, writer.tokens, strict=True))
+    (graph,) = runner.step_graphs._graphs.values()
+    assert graph.written == [] and logits.shape == (1, model.args.vocab_size)
+    assert all(a is b for a, b in zip(runner.pool.arrays(), arrays, strict=True))
+    runner.allocator.free(table)

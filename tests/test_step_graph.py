@@ -49,7 +49,8 @@ class ContractKernelCUDA(NativeCUDA):
 
         def kernel(*, inputs, output_shapes, output_dtypes, template, **_):
             t = dict(template)
-            q, table, lengths, *slabs = inputs
+            q, table, lengths, *slabs, dep = inputs  # dep: an in-place write's token
+            assert dep.dtype == mx.int32 and dep.shape == (4,)
             b, w = table.shape
             hkv, bs = t["HKV"], t["BS"]
 
