@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import random
 import shlex
 import statistics
@@ -78,6 +79,18 @@ def direct_phases(eng, ctx: int, steps: int) -> dict:
     return med
 
 
+def pin(cpu: int) -> None:
+    """The engine thread (``slabserve-engine``) on ``cpu`` only; every other thread of
+    this process on the other cores (Linux: affinity is per thread id)."""
+    others = os.sched_getaffinity(0) - {cpu}
+    for t in threading.enumerate():
+        if t.native_id is not None:
+            os.sched_setaffinity(t.native_id, {cpu} if t.name == "slabserve-engine" else others)
+    for tid in map(int, os.listdir("/proc/self/task")):  # threads Python does not know (MLX)
+        if tid not in {t.native_id for t in threading.enumerate()}:
+            os.sched_setaffinity(tid, others)
+
+
 def on_thread(fn):
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", fn()))
@@ -93,6 +106,8 @@ async def one_variant(argv: list[str], args) -> None:
     _, serve_cfg = configs(parser().parse_args(argv))
     eng = build_serving(serve_cfg, make_selector())
     await eng.start()
+    if args.pin_engine is not None:  # the engine thread alone on one core, the rest elsewhere
+        pin(args.pin_engine)
     try:
         vocab = min(eng.executor.runner.model.args.vocab_size, 30_000)
         r = await loop_phases(eng, vocab, args.prompt, args.tokens, args.requests)
@@ -127,6 +142,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--no-direct", action="store_true")
+    ap.add_argument("--pin-engine", type=int, default=None, metavar="CPU",
+                    help="the engine thread alone on this core (the spread between processes)")
     ap.add_argument("--variants", default="|".join(VARIANTS),
                     help="serve flags per variant, '|'-separated ('' = the defaults)")
     args = ap.parse_args()

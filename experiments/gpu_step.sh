@@ -30,6 +30,8 @@
 #   inplace  in-place K/V writes (kvcache/inplace.py, ADR 0014): their CUDA tests with the
 #            step graph and async scheduling ones, and c1_wait's loop with and without them
 #            at a 2 and an 8 GiB pool;
+#   pin      six processes of one configuration (c1_wait's loop, 2 GiB pool), every other
+#            one with its engine thread alone on core 2: is the spread core placement?
 #   launch   MLX's host cost of a kernel launch by the size of its inputs (16 MiB to 8 GiB
 #            each; python -m experiments.launch_cost);
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
@@ -154,6 +156,14 @@ for STEP in "${@:-phases}"; do
       "|--no-inplace-kv-writes|--kv-budget 8G|--kv-budget 8G --no-inplace-kv-writes" \
       > "$OUT/c1.log" 2>&1
     echo "c1 rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/c1.log" | tail -12 ;;
+  pin)
+    for i in 1 2 3; do
+      for p in "" "--pin-engine 2"; do
+        echo "process $i ${p:-unpinned}"
+        timeout 60 python -m experiments.c1_wait --no-direct --variants "" $p 2>&1 \
+          | grep -E "^  loop"
+      done
+    done ;;
   launch)
     timeout 120 python -m experiments.launch_cost --mib 16,256,2048,8192 --inputs 4 \
       --launches 200 2>&1 | tail -7 ;;
