@@ -18,6 +18,7 @@ from slabserve.loadtest.runner import RunResult
 OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
 AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%
 TPUT_GOAL = 1.5  # at concurrency 8, ours >= 1.5x mlx_lm.server's output tokens/s
+TPOT_GOAL = 0.7  # at concurrency 1, ours <= 0.7x mlx_lm.server's time per output token
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -144,6 +145,9 @@ def goal_checks(results: Sequence[RunResult]) -> list[str]:
             r = _ratio(ours["ttft_p50_ms"], base["ttft_p50_ms"])
             lines.append(f"ctx {ctx} conc 1: auto/mlx_lm TTFT p50 = {fmt(r, 2)} "
                          f"(goal <= 1.00) {_verdict(r <= 1.0, r)}")
+            r = _ratio(ours["tpot_p50_ms"], base["tpot_p50_ms"])
+            lines.append(f"ctx {ctx} conc 1: auto/mlx_lm TPOT p50 = {fmt(r, 2)} "
+                         f"(goal <= {TPOT_GOAL}) {_verdict(r <= TPOT_GOAL, r)}")
         best = _best_forced(by)
         if ours and best:
             r = _ratio(ours["output_tok_s"], best)

@@ -224,6 +224,10 @@ def test_goal_checks_and_tables():
     assert any("conc 8: auto/best forced" in x and x.endswith("FAIL") for x in lines)
     assert any("conc 1: auto/mlx_lm TTFT" in x and "0.50" in x and x.endswith("PASS")
                for x in lines)
+    # the same time per token as mlx_lm.server: over the 0.7 goal; half of it: under
+    assert any("conc 1: auto/mlx_lm TPOT p50 = 1.00" in x and x.endswith("FAIL") for x in lines)
+    faster = goal_checks([_result("auto", 1, 2.0, 0.1), _result("mlx_lm", 1, 1.0, 0.2)])
+    assert any("TPOT p50 = 0.5" in x and x.endswith("PASS") for x in faster)
     assert not any("throughout" in x for x in lines)  # no path trace: no choice check
     table = comparison_markdown(results, ["auto", "native", "gather", "mlx_lm"])
     assert table.count("\n") == 4  # header, rule, two cells
