@@ -198,7 +198,8 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict, labels: list[
                ""] + [f"- `{line}`" for line in fails] + [""]
     md += [f"Not run: {lab} ({why})" for lab, why in meta.get("skipped", {}).items()]
     if len(labels) > 1:
-        md += comparison_section(results, picked, labels, bool(meta.get("one_server")))
+        md += comparison_section(results, picked, labels, bool(meta.get("one_server")),
+                                 meta.get("twins", ()))
     md += [f"![{p.name}]({p.name})" for p in plots]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return out / "results.md"
@@ -315,7 +316,10 @@ def _meta(args, argv, started, model, tok, labels, skipped, stopped) -> dict:
             "stopped_early": stopped,
             "model": str(model), "tokenizer": tok.name, "labels": labels,
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
-            "versions": _versions(), "skipped": skipped}
+            "versions": _versions(), "skipped": skipped,
+            # variants with auto's arguments (``--variant twin=``): the process spread
+            "twins": [t.partition("=")[0].strip() for t in getattr(args, "variant", [])
+                      if not t.partition("=")[2].strip()]}
 
 
 def _chat_spec(args: argparse.Namespace) -> ChatSpec:

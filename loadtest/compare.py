@@ -19,6 +19,7 @@ OURS, BASE, FORCED = "auto", "mlx_lm", ("native", "gather")
 AUTO_TOLERANCE = 0.95  # auto may trail the better forced path by at most 5%
 TPUT_GOAL = 1.5  # at concurrency 8, ours >= 1.5x mlx_lm.server's output tokens/s
 TPOT_GOAL = 0.7  # at concurrency 1, ours <= 0.7x mlx_lm.server's time per output token
+TWIN_TOLERANCE = 0.05  # two processes of one configuration: tok/s within 5% of each other
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -132,10 +133,18 @@ def _best_forced(by: dict[str, dict]) -> float | None:
     return max(vals) if vals else None
 
 
-def goal_checks(results: Sequence[RunResult]) -> list[str]:
-    """One line per goal and cell: PASS / FAIL / n/a with the numbers behind it."""
+def goal_checks(results: Sequence[RunResult], twins: Sequence[str] = ()) -> list[str]:
+    """One line per goal and cell: PASS / FAIL / n/a with the numbers behind it.
+    ``twins``: labels of servers started with auto's arguments, each checked within
+    ``TWIN_TOLERANCE`` of auto's tok/s."""
     lines = []
     for (ctx, conc), by in cells(results).items():
+        for twin in twins:
+            if by.get(OURS) and by.get(twin):
+                r = _ratio(by[twin]["output_tok_s"], by[OURS]["output_tok_s"])
+                ok = abs(r - 1.0) <= TWIN_TOLERANCE
+                lines.append(f"ctx {ctx} conc {conc}: {twin}/auto tok/s = {fmt(r, 3)} "
+                             f"(goal within {TWIN_TOLERANCE:.0%}) {_verdict(ok, r)}")
         ours, base = by.get(OURS), by.get(BASE)
         if ours and base and conc == 8:
             r = _ratio(ours["output_tok_s"], base["output_tok_s"])
@@ -255,9 +264,11 @@ def _verdict(ok: bool, r: float) -> str:
 
 
 def comparison_section(results: Sequence[RunResult], picked: Sequence[RunResult],
-                       labels: Sequence[str], one_server: bool) -> list[str]:
+                       labels: Sequence[str], one_server: bool,
+                       twins: Sequence[str] = ()) -> list[str]:
     """results.md's lines from ``## Comparison`` on: the side-by-side table of the
-    ``picked`` runs (``median_runs``), our servers' decode step phases, the goals."""
+    ``picked`` runs (``median_runs``), our servers' decode step phases, the goals
+    (``twins``: as ``goal_checks``)."""
     rounds = 1 + max((r.round for r in results), default=0)
     how = (f"the median run by tok/s of {rounds} interleaved rounds per cell"
            if rounds > 1 else "ratios from this one invocation")
@@ -273,4 +284,5 @@ def comparison_section(results: Sequence[RunResult], picked: Sequence[RunResult]
                "submitted while the one before them ran (async scheduling: a step not "
                "ahead waits for all its device time).", "", phases]
     md += ["## Goals", ""]
-    return md + [f"- {line}" for line in goal_checks(picked) + path_checks(results)] + [""]
+    checks = goal_checks(picked, twins) + path_checks(results)
+    return md + [f"- {line}" for line in checks] + [""]

@@ -228,6 +228,15 @@ def test_goal_checks_and_tables():
     assert any("conc 1: auto/mlx_lm TPOT p50 = 1.00" in x and x.endswith("FAIL") for x in lines)
     faster = goal_checks([_result("auto", 1, 2.0, 0.1), _result("mlx_lm", 1, 1.0, 0.2)])
     assert any("TPOT p50 = 0.5" in x and x.endswith("PASS") for x in faster)
+    # a second process of auto's configuration: within 5% of auto's tok/s, or not
+    twin = replace(_result("auto", 1, 1.04, 0.1), label="twin")
+    far = replace(_result("auto", 1, 1.2, 0.1), label="far")
+    pair = goal_checks([_result("auto", 1, 1.0, 0.1), twin, far], twins=["twin", "far"])
+    assert any(x.startswith("ctx 64 conc 1: twin/auto tok/s") and x.endswith("PASS")
+               for x in pair)
+    assert any(x.startswith("ctx 64 conc 1: far/auto tok/s") and x.endswith("FAIL")
+               for x in pair)
+    assert not any("/auto tok/s" in x for x in goal_checks(results))  # no twins named
     assert not any("throughout" in x for x in lines)  # no path trace: no choice check
     table = comparison_markdown(results, ["auto", "native", "gather", "mlx_lm"])
     assert table.count("\n") == 4  # header, rule, two cells
