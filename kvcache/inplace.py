@@ -29,7 +29,6 @@ import numpy as np
 
 from slabserve.kvcache.arrays import host_array
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
-from slabserve.kvcache.quant import quantize
 
 BODY = """
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -179,7 +178,8 @@ class InPlaceWritePlan:
     """Where a decode step's ``T`` new tokens go (``slots``: (global block id, row in
     block) per token) as ``T * heads`` global flat rows (slab * slab rows + row in slab),
     the last ``pad`` slots' rows -1 (a padded batch's extra rows write nothing).
-    ``SlabPool.write`` calls ``write_layer``; ``key`` fixes the graph."""
+    ``SlabPool.write`` hands a layer's values (quantized for an int8 pool) and ``packed``
+    to ``writer``; ``key`` fixes the graph."""
 
     in_place = True
 
@@ -193,30 +193,15 @@ class InPlaceWritePlan:
             base = s * per_slab + local * h * bs + row
             rows += range(base, base + h * bs, bs)
         rows += [-1] * (pad * h)
-        self.num_tokens, self.writer = len(slots), writer
-        self.rebind_from(host_array(np.array(rows, dtype=np.int32)))
+        self.writer = writer
+        self.packed = host_array(np.array(rows, dtype=np.int32))
 
     @property
     def key(self) -> tuple:
         return ("inplace", self.packed.shape[0])
 
-    def rebind_from(self, packed: mx.array) -> None:
-        self.packed = packed
-
-    def write_layer(self, pool: SlabPool, layer: int, k: mx.array, v: mx.array) -> mx.array:
-        """Write ``layer``'s new K / V (``[T * heads, head_dim]`` or ``[T, heads,
-        head_dim]``) in place, quantized for an int8 pool; the token to read after."""
-        g = pool.geom
-        if k.ndim != 2:
-            k, v = k.reshape(-1, g.head_dim), v.reshape(-1, g.head_dim)
-        if g.quantized:
-            (kq, ks), (vq, vs) = quantize(k), quantize(v)
-            return self.writer.write(pool, layer, self.packed, kq, vq, ks, vs)
-        return self.writer.write(pool, layer, self.packed, k.astype(g.dtype), v.astype(g.dtype))
-
     def rebind(self, packed: mx.array) -> InPlaceWritePlan:
         """The same plan over ``packed`` (an array of this plan's ``packed`` shape)."""
         plan = object.__new__(InPlaceWritePlan)
-        plan.num_tokens, plan.writer = self.num_tokens, self.writer
-        plan.rebind_from(packed)
+        plan.writer, plan.packed = self.writer, packed
         return plan

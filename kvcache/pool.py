@@ -266,23 +266,24 @@ class SlabPool:
         ``[T * kv_heads, head_dim]`` (then no reshape node), in place (one scatter or
         slice update per slab touched and side, plus one for the scales of a quantized
         pool, by the plan's flat rows).  Quantizing costs O(new tokens).  A plan that writes
-        in place (kvcache/inplace.py) writes itself and leaves its token in ``deps``."""
-        if getattr(plan, "in_place", False):
-            self.deps[layer] = plan.write_layer(self, layer, k, v)
-            return
+        in place (kvcache/inplace.py) hands the values to its writer and leaves the
+        writer's token in ``deps``."""
         g = self.geom
         if k.ndim != 2:
             k, v = k.reshape(-1, g.head_dim), v.reshape(-1, g.head_dim)
         if g.quantized:
-            for i, new in enumerate((k, v)):
-                vals, scale = quantize(new)
+            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
+        else:  # astype to the pool's dtype is no node when it already is
+            k, v, k_scale, v_scale = k.astype(g.dtype), v.astype(g.dtype), None, None
+        if getattr(plan, "in_place", False):
+            self.deps[layer] = plan.writer.write(self, layer, plan.packed, k, v, k_scale,
+                                                 v_scale)
+            return
+        for i, (vals, scale) in enumerate(((k, k_scale), (v, v_scale))):
+            if scale is not None:
                 self._scatter((self.k_scale, self.v_scale)[i][layer], (layer, i + 2), plan,
                               scale)
-                self._scatter((self.k, self.v)[i][layer], (layer, i), plan, vals)
-            return
-        dtype = g.dtype  # astype to the pool's dtype is no node when it already is
-        self._scatter(self.k[layer], (layer, 0), plan, k.astype(dtype))
-        self._scatter(self.v[layer], (layer, 1), plan, v.astype(dtype))
+            self._scatter((self.k, self.v)[i][layer], (layer, i), plan, vals)
 
     def _scatter(self, side: list[mx.array], key: tuple[int, int], plan: WritePlan,
                  new: mx.array) -> None:
