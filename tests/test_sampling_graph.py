@@ -196,6 +196,15 @@ def test_traces_stay_bounded_as_histories_grow():
     assert sampler.traces == len(buckets) == 3
 
 
+def _engine(model, compiled: bool):
+    """(runner, executor, scheduler) over a small pool, decode compiled or eager."""
+    runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
+                                            kv_budget_bytes=1 << 24),
+                         RunnerConfig(compile_decode=compiled, linear_layout=False))
+    sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 1024)
+    return runner, ModelExecutor(runner, 1024), sched
+
+
 def test_executor_samples_through_the_compiled_sampler(model_root):
     """Seeded random requests through the scheduler, one with a repetition penalty:
     compiled decode (which samples with the compiled sampler, the prompt as the
@@ -205,11 +214,7 @@ def test_executor_samples_through_the_compiled_sampler(model_root):
     ps = prompts(3, seed=5)
     runs = {}
     for compiled in (False, True):
-        runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
-                                                kv_budget_bytes=1 << 24),
-                             RunnerConfig(compile_decode=compiled, linear_layout=False))
-        executor = ModelExecutor(runner, 1024)
-        sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 1024)
+        runner, executor, sched = _engine(model, compiled)
         for i, p in enumerate(ps):
             sched.add(Request(f"r{i}", tuple(p), SamplingParams(
                 max_tokens=6, temperature=0.9, top_p=0.8, seed=i, ignore_eos=True,
@@ -232,11 +237,7 @@ def test_one_penalised_row_samples_eagerly_from_the_cached_prompt(model_root):
     p = prompts(1, seed=8)[0]
     runs = {}
     for compiled in (False, True):
-        runner = ModelRunner(model, CacheConfig(block_size=16, slab_tokens=64,
-                                                kv_budget_bytes=1 << 24),
-                             RunnerConfig(compile_decode=compiled, linear_layout=False))
-        executor = ModelExecutor(runner, 1024)
-        sched = Scheduler(SchedulerConfig(), runner.allocator, runner.block_size, 1024)
+        runner, executor, sched = _engine(model, compiled)
         sched.add(Request("r", tuple(p), SamplingParams(
             max_tokens=6, temperature=0.9, seed=3, ignore_eos=True, repetition_penalty=1.3)))
         runs[compiled] = drive(sched, executor)[0]
