@@ -318,8 +318,8 @@ def _meta(args, argv, started, model, tok, labels, skipped, stopped) -> dict:
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
             "versions": _versions(), "skipped": skipped,
             # variants with auto's arguments (``--variant twin=``): the process spread
-            "twins": [t.partition("=")[0].strip() for t in getattr(args, "variant", [])
-                      if not t.partition("=")[2].strip()]}
+            "twins": [lab for lab, more in parse_variants(getattr(args, "variant", []), [])
+                      if not more]}
 
 
 def _chat_spec(args: argparse.Namespace) -> ChatSpec:
