@@ -16,6 +16,7 @@ import pytest
 from mlx_lm.utils import load
 from models import make_cuda
 
+from slabserve.attention.reference import random_pool
 from slabserve.engine.config import CacheConfig, RunnerConfig
 from slabserve.engine.runner import ModelRunner, SeqInput
 from slabserve.kvcache import PoolGeometry, SlabPool
@@ -31,13 +32,9 @@ def _host(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
 
 
-def _pool(dtype, slabs=3, heads=2, dim=8, bs=4, blocks=5, seed=0) -> SlabPool:
-    pool = SlabPool(PoolGeometry(1, heads, dim, bs, blocks, dtype), initial_slabs=slabs)
-    rng = np.random.default_rng(seed)
-    for side in (pool.k[0], pool.v[0], pool.k_scale[0], pool.v_scale[0]):
-        for i, a in enumerate(side):
-            side[i] = mx.array(rng.standard_normal(a.shape).astype(np.float32)).astype(a.dtype)
-    return pool
+def _pool(dtype) -> SlabPool:
+    """One layer, three slabs of five 4-token blocks, 2 kv heads of 8: random pages."""
+    return random_pool(PoolGeometry(1, 2, 8, 4, 5, dtype), 3, mx.random.key(0))
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.int8])
