@@ -144,8 +144,7 @@ class ModelRunner:
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
         rows = _rows_matmul(cfg)
         self.compile_decode = cfg.compile_decode and stage_layers(model, rows) > 0
-        self.step_graphs = (self._step_graphs(_inplace_writer(cfg, self.geom,
-                                                              self.pool.num_slabs))
+        self.step_graphs = (self._step_graphs(_inplace_writer(cfg, self.pool))
                             if self.compile_decode else None)
         self.step_graph = cfg.step_graph and self.step_graphs is not None
         # what was built lazily (fused weights, the pool's slabs, the device block table)
@@ -338,16 +337,18 @@ class ModelRunner:
         return pre, dec
 
 
-def _inplace_writer(cfg: RunnerConfig, geom: PoolGeometry,
-                    slabs: int) -> InPlaceWriter | None:
+def _inplace_writer(cfg: RunnerConfig, pool: SlabPool) -> InPlaceWriter | None:
     """The in-place K/V write kernel for step graphs when ``cfg`` asks for it, the device
-    is a CUDA GPU and the kernel passes its probe for ``geom`` at one, two and ``slabs``
-    slabs (the pool's count now); None keeps MLX scatters."""
+    is a CUDA GPU and the kernel passes its probe for ``pool``'s geometry at the pool's
+    slab count, and at two slabs where the pool may grow (the kernel differs by count:
+    a pool allocated whole, a GPU's default, compiles one); None keeps MLX scatters."""
     if not (cfg.compile_decode and cfg.inplace_kv_writes and mx.cuda.is_available()
             and mx.default_device().type == mx.gpu):
         return None
     writer = InPlaceWriter()
-    reason = writer.probe(geom, tuple(sorted({1, 2, max(1, slabs)})))
+    n = max(1, pool.num_slabs)
+    grows = pool.max_slabs is None or n < pool.max_slabs
+    reason = writer.probe(pool.geom, tuple(sorted({n, 2} if grows else {n})))
     if reason:
         log.warning("in-place KV writes declined (%s): step graphs write by scatter", reason)
         return None
