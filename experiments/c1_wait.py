@@ -133,6 +133,9 @@ async def one_variant(argv: list[str], args) -> None:
 
 
 def main() -> None:
+    from slabserve.cli import prepare_mlx_env
+
+    prepare_mlx_env()  # as `slabserve serve` does, before MLX is imported
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--embedded", default="llama-3.2-1b:bfloat16")
@@ -151,6 +154,8 @@ def main() -> None:
     base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16"]
     if args.kv_budget != "device":  # device: the pool sized from the device (serve's default)
         base += ["--kv-budget", args.kv_budget]
+    print(f"MLX_MAX_MB_PER_BUFFER={os.environ.get('MLX_MAX_MB_PER_BUFFER')} "
+          f"MLX_MAX_OPS_PER_BUFFER={os.environ.get('MLX_MAX_OPS_PER_BUFFER')}", flush=True)
     for v in args.variants.split("|"):
         print(f"== {v or 'defaults'}", flush=True)
         asyncio.run(one_variant(base + shlex.split(v), args))

@@ -1,11 +1,14 @@
 """``slabserve`` console script: sub-commands dispatch lazily to their packages.
 
-Commands that run MLX first pass through ``slabserve.blas.prepare_process`` (OpenBLAS
-preload on Linux CPU, which may re-execute the process once)."""
+Commands that run MLX first set MLX's CUDA graph budget (``slabserve.mlxgraphs``: before
+MLX is imported, since MLX reads it then) and then pass through
+``slabserve.blas.prepare_process`` (OpenBLAS preload on Linux CPU, which may re-execute the
+process once, keeping the environment)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, function taking argv list, returns exit code), whether it runs MLX
@@ -22,6 +25,15 @@ def _usage() -> str:
     return "usage: slabserve {" + ",".join(COMMANDS) + "} [args] | --version"
 
 
+def prepare_mlx_env() -> None:
+    """Set what MLX reads from the environment when it is imported (slabserve.mlxgraphs),
+    unless the user set it. Call it before anything imports MLX."""
+    from slabserve import env
+    from slabserve.mlxgraphs import graph_env
+
+    os.environ.update(graph_env(env.mlx_max_mb_per_buffer(), sys.platform))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -35,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, uses_mlx = COMMANDS[name]
     if uses_mlx:
+        prepare_mlx_env()
         from slabserve import blas
 
         blas.prepare_process()

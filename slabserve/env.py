@@ -83,6 +83,12 @@ def mlx_cache_limit() -> int | None:
     return int(n * _SIZE_SUFFIX[suffix])
 
 
+def mlx_max_mb_per_buffer() -> str | None:
+    """MLX_MAX_MB_PER_BUFFER, MLX's own variable, as the user set it (None = unset; then
+    slabserve sets it on Linux before MLX is imported, slabserve.mlxgraphs)."""
+    return os.environ.get("MLX_MAX_MB_PER_BUFFER")
+
+
 def api_key() -> str | None:
     """SLABSERVE_API_KEY: the Bearer key ``slabserve serve`` requires on ``/v1/*`` when
     ``--api-key`` is not given (keeps the key out of the process list); unset = none."""
