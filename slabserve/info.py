@@ -13,7 +13,7 @@ import platform
 import sys
 
 import slabserve
-from slabserve import blas
+from slabserve import blas, env
 
 
 def collect() -> dict:
@@ -41,6 +41,7 @@ def collect() -> dict:
         "device": str(dev).removeprefix("Device(").removesuffix(")").replace(", ", ":"),
         "device_info": _device_info(mx),
         "memory_limit_bytes": mx.get_memory_limit(),
+        "mlx_max_mb_per_buffer": env.mlx_max_mb_per_buffer(),
         "blas": blas.status(),
     }
 
@@ -73,6 +74,8 @@ def report(info: dict) -> str:
         name = di.get("device_name") or di.get("architecture") or ""
         lines.append(f"device      {info['device']} {name}".rstrip())
         lines.append(f"mlx memory  limit {info['memory_limit_bytes'] / 2**30:.1f} GiB")
+        budget = info.get("mlx_max_mb_per_buffer")
+        lines.append(f"mlx graphs  MLX_MAX_MB_PER_BUFFER={budget or 'unset (MLX default)'}")
     lines.append(f"blas        {b['blas']} ({b['backend']} backend)")
     lines.append(f"  library   {b['library'] or '-'}")
     if b.get("config"):
