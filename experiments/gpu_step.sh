@@ -32,12 +32,11 @@
 #            at a 2 and an 8 GiB pool;
 #   pin      six processes of one configuration (c1_wait's loop, 2 GiB pool), every other
 #            one with its engine thread alone on core 2: is the spread core placement?
-#   launch   MLX's host cost of a kernel launch by the size of its inputs (16 MiB to 8 GiB
-#            each; python -m experiments.launch_cost);
-#   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): MLX's own H100
-#            value (MLX_MAX_MB_PER_BUFFER=1000) against slabserve's (unbounded): launch_cost,
-#            then c1_wait's loop at a 2 GiB and at the device-sized pool, then the latter
-#            with MLX_MAX_OPS_PER_BUFFER 400 beside the unbounded budget;
+#   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
+#            c1_wait's loop at the device-sized pool, MLX's own H100 value
+#            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
+#   bias     a biased projection (Qwen2's q/k/v) as mx.addmm against a matmul and an add,
+#            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
 #            from the device (one 2 GiB slab a layer and side): prefill chunks still write
 #            by scatter, which copies whole slabs (ADR 0014);
@@ -168,23 +167,16 @@ for STEP in "${@:-phases}"; do
           | grep -E "^  loop"
       done
     done ;;
-  launch)
-    timeout 120 python -m experiments.launch_cost --mib 16,256,2048,8192 --inputs 4 \
-      --launches 200 2>&1 | tail -7 ;;
   budget)
-    for mb in 1000 $((1 << 30)); do
-      echo "== MLX_MAX_MB_PER_BUFFER=$mb"
-      MLX_MAX_MB_PER_BUFFER=$mb timeout 100 python -m experiments.launch_cost --mib 16,2048 \
-        --inputs 4 --launches 200 2>&1 | tail -3
-      for kv in 2G device; do
-        MLX_MAX_MB_PER_BUFFER=$mb timeout ${BUDGET_C1_S:-120} python -m experiments.c1_wait \
-          --kv-budget $kv --no-direct --variants "" 2>&1 | grep -E "^  loop" | sed "s/^/$kv /"
+    for i in 1 2 3; do
+      for mb in 1000 $((1 << 30)); do
+        MLX_MAX_MB_PER_BUFFER=$mb timeout ${BUDGET_C1_S:-80} python -m experiments.c1_wait \
+          --kv-budget device --no-direct --variants "" 2>&1 | grep -E "^  loop" \
+          | sed "s/^/process $i budget $mb /"
       done
-    done
-    echo "== MLX_MAX_MB_PER_BUFFER=$((1 << 30)) MLX_MAX_OPS_PER_BUFFER=400"
-    MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=$((1 << 30)) timeout ${BUDGET_C1_S:-120} \
-      python -m experiments.c1_wait --kv-budget device --no-direct --variants "" 2>&1 \
-      | grep -E "^  loop" ;;
+    done ;;
+  bias)
+    timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
   ttft)
     for kv in 1G device; do
       timeout 150 python -m experiments.c1_wait --kv-budget $kv --prompt 4000 --no-direct \
