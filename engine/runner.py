@@ -27,7 +27,7 @@ from slabserve.engine.staged import stage_layers
 from slabserve.engine.step_graph import StepGraphs, batch_bucket, query_dtype
 from slabserve.kvcache import BlockAllocator, PoolGeometry, SlabPool, blocks_needed
 from slabserve.kvcache.arrays import host_array
-from slabserve.kvcache.inplace import InPlaceWriter
+from slabserve.kvcache.inplace import InPlaceWritePlan, InPlaceWriter
 from slabserve.kvcache.pool import WritePlan
 from slabserve.kvcache.quant import SCALE_DTYPE, is_quantized
 
@@ -144,7 +144,9 @@ class ModelRunner:
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
         rows = _rows_matmul(cfg)
         self.compile_decode = cfg.compile_decode and stage_layers(model, rows) > 0
-        self.step_graphs = (self._step_graphs(_inplace_writer(cfg, self.pool))
+        # K/V written in place on CUDA by step graphs and prefill chunks (kvcache/inplace.py)
+        self.inplace_writer = _inplace_writer(cfg, self.pool) if self.compile_decode else None
+        self.step_graphs = (self._step_graphs(self.inplace_writer)
                             if self.compile_decode else None)
         self.step_graph = cfg.step_graph and self.step_graphs is not None
         # what was built lazily (fused weights, the pool's slabs, the device block table)
@@ -226,8 +228,15 @@ class ModelRunner:
         return DecodeBatch(self.geom, [seq.blocks[: blocks_needed(n, self.geom.block_size)]],
                            [n])
 
+    def _prefill_writes(self, slots: list[tuple[int, int]]) -> WritePlan | InPlaceWritePlan:
+        """A prefill forward's writes: in place where the runner has the kernel (a chunk's
+        scatter copies every slab it writes on CUDA, ADR 0014), else scatters."""
+        if self.inplace_writer is None:
+            return WritePlan(self.geom, slots)
+        return InPlaceWritePlan(self.geom, slots, self.inplace_writer)
+
     def _prefill(self, seq: SeqInput) -> mx.array | None:
-        writes = WritePlan(self.geom, self._slots(seq))
+        writes = self._prefill_writes(self._slots(seq))
         ctx = ForwardContext(self.pool, writes, seq.start, self.attention, None,
                              self._prefix(seq))
         rows = slice(-1, None) if seq.want_logits else None
@@ -240,7 +249,7 @@ class ModelRunner:
         mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
         slots = [slot for s in seqs for slot in self._slots(s)]
         offsets = host_array([s.start for s in seqs])
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), offsets, self.attention,
+        ctx = ForwardContext(self.pool, self._prefill_writes(slots), offsets, self.attention,
                              None, None, tuple(self._prefix(s) for s in seqs))
         want = any(s.want_logits for s in seqs)
         logits = self._run(host_array([s.tokens for s in seqs]), ctx,
@@ -338,10 +347,11 @@ class ModelRunner:
 
 
 def _inplace_writer(cfg: RunnerConfig, pool: SlabPool) -> InPlaceWriter | None:
-    """The in-place K/V write kernel for step graphs when ``cfg`` asks for it, the device
-    is a CUDA GPU and the kernel passes its probe for ``pool``'s geometry at the pool's
-    slab count, and at two slabs where the pool may grow (the kernel differs by count:
-    a pool allocated whole, a GPU's default, compiles one); None keeps MLX scatters."""
+    """The in-place K/V write kernel (step graphs, prefill chunks) when ``cfg`` asks for
+    it, the device is a CUDA GPU and the kernel passes its probe for ``pool``'s geometry
+    at the pool's slab count, and at two slabs where the pool may grow (the kernel differs
+    by count: a pool allocated whole, a GPU's default, compiles one); None keeps MLX
+    scatters."""
     if not (cfg.compile_decode and cfg.inplace_kv_writes and mx.cuda.is_available()
             and mx.default_device().type == mx.gpu):
         return None

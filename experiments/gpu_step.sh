@@ -38,8 +38,8 @@
 #   bias     a biased projection (Qwen2's q/k/v) as mx.addmm against a matmul and an add,
 #            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
-#            from the device (one 2 GiB slab a layer and side): prefill chunks still write
-#            by scatter, which copies whole slabs (ADR 0014);
+#            from the device (one 2 GiB slab a layer and side), prefill chunks written in
+#            place and by scatter (--no-inplace-kv-writes, which scatters decode too: ADR 0014);
 #   stall    three processes of ours at concurrency 1 and 8, 1k, Llama-3.2-1B shape, with each
 #            server's decode step phases and engine-thread CPU (stall = off the CPU), then
 #            the same engine in process without HTTP (bench burst, 1 and 8 requests);
@@ -179,8 +179,9 @@ for STEP in "${@:-phases}"; do
     timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
   ttft)
     for kv in 1G device; do
-      timeout 150 python -m experiments.c1_wait --kv-budget $kv --prompt 4000 --no-direct \
-        --variants "" 2>&1 | grep -vE "^(INFO|WARNING)" | tail -2
+      timeout ${TTFT_S:-150} python -m experiments.c1_wait --kv-budget $kv --prompt 4000 \
+        --no-direct --variants "|--no-inplace-kv-writes" 2>&1 | grep -E "^(==|  loop)" \
+        | sed "s/^/$kv /"
     done ;;
   c1)
     timeout ${C1_S:-300} python -m experiments.c1_wait ${C1_ARGS:-} > "$OUT/c1.log" 2>&1

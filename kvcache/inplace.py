@@ -1,4 +1,4 @@
-"""Decode writes into the pool's own buffers, for compiled step graphs on CUDA.
+"""K/V writes into the pool's own buffers on CUDA: decode step graphs and prefill chunks.
 
 A functional write (``put_along_axis``) lands in place only where MLX may donate the slab
 to the write's output: nothing else may hold the slab's buffer.  With async scheduling
@@ -13,8 +13,11 @@ keep their identity (nothing is adopted, nothing donated, no transient), so the 
 writes are invisible to MLX's graph: whatever reads them must take the token (an output
 the kernel never writes) as an input (the native CUDA kernel does: ``SlabPool.deps``),
 which orders the read after the write on the device (``mx.depends`` does not: on an H100
-a read through it raced the write).  Writes of two steps touch disjoint rows, so an
-in-flight step's reads never see the next step's writes.
+a read through it raced the write).  A prefill chunk's attention gathers its own rows
+back from the pool: ``SlabPool.gather`` adds ``token * 0`` to its block ids for the same
+edge.  Writes of two steps touch disjoint rows, so an in-flight step's reads never see the
+next step's writes.  A token nothing reads still waits in ``SlabPool.take_pending``, so
+the write runs.
 
 Invariants: each of a plan's rows lands in its slab row and nowhere else changes; a row
 of ``-1`` (a padded batch's extra rows) writes nothing; the plan's key is its row count.
@@ -175,26 +178,24 @@ def reference_write(before: list[np.ndarray], rows: np.ndarray, new: list,
 
 
 class InPlaceWritePlan:
-    """Where a decode step's ``T`` new tokens go (``slots``: (global block id, row in
-    block) per token) as ``T * heads`` global flat rows (slab * slab rows + row in slab),
-    the last ``pad`` slots' rows -1 (a padded batch's extra rows write nothing).
-    ``SlabPool.write`` hands a layer's values (quantized for an int8 pool) and ``packed``
-    to ``writer``; ``key`` fixes the graph."""
+    """Where a step's ``T`` new tokens go (a decode step's or a prefill chunk's;
+    ``slots``: (global block id, row in block) per token) as ``T * heads`` global flat
+    rows (slab * slab rows + row in slab), the last ``pad`` slots' rows -1 (a padded
+    batch's extra rows write nothing).  ``SlabPool.write`` hands a layer's values
+    (quantized for an int8 pool) and ``packed`` to ``writer``; ``key`` fixes the graph."""
 
     in_place = True
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]], writer: InPlaceWriter,
                  pad: int = 0) -> None:
         h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
-        per_slab = sb * h * bs
-        rows: list[int] = []
-        for block, row in slots[: len(slots) - pad]:
-            s, local = divmod(block, sb)
-            base = s * per_slab + local * h * bs + row
-            rows += range(base, base + h * bs, bs)
-        rows += [-1] * (pad * h)
+        real = np.asarray(slots[: len(slots) - pad], dtype=np.int64).reshape(-1, 2)
+        s, local = np.divmod(real[:, 0], sb)
+        base = s * (sb * h * bs) + local * (h * bs) + real[:, 1]
+        rows = (base[:, None] + np.arange(h, dtype=np.int64)[None, :] * bs).reshape(-1)
+        rows = np.concatenate([rows, np.full(pad * h, -1, dtype=np.int64)])
         self.writer = writer
-        self.packed = host_array(np.array(rows, dtype=np.int32))
+        self.packed = host_array(rows.astype(np.int32))
 
     @property
     def key(self) -> tuple:

@@ -187,6 +187,7 @@ class SlabPool:
         self._dirty: dict[tuple[int, int, int], mx.array] = {}
         # per layer, the token of an in-place write (kvcache/inplace.py) its readers take
         self.deps: dict[int, mx.array] = {}
+        self._tokens: list[mx.array] = []  # in-place writes' tokens, pending like slabs
         self.grow(initial_slabs)
 
     @property
@@ -225,6 +226,7 @@ class SlabPool:
         step writes to; ``written()`` then lists what its writes replaced."""
         pool = object.__new__(SlabPool)
         pool.geom, pool.max_slabs, pool._dirty, pool.deps = self.geom, self.max_slabs, {}, {}
+        pool._tokens = []
         layers, n = self.geom.num_layers, self.num_slabs
         sides = [[arrays[(i * layers + layer) * n:(i * layers + layer + 1) * n]
                   for layer in range(layers)] for i in range(len(arrays) // (layers * n))]
@@ -267,7 +269,7 @@ class SlabPool:
         slice update per slab touched and side, plus one for the scales of a quantized
         pool, by the plan's flat rows).  Quantizing costs O(new tokens).  A plan that writes
         in place (kvcache/inplace.py) hands the values to its writer and leaves the
-        writer's token in ``deps``."""
+        writer's token in ``deps`` (for this layer's readers) and pending."""
         g = self.geom
         if k.ndim != 2:
             k, v = k.reshape(-1, g.head_dim), v.reshape(-1, g.head_dim)
@@ -276,8 +278,9 @@ class SlabPool:
         else:  # astype to the pool's dtype is no node when it already is
             k, v, k_scale, v_scale = k.astype(g.dtype), v.astype(g.dtype), None, None
         if getattr(plan, "in_place", False):
-            self.deps[layer] = plan.writer.write(self, layer, plan.packed, k, v, k_scale,
-                                                 v_scale)
+            token = plan.writer.write(self, layer, plan.packed, k, v, k_scale, v_scale)
+            self.deps[layer] = token
+            self._tokens.append(token)
             return
         for i, (vals, scale) in enumerate(((k, k_scale), (v, v_scale))):
             if scale is not None:
@@ -291,10 +294,14 @@ class SlabPool:
             self._dirty[(*key, s)] = side[s]
 
     def take_pending(self) -> list[mx.array]:
-        """Slabs written since the last call: evaluate them with the step's outputs so
-        writes nobody reads yet still land (and the graph does not grow)."""
-        out = list(self._dirty.values())
+        """Slabs written since the last call, and in-place writes' tokens: evaluate them
+        with the step's outputs so writes nobody reads yet still land (and the graph does
+        not grow).  Also forgets ``deps``: the next forward's readers wait for its own
+        writes only."""
+        out = [*self._dirty.values(), *self._tokens]
         self._dirty.clear()
+        self._tokens.clear()
+        self.deps.clear()
         return out
 
     def gather(self, layer: int, side: int, plan: GatherPlan,
@@ -303,13 +310,17 @@ class SlabPool:
         pool's dtype; a quantized pool's pages dequantized to ``dtype`` when given (else
         its raw int8 values)."""
         g = self.geom
-        out = self._take(plan, lambda s: self.slab(layer, side, s))
+        dep = self.deps.get(layer)  # read after this forward's in-place write of the layer
+        zero = None if dep is None else dep[:1] * 0
+        out = self._take(plan, lambda s: self.slab(layer, side, s), zero)
         if g.quantized and dtype is not None:
-            scale = self._take(plan, lambda s: self.scale_slab(layer, side, s))
+            scale = self._take(plan, lambda s: self.scale_slab(layer, side, s), zero)
             out = dequantize(out, scale, dtype)
         return out.reshape(*plan.shape, g.kv_heads, g.block_size, out.shape[-1])
 
     @staticmethod
-    def _take(plan: GatherPlan, slab) -> mx.array:
-        parts = [slab(s)[ids] for s, ids in plan.groups]
+    def _take(plan: GatherPlan, slab, zero: mx.array | None = None) -> mx.array:
+        """``plan``'s blocks of ``slab(s)``; ``zero`` (an int32 ``[1]`` of 0 computed from
+        a write's token) joins the ids, so the reads wait for that write."""
+        parts = [slab(s)[ids if zero is None else ids + zero] for s, ids in plan.groups]
         return parts[0] if len(parts) == 1 else mx.concatenate(parts)[plan.inverse]

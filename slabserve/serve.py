@@ -151,10 +151,10 @@ def parser() -> argparse.ArgumentParser:
                         "padded), so no request waits on a trace or a kernel compile; 0 = "
                         "none (traced on first use); default --max-running")
     g.add_argument("--inplace-kv-writes", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, compiled decode steps write K/V into the pool's own "
-                        "buffers with a kernel (kvcache/inplace.py) instead of MLX "
-                        "scatters, which copy a whole slab when the step before still "
-                        "runs; declines itself where its start-up probe fails")
+                   help="on CUDA, compiled decode steps and prefill chunks write K/V "
+                        "into the pool's own buffers with a kernel (kvcache/inplace.py) "
+                        "instead of MLX scatters, which copy every slab they write; "
+                        "declines itself where its start-up probe fails")
     g.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=False,
                    help="on CUDA, compiled decode steps of 2-16 sequences run their "
                         "projections as a few-rows kernel (engine/rows_matmul.py) instead "

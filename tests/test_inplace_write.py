@@ -81,7 +81,8 @@ class RecordingWriter:
 def test_pool_hands_an_in_place_plan_to_its_writer(dtype):
     """``SlabPool.write`` with an in-place plan: the writer gets the flat rows, the values
     in the pool's dtype (int8 with their scales), and the token waits in ``deps`` for the
-    layer's attention; no slab is replaced and nothing is pending."""
+    layer's readers and is pending (so the write runs if nothing reads it); no slab is
+    replaced."""
     pool = _pool(dtype)
     arrays = pool.arrays()
     writer = RecordingWriter()
@@ -95,7 +96,10 @@ def test_pool_hands_an_in_place_plan_to_its_writer(dtype):
         assert vs is not None and vw.dtype == mx.int8
     else:
         assert kw.dtype == dtype and ks is None and vs is None
-    assert pool.deps[0].shape == (4,) and pool.take_pending() == []
+    token = pool.deps[0]
+    assert token.shape == (4,)
+    pending = pool.take_pending()  # the token alone: no slab replaced, the write still runs
+    assert len(pending) == 1 and pending[0] is token and pool.deps == {}
     assert all(a is b for a, b in zip(pool.arrays(), arrays, strict=True))
 
 
