@@ -37,6 +37,8 @@
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
 #   bias     a biased projection (Qwen2's q/k/v) as mx.addmm against a matmul and an add,
 #            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
+#   kernels  one-stream decode steps' device time kernel by kernel (PyTorch's profiler),
+#            Llama-3.2-1B and Qwen2.5-0.5B shapes, 1k (python -m experiments.step_kernels);
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
 #            from the device (one 2 GiB slab a layer and side), prefill chunks written in
 #            place and by scatter (--no-inplace-kv-writes, which scatters decode too: ADR 0014);
@@ -177,6 +179,10 @@ for STEP in "${@:-phases}"; do
     done ;;
   bias)
     timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
+  kernels)
+    timeout ${KERNELS_S:-200} python -m experiments.step_kernels --batch ${KERNELS_B:-1} \
+      > "$OUT/step_kernels.log" 2>&1
+    echo "kernels rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/step_kernels.log" | tail -50 ;;
   ttft)
     for kv in 1G device; do
       timeout ${TTFT_S:-150} python -m experiments.c1_wait --kv-budget $kv --prompt 4000 \
