@@ -39,6 +39,9 @@
 #            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
 #   kernels  one-stream decode steps' device time kernel by kernel (PyTorch's profiler),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes, 1k (python -m experiments.step_kernels);
+#   exit     `slabserve serve` answers one request, then SIGTERM: its exit status and any
+#            C++ terminate (c1_wait's processes end with "terminate called without an active
+#            exception" on CUDA, not on CPU);
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
 #            from the device (one 2 GiB slab a layer and side), prefill chunks written in
 #            place and by scatter (--no-inplace-kv-writes, which scatters decode too: ADR 0014);
@@ -179,6 +182,26 @@ for STEP in "${@:-phases}"; do
     done ;;
   bias)
     timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
+  exit)
+    $SS serve --model embedded:llama-3.2-1b --dtype bfloat16 --port 8765 --kv-budget 2G \
+      > "$OUT/exit.log" 2>&1 &
+    pid=$!
+    python - <<'PY'
+import time, httpx
+for _ in range(180):
+    try:
+        if httpx.get("http://127.0.0.1:8765/health", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(1)
+model = httpx.get("http://127.0.0.1:8765/v1/models").json()["data"][0]["id"]
+r = httpx.post("http://127.0.0.1:8765/v1/completions", timeout=60,
+               json={"model": model, "prompt": "hello", "max_tokens": 8})
+print("completion", r.status_code)
+PY
+    kill -TERM $pid; wait $pid; echo "serve exit rc=$?"
+    grep -iE "terminate|abort|Traceback" "$OUT/exit.log" | head -5 ;;
   kernels)
     timeout ${KERNELS_S:-200} python -m experiments.step_kernels --batch ${KERNELS_B:-1} \
       > "$OUT/step_kernels.log" 2>&1
