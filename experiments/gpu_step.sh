@@ -69,7 +69,7 @@ for STEP in "${@:-phases}"; do
       tests/test_cuda_int8.py tests/test_cuda_variants.py tests/test_step_graph.py \
       tests/test_device_table.py tests/test_async_scheduling.py tests/test_staged.py \
       tests/test_host_arrays.py tests/test_pool.py tests/test_sampling_graph.py \
-      tests/test_inplace_write.py > "$OUT/tests.log" 2>&1
+      tests/test_inplace_write.py tests/test_inplace_prefill.py > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log"; tail -1 "$OUT/tests.log"
     for f in "" --stages; do
       timeout 60 python -m experiments.step_profile --steps 20 --no-cprofile $f \
@@ -156,7 +156,8 @@ for STEP in "${@:-phases}"; do
     echo "small_m rc=$?"; tail -25 "$OUT/small_m.log" ;;
   inplace)
     timeout ${INPLACE_TESTS_S:-200} python -m pytest -q -p no:cacheprovider \
-      tests/test_inplace_write.py tests/test_step_graph.py tests/test_async_scheduling.py \
+      tests/test_inplace_write.py tests/test_inplace_prefill.py tests/test_step_graph.py \
+      tests/test_async_scheduling.py \
       > "$OUT/inplace-tests.log" 2>&1
     echo "inplace tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/inplace-tests.log" | head
     tail -1 "$OUT/inplace-tests.log"

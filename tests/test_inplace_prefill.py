@@ -129,3 +129,34 @@ def test_prefill_through_a_writer_matches_scatters(model_root, kv_dtype):
         np.testing.assert_array_equal(np.array(a), np.array(b))
     for a, b in zip(runners[0].pool.arrays(), runners[1].pool.arrays(), strict=True):
         np.testing.assert_array_equal(_host(a), _host(b))
+
+
+needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(),
+                                reason="needs a CUDA device (MLX CUDA build)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cuda_prefill_in_place_matches_scatters(model_root, kv_dtype):
+    """On CUDA the runner's own writer takes prefill chunks: the same logits and pool as
+    scatters (``--no-inplace-kv-writes``), the second chunk gathering its rows back."""
+    model = load(str(make_cuda(model_root)))[0]
+    cache = CacheConfig(block_size=16, slab_tokens=64, kv_budget_bytes=1 << 22,
+                        dtype=kv_dtype)
+    runners = [ModelRunner(model, cache, RunnerConfig(compile_decode=True,
+                                                      inplace_kv_writes=inplace))
+               for inplace in (False, True)]
+    assert runners[0].inplace_writer is None and runners[1].inplace_writer is not None
+    prompt = [int(t) for t in np.random.default_rng(6).integers(1, 250, 70)]
+    logits = []
+    for runner in runners:
+        table = runner.allocator.allocate(6)
+        table = table[3:] + table[:3]
+        runner.forward([SeqInput(prompt[:40], 0, table, want_logits=False)], [])
+        pre, _ = runner.forward([SeqInput(prompt[40:], 40, table)], [])
+        mx.eval(pre)
+        logits.append(pre[0])
+        mx.eval(runner.pool.arrays())
+    np.testing.assert_array_equal(np.array(logits[0]), np.array(logits[1]))
+    for a, b in zip(runners[0].pool.arrays(), runners[1].pool.arrays(), strict=True):
+        np.testing.assert_array_equal(_host(a), _host(b))
