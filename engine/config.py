@@ -112,11 +112,11 @@ class RunnerConfig:
     few-rows CUDA kernel (engine/rows_matmul.py) where it applies and its start-up probe
     passes; MLX's matmul otherwise (``serve --rows-matmul``; off by default: on an H100
     its steps were 0.94x at 4 streams and 1.04x at 8, docs/benchmarks/loadtest-gpu.md).
-    ``inplace_kv_writes``: step graphs and prefill chunks on CUDA write K/V into the
-    pool's own buffers with a kernel (kvcache/inplace.py) where its start-up probe passes,
-    instead of MLX scatters, which copy a whole slab whenever the step before still holds
-    it (async scheduling), and on CUDA even when it does not
-    (docs/adr/0014-inplace-kv-writes.md)."""
+    ``inplace_kv_writes``: every forward on CUDA (step graphs, prefill chunks, staged
+    decode steps) writes K/V into the pool's own buffers with a kernel
+    (kvcache/inplace.py) where its start-up probe passes, instead of MLX scatters, which
+    copy a whole slab whenever the step before still holds it (async scheduling), and on
+    CUDA even when it does not (docs/adr/0014-inplace-kv-writes.md)."""
 
     prefill_kv_bucket: int | None = None
     dispatch_every: int = 0

@@ -144,7 +144,7 @@ class ModelRunner:
         # every layer has fused stages one compiled graph per step (engine/step_graph.py)
         rows = _rows_matmul(cfg)
         self.compile_decode = cfg.compile_decode and stage_layers(model, rows) > 0
-        # K/V written in place on CUDA by step graphs and prefill chunks (kvcache/inplace.py)
+        # K/V written in place on CUDA by every forward (kvcache/inplace.py)
         self.inplace_writer = _inplace_writer(cfg, self.pool) if self.compile_decode else None
         self.step_graphs = (self._step_graphs(self.inplace_writer)
                             if self.compile_decode else None)
@@ -228,15 +228,17 @@ class ModelRunner:
         return DecodeBatch(self.geom, [seq.blocks[: blocks_needed(n, self.geom.block_size)]],
                            [n])
 
-    def _prefill_writes(self, slots: list[tuple[int, int]]) -> WritePlan | InPlaceWritePlan:
-        """A prefill forward's writes: in place where the runner has the kernel (a chunk's
-        scatter copies every slab it writes on CUDA, ADR 0014), else scatters."""
+    def _writes(self, slots: list[tuple[int, int]]) -> WritePlan | InPlaceWritePlan:
+        """A forward's K/V writes (prefill chunks, staged decode steps): in place where the
+        runner has the kernel, as its step graphs write (on CUDA a scatter copies every
+        slab it writes, ADR 0014; and a scatter of a slab that an in-place write of the
+        same forward changed would not wait for that write), else scatters."""
         if self.inplace_writer is None:
             return WritePlan(self.geom, slots)
         return InPlaceWritePlan(self.geom, slots, self.inplace_writer)
 
     def _prefill(self, seq: SeqInput) -> mx.array | None:
-        writes = self._prefill_writes(self._slots(seq))
+        writes = self._writes(self._slots(seq))
         ctx = ForwardContext(self.pool, writes, seq.start, self.attention, None,
                              self._prefix(seq))
         rows = slice(-1, None) if seq.want_logits else None
@@ -249,7 +251,7 @@ class ModelRunner:
         mostly per op on a GPU, so two 2048-token chunks cost far less than two forwards."""
         slots = [slot for s in seqs for slot in self._slots(s)]
         offsets = host_array([s.start for s in seqs])
-        ctx = ForwardContext(self.pool, self._prefill_writes(slots), offsets, self.attention,
+        ctx = ForwardContext(self.pool, self._writes(slots), offsets, self.attention,
                              None, None, tuple(self._prefix(s) for s in seqs))
         want = any(s.want_logits for s in seqs)
         logits = self._run(host_array([s.tokens for s in seqs]), ctx,
@@ -291,7 +293,7 @@ class ModelRunner:
             logits = self.step_graphs.run(inputs, starts, batch, slots)
             if logits is not None:
                 return logits
-        ctx = ForwardContext(self.pool, WritePlan(self.geom, slots), host_array(starts),
+        ctx = ForwardContext(self.pool, self._writes(slots), host_array(starts),
                              self.attention, batch, staged=self.compile_decode)
         logits = self._run(inputs, ctx, slice(-1, None))
         return logits if logits.ndim == 2 else logits[:, -1, :]
@@ -347,7 +349,7 @@ class ModelRunner:
 
 
 def _inplace_writer(cfg: RunnerConfig, pool: SlabPool) -> InPlaceWriter | None:
-    """The in-place K/V write kernel (step graphs, prefill chunks) when ``cfg`` asks for
+    """The in-place K/V write kernel (every forward's writes) when ``cfg`` asks for
     it, the device is a CUDA GPU and the kernel passes its probe for ``pool``'s geometry
     at the pool's slab count, and at two slabs where the pool may grow (the kernel differs
     by count: a pool allocated whole, a GPU's default, compiles one); None keeps MLX

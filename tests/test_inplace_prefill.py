@@ -123,7 +123,7 @@ def test_prefill_through_a_writer_matches_scatters(model_root, kv_dtype):
         logits.append((pre[0], dec))
         mx.eval(logits[-1], runner.pool.arrays())
     layers = len(runners[0].caches)
-    assert writer.calls == 2 * layers  # both chunks went through the writer
+    assert writer.calls == 3 * layers  # both chunks and the decode step: the writer
     assert runners[1].pool.num_slabs > 1
     for a, b in zip(logits[0], logits[1], strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
@@ -138,8 +138,10 @@ needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(),
 @needs_cuda
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_cuda_prefill_in_place_matches_scatters(model_root, kv_dtype):
-    """On CUDA the runner's own writer takes prefill chunks: the same logits and pool as
-    scatters (``--no-inplace-kv-writes``), the second chunk gathering its rows back."""
+    """On CUDA the runner's own writer takes prefill chunks and staged decode steps: the
+    same logits and pool as scatters (``--no-inplace-kv-writes``), the second chunk
+    gathering its rows back, then one forward holding another prompt's chunk and a staged
+    decode step (step graphs off) of the first."""
     model = load(str(make_cuda(model_root)))[0]
     cache = CacheConfig(block_size=16, slab_tokens=64, kv_budget_bytes=1 << 22,
                         dtype=kv_dtype)
@@ -155,8 +157,12 @@ def test_cuda_prefill_in_place_matches_scatters(model_root, kv_dtype):
         runner.forward([SeqInput(prompt[:40], 0, table, want_logits=False)], [])
         pre, _ = runner.forward([SeqInput(prompt[40:], 40, table)], [])
         mx.eval(pre)
-        logits.append(pre[0])
-        mx.eval(runner.pool.arrays())
+        runner.step_graph = False  # the decode runs staged, beside a prefill chunk
+        other = runner.allocator.allocate(2)
+        pre2, dec = runner.forward([SeqInput(prompt[:30], 0, other)],
+                                   [SeqInput([int(mx.argmax(pre[0]).item())], 70, table)])
+        logits.append(mx.concatenate([pre[0], pre2[0], dec[0]]))
+        mx.eval(logits[-1], runner.pool.arrays())
     np.testing.assert_array_equal(np.array(logits[0]), np.array(logits[1]))
     for a, b in zip(runners[0].pool.arrays(), runners[1].pool.arrays(), strict=True):
         np.testing.assert_array_equal(_host(a), _host(b))
