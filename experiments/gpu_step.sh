@@ -42,6 +42,8 @@
 #   exit     `slabserve serve` answers one request, then SIGTERM: its exit status and any
 #            C++ terminate (c1_wait's processes end with "terminate called without an active
 #            exception" on CUDA, not on CPU);
+#   prehost  a prefill chunk's host build and launch against its wall time, 32-2048 tokens,
+#            both shapes (python -m experiments.prefill_host): what compiling prefill could save;
 #   ttft     one-stream TTFT and steps of 4k prompts at a 1 GiB pool and at the pool sized
 #            from the device (one 2 GiB slab a layer and side), prefill chunks written in
 #            place and by scatter (--no-inplace-kv-writes, which scatters decode too: ADR 0014);
@@ -204,6 +206,11 @@ print("completion", r.status_code)
 PY
     kill -TERM $pid; wait $pid; echo "serve exit rc=$?"
     grep -iE "terminate|abort|Traceback" "$OUT/exit.log" | head -5 ;;
+  prehost)
+    for m in ${MODELS:-llama-3.2-1b qwen2.5-0.5b}; do
+      timeout ${PREHOST_S:-120} python -m experiments.prefill_host --embedded $m:bfloat16 2>&1 \
+        | grep -vE "^(INFO|WARNING)" | tail -7
+    done ;;
   kernels)
     timeout ${KERNELS_S:-200} python -m experiments.step_kernels --batch ${KERNELS_B:-1} \
       > "$OUT/step_kernels.log" 2>&1
