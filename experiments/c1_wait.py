@@ -2,8 +2,9 @@
 
 Built to find why the server's steps waited for their tokens (0.65-0.86 ms of a 2.9 ms
 step on an H100, against 0.08 ms in decode-phases' overlap mode): the scatter writes
-copied whole slabs (docs/adr/0014-inplace-kv-writes.md).  Still open: the host's
-``forward`` of one configuration differs between processes (1.74-2.62 ms on one H100).
+copied whole slabs (docs/adr/0014-inplace-kv-writes.md).  Its host ``forward`` then
+followed the pool's size through MLX's CUDA graph byte budget
+(docs/adr/0015-cuda-graph-budget.md; set ``MLX_MAX_MB_PER_BUFFER`` per process to compare).
 This builds the engine as `slabserve serve` does (its flag parser, `configs`,
 `build_serving`), once per variant of serve flags, and in each:
 
