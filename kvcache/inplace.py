@@ -188,14 +188,16 @@ class InPlaceWritePlan:
 
     def __init__(self, geom: PoolGeometry, slots: list[tuple[int, int]], writer: InPlaceWriter,
                  pad: int = 0) -> None:
-        h, bs, sb = geom.kv_heads, geom.block_size, geom.slab_blocks
-        real = np.asarray(slots[: len(slots) - pad], dtype=np.int64).reshape(-1, 2)
-        s, local = np.divmod(real[:, 0], sb)
-        base = s * (sb * h * bs) + local * (h * bs) + real[:, 1]
-        rows = (base[:, None] + np.arange(h, dtype=np.int64)[None, :] * bs).reshape(-1)
-        rows = np.concatenate([rows, np.full(pad * h, -1, dtype=np.int64)])
+        # a block's rows follow the blocks before it, slab after slab: its first global
+        # row is block * (heads * block_size), whichever slab holds it
+        h, bs = geom.kv_heads, geom.block_size
+        real = np.asarray(slots[: len(slots) - pad], dtype=np.int32).reshape(-1, 2)
+        base = real[:, 0] * (h * bs) + real[:, 1]
+        rows = (base[:, None] + np.arange(0, h * bs, bs, dtype=np.int32)).reshape(-1)
+        if pad:
+            rows = np.concatenate([rows, np.full(pad * h, -1, dtype=np.int32)])
         self.writer = writer
-        self.packed = host_array(rows.astype(np.int32))
+        self.packed = host_array(rows)
 
     @property
     def key(self) -> tuple:
