@@ -349,12 +349,12 @@ class ModelRunner:
 
 
 def _inplace_writer(cfg: RunnerConfig, pool: SlabPool) -> InPlaceWriter | None:
-    """The in-place K/V write kernel (every forward's writes) when ``cfg`` asks for
-    it, the device is a CUDA GPU and the kernel passes its probe for ``pool``'s geometry
-    at the pool's slab count, and at two slabs where the pool may grow (the kernel differs
-    by count: a pool allocated whole, a GPU's default, compiles one); None keeps MLX
-    scatters."""
-    if not (cfg.compile_decode and cfg.inplace_kv_writes and mx.cuda.is_available()
+    """The in-place K/V write kernel (every forward's writes; built only for a runner
+    that compiles decode) when ``cfg`` asks for it, the device is a CUDA GPU and the
+    kernel passes its probe for ``pool``'s geometry at the pool's slab count, and at two
+    slabs where the pool may grow (the kernel differs by count: a pool allocated whole, a
+    GPU's default, compiles one); None keeps MLX scatters."""
+    if not (cfg.inplace_kv_writes and mx.cuda.is_available()
             and mx.default_device().type == mx.gpu):
         return None
     writer = InPlaceWriter()
