@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load
 from models import make_cuda
+from test_inplace_write import _host, needs_cuda
 
 from slabserve.attention.reference import random_pool
 from slabserve.engine.config import CacheConfig, RunnerConfig
@@ -28,10 +29,6 @@ from slabserve.kvcache import PoolGeometry
 from slabserve.kvcache.inplace import InPlaceWritePlan, reference_write
 from slabserve.kvcache.pool import GatherPlan, WritePlan
 from slabserve.kvcache.quant import quantize
-
-
-def _host(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.int8])
@@ -130,9 +127,6 @@ def test_prefill_through_a_writer_matches_scatters(model_root, kv_dtype):
     for a, b in zip(runners[0].pool.arrays(), runners[1].pool.arrays(), strict=True):
         np.testing.assert_array_equal(_host(a), _host(b))
 
-
-needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(),
-                                reason="needs a CUDA device (MLX CUDA build)")
 
 
 @needs_cuda
