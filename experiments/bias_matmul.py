@@ -16,10 +16,10 @@ agree.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
+
+from experiments.small_m_matmul import compiled_times
 
 WAYS = ("addmm", "matmul+add", "no bias")
 
@@ -34,21 +34,6 @@ def chain(x, layers, way: str):
             h = x @ w_in
         x = h @ w_out
     return x
-
-
-def timed(fn, x, repeat: int) -> tuple[float, float]:
-    for _ in range(3):
-        mx.eval(fn(x))
-    host, wall = [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        y = fn(x)
-        mx.async_eval(y)
-        t1 = time.perf_counter()
-        mx.eval(y)
-        host.append(t1 - t0)
-        wall.append(time.perf_counter() - t0)
-    return statistics.median(host), statistics.median(wall)
 
 
 def main() -> None:
@@ -75,7 +60,7 @@ def main() -> None:
         ref_wall, ref = None, None
         for way in WAYS:
             fn = mx.compile(lambda x, way=way: chain(x, layers, way))
-            host, wall = timed(fn, x, a.repeat)
+            host, wall = compiled_times(fn, x, a.repeat)
             y = fn(x).astype(mx.float32)
             ref_wall = ref_wall or wall
             if ref is None:

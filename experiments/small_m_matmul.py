@@ -53,6 +53,24 @@ def timed(x, weights, kernel: bool, repeat: int) -> dict:
                                                           strict=True)))
 
 
+def compiled_times(fn, x: mx.array, repeat: int) -> tuple[float, float]:
+    """(median host seconds to build and submit ``fn(x)``, median wall seconds until it is
+    done) over ``repeat`` calls, after three warm-up calls."""
+    for _ in range(3):
+        mx.eval(fn(x))
+    host, wall = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        y = fn(x)
+        mx.async_eval(y)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        mx.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(host), statistics.median(wall)
+
+
 def check(dtype) -> float:
     """Worst |kernel - float32 reference| / max |reference| over shapes and row counts."""
     worst = 0.0
@@ -101,18 +119,7 @@ def main() -> None:
                   f"{r['total_us'] / a.chain:.1f} |", flush=True)
         for kernel in (False, True) if m > 1 else (False,):  # as one compiled graph
             fn = mx.compile(lambda x, kernel=kernel: chain(x, weights, kernel))
-            for _ in range(3):
-                mx.eval(fn(x))
-            ts = []
-            for _ in range(a.repeat):
-                t0 = time.perf_counter()
-                y = fn(x)
-                mx.async_eval(y)
-                t1 = time.perf_counter()
-                mx.eval(y)
-                mx.synchronize()
-                ts.append((t1 - t0, time.perf_counter() - t0))
-            timed_c = (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            timed_c = compiled_times(fn, x, a.repeat)
             way = "rows kernel" if kernel else "mx.matmul"
             print(f"| {m} | {way}, compiled | - | {1e6 * timed_c[0]:.0f} (build+launch) | - | "
                   f"{1e6 * timed_c[1]:.0f} | {1e6 * timed_c[1] / a.chain:.1f} |", flush=True)
