@@ -20,9 +20,12 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+SPAN = "(first kernel start to last kernel end)"
+
 
 def profile_steps(step, steps: int) -> list[dict[str, list[float]]]:
-    """Per step, kernel name -> durations (us) of the kernels that started inside it."""
+    """Per step, kernel name -> durations (us) of the kernels that started inside it, and
+    under ``SPAN`` the step's device span (first kernel's start to last kernel's end)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -43,9 +46,13 @@ def profile_steps(step, steps: int) -> list[dict[str, list[float]]]:
     out = []
     for t0, t1 in marks:
         per: dict[str, list[float]] = defaultdict(list)
+        first, last = None, None
         for ts, dur, name in kernels:
             if t0 <= ts <= t1:
                 per[name[:70]].append(dur)
+                first = ts if first is None else min(first, ts)
+                last = ts + dur if last is None else max(last, ts + dur)
+        per[SPAN] = [0.0 if first is None else last - first]
         out.append(per)
     return out
 
@@ -53,10 +60,12 @@ def profile_steps(step, steps: int) -> list[dict[str, list[float]]]:
 def report(model: str, batch: int, ctx: int, per_step: list[dict[str, list[float]]],
            top: int) -> None:
     med = statistics.median
+    span = med(s.pop(SPAN)[0] for s in per_step)
     busy = med(sum(sum(d) for d in s.values()) for s in per_step)
     count = med(sum(len(d) for d in s.values()) for s in per_step)
     print(f"\n{model}, B={batch}, ctx {ctx}: {len(per_step)} waited steps; median "
-          f"{count:.0f} kernels and {busy:.0f} us busy a step")
+          f"{count:.0f} kernels, {busy:.0f} us busy and {span:.0f} us from the first "
+          f"kernel's start to the last one's end a step")
     names = {n for s in per_step for n in s}
     rows = sorted(((med(sum(s.get(n, [])) for s in per_step),
                     med(len(s.get(n, [])) for s in per_step), n) for n in names),
