@@ -8,9 +8,10 @@ followed the pool's size through MLX's CUDA graph byte budget
 This builds the engine as `slabserve serve` does (its flag parser, `configs`,
 `build_serving`), once per variant of serve flags, and in each:
 
-- `loop`: `--requests` greedy requests of a `--prompt`-token random prompt one after the
-  other through the serving loop (its engine thread; no HTTP): medians of the decode-only
-  steps' phases and the share submitted ahead;
+- `loop`: `--requests` greedy requests of a `--prompt`-token random prompt, `--concurrency`
+  of them in flight at a time (default one after the other), through the serving loop
+  (its engine thread; no HTTP): medians of the decode-only steps' phases and the share
+  submitted ahead;
 - `direct`: the same runner and executor driven like decode-phases' overlap mode on this
   thread (B=1 at the same context, fast-filled blocks), then on a fresh thread.
 
@@ -33,21 +34,28 @@ VARIANTS = ("", "--no-async-scheduling", "--cuda-graph-max-bs 0", "--max-context
             "--no-kv-preallocate", "--max-running 8")
 
 
-async def loop_phases(eng, vocab: int, prompt: int, tokens: int, requests: int) -> dict:
+async def loop_phases(eng, vocab: int, prompt: int, tokens: int, requests: int,
+                      concurrency: int = 1) -> dict:
     from slabserve.scheduler.api import Request, SamplingParams
     from slabserve.scheduler.steplog import PHASES
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)
+    prompts = [tuple(rng.randrange(vocab) for _ in range(prompt)) for _ in range(requests)]
     eng.step_log.clear()
     ttft = []
+    slots = asyncio.Semaphore(concurrency)  # at most `concurrency` requests in flight
+
+    async def one(i: int) -> None:
+        async with slots:
+            sent, first = time.perf_counter(), True
+            async for d in eng.generate(Request(f"c1-{i}", prompts[i], params)):
+                if d.token_ids and first:
+                    ttft.append(time.perf_counter() - sent)
+                    first = False
+
     t0 = time.perf_counter()
-    for i in range(requests):
-        req = Request(f"c1-{i}", tuple(rng.randrange(vocab) for _ in range(prompt)), params)
-        sent = time.perf_counter()
-        async for d in eng.generate(req):
-            if d.token_ids and len(ttft) == i:
-                ttft.append(time.perf_counter() - sent)
+    await asyncio.gather(*(one(i) for i in range(requests)))
     wall = time.perf_counter() - t0
     dec = [r for r in eng.step_log if r.decodes and not r.prefill_tokens]
     out = {p: 1e3 * statistics.median(getattr(r, f"{p}_s") for r in dec) for p in PHASES}
@@ -111,7 +119,8 @@ async def one_variant(argv: list[str], args) -> None:
         pin(args.pin_engine)
     try:
         vocab = min(eng.executor.runner.model.args.vocab_size, 30_000)
-        r = await loop_phases(eng, vocab, args.prompt, args.tokens, args.requests)
+        r = await loop_phases(eng, vocab, args.prompt, args.tokens, args.requests,
+                              args.concurrency)
         print(f"  loop   step {r['step']:.2f} | " + " ".join(
             f"{p} {r[p]:.2f}" for p in ("schedule", "forward", "sample", "wait", "update",
                                         "deliver"))
@@ -144,6 +153,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=6)
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="requests in flight at once in the serving loop")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--no-direct", action="store_true")
     ap.add_argument("--pin-engine", type=int, default=None, metavar="CPU",

@@ -30,8 +30,9 @@
 #   inplace  in-place K/V writes (kvcache/inplace.py, ADR 0014): their CUDA tests with the
 #            step graph and async scheduling ones, and c1_wait's loop with and without them
 #            at a 2 and an 8 GiB pool;
-#   pin      six processes of one configuration (c1_wait's loop, 2 GiB pool), every other
-#            one with its engine thread alone on core 2: is the spread core placement?
+#   pin      six processes of one configuration (c1_wait's loop, 2 GiB pool, 16 requests
+#            8 at a time: $PIN_CONC, $PIN_REQ), every other one with its engine thread alone
+#            on core 2: is the spread between processes at concurrency 8 core placement?
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
@@ -172,8 +173,8 @@ for STEP in "${@:-phases}"; do
     for i in 1 2 3; do
       for p in "" "--pin-engine 2"; do
         echo "process $i ${p:-unpinned}"
-        timeout 60 python -m experiments.c1_wait --no-direct --variants "" $p 2>&1 \
-          | grep -E "^  loop"
+        timeout 90 python -m experiments.c1_wait --no-direct --variants "" \
+          --concurrency ${PIN_CONC:-8} --requests ${PIN_REQ:-16} $p 2>&1 | grep -E "^  loop"
       done
     done ;;
   budget)
