@@ -33,6 +33,8 @@
 #   pin      six processes of one configuration (c1_wait's loop, 2 GiB pool, 16 requests
 #            8 at a time: $PIN_CONC, $PIN_REQ), every other one with its engine thread alone
 #            on core 2: is the spread between processes at concurrency 8 core placement?
+#   gcache   pin's six processes, MLX's CUDA graph cache at its default 400 graphs and at
+#            4000 alternating (MLX_CUDA_GRAPH_CACHE_SIZE): is the spread graph-cache churn?
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
@@ -179,6 +181,14 @@ for STEP in "${@:-phases}"; do
         echo "process $i ${p:-unpinned}"
         timeout 90 python -m experiments.c1_wait --no-direct --variants "" \
           --concurrency ${PIN_CONC:-8} --requests ${PIN_REQ:-16} $p 2>&1 | grep -E "^  loop"
+      done
+    done ;;
+  gcache)
+    for i in 1 2 3; do
+      for n in 400 4000; do
+        echo "process $i MLX_CUDA_GRAPH_CACHE_SIZE=$n"
+        MLX_CUDA_GRAPH_CACHE_SIZE=$n timeout 90 python -m experiments.c1_wait --no-direct \
+          --variants "" --concurrency ${PIN_CONC:-8} --requests ${PIN_REQ:-16} 2>&1 | grep -E "^  loop"
       done
     done ;;
   budget)
