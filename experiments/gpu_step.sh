@@ -43,7 +43,8 @@
 #   mmachunks the tensor-core kernel (Qwen2.5-0.5B's 14/2 heads, bfloat16, 24 layers) at
 #            forced chunk counts 1-64 beside the plan's, B 1 / 8 at 1k / 16k (bench
 #            cuda-kernel --sweep): the plan keeps its chunks >= 1024 tokens, swept only at
-#            B 4-16 and 16-32k, which at B = 1 / 1k leaves 2 blocks a layer;
+#            B 4-16 and 16-32k, which at B = 1 / 1k leaves 2 blocks a layer; beside it the
+#            FMA kernel ("async", $MMA_NATIVES) that Llama's 32/8 heads get;
 #   kernels  one-stream decode steps' device time kernel by kernel (PyTorch's profiler),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes, 1k (python -m experiments.step_kernels);
 #   exit     `slabserve serve` answers one request, then SIGTERM: its exit status and any
@@ -204,15 +205,18 @@ for STEP in "${@:-phases}"; do
   mmachunks)
     timeout ${MMACHUNKS_S:-120} python -m slabserve.bench.cuda_kernel --sweep \
       --shapes 14/2/64/bf16 --batches ${MMA_B:-1,8} --ctxs ${MMA_CTX:-1024,16384} --layers 24 \
-      --out "$OUT/mmachunks" > "$OUT/mmachunks.log" 2>&1
+      --natives ${MMA_NATIVES:-auto,async} --out "$OUT/mmachunks" > "$OUT/mmachunks.log" 2>&1
     echo "mmachunks rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/mmachunks.log" | tail -5
     python - "$OUT/mmachunks/cuda_kernel.json" <<'PY'
 import json, sys
 for shape, rows in json.load(open(sys.argv[1]))["sweep"].items():
     for r in rows:
-        forced = " ".join(f"c{k.split('_c')[1][:-3]} {v:.1f}" for k, v in r.items()
-                          if "_c" in k and k.endswith("_us"))
-        print(shape, f"B={r['B']} ctx={r['ctx']} plan {r['auto_us']:.1f} us/layer |", forced)
+        for nat in [k[:-3] for k in r if k.endswith("_us") and "_c" not in k
+                    and k not in ("floor_us", "op_overhead_us")]:
+            forced = " ".join(f"c{k.split('_c')[1][:-3]} {v:.1f}" for k, v in r.items()
+                              if k.startswith(nat + "_c") and k.endswith("_us"))
+            print(shape, f"B={r['B']} ctx={r['ctx']} {nat} plan {r[nat + '_us']:.1f} us/layer"
+                  f" (floor {r['floor_us']:.1f}) |", forced)
 PY
     ;;
   exit)
