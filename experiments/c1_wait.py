@@ -142,6 +142,20 @@ async def one_variant(argv: list[str], args) -> None:
             print(f"  direct {where}: {type(e).__name__}: {e}", flush=True)
 
 
+def set_constant(spec: str) -> None:
+    """``attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256``: that slabserve module's global,
+    as an int (a probe of a tuning constant without editing the product)."""
+    import importlib
+
+    target, _, value = spec.partition("=")
+    module, _, name = target.rpartition(".")
+    mod = importlib.import_module(f"slabserve.{module}")
+    if not hasattr(mod, name):
+        raise SystemExit(f"--set: slabserve.{module} has no {name}")
+    setattr(mod, name, int(value))
+    print(f"set slabserve.{target} = {int(value)}", flush=True)
+
+
 def main() -> None:
     from slabserve.cli import prepare_mlx_env
 
@@ -161,7 +175,12 @@ def main() -> None:
                     help="the engine thread alone on this core (the spread between processes)")
     ap.add_argument("--variants", default="|".join(VARIANTS),
                     help="serve flags per variant, '|'-separated ('' = the defaults)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a slabserve module's constant before the engine is built, "
+                    "e.g. attention.cuda_source.MMA_MIN_GROUP=99 (repeatable)")
     args = ap.parse_args()
+    for spec in args.set:
+        set_constant(spec)
     name, _, dtype = args.embedded.partition(":")
     base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16"]
     if args.kv_budget != "device":  # device: the pool sized from the device (serve's default)
