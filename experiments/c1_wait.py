@@ -156,6 +156,24 @@ def set_constant(spec: str) -> None:
     print(f"set slabserve.{target} = {int(value)}", flush=True)
 
 
+def bias_as_add() -> None:
+    """engine/fused.py's plain biased projections as ``x @ w_t + bias`` (MLX's gemv for few
+    rows, then an add) instead of ``mx.addmm`` (cuBLASLt with a bias epilogue on CUDA)."""
+    from slabserve.engine import fused
+
+    shipped = fused.Projection.__call__
+
+    def call(self, x):
+        a = self.arrays
+        if self.quantized or "bias" not in a or (
+                self.rows is not None and self.rows.applies(x, a["weight"])):
+            return shipped(self, x)
+        return x @ a["weight_t"] + a["bias"]
+
+    fused.Projection.__call__ = call
+    print("fused biased projections: matmul + add", flush=True)
+
+
 def main() -> None:
     from slabserve.cli import prepare_mlx_env
 
@@ -178,9 +196,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="set a slabserve module's constant before the engine is built, "
                     "e.g. attention.cuda_source.MMA_MIN_GROUP=99 (repeatable)")
+    ap.add_argument("--bias-as-add", action="store_true",
+                    help="fused projections with a bias (Qwen2's q/k/v) as a matmul and an "
+                    "add instead of mx.addmm (experiments/bias_matmul.py)")
     args = ap.parse_args()
     for spec in args.set:
         set_constant(spec)
+    if args.bias_as_add:
+        bias_as_add()
     name, _, dtype = args.embedded.partition(":")
     base = ["--model", f"embedded:{name}", "--dtype", dtype or "bfloat16"]
     if args.kv_budget != "device":  # device: the pool sized from the device (serve's default)

@@ -37,7 +37,8 @@
 #            4000 alternating (MLX_CUDA_GRAPH_CACHE_SIZE): is the spread graph-cache churn?
 #   qwenset  Qwen2.5-0.5B's one-stream server step (c1_wait's loop, $QS_PROMPT tokens) as
 #            shipped, with the tensor-core kernel's chunks >= 256 tokens instead of 1024, and
-#            with the FMA kernel instead of the tensor-core one (c1_wait --set);
+#            with the FMA kernel instead of the tensor-core one (c1_wait --set), and with
+#            the biased q/k/v projection as matmul + add (c1_wait --bias-as-add);
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
@@ -196,10 +197,10 @@ for STEP in "${@:-phases}"; do
       done
     done ;;
   qwenset)
-    for s in "" attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256 \
-             attention.cuda_source.MMA_MIN_GROUP=99; do
+    for s in "" "--set attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256" \
+             "--set attention.cuda_source.MMA_MIN_GROUP=99" --bias-as-add; do
       timeout ${QS_S:-100} python -m experiments.c1_wait --embedded qwen2.5-0.5b:bfloat16 \
-        --no-direct --variants "" --prompt ${QS_PROMPT:-1000} ${s:+--set $s} 2>&1 \
+        --no-direct --variants "" --prompt ${QS_PROMPT:-1000} $s 2>&1 \
         | grep -E "^  loop" | sed "s/^/${s:-defaults} /"
     done ;;
   budget)
