@@ -23,6 +23,13 @@ Phases of a step, medians over ``--steps`` after ``--warmup`` (``wall`` is their
   on a GPU mostly the device's time not hidden behind building.  In ``overlap`` the wait
   is for the previous step, and ``step ms`` (the sum) is one loop iteration: the rate at
   which steps complete.
+
+With ``--device-time`` (CUDA with PyTorch), each waited mode then runs ``--steps`` more
+steps under CUPTI (bench/device_time.py): the device's busy time (kernels' summed
+durations), its span (first kernel's start to the last one's end: busy plus the gaps where
+it waited for the host) and the kernels per step.  ``sync`` minus the span's part after
+the launch is the wait for the token ids; ``span`` near ``busy`` means the host kept the
+device fed.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ def one_step(runner, executor, tables, tokens, pos, index, params) -> tuple[Step
     return Step(t1 - t0, build, fwd - build, (t2 - t1) - fwd), toks
 
 
-def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
+def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int,
+             device_time: bool = False) -> dict:
     from slabserve.scheduler.api import SamplingParams
 
     tables = fast_fill(runner, batch, ctx, cfg.seed)
@@ -90,8 +98,7 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
         for r in range(cfg.rounds):
             order = MODES[r % 3:] + MODES[: r % 3]
             for m in order:
-                runner.compile_decode = m != "eager"
-                runner.step_graph = m == "graph" and runner.step_graphs is not None
+                _set_mode(runner, m)
                 st, tokens[m] = one_step(runner, executor, tables, tokens[m], ctx + r, r,
                                          params)
                 first.setdefault(m, tokens[m])
@@ -99,13 +106,15 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
                     steps[m].append(st)
         steps["overlap"], first["overlap"] = run_overlap(runner, executor, cfg, tables,
                                                          start, ctx, params)
+        device = (device_phase(runner, executor, cfg, tables, tokens, ctx + cfg.rounds)
+                  if device_time else {})
     finally:
         runner.compile_decode = True
         runner.step_graph = runner.step_graphs is not None
         for t in tables:
             runner.allocator.free(t)
     runner.allocator.check_integrity()
-    modes = {m: _summary(batch, steps[m]) for m in ALL_MODES}
+    modes = {m: {**_summary(batch, steps[m]), **device.get(m, {})} for m in ALL_MODES}
     return dict(batch=batch, ctx=ctx, skipped=None, modes=modes,
                 same_first_tokens=first["eager"] == first["compiled"] == first["graph"],
                 first_tokens=first,  # per mode; the table shows agreement with eager
@@ -113,6 +122,36 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int) -> dict:
                        for m in ALL_MODES},
                 **{f"{m}_over_eager": modes[m]["wall_ms"] / modes["eager"]["wall_ms"]
                    for m in ALL_MODES[1:]})
+
+
+def _set_mode(runner, mode: str) -> None:
+    runner.compile_decode = mode != "eager"
+    runner.step_graph = mode == "graph" and runner.step_graphs is not None
+
+
+def device_phase(runner, executor, cfg: BenchConfig, tables, tokens: dict, pos: int) -> dict:
+    """Per waited mode, ``cfg.steps`` more steps from ``pos`` under CUPTI
+    (bench/device_time.py): medians of their kernels, busy and span (ms).  These steps are
+    not the ones whose host phases are reported (profiling slows the host)."""
+    from slabserve.bench.device_time import measure
+    from slabserve.scheduler.api import SamplingParams
+
+    params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    out = {}
+    for m in MODES:
+        _set_mode(runner, m)
+        toks = list(tokens[m])
+
+        def step(i: int, m=m, toks=toks) -> None:
+            toks[:] = one_step(runner, executor, tables, toks, pos + i, cfg.rounds + i,
+                               params)[1]
+
+        step(0)  # the profiler's own start-up lands outside the measured steps
+        got = measure(lambda i, step=step: step(1 + i), cfg.steps)
+        out[m] = dict(device_kernels=float(np.median([k.kernels for k in got])),
+                      device_busy_ms=float(np.median([k.busy_us for k in got])) / 1e3,
+                      device_span_ms=float(np.median([k.span_us for k in got])) / 1e3)
+    return out
 
 
 def run_overlap(runner, executor, cfg: BenchConfig, tables, start: list[int], ctx: int,
@@ -153,9 +192,14 @@ def _summary(batch: int, steps: list[Step]) -> dict:
 
 
 def table(cells: list[dict]) -> str:
+    """Markdown rows per cell and mode; with device times (``--device-time``) also the
+    device's busy and span ms and kernels per waited step (overlap: not measured)."""
+    device = any("device_busy_ms" in r for c in cells if not c["skipped"]
+                 for r in c["modes"].values())
+    extra = " device busy ms | device span ms | kernels |" if device else ""
     head = ["| B | ctx | mode | plan ms | build ms | launch ms | sync ms | step ms | tok/s |"
-            " / eager | first tokens as eager's |",
-            "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+            " / eager | first tokens as eager's |" + extra,
+            "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|" + "--:|" * (3 if device else 0)]
     for c in cells:
         if c["skipped"]:
             head.append(f"| {c['batch']} | {c['ctx']} | skipped: {c['skipped']} |")
@@ -163,13 +207,16 @@ def table(cells: list[dict]) -> str:
         for m, r in c["modes"].items():
             tail = (f"{c[f'{m}_over_eager']:.2f} | {c['agree'][m]}/{c['batch']}"
                     if m != "eager" else " | ")
+            if device:
+                tail += (f" | {r['device_busy_ms']:.2f} | {r['device_span_ms']:.2f} | "
+                         f"{r['device_kernels']:.0f}" if "device_busy_ms" in r else " | | |")
             head.append(f"| {c['batch']} | {c['ctx']} | {m} | " + " | ".join(
                 f"{r[f'{p}_ms']:.2f}" for p in PHASES) + f" | {r['wall_ms']:.2f} | "
                 f"{r['tok_s']:.1f} | {tail} |")
     return "\n".join(head)
 
 
-def parse_args(argv: list[str]) -> tuple[BenchConfig, Path, bool]:
+def parse_args(argv: list[str]) -> tuple[BenchConfig, Path, bool, bool]:
     ap = argparse.ArgumentParser(prog="slabserve bench decode-phases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_grid_args(ap, "1,8,32", "1k,4k,16k", 65536, "weights + KV")
@@ -177,13 +224,22 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, Path, bool]:
     ap.add_argument("--rows-matmul", action=argparse.BooleanOptionalAction, default=False,
                     help="projections of 2-16 rows as the few-rows CUDA kernel (serve "
                          "--rows-matmul; engine/rows_matmul.py)")
+    ap.add_argument("--device-time", action="store_true",
+                    help="also each waited mode's device busy and span time per step from "
+                    "CUPTI (CUDA, needs PyTorch; bench/device_time.py)")
     a = ap.parse_args(argv)
-    return grid_config(a, ("auto",)), a.out, a.rows_matmul
+    return grid_config(a, ("auto",)), a.out, a.rows_matmul, a.device_time
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, out, rows_matmul = parse_args(argv)
+    cfg, out, rows_matmul, device_time = parse_args(argv)
+    if device_time:
+        from slabserve.bench.device_time import reason
+
+        if (why := reason()) is not None:
+            print(f"--device-time: not measured here ({why})", file=sys.stderr)
+            device_time = False
     from slabserve.engine.config import RunnerConfig
 
     runner, executor, weights = load_runner(cfg, RunnerConfig(compile_decode=True,
@@ -194,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in sorted(cfg.contexts):
             why = cell_fits(runner, cfg, weights, b, ctx)
             cells.append(dict(batch=b, ctx=ctx, skipped=why) if why else
-                         run_cell(runner, executor, cfg, b, ctx))
+                         run_cell(runner, executor, cfg, b, ctx, device_time))
             print(table(cells[-1:]).splitlines()[-1], flush=True)
     md = table(cells)
     out.mkdir(parents=True, exist_ok=True)
