@@ -35,6 +35,9 @@
 #            on core 2: is the spread between processes at concurrency 8 core placement?
 #   gcache   pin's six processes, MLX's CUDA graph cache at its default 400 graphs and at
 #            4000 alternating (MLX_CUDA_GRAPH_CACHE_SIZE): is the spread graph-cache churn?
+#   first    the in-place K/V writes' CUDA tests with the step graph, async scheduling and
+#            decode-phases ones, then Qwen2.5-0.5B's B=1 / 1k phases with --device-time
+#            (then run qwenset mmachunks);
 #   qwenset  Qwen2.5-0.5B's one-stream server step (c1_wait's loop, $QS_PROMPT tokens) as
 #            shipped, with the tensor-core kernel's chunks >= 256 tokens instead of 1024, and
 #            with the FMA kernel instead of the tensor-core one (c1_wait --set), and with
@@ -196,6 +199,18 @@ for STEP in "${@:-phases}"; do
           --variants "" --concurrency ${PIN_CONC:-8} --requests ${PIN_REQ:-16} 2>&1 | grep -E "^  loop"
       done
     done ;;
+  first)
+    # the first call of a GPU session (not run yet): the in-place writes' CUDA tests, then
+    # where Qwen2.5-0.5B's one-stream device time goes and what each suspect's fix gives
+    MLX_MAX_MB_PER_BUFFER=1073741824 timeout ${FIRST_TESTS_S:-170} python -m pytest -q \
+      -p no:cacheprovider tests/test_inplace_write.py tests/test_inplace_prefill.py \
+      tests/test_step_graph.py tests/test_async_scheduling.py tests/test_bench_decode_phases.py \
+      > "$OUT/first-tests.log" 2>&1
+    echo "tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/first-tests.log" | head
+    tail -1 "$OUT/first-tests.log"
+    timeout 90 $SS bench decode-phases --embedded qwen2.5-0.5b:bfloat16 --batches 1 \
+      --contexts 1k --steps 15 --device-time --out "$OUT/qwen-phases" > "$OUT/qwen-phases.log" 2>&1
+    echo "phases rc=$?"; tail -6 "$OUT/qwen-phases.log" ;;
   qwenset)
     for s in "" "--set attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256" \
              "--set attention.cuda_source.MMA_MIN_GROUP=99" --bias-as-add; do
