@@ -109,8 +109,7 @@ def run_cell(runner, executor, cfg: BenchConfig, batch: int, ctx: int,
         device = (device_phase(runner, executor, cfg, tables, tokens, ctx + cfg.rounds)
                   if device_time else {})
     finally:
-        runner.compile_decode = True
-        runner.step_graph = runner.step_graphs is not None
+        _set_mode(runner, "graph")
         for t in tables:
             runner.allocator.free(t)
     runner.allocator.check_integrity()
@@ -142,7 +141,7 @@ def device_phase(runner, executor, cfg: BenchConfig, tables, tokens: dict, pos: 
         _set_mode(runner, m)
         toks = list(tokens[m])
 
-        def step(i: int, m=m, toks=toks) -> None:
+        def step(i: int, toks=toks) -> None:
             toks[:] = one_step(runner, executor, tables, toks, pos + i, cfg.rounds + i,
                                params)[1]
 
@@ -160,8 +159,7 @@ def run_overlap(runner, executor, cfg: BenchConfig, tables, start: list[int], ct
     one is collected (the engine thread's order with async scheduling)."""
     from slabserve.engine.step import PENDING
 
-    runner.compile_decode = True
-    runner.step_graph = runner.step_graphs is not None
+    _set_mode(runner, "graph")
     steps: list[Step] = []
     first: list[int] = []
     plan = plan_step(runner, tables, start, ctx, 0, params)

@@ -48,6 +48,12 @@ def reason() -> str | None:
 
 def measure(step, n: int) -> list[StepKernels]:
     """``step(i)`` for ``i`` in ``range(n)`` under the profiler; each step's kernels."""
+    return split_steps(trace(step, n))
+
+
+def trace(step, n: int) -> list[dict]:
+    """The Chrome trace events of ``step(i)`` for ``i`` in ``range(n)`` under the profiler,
+    each call inside a ``MARK`` range."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -59,24 +65,29 @@ def measure(step, n: int) -> list[StepKernels]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "trace.json"
         prof.export_chrome_trace(str(path))
-        return split_steps(json.loads(path.read_text())["traceEvents"])
+        return json.loads(path.read_text())["traceEvents"]
 
 
-def split_steps(events: list[dict]) -> list[StepKernels]:
-    """The kernels of each ``MARK`` range of a Chrome trace's events, in time order: a
-    kernel belongs to the range its start falls in; a range without kernels is all zero."""
+def kernels_by_step(events: list[dict]) -> list[list[tuple[float, float, str]]]:
+    """Per ``MARK`` range of a Chrome trace's events, in time order, the (start, duration,
+    name) of its kernels: a kernel belongs to the range its start falls in."""
     marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("ph") == "X" and str(e.get("name", "")).startswith(MARK)
                    and e.get("cat") == "user_annotation")
-    kernels = sorted((e["ts"], e["dur"]) for e in events
+    kernels = sorted((e["ts"], e["dur"], str(e.get("name", ""))) for e in events
                      if e.get("ph") == "X" and e.get("cat") == "kernel")
-    out = []
-    for t0, t1 in marks:
-        inside = [(ts, dur) for ts, dur in kernels if t0 <= ts <= t1]
-        if not inside:
-            out.append(StepKernels(0, 0.0, 0.0))
-            continue
-        end = max(ts + dur for ts, dur in inside)
-        out.append(StepKernels(len(inside), float(sum(d for _, d in inside)),
-                               float(end - inside[0][0])))
-    return out
+    return [[k for k in kernels if t0 <= k[0] <= t1] for t0, t1 in marks]
+
+
+def summarize(kernels: list[tuple[float, float, str]]) -> StepKernels:
+    """One step's count, busy and span from its kernels; all zero without any."""
+    if not kernels:
+        return StepKernels(0, 0.0, 0.0)
+    end = max(ts + dur for ts, dur, _ in kernels)
+    first = min(ts for ts, _, _ in kernels)
+    return StepKernels(len(kernels), float(sum(d for _, d, _ in kernels)), float(end - first))
+
+
+def split_steps(events: list[dict]) -> list[StepKernels]:
+    """Each ``MARK`` range's kernels (``kernels_by_step``), summarized."""
+    return [summarize(k) for k in kernels_by_step(events)]

@@ -14,55 +14,31 @@ kernels by name (median microseconds a step, ranked). MLX's graph budget is set 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
-SPAN = "(first kernel start to last kernel end)"
+from slabserve.bench.device_time import StepKernels, kernels_by_step, summarize, trace
 
 
-def profile_steps(step, steps: int) -> list[dict[str, list[float]]]:
-    """Per step, kernel name -> durations (us) of the kernels that started inside it, and
-    under ``SPAN`` the step's device span (first kernel's start to last kernel's end)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            with record_function(f"step{i}"):
-                step(i)
-    torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("name", "").startswith("step") and e.get("ph") == "X"
-                   and e.get("cat") == "user_annotation")
-    kernels = [(e["ts"], e["dur"], e["name"]) for e in events
-               if e.get("cat") == "kernel" and e.get("ph") == "X"]
+def profile_steps(step, steps: int) -> list[tuple[StepKernels, dict[str, list[float]]]]:
+    """Per step, its kernels' count, busy and span (bench/device_time.py), and kernel name
+    -> durations (us) of the kernels that started inside it."""
     out = []
-    for t0, t1 in marks:
+    for kernels in kernels_by_step(trace(step, steps)):
         per: dict[str, list[float]] = defaultdict(list)
-        first, last = None, None
-        for ts, dur, name in kernels:
-            if t0 <= ts <= t1:
-                per[name[:70]].append(dur)
-                first = ts if first is None else min(first, ts)
-                last = ts + dur if last is None else max(last, ts + dur)
-        per[SPAN] = [0.0 if first is None else last - first]
-        out.append(per)
+        for _, dur, name in kernels:
+            per[name[:70]].append(dur)
+        out.append((summarize(kernels), per))
     return out
 
 
-def report(model: str, batch: int, ctx: int, per_step: list[dict[str, list[float]]],
-           top: int) -> None:
+def report(model: str, batch: int, ctx: int,
+           steps: list[tuple[StepKernels, dict[str, list[float]]]], top: int) -> None:
     med = statistics.median
-    span = med(s.pop(SPAN)[0] for s in per_step)
-    busy = med(sum(sum(d) for d in s.values()) for s in per_step)
-    count = med(sum(len(d) for d in s.values()) for s in per_step)
+    span = med(k.span_us for k, _ in steps)
+    busy = med(k.busy_us for k, _ in steps)
+    count = med(k.kernels for k, _ in steps)
+    per_step = [per for _, per in steps]
     print(f"\n{model}, B={batch}, ctx {ctx}: {len(per_step)} waited steps; median "
           f"{count:.0f} kernels, {busy:.0f} us busy and {span:.0f} us from the first "
           f"kernel's start to the last one's end a step")
