@@ -10,7 +10,7 @@ Two halves: the grid's chunk count is planned here from the batch and head block
 is the same at every length; each sequence then splits its own pages over at most that many
 chunks of at least ``min_pages`` pages (the kernels' ``chunk_span``), so a short sequence
 uses few chunks and leaves the rest empty.  Whether the merge runs inside the main launch
-(``plan_fused``) still follows the context's bucket.
+(``plan_fused``) follows the grid's chunk count and the context's bucket.
 
 Invariants: ``1 <= chunks <= max_chunks``; ``chunks > 1`` only within one wave of resident
 blocks; a sequence of ``n`` tokens uses at most ``max(1, pages(n) // min_pages)`` chunks.
@@ -30,22 +30,25 @@ class PlanParams:
     layers that read at most this many K/V bytes merge their chunks inside the main launch
     (one launch per layer instead of two: small layers are bound by the per-launch cost);
     larger ones keep the separate merge launch (the fused kernel's last block costs more
-    there than the launch it saves).  The target is one wave of resident blocks (two and
-    four waves were measured slower).  Measured: docs/adr/0004-cuda-kernel.md."""
+    there than the launch it saves), and grids of at most ``fused_max_chunks`` chunks (the
+    fused kernel's time grows with its grid's chunks, used or empty).  ``min_chunk_tokens``:
+    the shortest chunk a sequence is split into.  The target is one wave of resident blocks
+    (two and four waves were measured slower).  Measured: docs/adr/0004-cuda-kernel.md."""
 
     sm_count: int = 132
     blocks_per_sm: float = 4.0
-    min_chunk_tokens: int = 256
+    min_chunk_tokens: int = 128
     max_chunks: int = 64
     fused_max_bytes: int = 128 << 20
+    fused_max_chunks: int = 8
 
     def __post_init__(self) -> None:
         if self.sm_count <= 0 or self.blocks_per_sm <= 0:
             raise ValueError("sm_count and blocks_per_sm must be positive")
         if self.min_chunk_tokens <= 0 or self.max_chunks <= 0:
             raise ValueError("min_chunk_tokens and max_chunks must be positive")
-        if self.fused_max_bytes < 0:
-            raise ValueError("fused_max_bytes must be >= 0")
+        if self.fused_max_bytes < 0 or self.fused_max_chunks < 0:
+            raise ValueError("fused_max_bytes and fused_max_chunks must be >= 0")
 
 
 DEFAULT_PARAMS = PlanParams()
@@ -82,9 +85,10 @@ def chunk_spans(length: int, chunks: int, pages: int, block_size: int) -> list[r
 
 
 def plan_fused(batch: int, max_len: int, kv_heads: int, head_dim: int, itemsize: int,
-               params: PlanParams = DEFAULT_PARAMS) -> bool:
+               params: PlanParams = DEFAULT_PARAMS, chunks: int = 1) -> bool:
     """Whether a step of ``batch`` sequences (the longest ``max_len`` tokens, rounded up to
-    a power of two) merges its chunks in the main launch: K and V bytes read per layer at
-    most ``params.fused_max_bytes``."""
+    a power of two) in a grid of ``chunks`` chunks merges them in the main launch: K and V
+    bytes read per layer at most ``params.fused_max_bytes`` and at most
+    ``params.fused_max_chunks`` chunks."""
     kv_bytes = 2 * batch * ctx_bucket(max_len) * kv_heads * head_dim * itemsize
-    return kv_bytes <= params.fused_max_bytes
+    return kv_bytes <= params.fused_max_bytes and chunks <= params.fused_max_chunks

@@ -38,7 +38,6 @@ SLAB_LITERAL_VARIANTS = ("lean", INT8_VARIANT)  # the slab size a literal of the
 REGISTER_VARIANT = "sync"
 STAGES = 3  # cp.async ring depth (4 gained nothing, docs/adr/0004-cuda-kernel.md)
 MMA_MIN_GROUP = 6  # "auto": tensor cores from this many q heads per kv head (see case_variant)
-MMA_MIN_CHUNK_TOKENS = 1024
 MMA_DTYPES = (mx.float16, mx.bfloat16)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 POOL_DTYPES = (*DTYPES, mx.int8)

@@ -46,7 +46,6 @@ from slabserve.attention.cuda_source import (
     MAX_GROUP,
     MERGE_BODY,
     MMA_MAX_GROUP,
-    MMA_MIN_CHUNK_TOKENS,
     REGISTER_VARIANT,
     SM_SMEM,
     STAGES,
@@ -83,8 +82,9 @@ class NativeCUDA(DecodeAttention):
     has no CUDA source for it.  ``fused_merge``: with several chunks
     the last block of each (sequence, heads) merges them (per-layer counters that the
     kernel resets) instead of a second launch.  ``None`` (default): per step, fused for
-    layers reading at most ``params.fused_max_bytes`` of K/V (one launch less where the
-    launches are the cost), split + merge above (cuda_plan.plan_fused;
+    layers reading at most ``params.fused_max_bytes`` of K/V in at most
+    ``params.fused_max_chunks`` chunks (one launch less where the launches are the cost),
+    split + merge otherwise and always for the tensor-core variant (cuda_plan.plan_fused;
     docs/adr/0004-cuda-kernel.md); ``True`` / ``False``: always / never.  Subclasses for
     other backends override ``threads``, ``kernel_file``, ``_device_reason``, ``_case``,
     ``_body``, ``_compile`` and ``quant_variants`` (the variants whose kernels take an int8
@@ -205,15 +205,20 @@ class NativeCUDA(DecodeAttention):
             params = self._plan_params(q, pool.geom)
             chunks = plan_chunks(batch.batch, self._head_blocks(q, pool.geom), params)
             found = batch._cache[key] = self._launch_for(
-                q, pool, chunks, self._fused(batch, pool.geom), scale,
+                q, pool, chunks, self._fused(q, batch, pool.geom, chunks), scale,
                 min_pages(params, pool.geom.block_size))
         return found
 
-    def _fused(self, batch: DecodeBatch, g: PoolGeometry) -> bool:
+    def _fused(self, q: mx.array, batch: DecodeBatch, g: PoolGeometry, chunks: int) -> bool:
+        """Whether a launch of ``chunks`` grid chunks merges them itself: never for the
+        tensor-core variant (its fused kernel measured 1.1-8.6x slower than split + merge
+        at every chunk count), else by the plan (cuda_plan.plan_fused)."""
         if self.fused_merge is not None:
             return self.fused_merge
+        if self._case(q, g)[0] == "mma":
+            return False
         return plan_fused(batch.batch, batch.max_len, g.kv_heads, g.head_dim, g.dtype.size,
-                          self.params)
+                          self.params, chunks)
 
     def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
         """(variant, q heads per GPU block) for a case."""
@@ -228,9 +233,7 @@ class NativeCUDA(DecodeAttention):
 
     def _plan_params(self, q: mx.array, g: PoolGeometry) -> PlanParams:
         """Resident blocks per SM: the plan's (4 blocks of 128 threads: registers), scaled
-        to the block size, and capped by shared memory.  The tensor-core variant's chunks
-        stay at least MMA_MIN_CHUNK_TOKENS long (the sweep's best chunk counts for 14/2
-        heads at B 4-16, ctx 16-32k)."""
+        to the block size, and capped by shared memory."""
         variant, gb = self._case(q, g)
         smem = smem_bytes(variant, g.dtype.size, g.head_dim, gb, unit_tokens(gb, variant),
                           self.stages, self.threads)
@@ -238,20 +241,16 @@ class NativeCUDA(DecodeAttention):
         if smem:
             per_sm = min(per_sm, SM_SMEM // (smem + 1024))
         per_sm = max(1.0, float(per_sm))
-        if variant != "mma":
-            if per_sm == self.params.blocks_per_sm:
-                return self.params
-            return replace(self.params, blocks_per_sm=per_sm)
-        return replace(self.params, blocks_per_sm=per_sm,
-                       min_chunk_tokens=max(self.params.min_chunk_tokens,
-                                            MMA_MIN_CHUNK_TOKENS))
+        if per_sm == self.params.blocks_per_sm:
+            return self.params
+        return replace(self.params, blocks_per_sm=per_sm)
 
     def _run(self, q, pool, layer, batch, scale, chunks: int,
              fused: bool | None = None, pages: int = 1) -> mx.array:
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps),
         each sequence split into up to ``chunks`` chunks of at least ``pages`` pages;
         ``fused`` None: as ``__call__`` would decide for this batch."""
-        fused = self._fused(batch, pool.geom) if fused is None else fused
+        fused = self._fused(q, batch, pool.geom, chunks) if fused is None else fused
         return self._execute(self._launch_for(q, pool, chunks, fused, scale, pages)[1], q,
                              pool, layer, batch, scale)
 

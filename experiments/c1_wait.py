@@ -143,7 +143,7 @@ async def one_variant(argv: list[str], args) -> None:
 
 
 def set_constant(spec: str) -> None:
-    """``attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256``: that slabserve module's global,
+    """``attention.cuda_source.MMA_MIN_GROUP=99``: that slabserve module's global,
     as an int (a probe of a tuning constant without editing the product)."""
     import importlib
 

@@ -39,9 +39,8 @@
 #            decode-phases ones, then Qwen2.5-0.5B's B=1 / 1k phases with --device-time
 #            (then run qwenset mmachunks);
 #   qwenset  Qwen2.5-0.5B's one-stream server step (c1_wait's loop, $QS_PROMPT tokens) as
-#            shipped, with the tensor-core kernel's chunks >= 256 tokens instead of 1024, and
-#            with the FMA kernel instead of the tensor-core one (c1_wait --set), and with
-#            the biased q/k/v projection as matmul + add (c1_wait --bias-as-add);
+#            shipped, with the FMA kernel instead of the tensor-core one (c1_wait --set),
+#            and with the biased q/k/v projection as matmul + add (c1_wait --bias-as-add);
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
@@ -104,10 +103,10 @@ for STEP in "${@:-phases}"; do
   compare)
     for m in ${MODELS:-llama-3.2-1b qwen2.5-0.5b}; do
       timeout 300 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
-        --variant sync=--no-async-scheduling --contexts 1k,4k,16k --concurrency 1 \
+        ${C1_VARIANTS---variant sync=--no-async-scheduling} --contexts 1k,4k,16k --concurrency 1 \
         --max-tokens 64 --requests 6 --no-progress --out "$OUT/c1-$m" > "$OUT/c1-$m.log" 2>&1
       timeout 250 $SS loadtest --compare --embedded $m:bfloat16 --configs auto,mlx_lm \
-        --variant sync=--no-async-scheduling --variant twin= --contexts 1k --concurrency 8 \
+        ${C8_VARIANTS---variant sync=--no-async-scheduling} --variant twin= --contexts 1k --concurrency 8 \
         --max-tokens 64 --requests 16 --no-progress --out "$OUT/c8-$m" > "$OUT/c8-$m.log" 2>&1
       for g in c1 c8; do sed -n '/## Comparison/,/## Goals/p' "$OUT/$g-$m/results.md"; done
     done ;;
@@ -212,8 +211,7 @@ for STEP in "${@:-phases}"; do
       --contexts 1k --steps 15 --device-time --out "$OUT/qwen-phases" > "$OUT/qwen-phases.log" 2>&1
     echo "phases rc=$?"; tail -6 "$OUT/qwen-phases.log" ;;
   qwenset)
-    for s in "" "--set attention.native_cuda.MMA_MIN_CHUNK_TOKENS=256" \
-             "--set attention.cuda_source.MMA_MIN_GROUP=99" --bias-as-add; do
+    for s in "" "--set attention.cuda_source.MMA_MIN_GROUP=99" --bias-as-add; do
       timeout ${QS_S:-100} python -m experiments.c1_wait --embedded qwen2.5-0.5b:bfloat16 \
         --no-direct --variants "" --prompt ${QS_PROMPT:-1000} $s 2>&1 \
         | grep -E "^  loop" | sed "s/^/${s:-defaults} /"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from cuda_fakes import FakeKernel
 
+from slabserve.attention.cuda_plan import plan_chunks
 from slabserve.attention.cuda_source import (
     INT8_VARIANT,
     case_variant,
@@ -123,17 +124,22 @@ def test_probe_builds_a_quantized_pool(monkeypatch):
 
 
 def test_int8_merge_form_follows_the_value_bytes():
-    """An int8 layer fuses its chunk merge up to 128 MiB of values (its scales not counted):
-    at 32/8/64, B=8 / 16k (128 MiB + 4 MiB of scales) stays fused, measured on an H100 at
-    62.5 us marginal / 76.7 chained per layer against 60.2-61.7 / 81.5-84.7 split
-    (docs/benchmarks/kv-int8.md); B=8 / 32k and B=16 / 16k split."""
+    """An int8 layer fuses its chunk merge up to 128 MiB of values (its scales not counted)
+    in grids of at most 8 chunks: at 32/8/64, B=8 / 16k (128 MiB + 4 MiB of scales, 8
+    chunks) stays fused, measured on an H100 at 62.5 us marginal / 76.7 chained per layer
+    against 60.2-61.7 / 81.5-84.7 split (docs/benchmarks/kv-int8.md); B=8 / 32k and
+    B=16 / 16k split, and B=4 / 16k (16 chunks)."""
     from slabserve.attention.base import DecodeBatch
 
-    for b, ctx, want in ((4, 16384, True), (8, 16384, True), (8, 32768, False),
+    nat = NativeCUDA()
+    for b, ctx, want in ((4, 16384, False), (8, 16384, True), (8, 32768, False),
                          (16, 16384, False)):
         geom = PoolGeometry(1, 8, 64, 16, 4096, mx.int8)
         batch = DecodeBatch(geom, [[0] * (ctx // 16)] * b, [ctx] * b)
-        assert NativeCUDA()._fused(batch, geom) is want
+        q = mx.zeros((b, 32, 1, 64), dtype=mx.float16)
+        chunks = plan_chunks(b, nat._head_blocks(q, geom), nat._plan_params(q, geom))
+        assert chunks == (16 if b == 4 else 8 if b == 8 else 4)
+        assert nat._fused(q, batch, geom, chunks) is want
 
 
 def test_int8_bench_forms_parse_and_print(capsys):

@@ -35,12 +35,18 @@ def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
     nat = NativeCUDA()
     assert nat.variant == "auto" and nat._case(q, pool.geom)[0] == want
     params = nat._plan_params(q, pool.geom)
-    assert params.min_chunk_tokens == (1024 if want == "mma" else 256)
-    # B=8 at 16k with 14/2 heads: the mma plan keeps chunks >= 1024 tokens (16 chunks)
+    assert params.min_chunk_tokens == 128
     if want == "mma" and hq == 14:
+        # B=8 with 14/2 heads: one wave of 33 chunks; 16k tokens fill 32 (1024 pages in
+        # chunks of 32), 1k 8 (chunks of 128 tokens, the fewest)
         grid = plan_chunks(8, nat._head_blocks(q, pool.geom), params)
-        spans = chunk_spans(16384, grid, min_pages(params, 16), 16)
-        assert sum(1 for r in spans if len(r)) == 16
+        assert grid == 33
+        for ctx, used in ((16384, 32), (1024, 8)):
+            spans = chunk_spans(ctx, grid, min_pages(params, 16), 16)
+            assert sum(1 for r in spans if len(r)) == used
+        # the tensor-core variant never fuses its merge (slower at every chunk count)
+        assert not nat._fused(q, batch, pool.geom, grid)
+        assert not nat._fused(q, batch, pool.geom, 2)
 
 
 def test_lean_variant_takes_only_its_shapes():

@@ -285,31 +285,39 @@ def test_plan_shared_by_layers_of_a_step(monkeypatch):
     assert {id(c["inputs"][3]) for c in log[::2]} == {id(pool.k[i][0]) for i in range(3)}
 
 
-@pytest.mark.parametrize("lens, fused", [((600, 3000), True), ((16384,) * 8, False)])
+@pytest.mark.parametrize("lens, fused", [((600, 3000) * 4, True), ((16384,) * 8, False),
+                                         ((600, 3000), False)])
 def test_default_fuses_the_merge_for_small_layers_only(monkeypatch, lens, fused):
     """Default ``fused_merge=None``: one launch per layer while a layer reads at most
-    ``fused_max_bytes`` of K/V (here 2 x 8 x 4096 x 8 x 64 x 2 B = 8 MiB), split + merge
-    above it (8 x 16384 tokens: 256 MiB); the decision is part of the step's shared plan."""
-    from slabserve.attention.cuda_plan import plan_fused
+    ``fused_max_bytes`` of K/V (here 2 x 8 x 4096 x 8 x 64 x 2 B = 64 MiB) in at most
+    ``fused_max_chunks`` chunks (B=8: 8), split + merge above it (8 x 16384 tokens:
+    256 MiB) or with more chunks (B=2: 33); the decision is part of the step's shared
+    plan."""
+    from slabserve.attention.cuda_plan import plan_chunks, plan_fused
     from slabserve.bench.cuda_kernel import make_case
 
     log: list = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: FakeKernel(log, **kw))
     pool, batch, q = make_case(lens, 32, 8, 64, 16, mx.float16, 1024, layers=2)
-    assert plan_fused(len(lens), max(lens), 8, 64, 2) is fused
+    chunks = plan_chunks(len(lens), 8)
+    assert chunks == (8 if len(lens) == 8 else 33)
+    assert plan_fused(len(lens), max(lens), 8, 64, 2, chunks=chunks) is fused
     nat = NativeCUDA()
     for layer in range(2):
         nat(q, pool, layer, batch, 0.125)
     kinds = [c["spec"]["name"].split("_")[2] for c in log]
     assert kinds == (["fused"] * 2 if fused else ["split", "merge"] * 2)
     assert all(c["grid"][1] > 1 for c in log if c["spec"]["name"].split("_")[2] != "merge")
-    # the same batch with forced chunks follows the same rule; explicit choices win
+    # the same batch with forced chunks follows the same rule for its chunk count (4);
+    # explicit choices win
+    fused4 = plan_fused(len(lens), max(lens), 8, 64, 2, chunks=4)
+    assert fused4 is (max(lens) < 16384)
     log.clear()
     nat._run(q, pool, 0, batch, 0.125, 4)
-    assert len(log) == (1 if fused else 2)
+    assert len(log) == (1 if fused4 else 2)
     log.clear()
-    nat._run(q, pool, 0, batch, 0.125, 4, not fused)
-    assert len(log) == (2 if fused else 1)
+    nat._run(q, pool, 0, batch, 0.125, 4, not fused4)
+    assert len(log) == (2 if fused4 else 1)
 
 
 def test_plan_fused_threshold():
@@ -319,8 +327,12 @@ def test_plan_fused_threshold():
     assert plan_fused(16, 4096, 8, 64, 2) and not plan_fused(16, 4097, 8, 64, 2)
     assert not plan_fused(8, 16384, 8, 64, 2) and plan_fused(1, 32768, 8, 64, 2)
     assert not plan_fused(1, 1, 1, 64, 2, PlanParams(fused_max_bytes=0))
+    # and the grid's chunks: at most fused_max_chunks (8)
+    assert plan_fused(1, 1024, 8, 64, 2, chunks=8) and not plan_fused(1, 1024, 8, 64, 2, chunks=9)
     with pytest.raises(ValueError):
         PlanParams(fused_max_bytes=-1)
+    with pytest.raises(ValueError):
+        PlanParams(fused_max_chunks=-1)
 
 
 @pytest.mark.parametrize("slabs_needed", [1, 3])
@@ -348,9 +360,9 @@ def test_probe_accepts_right_and_rejects_wrong_kernels(monkeypatch, slabs_needed
     ns = slab_bucket(slabs_needed)
     # every kernel __call__ may launch: direct, split + merge, and fused (the default
     # decides per step between the last two), with and without chunks past the sequence
-    # (the live kernel's MP: 256 tokens of 16-token pages; the sequence fills 2 chunks)
+    # (the live kernel's MP: 128 tokens of 16-token pages; the sequence fills 2 chunks)
     mp = cuda_plan.min_pages(nat._plan_params(q, pool.geom), 16)
-    assert mp == 16
+    assert mp == 8
     assert seen == [(ns, [[2 * ns - 1, 0] * mp], [(2 * mp - 1) * 16 + 3], c, f, mp)
                     for c, f in ((1, False), (2, False), (2, True), (4, False), (4, True))]
     monkeypatch.setattr(nat, "_run", lambda q1, *a: mx.zeros(q1.shape, dtype=q1.dtype))
