@@ -48,9 +48,10 @@
 #            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
 #   mmachunks the tensor-core kernel (Qwen2.5-0.5B's 14/2 heads, bfloat16, 24 layers) at
 #            forced chunk counts 1-64 beside the plan's, B 1 / 8 at 1k / 16k (bench
-#            cuda-kernel --sweep): the plan keeps its chunks >= 1024 tokens, swept only at
-#            B 4-16 and 16-32k, which at B = 1 / 1k leaves 2 blocks a layer; beside it the
-#            FMA kernel ("async", $MMA_NATIVES) that Llama's 32/8 heads get;
+#            cuda-kernel --sweep, wall time chained); beside it the FMA kernel ("async",
+#            $MMA_NATIVES);
+#   grid     the native kernel's device time per launch against its grid's chunk count
+#            and merge form (python -m experiments.chunk_grid), 14/2 and 32/8 heads;
 #   kernels  one-stream decode steps' device time kernel by kernel (PyTorch's profiler),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes, 1k (python -m experiments.step_kernels);
 #   exit     `slabserve serve` answers one request, then SIGTERM: its exit status and any
@@ -224,6 +225,9 @@ for STEP in "${@:-phases}"; do
           | sed "s/^/process $i budget $mb /"
       done
     done ;;
+  grid)
+    timeout ${GRID_S:-300} python -m experiments.chunk_grid 2>&1 \
+      | grep -vE "^(INFO|WARNING)|UserWarning|_warn_once" | tee "$OUT/chunk_grid.txt" ;;
   bias)
     timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
   mmachunks)
