@@ -59,12 +59,13 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
     """Output tok/s, TTFT p50, TPOT p50 and the server's mean decode step (ours only:
     /metrics' ``decode_step_seconds``) per configuration, then the ratios, ours' paths
     and the decode step graphs each of our servers traced during the run
-    (``decode_graph_traces``: ``auto 7 / twin 9``)."""
+    (``decode_graph_traces``: ``auto 7 / twin 9``), and the host's speed before each
+    configuration's run (``host probe ms``: loadtest/hostprobe.py)."""
     head = ["ctx", "conc"]
     for lab in labels:
         head += [f"{lab} tok/s", f"{lab} TTFT p50", f"{lab} TPOT p50", f"{lab} step ms"]
     head += ["auto/mlx_lm tok/s", "auto/mlx_lm TTFT p50", "auto/best forced tok/s", "auto paths",
-             "step graph traces"]
+             "step graph traces", "host probe ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (ctx, conc), by in cells(results).items():
         cols = [str(ctx), str(conc)]
@@ -77,7 +78,7 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
         cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),
                  fmt(_ratio(ours.get("ttft_p50_ms"), base.get("ttft_p50_ms")), 2),
                  fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-"),
-                 _traces(by, labels)]
+                 _traces(by, labels), _probes(by, labels)]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -127,6 +128,13 @@ def _traces(by: dict[str, dict], labels: Sequence[str]) -> str:
     return " / ".join(got) or "-"
 
 
+def _probes(by: dict[str, dict], labels: Sequence[str]) -> str:
+    """The host probe before each configuration's run, e.g. ``auto 25 / twin 31``."""
+    got = [f"{lab} {fmt(by[lab]['host_probe_ms'], 0)}" for lab in labels
+           if by.get(lab, {}).get("host_probe_ms") is not None]
+    return " / ".join(got) or "-"
+
+
 def _best_forced(by: dict[str, dict]) -> float | None:
     vals = [by[f]["output_tok_s"] for f in FORCED
             if f in by and not math.isnan(by[f]["output_tok_s"])]
@@ -143,8 +151,10 @@ def goal_checks(results: Sequence[RunResult], twins: Sequence[str] = ()) -> list
             if by.get(OURS) and by.get(twin):
                 r = _ratio(by[twin]["output_tok_s"], by[OURS]["output_tok_s"])
                 ok = abs(r - 1.0) <= TWIN_TOLERANCE
+                host = _ratio(by[twin].get("host_probe_ms"), by[OURS].get("host_probe_ms"))
+                note = "" if math.isnan(host) else f"; host probe {twin}/auto {fmt(host, 2)}"
                 lines.append(f"ctx {ctx} conc {conc}: {twin}/auto tok/s = {fmt(r, 3)} "
-                             f"(goal within {TWIN_TOLERANCE:.0%}) {_verdict(ok, r)}")
+                             f"(goal within {TWIN_TOLERANCE:.0%}{note}) {_verdict(ok, r)}")
         ours, base = by.get(OURS), by.get(BASE)
         if ours and base and conc == 8:
             r = _ratio(ours["output_tok_s"], base["output_tok_s"])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slabserve.loadtest.client import Endpoint
+from slabserve.loadtest.hostprobe import host_probe_ms
 from slabserve.loadtest.prompts import Tokenizer, make_prompt
 from slabserve.loadtest.runner import RunResult, RunSpec, run_once
 from slabserve.loadtest.servers import ManagedServer, ServerConfig
@@ -90,13 +91,16 @@ class Stopped(Exception):
 
 def run_grid(ep: Endpoint, grid: GridSpec, prompts: dict[tuple[int, int], list[str]],
              label: str, show_progress: bool = True) -> list[RunResult]:
-    """Every cell of ``grid`` against ``ep``, smallest context first; interrupted, it
-    raises ``Stopped`` with the runs so far."""
+    """Every cell of ``grid`` against ``ep``, smallest context first, each run carrying the
+    host's speed just before it (``host_probe_ms``); interrupted, it raises ``Stopped``
+    with the runs so far."""
     results = []
     try:
         for spec in grid.specs():
+            probe = host_probe_ms()
             res = asyncio.run(run_once(ep, spec, prompts[(spec.context, spec.concurrency)],
                                        label, show_progress))
+            res = replace(res, host_probe_ms=probe)
             results.append(res)
             print_run(res)
     except KeyboardInterrupt:

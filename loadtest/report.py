@@ -27,6 +27,7 @@ def row(res: RunResult) -> dict:
         "failures": ";".join(f"{k}:{v}" for k, v in s.failures.items()),
         "short_outputs": s.short_outputs, "cached_tokens": s.cached_tokens,
         "duration_s": s.duration_s, "output_tok_s": s.output_tok_s, "requests_s": s.requests_s,
+        "host_probe_ms": res.host_probe_ms,
     }
     for d in DISTS:
         dist = getattr(s, d)

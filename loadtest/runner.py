@@ -66,6 +66,7 @@ class RunResult:
     server_counters: dict[str, float] = field(default_factory=dict)
     round: int = 0  # --compare --rounds: which pass over the configurations (0-based)
     server: str = ""  # --compare: the server process that served it ("pid P port N")
+    host_probe_ms: float | None = None  # the host's speed just before it (hostprobe.py)
 
 
 class _Progress:
