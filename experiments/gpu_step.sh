@@ -5,7 +5,8 @@
 #   tests    the CUDA-side tests of decode steps (step graphs, stages, kernels, pool writes)
 #            and one step's graph nodes (python -m experiments.step_profile);
 #   phases   per-phase step times, eager vs compiled stages vs step graphs (decode-phases),
-#            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16;
+#            Llama-3.2-1B and Qwen2.5-0.5B shapes in bfloat16, with the device's time
+#            ($PHASES_FLAGS, default --device-time);
 #   compare  streamed load, ours vs ours without async scheduling (sync) vs mlx_lm.server,
 #            concurrency 1 at 1k / 4k / 16k; the same plus a second process of ours (twin)
 #            at concurrency 8, 1k; models from $MODELS (default both shapes);
@@ -97,7 +98,8 @@ for STEP in "${@:-phases}"; do
   phases)
     for m in ${MODELS:-llama-3.2-1b qwen2.5-0.5b}; do
       timeout 300 $SS bench decode-phases --embedded "$m:bfloat16" --batches 1,8,32 \
-        --contexts ${CONTEXTS:-1k,4k,16k} --steps 10 --warmup 3 --out "$OUT/phases-$m" \
+        --contexts ${CONTEXTS:-1k,4k,16k} --steps 10 --warmup 3 ${PHASES_FLAGS:---device-time} \
+        --out "$OUT/phases-$m" \
         > "$OUT/phases-$m.log" 2>&1
       tail -28 "$OUT/phases-$m.log"
     done ;;
