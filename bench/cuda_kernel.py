@@ -5,6 +5,7 @@
 * ``--check``: correctness against a float64 reference (ragged lengths, GQA ratios, head_dim
   64/128, block sizes, one and several slabs, shuffled tables, forced chunk counts).
 * ``--sweep``: per-layer time of the native kernel for forced chunk counts (tunes the plan).
+* ``--grid``: each launch's device time per grid chunk count and merge form (kernel_grid).
 * ``--table``: per-layer time, many layers chained in one graph (eval only, graph built
   first), of native, gather-SDPA, MLX SDPA on contiguous K/V, and the floor = K+V bytes /
   copy bandwidth measured in the same run; 32 q / 8 kv heads, head_dim 64, fp16, block 16.
@@ -324,6 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--grid", action="store_true", help="device time per launch (kernel_grid)")
     ap.add_argument("--int8", action="store_true", help="float16 vs int8 native (cuda_int8)")
     ap.add_argument("--int8-extra", default="",
                     help="int8: also these forms, comma-separated: st<n> ring depth, c<n> "
@@ -367,6 +369,10 @@ def main(argv=None) -> int:
         sw = [1, 2, 4, 8, 16, 32, 64]
         result["sweep"] = {shape: table(cells, a.layers, make_natives(a.natives), sweep=sw,
                                         shape=shape) for shape in a.shapes.split(",")}
+    if a.grid:
+        from slabserve.bench.kernel_grid import run_grid
+
+        result["grid"] = run_grid(cells, a.shapes.split(","))
     if a.table:
         natives = make_natives(a.natives)
         result["table"] = {}

@@ -37,22 +37,14 @@
 #   gcache   pin's six processes, MLX's CUDA graph cache at its default 400 graphs and at
 #            4000 alternating (MLX_CUDA_GRAPH_CACHE_SIZE): is the spread graph-cache churn?
 #   first    the in-place K/V writes' CUDA tests with the step graph, async scheduling and
-#            decode-phases ones, then Qwen2.5-0.5B's B=1 / 1k phases with --device-time
-#            (then run qwenset mmachunks);
-#   qwenset  Qwen2.5-0.5B's one-stream server step (c1_wait's loop, $QS_PROMPT tokens) as
-#            shipped, with the FMA kernel instead of the tensor-core one (c1_wait --set),
-#            and with the biased q/k/v projection as matmul + add (c1_wait --bias-as-add);
+#            decode-phases ones, then Qwen2.5-0.5B's B=1 / 1k phases with --device-time;
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
 #   bias     a biased projection (Qwen2's q/k/v) as mx.addmm against a matmul and an add,
 #            Qwen2.5-0.5B shapes chained over 24 layers (python -m experiments.bias_matmul);
-#   mmachunks the tensor-core kernel (Qwen2.5-0.5B's 14/2 heads, bfloat16, 24 layers) at
-#            forced chunk counts 1-64 beside the plan's, B 1 / 8 at 1k / 16k (bench
-#            cuda-kernel --sweep, wall time chained); beside it the FMA kernel ("async",
-#            $MMA_NATIVES);
 #   grid     the native kernel's device time per launch against its grid's chunk count
-#            and merge form (python -m experiments.chunk_grid), 14/2 and 32/8 heads;
+#            and merge form (bench cuda-kernel --grid), 14/2 and 32/8 heads;
 #   kernels  one-stream decode steps' device time kernel by kernel (PyTorch's profiler),
 #            Llama-3.2-1B and Qwen2.5-0.5B shapes, 1k (python -m experiments.step_kernels);
 #   exit     `slabserve serve` answers one request, then SIGTERM: its exit status and any
@@ -213,12 +205,6 @@ for STEP in "${@:-phases}"; do
     timeout 90 $SS bench decode-phases --embedded qwen2.5-0.5b:bfloat16 --batches 1 \
       --contexts 1k --steps 15 --device-time --out "$OUT/qwen-phases" > "$OUT/qwen-phases.log" 2>&1
     echo "phases rc=$?"; tail -6 "$OUT/qwen-phases.log" ;;
-  qwenset)
-    for s in "" "--set attention.cuda_source.MMA_MIN_GROUP=99" --bias-as-add; do
-      timeout ${QS_S:-100} python -m experiments.c1_wait --embedded qwen2.5-0.5b:bfloat16 \
-        --no-direct --variants "" --prompt ${QS_PROMPT:-1000} $s 2>&1 \
-        | grep -E "^  loop" | sed "s/^/${s:-defaults} /"
-    done ;;
   budget)
     for i in 1 2 3; do
       for mb in 1000 $((1 << 30)); do
@@ -228,27 +214,11 @@ for STEP in "${@:-phases}"; do
       done
     done ;;
   grid)
-    timeout ${GRID_S:-300} python -m experiments.chunk_grid 2>&1 \
-      | grep -vE "^(INFO|WARNING)|UserWarning|_warn_once" | tee "$OUT/chunk_grid.txt" ;;
+    timeout ${GRID_S:-300} $SS bench cuda-kernel --grid --shapes 14/2/64/bf16,32/8/64/bf16 \
+      --batches 1,8 --ctxs 1024,16384 --out "$OUT/grid" 2>&1 \
+      | grep -vE "^(INFO|WARNING)|UserWarning|_warn_once" | tee "$OUT/grid.txt" ;;
   bias)
     timeout ${BIAS_S:-120} python -m experiments.bias_matmul 2>&1 | tail -20 ;;
-  mmachunks)
-    timeout ${MMACHUNKS_S:-120} python -m slabserve.bench.cuda_kernel --sweep \
-      --shapes 14/2/64/bf16 --batches ${MMA_B:-1,8} --ctxs ${MMA_CTX:-1024,16384} --layers 24 \
-      --natives ${MMA_NATIVES:-auto,async} --out "$OUT/mmachunks" > "$OUT/mmachunks.log" 2>&1
-    echo "mmachunks rc=$?"; grep -vE "^(INFO|WARNING)" "$OUT/mmachunks.log" | tail -5
-    python - "$OUT/mmachunks/cuda_kernel.json" <<'PY'
-import json, sys
-for shape, rows in json.load(open(sys.argv[1]))["sweep"].items():
-    for r in rows:
-        for nat in [k[:-3] for k in r if k.endswith("_us") and "_c" not in k
-                    and k not in ("floor_us", "op_overhead_us")]:
-            forced = " ".join(f"c{k.split('_c')[1][:-3]} {v:.1f}" for k, v in r.items()
-                              if k.startswith(nat + "_c") and k.endswith("_us"))
-            print(shape, f"B={r['B']} ctx={r['ctx']} {nat} plan {r[nat + '_us']:.1f} us/layer"
-                  f" (floor {r['floor_us']:.1f}) |", forced)
-PY
-    ;;
   exit)
     $SS serve --model embedded:llama-3.2-1b --dtype bfloat16 --port 8765 --kv-budget 2G \
       > "$OUT/exit.log" 2>&1 &
