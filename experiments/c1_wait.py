@@ -156,6 +156,21 @@ def set_constant(spec: str) -> None:
     print(f"set slabserve.{target} = {int(value)}", flush=True)
 
 
+def set_plan(spec: str) -> None:
+    """``fused_max_chunks=64``: that field of the native CUDA kernel's default chunk plan
+    (attention/cuda_plan.PlanParams), as an int, for every NativeCUDA built afterwards."""
+    from dataclasses import replace
+
+    from slabserve.attention.native_cuda import NativeCUDA
+
+    field, _, value = spec.partition("=")
+    params, *rest = NativeCUDA.__init__.__defaults__
+    if not hasattr(params, field):
+        raise SystemExit(f"--plan: PlanParams has no {field}")
+    NativeCUDA.__init__.__defaults__ = (replace(params, **{field: int(value)}), *rest)
+    print(f"plan {field} = {int(value)}", flush=True)
+
+
 def bias_as_add() -> None:
     """engine/fused.py's plain biased projections as ``x @ w_t + bias`` (MLX's gemv for few
     rows, then an add) instead of ``mx.addmm`` (cuBLASLt with a bias epilogue on CUDA)."""
@@ -196,12 +211,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="set a slabserve module's constant before the engine is built, "
                     "e.g. attention.cuda_source.MMA_MIN_GROUP=99 (repeatable)")
+    ap.add_argument("--plan", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the native CUDA kernel's default PlanParams (set_plan)")
     ap.add_argument("--bias-as-add", action="store_true",
                     help="fused projections with a bias (Qwen2's q/k/v) as a matmul and an "
                     "add instead of mx.addmm (experiments/bias_matmul.py)")
     args = ap.parse_args()
     for spec in args.set:
         set_constant(spec)
+    for spec in args.plan:
+        set_plan(spec)
     if args.bias_as_add:
         bias_as_add()
     name, _, dtype = args.embedded.partition(":")

@@ -38,6 +38,8 @@
 #            4000 alternating (MLX_CUDA_GRAPH_CACHE_SIZE): is the spread graph-cache churn?
 #   first    the in-place K/V writes' CUDA tests with the step graph, async scheduling and
 #            decode-phases ones, then Qwen2.5-0.5B's B=1 / 1k phases with --device-time;
+#   fusedab  Llama-3.2-1B's one-stream step with lean's merge split at B=1 (the plan) and
+#            fused at any chunk count (c1_wait --plan fused_max_chunks=64), alternating;
 #   budget   MLX's CUDA graph byte budget (slabserve.mlxgraphs, ADR 0015): six processes of
 #            c1_wait's loop at the device-sized pool, MLX's own H100 value
 #            (MLX_MAX_MB_PER_BUFFER=1000) and slabserve's (unbounded) alternating;
@@ -205,6 +207,16 @@ for STEP in "${@:-phases}"; do
     timeout 90 $SS bench decode-phases --embedded qwen2.5-0.5b:bfloat16 --batches 1 \
       --contexts 1k --steps 15 --device-time --out "$OUT/qwen-phases" > "$OUT/qwen-phases.log" 2>&1
     echo "phases rc=$?"; tail -6 "$OUT/qwen-phases.log" ;;
+  fusedab)
+    # lean's merge at B=1: split (the plan) against fused at any chunk count, one stream,
+    # alternating processes, each after the host probe (its speed moves)
+    for i in 1 2 3; do
+      for p in "" "--plan fused_max_chunks=64"; do
+        python -c "from slabserve.loadtest.hostprobe import host_probe_ms as h; print(f'host probe {h():.1f} ms')"
+        timeout 80 python -m experiments.c1_wait --no-direct --variants "" $p 2>&1 \
+          | grep -E "^  loop" | sed "s/^/process $i ${p:-split} /"
+      done
+    done ;;
   budget)
     for i in 1 2 3; do
       for mb in 1000 $((1 << 30)); do
