@@ -11,7 +11,8 @@ from slabserve.attention.gather import GatherSDPA
 from slabserve.attention.host_math import HostMath
 from slabserve.attention.prefill import prefill_attention
 from slabserve.attention.runtime import AttentionRuntime
-from slabserve.attention.selector import Decision, Path, Reason, Selector
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import Decision, Path, Reason
 
 __all__ = [
     "AttentionRuntime", "DecodeAttention", "DecodeBatch", "Decision", "GatherSDPA", "HostMath",

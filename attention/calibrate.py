@@ -26,7 +26,8 @@ from slabserve.attention.profile import (
     profile_path,
 )
 from slabserve.attention.reference import random_case
-from slabserve.attention.selector import Selector, current_backend, make_key
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import current_backend, make_key
 from slabserve.kvcache.pool import PoolGeometry
 
 MANY_SLABS = 8

@@ -60,7 +60,7 @@ def device_id() -> str:
     number of cores, e.g. ``cpu-AMD-EPYC-2cores`` or ``cuda-NVIDIA-H100-80GB-HBM3``."""
     import mlx.core as mx
 
-    from slabserve.attention.selector import current_backend
+    from slabserve.attention.selector_rules import current_backend
 
     backend = current_backend()
     info = mx.device_info() if hasattr(mx, "device_info") else {}

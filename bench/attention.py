@@ -32,7 +32,8 @@ from slabserve.attention.base import DecodeBatch
 from slabserve.attention.calibrate import build_case, time_chain, time_paths
 from slabserve.attention.gather import GatherSDPA, length_mask
 from slabserve.attention.profile import device_id, load_for_device
-from slabserve.attention.selector import Selector, current_backend, make_key
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import current_backend, make_key
 from slabserve.kvcache.pool import PoolGeometry, SlabPool
 
 

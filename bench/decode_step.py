@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {cfg.mem_bytes / 2**30:.1f} GiB; {mx.default_device()}", flush=True)
     cells = run(cfg, runner, executor, weights, log=lambda s: print(s, flush=True))
     full, short = tables(cells, cfg.paths)
-    from slabserve.attention.selector import current_backend
+    from slabserve.attention.selector_rules import current_backend
 
     stem = f"{current_backend()}-{cfg.model}-{cfg.dtype}"
     out.mkdir(parents=True, exist_ok=True)

@@ -388,7 +388,7 @@ def _header(cfg: BenchConfig, stacks: dict[str, Stack]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from slabserve import env
-    from slabserve.attention.selector import current_backend
+    from slabserve.attention.selector_rules import current_backend
     from slabserve.engine.loader import load
     from slabserve.mlxmem import configure_memory
 

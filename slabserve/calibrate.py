@@ -12,7 +12,7 @@ import mlx.core as mx
 from slabserve import env
 from slabserve.attention.calibrate import calibrate_geometry, merge_and_save
 from slabserve.attention.profile import profile_path
-from slabserve.attention.selector import current_backend
+from slabserve.attention.selector_rules import current_backend
 from slabserve.engine.loader import resolve_model_path
 
 

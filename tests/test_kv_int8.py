@@ -21,14 +21,8 @@ from slabserve.attention.native_metal import NativeMetal
 from slabserve.attention.prefill import prefill_attention
 from slabserve.attention.profile import Profile
 from slabserve.attention.reference import quantized_copy, random_case, reference_decode
-from slabserve.attention.selector import (
-    RULES,
-    Path,
-    Reason,
-    Selector,
-    current_backend,
-    make_key,
-)
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import RULES, Path, Reason, current_backend, make_key
 from slabserve.engine.config import CacheConfig
 from slabserve.kvcache.pool import GatherPlan, PoolGeometry, SlabPool, WritePlan
 from slabserve.kvcache.quant import dequantize, quantize

@@ -19,7 +19,8 @@ from slabserve.attention.profile import (
     profile_path,
 )
 from slabserve.attention.reference import reference_decode
-from slabserve.attention.selector import Decision, Path, Reason, Selector, make_key, pow2_bucket
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import Decision, Path, Reason, make_key, pow2_bucket
 from slabserve.serve import make_selector
 
 ENV_OURS = "SLABSERVE_PAGED_ATTENTION_NATIVE"

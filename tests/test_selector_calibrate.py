@@ -6,7 +6,8 @@ import json
 from slabserve import calibrate as calibrate_cmd
 from slabserve.attention import calibrate
 from slabserve.attention.profile import TIE, load_for_device, profile_path
-from slabserve.attention.selector import Path, Reason, Selector
+from slabserve.attention.selector import Selector
+from slabserve.attention.selector_rules import Path, Reason
 from slabserve.bench import attention as bench_attention
 
 
