@@ -46,10 +46,13 @@ def report(model: str, batch: int, ctx: int,
     rows = sorted(((med(sum(s.get(n, [])) for s in per_step),
                     med(len(s.get(n, [])) for s in per_step), n) for n in names),
                   reverse=True)
-    print("| kernel | a step | us a step | us each |")
-    print("|---|--:|--:|--:|")
+    print("| kernel | a step | us a step | us each | first of a step | longest of a step |")
+    print("|---|--:|--:|--:|--:|--:|")
     for us, k, name in rows[:top]:
-        print(f"| `{name}` | {k:.0f} | {us:.1f} | {us / max(k, 1):.1f} |")
+        first = med(s[name][0] for s in per_step if s.get(name))
+        longest = med(max(s[name]) for s in per_step if s.get(name))
+        print(f"| `{name}` | {k:.0f} | {us:.1f} | {us / max(k, 1):.1f} | {first:.1f} | "
+              f"{longest:.1f} |")
 
 
 def main() -> None:
