@@ -78,7 +78,8 @@ def comparison_markdown(results: Sequence[RunResult], labels: Sequence[str]) -> 
         cols += [fmt(_ratio(ours.get("output_tok_s"), base.get("output_tok_s")), 2),
                  fmt(_ratio(ours.get("ttft_p50_ms"), base.get("ttft_p50_ms")), 2),
                  fmt(_ratio(ours.get("output_tok_s"), best), 2), ours.get("paths", "-"),
-                 _traces(by, labels), _probes(by, labels)]
+                 _per_server(by, labels, "server_decode_graph_traces"),
+                 _per_server(by, labels, "host_probe_ms")]
         lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,17 +122,12 @@ def _step(x: dict) -> str:
     return mean if p50 is None else f"{mean} (p50 {fmt(p50, 2)})"
 
 
-def _traces(by: dict[str, dict], labels: Sequence[str]) -> str:
-    """Step graph traces per server that reports them, e.g. ``auto 7 / twin 9``."""
-    got = [f"{lab} {fmt(by[lab]['server_decode_graph_traces'], 0)}" for lab in labels
-           if by.get(lab, {}).get("server_decode_graph_traces") is not None]
-    return " / ".join(got) or "-"
-
-
-def _probes(by: dict[str, dict], labels: Sequence[str]) -> str:
-    """The host probe before each configuration's run, e.g. ``auto 25 / twin 31``."""
-    got = [f"{lab} {fmt(by[lab]['host_probe_ms'], 0)}" for lab in labels
-           if by.get(lab, {}).get("host_probe_ms") is not None]
+def _per_server(by: dict[str, dict], labels: Sequence[str], key: str) -> str:
+    """A row field per configuration that has it, as whole numbers, e.g. ``auto 7 /
+    twin 9`` (``server_decode_graph_traces``: step graphs traced; ``host_probe_ms``: the
+    host probe before the run)."""
+    got = [f"{lab} {fmt(by[lab][key], 0)}" for lab in labels
+           if by.get(lab, {}).get(key) is not None]
     return " / ".join(got) or "-"
 
 
