@@ -61,10 +61,11 @@ def launch_times(steps: list[list[tuple[float, float, str]]], count: int,
     out = []
     for i in range(count):
         mine = steps[i * reps:(i + 1) * reps]
+        totals = [device_time.summarize(k) for k in mine]
         merge = [k[1][1] for k in mine if len(k) > 1]
         out.append(dict(
-            kernels=statistics.median(len(k) for k in mine),
-            device_us=statistics.median(sum(d for _, d, _ in k) for k in mine),
+            kernels=statistics.median(t.kernels for t in totals),
+            device_us=statistics.median(t.busy_us for t in totals),
             main_us=statistics.median(k[0][1] if k else 0.0 for k in mine),
             merge_us=statistics.median(merge) if merge else 0.0))
     return out
