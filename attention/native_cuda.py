@@ -205,20 +205,18 @@ class NativeCUDA(DecodeAttention):
             params = self._plan_params(q, pool.geom)
             chunks = plan_chunks(batch.batch, self._head_blocks(q, pool.geom), params)
             found = batch._cache[key] = self._launch_for(
-                q, pool, chunks, self._fused(q, batch, pool.geom, chunks), scale,
+                q, pool, chunks, self._fused(batch, pool.geom, params, chunks), scale,
                 min_pages(params, pool.geom.block_size))
         return found
 
-    def _fused(self, q: mx.array, batch: DecodeBatch, g: PoolGeometry, chunks: int) -> bool:
-        """Whether a launch of ``chunks`` grid chunks merges them itself: never for the
-        tensor-core variant (its fused kernel measured 1.1-8.6x slower than split + merge
-        at every chunk count), else by the plan (cuda_plan.plan_fused)."""
+    def _fused(self, batch: DecodeBatch, g: PoolGeometry, params: PlanParams,
+               chunks: int) -> bool:
+        """Whether a launch of ``chunks`` grid chunks merges them itself: ``fused_merge``
+        when given, else by the case's plan (``_plan_params``, cuda_plan.plan_fused)."""
         if self.fused_merge is not None:
             return self.fused_merge
-        if self._case(q, g)[0] == "mma":
-            return False
         return plan_fused(batch.batch, batch.max_len, g.kv_heads, g.head_dim, g.dtype.size,
-                          self.params, chunks)
+                          params, chunks)
 
     def _case(self, q: mx.array, g: PoolGeometry) -> tuple[str, int]:
         """(variant, q heads per GPU block) for a case."""
@@ -232,8 +230,10 @@ class NativeCUDA(DecodeAttention):
         return g.kv_heads * (grp // self._case(q, g)[1])
 
     def _plan_params(self, q: mx.array, g: PoolGeometry) -> PlanParams:
-        """Resident blocks per SM: the plan's (4 blocks of 128 threads: registers), scaled
-        to the block size, and capped by shared memory."""
+        """The case's plan: resident blocks per SM, the plan's (4 blocks of 128 threads:
+        registers) scaled to the block size and capped by shared memory; and for the
+        tensor-core variant no fused merge (``fused_max_chunks`` 0: its fused kernel
+        measured 1.1-8.6x slower than split + merge at every chunk count)."""
         variant, gb = self._case(q, g)
         smem = smem_bytes(variant, g.dtype.size, g.head_dim, gb, unit_tokens(gb, variant),
                           self.stages, self.threads)
@@ -241,6 +241,8 @@ class NativeCUDA(DecodeAttention):
         if smem:
             per_sm = min(per_sm, SM_SMEM // (smem + 1024))
         per_sm = max(1.0, float(per_sm))
+        if variant == "mma":
+            return replace(self.params, blocks_per_sm=per_sm, fused_max_chunks=0)
         if per_sm == self.params.blocks_per_sm:
             return self.params
         return replace(self.params, blocks_per_sm=per_sm)
@@ -250,7 +252,8 @@ class NativeCUDA(DecodeAttention):
         """One layer with a given chunk count (the plan bypassed: probes, tests, sweeps),
         each sequence split into up to ``chunks`` chunks of at least ``pages`` pages;
         ``fused`` None: as ``__call__`` would decide for this batch."""
-        fused = self._fused(q, batch, pool.geom, chunks) if fused is None else fused
+        if fused is None:
+            fused = self._fused(batch, pool.geom, self._plan_params(q, pool.geom), chunks)
         return self._execute(self._launch_for(q, pool, chunks, fused, scale, pages)[1], q,
                              pool, layer, batch, scale)
 

@@ -49,8 +49,9 @@ def kv_bytes(b: int, ctx: int, hkv: int, d: int, dtype: str) -> int:
 def plan_label(nat: NativeCUDA, q: mx.array, pool, batch) -> str:
     """What ``nat`` plans for this step: chunks, then ``f`` (merge fused) or ``s`` (split)."""
     g = pool.geom
-    chunks = plan_chunks(batch.batch, nat._head_blocks(q, g), nat._plan_params(q, g))
-    return f"{chunks}{'f' if chunks > 1 and nat._fused(q, batch, g, chunks) else 's'}"
+    params = nat._plan_params(q, g)
+    chunks = plan_chunks(batch.batch, nat._head_blocks(q, g), params)
+    return f"{chunks}{'f' if chunks > 1 and nat._fused(batch, g, params, chunks) else 's'}"
 
 
 def _timed_native(res: dict, name: str, nat: NativeCUDA, q, pool, batch, layers: int,

@@ -240,7 +240,7 @@ def make_natives(spec: str) -> dict:
     (cuda_source.VARIANTS), then optionally its ring depth (only the shipped 3, kept so
     that earlier names such as ``auto3`` still work), then optionally ``f`` / ``s``: the
     chunk merge always fused into the main launch / always a separate launch (default: by
-    layer size and grid chunks, never for ``mma``: NativeCUDA._fused)."""
+    layer size and grid chunks, never for ``mma``: NativeCUDA._plan_params, _fused)."""
     out = {}
     for name in spec.split(","):
         m = re.fullmatch(rf"({'|'.join(VARIANTS)})({STAGES})?([fs]?)", name)

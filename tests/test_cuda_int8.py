@@ -137,9 +137,10 @@ def test_int8_merge_form_follows_the_value_bytes():
         geom = PoolGeometry(1, 8, 64, 16, 4096, mx.int8)
         batch = DecodeBatch(geom, [[0] * (ctx // 16)] * b, [ctx] * b)
         q = mx.zeros((b, 32, 1, 64), dtype=mx.float16)
-        chunks = plan_chunks(b, nat._head_blocks(q, geom), nat._plan_params(q, geom))
+        params = nat._plan_params(q, geom)
+        chunks = plan_chunks(b, nat._head_blocks(q, geom), params)
         assert chunks == (16 if b == 4 else 8 if b == 8 else 4)
-        assert nat._fused(q, batch, geom, chunks) is want
+        assert nat._fused(batch, geom, params, chunks) is want
 
 
 def test_int8_bench_forms_parse_and_print(capsys):

@@ -45,8 +45,8 @@ def test_auto_variant_choice_and_mma_plan(dt, qdt, hq, hkv, want):
             spans = chunk_spans(ctx, grid, min_pages(params, 16), 16)
             assert sum(1 for r in spans if len(r)) == used
         # the tensor-core variant never fuses its merge (slower at every chunk count)
-        assert not nat._fused(q, batch, pool.geom, grid)
-        assert not nat._fused(q, batch, pool.geom, 2)
+        assert not nat._fused(batch, pool.geom, params, grid)
+        assert not nat._fused(batch, pool.geom, params, 2)
 
 
 def test_lean_variant_takes_only_its_shapes():
